@@ -1,0 +1,34 @@
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH   := torch==2.13.0
+
+.PHONY: install test lint demo bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch first (pinned: a local CPU wheel here; never an open range), then the package.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check dynlab cli tests bench
+
+demo: $(STAMP)
+	$(BIN)/python -m dynlab.demo
+
+bench: $(STAMP)
+	$(BIN)/python bench/analyze_bench.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

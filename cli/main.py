@@ -1,0 +1,39 @@
+"""The `dynlab` command line: parse, call dynlab, print.
+
+Each command lives in its own module and imports torch/xarray lazily inside the
+command body, so `dynlab --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from dynlab_cli import analyze as _analyze
+from dynlab_cli import evaluate as _evaluate
+from dynlab_cli import train as _train
+from dynlab_cli import viz as _viz
+
+app = typer.Typer(
+    help="dynlab: learning dynamics of small language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+app.command("analyze")(_analyze.analyze)
+app.add_typer(_train.app, name="train")
+app.command("eval")(_evaluate.evaluate)
+app.command("plot")(_viz.plot)
+app.command("report")(_viz.report)
+
+
+@app.command()
+def version() -> None:
+    """Print dynlab's version."""
+    import dynlab
+
+    print(dynlab.__version__)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,2 @@
+"""dynlab: learning dynamics of small language models."""
+__version__ = "0.1.0"

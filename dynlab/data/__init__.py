@@ -1,0 +1,1 @@
+"""dynlab.data."""
