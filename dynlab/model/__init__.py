@@ -1,1 +1,49 @@
-"""dynlab.model."""
+"""dynlab.model: pico-decoder and its ReLoRA wrapper."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dynlab.model.pico_decoder import ModelConfig, PicoDecoder, PRESETS
+
+__all__ = ["ModelConfig", "PicoDecoder", "PRESETS", "load_checkpoint_model", "read_model_config"]
+
+_CONFIG_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "activation_hidden_dim",
+                "vocab_size", "max_seq_len", "norm_eps", "rope_theta")
+
+
+def read_model_config(run_dir: str | Path) -> ModelConfig:
+    """The ModelConfig stored in RUN/run.json["model"]."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no run.json (expected a dynlab run directory)")
+    run = json.loads(path.read_text())
+    if "model" not in run:
+        raise ValueError(f"{path}: missing the 'model' section")
+    return ModelConfig(**{k: v for k, v in run["model"].items() if k in _CONFIG_KEYS})
+
+
+def load_checkpoint_model(checkpoint_dir: str | Path, device: str = "cpu") -> PicoDecoder:
+    """A plain PicoDecoder (eval mode) holding RUN/checkpoints/step_N/weights.safetensors.
+
+    The model shape comes from run.json two levels up. LoRA factors (`*.lora_A`,
+    `*.lora_B`) are dropped: a relora checkpoint stores the effective weight W + s·B·A
+    under the standard names, so it loads as the function the relora model computes.
+    """
+    from safetensors.torch import load_file
+
+    ckpt = Path(checkpoint_dir)
+    weights = ckpt / "weights.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: no weights.safetensors in checkpoint {ckpt}")
+    model = PicoDecoder(read_model_config(ckpt.parent.parent))
+    state = {k: v for k, v in load_file(str(weights)).items()
+             if not k.endswith((".lora_A", ".lora_B"))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights}: does not match run.json's model (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]})"
+        )
+    return model.to(device).eval()

@@ -1,0 +1,455 @@
+"""The analysis pipeline: stream checkpoints -> components -> batched spectra -> metrics -> store.
+
+`analyze(runs, out=...)` is the whole thing. Per checkpoint, every matrix of every kind is
+grouped by shape and each group goes through one batched singular-value call
+(`dynlab.spectral`); metrics are then computed at once on the padded spectra. Checkpoint t+1
+is read on a background thread while t is computed (serial path), or each checkpoint is one
+task on a Dask cluster (`scheduler=`), writing its own chunks of the same store.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dynlab import components as C
+from dynlab import spectral
+from dynlab.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    LoadedCheckpoint,
+    ModelSpec,
+    Run,
+    find_runs,
+    load_checkpoint,
+    load_tensors,
+    prefetch,
+)
+from dynlab.store import Layout, RegionWriter, ensure_store, spectral_variables
+
+PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to compute and where (small, picklable: it travels to Dask workers)."""
+
+    metrics: tuple[str, ...]
+    kinds: tuple[str, ...]
+    device: str = "cpu"
+    precision: str = "float64"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return PRECISIONS[self.precision]
+
+
+@dataclass
+class Timings:
+    read: float = 0.0
+    compute: float = 0.0
+    write: float = 0.0
+    checkpoints: int = 0
+    nonfinite: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------
+# Spectra of many components, batched by shape
+
+
+def component_spectra(
+    comps: Mapping[C.Site, C.Component], *, device: str = "cpu", dtype: torch.dtype = torch.float64
+) -> dict[C.Site, torch.Tensor]:
+    """Singular values (length = rank bound) of every component, one batched call per shape."""
+    groups: dict[tuple, list[tuple[C.Site, C.Component]]] = defaultdict(list)
+    for site, comp in comps.items():
+        if isinstance(comp, C.LowRank) and comp.left.shape[1] < min(comp.shape):
+            key = ("lowrank", tuple(comp.left.shape), tuple(comp.right.shape))
+        else:
+            x = comp.entries() if isinstance(comp, C.LowRank) else comp.x
+            comp = C.Dense(x, comp.shape) if isinstance(comp, C.LowRank) else comp
+            key = ("dense", tuple(sorted(x.shape)))
+        groups[key].append((site, comp))
+    out: dict[C.Site, torch.Tensor] = {}
+    for key, items in groups.items():
+        if key[0] == "lowrank":
+            left = torch.stack([c.left for _, c in items]).to(device)
+            right = torch.stack([c.right for _, c in items]).to(device)
+            sig = spectral.lowrank_svdvals(left, right, dtype=dtype)
+        else:
+            mats = [c.x if c.x.shape[0] <= c.x.shape[1] else c.x.mT for _, c in items]
+            sig = spectral.svdvals(torch.stack(mats).to(device), dtype=dtype)
+        sig = sig.cpu()
+        for (site, comp), s in zip(items, sig, strict=True):
+            k = comp.rank_bound
+            if s.shape[0] < k:  # rows dropped because they were zero: σ = 0 there
+                s = torch.cat([s, s.new_zeros(k - s.shape[0])])
+            out[site] = s[:k]
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# One checkpoint -> the arrays of its (run, step) region
+
+
+def kind_components(
+    kind: str,
+    run: Run,
+    ckpt: LoadedCheckpoint,
+    prev_weights: Mapping[str, torch.Tensor] | None,
+) -> dict[C.Site, C.Component]:
+    """The components of one kind, or {} where that kind does not exist for this checkpoint."""
+    spec = run.spec
+    if kind == "weights":
+        return C.weight_components(ckpt.weights, spec)
+    if kind == "grads":
+        return C.grad_components(ckpt.grads, ckpt.weights, spec) if ckpt.grads else {}
+    if kind == "updates":
+        return C.update_components(ckpt.weights, prev_weights, spec) if prev_weights else {}
+    if kind == "lora":
+        scale = run.lora_scale
+        return C.lora_components(ckpt.weights, spec, scale) if scale is not None else {}
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def region_shapes(layout: Layout) -> dict[str, tuple[int, ...]]:
+    dims = layout.dims()
+    return {
+        name: tuple(dims[d] for d in var_dims if d not in ("run", "step"))
+        for name, var_dims in spectral_variables(layout.metrics).items()
+    }
+
+
+def checkpoint_region(
+    run: Run,
+    ckpt: LoadedCheckpoint,
+    prev_weights: Mapping[str, torch.Tensor] | None,
+    layout: Layout,
+    options: Options,
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """All spectral variables of one checkpoint (without run/step dims), and the names of the
+    matrices that held NaN/Inf."""
+    shapes = region_shapes(layout)
+    tables = {"layer": "sigma", "head": "head_sigma", "emb": "emb_sigma"}
+    sigma = {t: torch.full(shapes[v], math.nan, dtype=torch.float64) for t, v in tables.items()}
+    max_dim = {t: torch.ones(shapes[v][:-1], dtype=torch.float64) for t, v in tables.items()}
+    entrywise = [m for m in options.metrics if spectral.METRICS[m].entrywise]
+    entry_values = {
+        (t, m): torch.full(shapes[v][:-1], math.nan, dtype=torch.float64)
+        for t, v in tables.items() for m in entrywise
+    }
+    bad: list[str] = []
+    for k_index, kind in enumerate(layout.kinds):
+        comps = kind_components(kind, run, ckpt, prev_weights)
+        if not comps:
+            continue
+        spectra = component_spectra(comps, device=options.device, dtype=options.dtype)
+        for site, s in spectra.items():
+            cell = (k_index, *site.index)
+            sigma[site.table][cell][: s.shape[0]] = s.to(torch.float64)
+            max_dim[site.table][cell] = comps[site].max_dim
+            if torch.isnan(s).all():
+                bad.append(f"{kind}:{_site_name(site)}")
+        for m in entrywise:
+            fn = spectral.METRICS[m].from_entries
+            for site, comp in comps.items():
+                entry_values[(site.table, m)][(k_index, *site.index)] = fn(comp.entries())
+    out: dict[str, np.ndarray] = {}
+    for table, var in tables.items():
+        prefix = {"layer": "", "head": "head_", "emb": "emb_"}[table]
+        s = sigma[table]
+        out[var] = s.numpy()
+        for m in options.metrics:
+            metric = spectral.METRICS[m]
+            if metric.entrywise:
+                values = entry_values[(table, m)]
+            else:
+                values = metric.from_spectrum(s, max_dim[table])
+            out[prefix + m] = values.numpy()
+    return out, bad
+
+
+def _site_name(site: C.Site) -> str:
+    if site.table == "layer":
+        return f"layers.{site.index[0]}.{C.MATRICES[site.index[1]]}"
+    if site.table == "head":
+        return f"layers.{site.index[0]}.ov_circuit.head{site.index[1]}"
+    return C.EMBEDDINGS[site.index[0]]
+
+
+# ----------------------------------------------------------------------------------------
+# Planning
+
+
+def available_kinds(runs: Sequence[Run]) -> list[str]:
+    """weights always; grads if any checkpoint has grads.safetensors; updates if any run has
+    two checkpoints; lora if any run is a relora run."""
+    kinds = ["weights"]
+    if any(c.has("grads.safetensors") for r in runs for c in r.checkpoints):
+        kinds.append("grads")
+    if any(len(r.checkpoints) > 1 for r in runs):
+        kinds.append("updates")
+    if any(r.lora_scale is not None for r in runs):
+        kinds.append("lora")
+    return kinds
+
+
+def parse_kinds(spec: str | Sequence[str] | None, runs: Sequence[Run]) -> tuple[str, ...]:
+    avail = available_kinds(runs)
+    if spec is None or spec == "all":
+        return tuple(avail)
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    unknown = [n for n in names if n not in C.KINDS]
+    if unknown or not names:
+        raise ValueError(f"unknown kind(s) {', '.join(unknown) or '(none)'}; valid: "
+                         f"{', '.join(C.KINDS)}")
+    missing = [n for n in names if n not in avail]
+    if missing:
+        raise ValueError(f"kind(s) {', '.join(missing)} not available in these runs "
+                         f"(available: {', '.join(avail)})")
+    return tuple(n for n in C.KINDS if n in names)
+
+
+def plan_layout(runs: Sequence[Run], metrics: Sequence[str], kinds: Sequence[str]) -> Layout:
+    specs = [r.spec for r in runs]
+    steps = sorted({c.step for r in runs for c in r.checkpoints})
+    return Layout(
+        runs=[r.name for r in runs],
+        steps=steps,
+        kinds=list(kinds),
+        metrics=list(metrics),
+        n_layers=max(s.n_layers for s in specs),
+        n_heads=max(s.n_heads for s in specs),
+        n_sv=max(s.d_model for s in specs),
+        n_head_sv=max(min(s.d_model, 2 * s.head_dim) for s in specs),
+        n_emb_sv=max(min(s.d_model, s.vocab_size) for s in specs),
+        run_configs={r.name: r.config for r in runs},
+    )
+
+
+@dataclass(frozen=True)
+class Task:
+    """One checkpoint to analyse (and the previous analysed one of its run, for updates)."""
+
+    run: Run
+    checkpoint: Checkpoint
+    previous: Checkpoint | None
+    run_index: int
+    step_index: int
+
+
+def plan_tasks(runs: Sequence[Run], layout: Layout, analyzed: np.ndarray) -> list[Task]:
+    r_index = {r: i for i, r in enumerate(layout.runs)}
+    s_index = {s: j for j, s in enumerate(layout.steps)}
+    tasks = []
+    for run in runs:
+        prev = None
+        for ckpt in run.checkpoints:
+            i, j = r_index[run.name], s_index[ckpt.step]
+            if not analyzed[i, j]:
+                tasks.append(Task(run, ckpt, prev, i, j))
+            prev = ckpt
+    return tasks
+
+
+# ----------------------------------------------------------------------------------------
+# Running
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda[:N], not {device!r}")
+    return device
+
+
+def default_store_path(runs: Sequence[Run]) -> Path:
+    return runs[0].path.parent / "analysis.zarr"
+
+
+def analyze(
+    runs: Sequence[str | Path],
+    out: str | Path | None = None,
+    *,
+    metrics: str | Sequence[str] | None = None,
+    kinds: str | Sequence[str] | None = None,
+    device: str = "auto",
+    precision: str = "float64",
+    scheduler: str | None = None,
+    progress: bool = True,
+    on_checkpoint: Callable[[Task], None] | None = None,
+) -> Path:
+    """Analyse every complete checkpoint of `runs` into the Zarr store `out` and return its path.
+
+    runs: RUN dirs, RUN/checkpoints dirs, or folders of runs. out: default
+    `analysis.zarr` beside the first run. metrics: comma list or names (default all).
+    kinds: weights, grads, updates, lora (default all available). A rerun skips the
+    checkpoints the store already holds. scheduler: None (in process), "local:N" (a Dask
+    LocalCluster of N worker processes) or a Dask scheduler address "tcp://HOST:PORT".
+    """
+    metric_names = spectral.parse_metrics(metrics)
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    found = find_runs(runs)
+    kind_names = parse_kinds(kinds, found)
+    options = Options(metric_names, kind_names, resolve_device(device), precision)
+    path = Path(out) if out is not None else default_store_path(found)
+    layout = ensure_store(path, plan_layout(found, metric_names, kind_names))
+    _write_meta(path, found, layout)
+    writer = RegionWriter(path)
+    tasks = plan_tasks(found, layout, writer.analyzed())
+    if scheduler:
+        from dynlab.distributed import run_tasks_on_dask
+
+        run_tasks_on_dask(tasks, path, layout, options, scheduler, progress=progress)
+    else:
+        run_tasks_serial(tasks, writer, layout, options, progress=progress,
+                         on_checkpoint=on_checkpoint)
+    return path
+
+
+def _write_meta(path: Path, runs: Sequence[Run], layout: Layout) -> None:
+    """Training/evaluation variables for every run in the store (runs analysed earlier but
+    not named now keep their values)."""
+    from dynlab.store import metas_from_store, write_meta_variables
+
+    metas = metas_from_store(path, exclude={r.name for r in runs})
+    for run in runs:
+        for ckpt in run.checkpoints:
+            metas[(run.name, ckpt.step)] = ckpt.meta()
+    write_meta_variables(path, layout.runs, layout.steps, metas)
+
+
+def load_task(task: Task, options: Options) -> tuple[LoadedCheckpoint, dict | None]:
+    """Read a task's checkpoint (and its predecessor's weights when updates are wanted)."""
+    ckpt = load_checkpoint(task.checkpoint, task.run.spec, grads="grads" in options.kinds)
+    prev = None
+    if "updates" in options.kinds and task.previous is not None:
+        prev = load_tensors(task.previous.file("weights.safetensors"))
+    return ckpt, prev
+
+
+def analyze_task(
+    task: Task,
+    loaded: LoadedCheckpoint,
+    prev_weights: Mapping[str, torch.Tensor] | None,
+    writer: RegionWriter,
+    layout: Layout,
+    options: Options,
+) -> list[str]:
+    """Compute and write one checkpoint; returns the matrices that held NaN/Inf."""
+    values, bad = checkpoint_region(task.run, loaded, prev_weights, layout, options)
+    writer.write(task.run_index, task.step_index, values)
+    writer.mark_analyzed(task.run_index, task.step_index)
+    return bad
+
+
+def run_tasks_serial(
+    tasks: Sequence[Task],
+    writer: RegionWriter,
+    layout: Layout,
+    options: Options,
+    *,
+    progress: bool = True,
+    on_checkpoint: Callable[[Task], None] | None = None,
+) -> Timings:
+    """Analyse tasks in order, reading the next checkpoint while this one is computed. The
+    previous checkpoint's weights stay in memory for updates (read once)."""
+    timings = Timings()
+    want_grads = "grads" in options.kinds
+    want_updates = "updates" in options.kinds
+    kept: dict[tuple[str, int], dict] = {}
+
+    def load(task: Task):
+        t0 = time.perf_counter()
+        ckpt = load_checkpoint(task.checkpoint, task.run.spec, grads=want_grads)
+        prev = None
+        if want_updates and task.previous is not None:
+            key = (task.run.name, task.previous.step)
+            prev = kept.get(key)
+            if prev is None:
+                prev = load_tensors(task.previous.file("weights.safetensors"))
+        timings.read += time.perf_counter() - t0
+        return ckpt, prev
+
+    with _progress(progress, len(tasks)) as advance:
+        for task, (ckpt, prev) in prefetch(tasks, load):
+            t0 = time.perf_counter()
+            values, bad = checkpoint_region(task.run, ckpt, prev, layout, options)
+            t1 = time.perf_counter()
+            writer.write(task.run_index, task.step_index, values)
+            writer.mark_analyzed(task.run_index, task.step_index)
+            timings.write += time.perf_counter() - t1
+            timings.compute += t1 - t0
+            timings.checkpoints += 1
+            kept.clear()
+            kept[(task.run.name, task.checkpoint.step)] = ckpt.weights
+            if bad:
+                _warn_nonfinite(task, bad)
+                timings.nonfinite.extend(bad)
+            if on_checkpoint is not None:
+                on_checkpoint(task)
+            advance(f"{task.run.name} step {task.checkpoint.step}")
+    return timings
+
+
+def _warn_nonfinite(task: Task, bad: Sequence[str]) -> None:
+    shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+    warnings.warn(
+        f"{task.checkpoint.path}: {len(bad)} matrices hold NaN/Inf ({shown}); their metrics "
+        "are NaN",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+class _progress:
+    """A rich progress bar over checkpoints (silent when disabled or not a terminal)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled = enabled and total > 0
+        self.total = total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda description: None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("[bold]analyze[/]"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            transient=not os.environ.get("CI"),
+        )
+        self.bar.__enter__()
+        self.task = self.bar.add_task("", total=self.total)
+        return lambda description: self.bar.update(self.task, advance=1, description=description)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+        return False
+
+
+__all__ = [
+    "analyze", "Options", "Task", "checkpoint_region", "component_spectra", "CheckpointError",
+    "ModelSpec",
+]

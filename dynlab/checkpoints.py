@@ -1,0 +1,273 @@
+"""Find runs and checkpoints on disk and stream them as name -> tensor.
+
+A run is a directory with `run.json` and `checkpoints/step_<N>/`; a checkpoint is complete
+once its `meta.json` exists (the trainer writes it last). Tensors are read with safetensors
+(memory-mapped, never unpickled).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A run or checkpoint on disk is not what dynlab expects; the message names the path."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shapes that matter for analysis, from run.json's "model"."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    activation_hidden_dim: int
+    vocab_size: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_run_config(cls, config: Mapping, path: Path) -> ModelSpec:
+        model = config.get("model")
+        keys = ("d_model", "n_layers", "n_heads", "n_kv_heads", "activation_hidden_dim",
+                "vocab_size")
+        if not isinstance(model, Mapping) or any(k not in model for k in keys):
+            raise CheckpointError(f"{path}: run.json needs a 'model' object with {', '.join(keys)}")
+        spec = cls(**{k: int(model[k]) for k in keys})
+        if spec.d_model % spec.n_heads or spec.n_heads % spec.n_kv_heads:
+            raise CheckpointError(
+                f"{path}: d_model ({spec.d_model}) must divide by n_heads ({spec.n_heads}) and "
+                f"n_heads by n_kv_heads ({spec.n_kv_heads})"
+            )
+        return spec
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Parameter name -> shape, as pico-train names them (Linear weights are (out, in))."""
+        d, hd, h = self.d_model, self.head_dim, self.activation_hidden_dim
+        shapes: dict[str, tuple[int, ...]] = {
+            "embedding_proj.weight": (self.vocab_size, d),
+            "de_embedding_proj.weight": (self.vocab_size, d),
+            "output_norm.weight": (d,),
+        }
+        for i in range(self.n_layers):
+            p = f"layers.{i}."
+            shapes[p + "attention.q_proj.weight"] = (self.n_heads * hd, d)
+            shapes[p + "attention.k_proj.weight"] = (self.n_kv_heads * hd, d)
+            shapes[p + "attention.v_proj.weight"] = (self.n_kv_heads * hd, d)
+            shapes[p + "attention.o_proj.weight"] = (d, self.n_heads * hd)
+            shapes[p + "swiglu.w_0.weight"] = (h, d)
+            shapes[p + "swiglu.w_1.weight"] = (h, d)
+            shapes[p + "swiglu.w_2.weight"] = (d, h)
+            shapes[p + "attention_norm.weight"] = (d,)
+            shapes[p + "swiglu_norm.weight"] = (d,)
+        return shapes
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    run: str
+    step: int
+    path: Path
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def has(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
+    def meta(self) -> dict:
+        """meta.json, with eval.json (written by a standalone `dynlab eval`) merged over its
+        "eval" entry."""
+        meta = read_json(self.path / "meta.json")
+        eval_path = self.path / "eval.json"
+        if eval_path.is_file():
+            meta["eval"] = read_json(eval_path)
+        return meta
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    path: Path
+    config: dict
+    spec: ModelSpec
+    checkpoints: tuple[Checkpoint, ...] = field(default_factory=tuple)
+
+    @property
+    def lora_scale(self) -> float | None:
+        relora = self.config.get("relora")
+        if self.config.get("kind") != "relora" or not isinstance(relora, Mapping):
+            return None
+        return float(relora["alpha"]) / float(relora["r"])
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _run_root(path: Path) -> Path:
+    """RUN or RUN/checkpoints -> RUN."""
+    if path.name == "checkpoints" and (path.parent / "run.json").exists():
+        return path.parent
+    return path
+
+
+def find_runs(paths: Sequence[str | Path]) -> list[Run]:
+    """Runs named by `paths`: each a RUN, a RUN/checkpoints, or a folder whose sub-folders are
+    runs. Only complete checkpoints (meta.json present) are listed, sorted by step."""
+    if not paths:
+        raise CheckpointError("no run given: expected RUN, RUN/checkpoints or several RUNs")
+    roots: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise CheckpointError(f"{p}: no such directory (expected a run directory)")
+        if not p.is_dir():
+            raise CheckpointError(f"{p}: not a directory (expected a run directory)")
+        root = _run_root(p)
+        if (root / "run.json").exists() or (root / "checkpoints").is_dir():
+            roots.append(root)
+            continue
+        children = sorted(c for c in root.iterdir() if (c / "run.json").is_file())
+        if not children:
+            raise CheckpointError(
+                f"{p}: no run.json here and no run directories inside "
+                "(expected RUN/run.json and RUN/checkpoints/step_<N>/)"
+            )
+        roots.extend(children)
+    names = [r.name for r in roots]
+    runs = []
+    for root in roots:
+        name = root.name if names.count(root.name) == 1 else f"{root.parent.name}/{root.name}"
+        runs.append(load_run(root, name=name))
+    if len({r.name for r in runs}) != len(runs):
+        raise CheckpointError("the same run was given twice: " + ", ".join(sorted(names)))
+    return runs
+
+
+def load_run(root: Path, name: str | None = None) -> Run:
+    config_path = root / "run.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{config_path}: missing (every run directory needs run.json)")
+    config = read_json(config_path)
+    spec = ModelSpec.from_run_config(config, config_path)
+    name = name or root.name
+    ckpt_dir = root / "checkpoints"
+    found = []
+    if ckpt_dir.is_dir():
+        for child in ckpt_dir.iterdir():
+            m = STEP_DIR.match(child.name)
+            if m and child.is_dir() and (child / "meta.json").is_file():
+                found.append(Checkpoint(name, int(m.group(1)), child))
+    if not found:
+        raise CheckpointError(
+            f"{ckpt_dir}: no complete checkpoint (expected step_<N>/ folders with meta.json)"
+        )
+    return Run(name, root, config, spec, tuple(sorted(found, key=lambda c: c.step)))
+
+
+def load_tensors(path: Path, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """Read tensors from a safetensors file (all, or `names`), with errors naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys()) if names is None else list(names)
+            missing = [k for k in keys if k not in f.keys()]
+            if missing:
+                raise CheckpointError(f"{path}: missing tensors {', '.join(missing[:5])}")
+            return {k: f.get_tensor(k) for k in keys}
+    except SafetensorError as e:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({e}); it may be truncated or corrupt"
+        ) from None
+    except (OSError, RuntimeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: could not be read as safetensors ({e})") from None
+
+
+def check_shapes(tensors: Mapping[str, torch.Tensor], spec: ModelSpec, path: Path) -> None:
+    """Every expected parameter is present with the shape run.json implies."""
+    for name, shape in spec.expected_shapes().items():
+        if name not in tensors:
+            raise CheckpointError(f"{path}: missing parameter {name} (run.json implies it)")
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointError(
+                f"{path}: {name} has shape {tuple(tensors[name].shape)}, but run.json "
+                f"implies {shape}"
+            )
+
+
+@dataclass
+class LoadedCheckpoint:
+    checkpoint: Checkpoint
+    weights: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor] | None
+    meta: dict
+
+
+def load_checkpoint(ckpt: Checkpoint, spec: ModelSpec, *, grads: bool = True) -> LoadedCheckpoint:
+    weights = load_tensors(ckpt.file("weights.safetensors"))
+    check_shapes(weights, spec, ckpt.file("weights.safetensors"))
+    g = None
+    if grads and ckpt.has("grads.safetensors"):
+        g = load_tensors(ckpt.file("grads.safetensors"))
+        check_shapes(g, spec, ckpt.file("grads.safetensors"))
+    return LoadedCheckpoint(ckpt, weights, g, ckpt.meta())
+
+
+def prefetch(items: Sequence, load, depth: int = 1) -> Iterator[tuple[object, object]]:
+    """Yield (item, load(item)) in order while a background thread loads the next `depth`
+    items, so reading overlaps computing. Errors are raised at the item that caused them."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def worker() -> None:
+        for item in items:
+            if stop.is_set():
+                return
+            try:
+                q.put((item, load(item), None))
+            except BaseException as e:  # re-raised in the consumer
+                q.put((item, None, e))
+                return
+
+    t = threading.Thread(target=worker, daemon=True, name="dynlab-prefetch")
+    t.start()
+    try:
+        for _ in range(len(items)):
+            item, value, err = q.get()
+            if err is not None:
+                raise err
+            yield item, value
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(timeout=0.05)

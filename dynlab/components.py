@@ -1,0 +1,203 @@
+"""Which matrices to analyse, for each kind: projections, OV circuits, LoRA products, updates.
+
+Every component is a `Dense` matrix or a `LowRank` product left·right whose singular values are
+taken without forming it. Components are keyed by a `Site`: a (layer, matrix) cell, a
+(layer, head) cell of the per-head OV circuit, or an embedding.
+
+OV circuit of head h (grouped-query attention, g(h) = h // (n_heads / n_kv_heads)):
+    O_h = o_proj[:, h·hd:(h+1)·hd]      (d × hd)
+    V_g = v_proj[g·hd:(g+1)·hd, :]      (hd × d)
+    OV_h = O_h · V_g(h)                 (d × d, rank ≤ hd)
+and the whole layer's OV = Σ_h OV_h = o_proj · V_rep with V_rep the V_g(h) stacked over heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from dynlab.checkpoints import ModelSpec
+
+LAYER_MATRICES: tuple[str, ...] = (
+    "attention.q_proj",
+    "attention.k_proj",
+    "attention.v_proj",
+    "attention.o_proj",
+    "swiglu.w_0",
+    "swiglu.w_1",
+    "swiglu.w_2",
+)
+MATRICES: tuple[str, ...] = LAYER_MATRICES + ("ov_circuit",)
+EMBEDDINGS: tuple[str, ...] = ("embedding_proj", "de_embedding_proj")
+KINDS: tuple[str, ...] = ("weights", "grads", "updates", "lora")
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a component's results go: table "layer" (index (layer, matrix)), "head"
+    (index (layer, head)) or "emb" (index (embedding,))."""
+
+    table: str
+    index: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Dense:
+    """A matrix given by its entries. `shape` is the true shape when `x` holds only its
+    non-zero rows (singular values are then padded with zeros up to min(shape))."""
+
+    x: torch.Tensor
+    shape: tuple[int, int]
+
+    @property
+    def rank_bound(self) -> int:
+        return min(self.shape)
+
+    @property
+    def max_dim(self) -> int:
+        return max(self.shape)
+
+    def entries(self) -> torch.Tensor:
+        return self.x
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """The product left·right, left (m × r), right (r × n); rank bound min(m, r, n)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.left.shape[0], self.right.shape[1])
+
+    @property
+    def rank_bound(self) -> int:
+        return min(self.left.shape[0], self.left.shape[1], self.right.shape[1])
+
+    @property
+    def max_dim(self) -> int:
+        return max(self.shape)
+
+    def entries(self) -> torch.Tensor:
+        return self.left.double() @ self.right.double()
+
+
+Component = Dense | LowRank
+
+
+def dense(x: torch.Tensor) -> Dense:
+    return Dense(x, (x.shape[0], x.shape[1]))
+
+
+def drop_zero_rows(x: torch.Tensor) -> Dense:
+    """The same singular values from fewer rows: all-zero rows (e.g. the embedding gradient
+    of tokens absent from the batch) contribute nothing to σ."""
+    nonzero = x.ne(0).any(dim=1)
+    if bool(nonzero.all()):
+        return dense(x)
+    return Dense(x[nonzero], (x.shape[0], x.shape[1]))
+
+
+def weight(tensors: Tensors, layer: int, matrix: str) -> torch.Tensor:
+    return tensors[f"layers.{layer}.{matrix}.weight"]
+
+
+def ov_head_factors(
+    o_proj: torch.Tensor, v_proj: torch.Tensor, spec: ModelSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O_h for all heads (H, d, hd), V_g(h) for all heads (H, hd, d))."""
+    h, kv, hd, d = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_model
+    o_heads = o_proj.reshape(d, h, hd).permute(1, 0, 2)
+    v_groups = v_proj.reshape(kv, hd, d)
+    v_heads = v_groups.repeat_interleave(h // kv, dim=0)
+    return o_heads, v_heads
+
+
+def ov_circuit(o_proj: torch.Tensor, v_proj: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """Whole-layer OV = Σ_h O_h·V_g(h) = o_proj · V_rep (d × d), computed in float64."""
+    o_heads, v_heads = ov_head_factors(o_proj.double(), v_proj.double(), spec)
+    return torch.einsum("hdi,hie->de", o_heads, v_heads)
+
+
+def _head_lowrank(left: torch.Tensor, right: torch.Tensor) -> list[LowRank]:
+    return [LowRank(left[i], right[i]) for i in range(left.shape[0])]
+
+
+def weight_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
+    """Each layer's projections, its whole-layer OV circuit, each head's OV_h, embeddings."""
+    out: dict[Site, Component] = {}
+    ov_idx = MATRICES.index("ov_circuit")
+    for layer in range(spec.n_layers):
+        for j, name in enumerate(LAYER_MATRICES):
+            out[Site("layer", (layer, j))] = dense(weight(w, layer, name))
+        o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
+        out[Site("layer", (layer, ov_idx))] = dense(ov_circuit(o, v, spec))
+        o_heads, v_heads = ov_head_factors(o.double(), v.double(), spec)
+        for head, comp in enumerate(_head_lowrank(o_heads, v_heads)):
+            out[Site("head", (layer, head))] = comp
+    for e, name in enumerate(EMBEDDINGS):
+        out[Site("emb", (e,))] = drop_zero_rows(w[f"{name}.weight"])
+    return out
+
+
+def grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
+    """Gradients of every matrix; OV by the product rule d(O_h·V_g) = O_h·dV_g + dO_h·V_g,
+    per head the rank-≤2hd product [O_h, dO_h]·[dV_g; V_g]."""
+    out: dict[Site, Component] = {}
+    ov_idx = MATRICES.index("ov_circuit")
+    for layer in range(spec.n_layers):
+        for j, name in enumerate(LAYER_MATRICES):
+            out[Site("layer", (layer, j))] = dense(weight(g, layer, name))
+        o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
+        do, dv = weight(g, layer, "attention.o_proj"), weight(g, layer, "attention.v_proj")
+        o_h, v_h = ov_head_factors(o.double(), v.double(), spec)
+        do_h, dv_h = ov_head_factors(do.double(), dv.double(), spec)
+        whole = torch.einsum("hdi,hie->de", o_h, dv_h) + torch.einsum("hdi,hie->de", do_h, v_h)
+        out[Site("layer", (layer, ov_idx))] = dense(whole)
+        left = torch.cat([o_h, do_h], dim=2)
+        right = torch.cat([dv_h, v_h], dim=1)
+        for head, comp in enumerate(_head_lowrank(left, right)):
+            out[Site("head", (layer, head))] = comp
+    for e, name in enumerate(EMBEDDINGS):
+        out[Site("emb", (e,))] = drop_zero_rows(g[f"{name}.weight"])
+    return out
+
+
+def update_components(w: Tensors, w_prev: Tensors, spec: ModelSpec) -> dict[Site, Component]:
+    """Updates W_t − W_prev; OV_t − OV_prev, per head [O_h^t, −O_h^prev]·[V_g^t; V_g^prev]."""
+    out: dict[Site, Component] = {}
+    ov_idx = MATRICES.index("ov_circuit")
+    for layer in range(spec.n_layers):
+        for j, name in enumerate(LAYER_MATRICES):
+            delta = weight(w, layer, name).double() - weight(w_prev, layer, name).double()
+            out[Site("layer", (layer, j))] = dense(delta)
+        o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
+        po, pv = weight(w_prev, layer, "attention.o_proj"), weight(w_prev, layer, "attention.v_proj")
+        out[Site("layer", (layer, ov_idx))] = dense(ov_circuit(o, v, spec) - ov_circuit(po, pv, spec))
+        o_h, v_h = ov_head_factors(o.double(), v.double(), spec)
+        po_h, pv_h = ov_head_factors(po.double(), pv.double(), spec)
+        left = torch.cat([o_h, -po_h], dim=2)
+        right = torch.cat([v_h, pv_h], dim=1)
+        for head, comp in enumerate(_head_lowrank(left, right)):
+            out[Site("head", (layer, head))] = comp
+    for e, name in enumerate(EMBEDDINGS):
+        key = f"{name}.weight"
+        out[Site("emb", (e,))] = drop_zero_rows(w[key].double() - w_prev[key].double())
+    return out
+
+
+def lora_components(w: Tensors, spec: ModelSpec, scale: float) -> dict[Site, Component]:
+    """s·B·A of every wrapped module (relora runs), as the product (s·B)·A."""
+    out: dict[Site, Component] = {}
+    for layer in range(spec.n_layers):
+        for j, name in enumerate(LAYER_MATRICES):
+            a_key, b_key = f"layers.{layer}.{name}.lora_A", f"layers.{layer}.{name}.lora_B"
+            if a_key in w and b_key in w:
+                out[Site("layer", (layer, j))] = LowRank(scale * w[b_key].double(), w[a_key])
+    return out

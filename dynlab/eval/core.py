@@ -1,0 +1,135 @@
+"""Evaluation data and `evaluate` (contracts §4): perplexity per domain and BLiMP accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dynlab.eval.blimp import (
+    blimp_accuracy,
+    encode_pairs,
+    filter_pairs,
+    pair_logprobs,
+    read_blimp,
+)
+from dynlab.eval.perplexity import (
+    count_windows,
+    domain_nll,
+    encode_domains,
+    macro_average,
+    perplexity_from_sums,
+    read_ppl_domains,
+)
+from dynlab.eval.scoring import model_device
+
+NONE = "none"  # `--ppl none` / `--blimp none` disables that part
+
+
+@dataclass
+class EvalData:
+    """Held-out documents by domain and BLiMP records; an empty part is not evaluated."""
+
+    ppl_domains: dict[str, list[str]] = field(default_factory=dict)
+    blimp_pairs: list[dict] = field(default_factory=list)
+
+
+def default_eval_data(n_ppl_docs: int = 200, n_pairs_per_uid: int = 50) -> EvalData:
+    """The embedded grammar's held-out domains (n_ppl_docs documents per domain) and its
+    minimal pairs (n_pairs_per_uid per UID), both from seeds disjoint from training."""
+    from dynlab.data.grammar import heldout_domains, minimal_pairs
+
+    return EvalData(heldout_domains(n_ppl_docs), minimal_pairs(n_pairs_per_uid))
+
+
+def load_eval_data(ppl: str | Path | None = None, blimp: str | Path | None = None, *,
+                   uid_filter: str | list[str] | None = None,
+                   limit_per_uid: int | None = None, on_error: str = "fail") -> EvalData:
+    """Evaluation data from files; a part left None comes from default_eval_data(), a part
+    given as "none" is skipped. ppl: directory / file / glob (see dynlab.eval.perplexity);
+    blimp: directory / file / glob of BLiMP jsonl, or "nyu-mll/blimp"."""
+    if on_error not in ("skip", "fail"):
+        raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+    default = default_eval_data() if ppl is None or blimp is None else None
+    if ppl is None:
+        domains = default.ppl_domains
+    elif str(ppl).lower() == NONE:
+        domains = {}
+    else:
+        domains = read_ppl_domains(ppl, on_error)
+    if blimp is None:
+        pairs = default.blimp_pairs
+    elif str(blimp).lower() == NONE:
+        pairs = []
+    else:
+        pairs = read_blimp(blimp, on_error)
+    if uid_filter or limit_per_uid is not None:
+        pairs = filter_pairs(pairs, uid_filter, limit_per_uid)
+    return EvalData(domains, pairs)
+
+
+def context_length(model: torch.nn.Module, max_seq_len: int | None = None) -> int:
+    """The context to score in: max_seq_len, else model.config.max_seq_len."""
+    if max_seq_len is not None:
+        return int(max_seq_len)
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "max_seq_len", None):
+        return int(cfg.max_seq_len)
+    raise ValueError("evaluate: pass max_seq_len (the model has no config.max_seq_len)")
+
+
+def evaluate(model: torch.nn.Module, tokenizer, data: EvalData, *, device: str | None = "cpu",
+             batch_size: int = 32, max_seq_len: int | None = None, stride: int | None = None,
+             on_error: str = "skip",
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    """{"perplexity": {"by_domain", "macro"}, "blimp": {"by_uid", "by_field", "overall"}}.
+
+    Parts whose data is empty are left out. `device` (None: the model's own device) is where
+    the forward passes run; the model is moved there for the evaluation and moved back, and
+    its train/eval mode is restored. Pairs that cannot be scored (empty, longer than the
+    context) are skipped with an EvalDataWarning (on_error="skip") or raise ("fail").
+    `progress(done, total)` counts scored sequences.
+    """
+    from dynlab.train.data import bos_id
+
+    bos = bos_id(tokenizer)
+    context = context_length(model, max_seq_len)
+    home = model_device(model)
+    target = home if device is None else torch.device(device)
+    was_training = model.training
+    result: dict = {}
+    try:
+        model.to(target).eval()
+        encoded = encode_domains(tokenizer, data.ppl_domains) if data.ppl_domains else {}
+        kept, good, bad = (encode_pairs(tokenizer, data.blimp_pairs, context, on_error)
+                           if data.blimp_pairs else ([], [], []))
+        total = count_windows(encoded, context, stride) + 2 * len(kept)
+        done = 0
+
+        def tick(k: int) -> None:
+            nonlocal done
+            done += k
+            if progress:
+                progress(done, total)
+
+        if encoded:
+            sums = domain_nll(model, tokenizer, data.ppl_domains, bos, context, stride=stride,
+                              batch_size=batch_size, progress=tick, encoded=encoded)
+            by_domain = {}
+            for dom, (nll, n) in sums.items():
+                if n == 0:
+                    raise ValueError(f"perplexity domain {dom!r}: no tokens to score")
+                by_domain[dom] = perplexity_from_sums(nll, n)
+            result["perplexity"] = {"by_domain": by_domain, "macro": macro_average(by_domain)}
+        if data.blimp_pairs:
+            if not kept:
+                raise ValueError("BLiMP: no scorable pairs")
+            lp_good, lp_bad = pair_logprobs(model, good, bad, bos, batch_size=batch_size,
+                                            progress=tick)
+            result["blimp"] = blimp_accuracy(kept, lp_good > lp_bad)
+    finally:
+        model.to(home)
+        model.train(was_training)
+    return result

@@ -1,0 +1,307 @@
+"""One self-contained HTML report (plotly.js inlined, opens with no network) from one or more
+analysis stores, and a PNG screenshot of an HTML file through headless Chromium."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import plotly.graph_objects as go
+import plotly.io as pio
+import xarray as xr
+from plotly.offline import get_plotlyjs
+
+from dynlab.viz import figures as F
+
+PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+DATA_ROLES = ("mean", "series", "heatmap", "spectrum")
+
+
+@dataclass
+class Section:
+    """One report figure: a heading, a one-sentence explanation, the figure (or None when the
+    whole figure had to be omitted) and the notes on what was missing."""
+
+    title: str
+    caption: str
+    figure: go.Figure | None
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- stores
+
+
+def open_store(path: str | Path) -> xr.Dataset:
+    """Open an analysis store (dynlab.open_store when available), sorted by step."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"store {p}: no such file or directory (expected a Zarr store "
+                                "written by `dynlab analyze`)")
+    try:
+        from dynlab import open_store as _open  # the lead's reader (contracts §5)
+    except ImportError:
+        _open = None
+    ds = _open(p) if _open is not None else xr.open_zarr(p)
+    return ds.sortby("step") if "step" in ds.dims else ds
+
+
+def combine_stores(datasets: Sequence[xr.Dataset], names: Sequence[str] | None = None
+                   ) -> xr.Dataset:
+    """Concatenate stores along `run` (outer join on steps and other coordinates, NaN where a
+    store lacks something). Run names that occur in more than one store are prefixed with the
+    store's name (`names[i]/run`). `run_configs` attributes are merged."""
+    if len(datasets) == 1:
+        return datasets[0]
+    names = list(names or [f"store{i}" for i in range(len(datasets))])
+    seen: dict[str, int] = {}
+    for ds in datasets:
+        for r in ds["run"].values:
+            seen[str(r)] = seen.get(str(r), 0) + 1
+    parts, configs = [], {}
+    for ds, name in zip(datasets, names, strict=True):
+        rename = {str(r): (f"{name}/{r}" if seen[str(r)] > 1 else str(r))
+                  for r in ds["run"].values}
+        cfg = F.run_configs(ds)
+        configs.update({rename[r]: c for r, c in cfg.items() if r in rename})
+        parts.append(ds.assign_coords(run=[rename[str(r)] for r in ds["run"].values]))
+    out = xr.concat(parts, dim="run", join="outer", data_vars="all", coords="different",
+                    compat="equals", combine_attrs="drop_conflicts", fill_value=float("nan"))
+    out = out.sortby("step")
+    out.attrs["run_configs"] = json.dumps(configs)
+    metrics: list[str] = []
+    for ds in datasets:
+        metrics += [m for m in ds.attrs.get("metrics", []) if m not in metrics]
+    out.attrs["metrics"] = metrics
+    return out
+
+
+def load_stores(paths: Sequence[str | Path]) -> xr.Dataset:
+    """Open and combine one or more stores (see combine_stores)."""
+    if not paths:
+        raise ValueError("no store given: pass at least one Zarr store path")
+    paths = [Path(p) for p in paths]
+    dsets = [open_store(p) for p in paths]
+    return combine_stores(dsets, [p.name.removesuffix(".zarr") for p in paths])
+
+
+# ---------------------------------------------------------------- report content
+
+
+def report_sections(ds: xr.Dataset) -> list[Section]:
+    """The study's figures, in reading order."""
+    specs = [
+        ("Training curves",
+         "Training loss, perplexity on the held-out domains (macro mean solid, each domain "
+         "dotted) and BLiMP accuracy, against optimizer steps (top) and wall-clock hours "
+         "(bottom).",
+         lambda: F.training_curves(ds)),
+        ("PER of weights",
+         "Proportional effective rank of the OV circuit and of the MLP down-projection "
+         "(swiglu.w_2), averaged over layers with a 95% t-interval: falling PER means the "
+         "weights concentrate their energy in fewer directions.",
+         lambda: F.trajectory_grid(ds, "per", ["weights"], ["ov_circuit", "swiglu.w_2"])),
+        ("PER of updates and gradients",
+         "Proportional effective rank of the parameter updates between checkpoints (top) and "
+         "of the gradients on the fixed batch (bottom) for attention.o_proj, attention.v_proj "
+         "and swiglu.w_2: low PER means learning happens in a low-dimensional subspace.",
+         lambda: F.trajectory_grid(ds, "per", ["updates", "grads"],
+                                   ["attention.o_proj", "attention.v_proj", "swiglu.w_2"])),
+        ("Condition number of weights and updates",
+         "Condition number σ₁/σ_min (log axis) of the weights (top) and the updates (bottom): "
+         "how anisotropic each matrix is.",
+         lambda: F.trajectory_grid(ds, "cn", ["weights", "updates"],
+                                   ["ov_circuit", "attention.o_proj", "swiglu.w_2"])),
+        ("PER of weights, layer by layer",
+         "PER of the OV circuit in every layer at every step, one panel per run: where in "
+         "depth the rank changes.",
+         lambda: F.heatmap(ds, "per", "weights", "ov_circuit")),
+        ("Spectrum evolution",
+         "Singular values of the last layer's OV circuit divided by the largest, one line per "
+         "checkpoint from early (dark) to late (yellow): how the spectrum's tail decays.",
+         lambda: F.spectrum(ds, "weights", "ov_circuit", layer=_last_layer(ds))),
+        ("ReLoRA against decoder",
+         "The same PER trajectory and training loss side by side for each run, with the "
+         "ReLoRA merge-and-reset steps as dotted lines.",
+         lambda: F.relora_comparison(ds, ("per",), "weights", "ov_circuit")),
+    ]
+    out = []
+    for title, caption, make in specs:
+        fig = make()
+        notes = list((fig.layout.meta or {}).get("notes", []))
+        has_data = any((t.meta or {}).get("role") in DATA_ROLES for t in fig.data)
+        out.append(Section(title, caption, fig if has_data else None, notes))
+    return out
+
+
+def _last_layer(ds: xr.Dataset) -> int:
+    return int(ds["layer"].values.max()) if "layer" in ds.coords and ds["layer"].size else 0
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, str):
+        return html.escape(v)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float) and float(v).is_integer() and abs(v) < 1e9:
+        return f"{int(v)}"
+    return f"{float(v):.4g}"
+
+
+def summary_html(ds: xr.Dataset) -> str:
+    """The per-run summary table as an HTML <table>."""
+    tab = F.summary_table(ds)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["run", *tab.columns])
+    body = "".join(
+        "<tr>" + f"<td>{html.escape(str(run))}</td>"
+        + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>"
+        for run, row in zip(tab.index, tab.itertuples(index=False), strict=True))
+    return f'<table class="summary"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;
+max-width:1280px;padding:0 16px;color:#222}
+h1{font-size:1.6em;margin-bottom:0.2em} h2{font-size:1.2em;margin:1.6em 0 0.3em}
+p.meta,p.caption{color:#555;margin:0.2em 0 0.6em} p.note{color:#a15c00;font-size:0.9em}
+table.summary{border-collapse:collapse;font-size:0.9em;margin:8px 0}
+table.summary th,table.summary td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+table.summary th:first-child,table.summary td:first-child{text-align:left}
+table.summary th{background:#f3f3f3}
+"""
+
+
+def build_report(ds: xr.Dataset, title: str = "dynlab report",
+                 sources: Sequence[str] = ()) -> tuple[str, list[Section]]:
+    """The report as one HTML string (plotly.js inlined once) and its sections."""
+    sections = report_sections(ds)
+    runs = ", ".join(html.escape(str(r)) for r in ds["run"].values)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{CSS}</style>",
+        f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>',
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="meta">runs: {runs} · stores: '
+        f'{html.escape(", ".join(map(str, sources))) or "in memory"} · '
+        f'dynlab {html.escape(str(ds.attrs.get("dynlab_version", "?")))} · {when}</p>',
+        "<h2>Summary</h2>",
+        '<p class="caption">Final train loss, macro perplexity and BLiMP accuracy at the last '
+        "step where each was measured; PER and CN averaged over all layers and matrices at the "
+        "last analysed step.</p>",
+        summary_html(ds),
+    ]
+    n = 0
+    for sec in sections:
+        parts.append(f'<section class="figure-section"><h2>{html.escape(sec.title)}</h2>')
+        parts.append(f'<p class="caption">{html.escape(sec.caption)}</p>')
+        for note in sec.notes:
+            parts.append(f'<p class="note">note: {html.escape(note)}</p>')
+        if sec.figure is None:
+            parts.append('<p class="note">figure omitted: no data for it in this store.</p>')
+        else:
+            parts.append(pio.to_html(sec.figure, full_html=False, include_plotlyjs=False,
+                                     div_id=f"figure-{n}", config=PLOT_CONFIG,
+                                     default_height=f"{sec.figure.layout.height or 450}px"))
+            n += 1
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts), sections
+
+
+def write_report(stores: Sequence[str | Path], out: str | Path = "report.html",
+                 title: str = "dynlab report") -> tuple[Path, xr.Dataset, list[Section]]:
+    """Open the stores, write the report to `out`; return (path, combined dataset, sections)."""
+    ds = load_stores(stores)
+    text, sections = build_report(ds, title, [str(s) for s in stores])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    return out, ds, sections
+
+
+def n_figures(sections: Sequence[Section]) -> int:
+    """How many plotly figures a report with these sections holds."""
+    return sum(sec.figure is not None for sec in sections)
+
+
+# ---------------------------------------------------------------- screenshots
+
+
+def find_chromium() -> str | None:
+    """Path of a Chromium/Chrome executable ($DYNLAB_CHROMIUM first), or None."""
+    env = os.environ.get("DYNLAB_CHROMIUM")
+    if env and Path(env).exists():
+        return env
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def screenshot(html_path: str | Path, png_path: str | Path, width: int = 1280,
+               height: int = 1600, timeout: float = 120.0) -> Path:
+    """Render an HTML file in headless Chromium (network disabled by flags) and save the
+    top width × height pixels as PNG. Raises RuntimeError when no Chromium is found or it
+    fails."""
+    exe = find_chromium()
+    if exe is None:
+        raise RuntimeError("no Chromium found (install Debian's `chromium` or set "
+                           "DYNLAB_CHROMIUM to the executable)")
+    html_path, png_path = Path(html_path).resolve(), Path(png_path).resolve()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dynlab-chromium-") as profile:
+        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               "--no-first-run", "--disable-background-networking", "--disable-sync",
+               "--disable-component-update", "--disable-quic", f"--user-data-dir={profile}",
+               "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
+               f"--window-size={width},{height}", "--virtual-time-budget=15000",
+               f"--screenshot={png_path}", html_path.as_uri()]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    if proc.returncode != 0 or not png_path.exists():
+        raise RuntimeError(f"chromium screenshot of {html_path} failed (exit "
+                           f"{proc.returncode}): {proc.stderr[-500:]}")
+    return png_path
+
+
+def save_figure(fig: go.Figure, out: str | Path, width: int = 1100,
+                height: int | None = None) -> Path:
+    """Write a figure to .html (plotly.js inlined, offline) or .png (plotly's static export
+    when kaleido is installed, else a headless-Chromium screenshot)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    suffix = out.suffix.lower()
+    if suffix in (".html", ".htm"):
+        fig.write_html(out, include_plotlyjs=True, full_html=True, config=PLOT_CONFIG)
+        return out
+    if suffix != ".png":
+        raise ValueError(f"output {out}: expected a .html or .png file name")
+    height = height or int(fig.layout.height or 500)
+    try:
+        fig.write_image(out, width=width, height=height)
+        return out
+    except Exception as kaleido_error:  # kaleido missing or unusable: try Chromium
+        if find_chromium() is None:
+            raise RuntimeError(
+                f"PNG export of {out} needs plotly's static export (kaleido>=1, not installed: "
+                f"{str(kaleido_error).strip().splitlines()[0]}) or a Chromium executable; "
+                "write .html instead") from kaleido_error
+    with tempfile.TemporaryDirectory(prefix="dynlab-fig-") as tmp:
+        page = Path(tmp) / "fig.html"
+        fig.update_layout(width=width, height=height, margin_autoexpand=True)
+        page.write_text(
+            "<!DOCTYPE html><html><head><meta charset='utf-8'><style>body{margin:0}</style>"
+            "</head><body>" + pio.to_html(fig, full_html=False, include_plotlyjs=True,
+                                          config={"staticPlot": True}) + "</body></html>",
+            encoding="utf-8")
+        return screenshot(page, out, width=width, height=height)
