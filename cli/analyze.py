@@ -1,8 +1,60 @@
-"""`dynlab analyze` (stub; replaced by the foundation work)."""
+"""`dynlab analyze`: spectral metrics of checkpoints into a Zarr store."""
 
 from __future__ import annotations
 
+from pathlib import Path
 
-def analyze() -> None:
-    """Spectral metrics of checkpoints into a Zarr store."""
-    raise SystemExit("not implemented yet")
+import typer
+
+
+def analyze(
+    runs: list[Path] = typer.Argument(
+        ..., help="RUN dirs, RUN/checkpoints dirs, or folders of runs.", show_default=False
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Zarr store to write (default: analysis.zarr beside the first run)."
+    ),
+    metrics: str | None = typer.Option(
+        None, "--metrics", "-m",
+        help="Comma list of er, per, cn, stable_rank, spectral_norm, frobenius_norm, "
+        "nuclear_norm, numerical_rank, hoyer, gini; or 'all'. Default: all (or, for an "
+        "existing store, the store's).",
+    ),
+    kinds: str | None = typer.Option(
+        None, "--kinds", "-k",
+        help="Comma list of weights, grads, updates, lora; or 'all'. Default: all available "
+        "(or, for an existing store, the store's).",
+    ),
+    device: str = typer.Option("auto", help="auto (CUDA when available), cpu or cuda[:N]."),
+    precision: str = typer.Option("float64", help="float64 (default) or float32 spectra."),
+    scheduler: str | None = typer.Option(
+        None, help="Dask: 'local:N' (N worker processes here) or 'tcp://HOST:PORT'."
+    ),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Spectral metrics (effective rank, PER, condition number, ...) of every weight matrix,
+    gradient, update and LoRA product of each checkpoint, into a Zarr store. Rerunning skips
+    what the store already holds, so an interrupted analysis resumes."""
+    import warnings
+
+    from rich.console import Console
+
+    from dynlab.analysis import analyze as run_analysis
+    from dynlab.checkpoints import CheckpointError
+    from dynlab.store import StoreError
+
+    console = Console(stderr=True, soft_wrap=True, highlight=False)
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        console.print(f"[yellow]warning:[/] {message}")
+
+    warnings.showwarning = show_warning
+    try:
+        path = run_analysis(
+            runs, out, metrics=metrics, kinds=kinds, device=device, precision=precision,
+            scheduler=scheduler, progress=progress,
+        )
+    except (CheckpointError, StoreError, ValueError) as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    print(path)

@@ -1,8 +1,151 @@
-"""`dynlab eval` (stub; replaced by the evaluation work)."""
+"""`dynlab eval`: perplexity and BLiMP accuracy of one checkpoint or every checkpoint of a run."""
 
 from __future__ import annotations
 
+from pathlib import Path
 
-def evaluate() -> None:
-    """Perplexity and BLiMP at checkpoints."""
-    raise SystemExit("not implemented yet")
+import typer
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def evaluate(
+    target: Path = typer.Argument(..., help="RUN directory (all its checkpoints) or "
+                                  "RUN/checkpoints/step_N."),
+    ppl: str | None = typer.Option(
+        None, "--ppl", help="Held-out text: directory (one domain per .txt/.jsonl file), file "
+        "(jsonl may carry a 'source' field) or glob. Default: the embedded grammar's domains; "
+        "'none' skips perplexity."),
+    blimp: str | None = typer.Option(
+        None, "--blimp", help="BLiMP jsonl: directory, file or glob, or 'nyu-mll/blimp' (needs "
+        "`datasets`). Default: the embedded grammar's minimal pairs; 'none' skips BLiMP."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the results here "
+                                         "(one object for a checkpoint, a list for a run)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps or auto."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer",
+                                          help="tokenizer.json (default: RUN/tokenizer.json)."),
+    uid: str | None = typer.Option(None, "--uid", help="Comma-separated BLiMP UIDs or glob "
+                                   "patterns, e.g. 'anaphor_*,island*'."),
+    on_error: str = typer.Option("fail", "--on-error", help="skip|fail: malformed input lines, "
+                                 "empty or too long pairs, failing checkpoints."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Sequences per forward pass."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many pairs "
+                                     "per BLiMP UID (first in file order)."),
+    stride: int | None = typer.Option(None, "--stride", min=1, help="Overlapping perplexity "
+                                      "windows advancing by this many tokens (default: "
+                                      "non-overlapping windows of the model's context)."),
+) -> None:
+    """Perplexity per domain and BLiMP accuracy at checkpoints; writes step_N/eval.json."""
+    import json
+    import warnings
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from dynlab.eval import EvalDataWarning, evaluate_checkpoint, find_checkpoints, load_eval_data
+    from dynlab.eval.runs import tokenizer_path, write_json_atomic
+
+    console = Console(stderr=True)
+    if on_error not in ("skip", "fail"):
+        raise typer.BadParameter("expected 'skip' or 'fail'", param_hint="--on-error")
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+        console.print(f"[yellow]warning:[/] {message}")
+
+    results: list[dict] = []
+
+    def finish() -> None:
+        if json_out is not None and results:
+            payload = results[0] if len(results) == 1 and single else results
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(json_out, payload)
+            console.print(f"wrote {json_out}")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", EvalDataWarning)
+        warnings.showwarning = show_warning
+        try:
+            ckpts = find_checkpoints(target)
+            single = len(ckpts) == 1 and ckpts[0].resolve() == target.resolve()
+            for c in ckpts:  # fail early on a missing tokenizer, before any work
+                tokenizer_path(c, tokenizer)
+            data = load_eval_data(ppl, blimp, uid_filter=uid, limit_per_uid=limit,
+                                  on_error=on_error)
+            dev = _device(device)
+        except (FileNotFoundError, ValueError, ImportError) as err:
+            console.print(f"[red]error:[/] {err}")
+            raise typer.Exit(1) from None
+
+        columns = (TextColumn("{task.description}"), BarColumn(),
+                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+        failed = []
+        with Progress(*columns, console=console, transient=False) as bar:
+            run_task = bar.add_task("checkpoints", total=len(ckpts))
+            for ckpt in ckpts:
+                seq_task = bar.add_task(f"  {ckpt.name}", total=None)
+
+                def tick(done: int, total: int, _t=seq_task) -> None:
+                    bar.update(_t, completed=done, total=total)
+
+                try:
+                    res = evaluate_checkpoint(ckpt, data, tokenizer=tokenizer, device=dev,
+                                              batch_size=batch_size, stride=stride,
+                                              on_error=on_error, progress=tick)
+                except (FileNotFoundError, ValueError, RuntimeError) as err:
+                    if on_error == "fail":
+                        bar.stop()
+                        console.print(f"[red]error:[/] {ckpt}: {err}")
+                        finish()
+                        raise typer.Exit(1) from None
+                    console.print(f"[yellow]skipped[/] {ckpt}: {err}")
+                    failed.append(str(ckpt))
+                    continue
+                finally:
+                    bar.remove_task(seq_task)
+                    bar.advance(run_task)
+                results.append(res)
+
+    _print_tables(Console(), results, Table)
+    finish()
+    if failed:
+        console.print(f"[yellow]{len(failed)} checkpoint(s) failed[/]")
+        raise typer.Exit(1)
+
+
+def _print_tables(console, results: list[dict], Table) -> None:
+    """A row per step (macro perplexity, BLiMP overall and per field); details of the last."""
+    if not results:
+        return
+    fields = sorted({f for r in results for f in r.get("blimp", {}).get("by_field", {})})
+    summary = Table(title="evaluation")
+    for col in ["step", "ppl macro", "BLiMP overall", *fields]:
+        summary.add_column(col, justify="right")
+    for r in results:
+        ppl = r.get("perplexity", {}).get("macro")
+        bl = r.get("blimp", {})
+        summary.add_row(str(r["step"]), "-" if ppl is None else f"{ppl:.3f}",
+                        "-" if "overall" not in bl else f"{bl['overall']:.3f}",
+                        *[f"{bl.get('by_field', {}).get(f, float('nan')):.3f}" for f in fields])
+    console.print(summary)
+    last = results[-1]
+    if "perplexity" in last:
+        table = Table(title=f"perplexity by domain (step {last['step']})")
+        table.add_column("domain")
+        table.add_column("ppl", justify="right")
+        for dom, v in last["perplexity"]["by_domain"].items():
+            table.add_row(dom, f"{v:.3f}")
+        console.print(table)
+    if "blimp" in last and len(last["blimp"]["by_uid"]) <= 20:
+        table = Table(title=f"BLiMP by UID (step {last['step']})")
+        table.add_column("UID")
+        table.add_column("accuracy", justify="right")
+        for u, v in last["blimp"]["by_uid"].items():
+            table.add_row(u, f"{v:.3f}")
+        console.print(table)

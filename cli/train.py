@@ -1,7 +1,148 @@
-"""`dynlab train decoder|relora` (stub; replaced by the trainer work)."""
+"""`dynlab train decoder|relora`: train pico-decoder or pico-relora with learning-dynamics
+checkpoints. Thin: parse options, call dynlab.train.trainer.train, print the run directory."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
-app = typer.Typer(help="Train pico-decoder or pico-relora with learning-dynamics checkpoints.")
+app = typer.Typer(
+    help="Train pico-decoder or pico-relora with learning-dynamics checkpoints. With no "
+    "options: the CPU-sized `micro` preset on the embedded grammar corpus, offline.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+# Every option defaults to None ("not given"): the preset, a --config file or, on --resume,
+# the stored run supply the value.
+PRESET = typer.Option(None, "--preset", help="micro (default, CPU), tiny, small, medium, large.")
+STEPS = typer.Option(None, "--steps", min=0, help="Optimizer updates (preset default).")
+BATCH = typer.Option(None, "--batch-size", min=1, help="Sequences per micro-batch.")
+SEQ = typer.Option(None, "--seq-len", min=1, help="Tokens per training sequence.")
+LR = typer.Option(None, "--lr", help="Peak learning rate (default 3e-4).")
+WARMUP = typer.Option(None, "--warmup-steps", min=0, help="Linear warmup steps.")
+DATA = typer.Option(None, "--data", help="'default' (embedded grammar corpus), a .txt/.jsonl/"
+                    ".npy/.bin file or directory, or a Hugging Face dataset (needs `datasets`).")
+TOKENIZER = typer.Option(None, "--tokenizer", help="A tokenizer.json (default: byte-level BPE "
+                         "trained on the data, cached).")
+VOCAB = typer.Option(None, "--vocab-size", min=1, help="BPE target vocabulary size.")
+OUT = typer.Option(None, "--out", "-o", help="Run directory (default runs/<kind>-<preset>).")
+CKPT = typer.Option(None, "--checkpoint-every", min=1, help="Steps between checkpoints.")
+LD = typer.Option(None, "--ld-batch-size", min=1,
+                  help="Sequences in the fixed learning-dynamics batch.")
+DEVICE = typer.Option(None, "--device", help="auto (CUDA when available), cpu, cuda[:N].")
+SEED = typer.Option(None, "--seed", help="Seed of initialisation, data order and dropout.")
+CONFIG = typer.Option(None, "--config", help="YAML file holding any of these options.")
+RESUME = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing run in --out.")
+ACTS = typer.Option(False, "--save-activations",
+                    help="Also save each linear module's last-token outputs.")
+EVAL_EVERY = typer.Option(None, "--eval-every", min=0,
+                          help="Steps between evaluations (default: checkpoint interval; 0: off).")
+EVAL_PPL = typer.Option(None, "--eval-ppl", help="Held-out text for perplexity (dynlab eval).")
+EVAL_BLIMP = typer.Option(None, "--eval-blimp", help="BLiMP jsonl for accuracy (dynlab eval).")
+ACCUM = typer.Option(None, "--grad-accum", min=1, help="Micro-batches per update.")
+COMPILE = typer.Option(False, "--compile", help="torch.compile the model.")
+LOG_EVERY = typer.Option(None, "--log-every", min=1, help="Steps between metrics.jsonl lines.")
+STOP_AT = typer.Option(None, "--stop-at", min=1, help="Stop after this step without a final "
+                       "checkpoint (as an interruption; continue with --resume).")
+PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")
+NDOCS = typer.Option(None, "--n-documents", min=1,
+                     help="Documents generated (default corpus) or streamed (HF dataset).")
+D_MODEL = typer.Option(None, "--d-model", min=1, help="Override the preset's d_model.")
+N_LAYERS = typer.Option(None, "--n-layers", min=1, help="Override the preset's layers.")
+N_HEADS = typer.Option(None, "--n-heads", min=1, help="Override the preset's heads.")
+N_KV = typer.Option(None, "--n-kv-heads", min=1, help="Override the preset's kv heads.")
+HIDDEN = typer.Option(None, "--hidden-dim", min=1, help="Override activation_hidden_dim.")
+MAX_SEQ = typer.Option(None, "--max-seq-len", min=1, help="Override the preset's max_seq_len.")
+
+
+def _run(kind: str, config: Path | None, options: dict) -> None:
+    from rich.console import Console
+
+    from dynlab.train.trainer import TrainingDiverged, train
+
+    for flag in ("resume", "overwrite", "save_activations", "compile", "paper_compat"):
+        if options.get(flag) is False:
+            options[flag] = None  # a switch left off is "not given"
+    options["activation_hidden_dim"] = options.pop("hidden_dim", None)
+    if options.get("progress") is True:
+        options["progress"] = None
+    console = Console(stderr=True)
+    try:
+        run_dir = train(kind, config=config, **options)
+    except TrainingDiverged as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(1) from None
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            ImportError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    print(run_dir)
+
+
+@app.command()
+def decoder(
+    preset: str | None = PRESET, steps: int | None = STEPS, batch_size: int | None = BATCH,
+    seq_len: int | None = SEQ, lr: float | None = LR, warmup_steps: int | None = WARMUP,
+    data: str | None = DATA, tokenizer: str | None = TOKENIZER, vocab_size: int | None = VOCAB,
+    out: str | None = OUT, checkpoint_every: int | None = CKPT, ld_batch_size: int | None = LD,
+    device: str | None = DEVICE, seed: int | None = SEED, config: Path | None = CONFIG,
+    resume: bool = RESUME, overwrite: bool = OVERWRITE, save_activations: bool = ACTS,
+    eval_every: int | None = EVAL_EVERY, eval_ppl: str | None = EVAL_PPL,
+    eval_blimp: str | None = EVAL_BLIMP, grad_accum: int | None = ACCUM,
+    compile: bool = COMPILE, log_every: int | None = LOG_EVERY, stop_at: int | None = STOP_AT,
+    progress: bool = PROGRESS, n_documents: int | None = NDOCS, d_model: int | None = D_MODEL,
+    n_layers: int | None = N_LAYERS, n_heads: int | None = N_HEADS,
+    n_kv_heads: int | None = N_KV, hidden_dim: int | None = HIDDEN,
+    max_seq_len: int | None = MAX_SEQ,
+) -> None:
+    """Train a pico-decoder (AdamW, linear warmup then linear decay to 0)."""
+    options = dict(locals())
+    options.pop("config")
+    _run("decoder", config, options)
+
+
+@app.command()
+def relora(
+    preset: str | None = PRESET, steps: int | None = STEPS, batch_size: int | None = BATCH,
+    seq_len: int | None = SEQ, lr: float | None = LR, warmup_steps: int | None = WARMUP,
+    data: str | None = DATA, tokenizer: str | None = TOKENIZER, vocab_size: int | None = VOCAB,
+    out: str | None = OUT, checkpoint_every: int | None = CKPT, ld_batch_size: int | None = LD,
+    device: str | None = DEVICE, seed: int | None = SEED, config: Path | None = CONFIG,
+    resume: bool = RESUME, overwrite: bool = OVERWRITE, save_activations: bool = ACTS,
+    eval_every: int | None = EVAL_EVERY, eval_ppl: str | None = EVAL_PPL,
+    eval_blimp: str | None = EVAL_BLIMP, grad_accum: int | None = ACCUM,
+    compile: bool = COMPILE, log_every: int | None = LOG_EVERY, stop_at: int | None = STOP_AT,
+    progress: bool = PROGRESS, n_documents: int | None = NDOCS, d_model: int | None = D_MODEL,
+    n_layers: int | None = N_LAYERS, n_heads: int | None = N_HEADS,
+    n_kv_heads: int | None = N_KV, hidden_dim: int | None = HIDDEN,
+    max_seq_len: int | None = MAX_SEQ,
+    rank: int | None = typer.Option(None, "--rank", min=1, help="LoRA rank r (default 16)."),
+    alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha; s = alpha / r "
+                                       "(default 32)."),
+    lora_dropout: float | None = typer.Option(None, "--lora-dropout",
+                                              help="Dropout on the LoRA branch (default 0.1)."),
+    reset_every: int | None = typer.Option(None, "--reset-every", min=1,
+                                           help="Steps between merge-and-reset (preset default)."),
+    restart_warmup_steps: int | None = typer.Option(
+        None, "--restart-warmup-steps", min=0, help="Linear re-warmup after each reset."),
+    min_lr_ratio: float | None = typer.Option(None, "--min-lr-ratio",
+                                              help="Floor of the cosine (default 0.1)."),
+    prune_ratio: float | None = typer.Option(
+        None, "--prune-ratio", help="Fraction of the LoRA Adam moments zeroed at a reset "
+        "(default 0.999)."),
+    prune_method: str | None = typer.Option(None, "--prune-method",
+                                            help="random (default) or magnitude."),
+    paper_compat: bool = typer.Option(
+        False, "--paper-compat", help="Reproduce relora-pico exactly, defects included "
+        "(unscaled merge, A = 0 at wrap, resets at step % reset_every == 1, 200k cosine)."),
+    warm_start: str | None = typer.Option(
+        None, "--warm-start", help="Start from a decoder checkpoint (or run's latest)."),
+) -> None:
+    """Train a pico-relora: LoRA factors on q, k, v, o, w_0, w_1, w_2, merged and reset every
+    --reset-every steps, with the jagged cosine schedule."""
+    options = dict(locals())
+    options.pop("config")
+    _run("relora", config, options)

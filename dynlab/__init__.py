@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 
 
 def analyze(*args, **kwargs):
-    """Spectral analysis of runs into a Zarr store; see `dynlab.analyze.analyze`."""
-    from dynlab.analyze import analyze as _analyze
+    """Spectral analysis of runs into a Zarr store; see `dynlab.analysis.analyze`."""
+    from dynlab.analysis import analyze as _analyze
 
     return _analyze(*args, **kwargs)
 
@@ -20,3 +20,10 @@ def open_store(path):
     from dynlab.store import open_store as _open_store
 
     return _open_store(path)
+
+
+def train(*args, **kwargs):
+    """Train a pico-decoder or pico-relora; see `dynlab.train.trainer.train`."""
+    from dynlab.train.trainer import train as _train
+
+    return _train(*args, **kwargs)

@@ -164,26 +164,37 @@ def read_attrs(path: Path) -> dict:
     return dict(group.attrs)
 
 
-def reconcile(path: Path, layout: Layout) -> Layout:
-    """Make an existing store ready for `layout`: check it was made with the same metrics,
-    kinds and schema, then append the runs and steps it lacks. Returns the store's layout
-    (its run and step order). Raises StoreError, before changing anything, on a mismatch."""
+def reconcile(
+    path: Path, layout: Layout, *, metrics_given: bool = True, kinds_given: bool = True
+) -> Layout:
+    """Make an existing store ready for `layout`: check it was made with the same schema,
+    metrics and kinds (adopting the store's when not given explicitly) and large enough
+    dimensions, then append the runs and steps it lacks. Returns the store's layout (its run
+    and step order). Raises StoreError, before changing anything, on a mismatch."""
     import xarray as xr
 
     attrs = read_attrs(path)
-    problems = []
     if attrs.get("schema_version") != SCHEMA_VERSION:
-        problems.append(f"schema version {attrs.get('schema_version')} (expected {SCHEMA_VERSION})")
-    if list(attrs.get("metrics", [])) != list(layout.metrics):
-        problems.append(f"metrics {attrs.get('metrics')} (this analysis: {list(layout.metrics)})")
-    if list(attrs.get("kinds", [])) != list(layout.kinds):
-        problems.append(f"kinds {attrs.get('kinds')} (this analysis: {list(layout.kinds)})")
+        raise StoreError(
+            f"{path}: not a dynlab store of schema {SCHEMA_VERSION} (found "
+            f"{attrs.get('schema_version')!r}); use another -o path"
+        )
+    stored_metrics, stored_kinds = list(attrs["metrics"]), list(attrs["kinds"])
+    problems = []
+    if metrics_given and stored_metrics != list(layout.metrics):
+        problems.append(f"metrics {stored_metrics} (this analysis: {list(layout.metrics)})")
+    if kinds_given and stored_kinds != list(layout.kinds):
+        problems.append(f"kinds {stored_kinds} (this analysis: {list(layout.kinds)})")
+    if not set(layout.kinds) <= set(stored_kinds):
+        problems.append(f"kinds {stored_kinds} (these runs need {list(layout.kinds)})")
     ds = xr.open_zarr(path, consolidated=True)
+    sizes = {}
     for dim, size in layout.dims().items():
-        if dim in ("run", "step"):
+        if dim in ("run", "step", "kind"):
             continue
-        if ds.sizes.get(dim) != size:
-            problems.append(f"dimension {dim} of size {ds.sizes.get(dim)} (this analysis: {size})")
+        sizes[dim] = ds.sizes.get(dim, 0)
+        if sizes[dim] < size or (dim == "matrix" and sizes[dim] != size):
+            problems.append(f"dimension {dim} of size {sizes[dim]} (these runs need {size})")
     if problems:
         raise StoreError(
             f"{path}: this store was made by another analysis: " + "; ".join(problems)
@@ -193,29 +204,35 @@ def reconcile(path: Path, layout: Layout) -> Layout:
     steps = [int(s) for s in ds["step"].values]
     configs = json.loads(attrs.get("run_configs", "{}"))
     for run in layout.runs:
-        if run in configs and run in layout.run_configs and configs[run] != layout.run_configs[run]:
-            if configs[run].get("model") != layout.run_configs[run].get("model"):
-                raise StoreError(
-                    f"{path}: run {run!r} is in the store with another model config; "
-                    "use another -o path"
-                )
+        old, new = configs.get(run), layout.run_configs.get(run)
+        if old is not None and new is not None and old.get("model") != new.get("model"):
+            raise StoreError(
+                f"{path}: run {run!r} is in the store with another model config; "
+                "use another -o path"
+            )
+    configs.update(layout.run_configs)
+    stored = Layout(runs, steps, stored_kinds, stored_metrics, sizes["layer"], sizes["head"],
+                    sizes["sv"], sizes["head_sv"], sizes["emb_sv"], configs)
     new_steps = [s for s in layout.steps if s not in set(steps)]
     new_runs = [r for r in layout.runs if r not in set(runs)]
+    attrs = {**attrs, "run_configs": json.dumps(configs, sort_keys=True),
+             "dynlab_version": __version__}
+    if new_steps or new_runs:
+        drop_meta_variables(path)  # rebuilt by the caller over the new grid
     with quiet_zarr():
         if new_steps:
-            _template(layout, runs, new_steps).to_zarr(path, append_dim="step", compute=False,
-                                                        consolidated=True)
+            ds_new = _template(stored, runs, new_steps)
+            ds_new.attrs.update(attrs)
+            ds_new.to_zarr(path, append_dim="step", compute=False, consolidated=True)
             steps += new_steps
         if new_runs:
-            _template(layout, new_runs, steps).to_zarr(path, append_dim="run", compute=False,
-                                                       consolidated=True)
+            ds_new = _template(stored, new_runs, steps)
+            ds_new.attrs.update(attrs)
+            ds_new.to_zarr(path, append_dim="run", compute=False, consolidated=True)
             runs += new_runs
-    if new_runs or new_steps or configs != {**configs, **layout.run_configs}:
-        configs.update(layout.run_configs)
-        _update_attrs(path, {"run_configs": json.dumps(configs, sort_keys=True),
-                             "dynlab_version": __version__})
-    return Layout(runs, steps, layout.kinds, layout.metrics, layout.n_layers, layout.n_heads,
-                  layout.n_sv, layout.n_head_sv, layout.n_emb_sv, configs)
+    _update_attrs(path, attrs)
+    stored.runs, stored.steps = runs, steps
+    return stored
 
 
 def _update_attrs(path: Path, attrs: Mapping) -> None:
@@ -227,10 +244,14 @@ def _update_attrs(path: Path, attrs: Mapping) -> None:
         zarr.consolidate_metadata(str(path))
 
 
-def ensure_store(path: Path, layout: Layout) -> Layout:
+def ensure_store(
+    path: Path, layout: Layout, *, metrics_given: bool = True, kinds_given: bool = True
+) -> Layout:
     """Create the store, or reconcile an existing one with this analysis."""
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path}: exists and is not a directory (expected a Zarr store)")
     if path.exists() and any(path.iterdir()):
-        return reconcile(path, layout)
+        return reconcile(path, layout, metrics_given=metrics_given, kinds_given=kinds_given)
     if path.exists():
         path.rmdir()
     create_store(path, layout)
@@ -313,12 +334,24 @@ def write_meta_variables(
     import zarr
 
     with quiet_zarr():
+        attrs = drop_meta_variables(path)
+        ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+        ds.to_zarr(path, mode="a", consolidated=True)
+
+
+def drop_meta_variables(path: Path) -> dict:
+    """Delete the training/evaluation variables (they are rebuilt from meta.json) and return
+    the store's attrs."""
+    import zarr
+
+    with quiet_zarr():
         group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
-        for name in list(data_vars) + list(EVAL_VARIABLES) + ["domain", "uid", "field"]:
+        names = list(META_VARIABLES) + list(EVAL_VARIABLES) + ["domain", "uid", "field"]
+        for name in names:
             if name in group:
                 del group[name]
-        ds = xr.Dataset(data_vars, coords=coords)
-        ds.to_zarr(path, mode="a", consolidated=True)
+        zarr.consolidate_metadata(str(path))
+        return dict(group.attrs)
 
 
 def metas_from_store(path: Path, exclude: set[str]) -> dict[tuple[str, int], dict]:

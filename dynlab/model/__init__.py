@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dynlab.model.pico_decoder import ModelConfig, PicoDecoder, PRESETS
+from dynlab.model.pico_decoder import PRESETS, ModelConfig, PicoDecoder
 
 __all__ = ["ModelConfig", "PicoDecoder", "PRESETS", "load_checkpoint_model", "read_model_config"]
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from dynlab.model.pico_decoder import PRESETS
+from dynlab.model.pico_decoder import PRESETS, ModelConfig
 
 KINDS = ("decoder", "relora")
 
@@ -22,19 +22,19 @@ KINDS = ("decoder", "relora")
 PRESET_TRAIN: dict[str, dict[str, Any]] = {
     "micro": dict(steps=1200, warmup_steps=50, checkpoint_every=100, reset_every=200,
                   restart_warmup_steps=20, batch_size=8, seq_len=128, ld_batch_size=16,
-                  log_every=10, n_documents=20_000),
+                  log_every=10, n_documents=20_000, eval_ppl_docs=50, eval_pairs_per_uid=10),
     "tiny": dict(steps=20_000, warmup_steps=2000, checkpoint_every=1000, reset_every=2000,
                  restart_warmup_steps=100, batch_size=32, seq_len=2048, ld_batch_size=128,
-                 log_every=10, n_documents=200_000),
+                 log_every=10, n_documents=200_000, eval_ppl_docs=200, eval_pairs_per_uid=50),
     "small": dict(steps=20_000, warmup_steps=2000, checkpoint_every=1000, reset_every=2000,
                   restart_warmup_steps=100, batch_size=32, seq_len=2048, ld_batch_size=128,
-                  log_every=10, n_documents=200_000),
+                  log_every=10, n_documents=200_000, eval_ppl_docs=200, eval_pairs_per_uid=50),
     "medium": dict(steps=20_000, warmup_steps=2000, checkpoint_every=1000, reset_every=2000,
                    restart_warmup_steps=100, batch_size=32, seq_len=2048, ld_batch_size=64,
-                   log_every=10, n_documents=200_000),
+                   log_every=10, n_documents=200_000, eval_ppl_docs=200, eval_pairs_per_uid=50),
     "large": dict(steps=20_000, warmup_steps=2000, checkpoint_every=1000, reset_every=2000,
                   restart_warmup_steps=100, batch_size=16, seq_len=2048, ld_batch_size=32,
-                  log_every=10, n_documents=200_000),
+                  log_every=10, n_documents=200_000, eval_ppl_docs=200, eval_pairs_per_uid=50),
 }
 
 
@@ -54,6 +54,13 @@ class TrainConfig:
     grad_accum: int = 1
     seq_len: int | None = None
     seed: int = 0
+    # model shape overrides (None: the preset's value)
+    d_model: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    activation_hidden_dim: int | None = None
+    max_seq_len: int | None = None
     # data
     data: str = "default"
     tokenizer: str | None = None  # a tokenizer.json; else BPE trained on the data and cached
@@ -73,6 +80,8 @@ class TrainConfig:
     eval_ppl: str | None = None
     eval_blimp: str | None = None
     eval_batch_size: int = 32
+    eval_ppl_docs: int | None = None  # default eval data size (dynlab.eval.default_eval_data)
+    eval_pairs_per_uid: int | None = None
     # hardware
     device: str = "auto"
     compile: bool = False
@@ -131,10 +140,12 @@ def validate(cfg: TrainConfig) -> None:
         _positive(cfg, name, allow_zero=True)
     if not cfg.lr > 0:
         raise ValueError(f"--lr: expected a positive learning rate, got {cfg.lr!r}")
-    max_len = PRESETS[cfg.preset].max_seq_len
-    if cfg.seq_len > max_len:
-        raise ValueError(f"--seq-len {cfg.seq_len} exceeds max_seq_len {max_len} of preset "
-                         f"{cfg.preset!r}")
+    for name in ("eval_ppl_docs", "eval_pairs_per_uid"):
+        _positive(cfg, name)
+    mcfg = model_config(cfg, cfg.vocab_size)  # validates the shape (heads, dims)
+    if cfg.seq_len > mcfg.max_seq_len:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds max_seq_len {mcfg.max_seq_len} of "
+                         f"preset {cfg.preset!r}")
     if cfg.stop_at is not None and not 0 < cfg.stop_at <= cfg.steps:
         raise ValueError(f"--stop-at: expected 1..{cfg.steps}, got {cfg.stop_at}")
     if cfg.resume and cfg.overwrite:
@@ -148,6 +159,20 @@ def validate(cfg: TrainConfig) -> None:
         relora_config(cfg)  # validates the ReLoRA fields
     elif cfg.warm_start or cfg.paper_compat:
         raise ValueError("--warm-start and --paper-compat apply to `dynlab train relora` only")
+
+
+MODEL_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "activation_hidden_dim",
+                "max_seq_len")
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    """The preset's ModelConfig with the run's shape overrides and vocabulary size."""
+    overrides = {k: getattr(cfg, k) for k in MODEL_FIELDS if getattr(cfg, k) is not None}
+    try:
+        return dataclasses.replace(PRESETS[cfg.preset], vocab_size=vocab_size, **overrides)
+    except ValueError as err:
+        raise ValueError(f"preset {cfg.preset!r} with {overrides or 'no overrides'}: {err}"
+                         ) from err
 
 
 def relora_config(cfg: TrainConfig):  # -> ReLoRAConfig

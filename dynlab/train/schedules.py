@@ -51,8 +51,8 @@ def reset_due(step: int, reset_every: int, warmup: int, total: int, paper_compat
 
     dynlab: every reset_every updates (step mod reset_every = 0), never after the last one,
     so the re-warmup of jagged_cosine starts right after the reset.
-    paper_compat (relora-pico): step > warmup and step mod reset_every = 1, i.e. one update
-    after the re-warmup has begun, with the schedule at zero for the update before it.
+    paper_compat (relora-pico): step > warmup and step mod reset_every = 1, so the reset
+    follows the zero-lr update that opens each re-warmup.
     """
     if paper_compat:
         return step > warmup and step % reset_every == 1

@@ -111,14 +111,22 @@ def _rgba(hex_color: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
+def missing(ds: xr.Dataset, name: str, kind: str, matrix: str) -> str | None:
+    """A note saying what of (variable, kind, matrix) the store lacks, or None."""
+    if name not in ds.data_vars:
+        return f"variable '{name}' not in store"
+    for dim, val in (("kind", kind), ("matrix", matrix)):
+        if dim not in ds[name].dims or val not in [str(v) for v in ds[dim].values]:
+            return f"{dim} '{val}' not in store"
+    return None
+
+
 def select_metric(ds: xr.Dataset, metric: str, kind: str, matrix: str) -> xr.DataArray | str:
     """`ds[metric]` at (kind, matrix), dims (run, step, layer), step sorted; or a note saying
     what is missing."""
-    if metric not in ds.data_vars:
-        return f"metric '{metric}' not in store"
-    for dim, val in (("kind", kind), ("matrix", matrix)):
-        if dim not in ds[metric].dims or val not in [str(v) for v in ds[dim].values]:
-            return f"{dim} '{val}' not in store"
+    note = missing(ds, metric, kind, matrix)
+    if note is not None:
+        return note
     da = ds[metric].sel(kind=kind, matrix=matrix).sortby("step")
     return da.transpose("run", "step", "layer").load()
 
@@ -284,9 +292,9 @@ def spectrum(ds: xr.Dataset, kind: str = "weights", matrix: str = "ov_circuit", 
                         shared_yaxes=True, horizontal_spacing=0.04)
     notes: list[str] = []
     title = f"Spectrum of {kind} · {matrix}, layer {layer}: σᵢ/σ₁ over steps"
-    sel = select_metric(ds, "sigma", kind, matrix)
-    if isinstance(sel, str):
-        return _finish(fig, title, [sel.replace("metric", "variable")], PANEL_HEIGHT + 140)
+    note = missing(ds, "sigma", kind, matrix)
+    if note is not None:
+        return _finish(fig, title, [note], PANEL_HEIGHT + 140)
     if layer not in [int(v) for v in ds["layer"].values]:
         return _finish(fig, title, [f"layer {layer} not in store"], PANEL_HEIGHT + 140)
     sig = ds["sigma"].sel(kind=kind, matrix=matrix, layer=layer).sortby("step")
@@ -396,16 +404,22 @@ def training_curves(ds: xr.Dataset, runs: Sequence[str] | None = None) -> go.Fig
 
 
 def config_reset_steps(cfg: dict, last_step: float) -> list[int]:
-    """Reset steps implied by a run.json's relora section, up to `last_step`:
-    k * reset_every (k >= 1), or k * reset_every + 1 with paper_compat (the ReLoRA paper's
-    code resets when step % reset_every == 1, after the first full cycle)."""
+    """Reset steps implied by a run.json (its "relora" and "train" sections), up to
+    `last_step`, by the trainer's own rule (dynlab.train.schedules.reset_due): a reset follows
+    update t when 0 < t < steps and t mod reset_every = 0, or with paper_compat (relora-pico)
+    when t > warmup_steps and t mod reset_every = 1."""
+    from dynlab.train.schedules import reset_due
+
     rc = cfg.get("relora") or {}
     every = rc.get("reset_every")
     if not every or not np.isfinite(last_step):
         return []
-    off = 1 if rc.get("paper_compat") else 0
-    return [k * int(every) + off for k in range(1, int(last_step // every) + 2)
-            if k * int(every) + off <= last_step]
+    train = cfg.get("train") or {}
+    total = int(train.get("steps") or last_step + 1)
+    warmup = int(train.get("warmup_steps") or 0)
+    paper = bool(rc.get("paper_compat") or train.get("paper_compat"))
+    return [t for t in range(1, int(last_step) + 1)
+            if reset_due(t, int(every), warmup, total, paper)]
 
 
 def _last_step(ds: xr.Dataset, run: str) -> float:
@@ -470,7 +484,8 @@ def relora_comparison(ds: xr.Dataset, metrics: Sequence[str] = ("per",), kind: s
     rows = list(metrics) + (["train_loss"] if _has(ds, "train_loss") else [])
     if not runs_ or not rows:
         return _finish(go.Figure(), title, notes + ["nothing to compare"], 200)
-    labels = [f"{r} ({'relora' if is_relora(ds, r) else 'decoder'})" for r in runs_]
+    types = {r: "relora" if is_relora(ds, r) else "decoder" for r in runs_}
+    labels = [r if r == types[r] else f"{r} ({types[r]})" for r in runs_]
     fig = make_subplots(rows=len(rows), cols=len(runs_), shared_yaxes=True, shared_xaxes=True,
                         subplot_titles=[lab if i == 0 else "" for i in range(len(rows))
                                         for lab in labels],

@@ -41,16 +41,15 @@ class Section:
 
 
 def open_store(path: str | Path) -> xr.Dataset:
-    """Open an analysis store (dynlab.open_store when available), sorted by step."""
+    """Open an analysis store with dynlab.open_store (lazy, sorted by step), with a clear
+    error when the path does not exist."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"store {p}: no such file or directory (expected a Zarr store "
                                 "written by `dynlab analyze`)")
-    try:
-        from dynlab import open_store as _open  # the lead's reader (contracts §5)
-    except ImportError:
-        _open = None
-    ds = _open(p) if _open is not None else xr.open_zarr(p)
+    from dynlab import open_store as _open  # the lead's reader (contracts §5)
+
+    ds = _open(p)
     return ds.sortby("step") if "step" in ds.dims else ds
 
 
@@ -62,6 +61,7 @@ def combine_stores(datasets: Sequence[xr.Dataset], names: Sequence[str] | None =
     if len(datasets) == 1:
         return datasets[0]
     names = list(names or [f"store{i}" for i in range(len(datasets))])
+    names = [n if names.count(n) == 1 else f"{n}-{i + 1}" for i, n in enumerate(names)]
     seen: dict[str, int] = {}
     for ds in datasets:
         for r in ds["run"].values:

@@ -306,8 +306,11 @@ def analyze(
     kind_names = parse_kinds(kinds, found)
     options = Options(metric_names, kind_names, resolve_device(device), precision)
     path = Path(out) if out is not None else default_store_path(found)
-    layout = ensure_store(path, plan_layout(found, metric_names, kind_names))
-    _write_meta(path, found, layout)
+    earlier = _metas_in_store(path, exclude={r.name for r in found})
+    layout = ensure_store(path, plan_layout(found, metric_names, kind_names),
+                          metrics_given=metrics is not None, kinds_given=kinds is not None)
+    options = Options(tuple(layout.metrics), tuple(layout.kinds), options.device, precision)
+    _write_meta(path, found, layout, earlier)
     writer = RegionWriter(path)
     tasks = plan_tasks(found, layout, writer.analyzed())
     if scheduler:
@@ -320,12 +323,24 @@ def analyze(
     return path
 
 
-def _write_meta(path: Path, runs: Sequence[Run], layout: Layout) -> None:
-    """Training/evaluation variables for every run in the store (runs analysed earlier but
-    not named now keep their values)."""
-    from dynlab.store import metas_from_store, write_meta_variables
+def _metas_in_store(path: Path, exclude: set[str]) -> dict:
+    """Training/evaluation values of runs already in an existing store (read before the store
+    is extended, so runs analysed earlier but not named now keep them)."""
+    from dynlab.store import metas_from_store
 
-    metas = metas_from_store(path, exclude={r.name for r in runs})
+    if not (path / "zarr.json").is_file():
+        return {}
+    try:
+        return metas_from_store(path, exclude)
+    except Exception:  # not a dynlab store: ensure_store reports it
+        return {}
+
+
+def _write_meta(path: Path, runs: Sequence[Run], layout: Layout, earlier: dict) -> None:
+    """Training/evaluation variables for every run in the store."""
+    from dynlab.store import write_meta_variables
+
+    metas = dict(earlier)
     for run in runs:
         for ckpt in run.checkpoints:
             metas[(run.name, ckpt.step)] = ckpt.meta()

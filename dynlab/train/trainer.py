@@ -1,0 +1,669 @@
+"""The bundled trainer: pico-decoder or pico-relora with learning-dynamics checkpoints.
+
+    run_dir = train("relora", steps=600, out="runs/relora")
+
+One optimizer update ("step") is `grad_accum` micro-batches of `batch_size` windows of
+`seq_len + 1` tokens. At step 0, every `checkpoint_every` steps and at the last step the
+trainer writes a checkpoint (weights, learning-dynamics gradients, optional activations,
+resume state, meta.json last). Only rank 0 writes; the training step (`train_step`), the
+data sharding point (`dynlab.train.data.shard`) and the checkpoint writer
+(`dynlab.train.checkpointing.write_checkpoint`) are separate functions so multi-process
+training can wrap them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynlab.model.pico_decoder import ModelConfig, PicoDecoder
+from dynlab.model.relora import (
+    ReLoRALinear,
+    capture_effective_weights,
+    effective_state_dict,
+    merge_and_reset,
+    relora_modules,
+    unwrap,
+    wrap_relora,
+)
+from dynlab.train import data as D
+from dynlab.train.checkpointing import (
+    MetricsLog,
+    clean_incomplete,
+    complete_checkpoints,
+    read_trainer_state,
+    write_checkpoint,
+    write_json,
+)
+from dynlab.train.config import (
+    MODEL_FIELDS,
+    TrainConfig,
+    make_config,
+    model_config,
+    relora_config,
+)
+from dynlab.train.schedules import lr_multiplier, reset_due
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------- process / device
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size): (0, 1) unless torch.distributed is initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """Only rank 0 logs and writes files."""
+    return dist_info()[0] == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else as torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r}: not a torch device ({err})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, plain float32 elsewhere (as pico-train)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def capture_rng(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device):
+    """Run a block without disturbing the training RNG streams."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+# ---------------------------------------------------------------- loss and training step
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+            ) -> torch.Tensor:
+    """Next-token cross-entropy: -mean_t log softmax(logits_t)[target_t]."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           reduction=reduction)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+               micro_batches: list[torch.Tensor], lr: float, device: torch.device) -> float:
+    """One update: mean loss over the micro-batches, gradients accumulated, AdamW step.
+
+    Returns the mean loss; when it is not finite no update is made (the caller stops)."""
+    set_lr(optimizer, lr)
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for batch in micro_batches:
+        batch = batch.to(device, non_blocking=True)
+        with autocast(device):
+            logits = model(batch[:, :-1])
+        loss = lm_loss(logits, batch[:, 1:]) / len(micro_batches)
+        loss.backward()
+        total += loss.item()
+    if math.isfinite(total):
+        optimizer.step()
+    return total
+
+
+# ---------------------------------------------------------------- learning dynamics
+
+
+def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear | ReLoRALinear)}
+
+
+def learning_dynamics(model: nn.Module, ld_batch: torch.Tensor, device: torch.device, *,
+                      activations: bool = False, chunk_tokens: int = 16_384
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, float]:
+    """Gradients of the mean next-token loss on the fixed batch, apart from training.
+
+    The model runs in eval mode (no dropout) and float32, the batch in chunks; gradients
+    come from torch.autograd.grad, so parameters' .grad, the optimizer and the RNG are
+    untouched. For relora the gradient with respect to each effective weight
+    W_eff = W + s·B A is stored under the standard name `<module>.weight` (the gradient
+    an unwrapped model holding W_eff would get); the factors' gradients under
+    `<module>.lora_A` / `.lora_B`. Returns (grads, activations or None, mean loss), where
+    activations are each linear module's output at the last token of every sequence.
+    """
+    was_training = model.training
+    model.eval()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    wrapped = relora_modules(model)
+    grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    for name, m in wrapped.items():
+        grads[f"{name}.weight"] = torch.zeros_like(m.weight, dtype=torch.float32)
+    acts: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    if activations:
+        for name, m in _linear_modules(model).items():
+            acts[name] = []
+
+            def hook(_m, _inp, out, name=name):
+                acts[name].append(out[:, -1, :].detach().float().cpu())
+
+            hooks.append(m.register_forward_hook(hook))
+    n_seq, width = ld_batch.shape
+    total_tokens = n_seq * (width - 1)
+    chunk = max(1, chunk_tokens // max(1, width - 1))
+    loss_sum = 0.0
+    try:
+        with preserved_rng(device), capture_effective_weights(model) as captured:
+            for start in range(0, n_seq, chunk):
+                for lst in captured.values():
+                    lst.clear()
+                batch = ld_batch[start:start + chunk].to(device)
+                logits = model(batch[:, :-1])
+                loss = lm_loss(logits, batch[:, 1:], reduction="sum") / total_tokens
+                names = list(params) + [f"{n}.weight" for n in wrapped]
+                inputs = list(params.values()) + [captured[n][0] for n in wrapped]
+                for name, g in zip(names, torch.autograd.grad(loss, inputs, allow_unused=True),
+                                   strict=True):
+                    if g is not None:
+                        grads[name] += g.float()
+                loss_sum += loss.item()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    out_acts = {n: torch.cat(v) for n, v in acts.items()} if activations else None
+    return grads, out_acts, loss_sum
+
+
+@torch.no_grad()
+def batch_loss(model: nn.Module, batch: torch.Tensor, device: torch.device) -> float:
+    """Mean next-token loss of a batch in eval mode (no dropout), RNG untouched."""
+    was_training = model.training
+    model.eval()
+    try:
+        with preserved_rng(device):
+            batch = batch.to(device)
+            return lm_loss(model(batch[:, :-1]), batch[:, 1:]).item()
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------- evaluation hook
+
+
+class EvalHook:
+    """Calls dynlab.eval.evaluate at evaluation steps; data loaded once, lazily."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer, device: torch.device, say) -> None:
+        self.cfg, self.tokenizer, self.device, self.say = cfg, tokenizer, device, say
+        self.enabled = cfg.eval_every > 0
+        self._data = None
+
+    def due(self, step: int, last: bool) -> bool:
+        return self.enabled and (step % self.cfg.eval_every == 0 or last)
+
+    def _load(self):
+        try:
+            import dynlab.eval as E
+        except ImportError as err:
+            warnings.warn(f"evaluation disabled: dynlab.eval is not importable ({err})",
+                          stacklevel=2)
+            self.enabled = False
+            return None
+        cfg = self.cfg
+        if cfg.eval_ppl or cfg.eval_blimp:
+            return E.load_eval_data(cfg.eval_ppl, cfg.eval_blimp)
+        if cfg.data == D.DEFAULT_DATA:
+            return E.default_eval_data(cfg.eval_ppl_docs, cfg.eval_pairs_per_uid)
+        self.say("evaluation off: custom --data without --eval-ppl/--eval-blimp")
+        self.enabled = False
+        return None
+
+    def __call__(self, model: nn.Module) -> dict | None:
+        if self._data is None:
+            self._data = self._load()
+        if not self.enabled or self._data is None:
+            return None
+        from dynlab.eval import evaluate
+
+        plain = unwrap(model) if relora_modules(model) else model
+        with preserved_rng(self.device):
+            return evaluate(plain, self.tokenizer, self._data, device=str(self.device),
+                            batch_size=self.cfg.eval_batch_size, max_seq_len=self.cfg.seq_len)
+
+
+# ---------------------------------------------------------------- data and model
+
+
+def _is_local_spec(spec: str) -> bool:
+    p = Path(spec).expanduser()
+    return (p.exists() or p.suffix in D.TEXT_SUFFIXES + D.TOKEN_SUFFIXES
+            or spec.startswith((".", "/", "~")))
+
+
+def load_data(cfg: TrainConfig, tokenizer_path: Path | None) -> tuple[object, D.TokenData]:
+    """(tokenizer, TokenData) for cfg.data; tokenizer_path (resume / warm start / --tokenizer)
+    overrides training a BPE tokenizer on the documents."""
+    spec = cfg.data
+    tokens = None
+    documents: list[str] = []
+    if spec == D.DEFAULT_DATA:
+        documents = D.default_documents(cfg.n_documents)
+    elif _is_local_spec(spec):
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"--data {spec}: file not found (expected 'default', a "
+                                    ".txt/.jsonl/.npy/.bin file or directory, or a Hugging "
+                                    "Face dataset name)")
+        files = ([path] if path.is_file() else
+                 sorted(p for p in path.iterdir()
+                        if p.suffix in D.TEXT_SUFFIXES + D.TOKEN_SUFFIXES))
+        if not files:
+            raise ValueError(f"--data {spec}: no .txt/.jsonl/.npy/.bin files in the directory")
+        kinds = {f.suffix in D.TOKEN_SUFFIXES for f in files}
+        if len(kinds) > 1:
+            raise ValueError(f"--data {spec}: mixes text and pre-tokenised files")
+        for f in files:
+            if f.suffix not in D.TEXT_SUFFIXES + D.TOKEN_SUFFIXES:
+                raise ValueError(f"--data {f}: unsupported file type {f.suffix!r} (expected "
+                                 ".txt, .jsonl, .npy or .bin)")
+        if kinds == {True}:
+            if tokenizer_path is None:
+                raise ValueError(f"--data {spec}: pre-tokenised data needs --tokenizer "
+                                 "(the tokenizer.json its ids come from)")
+            tokens = torch.cat([torch.from_numpy(D.read_token_file(f)) for f in files]).numpy()
+        else:
+            for f in files:
+                documents += D.read_text_documents(f)
+    else:
+        documents = D.hf_documents(spec, cfg.n_documents)
+    if tokens is None and not documents:
+        raise ValueError(f"--data {spec}: no documents (the data is empty)")
+    if tokenizer_path is not None:
+        tokenizer = D.load_tokenizer(tokenizer_path)
+    else:
+        tokenizer = D.get_tokenizer(documents, cfg.vocab_size)
+    if tokens is None:
+        tokens = D.encode_documents(tokenizer, documents)
+    elif len(tokens) and int(tokens.max()) >= tokenizer.get_vocab_size():
+        raise ValueError(f"--data {spec}: token id {int(tokens.max())} is outside the "
+                         f"tokenizer's vocabulary ({tokenizer.get_vocab_size()})")
+    return tokenizer, D.split_stream(tokens, cfg.seq_len, cfg.ld_batch_size, f"--data {spec}")
+
+
+def warm_start_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or the latest complete checkpoint of a run directory."""
+    p = Path(path).expanduser()
+    if (p / "weights.safetensors").is_file():
+        return p
+    found = complete_checkpoints(p)
+    if not found:
+        raise FileNotFoundError(f"--warm-start {path}: neither a checkpoint directory nor a "
+                                "run with complete checkpoints")
+    return found[-1][1]
+
+
+def build_model(cfg: TrainConfig, mcfg: ModelConfig, warm_ckpt: Path | None) -> PicoDecoder:
+    """PicoDecoder (seeded init or warm start), wrapped for relora runs."""
+    torch.manual_seed(cfg.seed)
+    model = PicoDecoder(mcfg)
+    if warm_ckpt is not None:
+        from dynlab.model import load_checkpoint_model, read_model_config
+
+        src = read_model_config(warm_ckpt.parent.parent)
+        if dataclasses.asdict(src) != dataclasses.asdict(mcfg):
+            raise ValueError(f"--warm-start {warm_ckpt}: model {dataclasses.asdict(src)} "
+                             f"differs from this run's {dataclasses.asdict(mcfg)}")
+        model.load_state_dict(load_checkpoint_model(warm_ckpt).state_dict())
+    if cfg.kind == "relora":
+        wrap_relora(model, relora_config(cfg))
+    return model
+
+
+# ---------------------------------------------------------------- run directory
+
+
+RESUME_MUTABLE = {"resume", "overwrite", "stop_at", "device", "progress", "compile",
+                  "eval_every", "eval_ppl", "eval_blimp", "eval_batch_size", "save_activations",
+                  "log_every", "out"}
+MODEL_DEFINING = {"kind", "preset", "rank", "alpha", "paper_compat", "vocab_size", "tokenizer",
+                  *MODEL_FIELDS}
+
+
+def resume_config(cfg: TrainConfig, explicit: set[str], run_dir: Path) -> TrainConfig:
+    """The stored run's options, with the explicitly given mutable ones applied."""
+    path = run_dir / "run.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {run_dir} has no run.json (nothing to resume)")
+    stored = json.loads(path.read_text())
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    base = TrainConfig(**{k: v for k, v in stored.get("train", {}).items() if k in known})
+    given = dataclasses.asdict(cfg)
+    for name in sorted(explicit | {"kind"}):
+        if name in RESUME_MUTABLE or name not in given:
+            continue
+        if given[name] != getattr(base, name):
+            what = "a run of another model" if name in MODEL_DEFINING else "a run whose option"
+            raise ValueError(
+                f"--resume into {what}: {run_dir} has {name}={getattr(base, name)!r}, "
+                f"given {given[name]!r}"
+            )
+    mutable = {k: given[k] for k in explicit if k in RESUME_MUTABLE and k in given}
+    return dataclasses.replace(base, **mutable, resume=True, overwrite=False)
+
+
+def check_out_dir(cfg: TrainConfig) -> Path:
+    """Errors for an --out that cannot be used; changes nothing on disk."""
+    out = Path(cfg.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out}: exists and is not a directory")
+    nonempty = out.is_dir() and any(out.iterdir())
+    if cfg.resume:
+        return out
+    if nonempty and not cfg.overwrite:
+        raise FileExistsError(f"--out {out}: exists and is not empty; pass --resume to continue "
+                              "that run or --overwrite to replace it")
+    if nonempty and not (out / "run.json").is_file():
+        raise FileExistsError(f"--out {out}: --overwrite refuses to delete a directory that "
+                              "is not a dynlab run (no run.json)")
+    return out
+
+
+# ---------------------------------------------------------------- the training loop
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    data_position: int = 0
+    relora_cycle: int = 0
+    tokens: int = 0
+    wall_seconds: float = 0.0
+    train_loss: float = math.nan
+
+
+def _progress(enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  "
+                   "{task.fields[tps]:,.0f} tok/s"),
+        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False,
+    )
+
+
+def run_training(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
+    """Train according to cfg; returns the run directory."""
+    explicit = set(explicit or ())
+    rank, world = dist_info()
+    main = rank == 0
+    cfg = cfg.resolved()
+    run_dir = check_out_dir(cfg)
+    resume_ckpt: Path | None = None
+    if cfg.resume:
+        cfg = resume_config(cfg, explicit, run_dir).resolved()
+        found = complete_checkpoints(run_dir)
+        resume_ckpt = found[-1][1] if found else None
+    device = resolve_device(cfg.device)
+
+    from rich.console import Console
+
+    console = Console(stderr=True, quiet=not (cfg.progress and main))
+    say = console.print
+
+    # tokenizer and data (errors here leave --out untouched)
+    warm_ckpt = (warm_start_checkpoint(cfg.warm_start)
+                 if cfg.warm_start and resume_ckpt is None else None)
+    if cfg.resume and (run_dir / "tokenizer.json").is_file():
+        tok_path: Path | None = run_dir / "tokenizer.json"
+    elif cfg.tokenizer:
+        tok_path = Path(cfg.tokenizer).expanduser()
+    elif warm_ckpt is not None:
+        tok_path = warm_ckpt.parent.parent / "tokenizer.json"
+    else:
+        tok_path = None
+    tokenizer, data = load_data(cfg, tok_path)
+    mcfg = model_config(cfg, tokenizer.get_vocab_size())
+    model = build_model(cfg, mcfg, warm_ckpt).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rcfg = relora_config(cfg) if cfg.kind == "relora" else None
+    state = TrainState()
+
+    if resume_ckpt is not None:
+        restore(model, optimizer, state, resume_ckpt, device)
+        if main:
+            clean_incomplete(run_dir, after_step=state.step)
+        say(f"resuming {run_dir} from step {state.step}")
+    elif main:
+        if run_dir.exists() and (cfg.overwrite or cfg.resume):
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "run.json", run_record(cfg, mcfg, model, data))
+        tokenizer.save(str(run_dir / "tokenizer.json"))
+    metrics = MetricsLog(run_dir / "metrics.jsonl",
+                         truncate_after=state.step if resume_ckpt is not None else -1
+                         ) if main else None
+
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"[bold]{cfg.kind}[/] preset {cfg.preset}: {n_params:,} parameters "
+        f"({sum(p.numel() for p in trainable):,} trainable), vocab {mcfg.vocab_size}, "
+        f"{len(data.train_tokens):,} training tokens, device {device}, out {run_dir}")
+
+    train_model = torch.compile(model) if cfg.compile else model
+    evaluator = EvalHook(cfg, tokenizer, device, say)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
+    sched = dict(kind=cfg.kind, warmup=cfg.warmup_steps, total=cfg.steps,
+                 reset_every=cfg.reset_every or 0,
+                 restart_warmup=cfg.restart_warmup_steps or 0,
+                 min_lr_ratio=cfg.min_lr_ratio, paper_compat=cfg.paper_compat)
+    session_start = time.perf_counter()
+    wall_before = state.wall_seconds
+
+    def lr_of(step: int) -> float:
+        """The learning rate of update number `step` (step 0: of the first update)."""
+        return cfg.lr * lr_multiplier(max(step - 1, 0), **sched)
+
+    def wall() -> float:
+        return wall_before + time.perf_counter() - session_start
+
+    def checkpoint(step: int, last: bool) -> dict | None:
+        rng = capture_rng(device)
+        result = evaluator(model) if evaluator.due(step, last) else None
+        if step % cfg.checkpoint_every and not last:
+            return result
+        grads, acts, ld_loss = learning_dynamics(model, data.ld_batch, device,
+                                                 activations=cfg.save_activations)
+        meta = {"step": step, "tokens": state.tokens, "train_loss": state.train_loss,
+                "lr": lr_of(step), "wall_seconds": wall(), "ld_loss": ld_loss}
+        if rcfg is not None:
+            meta["relora_cycle"] = state.relora_cycle
+        if result is not None:
+            meta["eval"] = result
+        if main:
+            write_checkpoint(run_dir, step, weights=effective_state_dict(model), grads=grads,
+                             activations=acts, meta=meta,
+                             trainer_state=trainer_state(model, optimizer, state, rng))
+        return result
+
+    def log(step: int, result: dict | None) -> None:
+        if metrics is None:
+            return
+        rec = {"step": step, "loss": state.train_loss, "lr": lr_of(step),
+               "tokens": state.tokens, "wall_seconds": wall(),
+               "tokens_per_second": (state.tokens - tokens_at_start) / max(1e-9, wall()
+                                                                           - wall_before)}
+        if rcfg is not None:
+            rec["relora_cycle"] = state.relora_cycle
+        if result is not None:
+            rec["eval"] = result
+        metrics.write(rec)
+
+    tokens_at_start = state.tokens
+    batches = D.iter_batches(data, state.data_position, cfg.batch_size, cfg.seed, rank, world)
+    try:
+        if resume_ckpt is None:
+            first = D.get_windows(data, D.shard(D.sample_indices(
+                0, cfg.batch_size * world, data.n_windows, cfg.seed), rank, world))
+            state.train_loss = batch_loss(model, first, device)
+            log(0, checkpoint(0, last=cfg.steps == 0))
+        with _progress(cfg.progress and main) as bar:
+            task = bar.add_task(f"{cfg.kind}", total=cfg.steps, completed=state.step,
+                                loss=state.train_loss, lr=lr_of(state.step + 1), tps=0.0)
+            while state.step < cfg.steps:
+                micro = []
+                for _ in range(cfg.grad_accum):
+                    position, batch = next(batches)
+                    micro.append(batch)
+                loss = train_step(train_model, optimizer, micro, lr_of(state.step + 1), device)
+                if not math.isfinite(loss):
+                    last_good = complete_checkpoints(run_dir)
+                    raise TrainingDiverged(
+                        f"training loss is {loss} at step {state.step + 1}; stopped without "
+                        "updating. Last good checkpoint: "
+                        f"{last_good[-1][1] if last_good else 'none'}. Try a lower --lr."
+                    )
+                state.step += 1
+                state.data_position = position
+                state.tokens += tokens_per_step
+                state.train_loss = loss
+                if rcfg is not None and reset_due(state.step, rcfg.reset_every,
+                                                  cfg.warmup_steps, cfg.steps,
+                                                  rcfg.paper_compat):
+                    merge_and_reset(model, optimizer, rcfg)
+                    state.relora_cycle += 1
+                last = state.step == cfg.steps
+                result = None
+                if state.step % cfg.checkpoint_every == 0 or last or evaluator.due(
+                        state.step, last):
+                    result = checkpoint(state.step, last)
+                if state.step % cfg.log_every == 0 or last or result is not None or (
+                        state.step % cfg.checkpoint_every == 0):
+                    log(state.step, result)
+                rate = (state.tokens - tokens_at_start) / max(1e-9, wall() - wall_before)
+                bar.update(task, advance=1, loss=loss, lr=lr_of(state.step), tps=rate)
+                if cfg.stop_at is not None and state.step >= cfg.stop_at:
+                    break
+    finally:
+        if metrics is not None:
+            metrics.close()
+    say(f"done: step {state.step}, loss {state.train_loss:.4f}, {wall():.1f} s -> {run_dir}")
+    return run_dir
+
+
+# ---------------------------------------------------------------- state records
+
+
+def run_record(cfg: TrainConfig, mcfg: ModelConfig, model: nn.Module, data: D.TokenData
+               ) -> dict:
+    """run.json (contracts.md §1)."""
+    import dynlab
+
+    rec = {"kind": cfg.kind, "model": mcfg.to_dict()}
+    if cfg.kind == "relora":
+        rec["relora"] = relora_config(cfg).to_dict()
+    rec["train"] = cfg.to_dict()
+    rec["data"] = {"train_tokens": int(len(data.train_tokens)), "train_windows": data.n_windows,
+                   "ld_batch_size": int(data.ld_batch.shape[0]),
+                   "ld_seq_len": int(data.ld_batch.shape[1] - 1)}
+    rec["parameters"] = {"total": sum(p.numel() for p in model.parameters()),
+                         "trainable": sum(p.numel() for p in model.parameters()
+                                          if p.requires_grad)}
+    rec["dynlab_version"] = dynlab.__version__
+    return rec
+
+
+def trainer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
+                  rng: dict) -> dict:
+    """What resuming needs besides weights.safetensors (loadable with weights_only=True)."""
+    frozen = {f"{n}.weight": m.weight.detach().cpu().clone()
+              for n, m in relora_modules(model).items()}
+    return {"state": dataclasses.asdict(state), "optimizer": optimizer.state_dict(),
+            "rng": rng, "frozen_weights": frozen}
+
+
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
+            ckpt: Path, device: torch.device) -> None:
+    """Load model, optimizer, counters and RNG from a complete checkpoint."""
+    from safetensors.torch import load_file
+
+    ts = read_trainer_state(ckpt)
+    weights = load_file(str(ckpt / "weights.safetensors"))
+    weights.update(ts["frozen_weights"])  # relora: raw frozen W, not the effective weight
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"--resume: {ckpt} does not match the model (missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]})")
+    optimizer.load_state_dict(ts["optimizer"])
+    for k, v in ts["state"].items():
+        setattr(state, k, v)
+    restore_rng(ts["rng"], device)
+
+
+# ---------------------------------------------------------------- Python API
+
+
+def train(kind: str = "decoder", *, config: str | Path | None = None, **options) -> Path:
+    """Train a pico-decoder (kind="decoder") or pico-relora (kind="relora").
+
+    Options are those of `dynlab train` with underscores (steps=..., batch_size=...,
+    reset_every=..., paper_compat=True, out=...); `config` is a YAML file holding any of
+    them (explicit options win). Returns the run directory.
+    """
+    from dynlab.train.config import load_yaml_options
+
+    cfg = make_config(kind, options, config)
+    explicit = {k for k, v in options.items() if v is not None}
+    if config is not None:
+        explicit |= set(load_yaml_options(config))
+    return run_training(cfg, explicit)
