@@ -12,7 +12,8 @@ def analyze(
         ..., help="RUN dirs, RUN/checkpoints dirs, or folders of runs.", show_default=False
     ),
     out: Path | None = typer.Option(
-        None, "--out", "-o", help="Zarr store to write (default: analysis.zarr beside the first run)."
+        None, "--out", "-o",
+        help="Zarr store to write (default: analysis.zarr beside the first run).",
     ),
     metrics: str | None = typer.Option(
         None, "--metrics", "-m",

@@ -42,7 +42,6 @@ def evaluate(
                                       "non-overlapping windows of the model's context)."),
 ) -> None:
     """Perplexity per domain and BLiMP accuracy at checkpoints; writes step_N/eval.json."""
-    import json
     import warnings
 
     from rich.console import Console
@@ -52,11 +51,11 @@ def evaluate(
     from dynlab.eval import EvalDataWarning, evaluate_checkpoint, find_checkpoints, load_eval_data
     from dynlab.eval.runs import tokenizer_path, write_json_atomic
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     if on_error not in ("skip", "fail"):
         raise typer.BadParameter("expected 'skip' or 'fail'", param_hint="--on-error")
 
-    def show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+    def show_warning(message, category, filename, lineno, file=None, line=None):
         console.print(f"[yellow]warning:[/] {message}")
 
     results: list[dict] = []

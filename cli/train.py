@@ -11,6 +11,7 @@ app = typer.Typer(
     help="Train pico-decoder or pico-relora with learning-dynamics checkpoints. With no "
     "options: the CPU-sized `micro` preset on the embedded grammar corpus, offline.",
     no_args_is_help=True,
+    add_completion=False,
     pretty_exceptions_enable=False,
 )
 
@@ -20,7 +21,7 @@ PRESET = typer.Option(None, "--preset", help="micro (default, CPU), tiny, small,
 STEPS = typer.Option(None, "--steps", min=0, help="Optimizer updates (preset default).")
 BATCH = typer.Option(None, "--batch-size", min=1, help="Sequences per micro-batch.")
 SEQ = typer.Option(None, "--seq-len", min=1, help="Tokens per training sequence.")
-LR = typer.Option(None, "--lr", help="Peak learning rate (default 3e-4).")
+LR = typer.Option(None, "--lr", help="Peak learning rate (default 3e-4; micro 3e-3).")
 WARMUP = typer.Option(None, "--warmup-steps", min=0, help="Linear warmup steps.")
 DATA = typer.Option(None, "--data", help="'default' (embedded grammar corpus), a .txt/.jsonl/"
                     ".npy/.bin file or directory, or a Hugging Face dataset (needs `datasets`).")
@@ -32,6 +33,8 @@ CKPT = typer.Option(None, "--checkpoint-every", min=1, help="Steps between check
 LD = typer.Option(None, "--ld-batch-size", min=1,
                   help="Sequences in the fixed learning-dynamics batch.")
 DEVICE = typer.Option(None, "--device", help="auto (CUDA when available), cpu, cuda[:N].")
+THREADS = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's; 1 is "
+                       "fastest for micro on a busy machine).")
 SEED = typer.Option(None, "--seed", help="Seed of initialisation, data order and dropout.")
 CONFIG = typer.Option(None, "--config", help="YAML file holding any of these options.")
 RESUME = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint.")
@@ -88,7 +91,8 @@ def decoder(
     seq_len: int | None = SEQ, lr: float | None = LR, warmup_steps: int | None = WARMUP,
     data: str | None = DATA, tokenizer: str | None = TOKENIZER, vocab_size: int | None = VOCAB,
     out: str | None = OUT, checkpoint_every: int | None = CKPT, ld_batch_size: int | None = LD,
-    device: str | None = DEVICE, seed: int | None = SEED, config: Path | None = CONFIG,
+    device: str | None = DEVICE, threads: int | None = THREADS, seed: int | None = SEED,
+    config: Path | None = CONFIG,
     resume: bool = RESUME, overwrite: bool = OVERWRITE, save_activations: bool = ACTS,
     eval_every: int | None = EVAL_EVERY, eval_ppl: str | None = EVAL_PPL,
     eval_blimp: str | None = EVAL_BLIMP, grad_accum: int | None = ACCUM,
@@ -110,7 +114,8 @@ def relora(
     seq_len: int | None = SEQ, lr: float | None = LR, warmup_steps: int | None = WARMUP,
     data: str | None = DATA, tokenizer: str | None = TOKENIZER, vocab_size: int | None = VOCAB,
     out: str | None = OUT, checkpoint_every: int | None = CKPT, ld_batch_size: int | None = LD,
-    device: str | None = DEVICE, seed: int | None = SEED, config: Path | None = CONFIG,
+    device: str | None = DEVICE, threads: int | None = THREADS, seed: int | None = SEED,
+    config: Path | None = CONFIG,
     resume: bool = RESUME, overwrite: bool = OVERWRITE, save_activations: bool = ACTS,
     eval_every: int | None = EVAL_EVERY, eval_ppl: str | None = EVAL_PPL,
     eval_blimp: str | None = EVAL_BLIMP, grad_accum: int | None = ACCUM,
@@ -141,8 +146,7 @@ def relora(
     warm_start: str | None = typer.Option(
         None, "--warm-start", help="Start from a decoder checkpoint (or run's latest)."),
 ) -> None:
-    """Train a pico-relora: LoRA factors on q, k, v, o, w_0, w_1, w_2, merged and reset every
-    --reset-every steps, with the jagged cosine schedule."""
+    """Train a pico-relora (LoRA on q, k, v, o, w_0, w_1, w_2; merge-and-reset; jagged cosine)."""
     options = dict(locals())
     options.pop("config")
     _run("relora", config, options)

@@ -47,6 +47,9 @@ def plot(
     from dynlab.viz import figures as F
     from dynlab.viz.report import open_store, save_figure
 
+    if output.suffix.lower() not in (".html", ".htm", ".png"):
+        raise typer.BadParameter(f"{output}: expected a .html or .png file name",
+                                 param_hint="--output")
     try:
         ds = open_store(store)
     except FileNotFoundError as e:

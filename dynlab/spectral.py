@@ -272,7 +272,8 @@ METRICS: dict[str, Metric] = {
         Metric("hoyer", "Hoyer sparsity of entries",
                "(sqrt(N) - ||w||_1/||w||_2) / (sqrt(N) - 1), N = m*n", from_entries=hoyer),
         Metric("gini", "Gini index of entry magnitudes",
-               "1 - 2 sum_j (c_(j)/||c||_1) (N - j + 1/2)/N, c sorted ascending", from_entries=gini),
+               "1 - 2 sum_j (c_(j)/||c||_1) (N - j + 1/2)/N, c sorted ascending",
+               from_entries=gini),
     ]
 }
 

@@ -331,7 +331,6 @@ def write_meta_variables(
             for k, v in table.items():
                 arr[i, j, col[k]] = _number(v)
         data_vars[var] = (("run", "step", dim), arr, {"long_name": long_name})
-    import zarr
 
     with quiet_zarr():
         attrs = drop_meta_variables(path)

@@ -108,7 +108,8 @@ def make_run(
             for name, shape in spec.expected_shapes().items():
                 if len(shape) == 2 and name.startswith("layers."):
                     mod = name.removesuffix(".weight")
-                    out_w[f"{mod}.lora_A"] = torch.randn(relora["r"], shape[1], generator=g).to(dtype)
+                    a = torch.randn(relora["r"], shape[1], generator=g)
+                    out_w[f"{mod}.lora_A"] = a.to(dtype)
                     out_w[f"{mod}.lora_B"] = (
                         0.01 * torch.randn(shape[0], relora["r"], generator=g)
                     ).to(dtype)

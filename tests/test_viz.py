@@ -216,6 +216,17 @@ def test_spectrum_is_normalised_by_the_largest_singular_value(ds):
             s = s[np.isfinite(s)]  # k_proj is 4 x 8: rank bound 4, the rest NaN padding
             assert list(t.x) == list(range(1, s.size + 1)) and s.size == 4
             np.testing.assert_allclose(t.y, [x / s[0] for x in s], rtol=1e-12)
+    # a numerically zero singular value is not drawn on the log axis, and a note says so
+    z = ds.copy(deep=True)
+    at = {"run": "decoder", "kind": "weights", "step": 0, "layer": 1,
+          "matrix": "attention.q_proj"}
+    top = float(z["sigma"].loc[{**at, "sv": 0}])
+    z["sigma"].loc[{**at, "sv": 7}] = top * 1e-15
+    fig = F.spectrum(z, "weights", "attention.q_proj", layer=1)
+    first = traces(fig, "spectrum", "decoder")[0]
+    assert first.meta["step"] == 0 and list(first.x) == list(range(1, 8))
+    assert len(traces(fig, "spectrum", "relora")[0].x) == 8
+    assert "up to 1 numerically zero" in fig.layout.meta["notes"][0]
     # updates have no spectrum at step 0
     fig = F.spectrum(ds, "updates", "swiglu.w_2", layer=0)
     assert [t.meta["step"] for t in traces(fig, "spectrum", "decoder")] == fx.STEPS[1:]
@@ -339,6 +350,9 @@ def test_cli_plot_and_report(store, tmp_path):
     from typer.testing import CliRunner
 
     runner = CliRunner()
+
+    def said(res) -> str:  # the error box's text, without its frame and line breaks
+        return " ".join(res.output.replace("│", " ").split())
     out = tmp_path / "fig.html"
     res = runner.invoke(app, ["plot", str(store), "--metric", "cn", "--matrix", "swiglu.w_2",
                               "--kind", "updates", "-o", str(out)])
@@ -346,12 +360,58 @@ def test_cli_plot_and_report(store, tmp_path):
     text = out.read_text(encoding="utf-8")
     assert text.count('class="plotly-graph-div"') == 1 and '"type":"log"' in text
     res = runner.invoke(app, ["plot", str(store), "--metric", "nope", "-o", str(out)])
-    assert res.exit_code != 0 and "metric 'nope' is not in the store" in res.output
+    assert res.exit_code != 0 and "metric 'nope' is not in the store" in said(res)
     res = runner.invoke(app, ["plot", str(tmp_path / "missing.zarr")])
-    assert res.exit_code != 0 and "missing.zarr" in res.output
+    assert res.exit_code != 0 and "missing.zarr: no such file" in said(res)
     res = runner.invoke(app, ["plot", str(store), "-f", "heatmap", "-o", str(tmp_path / "x.pdf")])
-    assert res.exit_code != 0 and "expected a .html or .png" in res.output
+    assert res.exit_code != 0 and "x.pdf: expected a .html or .png" in said(res)
     rep = tmp_path / "report.html"
     res = runner.invoke(app, ["report", str(store), "-o", str(rep)])
     assert res.exit_code == 0, res.output
-    assert "7 figures" in res.output and rep.read_text().count('class="plotly-graph-div"') == 7
+    assert "(7 figures)" in said(res)
+    assert rep.read_text().count('class="plotly-graph-div"') == 7
+    loss = F.summary_table(xr.open_zarr(store)).loc["relora", "final loss"]
+    assert f"{loss:.4g}" in res.output
+
+
+# ---------------------------------------------------------------- a store from `dynlab analyze`
+
+
+def test_report_from_a_real_analysis_store(tmp_path):
+    """The lead's pipeline end to end on two generated runs: every figure has data and the
+    summary reads what meta.json said."""
+    import dynlab
+    from dynlab.checkpoints import ModelSpec
+    from dynlab.synthetic import make_run
+
+    spec = ModelSpec(d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, activation_hidden_dim=32,
+                     vocab_size=24)
+    steps = [0, 10, 20, 30]
+
+    def meta(relora: bool):
+        def f(step: int) -> dict:
+            m = {"train_loss": 5.0 - step / 10, "wall_seconds": 2.0 * step, "tokens": 64 * step,
+                 "eval": {"perplexity": {"by_domain": {"a": 50.0 - step, "b": 60.0 - step},
+                                         "macro": 55.0 - step},
+                          "blimp": {"by_uid": {"u1": 0.5 + step / 100}, "by_field": {"f": 0.5},
+                                    "overall": 0.5 + step / 100}}}
+            return {**m, "relora_cycle": step // 20} if relora else m
+        return f
+
+    runs = [make_run(tmp_path / "decoder", spec, steps, seed=1, meta=meta(False)),
+            make_run(tmp_path / "relora", spec, steps, seed=2, meta=meta(True),
+                     relora={"r": 2, "alpha": 4, "reset_every": 20})]
+    store = dynlab.analyze(runs, out=tmp_path / "a.zarr", metrics="per,cn,er,stable_rank",
+                           progress=False)
+    out, ds, sections = R.write_report([store], tmp_path / "report.html")
+    assert R.n_figures(sections) == 7
+    tab = F.summary_table(ds)
+    assert tab.loc["decoder", "final loss"] == pytest.approx(2.0)
+    assert tab.loc["relora", "perplexity"] == pytest.approx(25.0)
+    assert tab.loc["relora", "BLiMP"] == pytest.approx(0.8)
+    assert F.reset_steps(ds, "relora") == [20]
+    fig = F.trajectory(ds, "per", "updates", "attention.o_proj")
+    (mean,) = traces(fig, "mean", "decoder")
+    assert list(mean.x) == [10, 20, 30]
+    ref = ds["per"].sel(run="decoder", kind="updates", matrix="attention.o_proj").mean("layer")
+    np.testing.assert_allclose(mean.y, ref.values[1:], rtol=1e-12)

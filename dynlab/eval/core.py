@@ -36,12 +36,14 @@ class EvalData:
     blimp_pairs: list[dict] = field(default_factory=list)
 
 
-def default_eval_data(n_ppl_docs: int = 200, n_pairs_per_uid: int = 50) -> EvalData:
+def default_eval_data(n_ppl_docs: int | None = 200, n_pairs_per_uid: int | None = 50) -> EvalData:
     """The embedded grammar's held-out domains (n_ppl_docs documents per domain) and its
-    minimal pairs (n_pairs_per_uid per UID), both from seeds disjoint from training."""
+    minimal pairs (n_pairs_per_uid per UID), both from seeds disjoint from training.
+    None means the default size."""
     from dynlab.data.grammar import heldout_domains, minimal_pairs
 
-    return EvalData(heldout_domains(n_ppl_docs), minimal_pairs(n_pairs_per_uid))
+    return EvalData(heldout_domains(200 if n_ppl_docs is None else n_ppl_docs),
+                    minimal_pairs(50 if n_pairs_per_uid is None else n_pairs_per_uid))
 
 
 def load_eval_data(ppl: str | Path | None = None, blimp: str | Path | None = None, *,
@@ -71,13 +73,17 @@ def load_eval_data(ppl: str | Path | None = None, blimp: str | Path | None = Non
 
 
 def context_length(model: torch.nn.Module, max_seq_len: int | None = None) -> int:
-    """The context to score in: max_seq_len, else model.config.max_seq_len."""
-    if max_seq_len is not None:
-        return int(max_seq_len)
+    """The context to score in: max_seq_len (at most the model's), else the model's."""
     cfg = getattr(model, "config", None)
-    if cfg is not None and getattr(cfg, "max_seq_len", None):
-        return int(cfg.max_seq_len)
-    raise ValueError("evaluate: pass max_seq_len (the model has no config.max_seq_len)")
+    model_max = getattr(cfg, "max_seq_len", None)
+    if max_seq_len is None:
+        if not model_max:
+            raise ValueError("evaluate: pass max_seq_len (the model has no config.max_seq_len)")
+        return int(model_max)
+    if max_seq_len < 1 or (model_max and max_seq_len > model_max):
+        raise ValueError(f"evaluate: max_seq_len {max_seq_len} must be in [1, the model's "
+                         f"max_seq_len {model_max}]")
+    return int(max_seq_len)
 
 
 def evaluate(model: torch.nn.Module, tokenizer, data: EvalData, *, device: str | None = "cpu",

@@ -77,17 +77,27 @@ def write_json_atomic(path: Path, obj: object) -> None:
             tmp.unlink()
 
 
+def _read_dict(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
 def store_eval(ckpt: Path, result: dict) -> Path:
-    """Merge `result` ({"perplexity", "blimp"}) into ckpt/eval.json, atomically."""
+    """Merge `result` ({"perplexity", "blimp"}) into ckpt/eval.json, atomically.
+
+    eval.json starts from meta.json["eval"] (what training measured) and the previous
+    eval.json, so a part that is not re-evaluated is kept: readers that let eval.json replace
+    meta.json["eval"] lose nothing."""
     path = ckpt / "eval.json"
     merged: dict = {}
+    meta_eval = _read_dict(ckpt / "meta.json").get("eval")
+    if isinstance(meta_eval, dict):
+        merged.update(meta_eval)
     if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-            if isinstance(old, dict):
-                merged.update(old)
-        except (OSError, json.JSONDecodeError):
-            pass  # an unreadable old file is replaced
+        merged.update(_read_dict(path))  # an unreadable old file is replaced
     merged.update({k: v for k, v in result.items() if k in ("perplexity", "blimp")})
     write_json_atomic(path, merged)
     return path

@@ -26,11 +26,12 @@ def windows(ids: list[int], bos: int, context: int,
             stride: int | None = None) -> list[tuple[list[int], int]]:
     """Cut a document into (tokens, n_scored) windows that score every token exactly once.
 
-    x = [bos] + ids; the targets are x[1..n]. A window ending at target b reads
-    x[max(0, b - context) : b] and scores the targets after the previous window's end.
-    stride = context (default): non-overlapping windows, target t's context starts at the
-    window start; stride < context: overlapping windows, each new target sees at least
-    context - stride tokens of left context.
+    x = [bos] + ids; the targets are x[1..n]. Window k scores the targets x[a+1 .. b] with
+    b - a <= stride, reading x[s .. b-1] where s = max(0, a - (context - stride)).
+    stride = context (default): non-overlapping windows, x cut into consecutive chunks of
+    context + 1 tokens sharing their boundary token (each chunk starts with fresh context);
+    stride < context: overlapping windows, every target after the first window sees at least
+    context - stride tokens of left context (stride = 1: every target sees min(t, context)).
     """
     if context < 1:
         raise ValueError(f"context must be >= 1, got {context}")
@@ -41,7 +42,8 @@ def windows(ids: list[int], bos: int, context: int,
     out: list[tuple[list[int], int]] = []
     done, end = 0, min(context, n)
     while done < n:
-        out.append((x[max(0, end - context): end + 1], end - done))
+        start = max(0, done - (context - stride))
+        out.append((x[start: end + 1], end - done))
         done, end = end, min(end + stride, n)
     return out
 

@@ -15,6 +15,7 @@ integer, the number of windows consumed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -224,6 +225,7 @@ def split_stream(tokens: np.ndarray, seq_len: int, ld_batch_size: int,
     return TokenData(ld_batch=ld, train_tokens=tokens[ld_len:], seq_len=seq_len)
 
 
+@functools.lru_cache(maxsize=2)
 def window_order(n_windows: int, seed: int, epoch: int) -> torch.Tensor:
     """A permutation of the training windows that depends only on (seed, epoch)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -233,12 +235,9 @@ def window_order(n_windows: int, seed: int, epoch: int) -> torch.Tensor:
 def sample_indices(position: int, count: int, n_windows: int, seed: int) -> list[int]:
     """Window ids of samples position .. position+count-1 of the endless epoch sequence."""
     out = []
-    cache: dict[int, torch.Tensor] = {}
     for g in range(position, position + count):
         epoch, i = divmod(g, n_windows)
-        if epoch not in cache:
-            cache[epoch] = window_order(n_windows, seed, epoch)
-        out.append(int(cache[epoch][i]))
+        out.append(int(window_order(n_windows, seed, epoch)[i]))
     return out
 
 

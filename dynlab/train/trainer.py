@@ -365,7 +365,7 @@ def build_model(cfg: TrainConfig, mcfg: ModelConfig, warm_ckpt: Path | None) -> 
 # ---------------------------------------------------------------- run directory
 
 
-RESUME_MUTABLE = {"resume", "overwrite", "stop_at", "device", "progress", "compile",
+RESUME_MUTABLE = {"resume", "overwrite", "stop_at", "device", "threads", "progress", "compile",
                   "eval_every", "eval_ppl", "eval_blimp", "eval_batch_size", "save_activations",
                   "log_every", "out"}
 MODEL_DEFINING = {"kind", "preset", "rank", "alpha", "paper_compat", "vocab_size", "tokenizer",
@@ -390,8 +390,10 @@ def resume_config(cfg: TrainConfig, explicit: set[str], run_dir: Path) -> TrainC
                 f"--resume into {what}: {run_dir} has {name}={getattr(base, name)!r}, "
                 f"given {given[name]!r}"
             )
-    mutable = {k: given[k] for k in explicit if k in RESUME_MUTABLE and k in given}
-    return dataclasses.replace(base, **mutable, resume=True, overwrite=False)
+    mutable = {"stop_at": None}  # an interruption of the stored run is not carried over
+    mutable |= {k: given[k] for k in explicit if k in RESUME_MUTABLE and k in given}
+    mutable |= {"resume": True, "overwrite": False}
+    return dataclasses.replace(base, **mutable)
 
 
 def check_out_dir(cfg: TrainConfig) -> Path:
@@ -444,7 +446,14 @@ def _progress(enabled: bool):
 
 def run_training(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
     """Train according to cfg; returns the run directory."""
-    explicit = set(explicit or ())
+    threads_before = torch.get_num_threads()
+    try:
+        return _run_training(cfg, set(explicit or ()))
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_training(cfg: TrainConfig, explicit: set[str]) -> Path:
     rank, world = dist_info()
     main = rank == 0
     cfg = cfg.resolved()
@@ -455,6 +464,8 @@ def run_training(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
         found = complete_checkpoints(run_dir)
         resume_ckpt = found[-1][1] if found else None
     device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
 
     from rich.console import Console
 

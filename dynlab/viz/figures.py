@@ -8,7 +8,8 @@ Conventions shared by every figure:
   finite is drawn with a HOLLOW marker at the mean of the finite layers (hover shows how many
   layers were finite); a step where no layer is finite is omitted (the line joins its
   neighbours). The band is the 95% Student-t interval over the finite layers and is absent
-  where fewer than two layers are finite.
+  where fewer than two layers are finite. On a log axis (LOG_METRICS) a lower band bound
+  <= 0 is drawn at half the panel's smallest positive mean.
 - Something missing from the store (a variable, a kind, a matrix, a run without data) never
   raises: the panel is omitted and a note says why. Notes are shown as the figure's subtitle
   and kept in `fig.layout.meta["notes"]`.
@@ -209,7 +210,8 @@ def trajectory(ds: xr.Dataset, metric: str = "per", kind: str = "weights",
     """A metric over steps: mean over layers with a Student-t band, one line per run."""
     return trajectory_grid(ds, metric, [kind], [matrix], runs, confidence,
                            title=f"{_label(metric)} of {kind} · {matrix} (mean over layers, "
-                                 f"{confidence:.0%} t-interval)")
+                                 f"{confidence:.0%} t-interval; hollow marker: some layers "
+                                 "non-finite)")
 
 
 def trajectory_grid(ds: xr.Dataset, metric: str, kinds: Sequence[str], matrices: Sequence[str],
@@ -274,6 +276,11 @@ def heatmap(ds: xr.Dataset, metric: str = "per", kind: str = "weights",
 # ---------------------------------------------------------------- 3. spectrum
 
 
+SPECTRUM_FLOOR = 1e-12
+"""Normalised singular values at or below this are numerical zeros in float64 (roundoff of
+an exactly rank-deficient matrix is ~max(m, n)·2.2e-16) and are not drawn on the log axis."""
+
+
 def normalised_spectrum(sigma: np.ndarray) -> np.ndarray:
     """sigma_i / sigma_1 for a descending, NaN-padded spectrum (NaN where undefined)."""
     s = np.asarray(sigma, dtype=float)
@@ -301,12 +308,14 @@ def spectrum(ds: xr.Dataset, kind: str = "weights", matrix: str = "ov_circuit", 
     sig = sig.transpose("run", "step", "sv").load()
     steps = sig["step"].values
     smin, smax = float(steps.min()), float(steps.max())
+    n_zero = 0
     for j, run in enumerate(runs_):
         s = normalised_spectrum(sig.sel(run=run).values)
         drawn = 0
         for k, step in enumerate(steps):
             y = s[k]
-            ok = np.isfinite(y)
+            ok = np.isfinite(y) & (y > SPECTRUM_FLOOR)
+            n_zero = max(n_zero, int((np.isfinite(y) & ~ok).sum()))
             if not ok.any():
                 continue
             frac = 0.0 if smax == smin else (float(step) - smin) / (smax - smin)
@@ -320,6 +329,9 @@ def spectrum(ds: xr.Dataset, kind: str = "weights", matrix: str = "ov_circuit", 
         if not drawn:
             notes.append(f"{run} has no finite spectrum")
         fig.update_xaxes(title_text="index i", row=1, col=j + 1)
+    if n_zero:
+        notes.append(f"up to {n_zero} numerically zero values (σᵢ/σ₁ ≤ {SPECTRUM_FLOOR:g}) per "
+                     "spectrum not drawn")
     fig.add_trace(go.Scatter(
         x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip",
         meta={"role": "colorbar"},

@@ -1,0 +1,281 @@
+"""pico-relora: wrapping, merge-and-reset, moment pruning, paper-compat, schedules, and the
+gradient with respect to the effective weight."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynlab.model import ModelConfig, PicoDecoder
+from dynlab.model.relora import (
+    TARGET_MODULES,
+    ReLoRAConfig,
+    ReLoRALinear,
+    effective_state_dict,
+    lora_parameters,
+    magnitude_prune_,
+    merge_and_reset,
+    relora_modules,
+    unwrap,
+    wrap_relora,
+)
+from dynlab.train.schedules import (
+    PAPER_COSINE_HORIZON,
+    jagged_cosine,
+    linear_warmup_decay,
+    lr_multiplier,
+    reset_due,
+)
+from dynlab.train.trainer import learning_dynamics
+
+CFG = ModelConfig(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=24,
+                  vocab_size=29, max_seq_len=16)
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not fight parallel test workers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+def _pair(seed: int = 0, **kw) -> tuple[PicoDecoder, PicoDecoder]:
+    """(plain decoder, relora-wrapped copy of it)."""
+    torch.manual_seed(seed)
+    plain = PicoDecoder(CFG)
+    wrapped = wrap_relora(copy.deepcopy(plain), ReLoRAConfig(r=4, alpha=8.0, **kw))
+    return plain, wrapped
+
+
+def _ids(seed: int = 1, n: int = 3, t: int = 10) -> torch.Tensor:
+    return torch.randint(0, CFG.vocab_size, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _loss(model, ids):
+    logits = model(ids[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, CFG.vocab_size), ids[:, 1:].reshape(-1))
+
+
+def _train(model, steps: int = 3, lr: float = 1e-2) -> torch.optim.AdamW:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for i in range(steps):
+        opt.zero_grad()
+        _loss(model, _ids(10 + i)).backward()
+        opt.step()
+    return opt
+
+
+def test_wraps_every_projection_and_freezes_only_them():
+    _, model = _pair()
+    mods = relora_modules(model)
+    assert sorted(mods) == sorted(f"layers.{i}.{t}" for i in range(2) for t in TARGET_MODULES)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {f"{m}.weight" for m in mods}
+    assert {n for n in trainable if "lora" not in n} == {
+        "embedding_proj.weight", "output_norm.weight", "de_embedding_proj.weight",
+        *(f"layers.{i}.{n}_norm.weight" for i in range(2) for n in ("attention", "swiglu"))}
+    q = mods["layers.0.attention.q_proj"]
+    assert q.lora_A.shape == (4, 16) and q.lora_B.shape == (16, 4) and q.scale == 2.0
+    # Kaiming-uniform(a=√5): bound = sqrt(6 / ((1 + 5) · fan_in)) = 1 / sqrt(fan_in)
+    assert q.lora_A.abs().max() <= 1 / math.sqrt(16) and q.lora_A.abs().min() > 0
+    assert q.lora_A.std() > 0.5 / math.sqrt(3 * 16)
+    assert torch.count_nonzero(q.lora_B) == 0
+
+
+def test_relora_at_init_computes_the_decoder_function_exactly():
+    plain, model = _pair()
+    ids = _ids()
+    plain.eval()
+    assert torch.equal(model.eval()(ids), plain(ids))
+    model.train()  # dropout on the LoRA branch cannot matter while B = 0
+    assert torch.equal(model(ids), plain(ids))
+
+
+def test_merge_and_reset_keeps_function_and_resets_factors_and_moments():
+    _, model = _pair(dropout=0.0, prune_ratio=0.5, prune_method="magnitude")
+    opt = _train(model)
+    model.eval()
+    ids = _ids(3)
+    before = model(ids).detach()
+    mods = relora_modules(model)
+    eff_before = {n: m.effective_weight().detach().clone() for n, m in mods.items()}
+    A_before = {n: m.lora_A.detach().clone() for n, m in mods.items()}
+    lora = lora_parameters(model)
+    moments = {id(p): {k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+               for p in model.parameters() if p.requires_grad}
+    assert all(torch.count_nonzero(m.lora_B) > 0 for m in mods.values())
+
+    merge_and_reset(model, opt, model.relora_config)
+
+    torch.testing.assert_close(model(ids), before, rtol=0, atol=1e-6)
+    for n, m in mods.items():
+        torch.testing.assert_close(m.weight, eff_before[n], rtol=0, atol=1e-6)  # W ← W + s·BA
+        assert torch.count_nonzero(m.lora_B) == 0
+        assert not torch.equal(m.lora_A, A_before[n])
+        assert m.lora_A.abs().max() <= 1 / math.sqrt(m.in_features)
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            old, new = moments[id(p)][key], opt.state[p][key]
+            if any(p is q for q in lora):  # magnitude 0.5: the smaller half zeroed, rest kept
+                k = int(0.5 * old.numel())
+                thr = old.abs().flatten().sort().values[k - 1]
+                torch.testing.assert_close(new, torch.where(old.abs() > thr, old, 0.0))
+            else:
+                assert torch.equal(new, old)  # non-LoRA moments untouched
+
+
+def test_random_pruning_keeps_about_one_minus_ratio():
+    _, model = _pair(dropout=0.0)
+    opt = _train(model, steps=2)
+    torch.manual_seed(0)
+    merge_and_reset(model, opt, model.relora_config)  # ratio 0.999 (default)
+    kept = sum(int(torch.count_nonzero(opt.state[p]["exp_avg"])) for p in lora_parameters(model))
+    total = sum(p.numel() for p in lora_parameters(model))
+    assert kept <= 0.005 * total + 3  # expectation 0.001 · total (B's moments are dense)
+
+
+def test_magnitude_prune_by_hand():
+    t = torch.tensor([0.5, -3.0, 0.1, 2.0, -0.2, 1.0])
+    magnitude_prune_(t, 0.5)  # zero the 3 smallest |x|: 0.1, -0.2, 0.5
+    assert torch.equal(t, torch.tensor([0.0, -3.0, 0.0, 2.0, 0.0, 1.0]))
+
+
+def test_merge_formula_by_hand_and_paper_compat_omits_scale():
+    base = torch.nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]]))
+    A = torch.tensor([[1.0, 2.0, 3.0]])  # r = 1
+    B = torch.tensor([[1.0], [-1.0]])
+    BA = torch.tensor([[1.0, 2.0, 3.0], [-1.0, -2.0, -3.0]])
+    for paper, scale in ((False, 4.0), (True, 1.0)):
+        m = ReLoRALinear(base, r=1, alpha=4.0)
+        with torch.no_grad():
+            m.lora_A.copy_(A)
+            m.lora_B.copy_(B)
+        m.merge_and_reinit(paper_compat=paper)
+        assert torch.equal(m.weight, base.weight + scale * BA)
+
+
+def test_paper_compat_leaves_wrapped_weights_unchanged_before_first_reset():
+    plain, model = _pair(paper_compat=True)
+    mods = relora_modules(model)
+    assert all(torch.count_nonzero(m.lora_A) == 0 for m in mods.values())  # A = 0 at wrap
+    W0 = {n: m.weight.detach().clone() for n, m in mods.items()}
+    _train(model, steps=4, lr=1e-2)
+    for n, m in mods.items():
+        assert torch.equal(m.weight, W0[n])
+        assert torch.count_nonzero(m.lora_A) == 0 and torch.count_nonzero(m.lora_B) == 0
+        assert torch.equal(m.effective_weight(), W0[n])
+    # ... while the full-rank parameters did learn
+    assert not torch.equal(model.embedding_proj.weight, plain.embedding_proj.weight)
+    # the first reset re-initialises A (Kaiming), so learning can begin
+    merge_and_reset(model, None, model.relora_config)
+    assert all(torch.count_nonzero(m.lora_A) > 0 for m in mods.values())
+
+
+def test_effective_weight_gradient_equals_unwrapped_autograd():
+    _, model = _pair(seed=3)
+    with torch.no_grad():  # non-trivial factors
+        for m in relora_modules(model).values():
+            m.lora_B.normal_(0, 0.3)
+    ids = _ids(5, n=4, t=12)
+    grads, acts, loss = learning_dynamics(model, ids, torch.device("cpu"), activations=True,
+                                          chunk_tokens=20)  # 2 chunks: tests accumulation
+    plain = unwrap(model).eval()
+    ref_loss = _loss(plain, ids)
+    ref_loss.backward()
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6)
+    # factor gradients by the chain rule: dB = s·G·Aᵀ, dA = s·Bᵀ·G with G = dL/dW_eff
+    for name, m in relora_modules(model).items():
+        G = grads[f"{name}.weight"]
+        torch.testing.assert_close(grads[f"{name}.lora_B"], m.scale * G @ m.lora_A.T.detach(),
+                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grads[f"{name}.lora_A"], m.scale * m.lora_B.T.detach() @ G,
+                                   rtol=1e-4, atol=1e-6)
+    # nothing of training state touched
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training
+    # activations: each linear module's output at the last token of each sequence
+    x = plain.embedding_proj(ids[:, :-1])
+    h = plain.layers[0].attention_norm(x)
+    torch.testing.assert_close(acts["layers.0.attention.q_proj"],
+                               plain.layers[0].attention.q_proj(h)[:, -1].detach(),
+                               rtol=1e-5, atol=1e-6)
+    assert acts["de_embedding_proj"].shape == (4, CFG.vocab_size)
+
+
+def test_effective_state_dict_layout():
+    _, model = _pair()
+    with torch.no_grad():
+        for m in relora_modules(model).values():
+            m.lora_B.normal_()
+    state = effective_state_dict(model)
+    m = relora_modules(model)["layers.1.swiglu.w_2"]
+    torch.testing.assert_close(state["layers.1.swiglu.w_2.weight"],
+                               m.weight + 2.0 * m.lora_B @ m.lora_A)
+    assert state["layers.1.swiglu.w_2.lora_A"].shape == (4, 24)
+    assert state["layers.1.swiglu.w_2.lora_B"].shape == (16, 4)
+    plain_keys = {k for k in state if not k.endswith((".lora_A", ".lora_B"))}
+    assert plain_keys == set(PicoDecoder(CFG).state_dict())
+
+
+# ------------------------------------------------------------------ schedules (hand-computed)
+
+
+def test_linear_warmup_decay_values():
+    # warmup 10, total 110
+    assert [linear_warmup_decay(t, 10, 110) for t in (0, 5, 10, 60, 110, 120)] == [
+        0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
+
+
+def test_jagged_cosine_values():
+    f = lambda t: jagged_cosine(t, warmup=10, total=110, reset_every=50,  # noqa: E731
+                                restart_warmup=5, min_lr_ratio=0.1)
+    assert f(0) == 0.0
+    assert f(5) == pytest.approx(0.5)
+    assert f(10) == pytest.approx(1.0)  # cosine starts at 1
+    # t = 60: progress (60-10)/100 = 0.5 -> 0.1 + 0.9·0.5·(1 + cos(π/2)) = 0.55
+    assert f(60) == pytest.approx(0.55)
+    assert f(50) == 0.0 and f(100) == 0.0  # re-warmup starts from 0 at each reset
+    # t = 52: 2/5 of the cosine at the end of the re-warmup (t = 55, progress 0.45):
+    # 0.4 · (0.1 + 0.9 · 0.5 · (1 + cos(0.45π))) = 0.4 · (0.1 + 0.45 · 1.1564344650) = 0.2481582
+    assert f(52) == pytest.approx(0.2481582, abs=1e-7)
+    assert f(55) == pytest.approx(0.1 + 0.45 * (1 + math.cos(0.45 * math.pi)))
+    assert f(110) == pytest.approx(0.1)  # the floor at the end
+    assert f(30) == pytest.approx(0.1 + 0.45 * (1 + math.cos(0.2 * math.pi)))
+
+
+def test_paper_compat_horizon_and_reset_rule():
+    kw = dict(kind="relora", warmup=10, total=110, reset_every=50, restart_warmup=5,
+              min_lr_ratio=0.1)
+    # dynlab: horizon = the run's steps; paper: 200 000 steps
+    assert lr_multiplier(60, **kw) == pytest.approx(0.55)
+    progress = (60 - 10) / (PAPER_COSINE_HORIZON - 10)
+    assert lr_multiplier(60, paper_compat=True, **kw) == pytest.approx(
+        0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+    assert lr_multiplier(60, kind="decoder", warmup=10, total=110) == 0.5
+    dyn = [s for s in range(0, 111) if reset_due(s, 50, 10, 110, paper_compat=False)]
+    paper = [s for s in range(0, 111) if reset_due(s, 50, 10, 110, paper_compat=True)]
+    assert dyn == [50, 100]
+    assert paper == [51, 101]
+    assert [s for s in range(0, 30) if reset_due(s, 5, 12, 30, True)] == [16, 21, 26]
+
+
+def test_bad_relora_config():
+    with pytest.raises(ValueError, match="prune_method"):
+        ReLoRAConfig(prune_method="top")
+    with pytest.raises(ValueError, match="rank r"):
+        ReLoRAConfig(r=0)
+    with pytest.raises(ValueError, match="prune_ratio"):
+        ReLoRAConfig(prune_ratio=1.5)
