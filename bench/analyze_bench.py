@@ -17,6 +17,11 @@ Figures are printed as seconds and as ratios within this run; record them in
 bench/RESULTS.md with the machine.
 
     python bench/analyze_bench.py [--checkpoints 3] [--skip-a] [--device cpu|cuda]
+    python bench/analyze_bench.py --scaling [--device cuda]   # 5 vs 20 checkpoints
+
+--scaling prints, for 5 and 20 checkpoints, the analysis wall time divided by the time to only
+read the same checkpoints (I/O-bound when near 1), and the analysis process's peak resident
+memory (bounded by about three checkpoints whatever the run's length).
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ def generate(run: Path, spec: ModelSpec, n_ckpt: int, seed: int = 0) -> None:
 
 def dense_matrices(w, g, prev, spec: ModelSpec) -> list[tuple[str, torch.Tensor]]:
     """The same matrices dynlab analyses, all dense (per-head OV as d×d products)."""
-    h, kv, hd, d = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_model
+    h, kv, hd = spec.n_heads, spec.n_kv_heads, spec.head_dim
 
     def heads(t, layer):
         o = t[f"layers.{layer}.attention.o_proj.weight"].double()
@@ -121,6 +126,10 @@ def rank_bound(name: str, x: torch.Tensor, spec: ModelSpec) -> int:
     return min(x.shape)
 
 
+def read_checkpoint(d: Path) -> tuple[dict, dict]:
+    return load_file(str(d / "weights.safetensors")), load_file(str(d / "grads.safetensors"))
+
+
 def ckpt_files(run: Path):
     return sorted((run / "checkpoints").iterdir(), key=lambda p: int(p.name.split("_")[1]))
 
@@ -131,7 +140,7 @@ def baseline_a(run: Path, spec: ModelSpec) -> float:
     for _metric in ("per", "cn"):
         prev = None
         for d in ckpt_files(run):
-            w, g = load_file(str(d / "weights.safetensors")), load_file(str(d / "grads.safetensors"))
+            w, g = read_checkpoint(d)
             for name, x in dense_matrices(w, g, prev, spec):
                 _, s, _ = torch.linalg.svd(x.float(), full_matrices=False)
                 per_cn(s.double().numpy(), rank_bound(name, x, spec), max(x.shape))
@@ -145,7 +154,7 @@ def baseline_b(run: Path, spec: ModelSpec) -> tuple[float, dict]:
     values, prev = {}, None
     for d in ckpt_files(run):
         step = int(d.name.split("_")[1])
-        w, g = load_file(str(d / "weights.safetensors")), load_file(str(d / "grads.safetensors"))
+        w, g = read_checkpoint(d)
         for name, x in dense_matrices(w, g, prev, spec):
             s = torch.linalg.svdvals(x.double()).numpy()
             values[(step, name)] = per_cn(s, rank_bound(name, x, spec), max(x.shape))
@@ -158,7 +167,7 @@ def floor_c(run: Path, spec: ModelSpec) -> tuple[float, float]:
     t_read, t_gram, prev = 0.0, 0.0, None
     for d in ckpt_files(run):
         t0 = time.perf_counter()
-        w, g = load_file(str(d / "weights.safetensors")), load_file(str(d / "grads.safetensors"))
+        w, g = read_checkpoint(d)
         t_read += time.perf_counter() - t0
         groups: dict[tuple, list] = {}
         for _, x in dense_matrices(w, g, prev, spec):
@@ -209,6 +218,54 @@ def compare(out: Path, ref: dict, spec: ModelSpec) -> float:
     return worst
 
 
+def peak_rss_of(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak resident MiB) of a subprocess, sampled every 20 ms."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = psutil.Popen(cmd)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, proc.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    if proc.returncode:
+        raise SystemExit(f"{cmd} failed with {proc.returncode}")
+    return time.perf_counter() - t0, peak / 2**20
+
+
+def read_only(run: Path) -> float:
+    t0 = time.perf_counter()
+    for d in ckpt_files(run):
+        read_checkpoint(d)
+    return time.perf_counter() - t0
+
+
+def scaling(args) -> None:
+    exe = Path(sys.executable).parent / "dynlab"
+    rows = []
+    for n in (5, 20):
+        run = args.workdir / f"pico-small-{n}"
+        print(f"generating {run} ...", flush=True)
+        generate(run, SMALL, n)
+        out = args.workdir / f"scaling-{n}.zarr"
+        shutil.rmtree(out, ignore_errors=True)
+        t_read = read_only(run)
+        t_an, rss = peak_rss_of([str(exe), "analyze", str(run), "--metrics", "per,cn", "-o",
+                                 str(out), "--device", args.device, "--no-progress"])
+        one = ckpt_files(run)[0]
+        ckpt_mib = sum(f.stat().st_size for f in one.glob("*.safetensors")) / 2**20
+        rows.append((n, t_an, t_read, rss, ckpt_mib))
+    print(f"\nmachine: {os.cpu_count()} CPU threads, torch {torch.__version__}, "
+          f"device {args.device}")
+    for n, t_an, t_read, rss, ckpt_mib in rows:
+        print(f"  {n:2d} checkpoints: analyze {t_an:7.1f} s, read only {t_read:6.1f} s, "
+              f"ratio {t_an / t_read:5.2f}; peak RSS {rss:7.0f} MiB = "
+              f"{rss / ckpt_mib:4.1f} checkpoints ({ckpt_mib:.0f} MiB each)")
+
+
 def out_run(ds) -> str:
     return str(ds.run.values[0])
 
@@ -219,8 +276,11 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/dynlab-bench"))
     ap.add_argument("--skip-a", action="store_true", help="skip the slow pico-analyze baseline")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--scaling", action="store_true", help="5 vs 20 checkpoints: I/O ratio, RSS")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.scaling:
+        return scaling(args)
     run = args.workdir / f"pico-small-{args.checkpoints}"
     print(f"generating {run} ...", flush=True)
     generate(run, SMALL, args.checkpoints)

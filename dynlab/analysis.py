@@ -138,6 +138,10 @@ def checkpoint_region(
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """All spectral variables of one checkpoint (without run/step dims), and the names of the
     matrices that held NaN/Inf."""
+    if options.device != "cpu":  # one transfer; components are then built on the device
+        ckpt = LoadedCheckpoint(ckpt.checkpoint, on_device(ckpt.weights, options.device),
+                                on_device(ckpt.grads, options.device), ckpt.meta)
+        prev_weights = on_device(prev_weights, options.device)
     shapes = region_shapes(layout)
     tables = {"layer": "sigma", "head": "head_sigma", "emb": "emb_sigma"}
     sigma = {t: torch.full(shapes[v], math.nan, dtype=torch.float64) for t, v in tables.items()}
@@ -162,7 +166,7 @@ def checkpoint_region(
         for m in entrywise:
             fn = spectral.METRICS[m].from_entries
             for site, comp in comps.items():
-                entry_values[(site.table, m)][(k_index, *site.index)] = fn(comp.entries())
+                entry_values[(site.table, m)][(k_index, *site.index)] = fn(comp.entries()).cpu()
     out: dict[str, np.ndarray] = {}
     for table, var in tables.items():
         prefix = {"layer": "", "head": "head_", "emb": "emb_"}[table]
@@ -385,17 +389,23 @@ def run_tasks_serial(
     timings = Timings()
     want_grads = "grads" in options.kinds
     want_updates = "updates" in options.kinds
-    kept: dict[tuple[str, int], dict] = {}
+    pin = options.device.startswith("cuda")
+    last: dict[tuple[str, int], dict] = {}  # touched by the loader thread only
 
     def load(task: Task):
         t0 = time.perf_counter()
         ckpt = load_checkpoint(task.checkpoint, task.run.spec, grads=want_grads)
         prev = None
         if want_updates and task.previous is not None:
-            key = (task.run.name, task.previous.step)
-            prev = kept.get(key)
+            # the previous checkpoint of the run was usually the loader's last one: reuse it
+            prev = last.get((task.run.name, task.previous.step))
             if prev is None:
                 prev = load_tensors(task.previous.file("weights.safetensors"))
+        last.clear()
+        last[(task.run.name, task.checkpoint.step)] = ckpt.weights
+        if pin:
+            ckpt = pinned(ckpt)
+            prev = pinned_tensors(prev)
         timings.read += time.perf_counter() - t0
         return ckpt, prev
 
@@ -409,8 +419,6 @@ def run_tasks_serial(
             timings.write += time.perf_counter() - t1
             timings.compute += t1 - t0
             timings.checkpoints += 1
-            kept.clear()
-            kept[(task.run.name, task.checkpoint.step)] = ckpt.weights
             if bad:
                 _warn_nonfinite(task, bad)
                 timings.nonfinite.extend(bad)
@@ -418,6 +426,26 @@ def run_tasks_serial(
                 on_checkpoint(task)
             advance(f"{task.run.name} step {task.checkpoint.step}")
     return timings
+
+
+def pinned_tensors(tensors: Mapping[str, torch.Tensor] | None) -> dict | None:
+    """Page-locked copies, so the copy to the GPU can run asynchronously."""
+    if tensors is None:
+        return None
+    return {k: v.pin_memory() for k, v in tensors.items()}
+
+
+def pinned(ckpt: LoadedCheckpoint) -> LoadedCheckpoint:
+    return LoadedCheckpoint(ckpt.checkpoint, pinned_tensors(ckpt.weights),
+                            pinned_tensors(ckpt.grads), ckpt.meta)
+
+
+def on_device(
+    tensors: Mapping[str, torch.Tensor] | None, device: str
+) -> dict[str, torch.Tensor] | None:
+    if tensors is None:
+        return None
+    return {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
 
 
 def _warn_nonfinite(task: Task, bad: Sequence[str]) -> None:

@@ -314,6 +314,10 @@ def test_default_eval_data_has_every_part(tok):
     assert sorted(data.ppl_domains) == ["attractor", "mixed", "reflexive", "relative", "simple"]
     assert all(len(v) == 200 for v in data.ppl_domains.values())
     assert len(data.blimp_pairs) == 4 * 3
+    from dynlab.eval import default_eval_data
+
+    none = default_eval_data(None, None)  # the trainer passes None for "default size"
+    assert len(none.blimp_pairs) == 4 * 50 and len(none.ppl_domains["simple"]) == 200
 
 
 def test_hub_blimp_needs_datasets():

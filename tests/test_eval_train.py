@@ -181,6 +181,18 @@ def test_cli_single_checkpoint_merges_eval_json(run_dir, tmp_path):
     assert stored["blimp"] == {"overall": 0.123}  # the earlier BLiMP result is kept
     assert stored["perplexity"] == one["perplexity"]
     assert not list(ckpt.glob(".eval.json.tmp*"))
+    # a checkpoint evaluated during training (meta.json["eval"]) and no eval.json yet: the
+    # training-time BLiMP result is carried into eval.json, which readers merge over meta
+    ckpt = root / "checkpoints" / "step_0"
+    (ckpt / "eval.json").unlink(missing_ok=True)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["eval"] = {"blimp": {"overall": 0.5}, "perplexity": {"macro": 1.0}}
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    assert cli(ckpt, "--ppl", data / "ppl", "--blimp", "none").exit_code == 0
+    stored = json.loads((ckpt / "eval.json").read_text())
+    assert stored["blimp"] == {"overall": 0.5}
+    assert stored["perplexity"]["macro"] > 100  # re-evaluated (untrained model)
+    assert json.loads((ckpt / "meta.json").read_text()) == meta  # meta.json untouched
 
 
 def test_cli_bad_input(run_dir, tmp_path, trained):

@@ -38,6 +38,8 @@ def test_deterministic_and_no_global_rng():
     assert heldout_domains(5) == heldout_domains(5)
     assert minimal_pairs(7) == minimal_pairs(7)
     assert minimal_pairs(7, seed=1) != minimal_pairs(7)
+    # documents are generated one after another: a smaller corpus is a prefix of a larger one
+    assert generate_corpus(20, seed=3) == a[:20]
 
 
 def test_corpus_shape_and_vocabulary(corpus):

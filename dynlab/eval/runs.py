@@ -70,7 +70,7 @@ def write_json_atomic(path: Path, obj: object) -> None:
     """Write JSON to a temporary sibling and rename it over `path`."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
         os.replace(tmp, path)
     finally:
         if tmp.exists():
