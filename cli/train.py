@@ -33,8 +33,8 @@ CKPT = typer.Option(None, "--checkpoint-every", min=1, help="Steps between check
 LD = typer.Option(None, "--ld-batch-size", min=1,
                   help="Sequences in the fixed learning-dynamics batch.")
 DEVICE = typer.Option(None, "--device", help="auto (CUDA when available), cpu, cuda[:N].")
-THREADS = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's; 1 is "
-                       "fastest for micro on a busy machine).")
+THREADS = typer.Option(None, "--threads", min=1, help="CPU threads (default: 1 for micro, "
+                       "else torch's default).")
 SEED = typer.Option(None, "--seed", help="Seed of initialisation, data order and dropout.")
 CONFIG = typer.Option(None, "--config", help="YAML file holding any of these options.")
 RESUME = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint.")

@@ -198,6 +198,10 @@ def test_perplexity_equals_plain_loop(tok, model):
     for d in domains:
         assert res["by_domain"][d] == pytest.approx(ref[d], rel=1e-5)
     assert res["macro"] == pytest.approx((ref["one"] + ref["two"]) / 2, rel=1e-5)
+    from dynlab.eval.perplexity import perplexity
+
+    plain = perplexity(model, tok, domains, tok.token_to_id(EOT), CTX)
+    assert plain["by_domain"] == pytest.approx(res["by_domain"], rel=1e-6)
     # overlapping windows with stride 1 give every token the full context of CTX tokens
     docs = domains["two"][:2]
     got = evaluate(model, tok, EvalData({"x": docs}, []), stride=1)["perplexity"]["macro"]
@@ -224,6 +228,9 @@ def test_blimp_equals_reference_loop(tok, blimp_dir):
     assert res["blimp"]["by_field"] == pytest.approx(ref["by_field"])
     assert res["blimp"]["overall"] == pytest.approx(ref["overall"])
     assert set(res["blimp"]["by_field"]) == {"morphology", "syntax", "semantics"}
+    from dynlab.eval.blimp import blimp
+
+    assert blimp(model, tok, data.blimp_pairs, tok.token_to_id(EOT), 64) == res["blimp"]
     # a different random model gives different accuracies: the test can fail
     other = tiny_model(tok.get_vocab_size(), ctx=64, seed=3)
     res_other = evaluate(other, tok, data, batch_size=64)["blimp"]
@@ -293,9 +300,12 @@ def test_empty_and_too_long_pairs(tok, model):
         warnings.simplefilter("always")
         res = evaluate(model, tok, EvalData({}, pairs))  # default on_error="skip"
     assert sum(issubclass(w.category, EvalDataWarning) for w in caught) == 2
-    assert res["blimp"] == {"by_uid": {"hand_made": pytest.approx(ref_blimp(
-        model, tok, pairs[:1])["overall"])}, "by_field": {"semantics": res["blimp"]["overall"]},
-        "overall": res["blimp"]["overall"]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        only_ppl = evaluate(model, tok, EvalData({"a": ["x y ."]}, pairs[2:]))
+    assert only_ppl.keys() == {"perplexity"}  # nothing scorable: BLiMP left out, evaluation goes on
+    assert [str(w.message) for w in caught][-1].startswith("BLiMP: none of the 1 pairs")
+    assert res["blimp"] == ref_blimp(model, tok, pairs[:1])  # only the scorable pair counts
 
 
 def test_ppl_directory_domains(tmp_path):

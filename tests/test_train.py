@@ -240,6 +240,25 @@ def test_decoder_killed_subprocess_resumes_exactly(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_paper_compat_run_learns_nothing_in_wrapped_layers_before_first_reset(tmp_path):
+    run = dynlab.train("relora", out=str(tmp_path / "p"), steps=7, checkpoint_every=3,
+                       reset_every=5, warmup_steps=2, restart_warmup_steps=2, rank=2,
+                       paper_compat=True, **SMALL)
+    assert json.loads((run / "run.json").read_text())["relora"]["paper_compat"] is True
+    w = {s: load_file(p / "weights.safetensors") for s, p in complete_checkpoints(run)}
+    meta = {s: json.loads((p / "meta.json").read_text()) for s, p in complete_checkpoints(run)}
+    assert sorted(w) == [0, 3, 6, 7]
+    assert [meta[s]["relora_cycle"] for s in (0, 3, 6, 7)] == [0, 0, 1, 1]  # reset after 6
+    wrapped = [k for k in w[0] if k.endswith(".lora_A")]
+    for a in wrapped:
+        mod = a[: -len(".lora_A")]
+        assert torch.count_nonzero(w[0][a]) == 0 and torch.count_nonzero(w[3][a]) == 0
+        assert torch.equal(w[3][mod + ".weight"], w[0][mod + ".weight"])
+        assert torch.equal(w[6][mod + ".weight"], w[0][mod + ".weight"])  # merged B·A = 0
+        assert torch.count_nonzero(w[6][a]) > 0  # Kaiming A after the first reset
+    assert not torch.equal(w[3]["embedding_proj.weight"], w[0]["embedding_proj.weight"])
+
+
 def test_relora_warm_start_from_decoder(tmp_path):
     dec = dynlab.train("decoder", out=str(tmp_path / "dec"), steps=3, checkpoint_every=3,
                        **SMALL)

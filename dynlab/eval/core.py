@@ -22,6 +22,7 @@ from dynlab.eval.perplexity import (
     macro_average,
     perplexity_from_sums,
     read_ppl_domains,
+    report_problem,
 )
 from dynlab.eval.scoring import model_device
 
@@ -92,10 +93,11 @@ def evaluate(model: torch.nn.Module, tokenizer, data: EvalData, *, device: str |
              progress: Callable[[int, int], None] | None = None) -> dict:
     """{"perplexity": {"by_domain", "macro"}, "blimp": {"by_uid", "by_field", "overall"}}.
 
-    Parts whose data is empty are left out. `device` (None: the model's own device) is where
-    the forward passes run; the model is moved there for the evaluation and moved back, and
-    its train/eval mode is restored. Pairs that cannot be scored (empty, longer than the
-    context) are skipped with an EvalDataWarning (on_error="skip") or raise ("fail").
+    Parts whose data is empty (or, with on_error="skip", has nothing scorable) are left
+    out. `device` (None: the model's own device) is where the forward passes run; the model
+    is moved there for the evaluation and moved back, and its train/eval mode is restored.
+    Pairs that cannot be scored (empty, longer than the context) are skipped with an
+    EvalDataWarning (on_error="skip") or raise ValueError ("fail").
     `progress(done, total)` counts scored sequences.
     """
     from dynlab.train.data import bos_id
@@ -126,12 +128,16 @@ def evaluate(model: torch.nn.Module, tokenizer, data: EvalData, *, device: str |
             by_domain = {}
             for dom, (nll, n) in sums.items():
                 if n == 0:
-                    raise ValueError(f"perplexity domain {dom!r}: no tokens to score")
+                    report_problem(f"perplexity domain {dom!r}: no tokens to score", on_error)
+                    continue
                 by_domain[dom] = perplexity_from_sums(nll, n)
-            result["perplexity"] = {"by_domain": by_domain, "macro": macro_average(by_domain)}
-        if data.blimp_pairs:
-            if not kept:
-                raise ValueError("BLiMP: no scorable pairs")
+            if by_domain:
+                result["perplexity"] = {"by_domain": by_domain,
+                                        "macro": macro_average(by_domain)}
+        if data.blimp_pairs and not kept:
+            report_problem(f"BLiMP: none of the {len(data.blimp_pairs)} pairs can be scored "
+                           f"(context {context}); BLiMP left out", on_error)
+        elif data.blimp_pairs:
             lp_good, lp_bad = pair_logprobs(model, good, bad, bos, batch_size=batch_size,
                                             progress=tick)
             result["blimp"] = blimp_accuracy(kept, lp_good > lp_bad)

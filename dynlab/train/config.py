@@ -20,7 +20,8 @@ KINDS = ("decoder", "relora")
 # lr 3e-4). micro: a default relora run makes 1200 updates, resets every 200 (5 resets) and
 # writes 13 checkpoints (steps 0, 100, ..., 1200) in ~2 minutes on 2 CPU cores; its 0.4 M
 # parameters take a 10x larger learning rate (measured: macro perplexity 25 vs 37 after 1200
-# decoder updates).
+# decoder updates) and one CPU thread: at this size a second thread gains little on an idle
+# machine and costs 10-20x when other processes compete for the cores (measured).
 _STUDY = dict(lr=3e-4, steps=20_000, warmup_steps=2000, checkpoint_every=1000,
               reset_every=2000, restart_warmup_steps=100, batch_size=32, seq_len=2048,
               ld_batch_size=128, log_every=10, n_documents=200_000, eval_ppl_docs=200,
@@ -28,7 +29,8 @@ _STUDY = dict(lr=3e-4, steps=20_000, warmup_steps=2000, checkpoint_every=1000,
 PRESET_TRAIN: dict[str, dict[str, Any]] = {
     "micro": dict(lr=3e-3, steps=1200, warmup_steps=50, checkpoint_every=100, reset_every=200,
                   restart_warmup_steps=20, batch_size=8, seq_len=128, ld_batch_size=16,
-                  log_every=10, n_documents=20_000, eval_ppl_docs=50, eval_pairs_per_uid=25),
+                  log_every=10, n_documents=20_000, eval_ppl_docs=50, eval_pairs_per_uid=25,
+                  threads=1),
     "tiny": dict(_STUDY),
     "small": dict(_STUDY),
     "medium": _STUDY | dict(ld_batch_size=64),
@@ -82,7 +84,7 @@ class TrainConfig:
     eval_pairs_per_uid: int | None = None
     # hardware
     device: str = "auto"
-    threads: int | None = None  # CPU threads (torch.set_num_threads); None: torch's default
+    threads: int | None = None  # CPU threads (torch.set_num_threads); micro 1, else torch's
     compile: bool = False
     progress: bool = True
     # relora
