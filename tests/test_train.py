@@ -134,7 +134,7 @@ def test_relora_cli_run_layout(tmp_path):
         # a relora checkpoint loads as a plain decoder
         model = load_checkpoint_model(ckpt)
         assert torch.equal(model.layers[1].attention.v_proj.weight, weights[name + ".weight"])
-    assert cycles == {0: 0, 4: 0, 8: 1, 12: 2}  # resets after steps 5 and 10
+    assert cycles == {0: 0, 4: 0, 8: 1, 12: 2}  # resets after updates 5 and 10
     # lr of update 8 = 3e-3 · jagged(7): 7 mod 5 = 2 ≥ 2 (re-warmup over), progress (7-2)/10:
     # 0.1 + 0.45·(1 + cos(π/2)) = 0.55; update 12: 11 mod 5 = 1 < 2, so 1/2 of the cosine at
     # t = 12 (progress 1, the floor 0.1) = 0.05
@@ -175,15 +175,16 @@ def test_write_checkpoint_is_atomic(tmp_path, monkeypatch):
 
 
 def test_relora_interrupted_and_resumed_reproduces_loss_curve(tmp_path):
-    """Interrupted at step 7 (after the checkpoint at 6, across resets and dropout), then
-    --resume: every loss and the final weights equal the uninterrupted run exactly."""
-    kw = dict(SMALL, steps=14, checkpoint_every=3, reset_every=4, restart_warmup_steps=2,
+    """Interrupted at step 9, resumed from checkpoint 8 whose reset is still pending, across
+    further resets and with LoRA dropout: every loss and the final weights and gradients
+    equal the uninterrupted run exactly."""
+    kw = dict(SMALL, steps=14, checkpoint_every=4, reset_every=4, restart_warmup_steps=2,
               warmup_steps=2, rank=2, lr=3e-3)
     full = dynlab.train("relora", out=str(tmp_path / "full"), **kw)
     part = tmp_path / "part"
-    dynlab.train("relora", out=str(part), stop_at=7, **kw)
-    assert [s for s, _ in complete_checkpoints(part)] == [0, 3, 6]
-    assert max(losses(part)) == 7
+    dynlab.train("relora", out=str(part), stop_at=9, **kw)
+    assert [s for s, _ in complete_checkpoints(part)] == [0, 4, 8]
+    assert max(losses(part)) == 9
     dynlab.train("relora", out=str(part), resume=True, **kw)
     a, b = losses(full), losses(part)
     assert sorted(b) == list(range(15))
@@ -248,14 +249,17 @@ def test_paper_compat_run_learns_nothing_in_wrapped_layers_before_first_reset(tm
     w = {s: load_file(p / "weights.safetensors") for s, p in complete_checkpoints(run)}
     meta = {s: json.loads((p / "meta.json").read_text()) for s, p in complete_checkpoints(run)}
     assert sorted(w) == [0, 3, 6, 7]
-    assert [meta[s]["relora_cycle"] for s in (0, 3, 6, 7)] == [0, 0, 1, 1]  # reset after 6
+    # the reset due after update 6 (6 > warmup, 6 mod 5 = 1) runs after checkpoint 6
+    assert [meta[s]["relora_cycle"] for s in (0, 3, 6, 7)] == [0, 0, 0, 1]
     wrapped = [k for k in w[0] if k.endswith(".lora_A")]
     for a in wrapped:
         mod = a[: -len(".lora_A")]
-        assert torch.count_nonzero(w[0][a]) == 0 and torch.count_nonzero(w[3][a]) == 0
-        assert torch.equal(w[3][mod + ".weight"], w[0][mod + ".weight"])
-        assert torch.equal(w[6][mod + ".weight"], w[0][mod + ".weight"])  # merged B·A = 0
-        assert torch.count_nonzero(w[6][a]) > 0  # Kaiming A after the first reset
+        for s in (0, 3, 6):  # A = B = 0 through the first cycle: nothing learned
+            assert torch.count_nonzero(w[s][a]) == 0
+            assert torch.count_nonzero(w[s][mod + ".lora_B"]) == 0
+            assert torch.equal(w[s][mod + ".weight"], w[0][mod + ".weight"])
+        assert torch.count_nonzero(w[7][a]) > 0  # Kaiming A after the first reset
+        assert torch.count_nonzero(w[7][mod + ".lora_B"]) > 0  # ... so B learns
     assert not torch.equal(w[3]["embedding_proj.weight"], w[0]["embedding_proj.weight"])
 
 

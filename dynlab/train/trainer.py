@@ -426,7 +426,7 @@ class TrainState:
     train_loss: float = math.nan
 
 
-def _progress(enabled: bool):
+def _progress(enabled: bool, console):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -441,6 +441,7 @@ def _progress(enabled: bool):
         TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  "
                    "{task.fields[tps]:,.0f} tok/s"),
         TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False,
+        console=console,
     )
 
 
@@ -568,10 +569,17 @@ def _run_training(cfg: TrainConfig, explicit: set[str]) -> Path:
                 0, cfg.batch_size * world, data.n_windows, cfg.seed), rank, world))
             state.train_loss = batch_loss(model, first, device)
             log(0, checkpoint(0, last=cfg.steps == 0))
-        with _progress(cfg.progress and main) as bar:
+        with _progress(cfg.progress and main, console) as bar:
             task = bar.add_task(f"{cfg.kind}", total=cfg.steps, completed=state.step,
                                 loss=state.train_loss, lr=lr_of(state.step + 1), tps=0.0)
             while state.step < cfg.steps:
+                # a reset due after update N runs here, after checkpoint N: checkpoints hold
+                # each cycle's learned factors, and a resumed run replays the reset
+                if rcfg is not None and reset_due(state.step, rcfg.reset_every,
+                                                  cfg.warmup_steps, cfg.steps,
+                                                  rcfg.paper_compat):
+                    merge_and_reset(model, optimizer, rcfg)
+                    state.relora_cycle += 1
                 micro = []
                 for _ in range(cfg.grad_accum):
                     position, batch = next(batches)
@@ -588,11 +596,6 @@ def _run_training(cfg: TrainConfig, explicit: set[str]) -> Path:
                 state.data_position = position
                 state.tokens += tokens_per_step
                 state.train_loss = loss
-                if rcfg is not None and reset_due(state.step, rcfg.reset_every,
-                                                  cfg.warmup_steps, cfg.steps,
-                                                  rcfg.paper_compat):
-                    merge_and_reset(model, optimizer, rcfg)
-                    state.relora_cycle += 1
                 last = state.step == cfg.steps
                 result = None
                 if state.step % cfg.checkpoint_every == 0 or last or evaluator.due(
