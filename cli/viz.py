@@ -39,7 +39,7 @@ def plot(
                                help="Matrix, e.g. ov_circuit, attention.o_proj, swiglu.w_2."),
     layer: int = typer.Option(0, "--layer", help="Layer (spectrum figure)."),
     run: list[str] | None = typer.Option(None, "--run", "-r",
-                                  help="Run to include (repeatable; default: all)."),
+                                         help="Run to include (repeatable; default: all)."),
     output: Path = typer.Option(Path("fig.html"), "--output", "-o",
                                 help="Output .html (offline, plotly.js inlined) or .png."),
 ) -> None:

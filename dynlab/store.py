@@ -9,7 +9,8 @@ Layout (see README "Store schema"):
     train_loss, lr, tokens, wall_seconds, relora_cycle, ppl_macro, blimp_overall (run, step)
     ppl (run, step, domain), blimp (run, step, uid), blimp_field (run, step, field)
 
-The whole grid is written first as a template (metadata only: missing chunks read as NaN);
+The whole grid is created first (metadata only: unwritten chunks read as NaN), with zarr
+directly (each array's `dimension_names` make it an xarray variable);
 each checkpoint then fills its own (run, step) chunks, and `analyzed` is set last, so a killed
 analysis resumes where it stopped and parallel writers never share a chunk.
 """
@@ -102,37 +103,49 @@ def spectral_variables(metrics: Sequence[str]) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def _template(layout: Layout, runs: Sequence[str], steps: Sequence[int]):
-    """A lazy all-NaN Dataset over `runs` × `steps` (nothing is computed or written)."""
-    import dask.array as da
-    import xarray as xr
+#: fixed widths of string coordinates (zarr's fixed-length UTF-32; a longer name is an error)
+NAME_WIDTH = 256
 
+
+def _coordinates(layout: Layout, runs: Sequence[str], steps: Sequence[int]) -> dict:
+    return {
+        "run": _names(runs, "run"), "kind": _names(layout.kinds, "kind"),
+        "step": np.asarray(steps, dtype="int64"), "layer": np.arange(layout.n_layers),
+        "matrix": _names(MATRICES, "matrix"), "head": np.arange(layout.n_heads),
+        "embedding": _names(EMBEDDINGS, "embedding"), "sv": np.arange(layout.n_sv),
+        "head_sv": np.arange(layout.n_head_sv), "emb_sv": np.arange(layout.n_emb_sv),
+    }
+
+
+def _names(values: Sequence[str], what: str) -> np.ndarray:
+    too_long = [v for v in values if len(v) > NAME_WIDTH]
+    if too_long:
+        raise StoreError(f"{what} name {too_long[0][:40]!r}... is longer than {NAME_WIDTH}")
+    return np.asarray(list(values), dtype=f"<U{NAME_WIDTH}")
+
+
+def _create(group, name: str, dims: Sequence[str], data: np.ndarray | None = None, *,
+            shape: tuple[int, ...] | None = None, chunks: tuple[int, ...] | None = None,
+            dtype: str = "float64", fill_value=np.nan, attrs: Mapping | None = None):
+    """An array whose `dimension_names` make it an xarray variable over `dims`."""
+    if data is not None:
+        shape, dtype = data.shape, data.dtype
+        fill_value = "" if data.dtype.kind == "U" else (np.nan if data.dtype.kind == "f" else 0)
+    arr = group.create_array(name, shape=shape, chunks=chunks or shape, dtype=dtype,
+                             fill_value=fill_value, dimension_names=tuple(dims),
+                             attributes=dict(attrs or {}))
+    if data is not None and data.size:
+        arr[...] = data
+    return arr
+
+
+def _variable_attrs(name: str) -> dict:
     from dynlab.spectral import METRICS
 
-    sizes = layout.dims() | {"run": len(runs), "step": len(steps)}
-    chunk_of = {"run": 1, "step": 1}
-    data_vars = {}
-    for name, dims in spectral_variables(layout.metrics).items():
-        shape = tuple(sizes[d] for d in dims)
-        chunks = tuple(chunk_of.get(d, sizes[d]) for d in dims)
-        base = name.removeprefix("head_").removeprefix("emb_")
-        attrs = {"long_name": "singular values, descending, NaN past the rank bound"}
-        if base in METRICS:
-            attrs = {"long_name": METRICS[base].long_name, "definition": METRICS[base].definition}
-        data_vars[name] = (dims, da.full(shape, np.nan, chunks=chunks, dtype="float64"), attrs)
-    data_vars["analyzed"] = (
-        ("run", "step"),
-        da.zeros((len(runs), len(steps)), chunks=(1, 1), dtype="int8"),
-        {"long_name": "1 once every kind of this checkpoint is written"},
-    )
-    coords = {
-        "run": list(runs), "kind": list(layout.kinds), "step": np.asarray(steps, dtype="int64"),
-        "layer": np.arange(layout.n_layers), "matrix": list(MATRICES),
-        "head": np.arange(layout.n_heads), "embedding": list(EMBEDDINGS),
-        "sv": np.arange(layout.n_sv), "head_sv": np.arange(layout.n_head_sv),
-        "emb_sv": np.arange(layout.n_emb_sv),
-    }
-    return xr.Dataset(data_vars, coords=coords)
+    base = name.removeprefix("head_").removeprefix("emb_")
+    if base in METRICS:
+        return {"long_name": METRICS[base].long_name, "definition": METRICS[base].definition}
+    return {"long_name": "singular values, descending, NaN past the rank bound"}
 
 
 def _attrs(layout: Layout) -> dict:
@@ -146,19 +159,61 @@ def _attrs(layout: Layout) -> dict:
     }
 
 
-def create_store(path: Path, layout: Layout) -> None:
-    """Write the template (coordinates and metadata; all data reads as NaN / 0)."""
-    ds = _template(layout, layout.runs, layout.steps)
-    ds.attrs.update(_attrs(layout))
+def _open_group(path: Path, mode: str = "r+"):
+    import zarr
+
+    return zarr.open_group(str(path), mode=mode, use_consolidated=False)
+
+
+def _consolidate(path: Path) -> None:
+    import zarr
+
     with quiet_zarr():
-        ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, consolidated=True)
+        zarr.consolidate_metadata(str(path))
+
+
+def create_store(path: Path, layout: Layout) -> None:
+    """Write the structure: coordinates, metadata, and no data chunks (data reads as NaN and
+    `analyzed` as 0 until written). Chunks: one (run, step) cell of every variable."""
+    import zarr
+
+    with quiet_zarr():
+        group = zarr.open_group(str(path), mode="w-", zarr_format=3, attributes=_attrs(layout))
+        for name, values in _coordinates(layout, layout.runs, layout.steps).items():
+            _create(group, name, (name,), values)
+        sizes = layout.dims()
+        for name, dims in spectral_variables(layout.metrics).items():
+            shape = tuple(sizes[d] for d in dims)
+            chunks = tuple(1 if d in ("run", "step") else sizes[d] for d in dims)
+            _create(group, name, dims, shape=shape, chunks=chunks, attrs=_variable_attrs(name))
+        _create(group, "analyzed", ("run", "step"), shape=(sizes["run"], sizes["step"]),
+                chunks=(1, 1), dtype="int8", fill_value=0,
+                attrs={"long_name": "1 once every kind of this checkpoint is written"})
+    _consolidate(path)
+
+
+def _grow(group, dim: str, new_values: np.ndarray) -> None:
+    """Append `new_values` to coordinate `dim` and grow every variable along it (new cells
+    read as NaN / 0)."""
+    with quiet_zarr():
+        for name, arr in list(group.arrays()):
+            dims = arr.metadata.dimension_names or ()
+            if dim in dims and name != dim:
+                shape = list(arr.shape)
+                shape[dims.index(dim)] += len(new_values)
+                arr.resize(tuple(shape))
+        coord = group[dim]
+        old = coord.shape[0]
+        coord.resize((old + len(new_values),))
+        coord[old:] = new_values
 
 
 def read_attrs(path: Path) -> dict:
     import zarr
 
     try:
-        group = zarr.open_group(str(path), mode="r")
+        with quiet_zarr():
+            group = zarr.open_group(str(path), mode="r", use_consolidated=False)
     except Exception as e:  # zarr raises several types for a non-store
         raise StoreError(f"{path}: exists but is not a Zarr store ({e})") from None
     return dict(group.attrs)
@@ -171,8 +226,6 @@ def reconcile(
     metrics and kinds (adopting the store's when not given explicitly) and large enough
     dimensions, then append the runs and steps it lacks. Returns the store's layout (its run
     and step order). Raises StoreError, before changing anything, on a mismatch."""
-    import xarray as xr
-
     attrs = read_attrs(path)
     if attrs.get("schema_version") != SCHEMA_VERSION:
         raise StoreError(
@@ -187,12 +240,12 @@ def reconcile(
         problems.append(f"kinds {stored_kinds} (this analysis: {list(layout.kinds)})")
     if not set(layout.kinds) <= set(stored_kinds):
         problems.append(f"kinds {stored_kinds} (these runs need {list(layout.kinds)})")
-    ds = xr.open_zarr(path, consolidated=True)
+    group = _open_group(path, "r")
     sizes = {}
     for dim, size in layout.dims().items():
         if dim in ("run", "step", "kind"):
             continue
-        sizes[dim] = ds.sizes.get(dim, 0)
+        sizes[dim] = group[dim].shape[0] if dim in group else 0
         if sizes[dim] < size or (dim == "matrix" and sizes[dim] != size):
             problems.append(f"dimension {dim} of size {sizes[dim]} (these runs need {size})")
     if problems:
@@ -200,8 +253,8 @@ def reconcile(
             f"{path}: this store was made by another analysis: " + "; ".join(problems)
             + ". Use another -o path, or delete the store to start over."
         )
-    runs = [str(r) for r in ds["run"].values]
-    steps = [int(s) for s in ds["step"].values]
+    runs = [str(r) for r in group["run"][...]]
+    steps = [int(s) for s in group["step"][...]]
     configs = json.loads(attrs.get("run_configs", "{}"))
     for run in layout.runs:
         old, new = configs.get(run), layout.run_configs.get(run)
@@ -215,33 +268,16 @@ def reconcile(
                     sizes["sv"], sizes["head_sv"], sizes["emb_sv"], configs)
     new_steps = [s for s in layout.steps if s not in set(steps)]
     new_runs = [r for r in layout.runs if r not in set(runs)]
-    attrs = {**attrs, "run_configs": json.dumps(configs, sort_keys=True),
-             "dynlab_version": __version__}
-    if new_steps or new_runs:
-        drop_meta_variables(path)  # rebuilt by the caller over the new grid
-    with quiet_zarr():
-        if new_steps:
-            ds_new = _template(stored, runs, new_steps)
-            ds_new.attrs.update(attrs)
-            ds_new.to_zarr(path, append_dim="step", compute=False, consolidated=True)
-            steps += new_steps
-        if new_runs:
-            ds_new = _template(stored, new_runs, steps)
-            ds_new.attrs.update(attrs)
-            ds_new.to_zarr(path, append_dim="run", compute=False, consolidated=True)
-            runs += new_runs
-    _update_attrs(path, attrs)
-    stored.runs, stored.steps = runs, steps
+    group = _open_group(path)
+    if new_steps:
+        _grow(group, "step", np.asarray(new_steps, dtype="int64"))
+    if new_runs:
+        _grow(group, "run", _names(new_runs, "run"))
+    group.attrs.update({"run_configs": json.dumps(configs, sort_keys=True),
+                        "dynlab_version": __version__})
+    _consolidate(path)
+    stored.runs, stored.steps = runs + new_runs, steps + new_steps
     return stored
-
-
-def _update_attrs(path: Path, attrs: Mapping) -> None:
-    import zarr
-
-    with quiet_zarr():
-        group = zarr.open_group(str(path), mode="r+")
-        group.attrs.update(dict(attrs))
-        zarr.consolidate_metadata(str(path))
 
 
 def ensure_store(
@@ -262,10 +298,8 @@ class RegionWriter:
     """Writes one checkpoint's results into its (run, step) chunks, straight through zarr."""
 
     def __init__(self, path: Path):
-        import zarr
-
         self.path = path
-        self.group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+        self.group = _open_group(path)
         self._arrays: dict = {}
 
     def array(self, name: str):
@@ -293,8 +327,6 @@ def write_meta_variables(
     These are small (run × step [× domain/uid/field]) and always rewritten whole, so new
     evaluation results (e.g. from a later `dynlab eval`) reach the store on the next analyze.
     """
-    import xarray as xr
-
     r_index = {r: i for i, r in enumerate(runs)}
     s_index = {s: j for j, s in enumerate(steps)}
     shape = (len(runs), len(steps))
@@ -302,6 +334,8 @@ def write_meta_variables(
     labels: dict[str, list[str]] = {"domain": [], "uid": [], "field": []}
     by_dim: dict[str, dict[tuple[int, int], Mapping]] = {"domain": {}, "uid": {}, "field": {}}
     for (run, step), meta in metas.items():
+        if run not in r_index or step not in s_index:
+            continue
         i, j = r_index[run], s_index[step]
         for name in ("train_loss", "lr", "tokens", "wall_seconds", "relora_cycle"):
             scalars[name][i, j] = _number(meta.get(name))
@@ -315,72 +349,66 @@ def write_meta_variables(
             if isinstance(table, Mapping):
                 by_dim[dim][(i, j)] = table
                 labels[dim].extend(k for k in table if k not in labels[dim])
-    data_vars = {
-        name: (("run", "step"), arr, {"long_name": META_VARIABLES[name]})
-        for name, arr in scalars.items()
-    }
-    coords: dict = {}
-    for var, (dim, long_name) in EVAL_VARIABLES.items():
-        names = sorted(labels[dim])
-        if not names:
-            continue
-        coords[dim] = names
-        arr = np.full(shape + (len(names),), np.nan)
-        col = {n: c for c, n in enumerate(names)}
-        for (i, j), table in by_dim[dim].items():
-            for k, v in table.items():
-                arr[i, j, col[k]] = _number(v)
-        data_vars[var] = (("run", "step", dim), arr, {"long_name": long_name})
-
+    group = drop_meta_variables(path)
     with quiet_zarr():
-        attrs = drop_meta_variables(path)
-        ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
-        ds.to_zarr(path, mode="a", consolidated=True)
+        for name, arr in scalars.items():
+            _create(group, name, ("run", "step"), arr,
+                    attrs={"long_name": META_VARIABLES[name]})
+        for var, (dim, long_name) in EVAL_VARIABLES.items():
+            names = sorted(labels[dim])
+            if not names:
+                continue
+            arr = np.full(shape + (len(names),), np.nan)
+            col = {n: c for c, n in enumerate(names)}
+            for (i, j), table in by_dim[dim].items():
+                for k, v in table.items():
+                    arr[i, j, col[k]] = _number(v)
+            if dim not in group:
+                _create(group, dim, (dim,), _names(names, dim))
+            _create(group, var, ("run", "step", dim), arr, attrs={"long_name": long_name})
+    _consolidate(path)
 
 
-def drop_meta_variables(path: Path) -> dict:
-    """Delete the training/evaluation variables (they are rebuilt from meta.json) and return
-    the store's attrs."""
-    import zarr
-
+def drop_meta_variables(path: Path):
+    """Delete the training/evaluation variables (they are rebuilt from meta.json); returns
+    the open group."""
+    group = _open_group(path)
     with quiet_zarr():
-        group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
-        names = list(META_VARIABLES) + list(EVAL_VARIABLES) + ["domain", "uid", "field"]
-        for name in names:
+        for name in list(META_VARIABLES) + list(EVAL_VARIABLES) + ["domain", "uid", "field"]:
             if name in group:
                 del group[name]
-        zarr.consolidate_metadata(str(path))
-        return dict(group.attrs)
+    return group
 
 
 def metas_from_store(path: Path, exclude: set[str]) -> dict[tuple[str, int], dict]:
     """The training/evaluation values already in the store, as meta.json-shaped dicts, for
     the runs not in `exclude` (so rewriting the meta variables keeps them)."""
-    import xarray as xr
-
-    ds = xr.open_zarr(path, consolidated=True)
-    if "train_loss" not in ds:
+    group = _open_group(path, "r")
+    if "train_loss" not in group:
         return {}
+    runs = [str(r) for r in group["run"][...]]
+    steps = [int(s) for s in group["step"][...]]
+    data = {name: group[name][...] for name in list(META_VARIABLES) + list(EVAL_VARIABLES)
+            if name in group}
+    labels = {dim: [str(x) for x in group[dim][...]] for dim in ("domain", "uid", "field")
+              if dim in group}
     out: dict[tuple[str, int], dict] = {}
-    for run in (str(r) for r in ds["run"].values):
+    for i, run in enumerate(runs):
         if run in exclude:
             continue
-        sub = ds.sel(run=run)
-        for j, step in enumerate(int(s) for s in ds["step"].values):
-            meta: dict = {n: float(sub[n].values[j]) for n in
+        for j, step in enumerate(steps):
+            meta: dict = {n: float(data[n][i, j]) for n in
                           ("train_loss", "lr", "tokens", "wall_seconds", "relora_cycle")}
             ev: dict = {}
-            if "ppl" in ds:
-                ev["perplexity"] = {
-                    "by_domain": _table(sub["ppl"].values[j], ds["domain"].values),
-                    "macro": float(sub["ppl_macro"].values[j]),
-                }
-            if "blimp" in ds:
+            if "ppl" in data:
+                ev["perplexity"] = {"by_domain": _table(data["ppl"][i, j], labels["domain"]),
+                                    "macro": float(data["ppl_macro"][i, j])}
+            if "blimp" in data:
                 ev["blimp"] = {
-                    "by_uid": _table(sub["blimp"].values[j], ds["uid"].values),
-                    "by_field": _table(sub["blimp_field"].values[j], ds["field"].values)
-                    if "blimp_field" in ds else {},
-                    "overall": float(sub["blimp_overall"].values[j]),
+                    "by_uid": _table(data["blimp"][i, j], labels["uid"]),
+                    "by_field": _table(data["blimp_field"][i, j], labels["field"])
+                    if "blimp_field" in data else {},
+                    "overall": float(data["blimp_overall"][i, j]),
                 }
             if ev:
                 meta["eval"] = ev
@@ -388,7 +416,7 @@ def metas_from_store(path: Path, exclude: set[str]) -> dict[tuple[str, int], dic
     return out
 
 
-def _table(values: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def _table(values: np.ndarray, labels: Sequence[str]) -> dict[str, float]:
     return {str(k): float(v) for k, v in zip(labels, values, strict=True) if not np.isnan(v)}
 
 

@@ -16,6 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import viz_fixtures as fx  # noqa: E402
 
+from dynlab.viz import figures as F  # noqa: E402
 from dynlab.viz import report as R  # noqa: E402
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -83,3 +84,17 @@ def test_report_renders_offline_in_chromium(tmp_path):
     keep = os.environ.get("DYNLAB_REPORT_SCREENSHOT")
     if keep:
         shutil.copy(png, keep)
+
+
+def test_png_export_without_kaleido_uses_chromium(tmp_path):
+    """`dynlab plot -o fig.png`: plotly's static export needs kaleido (not installed), so the
+    figure is rendered by headless Chromium at the requested size."""
+    _chromium()  # skips when there is none
+    ds = fx.make_dataset()
+    png = R.save_figure(F.trajectory(ds, "cn", "weights", "swiglu.w_2"), tmp_path / "fig.png",
+                        width=900, height=500)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (900, 500)
+    assert len(data) > 20_000  # drawn, not blank

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import xarray as xr
 from scipy import stats
+from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 import viz_fixtures as fx  # noqa: E402
@@ -347,7 +348,6 @@ def test_combine_stores_prefixes_duplicate_runs(store, tmp_path):
 
 def test_cli_plot_and_report(store, tmp_path):
     from dynlab_cli.main import app
-    from typer.testing import CliRunner
 
     runner = CliRunner()
 

@@ -5,10 +5,12 @@
 One optimizer update ("step") is `grad_accum` micro-batches of `batch_size` windows of
 `seq_len + 1` tokens. At step 0, every `checkpoint_every` steps and at the last step the
 trainer writes a checkpoint (weights, learning-dynamics gradients, optional activations,
-resume state, meta.json last). Only rank 0 writes; the training step (`train_step`), the
-data sharding point (`dynlab.train.data.shard`) and the checkpoint writer
-(`dynlab.train.checkpointing.write_checkpoint`) are separate functions so multi-process
-training can wrap them.
+resume state, meta.json last).
+
+Under torchrun (WORLD_SIZE > 1) the same loop trains with DistributedDataParallel:
+`batch_size` stays the global micro-batch, split across processes, and only rank 0 writes;
+see `dynlab.train.ddp` for the rules (data sharding, loss averaging, ReLoRA resets kept in
+step, resume).
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ from dynlab.model.relora import (
     ReLoRALinear,
     capture_effective_weights,
     effective_state_dict,
-    merge_and_reset,
     relora_modules,
     unwrap,
     wrap_relora,
 )
 from dynlab.train import data as D
+from dynlab.train import ddp
 from dynlab.train.checkpointing import (
     MetricsLog,
     clean_incomplete,
@@ -65,10 +67,8 @@ class TrainingDiverged(RuntimeError):
 
 def dist_info() -> tuple[int, int]:
     """(rank, world_size): (0, 1) unless torch.distributed is initialised."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+    if ddp.initialized():
+        return ddp.world()
     return 0, 1
 
 
@@ -134,20 +134,27 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-               micro_batches: list[torch.Tensor], lr: float, device: torch.device) -> float:
+               micro_batches: list[torch.Tensor], lr: float, device: torch.device, *,
+               no_sync=None) -> float:
     """One update: mean loss over the micro-batches, gradients accumulated, AdamW step.
 
-    Returns the mean loss; when it is not finite no update is made (the caller stops)."""
+    Under DDP, `no_sync` (DistributedDataParallel.no_sync) skips the gradient all-reduce of
+    every micro-batch but the last, and the returned loss is the mean over ranks, so every
+    rank takes the same decision. Returns the mean loss; when it is not finite no update is
+    made (the caller stops)."""
     set_lr(optimizer, lr)
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
         batch = batch.to(device, non_blocking=True)
-        with autocast(device):
-            logits = model(batch[:, :-1])
-        loss = lm_loss(logits, batch[:, 1:]) / len(micro_batches)
-        loss.backward()
+        defer = no_sync is not None and i < len(micro_batches) - 1
+        with no_sync() if defer else contextlib.nullcontext():
+            with autocast(device):
+                logits = model(batch[:, :-1])
+            loss = lm_loss(logits, batch[:, 1:]) / len(micro_batches)
+            loss.backward()
         total += loss.item()
+    total = ddp.mean_over_ranks(total, device)
     if math.isfinite(total):
         optimizer.step()
     return total
@@ -446,17 +453,17 @@ def _progress(enabled: bool, console):
 
 
 def run_training(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
-    """Train according to cfg; returns the run directory."""
+    """Train according to cfg; returns the run directory. Under torchrun (WORLD_SIZE > 1)
+    every process calls this and joins the process group (dynlab.train.ddp)."""
     threads_before = torch.get_num_threads()
-    try:
-        return _run_training(cfg, set(explicit or ()))
-    finally:
-        torch.set_num_threads(threads_before)
+    with contextlib.ExitStack() as stack:
+        try:
+            return _run_training(cfg, set(explicit or ()), stack)
+        finally:
+            torch.set_num_threads(threads_before)
 
 
-def _run_training(cfg: TrainConfig, explicit: set[str]) -> Path:
-    rank, world = dist_info()
-    main = rank == 0
+def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitStack) -> Path:
     cfg = cfg.resolved()
     run_dir = check_out_dir(cfg)
     resume_ckpt: Path | None = None
@@ -464,9 +471,13 @@ def _run_training(cfg: TrainConfig, explicit: set[str]) -> Path:
         cfg = resume_config(cfg, explicit, run_dir).resolved()
         found = complete_checkpoints(run_dir)
         resume_ckpt = found[-1][1] if found else None
-    device = resolve_device(cfg.device)
+    # checks every process makes identically before any of them joins the process group
+    local_batch = ddp.check_batch_size(cfg.batch_size, ddp.world()[1])
+    device = ddp.process_device(resolve_device(cfg.device), ddp.world()[1])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    rank, world = stack.enter_context(ddp.process_group(device))
+    main = rank == 0
 
     from rich.console import Console
 
@@ -484,37 +495,56 @@ def _run_training(cfg: TrainConfig, explicit: set[str]) -> Path:
         tok_path = warm_ckpt.parent.parent / "tokenizer.json"
     else:
         tok_path = None
-    tokenizer, data = load_data(cfg, tok_path)
-    mcfg = model_config(cfg, tokenizer.get_vocab_size())
-    model = build_model(cfg, mcfg, warm_ckpt).to(device)
+
+    def prepare(tok_path: Path | None):
+        tokenizer, data = load_data(cfg, tok_path)
+        mcfg = model_config(cfg, tokenizer.get_vocab_size())
+        return tokenizer, data, mcfg, build_model(cfg, mcfg, warm_ckpt).to(device)
+
+    # rank 0 first (it trains or loads the tokenizer and sets up --out), then the others,
+    # who read its tokenizer.json: all ranks see the same vocabulary
+    ddp.barrier()  # every rank has inspected --out before rank 0 changes it
+    if main:
+        tokenizer, data, mcfg, model = prepare(tok_path)
+        if resume_ckpt is not None:
+            clean_incomplete(run_dir, after_step=int(resume_ckpt.name.split("_")[1]))
+        else:
+            if run_dir.exists() and (cfg.overwrite or cfg.resume):
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / "run.json", run_record(cfg, mcfg, model, data, world,
+                                                        ddp.backend(device)))
+            tokenizer.save(str(run_dir / "tokenizer.json"))
+    ddp.barrier()
+    if not main:
+        tokenizer, data, mcfg, model = prepare(run_dir / "tokenizer.json")
+        # rank 0 keeps the single-process RNG stream; the others draw their own dropout
+        torch.manual_seed(ddp.rank_seed(cfg.seed, rank))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
     rcfg = relora_config(cfg) if cfg.kind == "relora" else None
     state = TrainState()
 
     if resume_ckpt is not None:
-        restore(model, optimizer, state, resume_ckpt, device)
-        if main:
-            clean_incomplete(run_dir, after_step=state.step)
+        restore(model, optimizer, state, resume_ckpt, device, rank=rank, world_size=world,
+                seed=cfg.seed)
         say(f"resuming {run_dir} from step {state.step}")
-    elif main:
-        if run_dir.exists() and (cfg.overwrite or cfg.resume):
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "run.json", run_record(cfg, mcfg, model, data))
-        tokenizer.save(str(run_dir / "tokenizer.json"))
     metrics = MetricsLog(run_dir / "metrics.jsonl",
                          truncate_after=state.step if resume_ckpt is not None else -1
                          ) if main else None
 
     n_params = sum(p.numel() for p in model.parameters())
+    procs = f", {world} processes ({ddp.backend(device)})" if world > 1 else ""
     say(f"[bold]{cfg.kind}[/] preset {cfg.preset}: {n_params:,} parameters "
         f"({sum(p.numel() for p in trainable):,} trainable), vocab {mcfg.vocab_size}, "
-        f"{len(data.train_tokens):,} training tokens, device {device}, out {run_dir}")
+        f"{len(data.train_tokens):,} training tokens, device {device}{procs}, out {run_dir}")
 
-    train_model = torch.compile(model) if cfg.compile else model
+    ddp_model = ddp.wrap(model, device) if world > 1 else model
+    no_sync = ddp_model.no_sync if world > 1 else None
+    train_model = torch.compile(ddp_model) if cfg.compile else ddp_model
     evaluator = EvalHook(cfg, tokenizer, device, say)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * world * cfg.seq_len
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len  # global
     sched = dict(kind=cfg.kind, warmup=cfg.warmup_steps, total=cfg.steps,
                  reset_every=cfg.reset_every or 0,
                  restart_warmup=cfg.restart_warmup_steps or 0,
@@ -531,21 +561,32 @@ def _run_training(cfg: TrainConfig, explicit: set[str]) -> Path:
 
     def checkpoint(step: int, last: bool) -> dict | None:
         rng = capture_rng(device)
-        result = evaluator(model) if evaluator.due(step, last) else None
+        due = main and evaluator.due(step, last)
         if step % cfg.checkpoint_every and not last:
-            return result
+            return evaluator(model) if due else None
+        rngs = None
+        if world > 1:  # collectives: every rank takes part
+            n_differ, differ = ddp.out_of_step(ddp.state_tensors(model, optimizer))
+            if n_differ:
+                raise RuntimeError(f"step {step}: {n_differ} parameter/optimizer tensors differ "
+                                   f"between ranks (rank {rank}: {differ[:4]}); this is a bug")
+            rngs = ddp.gather_rng(rng)
+        if not main:
+            return None
+        result = evaluator(model) if due else None
         grads, acts, ld_loss = learning_dynamics(model, data.ld_batch, device,
                                                  activations=cfg.save_activations)
         meta = {"step": step, "tokens": state.tokens, "train_loss": state.train_loss,
                 "lr": lr_of(step), "wall_seconds": wall(), "ld_loss": ld_loss}
         if rcfg is not None:
             meta["relora_cycle"] = state.relora_cycle
+        if world > 1:
+            meta |= {"world_size": world, "ranks_in_step": True}
         if result is not None:
             meta["eval"] = result
-        if main:
-            write_checkpoint(run_dir, step, weights=effective_state_dict(model), grads=grads,
-                             activations=acts, meta=meta,
-                             trainer_state=trainer_state(model, optimizer, state, rng))
+        write_checkpoint(run_dir, step, weights=effective_state_dict(model), grads=grads,
+                         activations=acts, meta=meta,
+                         trainer_state=trainer_state(model, optimizer, state, rng, rngs))
         return result
 
     def log(step: int, result: dict | None) -> None:
@@ -562,12 +603,12 @@ def _run_training(cfg: TrainConfig, explicit: set[str]) -> Path:
         metrics.write(rec)
 
     tokens_at_start = state.tokens
-    batches = D.iter_batches(data, state.data_position, cfg.batch_size, cfg.seed, rank, world)
+    batches = D.iter_batches(data, state.data_position, local_batch, cfg.seed, rank, world)
     try:
         if resume_ckpt is None:
             first = D.get_windows(data, D.shard(D.sample_indices(
-                0, cfg.batch_size * world, data.n_windows, cfg.seed), rank, world))
-            state.train_loss = batch_loss(model, first, device)
+                0, cfg.batch_size, data.n_windows, cfg.seed), rank, world))
+            state.train_loss = ddp.mean_over_ranks(batch_loss(model, first, device), device)
             log(0, checkpoint(0, last=cfg.steps == 0))
         with _progress(cfg.progress and main, console) as bar:
             task = bar.add_task(f"{cfg.kind}", total=cfg.steps, completed=state.step,
@@ -578,13 +619,14 @@ def _run_training(cfg: TrainConfig, explicit: set[str]) -> Path:
                 if rcfg is not None and reset_due(state.step, rcfg.reset_every,
                                                   cfg.warmup_steps, cfg.steps,
                                                   rcfg.paper_compat):
-                    merge_and_reset(model, optimizer, rcfg)
+                    ddp.relora_reset(model, optimizer, rcfg)
                     state.relora_cycle += 1
                 micro = []
                 for _ in range(cfg.grad_accum):
                     position, batch = next(batches)
                     micro.append(batch)
-                loss = train_step(train_model, optimizer, micro, lr_of(state.step + 1), device)
+                loss = train_step(train_model, optimizer, micro, lr_of(state.step + 1), device,
+                                  no_sync=no_sync)
                 if not math.isfinite(loss):
                     last_good = complete_checkpoints(run_dir)
                     raise TrainingDiverged(
@@ -611,6 +653,7 @@ def _run_training(cfg: TrainConfig, explicit: set[str]) -> Path:
     finally:
         if metrics is not None:
             metrics.close()
+    ddp.barrier()  # the run is complete on disk when any rank returns
     say(f"done: step {state.step}, loss {state.train_loss:.4f}, {wall():.1f} s -> {run_dir}")
     return run_dir
 

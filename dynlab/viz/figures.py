@@ -142,6 +142,15 @@ def _finish(fig: go.Figure, title: str, notes: list[str], height: int) -> go.Fig
     return fig
 
 
+def _log_axis(values: np.ndarray) -> dict:
+    """Log-axis settings: label 1-2-5 per decade when the data span 1 to 3 decades (plotly's
+    default then labels every digit), else plotly's automatic ticks."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    span = float(np.log10(v.max() / v.min())) if v.size else 0.0
+    return {"type": "log", **({"dtick": "D2"} if 1.0 <= span <= 3.0 else {})}
+
+
 def _label(metric: str) -> str:
     return metric.upper() if metric in ("per", "cn", "er") else metric.replace("_", " ")
 
@@ -198,7 +207,8 @@ def _add_trajectory(fig: go.Figure, ds: xr.Dataset, metric: str, kind: str, matr
             meta={"run": run, "role": "mean"}), row=row, col=col)
         legend_done.add(run)
     if metric in LOG_METRICS:
-        fig.update_yaxes(type="log", row=row, col=col)
+        shown = np.concatenate([st["mean"].values.ravel(), st["hi"].values.ravel()])
+        fig.update_yaxes(**_log_axis(shown), row=row, col=col)
     fig.update_yaxes(title_text=_label(metric), row=row, col=col)
     fig.update_xaxes(title_text="step", row=row, col=col)
     return notes
@@ -230,6 +240,8 @@ def trajectory_grid(ds: xr.Dataset, metric: str, kinds: Sequence[str], matrices:
         for j, matrix in enumerate(matrices):
             notes += _add_trajectory(fig, ds, metric, kind, matrix, runs_, i + 1, j + 1, done,
                                      confidence)
+            if i < len(kinds) - 1:  # shared x axes: the step label only under the last row
+                fig.update_xaxes(title_text=None, row=i + 1, col=j + 1)
     title = title or (f"{_label(metric)} (mean over layers, {confidence:.0%} t-interval; "
                       "hollow marker: some layers non-finite)")
     return _finish(fig, title, notes, PANEL_HEIGHT * len(kinds) + 120)
@@ -407,8 +419,11 @@ def training_curves(ds: xr.Dataset, runs: Sequence[str] | None = None) -> go.Fig
                                               "<br>perplexity %{y:.4g}<extra></extra>"),
                                 row=i + 1, col=j + 1)
             fig.update_xaxes(title_text=xlabel, row=i + 1, col=j + 1)
-            fig.update_yaxes(title_text=label, row=i + 1, col=j + 1,
-                             type="log" if name == "ppl_macro" else "linear")
+            axis = {"type": "linear"}
+            if name == "ppl_macro":
+                shown = [ds[n].values.ravel() for n in ("ppl_macro", "ppl") if n in ds.data_vars]
+                axis = _log_axis(np.concatenate(shown))
+            fig.update_yaxes(title_text=label, row=i + 1, col=j + 1, **axis)
     return _finish(fig, title, notes, PANEL_HEIGHT * len(xs) + 140)
 
 
