@@ -121,8 +121,11 @@ def per_cn(s: np.ndarray, k: int, max_dim: int) -> tuple[float, float]:
 
 
 def rank_bound(name: str, x: torch.Tensor, spec: ModelSpec) -> int:
-    if ".head" in name:
-        return spec.head_dim if name.startswith("weights") else 2 * spec.head_dim
+    """k: hd (2·hd) for a head's OV, n_kv·hd (2·n_kv·hd) for the layer's OV (GQA)."""
+    inner = {"head": spec.head_dim, "ov_circuit": spec.n_kv_heads * spec.head_dim}
+    for key, r in inner.items():
+        if name.rsplit(".", 1)[-1].startswith(key):
+            return min(min(x.shape), r if name.startswith("weights") else 2 * r)
     return min(x.shape)
 
 

@@ -31,6 +31,9 @@ def analyze(
     scheduler: str | None = typer.Option(
         None, help="Dask: 'local:N' (N worker processes here) or 'tcp://HOST:PORT'."
     ),
+    threads: int | None = typer.Option(
+        None, min=1, help="CPU threads for torch (default: torch's, one per core)."
+    ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Spectral metrics (effective rank, PER, condition number, ...) of every weight matrix,
@@ -45,6 +48,10 @@ def analyze(
     from dynlab.store import StoreError
 
     console = Console(stderr=True, soft_wrap=True, highlight=False)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
         console.print(f"[yellow]warning:[/] {message}")

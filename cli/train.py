@@ -3,6 +3,7 @@ checkpoints. Thin: parse options, call dynlab.train.trainer.train, print the run
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -19,7 +20,8 @@ app = typer.Typer(
 # the stored run supply the value.
 PRESET = typer.Option(None, "--preset", help="micro (default, CPU), tiny, small, medium, large.")
 STEPS = typer.Option(None, "--steps", min=0, help="Optimizer updates (preset default).")
-BATCH = typer.Option(None, "--batch-size", min=1, help="Sequences per micro-batch.")
+BATCH = typer.Option(None, "--batch-size", min=1, help="Sequences per micro-batch, all "
+                     "processes together: with --nproc N (or torchrun) each takes 1/N of it.")
 SEQ = typer.Option(None, "--seq-len", min=1, help="Tokens per training sequence.")
 LR = typer.Option(None, "--lr", help="Peak learning rate (default 3e-4; micro 3e-3).")
 WARMUP = typer.Option(None, "--warmup-steps", min=0, help="Linear warmup steps.")
@@ -59,6 +61,41 @@ N_HEADS = typer.Option(None, "--n-heads", min=1, help="Override the preset's hea
 N_KV = typer.Option(None, "--n-kv-heads", min=1, help="Override the preset's kv heads.")
 HIDDEN = typer.Option(None, "--hidden-dim", min=1, help="Override activation_hidden_dim.")
 MAX_SEQ = typer.Option(None, "--max-seq-len", min=1, help="Override the preset's max_seq_len.")
+NPROC = typer.Option(None, "--nproc", min=1, help="Train with N processes on this machine "
+                     "(DistributedDataParallel; gloo on CPU, one GPU each with nccl), launched "
+                     "via torchrun. Same training as one process: --batch-size is global.")
+
+
+def _argv(kind: str, config: Path | None, options: dict) -> list[str]:
+    """The command line that reproduces these options (for the torchrun workers)."""
+    args = [kind] + ([f"--config={config}"] if config is not None else [])
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is False:
+            args.append("--no-" + name.replace("_", "-"))
+        elif value is not None:
+            args.append(f"{flag}={value}")
+    return args
+
+
+def _launch(kind: str, config: Path | None, options: dict, nproc: int, console) -> None:
+    """Check the options here, then run `torchrun --nproc-per-node N -m dynlab.train ...`."""
+    from dynlab.train.ddp import launch
+    from dynlab.train.trainer import check_launch
+
+    argv = _argv(kind, config, options)
+    opts = dict(options, activation_hidden_dim=options.get("hidden_dim"))
+    opts.pop("hidden_dim", None)
+    try:
+        cfg = check_launch(kind, nproc, config=config, **opts)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    code = launch(nproc, ["-m", "dynlab.train", *argv], threads=cfg.threads)
+    if code:
+        raise typer.Exit(code)
 
 
 def _run(kind: str, config: Path | None, options: dict) -> None:
@@ -69,20 +106,31 @@ def _run(kind: str, config: Path | None, options: dict) -> None:
     for flag in ("resume", "overwrite", "save_activations", "compile", "paper_compat"):
         if options.get(flag) is False:
             options[flag] = None  # a switch left off is "not given"
-    options["activation_hidden_dim"] = options.pop("hidden_dim", None)
     if options.get("progress") is True:
         options["progress"] = None
+    nproc = options.pop("nproc", None)
     console = Console(stderr=True)
+    world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun in each worker
+    rank = int(os.environ.get("RANK", 0))
+    if nproc is not None and world > 1 and nproc != world:
+        console.print(f"[red]error:[/] --nproc {nproc} inside torchrun's {world} processes")
+        raise typer.Exit(2)
+    if nproc is not None and nproc > 1 and world == 1:
+        _launch(kind, config, options, nproc, console)
+        return
+    options["activation_hidden_dim"] = options.pop("hidden_dim", None)
+    where = f"[rank {rank}] " if world > 1 else ""
     try:
         run_dir = train(kind, config=config, **options)
     except TrainingDiverged as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]{where}error:[/] {err}")
         raise typer.Exit(1) from None
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
             ImportError) as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]{where}error:[/] {err}")
         raise typer.Exit(2) from None
-    print(run_dir)
+    if rank == 0:
+        print(run_dir)
 
 
 @app.command()
@@ -100,7 +148,7 @@ def decoder(
     progress: bool = PROGRESS, n_documents: int | None = NDOCS, d_model: int | None = D_MODEL,
     n_layers: int | None = N_LAYERS, n_heads: int | None = N_HEADS,
     n_kv_heads: int | None = N_KV, hidden_dim: int | None = HIDDEN,
-    max_seq_len: int | None = MAX_SEQ,
+    max_seq_len: int | None = MAX_SEQ, nproc: int | None = NPROC,
 ) -> None:
     """Train a pico-decoder (AdamW, linear warmup then linear decay to 0)."""
     options = dict(locals())
@@ -123,7 +171,7 @@ def relora(
     progress: bool = PROGRESS, n_documents: int | None = NDOCS, d_model: int | None = D_MODEL,
     n_layers: int | None = N_LAYERS, n_heads: int | None = N_HEADS,
     n_kv_heads: int | None = N_KV, hidden_dim: int | None = HIDDEN,
-    max_seq_len: int | None = MAX_SEQ,
+    max_seq_len: int | None = MAX_SEQ, nproc: int | None = NPROC,
     rank: int | None = typer.Option(None, "--rank", min=1, help="LoRA rank r (default 16)."),
     alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha; s = alpha / r "
                                        "(default 32)."),

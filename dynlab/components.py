@@ -8,7 +8,8 @@ OV circuit of head h (grouped-query attention, g(h) = h // (n_heads / n_kv_heads
     O_h = o_proj[:, h·hd:(h+1)·hd]      (d × hd)
     V_g = v_proj[g·hd:(g+1)·hd, :]      (hd × d)
     OV_h = O_h · V_g(h)                 (d × d, rank ≤ hd)
-and the whole layer's OV = Σ_h OV_h = o_proj · V_rep with V_rep the V_g(h) stacked over heads.
+and the whole layer's OV = Σ_h OV_h = Σ_g (Σ_{h ∈ g} O_h)·V_g = O_sum·v_proj, a product of
+rank ≤ n_kv_heads·hd (with grouped-query attention that is less than d_model).
 """
 
 from __future__ import annotations
@@ -119,10 +120,14 @@ def ov_head_factors(
     return o_heads, v_heads
 
 
-def ov_circuit(o_proj: torch.Tensor, v_proj: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
-    """Whole-layer OV = Σ_h O_h·V_g(h) = o_proj · V_rep (d × d), computed in float64."""
-    o_heads, v_heads = ov_head_factors(o_proj.double(), v_proj.double(), spec)
-    return torch.einsum("hdi,hie->de", o_heads, v_heads)
+def ov_whole_factors(
+    o_proj: torch.Tensor, v_proj: torch.Tensor, spec: ModelSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole-layer OV = O_sum·v_proj, with O_sum[:, g·hd:(g+1)·hd] = Σ_{h ∈ group g} O_h
+    (d × n_kv·hd) and v_proj (n_kv·hd × d), in float64."""
+    h, kv, hd, d = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_model
+    o_sum = o_proj.double().reshape(d, kv, h // kv, hd).sum(dim=2).reshape(d, kv * hd)
+    return o_sum, v_proj.double()
 
 
 def _head_lowrank(left: torch.Tensor, right: torch.Tensor) -> list[LowRank]:
@@ -130,14 +135,15 @@ def _head_lowrank(left: torch.Tensor, right: torch.Tensor) -> list[LowRank]:
 
 
 def weight_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
-    """Each layer's projections, its whole-layer OV circuit, each head's OV_h, embeddings."""
+    """Each layer's projections, its whole-layer OV circuit (rank ≤ n_kv·hd), each head's
+    OV_h (rank ≤ hd), the embeddings."""
     out: dict[Site, Component] = {}
     ov_idx = MATRICES.index("ov_circuit")
     for layer in range(spec.n_layers):
         for j, name in enumerate(LAYER_MATRICES):
             out[Site("layer", (layer, j))] = dense(weight(w, layer, name))
         o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
-        out[Site("layer", (layer, ov_idx))] = dense(ov_circuit(o, v, spec))
+        out[Site("layer", (layer, ov_idx))] = LowRank(*ov_whole_factors(o, v, spec))
         o_heads, v_heads = ov_head_factors(o.double(), v.double(), spec)
         for head, comp in enumerate(_head_lowrank(o_heads, v_heads)):
             out[Site("head", (layer, head))] = comp
@@ -147,8 +153,8 @@ def weight_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
 
 
 def grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
-    """Gradients of every matrix; OV by the product rule d(O_h·V_g) = O_h·dV_g + dO_h·V_g,
-    per head the rank-≤2hd product [O_h, dO_h]·[dV_g; V_g]."""
+    """Gradients of every matrix; OV by the product rule d(O·V) = O·dV + dO·V: per head the
+    rank-≤2hd product [O_h, dO_h]·[dV_g; V_g], for the layer [O_sum, dO_sum]·[dV; V]."""
     out: dict[Site, Component] = {}
     ov_idx = MATRICES.index("ov_circuit")
     for layer in range(spec.n_layers):
@@ -158,8 +164,10 @@ def grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Compo
         do, dv = weight(g, layer, "attention.o_proj"), weight(g, layer, "attention.v_proj")
         o_h, v_h = ov_head_factors(o.double(), v.double(), spec)
         do_h, dv_h = ov_head_factors(do.double(), dv.double(), spec)
-        whole = torch.einsum("hdi,hie->de", o_h, dv_h) + torch.einsum("hdi,hie->de", do_h, v_h)
-        out[Site("layer", (layer, ov_idx))] = dense(whole)
+        o_sum, v64 = ov_whole_factors(o, v, spec)
+        do_sum, dv64 = ov_whole_factors(do, dv, spec)
+        out[Site("layer", (layer, ov_idx))] = LowRank(
+            torch.cat([o_sum, do_sum], dim=1), torch.cat([dv64, v64], dim=0))
         left = torch.cat([o_h, do_h], dim=2)
         right = torch.cat([dv_h, v_h], dim=1)
         for head, comp in enumerate(_head_lowrank(left, right)):
@@ -170,7 +178,8 @@ def grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Compo
 
 
 def update_components(w: Tensors, w_prev: Tensors, spec: ModelSpec) -> dict[Site, Component]:
-    """Updates W_t − W_prev; OV_t − OV_prev, per head [O_h^t, −O_h^prev]·[V_g^t; V_g^prev]."""
+    """Updates W_t − W_prev; OV_t − OV_prev as [O^t, −O^prev]·[V^t; V^prev] (per head and for
+    the layer)."""
     out: dict[Site, Component] = {}
     ov_idx = MATRICES.index("ov_circuit")
     for layer in range(spec.n_layers):
@@ -180,8 +189,10 @@ def update_components(w: Tensors, w_prev: Tensors, spec: ModelSpec) -> dict[Site
         o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
         po = weight(w_prev, layer, "attention.o_proj")
         pv = weight(w_prev, layer, "attention.v_proj")
-        delta_ov = ov_circuit(o, v, spec) - ov_circuit(po, pv, spec)
-        out[Site("layer", (layer, ov_idx))] = dense(delta_ov)
+        o_sum, v64 = ov_whole_factors(o, v, spec)
+        po_sum, pv64 = ov_whole_factors(po, pv, spec)
+        out[Site("layer", (layer, ov_idx))] = LowRank(
+            torch.cat([o_sum, -po_sum], dim=1), torch.cat([v64, pv64], dim=0))
         o_h, v_h = ov_head_factors(o.double(), v.double(), spec)
         po_h, pv_h = ov_head_factors(po.double(), pv.double(), spec)
         left = torch.cat([o_h, -po_h], dim=2)

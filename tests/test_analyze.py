@@ -169,14 +169,28 @@ def ov_heads(w, layer):
 
 def test_ov_circuits_equal_scipy(store, runs):
     dec, _ = runs
-    hd = SPEC.d_model // SPEC.n_heads
+    hd, kv = SPEC.d_model // SPEC.n_heads, SPEC.n_kv_heads
     w1, w2, g2 = tensors(dec, 100), tensors(dec, 200), tensors(dec, 200, "grads")
     for layer in range(SPEC.n_layers):
         heads, prev, grads = ov_heads(w2, layer), ov_heads(w1, layer), ov_heads(g2, layer)
-        whole = sum(o @ v for o, v in heads)
         sel = dict(run="dec", step=200, layer=layer)
-        assert_metric(float(store.per.sel(kind="weights", matrix="ov_circuit", **sel)),
-                      ref_metrics(whole)["per"], "whole OV")
+        # whole layer: Σ_h O_h V_g(h) has rank <= n_kv·hd (GQA), so k = n_kv·hd, not d
+        wholes = {
+            "weights": (sum(o @ v for o, v in heads), kv * hd),
+            "grads": (sum(o @ dv + do @ v for (o, v), (do, dv) in zip(heads, grads, strict=True)),
+                      min(SPEC.d_model, 2 * kv * hd)),
+            "updates": (sum(o @ v for o, v in heads) - sum(o @ v for o, v in prev),
+                        min(SPEC.d_model, 2 * kv * hd)),
+        }
+        for kind, (mat, k) in wholes.items():
+            assert np.linalg.matrix_rank(mat) <= k
+            ref = ref_metrics(mat, k)
+            for metric in ("per", "cn", "er"):
+                got = float(store[metric].sel(kind=kind, matrix="ov_circuit", **sel))
+                assert_metric(got, ref[metric], f"whole OV {kind} {metric}")
+            n_sigma = int((~np.isnan(store.sigma.sel(kind=kind, matrix="ov_circuit", **sel)
+                                     .values)).sum())
+            assert n_sigma == k
         for head in range(SPEC.n_heads):
             (o, v), (po, pv), (do, dv) = heads[head], prev[head], grads[head]
             cases = {

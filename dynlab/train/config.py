@@ -50,7 +50,7 @@ class TrainConfig:
     lr: float | None = None  # peak learning rate: pico-train's 3e-4; micro 3e-3
     min_lr_ratio: float = 0.1  # relora's jagged cosine floor
     weight_decay: float = 0.01
-    batch_size: int | None = None  # sequences per micro-batch (per process)
+    batch_size: int | None = None  # sequences per micro-batch, GLOBAL: W processes take 1/W each
     grad_accum: int = 1
     seq_len: int | None = None
     seed: int = 0

@@ -255,7 +255,10 @@ def get_windows(data: TokenData, windows: list[int]) -> torch.Tensor:
 
 def iter_batches(data: TokenData, position: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
-    """Endless (new position, batch) pairs starting at a data position (in samples)."""
+    """Endless (new position, batch) pairs starting at a data position (in samples).
+
+    batch_size is this process's share: each batch consumes batch_size · world_size samples
+    of the global order, of which rank r takes r, r + world_size, ... (`shard`)."""
     while True:
         idx = shard(sample_indices(position, batch_size * world_size, data.n_windows, seed),
                     rank, world_size)

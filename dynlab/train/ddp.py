@@ -120,11 +120,17 @@ def barrier() -> None:
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    """DistributedDataParallel around the model (buffers are constants: not re-broadcast)."""
-    from torch.nn.parallel import DistributedDataParallel
+    """DistributedDataParallel around the model. Its only buffers (RoPE tables) are
+    constants, so they are not re-broadcast before each forward."""
+    import inspect
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                   else None, broadcast_buffers=False)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # torch >= 2.13 names the switch forward_sync_buffers; older versions broadcast_buffers
+    no_sync = ({"forward_sync_buffers": False}
+               if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+               else {"broadcast_buffers": False})
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
 def mean_over_ranks(value: float, device: torch.device) -> float:

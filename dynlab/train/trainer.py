@@ -522,7 +522,7 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
         torch.manual_seed(ddp.rank_seed(cfg.seed, rank))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
+                                  fused=True if device.type == "cuda" else None)
     rcfg = relora_config(cfg) if cfg.kind == "relora" else None
     state = TrainState()
 
@@ -661,9 +661,9 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
 # ---------------------------------------------------------------- state records
 
 
-def run_record(cfg: TrainConfig, mcfg: ModelConfig, model: nn.Module, data: D.TokenData
-               ) -> dict:
-    """run.json (contracts.md §1)."""
+def run_record(cfg: TrainConfig, mcfg: ModelConfig, model: nn.Module, data: D.TokenData,
+               world_size: int = 1, backend: str | None = None) -> dict:
+    """run.json (contracts.md §1); "distributed" records the processes it started with."""
     import dynlab
 
     rec = {"kind": cfg.kind, "model": mcfg.to_dict()}
@@ -676,22 +676,35 @@ def run_record(cfg: TrainConfig, mcfg: ModelConfig, model: nn.Module, data: D.To
     rec["parameters"] = {"total": sum(p.numel() for p in model.parameters()),
                          "trainable": sum(p.numel() for p in model.parameters()
                                           if p.requires_grad)}
+    rec["distributed"] = {"world_size": world_size,
+                          "backend": backend if world_size > 1 else None,
+                          "batch_size_per_process": cfg.batch_size // world_size}
     rec["dynlab_version"] = dynlab.__version__
     return rec
 
 
 def trainer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
-                  rng: dict) -> dict:
-    """What resuming needs besides weights.safetensors (loadable with weights_only=True)."""
+                  rng: dict, rng_by_rank: list[dict] | None = None) -> dict:
+    """What resuming needs besides weights.safetensors (loadable with weights_only=True).
+
+    `rng` is rank 0's RNG state; under DDP `rng_by_rank` holds every rank's."""
     frozen = {f"{n}.weight": m.weight.detach().cpu().clone()
               for n, m in relora_modules(model).items()}
-    return {"state": dataclasses.asdict(state), "optimizer": optimizer.state_dict(),
-            "rng": rng, "frozen_weights": frozen}
+    out = {"state": dataclasses.asdict(state), "optimizer": optimizer.state_dict(),
+           "rng": rng, "frozen_weights": frozen}
+    if rng_by_rank is not None:
+        out["rng_by_rank"] = rng_by_rank
+    return out
 
 
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
-            ckpt: Path, device: torch.device) -> None:
-    """Load model, optimizer, counters and RNG from a complete checkpoint."""
+            ckpt: Path, device: torch.device, *, rank: int = 0, world_size: int = 1,
+            seed: int = 0) -> None:
+    """Load model, optimizer, counters and RNG from a complete checkpoint.
+
+    Every rank loads the same state. Rank r takes its own saved RNG state when the checkpoint
+    was written by as many processes; otherwise rank 0 takes rank 0's and rank r > 0 starts
+    a fresh stream (ddp.rank_seed(seed, r, step))."""
     from safetensors.torch import load_file
 
     ts = read_trainer_state(ckpt)
@@ -704,10 +717,42 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainStat
     optimizer.load_state_dict(ts["optimizer"])
     for k, v in ts["state"].items():
         setattr(state, k, v)
-    restore_rng(ts["rng"], device)
+    by_rank = ts.get("rng_by_rank")
+    if by_rank is not None and len(by_rank) == world_size:
+        restore_rng(by_rank[rank], device)
+    elif rank == 0:
+        restore_rng(ts["rng"], device)
+    else:
+        torch.manual_seed(ddp.rank_seed(seed, rank, state.step))
 
 
 # ---------------------------------------------------------------- Python API
+
+
+def check_launch(kind: str, nproc: int, *, config: str | Path | None = None, **options
+                 ) -> TrainConfig:
+    """The checks `dynlab train --nproc N` makes before starting N processes: the options
+    resolve (on --resume, against the stored run), N divides --batch-size, and on CUDA there
+    are N devices. Returns the resolved config."""
+    from dynlab.train.config import load_yaml_options
+
+    if nproc < 1:
+        raise ValueError(f"--nproc {nproc}: expected a positive number of processes")
+    cfg = make_config(kind, options, config).resolved()
+    if cfg.resume:
+        explicit = {k for k, v in options.items() if v is not None}
+        if config is not None:
+            explicit |= set(load_yaml_options(config))
+        cfg = resume_config(cfg, explicit, check_out_dir(cfg)).resolved()
+    else:
+        check_out_dir(cfg)
+    ddp.check_batch_size(cfg.batch_size, nproc)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise ValueError(f"--nproc {nproc}: only {torch.cuda.device_count()} CUDA devices "
+                         "(one process per GPU)")
+    return cfg
+
 
 
 def train(kind: str = "decoder", *, config: str | Path | None = None, **options) -> Path:

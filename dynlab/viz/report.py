@@ -116,11 +116,13 @@ def report_sections(ds: xr.Dataset) -> list[Section]:
          lambda: F.trajectory_grid(ds, "per", ["updates", "grads"],
                                    ["attention.o_proj", "attention.v_proj", "swiglu.w_2"])),
         ("Condition number of weights and updates",
-         "Condition number σ₁/σ_min (log axis) of the weights (top) and the updates (bottom) "
-         "of attention.o_proj, attention.v_proj and swiglu.w_2: how anisotropic each matrix "
-         "is (infinite values, i.e. rank-deficient matrices, count as non-finite).",
+         "Condition number σ₁/σ_k (log axis; k the rank bound, n_kv·hd for the OV circuit) of "
+         "the weights (top) and the updates (bottom) of the OV circuit, attention.o_proj, "
+         "attention.v_proj and swiglu.w_2: how anisotropic each matrix is (infinite values, "
+         "i.e. rank-deficient matrices, count as non-finite).",
          lambda: F.trajectory_grid(ds, "cn", ["weights", "updates"],
-                                   ["attention.o_proj", "attention.v_proj", "swiglu.w_2"])),
+                                   ["ov_circuit", "attention.o_proj", "attention.v_proj",
+                                    "swiglu.w_2"])),
         ("PER of weights, layer by layer",
          "PER of the OV circuit in every layer at every step, one panel per run: where in "
          "depth the rank changes.",
