@@ -22,7 +22,10 @@ MASTER_ADDR, MASTER_PORT) gives it its place, and the trainer joins the process 
   the gradient, a ReLoRA reset's merged W, re-initialised A, zeroed B and pruned Adam moments,
   is computed on every rank and then broadcast from rank 0 (`relora_reset`), so every rank
   holds bitwise the same parameters and optimizer state; each checkpoint verifies it
-  (`out_of_step`, recorded as meta.json["ranks_in_step"]).
+  (`out_of_step`, recorded as meta.json["ranks_in_step"]). Decoder runs, and relora runs
+  with --lora-dropout 0, therefore match a single process to float rounding (loss curve,
+  weights and gradients within 1e-5: tests/test_ddp.py); with LoRA dropout the masks are
+  drawn per rank, so such a run matches one process in distribution, not draw for draw.
 - Resume: every rank loads the same checkpoint; the data position counts global samples and
   the RNG state of every rank is saved, so a run resumes under the same or a different W.
 """
@@ -102,9 +105,9 @@ def process_group(device: torch.device) -> Iterator[tuple[int, int]]:
     (rank, world_size) and destroys the group on exit if it created it."""
     rank, size = world()
     owned = size > 1 and not initialized()
+    if size > 1 and device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl collectives use the current device
     if owned:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         dist.init_process_group(backend(device), init_method="env://", rank=rank,
                                 world_size=size, timeout=TIMEOUT)
     try:

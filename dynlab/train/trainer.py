@@ -369,6 +369,14 @@ def build_model(cfg: TrainConfig, mcfg: ModelConfig, warm_ckpt: Path | None) -> 
     return model
 
 
+def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device
+                   ) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (torch's betas and eps; fused kernels on CUDA)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             fused=True if device.type == "cuda" else None)
+
+
 # ---------------------------------------------------------------- run directory
 
 
@@ -521,8 +529,7 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
         # rank 0 keeps the single-process RNG stream; the others draw their own dropout
         torch.manual_seed(ddp.rank_seed(cfg.seed, rank))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=True if device.type == "cuda" else None)
+    optimizer = make_optimizer(cfg, model, device)
     rcfg = relora_config(cfg) if cfg.kind == "relora" else None
     state = TrainState()
 
