@@ -400,6 +400,71 @@ def memory(s: Setup, data: Path) -> dict:
     return out
 
 
+SAVED_PRESET, SAVED_SEQ_LENS, SAVED_STATE_SEQ = "small", (512, 2048), 16
+
+
+def saved_activation_bytes(model: torch.nn.Module, batch: torch.Tensor,
+                           device: torch.device) -> int:
+    """Bytes of the distinct storages (by data_ptr) autograd saves for backward in one
+    training forward with the loss (the trainer's autocast), parameters and buffers excluded.
+    The graph is dropped without a backward."""
+    from dynlab.train.trainer import autocast, lm_loss
+
+    constant = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in constant:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    batch = batch.to(device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with autocast(device):
+            logits = model(batch[:, :-1])
+        loss = lm_loss(logits, batch[:, 1:])
+    del logits, loss  # every saved tensor stayed alive until here
+    return sum(seen.values())
+
+
+def saved_memory(s: Setup, data: Path) -> dict:
+    """Saved activations for backward, relora / decoder, for the SAVED_PRESET shape at batch 1
+    and each of SAVED_SEQ_LENS (the trainer's build_model, training mode, LoRA dropout as the
+    trainer's default); and at the longest length the ratio of parameters + gradients + AdamW
+    state (measured after three steps at seq SAVED_STATE_SEQ, which they do not depend on)
+    + saved activations: the training peak's main terms."""
+    from dynlab.train.config import model_config
+    from dynlab.train.trainer import build_model
+
+    device = torch.device(s.device)
+    sp = replace(s, preset=SAVED_PRESET, batch_size=1, seq_len=max(SAVED_SEQ_LENS))
+    vocab = sp.model.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    batches = {t: torch.randint(0, vocab, (1, t + 1), generator=gen) for t in SAVED_SEQ_LENS}
+    out: dict = {"preset": SAVED_PRESET, "batch_size": 1, "saved": {}}
+    for kind in ("decoder", "relora"):
+        cfg = _train_cfg(sp, kind, vocab)
+        model = build_model(cfg, model_config(cfg, vocab), None).to(device).train()
+        torch.manual_seed(0)
+        out["saved"][kind] = {t: saved_activation_bytes(model, b, device)
+                              for t, b in batches.items()}
+        del model
+        gc.collect()
+        m, opt = train_three_steps(replace(sp, seq_len=SAVED_STATE_SEQ), kind, data)
+        out[f"{kind}_state_bytes"] = state_bytes(m, opt)
+        del m, opt
+        gc.collect()
+    out["ratio_saved"] = {t: out["saved"]["relora"][t] / out["saved"]["decoder"][t]
+                          for t in SAVED_SEQ_LENS}
+    t = max(SAVED_SEQ_LENS)
+    total = {k: out[f"{k}_state_bytes"]["total"] + out["saved"][k][t]
+             for k in ("decoder", "relora")}
+    out["total_bytes"] = total
+    out["ratio_total"] = total["relora"] / total["decoder"]
+    return out
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -494,6 +559,22 @@ def main(argv: list[str] | None = None) -> None:
                         f"{(p['decoder']['peak'] - p['decoder']['before']) / mib:.1f} MiB, "
                         f"relora {(p['relora']['peak'] - p['relora']['before']) / mib:.1f} MiB"
                         f" -> ratio {m['ratio_peak_rss_growth']:.3f} (goal <= 0.85)")
+            say(f"\nsaved activations for backward (one training forward with the loss, LoRA "
+                f"dropout 0.1, r={base.rank}, parameters excluded), pico-{SAVED_PRESET} shape, "
+                "batch 1:")
+            a = saved_memory(base, data)
+            results["saved_activations"] = a
+            for t in SAVED_SEQ_LENS:
+                say(f"  seq {t}: decoder {a['saved']['decoder'][t] / mib:,.1f} MiB, relora "
+                    f"{a['saved']['relora'][t] / mib:,.1f} MiB -> relora / decoder "
+                    f"{a['ratio_saved'][t]:.3f}")
+            t = max(SAVED_SEQ_LENS)
+            parts = {k: (a[f"{k}_state_bytes"]["total"], a["saved"][k][t])
+                     for k in ("decoder", "relora")}
+            say(f"  parameters + gradients + AdamW state + saved activations at 1 x {t}: "
+                + ", ".join(f"{k} {st / mib:,.1f} + {sv / mib:,.1f} = {(st + sv) / mib:,.1f} MiB"
+                            for k, (st, sv) in parts.items())
+                + f" -> ratio {a['ratio_total']:.3f} (goal <= 0.85)")
         if args.only in (None, "speed"):
             for comp in compile_modes:
                 s = replace(base, compile=comp)

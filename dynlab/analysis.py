@@ -77,23 +77,31 @@ def component_spectra(
         else:
             x = comp.entries() if isinstance(comp, C.LowRank) else comp.x
             comp = C.Dense(x, comp.shape) if isinstance(comp, C.LowRank) else comp
-            key = ("dense", tuple(sorted(x.shape)))
+            key = ("dense", tuple(x.shape))  # as stored: no transposed copies
         groups[key].append((site, comp))
     out: dict[C.Site, torch.Tensor] = {}
     for key, items in groups.items():
         if key[0] == "lowrank":
-            left = torch.stack([c.left for _, c in items]).to(device)
-            right = torch.stack([c.right for _, c in items]).to(device)
+            left = stack_as([c.left for _, c in items], dtype, device)
+            right = stack_as([c.right for _, c in items], dtype, device)
             sig = spectral.lowrank_svdvals(left, right, dtype=dtype)
         else:
-            mats = [c.x if c.x.shape[0] <= c.x.shape[1] else c.x.mT for _, c in items]
-            sig = spectral.svdvals(torch.stack(mats).to(device), dtype=dtype)
+            sig = spectral.svdvals(stack_as([c.x for _, c in items], dtype, device), dtype=dtype)
         sig = sig.cpu()
         for (site, comp), s in zip(items, sig, strict=True):
             k = comp.rank_bound
             if s.shape[0] < k:  # rows dropped because they were zero: σ = 0 there
                 s = torch.cat([s, s.new_zeros(k - s.shape[0])])
             out[site] = s[:k]
+    return out
+
+
+def stack_as(mats: Sequence[torch.Tensor], dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Stack equal-shaped matrices into one contiguous batch of `dtype` on `device`, in a
+    single copy (conversion and transposition included)."""
+    out = torch.empty((len(mats), *mats[0].shape), dtype=dtype, device=device)
+    for i, m in enumerate(mats):
+        out[i].copy_(m)
     return out
 
 

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 #: Largest κ estimate for which the Gram route's answer is kept. The Gram route's relative
@@ -62,36 +64,70 @@ def svdvals(
         x = x.mT
     k, wide = min(m, n), max(m, n)
     x = x.reshape(-1, k, wide)
-    out = torch.full((x.shape[0], k), math.nan, dtype=dtype, device=x.device)
     if k == 0 or x.shape[0] == 0:
-        return out.reshape(*batch_shape, k)
-    finite = torch.isfinite(x).all(dim=(-2, -1))
-    all_finite = bool(finite.all())
-    xf = x if all_finite else x[finite]
-    if xf.shape[0]:
-        s = _svdvals_finite(xf, method=method, gram_max_cond=gram_max_cond)
-        if all_finite:
-            out = s
-        else:
-            out[finite] = s
-    return out.reshape(*batch_shape, k)
-
-
-def _svdvals_finite(x: torch.Tensor, *, method: str, gram_max_cond: float) -> torch.Tensor:
-    """Singular values of finite (B, k, n) matrices with k ≤ n, descending."""
+        return torch.full((x.shape[0], k), math.nan, dtype=dtype).reshape(*batch_shape, k)
     if method == "svd":
-        return torch.linalg.svdvals(x)
-    gram = x @ x.mT
-    lam = torch.linalg.eigvalsh(gram)  # ascending
-    s = lam.clamp_min(0).sqrt().flip(-1)
-    if method == "gram":
-        return s
-    # κ estimate from the Gram route itself; a zero matrix (all σ = 0) is exact as it is.
-    keep = s[:, -1] * gram_max_cond >= s[:, 0]
-    if not bool(keep.all()):
-        redo = ~keep
-        s[redo] = torch.linalg.svdvals(x[redo])
-    return s
+        finite = torch.isfinite(x).all(dim=(-2, -1))
+        s = torch.full((x.shape[0], k), math.nan, dtype=dtype, device=x.device)
+        if bool(finite.any()):
+            s[finite] = _batched(torch.linalg.svdvals, x[finite])
+        return s.reshape(*batch_shape, k)
+    gram = _gram(x)
+    # A NaN/Inf entry in row i makes G_ii non-finite, so the Gram diagonal tells which
+    # matrices to check (no extra pass over the entries).
+    suspect = ~torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all(-1)
+    lam = _batched(torch.linalg.eigvalsh, torch.where(suspect[:, None, None], 0.0, gram))
+    s = lam.clamp_min(0).sqrt().flip(-1)  # eigvalsh is ascending
+    if method == "auto":
+        # κ estimate from the Gram route itself; a zero matrix (all σ = 0) is exact as it is
+        redo = ~(s[:, -1] * gram_max_cond >= s[:, 0])
+        if bool(suspect.any()):  # overflowed Gram of finite entries: SVD; else NaN below
+            redo |= suspect & torch.isfinite(x).all(dim=(-2, -1))
+        if bool(redo.any()):
+            s[redo] = _batched(torch.linalg.svdvals, x[redo])
+    if bool(suspect.any()):
+        bad = suspect & ~torch.isfinite(x).all(dim=(-2, -1))
+        s[bad] = math.nan
+    return s.reshape(*batch_shape, k)
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """X·Xᵀ of each matrix of a (B, k, n) batch (x may be a transposed view of tall
+    matrices: no copy is made). On the CPU through numpy, whose `a @ a.T` calls BLAS syrk
+    (half the flops of a general product, 1.4–1.8× faster here)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float64, torch.float32):
+        return x @ x.mT
+    a = x.detach().numpy()  # a strided view, transposed or not
+    out = np.empty((a.shape[0], a.shape[1], a.shape[1]), dtype=a.dtype)
+    for i in range(a.shape[0]):
+        np.matmul(a[i], a[i].T, out=out[i])
+    return torch.from_numpy(out)
+
+
+def _qr_r(x: torch.Tensor) -> torch.Tensor:
+    """R of the thin QR of each matrix."""
+    return torch.linalg.qr(x, mode="r").R
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """fn over a batch. On the CPU, LAPACK is poorly parallel on one small matrix: the batch
+    is split across torch's threads, each running fn single-threaded (1.8× faster for
+    384×384 eigvalsh on 2 cores)."""
+    global _POOL
+    threads = torch.get_num_threads()
+    if x.device.type != "cpu" or x.shape[0] < 2 or threads < 2:
+        return fn(x)
+    if _POOL is None or _POOL._max_workers != threads:
+        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="dynlab-lapack")
+    chunks = x.tensor_split(min(threads, x.shape[0]))
+    torch.set_num_threads(1)
+    try:
+        return torch.cat(list(_POOL.map(fn, chunks)))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def lowrank_svdvals(
@@ -111,8 +147,8 @@ def lowrank_svdvals(
     finite = torch.isfinite(left).flatten(-2).all(-1) & torch.isfinite(right).flatten(-2).all(-1)
     safe_l = torch.where(finite[..., None, None], left, torch.zeros((), dtype=dtype))
     safe_r = torch.where(finite[..., None, None], right, torch.zeros((), dtype=dtype))
-    r_left = torch.linalg.qr(safe_l, mode="r").R
-    r_right = torch.linalg.qr(safe_r.mT, mode="r").R
+    r_left = _batched(_qr_r, safe_l)
+    r_right = _batched(_qr_r, safe_r.mT)
     core = r_left @ r_right.mT
     s = svdvals(core, dtype=dtype, gram_max_cond=gram_max_cond)
     return torch.where(finite[..., None], s, torch.full((), math.nan, dtype=dtype))

@@ -1,5 +1,6 @@
-"""pico-relora: wrapping, merge-and-reset, moment pruning, paper-compat, schedules, and the
-gradient with respect to the effective weight."""
+"""pico-relora: wrapping, merge-and-reset, moment pruning, paper-compat, schedules, the
+gradient with respect to the effective weight, and the memory-efficient LoRA branch (values,
+gradients, gradcheck, autocast, saved-activation memory)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ import torch.nn.functional as F
 from dynlab.model import ModelConfig, PicoDecoder
 from dynlab.model.relora import (
     TARGET_MODULES,
+    LoRABranch,
     ReLoRAConfig,
     ReLoRALinear,
+    draw_dropout_seed,
+    dropout_mask,
     effective_state_dict,
     lora_parameters,
     magnitude_prune_,
@@ -36,7 +40,6 @@ CFG = ModelConfig(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, activation_hi
                   vocab_size=29, max_seq_len=16)
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models run fastest on one thread (and do not fight parallel test workers)."""
@@ -44,6 +47,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
 
 def _pair(seed: int = 0, **kw) -> tuple[PicoDecoder, PicoDecoder]:
     """(plain decoder, relora-wrapped copy of it)."""
@@ -279,3 +283,146 @@ def test_bad_relora_config():
         ReLoRAConfig(r=0)
     with pytest.raises(ValueError, match="prune_ratio"):
         ReLoRAConfig(prune_ratio=1.5)
+
+
+# ------------------------------------------------------------------ memory-efficient LoRA branch
+
+
+def _lora_case(p: float, dtype: torch.dtype = torch.float64):
+    """(ReLoRALinear 6 -> 5, r = 3, s = 2, with non-zero B; input x (2, 7, 6); cotangent w)."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(6, 5, bias=False).to(dtype)
+    m = ReLoRALinear(base, r=3, alpha=6.0, dropout=p)
+    with torch.no_grad():
+        m.lora_B.copy_(torch.randn(5, 3, generator=gen, dtype=dtype))
+    x = torch.randn(2, 7, 6, generator=gen, dtype=dtype, requires_grad=True)
+    w = torch.randn(2, 7, 5, generator=gen, dtype=dtype)
+    return m, x, w
+
+
+def _plain_reference(m: ReLoRALinear, x: torch.Tensor, mask: torch.Tensor, w: torch.Tensor):
+    """Plain autograd: W x + s · B A (mask ⊙ x); returns (y, d<y,w>/dx, /dA, /dB)."""
+    xr, A, B = (t.detach().clone().requires_grad_() for t in (x, m.lora_A, m.lora_B))
+    y = F.linear(xr, m.weight) + m.scale * F.linear(F.linear(xr * mask, A), B)
+    return (y, *torch.autograd.grad((y * w).sum(), (xr, A, B)))
+
+
+@pytest.mark.parametrize("mode", ["train", "p0", "eval"])
+def test_lora_branch_equals_plain_autograd_with_the_same_mask(mode):
+    """Dropout 0.1 in train mode (the mask regenerated from the seed the module drew), dropout
+    0 in train mode, and eval mode: output and gradients (x, A, B) equal plain autograd."""
+    p = 0.0 if mode == "p0" else 0.1
+    m, x, w = _lora_case(p)
+    m.train(mode != "eval")
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    y = m(x)
+    grads = torch.autograd.grad((y * w).sum(), (x, m.lora_A, m.lora_B))
+    consumed = not torch.equal(torch.get_rng_state(), state)
+    torch.set_rng_state(state)
+    if mode == "train":
+        mask = dropout_mask(x.shape, p, draw_dropout_seed(), x.device, x.dtype)
+        values = set(mask.unique().tolist())
+        assert values == {0.0, 1 / 0.9}  # inverted dropout, and both cases occur
+    else:
+        mask = torch.ones_like(x)
+    assert consumed == (mode == "train")  # no mask, no RNG, with p = 0 or in eval mode
+    ref = _plain_reference(m, x, mask, w)
+    for got, want in zip((y, *grads), ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    if mode == "train":  # the mask mattered: without it the output differs
+        no_mask = _plain_reference(m, x, torch.ones_like(x), w)[0]
+        assert (y - no_mask).abs().max() > 1e-3
+
+
+def test_dropout_mask_is_bernoulli_and_reproducible():
+    p, n = 0.1, 200_000
+    mask = dropout_mask(torch.Size([n]), p, 7, torch.device("cpu"), torch.float32)
+    zeros = (mask == 0).float().mean().item()
+    assert abs(zeros - p) < 5 * math.sqrt(p * (1 - p) / n)  # 5 sigma
+    assert torch.equal(mask[mask != 0], torch.full_like(mask[mask != 0], 1 / 0.9))
+    again = dropout_mask(torch.Size([n]), p, 7, torch.device("cpu"), torch.float32)
+    other = dropout_mask(torch.Size([n]), p, 8, torch.device("cpu"), torch.float32)
+    assert torch.equal(mask, again) and not torch.equal(mask, other)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_branch_gradcheck(p):
+    gen = torch.Generator().manual_seed(1)
+    x, A, B = (torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+               for shape in ((2, 4, 5), (3, 5), (4, 3)))
+    seed = 1234
+    if p:  # the fixed seed gives a non-trivial mask
+        assert (dropout_mask(x.shape, p, seed, x.device, x.dtype) == 0).any()
+    assert torch.autograd.gradcheck(lambda x, A, B: LoRABranch.apply(x, A, B, 1.5, p, seed),
+                                    (x, A, B))
+
+
+def test_lora_branch_under_bf16_autocast():
+    """Under autocast (here CPU bf16, standing in for the trainer's CUDA bf16) the branch
+    returns bf16, gradients in the parameters' float32, equal to plain autograd under the
+    same autocast with the same mask (forward bitwise, backward to bf16 precision)."""
+    m, x, w = _lora_case(0.1, torch.float32)
+    m.train()
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    grads = torch.autograd.grad((y.float() * w).sum(), (x, m.lora_A, m.lora_B))
+    torch.set_rng_state(state)
+    mask = dropout_mask(x.shape, 0.1, draw_dropout_seed(), x.device, torch.float32)
+    xr, A, B = (t.detach().clone().requires_grad_() for t in (x, m.lora_A, m.lora_B))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.linear(xr, m.weight) + m.scale * F.linear(F.linear(xr * mask, A), B)
+    ref_grads = torch.autograd.grad((ref.float() * w).sum(), (xr, A, B))
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
+    for got, want, t in zip(grads, ref_grads, (x, A, B), strict=True):
+        assert got.dtype == t.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def test_relora_training_forward_is_deterministic_in_the_global_seed():
+    _, model = _pair(dropout=0.1)
+    with torch.no_grad():
+        for m in relora_modules(model).values():
+            m.lora_B.normal_()
+    ids = _ids()
+    outs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        outs.append(model(ids))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+def saved_activation_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Bytes of the distinct storages (by data_ptr) autograd saves for backward in one
+    training forward with the loss, parameters and buffers excluded."""
+    constant = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in constant:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = _loss(model, ids)  # the graph (and every saved tensor) lives until return
+    assert loss.requires_grad
+    return sum(seen.values())
+
+
+def test_relora_saves_no_more_activations_than_the_decoder():
+    """With LoRA dropout 0.1 in train mode, relora keeps at most 2 % more bytes for backward
+    than the decoder (the rank-r intermediates); plain autograd kept ~50 % more here (the
+    dropout output and mask of every wrapped module)."""
+    cfg = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                      activation_hidden_dim=128, vocab_size=29, max_seq_len=16)
+    torch.manual_seed(0)
+    plain = PicoDecoder(cfg)
+    wrapped = wrap_relora(copy.deepcopy(plain), ReLoRAConfig(r=2, alpha=8.0, dropout=0.1))
+    ids = _ids(n=2, t=17)
+    decoder, relora = saved_activation_bytes(plain, ids), saved_activation_bytes(wrapped, ids)
+    # the decoder keeps at least w_0 x and w_1 x (float32, 32 tokens, hidden 128) per layer
+    assert decoder > 2 * 2 * 32 * 128 * 4
+    assert relora <= 1.02 * decoder

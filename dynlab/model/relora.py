@@ -75,8 +75,80 @@ class ReLoRAConfig:
         return asdict(self)
 
 
+def draw_dropout_seed() -> int:
+    """One seed for a LoRA dropout mask, drawn from the global CPU generator (so the training
+    RNG state, which checkpoints save and resume restores, fixes every mask)."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Inverted-dropout mask m = Bernoulli(1 − p) / (1 − p), drawn from a generator seeded
+    with `seed` on `device`: the same (shape, p, seed, device, dtype) give the same mask."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    mask = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=gen)
+    return mask.div_(1.0 - p)
+
+
+def _mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """x's dropout mask, in float32 at least (1 / (1 − p) is not rounded to bf16/fp16)."""
+    return dropout_mask(x.shape, p, seed, x.device, torch.promote_types(x.dtype, torch.float32))
+
+
+class LoRABranch(torch.autograd.Function):
+    """h = s · B (A (m ⊙ x)),  m = dropout_mask(x.shape, p, seed)  (m = 1 when p = 0).
+
+    Saves for backward only x (an input the caller holds anyway), A, B and the rank-r
+    intermediate u = A (m ⊙ x); the mask is regenerated from `seed` in backward, so no
+    activation-sized dropout output or mask is kept. With g = ∂L/∂h:
+
+        ∂L/∂B = s gᵀ u,   ∂L/∂u = s g B,   ∂L/∂A = (∂L/∂u)ᵀ (m ⊙ x),   ∂L/∂x = m ⊙ (∂L/∂u) A
+
+    (token dimensions flattened). Under autocast (bf16 on CUDA) the forward matmuls run in
+    the autocast dtype; backward casts its operands to that same dtype (the dtype of u), as
+    autograd's matmul backward would, and returns gradients in the dtypes of x, A and B.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+                p: float, seed: int) -> torch.Tensor:
+        xd = x if p == 0.0 else (x * _mask(x, p, seed)).to(x.dtype)
+        u = F.linear(xd, lora_A)
+        del xd  # freed here: only x, A, B and u outlive the forward
+        ctx.save_for_backward(x, lora_A, lora_B, u)
+        ctx.scale, ctx.p, ctx.seed = scale, p, seed
+        return F.linear(u, lora_B) * scale
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out: torch.Tensor):
+        x, lora_A, lora_B, u = ctx.saved_tensors
+        need_x, need_A, need_B = ctx.needs_input_grad[:3]
+        cd = u.dtype  # the forward matmuls' dtype (the autocast dtype under autocast)
+        gs = (grad_out * ctx.scale).reshape(-1, grad_out.shape[-1]).to(cd)  # s g, (n, out)
+        grad_x = grad_A = grad_B = None
+        if need_B:
+            grad_B = (gs.t() @ u.reshape(-1, u.shape[-1])).to(lora_B.dtype)
+        if need_x or need_A:
+            grad_u = gs @ lora_B.to(cd)  # (n, r)
+            mask = None if ctx.p == 0.0 else _mask(x, ctx.p, ctx.seed)
+            if need_A:
+                xd = x if mask is None else (x * mask).to(x.dtype)
+                grad_A = (grad_u.t() @ xd.reshape(-1, x.shape[-1]).to(cd)).to(lora_A.dtype)
+            if need_x:
+                gx = (grad_u @ lora_A.to(cd)).reshape(x.shape)
+                grad_x = (gx if mask is None else gx * mask).to(x.dtype)
+        return grad_x, grad_A, grad_B, None, None, None
+
+
 class ReLoRALinear(nn.Module):
-    """y = W x + s · B A dropout(x) with W frozen; A (r × in), B (out × r)."""
+    """y = W x + s · B A dropout(x) with W frozen; A (r × in), B (out × r).
+
+    The LoRA branch is `LoRABranch` (activation memory: x, shared with the frozen path, and
+    the rank-r intermediate; the dropout mask is regenerated in backward). In training mode
+    with dropout p > 0 each call draws one seed from the global CPU generator."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
                  zero_init_a: bool = False) -> None:
@@ -107,8 +179,10 @@ class ReLoRALinear(nn.Module):
             w_eff = self.effective_weight()
             self._capture.append(w_eff)
             return F.linear(x, w_eff)
-        lora = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
-        return F.linear(x, self.weight) + self.scale * lora
+        p = self.dropout.p if self.training else 0.0
+        seed = draw_dropout_seed() if p > 0.0 else 0
+        lora = LoRABranch.apply(x, self.lora_A, self.lora_B, self.scale, p, seed)
+        return F.linear(x, self.weight) + lora
 
     @torch.no_grad()
     def merge_and_reinit(self, paper_compat: bool = False) -> None:
