@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dynlab.checkpoints import ModelSpec
+from dynlab.checkpoints import ModelSpec, read_ahead
 
 SMALL = ModelSpec(d_model=384, n_layers=12, n_heads=12, n_kv_heads=4,
                   activation_hidden_dim=1536, vocab_size=50304)
@@ -130,7 +130,13 @@ def rank_bound(name: str, x: torch.Tensor, spec: ModelSpec) -> int:
 
 
 def read_checkpoint(d: Path) -> tuple[dict, dict]:
-    return load_file(str(d / "weights.safetensors")), load_file(str(d / "grads.safetensors"))
+    """Both files, really read: safetensors maps files lazily, so each file is read through
+    once (what dynlab's loader does) and the tensors are the zero-copy mapping."""
+    out = []
+    for f in ("weights.safetensors", "grads.safetensors"):
+        read_ahead(d / f)
+        out.append(load_file(str(d / f)))
+    return tuple(out)
 
 
 def ckpt_files(run: Path):

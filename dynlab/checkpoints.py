@@ -188,7 +188,12 @@ def load_run(root: Path, name: str | None = None) -> Run:
 
 
 def load_tensors(path: Path, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """Read tensors from a safetensors file (all, or `names`), with errors naming the file."""
+    """Read tensors from a safetensors file (all, or `names`), with errors naming the file.
+
+    safetensors maps the file and hands out tensors over the mapping (no copy), so bytes are
+    only read when first touched. The file is read through once first (`read_ahead`), so the
+    disk read happens in the caller — the background prefetch thread — and not during the
+    computation that first touches the tensors."""
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
@@ -199,7 +204,9 @@ def load_tensors(path: Path, names: Sequence[str] | None = None) -> dict[str, to
             missing = [k for k in keys if k not in f.keys()]
             if missing:
                 raise CheckpointError(f"{path}: missing tensors {', '.join(missing[:5])}")
-            return {k: f.get_tensor(k) for k in keys}
+            tensors = {k: f.get_tensor(k) for k in keys}
+        read_ahead(path)
+        return tensors
     except SafetensorError as e:
         raise CheckpointError(
             f"{path}: not a readable safetensors file ({e}); it may be truncated or corrupt"
@@ -208,6 +215,18 @@ def load_tensors(path: Path, names: Sequence[str] | None = None) -> dict[str, to
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{path}: could not be read as safetensors ({e})") from None
+
+
+def read_ahead(path: Path, chunk: int = 16 << 20) -> int:
+    """Read a file sequentially (into a small reused buffer) so its pages are in memory;
+    returns the bytes read. The GIL is released during the reads."""
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            total += n
+    return total
 
 
 def check_shapes(tensors: Mapping[str, torch.Tensor], spec: ModelSpec, path: Path) -> None:
