@@ -1,6 +1,6 @@
 """Benchmark dynlab's trainer: throughput against a plain PyTorch loop, MFU, ReLoRA memory.
 
-Three figures, each a ratio computed within this run:
+Four figures, each a ratio computed within this run:
 
   speed    tokens/s of `dynlab.train("decoder", ...)` divided by tokens/s of a plain eager
            PyTorch loop (same PicoDecoder class and config, same initialisation, AdamW with the
@@ -31,6 +31,11 @@ Three figures, each a ratio computed within this run:
            and one step of a 2-layer d_model 8 model made, so lazy imports are not counted)
            minus the resident memory before: activations and allocator slack included.
            Goal: <= 0.85.
+  saved    activations saved for backward, relora / decoder (distinct storages caught by
+           torch.autograd.graph.saved_tensors_hooks in one training forward with the loss;
+           parameters and buffers excluded), pico-small shape at batch 1 x 512 and 1 x 2048;
+           then at 1 x 2048 (parameters + gradients + AdamW state + saved activations),
+           relora / decoder: the main terms of the training peak. Goal: <= 0.85.
 
 The data are uniform random token ids with the preset's exact vocabulary (a word-level
 tokenizer of that size), so the model has the preset's real shape; throughput does not depend
