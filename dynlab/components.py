@@ -86,7 +86,9 @@ class LowRank:
         return max(self.shape)
 
     def entries(self) -> torch.Tensor:
-        return self.left.double() @ self.right.double()
+        from dynlab.spectral import matmul
+
+        return matmul(self.left.double(), self.right.double())
 
 
 Component = Dense | LowRank

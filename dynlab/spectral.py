@@ -113,21 +113,31 @@ _POOL: ThreadPoolExecutor | None = None
 
 
 def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """fn over a batch. On the CPU, LAPACK is poorly parallel on one small matrix: the batch
-    is split across torch's threads, each running fn single-threaded (1.8× faster for
-    384×384 eigvalsh on 2 cores)."""
+    """fn over a batch. On the CPU every call is single-threaded and the batch is split
+    across torch's threads: LAPACK parallelises poorly on one small matrix (this is 1.8×
+    faster for 384×384 eigvalsh on 2 cores), and a single-threaded LAPACK call gives the same
+    bits whatever the thread count, so serial and Dask runs write identical stores."""
     global _POOL
-    threads = torch.get_num_threads()
-    if x.device.type != "cpu" or x.shape[0] < 2 or threads < 2:
+    if x.device.type != "cpu":
         return fn(x)
-    if _POOL is None or _POOL._max_workers != threads:
-        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="dynlab-lapack")
-    chunks = x.tensor_split(min(threads, x.shape[0]))
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return torch.cat(list(_POOL.map(fn, chunks)))
+        if x.shape[0] < 2 or threads < 2:
+            return fn(x)
+        if _POOL is None or _POOL._max_workers != threads:
+            _POOL = ThreadPoolExecutor(threads, thread_name_prefix="dynlab-lapack")
+        return torch.cat(list(_POOL.map(fn, x.tensor_split(min(threads, x.shape[0])))))
     finally:
         torch.set_num_threads(threads)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b; on the CPU through numpy's BLAS, whose results do not depend on the number of
+    threads (checked for this build), so stores are reproducible across thread counts."""
+    if a.device.type != "cpu" or a.dtype not in (torch.float64, torch.float32):
+        return a @ b
+    return torch.from_numpy(np.matmul(a.detach().numpy(), b.detach().numpy()))
 
 
 def lowrank_svdvals(
@@ -149,7 +159,7 @@ def lowrank_svdvals(
     safe_r = torch.where(finite[..., None, None], right, torch.zeros((), dtype=dtype))
     r_left = _batched(_qr_r, safe_l)
     r_right = _batched(_qr_r, safe_r.mT)
-    core = r_left @ r_right.mT
+    core = matmul(r_left, r_right.mT)
     s = svdvals(core, dtype=dtype, gram_max_cond=gram_max_cond)
     return torch.where(finite[..., None], s, torch.full((), math.nan, dtype=dtype))
 
