@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import math
 import os
-import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,15 +50,6 @@ class Options:
     @property
     def dtype(self) -> torch.dtype:
         return PRECISIONS[self.precision]
-
-
-@dataclass
-class Timings:
-    read: float = 0.0
-    compute: float = 0.0
-    write: float = 0.0
-    checkpoints: int = 0
-    nonfinite: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------
@@ -391,17 +381,15 @@ def run_tasks_serial(
     *,
     progress: bool = True,
     on_checkpoint: Callable[[Task], None] | None = None,
-) -> Timings:
+) -> None:
     """Analyse tasks in order, reading the next checkpoint while this one is computed. The
     previous checkpoint's weights stay in memory for updates (read once)."""
-    timings = Timings()
     want_grads = "grads" in options.kinds
     want_updates = "updates" in options.kinds
     pin = options.device.startswith("cuda")
     last: dict[tuple[str, int], dict] = {}  # touched by the loader thread only
 
     def load(task: Task):
-        t0 = time.perf_counter()
         ckpt = load_checkpoint(task.checkpoint, task.run.spec, grads=want_grads)
         prev = None
         if want_updates and task.previous is not None:
@@ -414,26 +402,18 @@ def run_tasks_serial(
         if pin:
             ckpt = pinned(ckpt)
             prev = pinned_tensors(prev)
-        timings.read += time.perf_counter() - t0
         return ckpt, prev
 
     with _progress(progress, len(tasks)) as advance:
         for task, (ckpt, prev) in prefetch(tasks, load):
-            t0 = time.perf_counter()
             values, bad = checkpoint_region(task.run, ckpt, prev, layout, options)
-            t1 = time.perf_counter()
             writer.write(task.run_index, task.step_index, values)
             writer.mark_analyzed(task.run_index, task.step_index)
-            timings.write += time.perf_counter() - t1
-            timings.compute += t1 - t0
-            timings.checkpoints += 1
             if bad:
                 _warn_nonfinite(task, bad)
-                timings.nonfinite.extend(bad)
             if on_checkpoint is not None:
                 on_checkpoint(task)
             advance(f"{task.run.name} step {task.checkpoint.step}")
-    return timings
 
 
 def pinned_tensors(tensors: Mapping[str, torch.Tensor] | None) -> dict | None:
