@@ -1,0 +1,100 @@
+"""One console and one exit-code policy for every `dynlab` command.
+
+    with guarded("analyze"):
+        ...  # the command's work
+
+maps what escapes the block to a one-line message on stderr and an exit code
+(`dynlab.errors`): 2 for bad input (InputError, ValueError, missing files), 1 for a failure
+(DynlabFailure, RuntimeError, OSError such as a read-only disk), 130 for Ctrl-C with
+"interrupted; rerun the same command to resume". Anything else is a bug and keeps its
+traceback. Warnings are printed as one yellow line each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+import typer
+from rich.console import Console
+
+from dynlab.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    DynlabError,
+)
+
+console = Console(stderr=True, soft_wrap=True, highlight=False)
+
+#: exception types that mean "bad input" (exit 2) when they escape a command
+BAD_INPUT: tuple[type[BaseException], ...] = (
+    ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+    KeyError, UnicodeDecodeError,
+)
+#: exception types that mean "failure" (exit 1)
+FAILURE: tuple[type[BaseException], ...] = (RuntimeError, OSError, ImportError)
+
+INTERRUPTED_MESSAGE = "interrupted; rerun the same command to resume"
+
+
+def error(message: object, where: str = "") -> None:
+    console.print(f"[red]{where}error:[/] {message}", markup=True)
+
+
+def warn(message: object) -> None:
+    console.print(f"[yellow]warning:[/] {message}")
+
+
+def note(message: object) -> None:
+    console.print(f"note: {message}")
+
+
+def show_warnings() -> None:
+    """Print Python warnings as one console line each (no file/line noise)."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        warn(message)
+
+    warnings.showwarning = show
+
+
+def exit_code(err: BaseException) -> int:
+    """The exit status for an exception escaping a command (see the module docstring)."""
+    if isinstance(err, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(err, DynlabError):
+        return err.exit_code
+    if isinstance(err, BAD_INPUT):
+        return EXIT_BAD_INPUT
+    if isinstance(err, FAILURE):
+        return EXIT_FAILURE
+    raise err
+
+
+@contextlib.contextmanager
+def guarded(where: str = "") -> Iterator[None]:
+    """Run a command body under the exit-code policy (module docstring)."""
+    show_warnings()
+    try:
+        yield
+    except (typer.Exit, typer.Abort, typer.BadParameter, SystemExit):
+        raise
+    except KeyboardInterrupt:
+        console.print(INTERRUPTED_MESSAGE)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except (DynlabError, *BAD_INPUT, *FAILURE) as err:
+        prefix = f"{where} " if where else ""
+        error(_message(err), prefix)
+        raise typer.Exit(exit_code(err)) from None
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, KeyError):
+        return f"missing key {err}"
+    return str(err) or type(err).__name__
+
+
+__all__ = ["console", "error", "warn", "note", "guarded", "exit_code", "show_warnings",
+           "EXIT_BAD_INPUT", "EXIT_FAILURE", "EXIT_INTERRUPTED", "INTERRUPTED_MESSAGE"]
