@@ -34,3 +34,4 @@ def test_gpu_script_dry_run(tmp_path):
         assert "per-UID accuracies identical: True" in text
     else:
         assert "[eval] skipped" in text
+
