@@ -285,6 +285,32 @@ def trajectory_grid(ds: xr.Dataset, metric: str, kinds: Sequence[str], matrices:
     return _finish(fig, title, notes, PANEL_HEIGHT * len(kinds) + 120)
 
 
+def conditioning_grid(ds: xr.Dataset, matrices: Sequence[str], runs: Sequence[str] | None = None,
+                      confidence: float = 0.95) -> go.Figure:
+    """Condition numbers in a grid: rows CN of weights, CN of updates and (when the store has
+    it) CN_nz of updates, the condition number of the non-zero part; columns = matrices."""
+    rows = [("cn", "weights"), ("cn", "updates")]
+    if "cn_nz" in ds.data_vars:
+        rows.append(("cn_nz", "updates"))
+    runs_ = _runs(ds, runs)
+    ds = ds.sortby("step") if "step" in ds.dims else ds
+    fig = make_subplots(rows=len(rows), cols=len(matrices), shared_xaxes=True,
+                        subplot_titles=[f"{_label(m)} of {k} · {x}" for m, k in rows
+                                        for x in matrices],
+                        vertical_spacing=0.1, horizontal_spacing=0.06)
+    notes: list[str] = []
+    done: set[str] = set()
+    for i, (metric, kind) in enumerate(rows):
+        for j, matrix in enumerate(matrices):
+            notes += _add_trajectory(fig, ds, metric, kind, matrix, runs_, i + 1, j + 1, done,
+                                     confidence)
+            if i < len(rows) - 1:
+                fig.update_xaxes(title_text=None, row=i + 1, col=j + 1)
+    title = (f"Condition numbers ({average_label('cn', confidence)}; hollow marker: some "
+             "layers non-finite)")
+    return _finish(fig, title, notes, PANEL_HEIGHT * len(rows) + 120)
+
+
 # ---------------------------------------------------------------- 2. heatmap
 
 
