@@ -162,6 +162,7 @@ class RankDeficiency:
     tol: float       # tol/σ₁ (max over layers)
     layers: int      # layers where it is rank-deficient (the medians are over these)
     of_layers: int   # layers analysed
+    max_rank: float  # rank bound by construction (median; = bound when not stored)
 
 
 def rank_deficiency(ds: xr.Dataset, kind: str = "updates", prefer: str = "swiglu.w_2"
@@ -195,6 +196,9 @@ def rank_deficiency(ds: xr.Dataset, kind: str = "updates", prefer: str = "swiglu
     rows = np.flatnonzero(ok)
     cn_nz = [s1[i] / s[i, ranks[i] - 1] for i in rows]
     zeros = [np.nanmax(s[i, ranks[i]:]) / s1[i] for i in rows]
+    max_rank = float(np.median(k.sel(**cell).values[rows]))
+    if "max_rank" in ds.data_vars:
+        max_rank = float(np.median(ds["max_rank"].sel(kind=kind, **cell).values[rows]))
     analysed = ds["sigma"].sel(run=run, kind="weights", matrix=matrix).notnull().any(
         ("layer", "sv")) if "weights" in [str(x) for x in ds["kind"].values] else None
     prev = None
@@ -206,7 +210,7 @@ def rank_deficiency(ds: xr.Dataset, kind: str = "updates", prefer: str = "swiglu
                           float(np.median(k.sel(**cell).values[rows])),
                           float(np.median(cn_nz)), float(np.max(zeros)),
                           float(np.max(t[rows] / s1[rows])), len(rows),
-                          int((k.sel(**cell).values > 0).sum()))
+                          int((k.sel(**cell).values > 0).sum()), max_rank)
 
 
 def conditioning_explanation(ds: xr.Dataset) -> str:
@@ -219,15 +223,17 @@ def conditioning_explanation(ds: xr.Dataset) -> str:
                 "shown is finite.")
     span = (f"between steps {ex.prev_step} and {ex.step}" if ex.prev_step is not None
             else f"at step {ex.step}")
+    zeros = ("are exactly zero" if ex.zero_max == 0
+             else f"are at most {ex.zero_max:.2g}·σ₁")
+    bound = (f"; its factors bound it by {ex.max_rank:g}" if ex.max_rank < ex.bound else "")
     return (
-        f"A rank-deficient update changes the matrix in fewer directions than it has: "
-        f"{ex.run}'s update of {ex.matrix} {span} has numerical rank {ex.rank:g} of "
-        f"{ex.bound:g} (median over the {ex.layers} of {ex.of_layers} layers where it is "
-        f"rank-deficient), and its other singular values, at most "
-        f"{ex.zero_max:.2g}·σ₁, lie below the zero tolerance {ex.tol:.2g}·σ₁ set by the "
-        f"precision the weights were stored in, so its smallest singular value is zero and "
-        f"κ = σ₁/σ_k is infinite, not merely large (a finite κ there would measure rounding "
-        f"noise). What is finite is the condition of the directions it does change, "
+        f"A rank-deficient update changes the matrix in fewer directions than its smaller "
+        f"dimension: {ex.run}'s update of {ex.matrix} {span} has numerical rank {ex.rank:g} "
+        f"of {ex.bound:g} (median over the {ex.layers} of {ex.of_layers} layers where it is "
+        f"rank-deficient{bound}), and its other singular values {zeros}, at or below the "
+        f"zero tolerance {ex.tol:.2g}·σ₁ set by the precision the weights were stored in, so "
+        f"σ_k = 0 and κ = σ₁/σ_k is infinite, not merely large (a finite κ there would only "
+        f"measure rounding noise). The condition of the directions it does change is "
         f"CN_nz = σ₁/σ_r = {ex.cn_nz:.3g} (median), shown in the bottom row.")
 
 
