@@ -15,7 +15,10 @@ matrices.
 
 Metric functions take spectra `sigma` of shape (..., K), descending and NaN-padded past the
 matrix's rank bound k (k = the number of non-NaN entries). A row that is entirely NaN stands
-for a matrix that held NaN/Inf: every metric of it is NaN.
+for a matrix that held NaN/Inf: every metric of it is NaN. The rank-sensitive metrics
+(`numerical_rank`, `condition_number`, `nonzero_condition_number`, `rank_deficit`) also take
+max(m, n) and the eps of the precision the matrix was stored in, and count σ_i as zero at or
+below `zero_tolerance` = c·max(m, n)·eps·σ_1.
 """
 
 from __future__ import annotations
@@ -260,13 +263,6 @@ def zero_tolerance(
     dim = torch.as_tensor(max_dim, dtype=sigma.dtype, device=sigma.device)
     e = torch.as_tensor(eps, dtype=sigma.dtype, device=sigma.device)
     return c * dim * e * sigma[..., 0]
-
-
-def numerical_zero_tolerance(
-    sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None
-) -> torch.Tensor:
-    """The same as `zero_tolerance` (kept for callers of the older name)."""
-    return zero_tolerance(sigma, max_dim, eps)
 
 
 def numerical_rank(
