@@ -639,7 +639,8 @@ def summary_table(ds: xr.Dataset, runs: Sequence[str] | None = None) -> pd.DataF
     """One row per run: final step, final train loss, perplexity (ppl_macro), BLiMP overall
     (each at the last step where it is finite), and PER / CN of weights and updates averaged
     over layers and matrices at the last step where they are finite (see final_mean; CN
-    geometrically, over the finite values)."""
+    geometrically, over the finite values), and CN_nz of updates (the condition of their
+    non-zero part, finite where CN is infinite) likewise."""
     rows = []
     for run in _runs(ds, runs):
         row: dict[str, float | str] = {"run": run,
@@ -651,13 +652,13 @@ def summary_table(ds: xr.Dataset, runs: Sequence[str] | None = None) -> pd.DataF
                     else (float("nan"), float("nan")))
             row[col] = v
             steps.append(s)
-        for metric in ("per", "cn"):
-            for kind in ("weights", "updates"):
-                s, v = final_mean(ds, metric, kind, run)
-                row[f"{_label(metric)} {kind}"] = v
-                steps.append(s)
+        for metric, kind in (("per", "weights"), ("per", "updates"), ("cn", "weights"),
+                             ("cn", "updates"), ("cn_nz", "updates")):
+            s, v = final_mean(ds, metric, kind, run)
+            row[f"{_label(metric)} {kind}"] = v
+            steps.append(s)
         row["final step"] = float(np.nanmax(steps)) if np.isfinite(steps).any() else np.nan
         rows.append(row)
     cols = ["run", "type", "final step", "final loss", "perplexity", "BLiMP", "PER weights",
-            "PER updates", "CN weights", "CN updates"]
+            "PER updates", "CN weights", "CN updates", "CN_nz updates"]
     return pd.DataFrame(rows, columns=cols).set_index("run")

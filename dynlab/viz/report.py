@@ -290,8 +290,9 @@ def build_report(ds: xr.Dataset, title: str = "dynlab report",
         f'dynlab {html.escape(str(ds.attrs.get("dynlab_version", "?")))} · {when}</p>',
         "<h2>Summary</h2>",
         '<p class="caption">Final train loss, macro perplexity and BLiMP accuracy at the last '
-        "step where each was measured; PER and CN averaged over all layers and matrices at the "
-        "last analysed step.</p>",
+        "step where each was measured; PER (arithmetic mean), CN and CN_nz (geometric means of "
+        "the finite values: a rank-deficient matrix's CN is infinite and left out) over all "
+        "layers and matrices at the last analysed step.</p>",
         summary_html(ds),
     ]
     n = 0
