@@ -17,9 +17,9 @@ def analyze(
     ),
     metrics: str | None = typer.Option(
         None, "--metrics", "-m",
-        help="Comma list of er, per, cn, stable_rank, spectral_norm, frobenius_norm, "
-        "nuclear_norm, numerical_rank, hoyer, gini; or 'all'. Default: all (or, for an "
-        "existing store, the store's).",
+        help="Comma list of er, per, cn, cn_nz, stable_rank, spectral_norm, frobenius_norm, "
+        "nuclear_norm, numerical_rank, rank_deficit, hoyer, gini; or 'all'. Default: all (or, "
+        "for an existing store, the store's).",
     ),
     kinds: str | None = typer.Option(
         None, "--kinds", "-k",

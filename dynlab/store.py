@@ -30,7 +30,7 @@ import numpy as np
 from dynlab import __version__
 from dynlab.components import EMBEDDINGS, MATRICES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: (run, step) variables read from each checkpoint's meta.json
 META_VARIABLES: dict[str, str] = {
@@ -100,6 +100,9 @@ def spectral_variables(metrics: Sequence[str]) -> dict[str, tuple[str, ...]]:
     out["sigma"] = layer + ("sv",)
     out["head_sigma"] = head + ("head_sv",)
     out["emb_sigma"] = emb + ("emb_sv",)
+    for prefix, dims in (("", layer), ("head_", head), ("emb_", emb)):
+        out[f"{prefix}tol"] = dims
+        out[f"{prefix}max_rank"] = dims
     return out
 
 
@@ -140,11 +143,25 @@ def _create(group, name: str, dims: Sequence[str], data: np.ndarray | None = Non
 
 
 def _variable_attrs(name: str) -> dict:
-    from dynlab.spectral import METRICS
+    from dynlab.spectral import METRICS, TOL_FACTOR
 
     base = name.removeprefix("head_").removeprefix("emb_")
     if base in METRICS:
         return {"long_name": METRICS[base].long_name, "definition": METRICS[base].definition}
+    if base == "tol":
+        return {"long_name": "numerical-zero tolerance of the spectrum",
+                "definition": "tol = c*max(m,n)*eps*sigma_1; sigma_i <= tol counts as zero in "
+                              "numerical_rank, cn, cn_nz and rank_deficit; eps = the coarser "
+                              "of the machine epsilon of the precision the matrix (or, for a "
+                              "matrix formed from stored tensors, its inputs) was stored in and "
+                              "of the analysis precision",
+                "c": TOL_FACTOR}
+    if base == "max_rank":
+        return {"long_name": "rank bound by construction",
+                "definition": "min(m,n) for a dense matrix; the inner dimension for a product "
+                              "of factors (OV circuit n_kv*hd, head OV hd, LoRA s*B*A r, a "
+                              "relora update within a cycle [s*B_t, -s*B_t-1]*[A_t; A_t-1] "
+                              "2r); numerical_rank <= max_rank"}
     return {"long_name": "singular values, descending, NaN past the rank bound"}
 
 
