@@ -38,6 +38,7 @@ META_VARIABLES: dict[str, str] = {
     "lr": "learning rate",
     "tokens": "tokens seen",
     "wall_seconds": "wall-clock seconds since the start of training",
+    "gpu_hours": "device-hours since the start of training (wall-clock x processes)",
     "relora_cycle": "ReLoRA cycle (number of merge-and-resets so far)",
     "ppl_macro": "perplexity, macro average over domains",
     "blimp_overall": "BLiMP accuracy, mean over UIDs",

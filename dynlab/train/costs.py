@@ -22,7 +22,6 @@ memory, no data read, no network):
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
