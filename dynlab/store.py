@@ -338,7 +338,7 @@ def write_meta_variables(
         if run not in r_index or step not in s_index:
             continue
         i, j = r_index[run], s_index[step]
-        for name in ("train_loss", "lr", "tokens", "wall_seconds", "relora_cycle"):
+        for name in ("train_loss", "lr", "tokens", "wall_seconds", "gpu_hours", "relora_cycle"):
             scalars[name][i, j] = _number(meta.get(name))
         ev = meta.get("eval") or {}
         ppl = ev.get("perplexity") or {}

@@ -48,7 +48,8 @@ def load_tokenizer(path: str | Path):  # -> tokenizers.Tokenizer
         import re
 
         name = str(path)
-        if not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", name) or name.startswith((".", "/")):
+        if (not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", name)
+                or name.endswith(".json")):
             raise FileNotFoundError(f"tokenizer {path}: file not found (expected a "
                                     "tokenizer.json, a directory holding one, or a Hugging "
                                     "Face model name)")
