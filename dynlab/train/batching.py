@@ -77,25 +77,28 @@ def probe_micro_batch(model: torch.nn.Module, seq_len: int, share: int, device: 
     was_training = model.training
     model.train()
     best = None
-    for m in candidate_micro_batches(share):
-        try:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            ids = torch.randint(0, vocab, (m, seq_len + 1), device=device)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = model(ids[:, :-1])
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
-            loss.backward()
-            peak = torch.cuda.max_memory_allocated(device)
-            del ids, logits, loss
-        except torch.cuda.OutOfMemoryError:
+    with torch.random.fork_rng(devices=[device]):  # the training RNG streams stay untouched
+        for m in candidate_micro_batches(share):
             peak = math.inf
-        finally:
-            model.zero_grad(set_to_none=True)
-        if peak + extra_bytes <= headroom * total:
-            best = m
-            break
+            ids = logits = loss = None
+            try:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+                ids = torch.randint(0, vocab, (m, seq_len + 1), device=device)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = model(ids[:, :-1])
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+                loss.backward()
+                peak = torch.cuda.max_memory_allocated(device)
+            except torch.cuda.OutOfMemoryError:
+                pass
+            finally:
+                ids = logits = loss = None
+                model.zero_grad(set_to_none=True)
+            if peak + extra_bytes <= headroom * total:
+                best = m
+                break
     model.train(was_training)
     torch.cuda.empty_cache()
     if best is None:
