@@ -307,6 +307,23 @@ def test_tokenizer_by_directory(dataset, tmp_path):
         D.load_tokenizer("no/tokenizer.json")
 
 
+def test_streamed_rows_are_the_local_rows(dataset, monkeypatch):
+    """The streaming reader (`datasets`, streaming=True, `.skip` to resume) gives the same
+    rows, sharded the same way, as the local reader: here `datasets` streams the local parquet
+    directory (offline), as it would stream pico-lm/pretokenized-dolma from the Hub."""
+    pytest.importorskip("datasets", reason="the optional `datasets` package is not installed")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    root, _, tok, rows = dataset
+    local = P.load_rows(P.open_rows(str(root)), 16, 3, tok, None, str(root))
+    streamed = P.load_rows(P.HubRows(str(root)), 16, 3, tok, None, str(root))
+    assert torch.equal(local.ld_batch, streamed.ld_batch)
+    for rank in (0, 1):
+        a, b = local.iter_batches(8, 2, rank, 2), streamed.iter_batches(8, 2, rank, 2)
+        for _ in range(4):
+            (pa_, ba), (pb, bb) = next(a), next(b)
+            assert pa_ == pb and torch.equal(ba, bb)
+
+
 def test_hub_names_need_datasets_with_a_clear_message():
     """`datasets` is optional: streaming a Hub dataset without it says what to install."""
     try:
@@ -501,6 +518,19 @@ def test_dry_run_prints_the_study_numbers():
     dec = costs.estimate(make_config("decoder", {}, CONFIGS / "decoder-tiny.yaml").resolved())
     n = 12 * sum(a * b for a, b in mats) + V * d
     assert dec["flops_per_token"]["dense"] == 6 * n
+
+
+def test_dry_run_counts_local_rows(dataset):
+    """With a local pre-tokenised --data the preview counts its rows (metadata only) against
+    the rows the run reads: the learning-dynamics batch plus steps × global batch."""
+    root, tok_dir, _, _ = dataset
+    cfg = make_config("decoder", dict(data=str(root), tokenizer=str(tok_dir), steps=30,
+                                      global_batch_size=4, **SMALL)).resolved()
+    e = costs.estimate(cfg)
+    assert (e["data_rows"], e["rows_needed"]) == (60, 3 + 4 * 30)
+    assert "60 rows; the run reads 123 (2.05 passes over the data)" in "\n".join(
+        costs.format_estimate(e))
+    assert e["vocab_size"] == 300 and e["vocab_source"].startswith("tokenizer")
 
 
 def test_dry_run_bad_options():

@@ -174,7 +174,9 @@ def estimate(cfg, world_size: int = 1, gpu: str = DEFAULT_GPU, mfu: float = DEFA
     total_flops = fpt["total"] * tokens_per_step * cfg.steps
     gpu_seconds = total_flops / (peak * mfu)
     mem = memory_bytes(counts, mcfg, micro, cfg.seq_len, world_size)
+    rows = data_rows(cfg.data)
     return {
+        "data_rows": rows, "rows_needed": cfg.ld_batch_size + global_batch * cfg.steps,
         "kind": cfg.kind, "preset": cfg.preset, "model": mcfg.to_dict(),
         "vocab_size": vocab, "vocab_source": vocab_source, "parameters": counts,
         "steps": cfg.steps, "seq_len": cfg.seq_len, "global_batch": global_batch,
@@ -186,6 +188,14 @@ def estimate(cfg, world_size: int = 1, gpu: str = DEFAULT_GPU, mfu: float = DEFA
         "gpu_hours": gpu_seconds / 3600.0, "wall_hours": gpu_seconds / 3600.0 / world_size,
         "fits": mem["total"] <= mem_gib * 2**30,
     }
+
+
+def data_rows(spec: str) -> int | None:
+    """Rows of a local pre-tokenised --data (file metadata only), else None."""
+    from dynlab.train import pretokenized as P
+
+    files = P.row_files(spec) if spec else None
+    return None if files is None else P.LocalRows(files, spec).n_rows
 
 
 def _si(x: float, unit: str = "") -> str:
@@ -212,6 +222,9 @@ def format_estimate(e: dict) -> list[str]:
         f"× {e['grad_accum']} accumulation steps",
         f"tokens       {e['tokens_per_step']:,} per step, {e['tokens_total']:,} in "
         f"{e['steps']:,} steps ({e['tokens_total'] / 1e9:.1f} B)",
+        *([f"data         {e['data_rows']:,} rows; the run reads {e['rows_needed']:,} "
+            f"({e['rows_needed'] / e['data_rows']:.2f} passes over the data)"]
+          if e.get("data_rows") else []),
         f"FLOPs/token  {_si(f['total'])} = {dense} ({_si(f['dense'])}, N = "
         f"{f['matmul_params']:,} matmul weights) + attention 12·L·H·hd·T ({_si(f['attention'])})",
         f"FLOPs        {_si(e['flops_total'])} in total",
