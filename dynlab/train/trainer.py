@@ -593,9 +593,13 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
         return wall_before + time.perf_counter() - session_start
 
     device_before = state.device_seconds
+    checkpointed_hours: dict[int, float] = {}  # step -> the gpu_hours its checkpoint holds
 
-    def gpu_hours() -> float:
-        """Device-hours: wall-clock × processes (GPUs on CUDA), summed over sessions."""
+    def gpu_hours(step: int | None = None) -> float:
+        """Device-hours: wall-clock × processes (GPUs on CUDA), summed over sessions from the
+        checkpoint each resumed; a checkpointed step logs its checkpoint's value."""
+        if step in checkpointed_hours:
+            return checkpointed_hours[step]
         return (device_before + (time.perf_counter() - session_start) * world) / 3600.0
 
     def checkpoint(step: int, last: bool) -> dict | None:
@@ -619,6 +623,8 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
                 "lr": lr_of(step), "wall_seconds": wall(), "ld_loss": ld_loss,
                 "gpu_hours": gpu_hours()}
         state.device_seconds = meta["gpu_hours"] * 3600.0
+        checkpointed_hours.clear()
+        checkpointed_hours[step] = meta["gpu_hours"]
         if rcfg is not None:
             meta["relora_cycle"] = state.relora_cycle
         if world > 1:
@@ -639,7 +645,7 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
                                                                            - wall_before)}
         if rcfg is not None:
             rec["relora_cycle"] = state.relora_cycle
-        rec["gpu_hours"] = gpu_hours()
+        rec["gpu_hours"] = gpu_hours(step)
         if result is not None:
             rec["eval"] = result
         metrics.write(rec)
