@@ -323,8 +323,9 @@ def open_rows(spec: str) -> LocalRows | HubRows | None:
     files = row_files(spec)
     if files is not None:
         return LocalRows(files, spec)
-    if Path(spec).expanduser().exists() or not HUB_NAME.match(spec):
-        return None
+    local_like = Path(spec).suffix in (*ROW_SUFFIXES, ".txt", ".jsonl", ".npy", ".bin")
+    if Path(spec).expanduser().exists() or local_like or not HUB_NAME.match(spec):
+        return None  # a local path (missing files are reported by the caller) or not a name
     try:
         _datasets()
     except ImportError:
