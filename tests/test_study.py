@@ -294,6 +294,16 @@ def test_rows_bad_input(dataset, tmp_path):
         P.model_vocab(tok, 10)
 
 
+def test_missing_row_file_and_missing_tokenizer(dataset, tmp_path):
+    root, _, _, _ = dataset
+    with pytest.raises(FileNotFoundError, match=r"missing.parquet: file not found"):
+        _train("decoder", tmp_path / "r", data=str(tmp_path / "missing.parquet"), steps=1,
+               global_batch_size=2, **SMALL)
+    with pytest.raises(ValueError, match="pre-tokenised data needs --tokenizer"):
+        _train("decoder", tmp_path / "r", data=str(root), steps=1, global_batch_size=2,
+               **SMALL)
+
+
 def test_tokenizer_by_directory(dataset, tmp_path):
     _, tok_dir, tok, _ = dataset
     by_dir = D.load_tokenizer(tok_dir)

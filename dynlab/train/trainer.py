@@ -287,7 +287,7 @@ class EvalHook:
 
 def _is_local_spec(spec: str) -> bool:
     p = Path(spec).expanduser()
-    return (p.exists() or p.suffix in D.TEXT_SUFFIXES + D.TOKEN_SUFFIXES
+    return (p.exists() or p.suffix in D.TEXT_SUFFIXES + D.TOKEN_SUFFIXES + P.ROW_SUFFIXES
             or spec.startswith((".", "/", "~")))
 
 
@@ -312,8 +312,8 @@ def load_data(cfg: TrainConfig, tokenizer_path: Path | None) -> tuple[object, D.
         path = Path(spec).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"--data {spec}: file not found (expected 'default', a "
-                                    ".txt/.jsonl/.npy/.bin file or directory, or a Hugging "
-                                    "Face dataset name)")
+                                    ".txt/.jsonl/.npy/.bin/.parquet/.arrow file or directory, "
+                                    "or a Hugging Face dataset name)")
         files = ([path] if path.is_file() else
                  sorted(p for p in path.iterdir()
                         if p.suffix in D.TEXT_SUFFIXES + D.TOKEN_SUFFIXES))
