@@ -584,10 +584,10 @@ def test_two_nodes_through_c10d_rendezvous(dataset, tmp_path):
               "--max-seq-len", "64", "--seq-len", "16", "--ld-batch-size", "3",
               "--eval-every", "0", "--no-progress", "--log-every", "1", "--threads", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", DYNLAB_CACHE=str(tmp_path / "cache"))
-    single = subprocess.run([sys.executable, "-m", "dynlab.train", "decoder", "--out",
-                             str(tmp_path / "one"), *common], env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
+    # the single-process reference, in this process (same options as `common`)
+    _train("decoder", tmp_path / "one", data=str(root), tokenizer=str(tok_dir), steps=4,
+           global_batch_size=4, micro_batch_size=1, checkpoint_every=4, lr=3e-3,
+           warmup_steps=1, **SMALL)
     port = _free_port()
     agents = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
