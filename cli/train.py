@@ -26,9 +26,12 @@ SEQ = typer.Option(None, "--seq-len", min=1, help="Tokens per training sequence.
 LR = typer.Option(None, "--lr", help="Peak learning rate (default 3e-4; micro 3e-3).")
 WARMUP = typer.Option(None, "--warmup-steps", min=0, help="Linear warmup steps.")
 DATA = typer.Option(None, "--data", help="'default' (embedded grammar corpus), a .txt/.jsonl/"
-                    ".npy/.bin file or directory, or a Hugging Face dataset (needs `datasets`).")
-TOKENIZER = typer.Option(None, "--tokenizer", help="A tokenizer.json (default: byte-level BPE "
-                         "trained on the data, cached).")
+                    ".npy/.bin file or directory, pre-tokenised rows (.parquet/.arrow file or "
+                    "directory with an input_ids column), or a Hugging Face dataset (needs "
+                    "`datasets`).")
+TOKENIZER = typer.Option(None, "--tokenizer", help="A tokenizer.json, a directory holding one, "
+                         "or a Hugging Face model name (default: byte-level BPE trained on the "
+                         "data, cached).")
 VOCAB = typer.Option(None, "--vocab-size", min=1, help="BPE target vocabulary size.")
 OUT = typer.Option(None, "--out", "-o", help="Run directory (default runs/<kind>-<preset>).")
 CKPT = typer.Option(None, "--checkpoint-every", min=1, help="Steps between checkpoints.")

@@ -175,6 +175,8 @@ def test_study_config_values_and_sources(name):
                 cfg.reset_every, cfg.rank, cfg.alpha, cfg.lora_dropout) == (
             2000, 0.1, 100, 2000, 16, 32, 0.1)
         assert cfg.paper_compat is True and raw["paper-compat"] is True
+        fixed = make_config(kind, dict(paper_compat=False), CONFIGS / f"{name}.yaml")
+        assert fixed.resolved().paper_compat is False  # --no-paper-compat wins
     # the study's 16 GPUs: micro-batch 16 (tiny) / 8 (small) with accumulation 4 / 8
     micro = 16 if "tiny" in name else 8
     derived = apply_batch(cfg, 16, micro)
