@@ -38,6 +38,7 @@ META_VARIABLES: dict[str, str] = {
     "lr": "learning rate",
     "tokens": "tokens seen",
     "wall_seconds": "wall-clock seconds since the start of training",
+    "gpu_hours": "device-hours since the start of training (wall-clock x processes)",
     "relora_cycle": "ReLoRA cycle (number of merge-and-resets so far)",
     "ppl_macro": "perplexity, macro average over domains",
     "blimp_overall": "BLiMP accuracy, mean over UIDs",
@@ -354,7 +355,7 @@ def write_meta_variables(
         if run not in r_index or step not in s_index:
             continue
         i, j = r_index[run], s_index[step]
-        for name in ("train_loss", "lr", "tokens", "wall_seconds", "relora_cycle"):
+        for name in ("train_loss", "lr", "tokens", "wall_seconds", "gpu_hours", "relora_cycle"):
             scalars[name][i, j] = _number(meta.get(name))
         ev = meta.get("eval") or {}
         ppl = ev.get("perplexity") or {}

@@ -38,8 +38,9 @@ from dynlab.model.relora import (
     unwrap,
     wrap_relora,
 )
+from dynlab.train import batching, ddp
 from dynlab.train import data as D
-from dynlab.train import ddp
+from dynlab.train import pretokenized as P
 from dynlab.train.checkpointing import (
     MetricsLog,
     clean_incomplete,
@@ -286,7 +287,7 @@ class EvalHook:
 
 def _is_local_spec(spec: str) -> bool:
     p = Path(spec).expanduser()
-    return (p.exists() or p.suffix in D.TEXT_SUFFIXES + D.TOKEN_SUFFIXES
+    return (p.exists() or p.suffix in D.TEXT_SUFFIXES + D.TOKEN_SUFFIXES + P.ROW_SUFFIXES
             or spec.startswith((".", "/", "~")))
 
 
@@ -296,14 +297,23 @@ def load_data(cfg: TrainConfig, tokenizer_path: Path | None) -> tuple[object, D.
     spec = cfg.data
     tokens = None
     documents: list[str] = []
+    rows = P.open_rows(spec) if spec != D.DEFAULT_DATA else None
+    if rows is not None:  # pre-tokenised rows of seq_len + 1 ids, used as they are
+        if tokenizer_path is None:
+            raise ValueError(f"--data {spec}: pre-tokenised data needs --tokenizer (the one its "
+                             "ids come from: a tokenizer.json, a directory holding one, or a "
+                             "Hugging Face model name)")
+        tokenizer = D.load_tokenizer(tokenizer_path)
+        return tokenizer, P.load_rows(rows, cfg.seq_len, cfg.ld_batch_size, tokenizer,
+                                      cfg.model_vocab_size, spec)
     if spec == D.DEFAULT_DATA:
         documents = D.default_documents(cfg.n_documents)
     elif _is_local_spec(spec):
         path = Path(spec).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"--data {spec}: file not found (expected 'default', a "
-                                    ".txt/.jsonl/.npy/.bin file or directory, or a Hugging "
-                                    "Face dataset name)")
+                                    ".txt/.jsonl/.npy/.bin/.parquet/.arrow file or directory, "
+                                    "or a Hugging Face dataset name)")
         files = ([path] if path.is_file() else
                  sorted(p for p in path.iterdir()
                         if p.suffix in D.TEXT_SUFFIXES + D.TOKEN_SUFFIXES))
@@ -382,7 +392,7 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device
 
 RESUME_MUTABLE = {"resume", "overwrite", "stop_at", "device", "threads", "progress", "compile",
                   "eval_every", "eval_ppl", "eval_blimp", "eval_batch_size", "save_activations",
-                  "log_every", "out"}
+                  "log_every", "out", "micro_batch_size"}
 MODEL_DEFINING = {"kind", "preset", "rank", "alpha", "paper_compat", "vocab_size", "tokenizer",
                   *MODEL_FIELDS}
 
@@ -439,6 +449,7 @@ class TrainState:
     tokens: int = 0
     wall_seconds: float = 0.0
     train_loss: float = math.nan
+    device_seconds: float = 0.0  # wall-clock × processes, summed over sessions
 
 
 def _progress(enabled: bool, console):
@@ -479,6 +490,7 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
         cfg = resume_config(cfg, explicit, run_dir).resolved()
         found = complete_checkpoints(run_dir)
         resume_ckpt = found[-1][1] if found else None
+    cfg = batching.apply_batch(cfg, ddp.world()[1])  # the global batch over W processes
     # checks every process makes identically before any of them joins the process group
     local_batch = ddp.check_batch_size(cfg.batch_size, ddp.world()[1])
     device = ddp.process_device(resolve_device(cfg.device), ddp.world()[1])
@@ -506,7 +518,7 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
 
     def prepare(tok_path: Path | None):
         tokenizer, data = load_data(cfg, tok_path)
-        mcfg = model_config(cfg, tokenizer.get_vocab_size())
+        mcfg = model_config(cfg, P.model_vocab(tokenizer, cfg.model_vocab_size))
         return tokenizer, data, mcfg, build_model(cfg, mcfg, warm_ckpt).to(device)
 
     # rank 0 first (it trains or loads the tokenizer and sets up --out), then the others,
@@ -529,6 +541,18 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
         # rank 0 keeps the single-process RNG stream; the others draw their own dropout
         torch.manual_seed(ddp.rank_seed(cfg.seed, rank))
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.global_batch_size and cfg.micro_batch_size is None and device.type == "cuda":
+        # the largest micro-batch that fits, agreed by all processes (AdamW state counted)
+        micro = batching.agree_min(batching.probe_micro_batch(
+            model, cfg.seq_len, cfg.global_batch_size // world, device,
+            extra_bytes=8 * sum(p.numel() for p in trainable)), device)
+        cfg = batching.apply_batch(cfg, world, micro)
+        local_batch = cfg.batch_size // world
+        say(f"micro-batch {micro} per process (memory probe), {cfg.grad_accum} accumulation "
+            f"steps: {cfg.global_batch_size} sequences per update")
+        if main and resume_ckpt is None:
+            write_json(run_dir / "run.json", run_record(cfg, mcfg, model, data, world,
+                                                        ddp.backend(device)))
     optimizer = make_optimizer(cfg, model, device)
     rcfg = relora_config(cfg) if cfg.kind == "relora" else None
     state = TrainState()
@@ -543,16 +567,18 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
 
     n_params = sum(p.numel() for p in model.parameters())
     procs = f", {world} processes ({ddp.backend(device)})" if world > 1 else ""
+    n_tokens = data.n_train_tokens
     say(f"[bold]{cfg.kind}[/] preset {cfg.preset}: {n_params:,} parameters "
         f"({sum(p.numel() for p in trainable):,} trainable), vocab {mcfg.vocab_size}, "
-        f"{len(data.train_tokens):,} training tokens, device {device}{procs}, out {run_dir}")
+        f"{'streamed' if n_tokens is None else f'{n_tokens:,}'} training tokens, "
+        f"device {device}{procs}, out {run_dir}")
 
     ddp_model = ddp.wrap(model, device) if world > 1 else model
     no_sync = ddp_model.no_sync if world > 1 else None
     train_model = torch.compile(ddp_model) if cfg.compile else ddp_model
     evaluator = EvalHook(cfg, tokenizer, device, say)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len  # global
-    sched = dict(kind=cfg.kind, warmup=cfg.warmup_steps, total=cfg.steps,
+    sched = dict(kind=cfg.kind, warmup=cfg.warmup_steps, total=cfg.schedule_horizon or cfg.steps,
                  reset_every=cfg.reset_every or 0,
                  restart_warmup=cfg.restart_warmup_steps or 0,
                  min_lr_ratio=cfg.min_lr_ratio, paper_compat=cfg.paper_compat)
@@ -565,6 +591,16 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
 
     def wall() -> float:
         return wall_before + time.perf_counter() - session_start
+
+    device_before = state.device_seconds
+    checkpointed_hours: dict[int, float] = {}  # step -> the gpu_hours its checkpoint holds
+
+    def gpu_hours(step: int | None = None) -> float:
+        """Device-hours: wall-clock × processes (GPUs on CUDA), summed over sessions from the
+        checkpoint each resumed; a checkpointed step logs its checkpoint's value."""
+        if step in checkpointed_hours:
+            return checkpointed_hours[step]
+        return (device_before + (time.perf_counter() - session_start) * world) / 3600.0
 
     def checkpoint(step: int, last: bool) -> dict | None:
         rng = capture_rng(device)
@@ -584,7 +620,11 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
         grads, acts, ld_loss = learning_dynamics(model, data.ld_batch, device,
                                                  activations=cfg.save_activations)
         meta = {"step": step, "tokens": state.tokens, "train_loss": state.train_loss,
-                "lr": lr_of(step), "wall_seconds": wall(), "ld_loss": ld_loss}
+                "lr": lr_of(step), "wall_seconds": wall(), "ld_loss": ld_loss,
+                "gpu_hours": gpu_hours()}
+        state.device_seconds = meta["gpu_hours"] * 3600.0
+        checkpointed_hours.clear()
+        checkpointed_hours[step] = meta["gpu_hours"]
         if rcfg is not None:
             meta["relora_cycle"] = state.relora_cycle
         if world > 1:
@@ -605,6 +645,7 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
                                                                            - wall_before)}
         if rcfg is not None:
             rec["relora_cycle"] = state.relora_cycle
+        rec["gpu_hours"] = gpu_hours(step)
         if result is not None:
             rec["eval"] = result
         metrics.write(rec)
@@ -613,8 +654,7 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
     batches = D.iter_batches(data, state.data_position, local_batch, cfg.seed, rank, world)
     try:
         if resume_ckpt is None:
-            first = D.get_windows(data, D.shard(D.sample_indices(
-                0, cfg.batch_size, data.n_windows, cfg.seed), rank, world))
+            first = D.first_batch(data, cfg.batch_size, cfg.seed, rank, world)
             state.train_loss = ddp.mean_over_ranks(batch_loss(model, first, device), device)
             log(0, checkpoint(0, last=cfg.steps == 0))
         with _progress(cfg.progress and main, console) as bar:
@@ -677,7 +717,7 @@ def run_record(cfg: TrainConfig, mcfg: ModelConfig, model: nn.Module, data: D.To
     if cfg.kind == "relora":
         rec["relora"] = relora_config(cfg).to_dict()
     rec["train"] = cfg.to_dict()
-    rec["data"] = {"train_tokens": int(len(data.train_tokens)), "train_windows": data.n_windows,
+    rec["data"] = {"train_tokens": data.n_train_tokens, "train_windows": data.n_windows,
                    "ld_batch_size": int(data.ld_batch.shape[0]),
                    "ld_seq_len": int(data.ld_batch.shape[1] - 1)}
     rec["parameters"] = {"total": sum(p.numel() for p in model.parameters()),
@@ -753,6 +793,7 @@ def check_launch(kind: str, nproc: int, *, config: str | Path | None = None, **o
         cfg = resume_config(cfg, explicit, check_out_dir(cfg)).resolved()
     else:
         check_out_dir(cfg)
+    cfg = batching.apply_batch(cfg, nproc)
     ddp.check_batch_size(cfg.batch_size, nproc)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and nproc > torch.cuda.device_count():

@@ -426,9 +426,21 @@ def _has(ds: xr.Dataset, name: str) -> bool:
     return name in ds.data_vars and bool(np.isfinite(ds[name].values).any())
 
 
-def training_curves(ds: xr.Dataset, runs: Sequence[str] | None = None) -> go.Figure:
+TIME_AXES = {"wall": ("wall_seconds", 3600.0, "hours", "wall-clock hours"),
+             "gpu": ("gpu_hours", 1.0, "gpu_hours", "GPU-hours")}
+
+
+def training_curves(ds: xr.Dataset, runs: Sequence[str] | None = None,
+                    time: str = "auto") -> go.Figure:
     """Training loss, perplexity (macro; per domain dotted) and BLiMP accuracy against steps
-    (top row) and against wall-clock hours (bottom row)."""
+    (top row) and against time (bottom row): `time="gpu"` GPU-hours (wall-clock × devices,
+    the study's x-axis), `"wall"` wall-clock hours, `"auto"` GPU-hours when the store
+    records them, else wall-clock hours."""
+    if time not in ("auto", *TIME_AXES):
+        raise ValueError(f"time {time!r}: expected auto, wall or gpu")
+    if time == "auto":
+        time = "gpu" if _has(ds, "gpu_hours") else "wall"
+    tvar, tscale, tname, tlabel = TIME_AXES[time]
     runs_ = _runs(ds, runs)
     ds = ds.sortby("step") if "step" in ds.dims else ds
     panels = [(name, label) for name, label in (
@@ -438,11 +450,11 @@ def training_curves(ds: xr.Dataset, runs: Sequence[str] | None = None) -> go.Fig
         ("train_loss", "train loss"), ("ppl_macro", "perplexity"),
         ("blimp_overall", "BLiMP")) if not _has(ds, name)]
     xs = [("step", "step")]
-    if _has(ds, "wall_seconds"):
-        xs.append(("hours", "wall-clock hours"))
+    if _has(ds, tvar):
+        xs.append((tname, tlabel))
     else:
-        notes.append("no wall_seconds in store: wall-clock row omitted")
-    title = "Training curves: against steps (top) and wall-clock hours (bottom)"
+        notes.append(f"no {tvar} in store: {tlabel} row omitted")
+    title = f"Training curves: against steps (top) and {tlabel} (bottom)"
     if not panels:
         return _finish(go.Figure(), title, notes, 200)
     fig = make_subplots(rows=len(xs), cols=len(panels), horizontal_spacing=0.07,
@@ -454,8 +466,8 @@ def training_curves(ds: xr.Dataset, runs: Sequence[str] | None = None) -> go.Fig
             for run in runs_:
                 color = _color(ds, run)
                 x = ds["step"].values.astype(float)
-                if xname == "hours":
-                    x = ds["wall_seconds"].sel(run=run).values.astype(float) / 3600.0
+                if xname == tname:
+                    x = ds[tvar].sel(run=run).values.astype(float) / tscale
                 y = ds[name].sel(run=run).values.astype(float)
                 ok = np.isfinite(x) & np.isfinite(y)
                 if not ok.any():

@@ -102,8 +102,8 @@ def report_sections(ds: xr.Dataset) -> list[Section]:
     specs = [
         ("Training curves",
          "Training loss, perplexity on the held-out domains (macro mean solid, each domain "
-         "dotted) and BLiMP accuracy, against optimizer steps (top) and wall-clock hours "
-         "(bottom).",
+         "dotted) and BLiMP accuracy, against optimizer steps (top) and GPU-hours "
+         "(bottom; wall-clock hours for stores without them).",
          lambda: F.training_curves(ds)),
         ("PER of weights",
          "Proportional effective rank of the OV circuit and of the MLP down-projection "
