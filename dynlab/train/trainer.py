@@ -269,14 +269,16 @@ class EvalHook:
         return None
 
     def __call__(self, model: nn.Module) -> dict | None:
-        if self._data is None:
-            self._data = self._load()
-        if not self.enabled or self._data is None:
-            return None
-        from dynlab.eval import evaluate
-
-        plain = unwrap(model) if relora_modules(model) else model
+        """The evaluation of `model`; loading the data, unwrapping a relora model and
+        evaluating all run inside `preserved_rng`, so the training RNG never moves."""
         with preserved_rng(self.device):
+            if self._data is None:
+                self._data = self._load()
+            if not self.enabled or self._data is None:
+                return None
+            from dynlab.eval import evaluate
+
+            plain = unwrap(model) if relora_modules(model) else model
             return evaluate(plain, self.tokenizer, self._data, device=str(self.device),
                             batch_size=self.cfg.eval_batch_size, max_seq_len=self.cfg.seq_len)
 
