@@ -44,6 +44,14 @@ def plot(
                                 help="Output .html (offline, plotly.js inlined) or .png."),
 ) -> None:
     """Draw one figure of a store to an HTML (or PNG) file."""
+    from dynlab_cli.console import guarded
+
+    with guarded("plot"):
+        _plot(store, figure, metric, kind, matrix, layer, run, output)
+
+
+def _plot(store: Path, figure: FigureKind, metric: str, kind: str, matrix: str, layer: int,
+          run: list[str] | None, output: Path) -> None:
     from dynlab.viz import figures as F
     from dynlab.viz.report import open_store, save_figure
 

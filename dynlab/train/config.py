@@ -139,6 +139,10 @@ def validate(cfg: TrainConfig) -> None:
         _positive(cfg, name)
     for name in ("warmup_steps", "eval_every"):
         _positive(cfg, name, allow_zero=True)
+    for name in ("lr", "min_lr_ratio", "weight_decay", "alpha", "lora_dropout", "prune_ratio"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"--{name.replace('_', '-')}: expected a number, got {value!r}")
     if not cfg.lr > 0:
         raise ValueError(f"--lr: expected a positive learning rate, got {cfg.lr!r}")
     for name in ("eval_ppl_docs", "eval_pairs_per_uid"):
