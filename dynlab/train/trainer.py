@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -570,7 +571,9 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(run_dir / "run.json", run_record(cfg, mcfg, model, data, world,
                                                         ddp.backend(device)))
-            tokenizer.save(str(run_dir / "tokenizer.json"))
+            tmp = run_dir / f".tmp-tokenizer.json-{os.getpid()}"  # atomic, as write_json
+            tokenizer.save(str(tmp))
+            os.replace(tmp, run_dir / "tokenizer.json")
     ddp.barrier()
     if not main:
         tokenizer, data, mcfg, model = prepare(run_dir / "tokenizer.json")
