@@ -454,3 +454,13 @@ def test_eval_with_a_truncated_checkpoint(copy_run, tmp_path):
     assert invoke("eval", run / "checkpoints" / "step_4", "--blimp", "none", "--ppl", ppl,
                   "--json", one).exit_code == 0
     assert json.loads(one.read_text()) == results[1]
+
+
+def test_plot_of_a_corrupt_store_is_a_message(tmp_path):
+    store = tmp_path / "bad.zarr"
+    store.mkdir()
+    (store / "zarr.json").write_text("{not json")
+    res = invoke("plot", store, "--output", tmp_path / "fig.html")
+    assert res.exit_code == 2
+    assert f"store {store}: not a readable dynlab store" in res.output
+    assert not (tmp_path / "fig.html").exists()
