@@ -6,6 +6,7 @@ with exit status 2, never a traceback, and never costs a file dynlab did not wri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import dynlab
+from dynlab.eval import EvalDataWarning
 from dynlab.train.checkpointing import (
     complete_checkpoints,
     read_metrics,
@@ -59,6 +62,14 @@ def cli_args(kind: str, out: Path, opts: dict) -> list[str]:
     return args
 
 
+@contextlib.contextmanager
+def quiet_eval():
+    """Silence the evaluation data's warnings (pairs longer than the tiny context)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EvalDataWarning)
+        yield
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """One tokenizer cache for the module, shared with the processes it starts."""
@@ -76,7 +87,7 @@ def cache(tmp_path_factory):
 def reference(cache, tmp_path_factory):
     """Uninterrupted runs, trained in this process: {"decoder": RUN, "relora": RUN}."""
     root = tmp_path_factory.mktemp("reference")
-    with pytest.warns(UserWarning):  # the tiny context makes the eval data warn
+    with quiet_eval():
         relora = dynlab.train("relora", out=str(root / "relora"), **RELORA)
     return {"decoder": dynlab.train("decoder", out=str(root / "decoder"), **DECODER),
             "relora": relora}
@@ -227,7 +238,7 @@ def test_loss_curve_independent_of_evaluation_and_activations(kind, reference, t
     curve and the final weights equal those of a run that does neither, bitwise."""
     opts = dict(RELORA if kind == "relora" else DECODER)
     plain = dynlab.train(kind, out=str(tmp_path / "plain"), **(opts | dict(eval_every=0)))
-    with pytest.warns(UserWarning):
+    with quiet_eval():
         busy = dynlab.train(kind, out=str(tmp_path / "busy"),
                             **(opts | dict(eval_every=1, save_activations=True)))
     assert "eval" in read_metrics(busy)[1]
@@ -394,19 +405,17 @@ def truncate(path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["trainer_state.pt", "weights.safetensors"])
 def test_truncated_checkpoint_file_on_resume(copy_run, name):
+    """The latest checkpoint's file is cut in half: a message naming it (and how to resume
+    from the checkpoint before), exit 2, and not one file changed."""
     run = copy_run()
-    stop = run / "checkpoints" / "step_6"
-    shutil.rmtree(run / "checkpoints" / "step_4")
-    stop.rename(run / "checkpoints" / "step_4")  # latest complete checkpoint: step_4 ...
-    meta = json.loads((run / "checkpoints/step_4/meta.json").read_text())
-    (run / "checkpoints/step_4/meta.json").write_text(json.dumps(meta | {"step": 4}))
-    truncate(run / "checkpoints" / "step_4" / name)  # ... and it is truncated
-    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    path = run / "checkpoints" / "step_6" / name
+    truncate(path)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     res = invoke(*cli_args("decoder", run, DECODER), "--resume")
     assert res.exit_code == 2
-    assert str(run / "checkpoints" / "step_4" / name) in res.output
+    assert str(path) in res.output
     assert "truncated" in res.output and "move" in res.output
-    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 class NotAState:
@@ -464,3 +473,14 @@ def test_plot_of_a_corrupt_store_is_a_message(tmp_path):
     assert res.exit_code == 2
     assert f"store {store}: not a readable dynlab store" in res.output
     assert not (tmp_path / "fig.html").exists()
+
+
+@pytest.mark.parametrize("key,value", [("n_heads", "four"), ("n_kv_heads", 0)])
+def test_bad_run_json_is_named_for_analysis(reference, key, value):
+    from dynlab.checkpoints import CheckpointError, ModelSpec
+
+    config = json.loads((reference["decoder"] / "run.json").read_text())
+    config["model"][key] = value
+    with pytest.raises(CheckpointError, match=rf"run.json: run.json's model.{key} must be a "
+                                              rf"positive integer, got {value!r}"):
+        ModelSpec.from_run_config(config, Path("RUN/run.json"))
