@@ -425,11 +425,17 @@ class NotAState:
 def test_trainer_state_that_is_not_ours_is_never_unpickled(copy_run):
     run = copy_run()
     path = run / "checkpoints" / "step_6" / "trainer_state.pt"
-    torch.save({"state": {}, "optimizer": {}, "rng": {}, "x": NotAState()}, path)
+    torch.save({"state": {}, "optimizer": {}, "rng": {}, "frozen_weights": {},
+                "x": NotAState()}, path)
     res = invoke(*cli_args("decoder", run, DECODER), "--resume")
     assert res.exit_code == 2
     assert f"{path}: not a dynlab trainer state" in res.output
     assert "weights_only" not in res.output
+    # a plain mapping that is not a trainer state is refused too
+    torch.save({"weights": torch.zeros(2)}, path)
+    res = invoke(*cli_args("decoder", run, DECODER), "--resume")
+    assert res.exit_code == 2
+    assert f"{path}: not a dynlab trainer state (expected a mapping with 'state'" in res.output
 
 
 def test_binary_blimp_file_is_named(copy_run, tmp_path):

@@ -157,9 +157,10 @@ def read_trainer_state(ckpt: Path) -> dict:
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
         raise InputError(f"{path}: truncated or corrupt ({type(err).__name__}); this "
                          "checkpoint cannot be resumed from") from err
-    if not isinstance(state, dict) or not {"state", "optimizer", "rng"} <= set(state):
+    keys = ("state", "optimizer", "rng", "frozen_weights")
+    if not isinstance(state, dict) or not set(keys) <= set(state):
         raise InputError(f"{path}: not a dynlab trainer state (expected a mapping with "
-                         "'state', 'optimizer' and 'rng')")
+                         f"{', '.join(map(repr, keys))})")
     return state
 
 

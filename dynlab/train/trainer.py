@@ -589,8 +589,9 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
             restore(model, optimizer, state, resume_ckpt, device, rank=rank, world_size=world,
                     seed=cfg.seed)
         except InputError as err:
-            raise InputError(f"--resume: {err}. Nothing was changed; to resume from an earlier "
-                             f"checkpoint, move {resume_ckpt} out of the run") from err
+            raise InputError(f"--resume: {err}. The checkpoints are left as they are; to "
+                             f"resume from an earlier one, move {resume_ckpt} out of the run"
+                             ) from err
         say(f"resuming {run_dir} from step {state.step}")
     metrics = MetricsLog(run_dir / "metrics.jsonl",
                          truncate_after=state.step if resume_ckpt is not None else -1,
