@@ -249,6 +249,16 @@ def test_loss_curve_independent_of_evaluation_and_activations(kind, reference, t
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_relora_with_evaluation_stopped_and_resumed_is_exact(reference, tmp_path):
+    """Stopped after update 3 (between evaluations at 2 and 4, with a reset pending), then
+    resumed: equal to the uninterrupted run with the same evaluations, bitwise."""
+    out = tmp_path / "run"
+    with quiet_eval():
+        dynlab.train("relora", out=str(out), stop_at=3, **RELORA)
+        dynlab.train("relora", out=str(out), resume=True, **RELORA)
+    assert_same_run(reference["relora"], out)
+
+
 def test_unwrap_leaves_the_global_rng_alone():
     from dynlab.model import ModelConfig, PicoDecoder
     from dynlab.model.relora import ReLoRAConfig, unwrap, wrap_relora
