@@ -229,6 +229,28 @@ def test_ctrl_c_from_outside_while_a_checkpoint_is_written(reference, tmp_path):
     assert_same_run(reference["decoder"], out)
 
 
+@pytest.mark.slow
+def test_ctrl_c_during_eval_exits_130_and_the_rerun_completes(copy_run, tmp_path):
+    """`dynlab eval RUN` interrupted (SIGINT) after its second checkpoint: exit 130 with the
+    one-line message, the finished eval.json files intact; the rerun evaluates all four,
+    equal to what the interrupted one had written."""
+    run = copy_run()
+    ppl = tmp_path / "held_out.txt"
+    ppl.write_text("the cat sat on the mat.\n\nthe dog saw the cat.\n")
+    args = ["eval", str(run), "--blimp", "none", "--ppl", str(ppl)]
+    res = run_dynlab(args, fault="eval.stored:interrupt@2")
+    assert res.returncode == 130, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == INTERRUPTED_MESSAGE
+    done = {s: (c / "eval.json").read_text() for s, c in complete_checkpoints(run)
+            if (c / "eval.json").exists()}
+    assert sorted(done) == [0, 2]
+    res = run_dynlab(args)
+    assert res.returncode == 0, res.stderr
+    after = {s: (c / "eval.json").read_text() for s, c in complete_checkpoints(run)}
+    assert sorted(after) == [0, 2, 4, 6]
+    assert {s: after[s] for s in done} == done
+
+
 # ------------------------------------------------------------------ the training RNG
 
 
