@@ -137,7 +137,12 @@ def dynlab_cmd(args: list[str], fault: str | None = None, mark: Path | None = No
 
 def run_dynlab(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
     proc = dynlab_cmd(args, fault)
-    out, err = proc.communicate(timeout=300)
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # timed out: end the process this test started
+            proc.kill()
+            proc.wait()
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
