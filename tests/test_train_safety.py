@@ -427,12 +427,20 @@ def test_bad_run_json_is_named_on_resume_and_on_eval(copy_run, key, value):
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
 
-def test_config_value_of_the_wrong_type(tmp_path):
+@pytest.mark.parametrize("line,message", [
+    ('lr: "fast"', "--lr: expected a number, got 'fast'"),
+    ('alpha: [1]', "--alpha: expected a number, got [1]"),
+    ('seed: "x"', "--seed: expected an integer, got 'x'"),
+    ("data: 7", "--data: expected a string, got 7"),
+    ("warm-start: 3", "--warm-start: expected a string, got 3"),
+    ('progress: "no"', "--progress: expected true or false, got 'no'"),
+])
+def test_config_value_of_the_wrong_type(tmp_path, line, message):
     config = tmp_path / "c.yaml"
-    config.write_text('lr: "fast"\n')
-    res = invoke("train", "decoder", "--config", config, "--out", tmp_path / "r")
+    config.write_text(line + "\n")
+    res = invoke("train", "relora", "--config", config, "--out", tmp_path / "r")
     assert res.exit_code == 2
-    assert "--lr: expected a number, got 'fast'" in res.output
+    assert message in res.output
     assert not (tmp_path / "r").exists()
 
 

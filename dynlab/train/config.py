@@ -101,6 +101,7 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """A copy with every None default filled from the preset, validated."""
+        check_types(self)
         if self.preset not in PRESETS:
             raise ValueError(f"--preset {self.preset!r}: unknown preset; choose one of "
                              f"{', '.join(PRESETS)}")
@@ -120,6 +121,28 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_TEXT = ("kind", "preset", "data", "device", "prune_method")
+_OPTIONAL_TEXT = ("tokenizer", "out", "eval_ppl", "eval_blimp", "warm_start")
+_SWITCHES = ("save_activations", "resume", "overwrite", "compile", "progress", "paper_compat")
+
+
+def check_types(cfg: TrainConfig) -> None:
+    """ValueError naming the option whose value (from a YAML file, say) has the wrong type:
+    text options need a string, switches true/false, --seed an integer."""
+    def wrong(name: str, what: str, value: object) -> ValueError:
+        return ValueError(f"--{name.replace('_', '-')}: expected {what}, got {value!r}")
+
+    for name in _TEXT + _OPTIONAL_TEXT:
+        value = getattr(cfg, name)
+        if not isinstance(value, str) and not (value is None and name in _OPTIONAL_TEXT):
+            raise wrong(name, "a string", value)
+    for name in _SWITCHES:
+        if not isinstance(getattr(cfg, name), bool):
+            raise wrong(name, "true or false", getattr(cfg, name))
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise wrong("seed", "an integer", cfg.seed)
 
 
 def _positive(cfg: TrainConfig, name: str, flag: str | None = None, allow_zero: bool = False
