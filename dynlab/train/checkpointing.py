@@ -152,8 +152,7 @@ def read_trainer_state(ckpt: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise InputError(f"{path}: not a dynlab trainer state (it holds objects other than "
-                         "tensors and plain values) or corrupt; it was not loaded. Resume "
-                         "from another checkpoint or start the run again") from err
+                         "tensors and plain values) or corrupt; it was not loaded") from err
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
         raise InputError(f"{path}: truncated or corrupt ({type(err).__name__}); this "
                          "checkpoint cannot be resumed from") from err
@@ -241,7 +240,8 @@ class MetricsLog:
                 except (OSError, ValueError):
                     continue
             lines = repaired_metrics(_read_lines(self.path), truncate_after,
-                                     [m for m in metas if isinstance(m, dict) and "step" in m])
+                                     [m for m in metas
+                                      if isinstance(m, dict) and isinstance(m.get("step"), int)])
             tmp = self.path.with_name(f"{TMP_PREFIX}{self.path.name}-{os.getpid()}")
             with tmp.open("w") as fh:
                 fh.write("".join(line + "\n" for line in lines))
