@@ -111,11 +111,7 @@ def _launch(kind: str, config: Path | None, options: dict, nproc: int, console) 
     argv = _argv(kind, config, options)
     opts = dict(options, activation_hidden_dim=options.get("hidden_dim"))
     opts.pop("hidden_dim", None)
-    try:
-        cfg = check_launch(kind, nproc, config=config, **opts)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
-        console.print(f"[red]error:[/] {err}")
-        raise typer.Exit(2) from None
+    cfg = check_launch(kind, nproc, config=config, **opts)
     code = launch(nproc, ["-m", "dynlab.train", *argv], threads=cfg.threads)
     if code:
         raise typer.Exit(code)
@@ -141,9 +137,12 @@ def _preview(kind: str, config: Path | None, options: dict, devices: int, gpu: s
 
 
 def _run(kind: str, config: Path | None, options: dict) -> None:
+    """Train under the exit-code policy of dynlab_cli.console.guarded: 2 bad input, 1
+    failure (a diverged run), 130 on Ctrl-C, which leaves a run that the same command (or
+    --resume) continues."""
     from rich.console import Console
 
-    from dynlab.train.trainer import TrainingDiverged, train
+    from dynlab_cli.console import guarded
 
     for flag in ("resume", "overwrite", "save_activations", "compile"):
         if options.get(flag) is False:
@@ -163,19 +162,15 @@ def _run(kind: str, config: Path | None, options: dict) -> None:
         console.print(f"[red]error:[/] --nproc {nproc} inside torchrun's {world} processes")
         raise typer.Exit(2)
     if nproc is not None and nproc > 1 and world == 1:
-        _launch(kind, config, options, nproc, console)
+        with guarded("train"):
+            _launch(kind, config, options, nproc, console)
         return
     options["activation_hidden_dim"] = options.pop("hidden_dim", None)
-    where = f"[rank {rank}] " if world > 1 else ""
-    try:
+    where = f"train (rank {rank})" if world > 1 else "train"
+    with guarded(where):
+        from dynlab.train.trainer import train
+
         run_dir = train(kind, config=config, **options)
-    except TrainingDiverged as err:
-        console.print(f"[red]{where}error:[/] {err}")
-        raise typer.Exit(1) from None
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            ImportError) as err:
-        console.print(f"[red]{where}error:[/] {err}")
-        raise typer.Exit(2) from None
     if rank == 0:
         print(run_dir)
 

@@ -46,6 +46,11 @@ class ModelSpec:
                 "vocab_size")
         if not isinstance(model, Mapping) or any(k not in model for k in keys):
             raise CheckpointError(f"{path}: run.json needs a 'model' object with {', '.join(keys)}")
+        for k in keys:
+            value = model[k]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CheckpointError(f"{path}: run.json's model.{k} must be a positive "
+                                      f"integer, got {value!r}")
         spec = cls(**{k: int(model[k]) for k in keys})
         if spec.d_model % spec.n_heads or spec.n_heads % spec.n_kv_heads:
             raise CheckpointError(

@@ -28,6 +28,7 @@ import gzip
 import json
 import math
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,6 +49,10 @@ class PretokenizedDocs(list):
 
 class EvalDataWarning(UserWarning):
     """A problem in evaluation input that was skipped (`on_error="skip"`)."""
+
+
+#: what reading a file that is not (gzipped) UTF-8 text raises
+NOT_TEXT = (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error)
 
 
 def report_problem(message: str, on_error: str) -> None:
@@ -75,7 +80,16 @@ def open_text(path: Path):
 
 
 def read_ppl_file(path: Path, on_error: str = "fail") -> dict[str, list[str]]:
-    """Documents of one file grouped by domain (the file stem, or each line's `source`)."""
+    """Documents of one file grouped by domain (the file stem, or each line's `source`); a
+    file that is not UTF-8 text (binary, a broken .gz) is reported as the file."""
+    try:
+        return _read_ppl_documents(path, on_error)
+    except NOT_TEXT as err:
+        report_problem(f"--ppl {path}: not a UTF-8 text file ({err})", on_error)
+        return {}
+
+
+def _read_ppl_documents(path: Path, on_error: str) -> dict[str, list[str]]:
     domains: dict[str, list[str]] = {}
     if path.name.endswith(".txt"):
         text = path.read_text(encoding="utf-8").replace("\r\n", "\n")

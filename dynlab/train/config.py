@@ -114,6 +114,7 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """A copy with every None default filled from the preset, validated."""
+        check_types(self)
         if self.preset not in PRESETS:
             raise ValueError(f"--preset {self.preset!r}: unknown preset; choose one of "
                              f"{', '.join(PRESETS)}")
@@ -142,6 +143,28 @@ class TrainConfig:
         return asdict(self)
 
 
+_TEXT = ("kind", "preset", "data", "device", "prune_method")
+_OPTIONAL_TEXT = ("tokenizer", "out", "eval_ppl", "eval_blimp", "warm_start")
+_SWITCHES = ("save_activations", "resume", "overwrite", "compile", "progress", "paper_compat")
+
+
+def check_types(cfg: TrainConfig) -> None:
+    """ValueError naming the option whose value (from a YAML file, say) has the wrong type:
+    text options need a string, switches true/false, --seed an integer."""
+    def wrong(name: str, what: str, value: object) -> ValueError:
+        return ValueError(f"--{name.replace('_', '-')}: expected {what}, got {value!r}")
+
+    for name in _TEXT + _OPTIONAL_TEXT:
+        value = getattr(cfg, name)
+        if not isinstance(value, str) and not (value is None and name in _OPTIONAL_TEXT):
+            raise wrong(name, "a string", value)
+    for name in _SWITCHES:
+        if not isinstance(getattr(cfg, name), bool):
+            raise wrong(name, "true or false", getattr(cfg, name))
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise wrong("seed", "an integer", cfg.seed)
+
+
 def _positive(cfg: TrainConfig, name: str, flag: str | None = None, allow_zero: bool = False
               ) -> None:
     value = getattr(cfg, name)
@@ -159,6 +182,10 @@ def validate(cfg: TrainConfig) -> None:
         _positive(cfg, name)
     for name in ("warmup_steps", "eval_every"):
         _positive(cfg, name, allow_zero=True)
+    for name in ("lr", "min_lr_ratio", "weight_decay", "alpha", "lora_dropout", "prune_ratio"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"--{name.replace('_', '-')}: expected a number, got {value!r}")
     if not cfg.lr > 0:
         raise ValueError(f"--lr: expected a positive learning rate, got {cfg.lr!r}")
     for name in ("eval_ppl_docs", "eval_pairs_per_uid"):

@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynlab.errors import DynlabFailure, InputError
+from dynlab.faults import fault_point
 from dynlab.model.pico_decoder import ModelConfig, PicoDecoder
 from dynlab.model.relora import (
     ReLoRALinear,
@@ -45,7 +47,9 @@ from dynlab.train.checkpointing import (
     MetricsLog,
     clean_incomplete,
     complete_checkpoints,
+    metrics_record,
     read_trainer_state,
+    remove_run_files,
     write_checkpoint,
     write_json,
 )
@@ -59,7 +63,7 @@ from dynlab.train.config import (
 from dynlab.train.schedules import lr_multiplier, reset_due
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(DynlabFailure):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -270,14 +274,16 @@ class EvalHook:
         return None
 
     def __call__(self, model: nn.Module) -> dict | None:
-        if self._data is None:
-            self._data = self._load()
-        if not self.enabled or self._data is None:
-            return None
-        from dynlab.eval import evaluate
-
-        plain = unwrap(model) if relora_modules(model) else model
+        """The evaluation of `model`; loading the data, unwrapping a relora model and
+        evaluating all run inside `preserved_rng`, so the training RNG never moves."""
         with preserved_rng(self.device):
+            if self._data is None:
+                self._data = self._load()
+            if not self.enabled or self._data is None:
+                return None
+            from dynlab.eval import evaluate
+
+            plain = unwrap(model) if relora_modules(model) else model
             return evaluate(plain, self.tokenizer, self._data, device=str(self.device),
                             batch_size=self.cfg.eval_batch_size, max_seq_len=self.cfg.seq_len)
 
@@ -402,9 +408,18 @@ def resume_config(cfg: TrainConfig, explicit: set[str], run_dir: Path) -> TrainC
     path = run_dir / "run.json"
     if not path.is_file():
         raise FileNotFoundError(f"--resume: {run_dir} has no run.json (nothing to resume)")
-    stored = json.loads(path.read_text())
+    try:
+        stored = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InputError(f"--resume: {path} is not valid JSON ({err})") from err
+    if not isinstance(stored, dict) or not isinstance(stored.get("train", {}), dict):
+        raise InputError(f"--resume: {path}: expected an object with a 'train' object")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     base = TrainConfig(**{k: v for k, v in stored.get("train", {}).items() if k in known})
+    try:
+        base.resolved()
+    except (ValueError, TypeError) as err:
+        raise InputError(f"--resume: {path} holds options that cannot train: {err}") from err
     given = dataclasses.asdict(cfg)
     for name in sorted(explicit | {"kind"}):
         if name in RESUME_MUTABLE or name not in given:
@@ -436,6 +451,35 @@ def check_out_dir(cfg: TrainConfig) -> Path:
         raise FileExistsError(f"--out {out}: --overwrite refuses to delete a directory that "
                               "is not a dynlab run (no run.json)")
     return out
+
+
+def interrupted_run(cfg: TrainConfig) -> bool:
+    """Whether --out holds an unfinished run of exactly these options (all but those a resume
+    may change, RESUME_MUTABLE): then rerunning the command that was interrupted continues
+    that run, which an exact resume makes the same as starting it again."""
+    if cfg.resume or cfg.overwrite or cfg.stop_at is not None:
+        return False
+    out = Path(cfg.out).expanduser()
+    try:
+        stored = json.loads((out / "run.json").read_text())["train"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not isinstance(stored, dict):
+        return False
+    given = cfg.to_dict()
+    if any(stored.get(k) != v for k, v in given.items() if k not in RESUME_MUTABLE | {"extra"}):
+        return False
+    return not any(step >= cfg.steps for step, _ in complete_checkpoints(out))
+
+
+def continue_interrupted(cfg: TrainConfig) -> TrainConfig:
+    """cfg with --resume set when --out holds its interrupted run (interrupted_run), said on
+    the console; else cfg."""
+    if not interrupted_run(cfg):
+        return cfg
+    warnings.warn(f"--out {cfg.out}: holds an unfinished run of these options; continuing it "
+                  "(as --resume; --overwrite starts it again)", stacklevel=2)
+    return dataclasses.replace(cfg, resume=True)
 
 
 # ---------------------------------------------------------------- the training loop
@@ -483,7 +527,7 @@ def run_training(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
 
 
 def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitStack) -> Path:
-    cfg = cfg.resolved()
+    cfg = continue_interrupted(cfg.resolved())
     run_dir = check_out_dir(cfg)
     resume_ckpt: Path | None = None
     if cfg.resume:
@@ -529,12 +573,19 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
         if resume_ckpt is not None:
             clean_incomplete(run_dir, after_step=int(resume_ckpt.name.split("_")[1]))
         else:
-            if run_dir.exists() and (cfg.overwrite or cfg.resume):
-                shutil.rmtree(run_dir)
+            if cfg.overwrite and run_dir.exists():
+                remove_run_files(run_dir)  # only what dynlab wrote (check_out_dir)
+            elif cfg.resume:
+                warnings.warn(f"--resume: {run_dir} has no complete checkpoint; starting the "
+                              "run at step 0 (nothing but dynlab's unfinished checkpoints is "
+                              "deleted)", stacklevel=2)
+                clean_incomplete(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(run_dir / "run.json", run_record(cfg, mcfg, model, data, world,
                                                         ddp.backend(device)))
-            tokenizer.save(str(run_dir / "tokenizer.json"))
+            tmp = run_dir / f".tmp-tokenizer.json-{os.getpid()}"  # atomic, as write_json
+            tokenizer.save(str(tmp))
+            os.replace(tmp, run_dir / "tokenizer.json")
     ddp.barrier()
     if not main:
         tokenizer, data, mcfg, model = prepare(run_dir / "tokenizer.json")
@@ -558,12 +609,17 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
     state = TrainState()
 
     if resume_ckpt is not None:
-        restore(model, optimizer, state, resume_ckpt, device, rank=rank, world_size=world,
-                seed=cfg.seed)
+        try:
+            restore(model, optimizer, state, resume_ckpt, device, rank=rank, world_size=world,
+                    seed=cfg.seed)
+        except InputError as err:
+            raise InputError(f"--resume: {err}. The checkpoints are left as they are; to "
+                             f"resume from an earlier one, move {resume_ckpt} out of the run"
+                             ) from err
         say(f"resuming {run_dir} from step {state.step}")
     metrics = MetricsLog(run_dir / "metrics.jsonl",
-                         truncate_after=state.step if resume_ckpt is not None else -1
-                         ) if main else None
+                         truncate_after=state.step if resume_ckpt is not None else -1,
+                         run_dir=run_dir) if main else None
 
     n_params = sum(p.numel() for p in model.parameters())
     procs = f", {world} processes ({ddp.backend(device)})" if world > 1 else ""
@@ -639,16 +695,13 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
     def log(step: int, result: dict | None) -> None:
         if metrics is None:
             return
-        rec = {"step": step, "loss": state.train_loss, "lr": lr_of(step),
-               "tokens": state.tokens, "wall_seconds": wall(),
-               "tokens_per_second": (state.tokens - tokens_at_start) / max(1e-9, wall()
-                                                                           - wall_before)}
-        if rcfg is not None:
-            rec["relora_cycle"] = state.relora_cycle
-        rec["gpu_hours"] = gpu_hours(step)
-        if result is not None:
-            rec["eval"] = result
-        metrics.write(rec)
+        rate = (state.tokens - tokens_at_start) / max(1e-9, wall() - wall_before)
+        metrics.write(metrics_record(
+            step, loss=state.train_loss, lr=lr_of(step), tokens=state.tokens,
+            wall_seconds=wall(), tokens_per_second=rate,
+            relora_cycle=state.relora_cycle if rcfg is not None else None,
+            gpu_hours=gpu_hours(step),
+            eval_result=result))
 
     tokens_at_start = state.tokens
     batches = D.iter_batches(data, state.data_position, local_batch, cfg.seed, rank, world)
@@ -685,6 +738,7 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
                 state.data_position = position
                 state.tokens += tokens_per_step
                 state.train_loss = loss
+                fault_point("train.step")
                 last = state.step == cfg.steps
                 result = None
                 if state.step % cfg.checkpoint_every == 0 or last or evaluator.due(
@@ -744,6 +798,21 @@ def trainer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: Tra
     return out
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; InputError naming it when it is truncated or not a
+    safetensors file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise InputError(f"{path}: missing; this checkpoint cannot be resumed from")
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise InputError(f"{path}: truncated or not a safetensors file ({err}); this "
+                         "checkpoint cannot be resumed from") from err
+
+
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
             ckpt: Path, device: torch.device, *, rank: int = 0, world_size: int = 1,
             seed: int = 0) -> None:
@@ -752,10 +821,8 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainStat
     Every rank loads the same state. Rank r takes its own saved RNG state when the checkpoint
     was written by as many processes; otherwise rank 0 takes rank 0's and rank r > 0 starts
     a fresh stream (ddp.rank_seed(seed, r, step))."""
-    from safetensors.torch import load_file
-
     ts = read_trainer_state(ckpt)
-    weights = load_file(str(ckpt / "weights.safetensors"))
+    weights = read_weights(ckpt / "weights.safetensors")
     weights.update(ts["frozen_weights"])  # relora: raw frozen W, not the effective weight
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -785,7 +852,7 @@ def check_launch(kind: str, nproc: int, *, config: str | Path | None = None, **o
 
     if nproc < 1:
         raise ValueError(f"--nproc {nproc}: expected a positive number of processes")
-    cfg = make_config(kind, options, config).resolved()
+    cfg = continue_interrupted(make_config(kind, options, config).resolved())
     if cfg.resume:
         explicit = {k for k, v in options.items() if v is not None}
         if config is not None:
