@@ -32,7 +32,7 @@ LAYER_MATRICES: tuple[str, ...] = (
 )
 MATRICES: tuple[str, ...] = LAYER_MATRICES + ("ov_circuit",)
 EMBEDDINGS: tuple[str, ...] = ("embedding_proj", "de_embedding_proj")
-KINDS: tuple[str, ...] = ("weights", "grads", "updates", "lora")
+KINDS: tuple[str, ...] = ("weights", "grads", "updates", "lora", "train_grads")
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -111,6 +111,13 @@ def weight(tensors: Tensors, layer: int, matrix: str) -> torch.Tensor:
     return tensors[f"layers.{layer}.{matrix}.weight"]
 
 
+def has(tensors: Tensors, layer: int, *matrices: str) -> bool:
+    """Whether every one of `matrices` of `layer` is present. Architectures without a matrix
+    (GPT-NeoX and GPT-2 have no MLP gate `swiglu.w_0`) and sources that hold only some
+    gradients (pico-train's learning-dynamics files) leave those cells NaN."""
+    return all(f"layers.{layer}.{m}.weight" in tensors for m in matrices)
+
+
 def ov_head_factors(
     o_proj: torch.Tensor, v_proj: torch.Tensor, spec: ModelSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,14 +150,18 @@ def weight_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
     ov_idx = MATRICES.index("ov_circuit")
     for layer in range(spec.n_layers):
         for j, name in enumerate(LAYER_MATRICES):
-            out[Site("layer", (layer, j))] = dense(weight(w, layer, name))
+            if has(w, layer, name):
+                out[Site("layer", (layer, j))] = dense(weight(w, layer, name))
+        if not has(w, layer, "attention.o_proj", "attention.v_proj"):
+            continue
         o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
         out[Site("layer", (layer, ov_idx))] = LowRank(*ov_whole_factors(o, v, spec))
         o_heads, v_heads = ov_head_factors(o.double(), v.double(), spec)
         for head, comp in enumerate(_head_lowrank(o_heads, v_heads)):
             out[Site("head", (layer, head))] = comp
     for e, name in enumerate(EMBEDDINGS):
-        out[Site("emb", (e,))] = drop_zero_rows(w[f"{name}.weight"])
+        if f"{name}.weight" in w:
+            out[Site("emb", (e,))] = drop_zero_rows(w[f"{name}.weight"])
     return out
 
 
@@ -161,7 +172,11 @@ def grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Compo
     ov_idx = MATRICES.index("ov_circuit")
     for layer in range(spec.n_layers):
         for j, name in enumerate(LAYER_MATRICES):
-            out[Site("layer", (layer, j))] = dense(weight(g, layer, name))
+            if has(g, layer, name):
+                out[Site("layer", (layer, j))] = dense(weight(g, layer, name))
+        if not (has(g, layer, "attention.o_proj", "attention.v_proj")
+                and has(w, layer, "attention.o_proj", "attention.v_proj")):
+            continue
         o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
         do, dv = weight(g, layer, "attention.o_proj"), weight(g, layer, "attention.v_proj")
         o_h, v_h = ov_head_factors(o.double(), v.double(), spec)
@@ -175,7 +190,8 @@ def grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Compo
         for head, comp in enumerate(_head_lowrank(left, right)):
             out[Site("head", (layer, head))] = comp
     for e, name in enumerate(EMBEDDINGS):
-        out[Site("emb", (e,))] = drop_zero_rows(g[f"{name}.weight"])
+        if f"{name}.weight" in g:
+            out[Site("emb", (e,))] = drop_zero_rows(g[f"{name}.weight"])
     return out
 
 
@@ -186,8 +202,12 @@ def update_components(w: Tensors, w_prev: Tensors, spec: ModelSpec) -> dict[Site
     ov_idx = MATRICES.index("ov_circuit")
     for layer in range(spec.n_layers):
         for j, name in enumerate(LAYER_MATRICES):
-            delta = weight(w, layer, name).double() - weight(w_prev, layer, name).double()
-            out[Site("layer", (layer, j))] = dense(delta)
+            if has(w, layer, name) and has(w_prev, layer, name):
+                delta = weight(w, layer, name).double() - weight(w_prev, layer, name).double()
+                out[Site("layer", (layer, j))] = dense(delta)
+        if not (has(w, layer, "attention.o_proj", "attention.v_proj")
+                and has(w_prev, layer, "attention.o_proj", "attention.v_proj")):
+            continue
         o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
         po = weight(w_prev, layer, "attention.o_proj")
         pv = weight(w_prev, layer, "attention.v_proj")
@@ -203,6 +223,8 @@ def update_components(w: Tensors, w_prev: Tensors, spec: ModelSpec) -> dict[Site
             out[Site("head", (layer, head))] = comp
     for e, name in enumerate(EMBEDDINGS):
         key = f"{name}.weight"
+        if key not in w or key not in w_prev:
+            continue
         out[Site("emb", (e,))] = drop_zero_rows(w[key].double() - w_prev[key].double())
     return out
 
