@@ -290,6 +290,8 @@ def resolve_device(device: str) -> str:
 
 
 def default_store_path(runs: Sequence[Run]) -> Path:
+    if str(runs[0].path).startswith("hf:"):  # a Hub repository: the working directory
+        return Path("analysis.zarr")
     return runs[0].path.parent / "analysis.zarr"
 
 

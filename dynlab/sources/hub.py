@@ -1,0 +1,270 @@
+"""Hugging Face Hub repositories as runs: `hf://ORG/NAME`, one checkpoint per revision.
+
+Revisions are branches or tags that name a step (`step1000`, `step_1000`, `checkpoint-1000`,
+`global_step1000`), given as a comma list and/or ranges `stepA:stepB:K` (A, A+K, … up to B
+inclusive), e.g. `step0,step1000:step143000:1000`. Without `--revisions`, every branch
+matching `step<N>` (huggingface_hub's `list_repo_refs`; offline, the refs in the local cache).
+
+Each revision is fetched with huggingface_hub's `snapshot_download` into its cache (default
+`HF_HUB_CACHE`, or `cache_dir`), only config.json and the safetensors weights (or, when a
+revision has none, the `.bin` weights). Revision t+1 is fetched while t is analysed and each
+is deleted (huggingface_hub's own cache deletion) once analysed, so at most two revisions
+are on disk; `keep_downloads` keeps them, and a revision that was in the cache before dynlab
+started is never deleted. With `HF_HUB_OFFLINE=1` nothing goes to the network: revisions
+come from the cache, and one that is not there is a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dynlab.checkpoints import ModelSpec, read_json
+from dynlab.sources.arch import ADAPTERS, adapter_for
+from dynlab.sources.base import Reader, SourceCheckpoint, SourceError, SourceRun, Tensors
+from dynlab.sources.hf import convert_model_dir, source_config, step_of
+
+URL = re.compile(r"^hf://([A-Za-z0-9][\w.-]*/[\w.-]+)/?$")
+STEP_BRANCH = re.compile(r"^step\d+$")
+WEIGHTS = ["config.json", "*.safetensors", "*.safetensors.index.json"]
+BIN_WEIGHTS = ["config.json", "*.bin", "*.bin.index.json"]
+MAX_ON_DISK = 2
+
+
+def parse_url(url: str) -> str:
+    m = URL.match(url)
+    if not m:
+        raise SourceError(f"{url}: expected hf://ORG/NAME")
+    return m.group(1)
+
+
+def parse_revisions(spec: str) -> list[str]:
+    """'step0,step1000:step3000:1000' -> [step0, step1000, step2000, step3000] (ranges are
+    inclusive of their end when it lies on the grid; duplicates removed, order kept)."""
+    out: list[str] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        if ":" not in item:
+            out.append(item)
+            continue
+        parts = item.split(":")
+        if len(parts) != 3:
+            raise SourceError(f"--revisions {item!r}: a range is stepA:stepB:K")
+        a, b = (step_of(p) if step_of(p) is not None else _int(p, item) for p in parts[:2])
+        k = _int(parts[2], item)
+        if k <= 0 or b < a:
+            raise SourceError(f"--revisions {item!r}: needs A <= B and a step K > 0")
+        prefix = re.match(r"^(\D*)", parts[0]).group(1) or "step"
+        out.extend(f"{prefix}{n}" for n in range(a, b + 1, k))
+    if not out:
+        raise SourceError(f"--revisions {spec!r}: no revision named")
+    return list(dict.fromkeys(out))
+
+
+def _int(text: str, item: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise SourceError(f"--revisions {item!r}: {text!r} is not a step (stepN or N)") from None
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (set in the environment or its constants)."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub():
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise SourceError("hf:// sources need huggingface_hub: pip install 'dynlab[hf]'") from None
+    return huggingface_hub
+
+
+def repo_folder(repo_id: str, cache_dir: Path) -> Path:
+    """The repository's folder in a huggingface_hub cache (models--ORG--NAME)."""
+    return cache_dir / ("models--" + repo_id.replace("/", "--"))
+
+
+def cache_path(cache_dir: str | Path | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(_hub().constants.HF_HUB_CACHE)
+
+
+def cached_refs(repo_id: str, cache_dir: Path) -> dict[str, str]:
+    """Revision name -> commit of every ref in the local cache whose snapshot is present."""
+    refs = repo_folder(repo_id, cache_dir) / "refs"
+    out = {}
+    if refs.is_dir():
+        for f in refs.rglob("*"):
+            if f.is_file():
+                commit = f.read_text().strip()
+                if (repo_folder(repo_id, cache_dir) / "snapshots" / commit).is_dir():
+                    out[str(f.relative_to(refs))] = commit
+    return out
+
+
+def remote_refs(repo_id: str) -> list[str]:
+    """Branches and tags of a Hub repository (needs the network)."""
+    hub = _hub()
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        refs = hub.HfApi().list_repo_refs(repo_id)
+    except RepositoryNotFoundError:
+        raise SourceError(f"hf://{repo_id}: no such repository on the Hugging Face Hub (or it "
+                          "is private and no token is set)") from None
+    except Exception as e:  # requests' ConnectionError, timeouts, Hub errors
+        raise SourceError(
+            f"hf://{repo_id}: the Hugging Face Hub cannot be reached ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); set HF_HUB_OFFLINE=1 to use "
+            "revisions already in the local cache"
+        ) from None
+    return [b.name for b in refs.branches] + [t.name for t in refs.tags]
+
+
+def resolve_revisions(repo_id: str, spec: str | None, cache_dir: Path) -> list[str]:
+    """The revisions to analyse, each checked to exist (online: on the Hub; offline: in the
+    local cache), sorted by step."""
+    known = list(cached_refs(repo_id, cache_dir)) if offline() else remote_refs(repo_id)
+    where = "in the local cache (HF_HUB_OFFLINE is set)" if offline() else "on the Hub"
+    if spec is None:
+        wanted = [r for r in known if STEP_BRANCH.match(r)]
+        if not wanted:
+            raise SourceError(f"hf://{repo_id}: no step<N> branch {where}; pass --revisions")
+    else:
+        wanted = parse_revisions(spec)
+        missing = [r for r in wanted if r not in known]
+        if missing:
+            shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+            raise SourceError(f"hf://{repo_id}: revision(s) {shown} do not exist {where}")
+    bad = [r for r in wanted if step_of(r) is None]
+    if bad:
+        raise SourceError(f"hf://{repo_id}: revision(s) {', '.join(bad)} do not name a step "
+                          "(expected stepN, step_N, checkpoint-N or global_stepN)")
+    return sorted(wanted, key=step_of)
+
+
+class _Downloads:
+    """Revisions on disk that dynlab fetched (at most MAX_ON_DISK at a time)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.live: dict[str, Path] = {}
+        self.max_live = 0
+
+
+@dataclass(frozen=True)
+class HubReader(Reader):
+    """A Hub repository read revision by revision through huggingface_hub's cache."""
+
+    repo_id: str
+    model_type: str
+    spec: ModelSpec
+    cache_dir: Path
+    keep_downloads: bool = False
+    preexisting: frozenset[str] = frozenset()
+    revisions: tuple[str, ...] = ()
+    format: str = "hf-hub"
+    state: _Downloads = field(default_factory=_Downloads, compare=False, repr=False)
+
+    def checkpoints(self, run_name: str) -> list[SourceCheckpoint]:
+        return [SourceCheckpoint(run_name, step_of(r), Path(f"hf://{self.repo_id}@{r}"),
+                                 reader=self, revision=r) for r in self.revisions]
+
+    def fetch(self, revision: str) -> Path:
+        """The revision's snapshot folder, downloaded if needed (waiting while two fetched
+        revisions are still on disk)."""
+        st = self.state
+        with st.cond:
+            if revision in st.live:
+                return st.live[revision]
+            st.cond.wait_for(lambda: len(st.live) < MAX_ON_DISK or self.keep_downloads)
+        path = snapshot(self.repo_id, revision, self.cache_dir, WEIGHTS)
+        if not any(path.glob("*.safetensors")):
+            path = snapshot(self.repo_id, revision, self.cache_dir, BIN_WEIGHTS)
+        with st.cond:
+            st.live[revision] = path
+            st.max_live = max(st.max_live, len(st.live))
+        return path
+
+    def weights(self, ckpt: SourceCheckpoint) -> Tensors:
+        path = self.fetch(ckpt.revision)
+        config = read_json(path / "config.json")
+        adapter = adapter_for(config, path / "config.json")
+        spec = adapter.spec(config, path / "config.json")
+        if spec != self.spec:
+            raise SourceError(f"hf://{self.repo_id}@{ckpt.revision}: config.json describes "
+                              f"another model than the first revision ({spec} vs {self.spec})")
+        return convert_model_dir(path, ADAPTERS[self.model_type], spec)
+
+    def release(self, ckpt: SourceCheckpoint) -> None:
+        st = self.state
+        with st.cond:
+            path = st.live.pop(ckpt.revision, None)
+            st.cond.notify_all()
+        if path is None or self.keep_downloads or ckpt.revision in self.preexisting:
+            return
+        delete_revision(self.cache_dir, path.name)
+
+
+def snapshot(repo_id: str, revision: str, cache_dir: Path, patterns: list[str]) -> Path:
+    hub = _hub()
+    from huggingface_hub.errors import LocalEntryNotFoundError, RevisionNotFoundError
+
+    try:
+        return Path(hub.snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
+                                          allow_patterns=patterns,
+                                          local_files_only=offline()))
+    except RevisionNotFoundError:
+        raise SourceError(f"hf://{repo_id}: revision {revision} does not exist") from None
+    except LocalEntryNotFoundError:
+        why = ("HF_HUB_OFFLINE is set" if offline() else "the Hugging Face Hub cannot be reached")
+        raise SourceError(f"hf://{repo_id}@{revision}: not in the local cache {cache_dir} and "
+                          f"{why}") from None
+    except Exception as e:
+        raise SourceError(f"hf://{repo_id}@{revision}: download failed ({type(e).__name__}: "
+                          f"{e})") from None
+
+
+def delete_revision(cache_dir: Path, commit: str) -> None:
+    """Delete one cached revision (its snapshot, and blobs no other revision uses) through
+    huggingface_hub's cache manager."""
+    hub = _hub()
+    strategy = hub.scan_cache_dir(cache_dir).delete_revisions(commit)
+    strategy.execute()
+
+
+def preexisting_revisions(repo_id: str, wanted: list[str], cache_dir: Path) -> frozenset[str]:
+    """The wanted revisions already in the cache before dynlab fetched anything (never
+    deleted)."""
+    before = cached_refs(repo_id, cache_dir)
+    return frozenset(r for r in wanted if r in before)
+
+
+def open_hub_run(url: str, revisions: str | None, *, keep_downloads: bool = False,
+                 cache_dir: str | Path | None = None) -> SourceRun:
+    repo_id = parse_url(url)
+    cache = cache_path(cache_dir)
+    wanted = resolve_revisions(repo_id, revisions, cache)
+    preexisting = preexisting_revisions(repo_id, wanted, cache)
+    first = wanted[0]
+    path = snapshot(repo_id, first, cache, ["config.json"])
+    config = read_json(path / "config.json")  # its weights come when it is analysed
+    adapter = adapter_for(config, Path(f"hf://{repo_id}@{first}/config.json"))
+    spec = adapter.spec(config, Path(f"hf://{repo_id}@{first}/config.json"))
+    reader = HubReader(repo_id, adapter.model_types[0], spec, cache, keep_downloads,
+                       preexisting, tuple(wanted))
+    name = repo_id
+    cfg = source_config(config, adapter, "hf-hub", f"hf://{repo_id}")
+    cfg["source"]["revisions"] = list(wanted)
+    return SourceRun(name, Path(f"hf://{repo_id}"), cfg, spec, tuple(reader.checkpoints(name)),
+                     reader=reader)

@@ -1,0 +1,178 @@
+"""hf://ORG/NAME through huggingface_hub's real code, offline, on a cache directory laid out as
+huggingface_hub lays it out (blobs, snapshots of symlinks, refs), standing in for the Hub."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+huggingface_hub = pytest.importorskip("huggingface_hub")
+
+import hf_fixtures as fx  # noqa: E402
+from sources_refs import check, to64  # noqa: E402
+
+import dynlab  # noqa: E402
+from dynlab.checkpoints import CheckpointError  # noqa: E402
+from dynlab.sources import open_sources  # noqa: E402
+from dynlab.sources import hub as H  # noqa: E402
+
+REPO = "tiny-org/tiny-pythia"
+STEPS = (0, 2, 4)
+BIN = Path(sys.executable).parent / "dynlab"
+
+
+def lay_out_cache(cache: Path, repo_id: str, revisions: dict[str, Path]) -> None:
+    """huggingface_hub's cache layout: blobs/<sha256>, snapshots/<commit>/<file> -> blob,
+    refs/<revision> holding the commit."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    for rev, model_dir in revisions.items():
+        commit = hashlib.sha1(rev.encode()).hexdigest()
+        snap = repo / "snapshots" / commit
+        snap.mkdir(parents=True)
+        for f in sorted(model_dir.iterdir()):
+            data = f.read_bytes()
+            sha = hashlib.sha256(data).hexdigest()
+            blob = repo / "blobs" / sha
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_bytes(data)
+            (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / rev).write_text(commit)
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    saved = fx.train_and_save("gpt_neox", root / "dirs", STEPS, "step{}")
+    cache = root / "cache"
+    lay_out_cache(cache, REPO, {f"step{s}": root / "dirs" / f"step{s}" for s in STEPS})
+    info = huggingface_hub.scan_cache_dir(cache)  # the real code reads our layout
+    (repo,) = info.repos
+    assert repo.repo_id == REPO and len(repo.revisions) == 3
+    return cache, saved
+
+
+def files_in(cache: Path) -> set[str]:
+    return {str(p.relative_to(cache)) for p in cache.rglob("*")}
+
+
+def test_parse_revisions():
+    assert H.parse_revisions("step0,step1000:step3000:1000") == [
+        "step0", "step1000", "step2000", "step3000"]
+    assert H.parse_revisions("step0:step143000:10000")[-1] == "step140000"
+    assert H.parse_revisions("step0:step143000:10000")[:2] == ["step0", "step10000"]
+    with pytest.raises(CheckpointError, match="A <= B"):
+        H.parse_revisions("step5:step1:1")
+
+
+def test_offline_analysis_from_cache(hub_cache, tmp_path, monkeypatch):
+    cache, saved = hub_cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = files_in(cache)
+    store = dynlab.analyze([f"hf://{REPO}"], tmp_path / "a.zarr", revisions="step0:step4:2",
+                           cache_dir=cache, metrics="per,er,spectral_norm,frobenius_norm",
+                           device="cpu", progress=False)
+    ds = dynlab.open_store(store)
+    assert list(ds.run.values) == [REPO] and list(ds.step.values) == list(STEPS)
+    assert list(ds.kind.values) == ["weights", "updates"]
+    for step in STEPS:
+        sd = saved[step]
+        check(ds, {"run": REPO, "kind": "weights", "step": step, "layer": 1,
+                   "matrix": "attention.o_proj"},
+              to64(sd["gpt_neox.layers.1.attention.dense.weight"]))
+        check(ds, {"run": REPO, "kind": "weights", "step": step, "layer": 0,
+                   "matrix": "swiglu.w_2"},
+              to64(sd["gpt_neox.layers.0.mlp.dense_4h_to_h.weight"]))
+    d = (to64(saved[4]["embed_out.weight"]) - to64(saved[2]["embed_out.weight"]))
+    check(ds, {"run": REPO, "kind": "updates", "step": 4, "embedding": "de_embedding_proj"}, d,
+          prefix="emb_")
+    assert files_in(cache) == before  # revisions that were in the cache are never deleted
+    # default revisions offline: every step<N> ref in the cache
+    (run,) = open_sources([f"hf://{REPO}"], cache_dir=cache)
+    assert [c.step for c in run.checkpoints] == list(STEPS)
+
+
+def test_streaming_deletes_what_it_fetched(hub_cache, tmp_path, monkeypatch):
+    """Revisions dynlab fetched are deleted once analysed (through huggingface_hub's cache
+    manager), at most two on disk at a time; --keep-downloads keeps them."""
+    cache, _ = hub_cache
+    import shutil
+
+    mine = tmp_path / "cache"
+    shutil.copytree(cache, mine, symlinks=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    seen: list[int] = []
+    readers = []
+
+    def fresh(repo_id, wanted, cache_dir):  # as if every revision had been downloaded now
+        return frozenset()
+
+    monkeypatch.setattr(H, "preexisting_revisions", fresh)
+    real_open = H.open_hub_run
+
+    def spy(*a, **k):
+        run = real_open(*a, **k)
+        readers.append(run.reader)
+        return run
+
+    monkeypatch.setattr(H, "open_hub_run", spy)
+
+    def count(task):
+        snaps = mine / ("models--" + REPO.replace("/", "--")) / "snapshots"
+        seen.append(len(list(snaps.iterdir())) if snaps.is_dir() else 0)
+
+    dynlab.analyze([f"hf://{REPO}"], tmp_path / "b.zarr", cache_dir=mine, metrics="per",
+                   device="cpu", progress=False, on_checkpoint=count)
+    assert readers[0].state.max_live == 2  # t+1 fetched while t is analysed, never more
+    assert seen == [3, 2, 1]  # each revision deleted right after its analysis
+    assert all(len(r.revisions) == 0 for r in huggingface_hub.scan_cache_dir(mine).repos)
+    ds = dynlab.open_store(tmp_path / "b.zarr")
+    assert int(ds.analyzed.sum()) == 3
+
+
+def test_missing_revision_offline(hub_cache, monkeypatch):
+    cache, _ = hub_cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match=r"revision\(s\) step6 do not exist in the local "
+                       r"cache \(HF_HUB_OFFLINE is set\)"):
+        open_sources([f"hf://{REPO}"], revisions="step0,step6", cache_dir=cache)
+
+
+@pytest.mark.slow
+def test_cli_offline_and_unreachable(hub_cache, tmp_path):
+    """The real command: HF_HUB_OFFLINE=1 reads the cache; with the Hub unreachable (and not
+    offline) the message says so and the exit status is 2."""
+    cache, _ = hub_cache
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    off = subprocess.run(
+        [str(BIN), "analyze", f"hf://{REPO}", "--revisions", "step2,step4", "--hub-cache",
+         str(cache), "-o", str(tmp_path / "c.zarr"), "--metrics", "per", "--device", "cpu",
+         "--no-progress"], env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+        timeout=300)
+    assert off.returncode == 0, off.stderr
+    ds = dynlab.open_store(tmp_path / "c.zarr")
+    assert list(ds.step.values) == [2, 4] and int(ds.analyzed.sum()) == 2
+    down = subprocess.run(
+        [str(BIN), "analyze", f"hf://{REPO}", "--revisions", "step2", "--hub-cache", str(cache),
+         "-o", str(tmp_path / "d.zarr"), "--no-progress"],
+        env={**env, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"},
+        capture_output=True, text=True, timeout=300)
+    assert down.returncode == 2, down.stderr
+    assert "Hugging Face Hub cannot be reached" in down.stderr
+    assert "HF_HUB_OFFLINE=1" in down.stderr
+    assert "Traceback" not in down.stderr
+
+
+def test_reader_is_a_plain_dataclass(hub_cache, monkeypatch):
+    cache, _ = hub_cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (run,) = open_sources([f"hf://{REPO}"], revisions="step4", cache_dir=cache)
+    assert dataclasses.is_dataclass(run.reader) and run.reader.revisions == ("step4",)
+    assert run.config["source"]["architecture"] == "gpt_neox"
