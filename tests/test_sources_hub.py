@@ -20,8 +20,8 @@ from sources_refs import check, to64  # noqa: E402
 
 import dynlab  # noqa: E402
 from dynlab.checkpoints import CheckpointError  # noqa: E402
-from dynlab.sources import open_sources  # noqa: E402
 from dynlab.sources import hub as H  # noqa: E402
+from dynlab.sources import open_sources  # noqa: E402
 
 REPO = "tiny-org/tiny-pythia"
 STEPS = (0, 2, 4)
