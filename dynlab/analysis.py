@@ -310,6 +310,7 @@ def analyze(
     revisions: str | None = None,
     keep_downloads: bool = False,
     cache_dir: str | Path | None = None,
+    grads_data: Mapping | None = None,
 ) -> Path:
     """Analyse every complete checkpoint of `runs` into the Zarr store `out` and return its path.
 
@@ -320,13 +321,20 @@ def analyze(
     metrics: comma list or names (default all). kinds: weights, grads, updates, lora,
     train_grads (default all available). A rerun skips the checkpoints the store already
     holds. scheduler: None (in process), "local:N" (a Dask LocalCluster of N worker
-    processes) or a Dask scheduler address "tcp://HOST:PORT".
+    processes) or a Dask scheduler address "tcp://HOST:PORT". grads_data: {path, batch_size,
+    seq_len, tokenizer} to recompute every checkpoint's `grads` on that fixed batch
+    (`dynlab.sources.grads`).
     """
     metric_names = spectral.parse_metrics(metrics)
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     found = open_sources(runs, fmt, revisions=revisions, keep_downloads=keep_downloads,
                          cache_dir=cache_dir)
+    if grads_data is not None:
+        from dynlab.sources.grads import GradsData, with_recomputed_grads
+
+        data = GradsData(**grads_data)
+        found = [with_recomputed_grads(r, data) for r in found]
     if scheduler and any(str(r).startswith("hf://") for r in runs):
         raise ValueError("hf:// sources are streamed in this process; leave out --scheduler")
     kind_names = parse_kinds(kinds, found)
