@@ -20,7 +20,7 @@ from dynlab import components as C  # noqa: E402
 from dynlab.checkpoints import CheckpointError  # noqa: E402
 from dynlab.sources import open_sources  # noqa: E402
 
-METRICS = "per,er,spectral_norm,frobenius_norm"
+METRICS = "per,er,cn,spectral_norm,frobenius_norm"
 # (arch, directory name pattern, save_pretrained options, dtype)
 VARIANTS = {
     "llama": ("step_{}", {"max_shard_size": "8KB"}, torch.float32),       # sharded safetensors
@@ -164,3 +164,21 @@ def test_missing_config_and_missing_shard(tmp_path):
     (tmp_path / "run" / "step1" / shard).unlink()
     with pytest.raises(CheckpointError, match=rf"names shard\(s\) {shard} that are missing"):
         open_sources([tmp_path / "run" / "step1"])
+
+
+def test_report_from_hf_store(hf_runs, tmp_path):
+    """`dynlab report` on a store of Llama, Pythia-style and GPT-2 runs: every spectral figure
+    is drawn, with nothing missing but what HF checkpoints do not carry (losses, grads)."""
+    from dynlab.viz import report as R
+
+    root, _, ds = hf_runs
+    out, _, sections = R.write_report([root / "a.zarr"], tmp_path / "report.html")
+    by_title = {s.title: s for s in sections}
+    for title in ("PER of weights", "Condition number of weights and updates",
+                  "PER of weights, layer by layer", "Spectrum evolution"):
+        assert by_title[title].figure is not None and by_title[title].notes == [], title
+    upd = by_title["PER of updates and gradients"]
+    assert upd.figure is not None and all("'grads' not in store" in n for n in upd.notes)
+    names = {t.name for t in by_title["PER of weights"].figure.data}
+    assert {"llama", "gpt_neox", "gpt2"} <= names
+    assert out.stat().st_size > 100_000

@@ -253,3 +253,26 @@ def test_incomplete_step_is_skipped(tmp_path):
     (run,) = open_sources([root])
     assert [c.step for c in run.checkpoints] == [0, 5]
     assert np.isfinite(run.spec.d_model)
+
+
+def test_report_for_pico_and_relora_pico(pico, tmp_path):
+    """One store with a pico-train and a relora-pico run gives the whole report, the ReLoRA
+    comparison included, with relora-pico's resets (reset_frequency, its own reset rule)."""
+    from dynlab.viz import report as R
+    from dynlab.viz.figures import reset_steps
+
+    root, _, _ = pico
+    relora_root = tmp_path / "relora-run"
+    write_pico_run(relora_root, relora={"r": 2, "lora_alpha": 4, "trainable_scaling": False})
+    cfg = yaml.safe_load((relora_root / "training_config.yaml").read_text())
+    cfg["model"]["relora"] = {"reset_frequency": 4}
+    cfg["training"]["optimization"] = {"lr_warmup_steps": 2}
+    (relora_root / "training_config.yaml").write_text(yaml.safe_dump(cfg))
+    store = dynlab.analyze([root, relora_root], tmp_path / "both.zarr", metrics="per,cn",
+                           device="cpu", progress=False)
+    out, ds, sections = R.write_report([store], tmp_path / "report.html")
+    by_title = {s.title: s for s in sections}
+    assert by_title["ReLoRA against decoder"].figure is not None
+    assert by_title["PER of weights"].notes == []
+    assert reset_steps(ds, "relora-run") == [5, 9]  # t > 2 and t mod 4 = 1, up to step 10
+    assert list(ds.kind.values) == ["weights", "grads", "updates", "lora", "train_grads"]

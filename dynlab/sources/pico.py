@@ -207,6 +207,24 @@ class PicoTrainReader(Reader):
         return 1.0 if self.relora is not None else None
 
 
+def report_config(training_config: dict, relora: dict | None) -> dict:
+    """The run.json-style entries the report reads: `train.steps`, `train.warmup_steps` and,
+    for relora-pico, `relora.reset_every` (model.relora.reset_frequency) with relora-pico's
+    own reset rule (`paper_compat`: a reset follows update t when t > warmup and
+    t mod reset_every = 1)."""
+    training = training_config.get("training") or {}
+    optim = training.get("optimization") or {}
+    out: dict = {"train": {k: v for k, v in (("steps", training.get("max_steps")),
+                                             ("warmup_steps", optim.get("lr_warmup_steps")))
+                           if v is not None}}
+    if relora is not None:
+        model_relora = (training_config.get("model") or {}).get("relora") or {}
+        every = model_relora.get("reset_frequency", relora.get("reset_frequency"))
+        out["relora"] = {**relora, "paper_compat": True,
+                         **({"reset_every": every} if every else {})}
+    return out
+
+
 def open_pico_run(root: Path, name: str | None = None, fmt: str | None = None) -> SourceRun:
     """A pico-train or relora-pico run (detected from config.json's model_type / relora block;
     `fmt` forces one)."""
@@ -229,4 +247,5 @@ def open_pico_run(root: Path, name: str | None = None, fmt: str | None = None) -
     config = {"kind": "relora" if is_relora else "decoder", "model": model_config,
               "training_config": training_config,
               "source": {"format": reader.format, "architecture": "pico", "path": str(root)}}
+    config.update(report_config(training_config, relora))
     return SourceRun(name, root, config, spec, tuple(ckpts), reader=reader)
