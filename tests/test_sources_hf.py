@@ -182,3 +182,22 @@ def test_report_from_hf_store(hf_runs, tmp_path):
     names = {t.name for t in by_title["PER of weights"].figure.data}
     assert {"llama", "gpt_neox", "gpt2"} <= names
     assert out.stat().st_size > 100_000
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from dynlab_cli.main import app
+
+    fx.train_and_save("gpt2", tmp_path, (0,), "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["model_type"] = "mamba"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    res = CliRunner().invoke(app, ["analyze", str(tmp_path / "m"), "--no-progress"])
+    assert res.exit_code == 2
+    assert "model_type 'mamba' is not supported; supported:" in res.output
+    assert "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["analyze", str(tmp_path / "m"), "--revisions", "step0"])
+    assert res.exit_code == 2 and "--revisions applies to hf://ORG/NAME" in res.output
+    res = CliRunner().invoke(app, ["analyze", str(tmp_path / "m"), "--format", "pico"])
+    assert res.exit_code == 2 and "--format must be one of dynlab, pico-train" in res.output

@@ -67,6 +67,8 @@ def open_sources(paths: Sequence[str | Path], fmt: str | None = None, *,
         raise CheckpointError("no run given: expected RUN, RUN/checkpoints or several RUNs")
     if fmt is not None and fmt not in FORMATS:
         raise SourceError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if revisions is not None and not any(str(p).startswith("hf://") for p in paths):
+        raise SourceError("--revisions applies to hf://ORG/NAME sources only")
     dynlab_paths: list[Path] = []
     others: list[Run] = []
     for raw in paths:
@@ -94,8 +96,6 @@ def open_sources(paths: Sequence[str | Path], fmt: str | None = None, *,
                 dynlab_paths.extend(c for c, k in found if k == "dynlab")
             else:
                 dynlab_paths.append(p)  # a folder of dynlab runs, or find_runs's message
-    if revisions is not None and not any(str(p).startswith("hf://") for p in paths):
-        raise SourceError("--revisions applies to hf://ORG/NAME sources only")
     runs = list(find_runs(dynlab_paths)) if dynlab_paths else []
     runs += others
     names = [r.name for r in runs]
