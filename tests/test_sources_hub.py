@@ -176,3 +176,104 @@ def test_reader_is_a_plain_dataclass(hub_cache, monkeypatch):
     (run,) = open_sources([f"hf://{REPO}"], revisions="step4", cache_dir=cache)
     assert dataclasses.is_dataclass(run.reader) and run.reader.revisions == ("step4",)
     assert run.config["source"]["architecture"] == "gpt_neox"
+
+
+# ---- a pico run on the Hub: one branch, one commit per save ---------------------------------
+
+
+class _CommitServer:
+    """A local HTTP server standing in for the Hub's commit listing of one branch
+    (GET /api/models/ORG/NAME/commits/BRANCH); every other request gets 500, so
+    huggingface_hub falls back to its local cache as it does when the Hub is down."""
+
+    def __init__(self, repo_id: str, branch: str, commits: list[dict]):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        path = f"/api/models/{repo_id}/commits/{branch}"
+        body = json.dumps(commits).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                ok = self.path.split("?")[0] == path
+                self.send_response(200 if ok else 500)
+                self.send_header("Content-Type", "application/json")
+                data = body if ok else b"{}"
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_HEAD = do_GET  # noqa: N815
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def _commit(title: str) -> dict:
+    return {"id": hashlib.sha1(title.encode()).hexdigest(), "title": title, "message": "",
+            "authors": [{"user": "pico"}], "date": "2025-01-01T00:00:00.000Z"}
+
+
+def test_pico_run_on_the_hub(tmp_path, monkeypatch):
+    """Steps come from the commit titles; weights from each 'Saving HF Model' commit, the
+    gradients from each '(val)' learning-dynamics commit; the shipped .py is never read."""
+    from test_sources_pico import STEPS, write_pico_run
+
+    run = tmp_path / "pico-run"
+    written = write_pico_run(run)
+    repo, branch = "pico-org/pico-decoder-tiny", "run-1"
+    cache = tmp_path / "cache"
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    commits = []
+    for step in STEPS:
+        src = run / "checkpoints" / f"step_{step}"
+        model_commit = _commit(f"Saving HF Model -- Step {step}")
+        ld_commit = _commit(f"Saving Learning Dynamics Data (val) -- Step {step}")
+        fabric_commit = _commit(f"Saving Fabric Checkpoint -- Step {step}")
+        for c, files in ((model_commit, {"config.json": src / "config.json",
+                                         "model.safetensors": src / "model.safetensors",
+                                         "pico_decoder.py": None}),
+                         (ld_commit, {f"learning_dynamics/{f.name}": f
+                                      for f in (src / "learning_dynamics").iterdir()})):
+            snap = folder / "snapshots" / c["id"]
+            for name, f in files.items():
+                target = snap / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                data = b"raise SystemExit('never imported')\n" if f is None else f.read_bytes()
+                blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
+                blob.parent.mkdir(parents=True, exist_ok=True)
+                blob.write_bytes(data)
+                target.symlink_to(os.path.relpath(blob, target.parent))
+        commits = [ld_commit, fabric_commit, model_commit] + commits  # newest first
+    server = _CommitServer(repo, branch, commits)
+    try:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        store = dynlab.analyze([f"hf://{repo}@{branch}"], tmp_path / "p.zarr", cache_dir=cache,
+                               metrics="per,er,spectral_norm,frobenius_norm", device="cpu",
+                               progress=False, keep_downloads=True)
+        with pytest.raises(CheckpointError, match=r"branch nope does not exist|cannot be "
+                           r"reached"):
+            open_sources([f"hf://{repo}@nope"], cache_dir=cache)
+    finally:
+        server.close()
+    ds = dynlab.open_store(store)
+    name = f"{repo}@{branch}"
+    assert list(ds.step.values) == list(STEPS)
+    assert list(ds.kind.values) == ["weights", "grads", "updates", "train_grads"]
+    for step in STEPS:
+        w = written[step]["weights"]
+        check(ds, {"run": name, "kind": "weights", "step": step, "layer": 1,
+                   "matrix": "attention.k_proj"}, to64(w["layers.1.attention.k_proj.weight"]))
+        g = written[step]["val_grads"]["_forward_module.layers.0.swiglu.w_2"]
+        check(ds, {"run": name, "kind": "grads", "step": step, "layer": 0,
+                   "matrix": "swiglu.w_2"}, to64(g))

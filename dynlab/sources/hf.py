@@ -97,10 +97,16 @@ def model_spec(model_dir: Path) -> tuple[dict, Adapter, ModelSpec]:
     return config, adapter, adapter.spec(config, f)
 
 
-def convert_model_dir(model_dir: Path, adapter: Adapter, spec: ModelSpec) -> Tensors:
-    """A model directory's matrices under dynlab's names, checked against config.json."""
+def convert_model_dir(model_dir: Path, adapter: Adapter, spec: ModelSpec,
+                      config: dict | None = None) -> Tensors:
+    """A model directory's matrices under dynlab's names, checked against config.json (a
+    relora-pico model's effective weights W + s·B·A, with its LoRA factors)."""
     tensors = load_model_tensors(model_dir)
     w = adapter.convert(tensors, spec, model_dir)
+    if adapter.family == "pico" and config and config.get("relora"):
+        from dynlab.sources.pico import compose_relora
+
+        w = compose_relora(w, config["relora"], model_dir)
     check_named_shapes(w, spec, model_dir, gated=adapter.gated)
     return w
 
@@ -113,7 +119,12 @@ class HFDirReader(Reader):
     model_type: str
     spec: ModelSpec
     single: bool = False
+    relora: bool = False
     format: str = "hf"
+
+    @property
+    def lora_scale(self) -> float | None:
+        return 1.0 if self.relora else None
 
     @property
     def adapter(self) -> Adapter:
@@ -138,7 +149,7 @@ class HFDirReader(Reader):
         if adapter.family != self.adapter.family or spec != self.spec:
             raise SourceError(f"{ckpt.path}: config.json describes another model than the "
                               f"run's first checkpoint ({spec} vs {self.spec})")
-        return convert_model_dir(ckpt.path, adapter, spec)
+        return convert_model_dir(ckpt.path, adapter, spec, config)
 
     def meta(self, ckpt: SourceCheckpoint) -> dict:
         return trainer_meta(ckpt.path, ckpt.step)
@@ -173,7 +184,8 @@ def open_hf_run(root: Path, name: str | None = None) -> SourceRun:
         first = dirs[0]
     config, adapter, spec = model_spec(first)
     weight_files(first)  # a clear error for missing weights or shards, before anything runs
-    reader = HFDirReader(root, adapter.model_types[0], spec, single)
+    reader = HFDirReader(root, adapter.model_types[0], spec, single,
+                         relora=adapter.family == "pico" and bool(config.get("relora")))
     name = name or root.name
     ckpts = reader.checkpoints(name)
     if not ckpts:

@@ -24,21 +24,65 @@ from pathlib import Path
 
 from dynlab.checkpoints import ModelSpec, read_json
 from dynlab.sources.arch import ADAPTERS, adapter_for
-from dynlab.sources.base import Reader, SourceCheckpoint, SourceError, SourceRun, Tensors
+from dynlab.sources.base import (
+    Grads,
+    Reader,
+    SourceCheckpoint,
+    SourceError,
+    SourceRun,
+    Tensors,
+)
 from dynlab.sources.hf import convert_model_dir, source_config, step_of
 
-URL = re.compile(r"^hf://([A-Za-z0-9][\w.-]*/[\w.-]+)/?$")
+URL = re.compile(r"^hf://([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@([\w./-]+))?/?$")
+PICO_MODEL_COMMIT = re.compile(r"^Saving HF Model -- Step (\d+)$")
+PICO_LD_COMMIT = re.compile(r"^Saving Learning Dynamics Data \(val\) -- Step (\d+)$")
+LD_GRADIENTS = ["learning_dynamics/*_gradients.pt"]
 STEP_BRANCH = re.compile(r"^step\d+$")
 WEIGHTS = ["config.json", "*.safetensors", "*.safetensors.index.json"]
 BIN_WEIGHTS = ["config.json", "*.bin", "*.bin.index.json"]
 MAX_ON_DISK = 2
 
 
-def parse_url(url: str) -> str:
+def parse_url(url: str) -> tuple[str, str | None]:
+    """hf://ORG/NAME -> (ORG/NAME, None); hf://ORG/NAME@BRANCH -> (ORG/NAME, BRANCH)."""
     m = URL.match(url)
     if not m:
-        raise SourceError(f"{url}: expected hf://ORG/NAME")
-    return m.group(1)
+        raise SourceError(f"{url}: expected hf://ORG/NAME (or hf://ORG/NAME@BRANCH for a pico "
+                          "run saved one commit per checkpoint)")
+    return m.group(1), m.group(2)
+
+
+def pico_commits(repo_id: str, branch: str) -> tuple[dict[int, str], dict[int, str]]:
+    """A pico run on the Hub (one branch per run, one commit per save): step -> commit of
+    each "Saving HF Model -- Step N" and each "Saving Learning Dynamics Data (val) -- Step N"
+    commit (the newest one of a step), from the branch's history (`list_repo_commits`)."""
+    hub = _hub()
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    if offline():
+        raise SourceError(f"hf://{repo_id}@{branch}: a pico run's steps come from its commit "
+                          "history, which needs the Hub (HF_HUB_OFFLINE is set)")
+    try:
+        commits = hub.HfApi().list_repo_commits(repo_id, revision=branch)
+    except RevisionNotFoundError:
+        raise SourceError(f"hf://{repo_id}: branch {branch} does not exist") from None
+    except RepositoryNotFoundError:
+        raise SourceError(f"hf://{repo_id}: no such repository on the Hugging Face Hub (or it "
+                          "is private and no token is set)") from None
+    except Exception as e:
+        raise SourceError(f"hf://{repo_id}@{branch}: the Hugging Face Hub cannot be reached "
+                          f"({type(e).__name__})") from None
+    models: dict[int, str] = {}
+    ld: dict[int, str] = {}
+    for c in commits:  # newest first
+        for pattern, found in ((PICO_MODEL_COMMIT, models), (PICO_LD_COMMIT, ld)):
+            m = pattern.match((c.title or "").strip())
+            if m and int(m.group(1)) not in found:
+                found[int(m.group(1))] = c.commit_id
+    if not models:
+        raise SourceError(f"hf://{repo_id}@{branch}: no commit titled 'Saving HF Model -- Step N'")
+    return models, ld
 
 
 def parse_revisions(spec: str) -> list[str]:
@@ -173,12 +217,47 @@ class HubReader(Reader):
     keep_downloads: bool = False
     preexisting: frozenset[str] = frozenset()
     revisions: tuple[str, ...] = ()
+    steps: tuple[int, ...] = ()  # when revisions are commits (a pico run); else from names
+    ld_revisions: tuple[tuple[int, str], ...] = ()  # pico: step -> learning-dynamics commit
+    relora: dict | None = None
     format: str = "hf-hub"
     state: _Downloads = field(default_factory=_Downloads, compare=False, repr=False)
 
     def checkpoints(self, run_name: str) -> list[SourceCheckpoint]:
-        return [SourceCheckpoint(run_name, step_of(r), Path(f"hf://{self.repo_id}@{r}"),
-                                 reader=self, revision=r) for r in self.revisions]
+        steps = self.steps or tuple(step_of(r) for r in self.revisions)
+        return [SourceCheckpoint(run_name, step, Path(f"hf://{self.repo_id}@{r}"),
+                                 reader=self, revision=r)
+                for r, step in zip(self.revisions, steps, strict=True)]
+
+    def grad_kinds(self) -> tuple[str, ...]:
+        return ("grads", "train_grads") if self.ld_revisions else ()
+
+    def grads(self, ckpt: SourceCheckpoint, weights: Tensors) -> Grads:
+        """A pico run's learning-dynamics gradients, from the step's "(val)" commit (which
+        holds the step's learning_dynamics/ folder); deleted again unless kept."""
+        commit = dict(self.ld_revisions).get(ckpt.step)
+        if commit is None:
+            return Grads()
+        from dynlab.sources.pico import GRAD_FILES, module_key
+        from dynlab.sources.tensors import load_torch_tensor_dict
+
+        path = snapshot(self.repo_id, commit, self.cache_dir, LD_GRADIENTS)
+        found = {}
+        try:
+            for kind, name in GRAD_FILES.items():
+                f = path / "learning_dynamics" / name
+                if f.is_file():
+                    g = {module_key(k): v.clone() for k, v in load_torch_tensor_dict(f).items()}
+                    found[kind] = {k: v for k, v in g.items() if k in weights
+                                   and tuple(v.shape) == tuple(weights[k].shape)}
+        finally:
+            if not self.keep_downloads and commit not in self.preexisting:
+                delete_revision(self.cache_dir, path.name)
+        return Grads(found.get("grads"), found.get("train_grads"))
+
+    @property
+    def lora_scale(self) -> float | None:
+        return 1.0 if self.relora is not None else None
 
     def fetch(self, revision: str) -> Path:
         """The revision's snapshot folder, downloaded if needed (waiting while two fetched
@@ -204,7 +283,7 @@ class HubReader(Reader):
         if spec != self.spec:
             raise SourceError(f"hf://{self.repo_id}@{ckpt.revision}: config.json describes "
                               f"another model than the first revision ({spec} vs {self.spec})")
-        return convert_model_dir(path, ADAPTERS[self.model_type], spec)
+        return convert_model_dir(path, ADAPTERS[self.model_type], spec, config)
 
     def release(self, ckpt: SourceCheckpoint) -> None:
         st = self.state
@@ -247,24 +326,48 @@ def preexisting_revisions(repo_id: str, wanted: list[str], cache_dir: Path) -> f
     """The wanted revisions already in the cache before dynlab fetched anything (never
     deleted)."""
     before = cached_refs(repo_id, cache_dir)
-    return frozenset(r for r in wanted if r in before)
+    snapshots = repo_folder(repo_id, cache_dir) / "snapshots"
+    return frozenset(r for r in wanted if r in before or (snapshots / r).is_dir())
 
 
 def open_hub_run(url: str, revisions: str | None, *, keep_downloads: bool = False,
                  cache_dir: str | Path | None = None) -> SourceRun:
-    repo_id = parse_url(url)
+    """hf://ORG/NAME (revisions are step branches) or hf://ORG/NAME@BRANCH (a pico run: one
+    commit per save; `revisions` then selects steps)."""
+    repo_id, branch = parse_url(url)
     cache = cache_path(cache_dir)
-    wanted = resolve_revisions(repo_id, revisions, cache)
+    steps: tuple[int, ...] = ()
+    ld: tuple[tuple[int, str], ...] = ()
+    if branch is None:
+        wanted = resolve_revisions(repo_id, revisions, cache)
+        name = repo_id
+    else:
+        models, ld_map = pico_commits(repo_id, branch)
+        chosen = sorted(models)
+        if revisions is not None:
+            keep = {step_of(r) if step_of(r) is not None else _int(r, r)
+                    for r in parse_revisions(revisions)}
+            missing = sorted(keep - set(models))
+            if missing:
+                raise SourceError(f"hf://{repo_id}@{branch}: no 'Saving HF Model' commit for "
+                                  f"step(s) {', '.join(map(str, missing[:5]))}")
+            chosen = [s for s in chosen if s in keep]
+        wanted = [models[s] for s in chosen]
+        steps = tuple(chosen)
+        ld = tuple((s, ld_map[s]) for s in chosen if s in ld_map)
+        name = f"{repo_id}@{branch}"
     preexisting = preexisting_revisions(repo_id, wanted, cache)
     first = wanted[0]
     path = snapshot(repo_id, first, cache, ["config.json"])
     config = read_json(path / "config.json")  # its weights come when it is analysed
     adapter = adapter_for(config, Path(f"hf://{repo_id}@{first}/config.json"))
     spec = adapter.spec(config, Path(f"hf://{repo_id}@{first}/config.json"))
+    relora = dict(config["relora"]) if adapter.family == "pico" and config.get("relora") else None
     reader = HubReader(repo_id, adapter.model_types[0], spec, cache, keep_downloads,
-                       preexisting, tuple(wanted))
-    name = repo_id
+                       preexisting, tuple(wanted), steps, ld, relora)
     cfg = source_config(config, adapter, "hf-hub", f"hf://{repo_id}")
     cfg["source"]["revisions"] = list(wanted)
+    if relora is not None:
+        cfg["kind"] = "relora"
     return SourceRun(name, Path(f"hf://{repo_id}"), cfg, spec, tuple(reader.checkpoints(name)),
                      reader=reader)
