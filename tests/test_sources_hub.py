@@ -277,3 +277,23 @@ def test_pico_run_on_the_hub(tmp_path, monkeypatch):
         g = written[step]["val_grads"]["_forward_module.layers.0.swiglu.w_2"]
         check(ds, {"run": name, "kind": "grads", "step": step, "layer": 0,
                    "matrix": "swiglu.w_2"}, to64(g))
+
+
+def test_hub_analysis_resumes(hub_cache, tmp_path, monkeypatch):
+    """A second run with more revisions analyses only the new ones (the store knows what is
+    done) and gives the same store as one run over all of them."""
+    cache, _ = hub_cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    done = []
+    kw = dict(cache_dir=cache, metrics="per", device="cpu", progress=False,
+              kinds="weights,updates")
+    dynlab.analyze([f"hf://{REPO}"], tmp_path / "r.zarr", revisions="step0,step2", **kw)
+    dynlab.analyze([f"hf://{REPO}"], tmp_path / "r.zarr", revisions="step0:step4:2",
+                   on_checkpoint=lambda t: done.append(t.checkpoint.step), **kw)
+    assert done == [4]
+    whole = dynlab.analyze([f"hf://{REPO}"], tmp_path / "w.zarr", revisions="step0:step4:2",
+                           **kw)
+    a, b = dynlab.open_store(tmp_path / "r.zarr"), dynlab.open_store(whole)
+    import numpy as np
+
+    np.testing.assert_array_equal(a.per.values, b.per.values)

@@ -276,3 +276,14 @@ def test_report_for_pico_and_relora_pico(pico, tmp_path):
     assert by_title["PER of weights"].notes == []
     assert reset_steps(ds, "relora-run") == [5, 9]  # t > 2 and t mod 4 = 1, up to step 10
     assert list(ds.kind.values) == ["weights", "grads", "updates", "lora", "train_grads"]
+
+
+def test_source_runs_pickle_for_dask(pico):
+    """Runs travel to Dask workers: a pico-train run and its reader survive pickling."""
+    root, _, _ = pico
+    (run,) = open_sources([root])
+    again = pickle.loads(pickle.dumps(run))
+    ckpt = again.checkpoints[1]
+    w = again.reader.weights(ckpt)
+    assert torch.equal(w["layers.0.attention.q_proj.weight"],
+                       run.reader.weights(run.checkpoints[1])["layers.0.attention.q_proj.weight"])
