@@ -287,3 +287,17 @@ def test_source_runs_pickle_for_dask(pico):
     w = again.reader.weights(ckpt)
     assert torch.equal(w["layers.0.attention.q_proj.weight"],
                        run.reader.weights(run.checkpoints[1])["layers.0.attention.q_proj.weight"])
+
+
+@pytest.mark.slow
+def test_dask_cluster_equals_serial_for_sources(tmp_path):
+    """pico-train and relora-pico runs on a real 2-process LocalCluster give the serial store."""
+    import xarray as xr
+
+    a, b = tmp_path / "pico-a", tmp_path / "relora-b"
+    write_pico_run(a)
+    write_pico_run(b, relora={"r": 2, "lora_alpha": 4, "trainable_scaling": True})
+    kw = dict(metrics="per,cn", device="cpu", progress=False)
+    serial = dynlab.analyze([a, b], tmp_path / "serial.zarr", **kw)
+    dask = dynlab.analyze([a, b], tmp_path / "dask.zarr", scheduler="local:2", **kw)
+    xr.testing.assert_identical(xr.open_zarr(serial).load(), xr.open_zarr(dask).load())
