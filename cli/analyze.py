@@ -25,8 +25,8 @@ def analyze(
     ),
     kinds: str | None = typer.Option(
         None, "--kinds", "-k",
-        help="Comma list of weights, grads, updates, lora; or 'all'. Default: all available "
-        "(or, for an existing store, the store's).",
+        help="Comma list of weights, grads, updates, lora, train_grads; or 'all'. Default: "
+        "all available (or, for an existing store, the store's).",
     ),
     device: str = typer.Option("auto", help="auto (CUDA when available), cpu or cuda[:N]."),
     precision: str = typer.Option("float64", help="float64 (default) or float32 spectra."),

@@ -69,7 +69,7 @@ def _copy_as(model, arch, dtype):
 def load(model_dir: Path):
     """The model as transformers loads it (float64, eval mode)."""
     cls = transformers.AutoModelForCausalLM
-    return cls.from_pretrained(model_dir, torch_dtype=torch.float64).eval()
+    return cls.from_pretrained(model_dir, dtype=torch.float64).eval()
 
 
 # ---- OV circuits through the modules' own V and O path, attention fixed to the identity

@@ -100,7 +100,7 @@ def hf_model(model_dir: Path, model_type: str) -> nn.Module:
     if name is None:
         raise SourceError(f"{model_dir}: transformers has no causal LM class for {model_type!r}")
     cls = getattr(transformers, name)
-    return cls.from_pretrained(model_dir, torch_dtype=torch.float32, trust_remote_code=False,
+    return cls.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False,
                                use_safetensors=None).eval()
 
 
