@@ -91,18 +91,23 @@ def test_follow_a_training_process(tmp_path):
     assert analyzed(other) == 5
 
 
-def test_follow_passes_as_checkpoints_complete(tmp_path):
-    """In process, with the test as the trainer: each wait brings one more pico-train step;
-    the first pass waits for two checkpoints, and following stops at training.max_steps."""
-    from test_sources_pico import STEPS, write_pico_run
-
-    root = tmp_path / "pico-live"
-    write_pico_run(root)
-    held = tmp_path / "held"
+def _held_back(root: Path, held: Path, steps) -> list[Path]:
     held.mkdir()
-    for s in STEPS[1:]:
+    for s in steps[1:]:
         (root / "checkpoints" / f"step_{s}").rename(held / f"step_{s}")
-    pending = [held / f"step_{s}" for s in STEPS[1:]]
+    return [held / f"step_{s}" for s in steps[1:]]
+
+
+def test_follow_passes_as_checkpoints_complete(tmp_path):
+    """In process, with the test as the trainer: each wait brings one more pico-train step.
+    A live pico-train step counts once a later step exists (or it is the last), the first
+    pass waits for two checkpoints, and following stops at training.max_steps."""
+    from test_sources_pico import write_pico_run
+
+    steps = (0, 5, 10, 15, 20)
+    root = tmp_path / "pico-live"
+    write_pico_run(root, steps=steps)
+    pending = _held_back(root, tmp_path / "held", steps)
     passes = []
 
     def trainer_writes(_seconds):
@@ -113,25 +118,43 @@ def test_follow_passes_as_checkpoints_complete(tmp_path):
     store = follow([root], tmp_path / "f.zarr", sleep=trainer_writes, metrics="per",
                    device="cpu", progress=False,
                    on_pass=lambda p: passes.append(analyzed(p)))
-    assert passes == [2, 3] and not pending
+    assert passes == [2, 3, 5] and not pending
     ds = dynlab.open_store(store)
     assert list(ds.kind.values) == ["weights", "grads", "updates", "train_grads"]
-    assert list(ds.step.values) == list(STEPS)
+    assert list(ds.step.values) == list(steps)
 
     # --until: stop once that step is analysed, though the run goes on
     root2 = tmp_path / "pico-until"
     write_pico_run(root2)
-    held2 = tmp_path / "held2"
-    held2.mkdir()
-    for s in STEPS[1:]:
-        (root2 / "checkpoints" / f"step_{s}").rename(held2 / f"step_{s}")
-    pending2 = [held2 / f"step_{s}" for s in STEPS[1:]]
+    pending2 = _held_back(root2, tmp_path / "held2", (0, 5, 10))
 
     def brings(_seconds):
         d = pending2.pop(0)
         d.rename(root2 / "checkpoints" / d.name)
 
-    store2 = follow([root2], tmp_path / "g.zarr", until=STEPS[1], sleep=brings,
-                    metrics="per", device="cpu", progress=False)
+    store2 = follow([root2], tmp_path / "g.zarr", until=5, sleep=brings, metrics="per",
+                    device="cpu", progress=False)
     assert int(dynlab.open_store(store2).analyzed.sum()) == 2
-    assert [p.name for p in pending2] == [f"step_{STEPS[2]}"]
+    assert [p.name for p in pending2] == ["step_10"]
+
+
+def test_live_pico_step_needs_whole_files(tmp_path):
+    """While following, a step whose learning-dynamics file is still being written is not
+    listed; a normal analysis lists it (and reads what is there)."""
+    from test_sources_pico import write_pico_run
+
+    from dynlab.sources import open_sources
+    from dynlab.sources.base import FOLLOWING
+
+    root = tmp_path / "run"
+    write_pico_run(root)
+    f = root / "checkpoints" / "step_5" / "learning_dynamics" / "val_gradients.pt"
+    f.write_bytes(f.read_bytes()[:100])
+    token = FOLLOWING.set({"until": None})
+    try:
+        (run,) = open_sources([root])
+    finally:
+        FOLLOWING.reset(token)
+    assert [c.step for c in run.checkpoints] == [0, 10]
+    (run,) = open_sources([root])
+    assert [c.step for c in run.checkpoints] == [0, 5, 10]

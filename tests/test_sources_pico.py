@@ -43,7 +43,8 @@ def random_weights(gen: torch.Generator) -> dict[str, torch.Tensor]:
     return {k: torch.randn(*shape, generator=gen) for k, shape in SPEC.expected_shapes().items()}
 
 
-def write_pico_run(root: Path, relora: dict | None = None, world: int = 1) -> dict:
+def write_pico_run(root: Path, relora: dict | None = None, world: int = 1,
+                   steps: tuple[int, ...] = STEPS) -> dict:
     """A pico-train (or relora-pico) run as the trainer lays it out; returns what was written:
     {step: {"weights", "val_grads", "train_grads", "val_acts"}} with true (unscrambled)
     activations."""
@@ -53,7 +54,7 @@ def write_pico_run(root: Path, relora: dict | None = None, world: int = 1) -> di
                           "learning_dynamics": {"batch_size": LD_BATCH,
                                                 "layer_suffixes": list(LD_MODULES),
                                                 "sequence_idx": -1}},
-        "training": {"max_steps": STEPS[-1],
+        "training": {"max_steps": steps[-1],
                      "fabric": {"num_nodes": 1, "num_devices": world}},
         "model": {"model_type": "pico_relora_decoder" if relora else "pico_decoder"},
     }
@@ -61,7 +62,7 @@ def write_pico_run(root: Path, relora: dict | None = None, world: int = 1) -> di
     (root / "training_config.yaml").write_text(yaml.safe_dump(training_config))
     written = {}
     prefix = "_forward_module.module." if world > 1 else "_forward_module."
-    for step in STEPS:
+    for step in steps:
         d = root / "checkpoints" / f"step_{step}"
         (d / "learning_dynamics").mkdir(parents=True)
         (d / "fabric_state").mkdir()
@@ -86,7 +87,7 @@ def write_pico_run(root: Path, relora: dict | None = None, world: int = 1) -> di
             stored = {f"pico_decoder.{k}": v for k, v in w.items()}
         save_file(stored, str(d / "model.safetensors"))
         entry = {"stored": stored, "weights": w}
-        splits = ("val",) if step == STEPS[-1] else ("train", "val")
+        splits = ("val",) if step == steps[-1] else ("train", "val")
         for split in splits:
             grads, acts, ws = {}, {}, {}
             for layer in range(SPEC.n_layers):
@@ -105,7 +106,7 @@ def write_pico_run(root: Path, relora: dict | None = None, world: int = 1) -> di
             torch.save(scrambled, d / "learning_dynamics" / f"{split}_activations.pt")
             torch.save(ws, d / "learning_dynamics" / f"{split}_weights.pt")
         written[step] = entry
-    os.symlink(f"step_{STEPS[-1]}", root / "checkpoints" / "latest")
+    os.symlink(f"step_{steps[-1]}", root / "checkpoints" / "latest")
     return written
 
 

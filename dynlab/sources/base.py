@@ -14,6 +14,7 @@ and reports works on them unchanged; a dynlab run stays a plain `Run`.
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,13 @@ from dynlab.checkpoints import Checkpoint, CheckpointError, LoadedCheckpoint, Mo
 from dynlab.errors import InputError
 
 Tensors = dict[str, torch.Tensor]
+
+
+#: set while `dynlab.sources.follow` analyses live runs: None, or {"until": STEP or None}.
+#: Readers whose files are not written atomically then list a checkpoint only once it can no
+#: longer change (pico-train: once a later step exists, or it is the last step).
+FOLLOWING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("dynlab_following",
+                                                                      default=None)
 
 
 class SourceError(CheckpointError, InputError):

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dynlab.checkpoints import CheckpointError, Run
-from dynlab.sources.base import SourceError, SourceRun
+from dynlab.sources.base import FOLLOWING, SourceError, SourceRun
 
 
 def last_step(run: Run) -> int | None:
@@ -56,22 +56,40 @@ def follow(
 ) -> Path | None:
     """Analyse `paths` into `out` as their checkpoints complete (see the module docstring);
     returns the store's path once every run's last step (or `until`) is analysed."""
-    from dynlab.analysis import analyze
-
     if any(str(p).startswith("hf://") for p in paths):
         raise SourceError("--follow applies to local runs; hf:// revisions are already complete")
     store: Path | None = None
-    while True:
-        runs = _open(paths, fmt)
-        if runs is not None:
-            targets = [until if until is not None else last_step(r) for r in runs]
-            ready = all(len(r.checkpoints) >= 2 or (t is not None and r.checkpoints[-1].step >= t)
-                        for r, t in zip(runs, targets, strict=True))
-            if ready:
-                store = analyze(paths, out, fmt=fmt, **analyze_kwargs)
-                if on_pass is not None:
-                    on_pass(store)
-                if all(t is not None and r.checkpoints[-1].step >= t
-                       for r, t in zip(runs, targets, strict=True)):
-                    return store
-        sleep(poll)
+    token = FOLLOWING.set({"until": until})
+    try:
+        while True:
+            store = _one_pass(paths, out, until, fmt, on_pass, analyze_kwargs)
+            if store is not None:
+                return store
+            sleep(poll)
+    finally:
+        FOLLOWING.reset(token)
+
+
+def _finished(run: Run, target: int | None) -> bool:
+    return target is not None and bool(run.checkpoints) and run.checkpoints[-1].step >= target
+
+
+def _one_pass(paths, out, until, fmt, on_pass, analyze_kwargs) -> Path | None:
+    """Analyse what is complete when it is worth it; the store's path once every run is done,
+    else None."""
+    from dynlab.analysis import analyze
+
+    runs = _open(paths, fmt)
+    if runs is None:
+        return None
+    targets = [until if until is not None else last_step(r) for r in runs]
+    ready = all(len(r.checkpoints) >= 2 or _finished(r, t)
+                for r, t in zip(runs, targets, strict=True))
+    if not ready:
+        return None
+    store = analyze(paths, out, fmt=fmt, **analyze_kwargs)
+    if on_pass is not None:
+        on_pass(store)
+    if all(_finished(r, t) for r, t in zip(runs, targets, strict=True)):
+        return store
+    return None

@@ -38,6 +38,7 @@ import torch
 from dynlab.checkpoints import ModelSpec, load_tensors, read_json
 from dynlab.sources.arch import pico_convert, pico_spec
 from dynlab.sources.base import (
+    FOLLOWING,
     Grads,
     Reader,
     SourceCheckpoint,
@@ -71,15 +72,20 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def step_complete(step_dir: Path) -> bool:
+def step_complete(step_dir: Path, live: bool = False) -> bool:
     """A pico-train step folder is complete once config.json parses and model.safetensors is
-    whole (pico-train writes the model with save_pretrained before the learning-dynamics
-    files; those are read when present)."""
+    whole; in a live run also every learning-dynamics torch file must be a whole zip archive
+    (torch.save's format ends with the zip's central directory)."""
+    import zipfile
+
     try:
         read_json(step_dir / "config.json")
     except Exception:
         return False
-    return safetensors_complete(step_dir / "model.safetensors")
+    if not safetensors_complete(step_dir / "model.safetensors"):
+        return False
+    ld = step_dir / LD_DIR
+    return not live or not ld.is_dir() or all(zipfile.is_zipfile(f) for f in ld.glob("*.pt"))
 
 
 def world_size(training_config: dict) -> int:
@@ -161,8 +167,21 @@ class PicoTrainReader(Reader):
         return sorted(out)
 
     def checkpoints(self, run_name: str) -> list[SourceCheckpoint]:
-        return [SourceCheckpoint(run_name, step, d, reader=self)
-                for step, d in self.step_dirs() if step_complete(d)]
+        """Complete steps. While following a live run (`FOLLOWING` set) a step also needs a
+        later step folder, or to be the last step (training.max_steps or --until): pico-train
+        writes a step's files one after another, and only the next step shows that it is done."""
+        dirs = self.step_dirs()
+        following = FOLLOWING.get()
+        out = []
+        for i, (step, d) in enumerate(dirs):
+            if not step_complete(d, live=following is not None):
+                continue
+            if following is not None:
+                ends = [s for s in (self.last_step(), following.get("until")) if s is not None]
+                if i == len(dirs) - 1 and not (ends and step >= min(ends)):
+                    continue
+            out.append(SourceCheckpoint(run_name, step, d, reader=self))
+        return out
 
     def weights(self, ckpt: SourceCheckpoint) -> Tensors:
         f = ckpt.path / "model.safetensors"
@@ -244,6 +263,9 @@ def open_pico_run(root: Path, name: str | None = None, fmt: str | None = None) -
     reader = PicoTrainReader(root, training_config, model_config, spec, relora)
     name = name or root.name
     ckpts = reader.checkpoints(name)
+    if not ckpts:
+        raise SourceError(f"{root / 'checkpoints'}: no complete step yet (expected step_<N>/ "
+                          "with config.json and a whole model.safetensors)")
     config = {"kind": "relora" if is_relora else "decoder", "model": model_config,
               "training_config": training_config,
               "source": {"format": reader.format, "architecture": "pico", "path": str(root)}}
