@@ -201,3 +201,28 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     assert res.exit_code == 2 and "--revisions applies to hf://ORG/NAME" in res.output
     res = CliRunner().invoke(app, ["analyze", str(tmp_path / "m"), "--format", "pico"])
     assert res.exit_code == 2 and "--format must be one of dynlab, pico-train" in res.output
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_bin_that_is_not_a_tensor_dict_is_refused(tmp_path):
+    """A pytorch_model.bin holding code is refused by torch.load(weights_only=True) and never
+    executed; one holding other objects is refused too."""
+    import os
+    import pickle
+
+    fx.train_and_save("gpt2", tmp_path, (0,), "m", safe_serialization=False)
+    marker = tmp_path / "executed"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(tmp_path / "m" / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"transformer.wte.weight": Evil()}, f)
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: refused: not a plain tensor"):
+        dynlab.analyze([tmp_path / "m"], tmp_path / "a.zarr", device="cpu", progress=False)
+    assert not marker.exists()
+    torch.save({"transformer.wte.weight": torch.zeros(2), "step": 3},
+               tmp_path / "m" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"expected a plain dict of name -> tensor"):
+        dynlab.analyze([tmp_path / "m"], tmp_path / "b.zarr", device="cpu", progress=False)

@@ -181,22 +181,23 @@ def test_reader_is_a_plain_dataclass(hub_cache, monkeypatch):
 # ---- a pico run on the Hub: one branch, one commit per save ---------------------------------
 
 
-class _CommitServer:
-    """A local HTTP server standing in for the Hub's commit listing of one branch
-    (GET /api/models/ORG/NAME/commits/BRANCH); every other request gets 500, so
-    huggingface_hub falls back to its local cache as it does when the Hub is down."""
+class _HubStandIn:
+    """A local HTTP server standing in for the Hub's listing endpoints (`routes`: path ->
+    JSON answer, e.g. /api/models/ORG/NAME/commits/BRANCH or /api/models/ORG/NAME/refs);
+    every other request gets 500, so huggingface_hub falls back to its local cache as it does
+    when the Hub is down."""
 
-    def __init__(self, repo_id: str, branch: str, commits: list[dict]):
+    def __init__(self, routes: dict[str, object]):
         import json
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        path = f"/api/models/{repo_id}/commits/{branch}"
-        body = json.dumps(commits).encode()
+        bodies = {path: json.dumps(answer).encode() for path, answer in routes.items()}
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802
-                ok = self.path.split("?")[0] == path
+                body = bodies.get(self.path.split("?")[0])
+                ok = body is not None
                 self.send_response(200 if ok else 500)
                 self.send_header("Content-Type", "application/json")
                 data = body if ok else b"{}"
@@ -253,7 +254,7 @@ def test_pico_run_on_the_hub(tmp_path, monkeypatch):
                 blob.write_bytes(data)
                 target.symlink_to(os.path.relpath(blob, target.parent))
         commits = [ld_commit, fabric_commit, model_commit] + commits  # newest first
-    server = _CommitServer(repo, branch, commits)
+    server = _HubStandIn({f"/api/models/{repo}/commits/{branch}": commits})
     try:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
@@ -297,3 +298,31 @@ def test_hub_analysis_resumes(hub_cache, tmp_path, monkeypatch):
     import numpy as np
 
     np.testing.assert_array_equal(a.per.values, b.per.values)
+
+
+def test_default_revisions_from_the_hubs_refs(hub_cache, tmp_path, monkeypatch):
+    """Online, the revisions are the step<N> branches that list_repo_refs gives (main and
+    tags ignored), fetched through snapshot_download; a revision the Hub lacks is named."""
+    cache, saved = hub_cache
+    refs = {"branches": [{"name": n, "ref": f"refs/heads/{n}",
+                          "targetCommit": hashlib.sha1(n.encode()).hexdigest()}
+                         for n in ("main", "step4", "step0", "step2")],
+            "tags": [{"name": "v1", "ref": "refs/tags/v1", "targetCommit": "0" * 40}],
+            "converts": []}
+    server = _HubStandIn({f"/api/models/{REPO}/refs": refs})
+    try:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        (run,) = open_sources([f"hf://{REPO}"], cache_dir=cache)
+        assert [c.step for c in run.checkpoints] == list(STEPS)
+        store = dynlab.analyze([f"hf://{REPO}"], tmp_path / "o.zarr", cache_dir=cache,
+                               revisions="step4", metrics="per,er,spectral_norm,frobenius_norm",
+                               device="cpu", progress=False)
+        check(dynlab.open_store(store), {"run": REPO, "kind": "weights", "step": 4, "layer": 0,
+                                         "matrix": "swiglu.w_1"},
+              to64(saved[4]["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"]))
+        with pytest.raises(CheckpointError, match=r"revision\(s\) step9 do not exist on the Hub"):
+            open_sources([f"hf://{REPO}"], revisions="step0,step9", cache_dir=cache)
+    finally:
+        server.close()
