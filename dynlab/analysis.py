@@ -328,6 +328,8 @@ def analyze(
     metric_names = spectral.parse_metrics(metrics)
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if scheduler and any(str(r).startswith("hf://") for r in runs):
+        raise ValueError("hf:// sources are streamed in this process; leave out --scheduler")
     found = open_sources(runs, fmt, revisions=revisions, keep_downloads=keep_downloads,
                          cache_dir=cache_dir)
     if grads_data is not None:
@@ -335,8 +337,6 @@ def analyze(
 
         data = GradsData(**grads_data)
         found = [with_recomputed_grads(r, data) for r in found]
-    if scheduler and any(str(r).startswith("hf://") for r in runs):
-        raise ValueError("hf:// sources are streamed in this process; leave out --scheduler")
     kind_names = parse_kinds(kinds, found)
     options = Options(metric_names, kind_names, resolve_device(device), precision)
     path = Path(out) if out is not None else default_store_path(found)

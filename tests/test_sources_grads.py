@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 
 import hf_fixtures as fx  # noqa: E402
 from sources_refs import check, to64  # noqa: E402
-from test_sources_hf import _linear  # noqa: E402
+from test_sources_hf import linear_of  # noqa: E402
 
 import dynlab  # noqa: E402
 from dynlab.checkpoints import CheckpointError  # noqa: E402
@@ -56,7 +56,7 @@ def test_hf_grads_equal_float64_backward(grads_store, arch, name):
         for role, matrix in (("v", "attention.v_proj"), ("o", "attention.o_proj"),
                              ("down", "swiglu.w_2"), ("q", "attention.q_proj")):
             check(ds, {"run": arch, "kind": "grads", "step": step, "layer": 1,
-                       "matrix": matrix}, to64(_linear(g, arch, 1, role)), rel=2e-4)
+                       "matrix": matrix}, to64(linear_of(g, arch, 1, role)), rel=2e-4)
 
 
 def test_pico_grads_reproduce_the_trainers(tmp_path):

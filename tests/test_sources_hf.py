@@ -76,7 +76,7 @@ def test_ov_circuit_equals_transformers_module(hf_runs, arch):
                                    rtol=1e-9, atol=1e-12)
 
 
-def _linear(saved: dict, arch: str, layer: int, role: str) -> torch.Tensor:
+def linear_of(saved: dict, arch: str, layer: int, role: str) -> torch.Tensor:
     """The checkpoint's own matrix for a role, in Linear layout, taken by hand from the saved
     state dict (an extraction independent of dynlab.sources.arch)."""
     if arch == "llama":
@@ -118,12 +118,12 @@ def test_metrics_equal_scipy(hf_runs, arch):
             for role in roles:
                 sel = {"run": arch, "kind": "weights", "step": step, "layer": layer,
                        "matrix": ROLES[role]}
-                check(ds, sel, to64(_linear(sd, arch, layer, role)))
+                check(ds, sel, to64(linear_of(sd, arch, layer, role)))
         if step:
             prev = saved[arch][STEPS[STEPS.index(step) - 1]]
             check(ds, {"run": arch, "kind": "updates", "step": step, "layer": 1,
                        "matrix": "attention.v_proj"},
-                  to64(_linear(sd, arch, 1, "v")) - to64(_linear(prev, arch, 1, "v")))
+                  to64(linear_of(sd, arch, 1, "v")) - to64(linear_of(prev, arch, 1, "v")))
         emb = {"llama": "model.embed_tokens.weight", "gpt_neox": "gpt_neox.embed_in.weight",
                "gpt2": "transformer.wte.weight"}[arch]
         check(ds, {"run": arch, "kind": "weights", "step": step, "embedding": "embedding_proj"},
