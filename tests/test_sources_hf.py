@@ -226,3 +226,41 @@ def test_bin_that_is_not_a_tensor_dict_is_refused(tmp_path):
                tmp_path / "m" / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"expected a plain dict of name -> tensor"):
         dynlab.analyze([tmp_path / "m"], tmp_path / "b.zarr", device="cpu", progress=False)
+
+
+def test_llama_explicit_head_dim_and_tied_embeddings(tmp_path):
+    """A Llama config whose head_dim is not hidden/heads, with tied embeddings: the per-head
+    OV circuits still equal the module's, and the output head is the input embedding."""
+    torch.manual_seed(5)
+    cfg = fx.transformers.LlamaConfig(
+        vocab_size=fx.VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    fx.transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    (run,) = open_sources([tmp_path / "m"])
+    assert run.spec.head_dim == 8 and run.spec.n_heads * run.spec.head_dim == 32
+    w = {k: v.double() for k, v in run.reader.weights(run.checkpoints[0]).items()}
+    assert torch.equal(w["de_embedding_proj.weight"], w["embedding_proj.weight"])
+    model = fx.load(tmp_path / "m")
+    o_h, v_h = C.ov_head_factors(w["layers.0.attention.o_proj.weight"],
+                                 w["layers.0.attention.v_proj.weight"], run.spec)
+    for head in range(4):
+        torch.testing.assert_close(o_h[head] @ v_h[head], fx.module_ov(model, "llama", 0, head),
+                                   rtol=1e-9, atol=1e-12)
+    ds = dynlab.open_store(dynlab.analyze([tmp_path / "m"], tmp_path / "a.zarr", metrics=METRICS,
+                                          device="cpu", progress=False))
+    check(ds, {"run": "m", "kind": "weights", "step": 0, "layer": 0, "head": 1},
+          fx.module_ov(model, "llama", 0, 1).numpy(), k=8, prefix="head_", rel=1e-5)
+
+
+def test_hf_trainer_checkpoints_carry_loss_and_lr(tmp_path):
+    """checkpoint-N/trainer_state.json (HF Trainer) gives train_loss and lr at step N."""
+    fx.train_and_save("gpt2", tmp_path / "run", (0, 2), "checkpoint-{}")
+    state = {"global_step": 2, "log_history": [
+        {"step": 1, "loss": 3.5, "learning_rate": 1e-3},
+        {"step": 2, "loss": 3.25, "learning_rate": 5e-4}]}
+    (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").write_text(json.dumps(state))
+    ds = dynlab.open_store(dynlab.analyze([tmp_path / "run"], tmp_path / "a.zarr",
+                                          metrics="per", device="cpu", progress=False))
+    assert float(ds.train_loss.sel(run="run", step=2)) == 3.25
+    assert float(ds.lr.sel(run="run", step=2)) == 5e-4
+    assert math.isnan(float(ds.train_loss.sel(run="run", step=0)))
