@@ -35,34 +35,25 @@ def analyze(
         None, min=1, help="CPU threads for torch (default: torch's, one per core)."
     ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    wait: bool = typer.Option(
+        False, "--wait", help="If another dynlab analyze is writing the store, wait for it to "
+        "finish instead of exiting with an error."
+    ),
 ) -> None:
     """Spectral metrics (effective rank, PER, condition number, ...) of every weight matrix,
     gradient, update and LoRA product of each checkpoint, into a Zarr store. Rerunning skips
     what the store already holds, so an interrupted analysis resumes."""
-    import warnings
+    from dynlab_cli.console import guarded
 
-    from rich.console import Console
+    with guarded("analyze"):
+        from dynlab.analysis import analyze as run_analysis
 
-    from dynlab.analysis import analyze as run_analysis
-    from dynlab.checkpoints import CheckpointError
-    from dynlab.store import StoreError
+        if threads:
+            import torch
 
-    console = Console(stderr=True, soft_wrap=True, highlight=False)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-    def show_warning(message, category, filename, lineno, file=None, line=None):
-        console.print(f"[yellow]warning:[/] {message}")
-
-    warnings.showwarning = show_warning
-    try:
+            torch.set_num_threads(threads)
         path = run_analysis(
             runs, out, metrics=metrics, kinds=kinds, device=device, precision=precision,
-            scheduler=scheduler, progress=progress,
+            scheduler=scheduler, progress=progress, wait=wait,
         )
-    except (CheckpointError, StoreError, ValueError) as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2) from None
     print(path)
