@@ -96,11 +96,10 @@ def report(
 
     from dynlab.viz import report as R
     from dynlab.viz.figures import summary_table
+    from dynlab_cli.console import guarded
 
-    try:
+    with guarded("report"):
         path, ds, sections = R.write_report(stores, output, title)
-    except FileNotFoundError as e:
-        raise typer.BadParameter(str(e), param_hint="STORES") from e
     console = Console()
     for sec in sections:
         for note in sec.notes:

@@ -38,6 +38,7 @@ LocalStore is itself atomic: a temporary file renamed over the target):
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -354,42 +355,65 @@ def recover(path: Path, access: StoreAccess) -> None:
         replay_journal(path)
 
 
-def _is_ours(new: Path) -> bool:
-    return (new / BUILDING_MARK).is_file() or (new / BUILT_MARK).is_file()
-
-
 def _recover_swap(path: Path, access: StoreAccess) -> None:
     new, old = rebuild_paths(path)
+    swapped = (path / BUILT_MARK).is_file()  # the rebuilt store is in place already
     if new.exists():
-        if not _is_ours(new):
+        if not (swapped or (new / BUILT_MARK).is_file() or (new / BUILDING_MARK).is_file()):
             raise StoreError(f"{new}: exists but was not written by dynlab; move it away "
                              f"(dynlab rebuilds {path.name} there)")
         access.need("finish the store rebuild that an interrupted analysis began")
-        if (new / BUILT_MARK).is_file():
+        if not swapped and (new / BUILT_MARK).is_file():
             _swap_in(path, new, old)
-        else:  # an unfinished copy: the store itself was never touched
-            shutil.rmtree(new)
+            return
+        shutil.rmtree(new)  # an unfinished copy, or the old store after an exchange
     if old.exists():
         access.need("finish the store rebuild that an interrupted analysis began")
         if path.exists():
             shutil.rmtree(old)
         else:  # cannot happen with _swap_in's order; restore rather than lose it
             os.rename(old, path)
-    if (path / BUILT_MARK).exists():
+    if (path / BUILT_MARK).is_file():
         access.need("finish the store rebuild that an interrupted analysis began")
         (path / BUILT_MARK).unlink()
 
 
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or file system cannot."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _swap_in(path: Path, new: Path, old: Path) -> None:
-    """Replace `path` by the complete copy `new` (a kill at any point is finished by
-    `_recover_swap`)."""
-    if old.exists() and path.exists():
-        shutil.rmtree(old)  # the remains of an earlier, completed swap
+    """Replace `path` by the complete copy `new` (marked built). With an atomic exchange the
+    path is a complete store at every moment; otherwise two renames (path -> old, new ->
+    path). A kill at any point is finished by `_recover_swap`."""
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
     if path.exists():
-        if path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-        else:
-            os.rename(path, old)
+        if exchange(new, path):
+            fault_point("store.swap")
+            shutil.rmtree(new)  # now the old store
+            (path / BUILT_MARK).unlink()
+            return
+        os.rename(path, old)
     fault_point("store.swap")
     os.rename(new, path)
     (path / BUILT_MARK).unlink()
