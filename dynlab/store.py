@@ -872,8 +872,9 @@ def open_store(path: str | Path):
         raise StoreError(f"{path}: not a readable analysis store ({type(e).__name__}: {e}); "
                          f"{hint}") from None
     if "step" not in ds.dims or "run" not in ds.dims:
-        raise StoreError(f"{path}: not an analysis store written by `dynlab analyze` (no run "
-                         "and step dimensions)")
+        hint = ("its creation was interrupted: rerun the same `dynlab analyze` to create it"
+                if "schema_version" in ds.attrs else "not written by `dynlab analyze`")
+        raise StoreError(f"{path}: not an analysis store (no run and step dimensions); {hint}")
     if ds.sizes["step"] > 1 and not bool((np.diff(ds["step"].values) > 0).all()):
         ds = ds.sortby("step")  # stores of older dynlab versions
     return ds
