@@ -15,6 +15,7 @@ the analysis would need, so a complete store still analyses to a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -77,6 +78,7 @@ class StoreAccess:
         self.reason = ""
         self.took_over: dict | None = None  # info of a stale lock taken over
         self._fd: int | None = None
+        self._made: list[Path] = []  # folders made for the store (removed if it never came)
 
     # -- acquiring
     def __enter__(self) -> StoreAccess:
@@ -122,7 +124,10 @@ class StoreAccess:
 
     def _open(self) -> int | None:
         try:
+            missing = [p for p in [self.store.parent, *self.store.parent.parents]
+                       if not p.exists()]
             self.store.parent.mkdir(parents=True, exist_ok=True)
+            self._made = missing + [d for d in self._made if d not in missing]
             return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             if e.errno not in READ_ONLY_ERRORS:
@@ -143,6 +148,10 @@ class StoreAccess:
             pass
         os.close(self._fd)
         self._fd, self.writable = None, False
+        if not self.store.exists():  # nothing was written: remove the folders made for it
+            for d in self._made:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
 
     # -- asking
     def need(self, what: str) -> None:

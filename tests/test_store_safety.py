@@ -413,6 +413,8 @@ def test_a_refused_analysis_creates_nothing(work):
     w.write_bytes(w.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="step_0/weights.safetensors"):
         dynlab.analyze([run], work.out, metrics="per", progress=False)
+    with pytest.raises(CheckpointError, match="step_0/weights.safetensors"):
+        dynlab.analyze([run], work.root / "new" / "dir" / "s.zarr", progress=False)
     assert sorted(p.name for p in work.root.iterdir()) == ["a"]
 
 
