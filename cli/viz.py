@@ -99,7 +99,13 @@ def report(
     from dynlab_cli.console import guarded
 
     with guarded("report"):
-        path, ds, sections = R.write_report(stores, output, title)
+        try:
+            path, ds, sections = R.write_report(stores, output, title)
+        except RuntimeError as e:  # zarr's codecs on a damaged chunk file
+            from dynlab.errors import DynlabFailure
+
+            raise DynlabFailure(f"reading {', '.join(map(str, stores))}: {e} (a damaged data "
+                                "file in the store?)") from None
     console = Console()
     for sec in sections:
         for note in sec.notes:

@@ -530,6 +530,12 @@ def test_report_on_damaged_or_half_created_stores(work, tmp_path):
     code, said = report(broken, "-o", out)
     assert code == 2 and "broken.zarr: not a readable analysis store" in said, said
 
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(work.out, damaged)
+    (damaged / "train_loss" / "c" / "0" / "0").write_bytes(b"garbage")
+    code, said = report(damaged, "-o", out)
+    assert code == 1 and "reading " in said and "damaged.zarr" in said, said
+
     legacy = tmp_path / "legacy.zarr"
     legacy_half_created(legacy, arrays=False)
     code, said = report(legacy, "-o", out)
