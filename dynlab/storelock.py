@@ -23,6 +23,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -83,6 +84,7 @@ class StoreAccess:
     # -- acquiring
     def __enter__(self) -> StoreAccess:
         deadline = None if self.wait is True or not self.wait else time.monotonic() + self.wait
+        waited = False
         while True:
             fd = self._open()
             if fd is None:
@@ -92,6 +94,10 @@ class StoreAccess:
             except BlockingIOError:
                 info = _read_info(fd)
                 os.close(fd)
+                if self.wait and not waited:
+                    waited = True
+                    warnings.warn(f"{self.store}: waiting for the analysis that is writing it "
+                                  f"({holder_text(info)})", stacklevel=3)
                 if not self.wait or (deadline is not None and time.monotonic() > deadline):
                     raise StoreBusy(
                         f"{self.store}: another dynlab analyze is writing this store "
