@@ -291,13 +291,16 @@ def test_second_writer_waits_with_wait_then_writes_its_run(work, reference, tmp_
     first = spawn(analyze_cmd(work, ["a"]), "analyze.checkpoint:pause", mark)
     wait_for(mark, first)
     second = spawn(analyze_cmd(work, ["b"], "--wait"))
-    time.sleep(1.5)
-    assert second.poll() is None  # waiting for the lock
+    said = ""
+    deadline = time.time() + 120
+    while "waiting for" not in said:  # its first line on stderr says that it waits
+        assert second.poll() is None and time.time() < deadline, said
+        said += second.stderr.readline()
+    assert f"waiting for the analysis that is writing it (pid {first.pid}" in said
     first.send_signal(signal.SIGINT)
     assert finish(first)[0] == 130
     code, err = finish(second)
-    assert code == 0, err
-    assert f"waiting for the analysis that is writing it (pid {first.pid}" in " ".join(err.split())
+    assert code == 0, said + err
     ds = xr.open_zarr(work.out).load()
     assert ds.analyzed.sel(run="b", step=[0, 15]).values.tolist() == [1, 1]
     assert ds.train_loss.sel(run="b", step=15).item() == 22.0
