@@ -33,6 +33,12 @@ LocalStore is itself atomic: a temporary file renamed over the target):
 * Training/evaluation values are written as (run, step) regions of the runs being analysed;
   cells of other runs are never touched, and an unchanged cell is never rewritten (so a
   complete store on a read-only file system analyses to a no-op).
+
+Fault points (`dynlab.faults`): store.create (building a new store), store.rebuild (moving
+an array into a rebuilt copy), store.swap (between the two steps of swapping it in),
+store.grow (after an array's resize), store.meta (after a training variable's write); and in
+`dynlab.analysis`: analyze.write (a checkpoint's data written, its flag not yet),
+analyze.checkpoint (after each checkpoint).
 """
 
 from __future__ import annotations
@@ -818,6 +824,7 @@ def write_meta_regions(path: Path, layout: Layout, metas: Mapping[tuple[str, int
             for name in META_VARIABLES:
                 new = np.asarray([v[0][name] for v in values])
                 written += _write_changed(group[name], i, cols, new, access)
+                fault_point("store.meta")  # acts after the first (or N-th) variable
             for var, (dim, _) in EVAL_VARIABLES.items():
                 if var not in group:
                     continue
@@ -827,7 +834,6 @@ def write_meta_regions(path: Path, layout: Layout, metas: Mapping[tuple[str, int
                     for k, v in (tables.get(dim) or {}).items():
                         new[row, col[str(k)]] = _number(v)
                 written += _write_changed(group[var], i, cols, new, access)
-            fault_point("store.meta")
     return written
 
 
