@@ -562,6 +562,7 @@ class Interrupted(BaseException):
 @pytest.mark.slow
 def test_any_sequence_of_analyses_and_interruptions_ends_in_the_one_go_store(
         source, reference, tmp_path_factory, monkeypatch):
+    pytest.importorskip("hypothesis", reason="hypothesis (the dev extra) is not installed")
     from hypothesis import HealthCheck, example, given, settings
     from hypothesis import strategies as st
 
