@@ -343,7 +343,8 @@ def analyze(
                           stacklevel=2)
         layout = ensure_store(path, wanted, metrics_given=metrics is not None,
                               kinds_given=kinds is not None, access=access,
-                              validate=lambda: validate_first(found, kind_names))
+                              validate=lambda names: validate_first(
+                                  [r for r in found if r.name in names], kind_names))
         options = Options(tuple(layout.metrics), tuple(layout.kinds), options.device, precision)
         write_meta_regions(path, layout, metas, access)
         writer = RegionWriter(path)
@@ -361,8 +362,8 @@ def analyze(
 
 
 def validate_first(runs: Sequence[Run], kinds: Sequence[str]) -> None:
-    """Read the first checkpoint of every run (shapes against run.json), so that a store is
-    only created for runs that can be analysed."""
+    """Read the first checkpoint of each run (shapes against run.json), so that a store is
+    created, or a run added to it, only for runs that can be analysed."""
     for run in runs:
         load_checkpoint(run.checkpoints[0], run.spec, grads="grads" in kinds)
 

@@ -600,13 +600,15 @@ def grow(path: Path, layout: Layout, state: StoreState, create: Mapping[str, Arr
 
 def ensure_store(
     path: Path, layout: Layout, *, metrics_given: bool = True, kinds_given: bool = True,
-    access: StoreAccess | None = None, validate: Callable[[], None] | None = None,
+    access: StoreAccess | None = None,
+    validate: Callable[[Sequence[str]], None] | None = None,
 ) -> Layout:
     """Create the store, or bring an existing one to hold this analysis' runs, steps, labels
     and variables, after finishing any change an interrupted writer left. Returns the store's
     layout (its run, step and label order). Raises StoreError, before changing anything, when
     the store was made by another analysis; StoreReadOnly when a needed write is impossible.
-    `validate` runs before a store is created (so a refused analysis leaves nothing)."""
+    `validate(run_names)` runs before a store is created or runs are added to it, so that a
+    refused analysis leaves nothing behind."""
     if access is None:
         with StoreAccess(path) as own:
             return ensure_store(path, layout, metrics_given=metrics_given,
@@ -619,12 +621,12 @@ def ensure_store(
         state = _usable_state(path, access)
     if state is None:
         if validate is not None:
-            validate()
+            validate(layout.runs)
         access.need("create the store")
         rebuild(path, layout, None)
         return layout
     return reconcile(path, layout, state, access, metrics_given=metrics_given,
-                     kinds_given=kinds_given)
+                     kinds_given=kinds_given, validate=validate)
 
 
 def _usable_state(path: Path, access: StoreAccess) -> StoreState | None:
@@ -663,7 +665,8 @@ def _usable_state(path: Path, access: StoreAccess) -> StoreState | None:
 
 def reconcile(
     path: Path, layout: Layout, state: StoreState, access: StoreAccess, *,
-    metrics_given: bool = True, kinds_given: bool = True
+    metrics_given: bool = True, kinds_given: bool = True,
+    validate: Callable[[Sequence[str]], None] | None = None,
 ) -> Layout:
     """Check that the store was made with the same schema, metrics and kinds (adopting the
     store's when not given explicitly) and large enough dimensions, then add the runs, steps,
@@ -712,6 +715,9 @@ def reconcile(
     changed_attrs = any(attrs.get(k) != v for k, v in new_attrs.items())
     if target == state.coords and not create and not changed_attrs:
         return stored  # nothing to change: nothing is written
+    new_runs = [r for r in runs if r not in set(state.coords["run"])]
+    if new_runs and validate is not None:
+        validate(new_runs)
     access.need("add " + _describe(state.coords, target, create) + " to the store")
     prefix = all(target[d][:len(state.coords.get(d, []))] == state.coords.get(d, [])
                  for d in target)

@@ -420,6 +420,12 @@ def test_a_refused_analysis_creates_nothing(work):
     with pytest.raises(CheckpointError, match="step_0/weights.safetensors"):
         dynlab.analyze([run], work.root / "new" / "dir" / "s.zarr", progress=False)
     assert sorted(p.name for p in work.root.iterdir()) == ["a"]
+    good = work.stage("b", [0])  # a store exists: the bad run is not added to it
+    dynlab.analyze([good], work.out, metrics="per", kinds="weights", progress=False)
+    before = tree_digest(work.out)
+    with pytest.raises(CheckpointError, match="step_0/weights.safetensors"):
+        dynlab.analyze([good, run], work.out, metrics="per", kinds="weights", progress=False)
+    assert tree_digest(work.out) == before
 
 
 def legacy_half_created(path: Path, arrays: bool) -> None:
