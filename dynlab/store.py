@@ -486,16 +486,18 @@ def replay_journal(path: Path) -> None:
 def build_store(dest: Path, layout: Layout, source: Path | None = None,
                 source_state: StoreState | None = None) -> None:
     """Write the complete store of `layout` at `dest` (which must not exist), marked built.
-    With `source`, every array of the source store is carried over to its new indices (data
-    chunk files hard-linked; arrays with a reordered label dim re-encoded)."""
+    With `source`, every array and attribute of the source store is carried over (arrays to
+    their new indices: data chunk files hard-linked; arrays with a reordered label dim
+    re-encoded)."""
     import zarr
 
     dest.mkdir(parents=True)
     (dest / BUILDING_MARK).write_text("dynlab is writing this store; it is removed when done\n")
     coords = growing_coordinates(layout)
     sizes = {**layout.dims(), **{d: len(v) for d, v in coords.items()}}
+    attrs = {**(source_state.attrs if source_state is not None else {}), **_attrs(layout)}
     with quiet_zarr():
-        group = zarr.open_group(str(dest), mode="a", zarr_format=3, attributes=_attrs(layout))
+        group = zarr.open_group(str(dest), mode="a", zarr_format=3, attributes=attrs)
         for dim, values in fixed_coordinates(layout).items():
             _create_coordinate(group, dim, values, growing=False)
         for dim, values in coords.items():
