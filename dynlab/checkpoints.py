@@ -260,13 +260,21 @@ def load_checkpoint(ckpt: Checkpoint, spec: ModelSpec, *, grads: bool = True) ->
 
 
 def prefetch(items: Sequence, load, depth: int = 1) -> Iterator[tuple[object, object]]:
-    """Yield (item, load(item)) in order while a background thread loads the next `depth`
-    items, so reading overlaps computing. Errors are raised at the item that caused them."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
+    """Yield (item, load(item)) in order while a background thread loads ahead, so reading
+    overlaps computing. Errors are raised at the item that caused them.
+
+    At most `depth` items are loaded (or loading) beyond the one the caller holds: the thread
+    starts loading item i + depth only once the caller has taken item i. With depth 1 the
+    memory held is the current item plus the next one, whatever the number of items."""
+    q: queue.Queue = queue.Queue()
+    slots = threading.Semaphore(depth)
     stop = threading.Event()
 
     def worker() -> None:
         for item in items:
+            while not slots.acquire(timeout=0.05):
+                if stop.is_set():
+                    return
             if stop.is_set():
                 return
             try:
@@ -280,9 +288,11 @@ def prefetch(items: Sequence, load, depth: int = 1) -> Iterator[tuple[object, ob
     try:
         for _ in range(len(items)):
             item, value, err = q.get()
+            slots.release()  # the caller now holds this item: the next may load
             if err is not None:
                 raise err
             yield item, value
+            del value
     finally:
         stop.set()
         while t.is_alive():
