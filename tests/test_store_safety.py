@@ -489,6 +489,9 @@ def test_lock_refuses_and_waits_in_process(work):
         assert held.writable and lock_path(work.out).is_file()
         with pytest.raises(StoreBusy, match=rf"pid {os.getpid()} on .*since"):
             dynlab.analyze([work.run("a")], work.out, metrics="per", progress=False)
+        with pytest.raises(StoreBusy):  # a Dask client is refused before it starts a cluster
+            dynlab.analyze([work.run("a")], work.out, metrics="per", progress=False,
+                           scheduler="local:1")
         t = time.monotonic()
         with pytest.raises(StoreBusy), pytest.warns(UserWarning, match="waiting for"):
             dynlab.analyze([work.run("a")], work.out, metrics="per", progress=False, wait=0.5)
