@@ -655,10 +655,14 @@ def _usable_state(path: Path, access: StoreAccess) -> StoreState | None:
     interrupted before any result (it is recreated). Repairs an array length that an older
     dynlab left different from its coordinate's."""
     attrs = read_attrs(path)
-    if attrs.get("schema_version") != SCHEMA_VERSION:
+    schema = attrs.get("schema_version")
+    if schema != SCHEMA_VERSION:
+        # an older dynlab's store whose creation was interrupted holds nothing: recreate it
+        if isinstance(schema, int) and 0 < schema < SCHEMA_VERSION and not has_results(path):
+            return None
         raise StoreError(
             f"{path}: not a dynlab store of schema {SCHEMA_VERSION} (found "
-            f"{attrs.get('schema_version')!r}); use another -o path"
+            f"{schema!r}); use another -o path"
         )
     try:
         state = read_state(path)
