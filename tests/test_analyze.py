@@ -300,6 +300,7 @@ def test_interrupted_analysis_resumes_to_the_same_store(runs, tmp_path):
     xr.testing.assert_identical(a, b)
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_to_the_same_store(runs, tmp_path):
     """A real SIGKILL in the middle of `dynlab analyze`, then a rerun."""
     dec, rel = runs
@@ -344,6 +345,7 @@ def test_nan_weights_give_nan_metrics_and_a_warning(tmp_path):
     assert res.returncode == 0 and "NaN/Inf" in res.stderr
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_give_clear_errors(tmp_path):
     run = make_run(tmp_path / "r", SPEC, [0, 5], grads=False)
     weights = run / "checkpoints" / "step_5" / "weights.safetensors"
