@@ -14,8 +14,11 @@ rank ≤ n_kv_heads·hd (with grouped-query attention that is less than d_model)
 Every component carries the precision its entries were stored in (`stored`: for a matrix
 formed from stored tensors, the coarsest among its inputs); `eps` is that precision's machine
 epsilon, which sets the numerical-zero tolerance of its spectrum
-(`dynlab.spectral.zero_tolerance`). `max_rank` is the rank bound by construction: min(m, n)
-for a dense matrix, the inner dimension for a product of factors.
+(`dynlab.spectral.zero_tolerance`), together with `storage_norm`, the Frobenius norm S of the
+stored inputs whose rounding noise it carries: ‖X‖_F for a stored matrix,
+√(‖W_t‖_F² + ‖W_prev‖_F²) for a dense difference, `dynlab.spectral.product_noise_norm` of the
+factors for a product. `max_rank` is the rank bound by construction: min(m, n) for a dense
+matrix, the inner dimension for a product of factors.
 
 ReLoRA updates within one cycle: a checkpoint stores W_eff = W + s·B·A (rounded to float32)
 and the factors A, B. While the frozen base W is unchanged between two checkpoints,
@@ -27,6 +30,7 @@ changed by the merge) the update is the dense difference.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -69,11 +73,13 @@ class Dense:
     """A matrix given by its entries. `shape` is the true shape when `x` holds only its
     non-zero rows (singular values are then padded with zeros up to min(shape)). `stored`:
     the precision its entries (or the tensors they were formed from) were stored in; None
-    means x's own dtype."""
+    means x's own dtype. `norm`: S, the Frobenius norm of the stored inputs it was formed from
+    (√(‖W_t‖_F² + ‖W_prev‖_F²) for a difference); None means ‖x‖_F."""
 
     x: torch.Tensor
     shape: tuple[int, int]
     stored: torch.dtype | None = None
+    norm: float | None = None
 
     @property
     def rank_bound(self) -> int:
@@ -91,6 +97,15 @@ class Dense:
     def max_dim(self) -> int:
         return max(self.shape)
 
+    @property
+    def min_dim(self) -> int:
+        return min(self.shape)
+
+    @property
+    def storage_norm(self) -> float:
+        """S of the zero tolerance: `norm`, or ‖x‖_F (the matrix is itself stored)."""
+        return frobenius(self.x) if self.norm is None else self.norm
+
     def entries(self) -> torch.Tensor:
         return self.x
 
@@ -102,12 +117,16 @@ class LowRank:
     rank_bound, the length k of its spectrum, is max_rank, or min(m, n) when `full`: the
     spectrum is then padded with exact zeros, so the product is judged as the m × n matrix it
     stands for (rank max_rank of min(m, n)). `stored`: the coarsest precision among the
-    stored tensors the factors come from; None means that of left and right."""
+    stored tensors the factors come from; None means that of left and right. `norm`: S of the
+    zero tolerance; None means `dynlab.spectral.product_noise_norm` of the factors' Frobenius
+    norms (each factor a stored tensor, a concatenation of stored tensors or, for the
+    whole-layer OV circuit, a sum of stored head blocks)."""
 
     left: torch.Tensor
     right: torch.Tensor
     stored: torch.dtype | None = None
     full: bool = False
+    norm: float | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -129,6 +148,20 @@ class LowRank:
     def max_dim(self) -> int:
         return max(self.shape)
 
+    @property
+    def min_dim(self) -> int:
+        return min(self.shape)
+
+    @property
+    def storage_norm(self) -> float:
+        """S of the zero tolerance (see the class docstring)."""
+        if self.norm is not None:
+            return self.norm
+        from dynlab.spectral import product_noise_norm
+
+        (m, k), n = self.left.shape, self.right.shape[1]
+        return product_noise_norm(frobenius(self.left), frobenius(self.right), m, k, n)
+
     def entries(self) -> torch.Tensor:
         from dynlab.spectral import matmul
 
@@ -138,17 +171,32 @@ class LowRank:
 Component = Dense | LowRank
 
 
-def dense(x: torch.Tensor, stored: torch.dtype | None = None) -> Dense:
-    return Dense(x, (x.shape[0], x.shape[1]), stored)
+def frobenius(x: torch.Tensor) -> float:
+    """‖x‖_F, in float64."""
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64))
 
 
-def drop_zero_rows(x: torch.Tensor, stored: torch.dtype | None = None) -> Dense:
+def difference_norm(cur: torch.Tensor, prev: torch.Tensor) -> float:
+    """S of a difference of two stored tensors: √(‖cur‖_F² + ‖prev‖_F²) (their independent
+    rounding errors add in quadrature)."""
+    return math.hypot(frobenius(cur), frobenius(prev))
+
+
+def dense(x: torch.Tensor, stored: torch.dtype | None = None, norm: float | None = None) -> Dense:
+    """A Dense component; `norm` (S of the zero tolerance) defaults to ‖x‖_F."""
+    return Dense(x, (x.shape[0], x.shape[1]), stored, frobenius(x) if norm is None else norm)
+
+
+def drop_zero_rows(
+    x: torch.Tensor, stored: torch.dtype | None = None, norm: float | None = None
+) -> Dense:
     """The same singular values from fewer rows: all-zero rows (e.g. the embedding gradient
-    of tokens absent from the batch) contribute nothing to σ."""
+    of tokens absent from the batch) contribute nothing to σ (nor to ‖x‖_F)."""
     nonzero = x.ne(0).any(dim=1)
     if bool(nonzero.all()):
-        return dense(x, stored)
-    return Dense(x[nonzero], (x.shape[0], x.shape[1]), stored)
+        return dense(x, stored, norm)
+    return Dense(x[nonzero], (x.shape[0], x.shape[1]), stored,
+                 frobenius(x) if norm is None else norm)
 
 
 def weight(tensors: Tensors, layer: int, matrix: str) -> torch.Tensor:
@@ -281,7 +329,8 @@ def update_components(
     the layer). With `scale` (a relora run's s = alpha/r), a wrapped matrix whose base W is
     unchanged between the two checkpoints gets its update from the factors (`relora_update`);
     otherwise, and across a reset, the update is the dense float64 difference of the stored
-    tensors."""
+    tensors, whose zero tolerance counts the rounding of both (S = √(‖W_t‖_F² + ‖W_prev‖_F²)).
+    """
     out: dict[Site, Component] = {}
     ov_idx = MATRICES.index("ov_circuit")
     for layer in range(spec.n_layers):
@@ -289,7 +338,8 @@ def update_components(
             comp = relora_update(w, w_prev, layer, name, scale) if scale is not None else None
             if comp is None:
                 cur, prev = weight(w, layer, name), weight(w_prev, layer, name)
-                comp = dense(cur.double() - prev.double(), coarsest(cur.dtype, prev.dtype))
+                comp = dense(cur.double() - prev.double(), coarsest(cur.dtype, prev.dtype),
+                             difference_norm(cur, prev))
             out[Site("layer", (layer, j))] = comp
         o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
         po = weight(w_prev, layer, "attention.o_proj")
@@ -308,7 +358,8 @@ def update_components(
     for e, name in enumerate(EMBEDDINGS):
         key = f"{name}.weight"
         out[Site("emb", (e,))] = drop_zero_rows(w[key].double() - w_prev[key].double(),
-                                                coarsest(w[key].dtype, w_prev[key].dtype))
+                                                coarsest(w[key].dtype, w_prev[key].dtype),
+                                                difference_norm(w[key], w_prev[key]))
     return out
 
 

@@ -26,6 +26,7 @@ from dynlab.viz import report as R
 
 C_TOL = spectral.TOL_FACTOR
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+EPS64 = float(torch.finfo(torch.float64).eps)
 
 
 def eps_of(dtype: torch.dtype) -> float:
@@ -37,10 +38,18 @@ def spectra_and_metrics(comp: C.Component) -> dict[str, float]:
     the component's storage eps."""
     s = A.component_spectra({C.Site("layer", (0, 0)): comp})[C.Site("layer", (0, 0))]
     out = {"sigma": s.numpy()}
+    args = dict(min_dim=comp.min_dim, norm=comp.storage_norm, compute_eps=EPS64)
     for name in ("numerical_rank", "cn", "cn_nz", "rank_deficit", "per"):
-        out[name] = float(spectral.METRICS[name].from_spectrum(s, comp.max_dim, comp.eps))
-    out["tol"] = float(spectral.zero_tolerance(s, comp.max_dim, comp.eps))
+        out[name] = float(spectral.METRICS[name].from_spectrum(s, comp.max_dim, comp.eps,
+                                                               **args))
+    out["tol"] = float(spectral.zero_tolerance(s, comp.max_dim, comp.eps, **args))
     return out
+
+
+def tol_by_hand(m: int, n: int, eps: float, norm: float, sigma_1: float) -> float:
+    """max(c·eps·S·(√m + √n)/√(m·n), max(m, n)·eps_64·σ_1), written out."""
+    storage = C_TOL * eps * norm * (math.sqrt(m) + math.sqrt(n)) / math.sqrt(m * n)
+    return max(storage, max(m, n) * EPS64 * sigma_1)
 
 
 def planted_factors(m: int, n: int, sigma: list[float], seed: int):
@@ -59,9 +68,9 @@ def test_cn_nz_and_rank_deficit_by_hand():
     nan = math.nan
     s = torch.tensor([[4.0, 2.0, 1e-3, 1e-12], [4.0, 2.0, 1.0, 0.5], [0.0, 0.0, 0.0, 0.0],
                       [nan, nan, nan, nan], [3.0, 1.0, 0.0, nan]], dtype=torch.float64)
-    # tol = c·max(m,n)·eps·σ_1 = c·8·1e-4·σ_1: between 1e-12 and 1e-3 of σ_1 = 4 for any c
-    # in [1e-8, 1.25]
-    assert 1e-8 <= C_TOL <= 1.25
+    # an 8 × 4 stored matrix: tol = c·eps·‖X‖_F·(1/√8 + 1/√4) = c·1e-4·4.47·0.854 = c·3.8e-4
+    # (rows 0, 1), between 1e-12 and 1e-3 for any c in [1e-8, 2.6]
+    assert 1e-8 <= C_TOL <= 2.6
     eps = 1e-4
     r = spectral.numerical_rank(s, 8, eps)
     nz = spectral.nonzero_condition_number(s, 8, eps)
@@ -78,11 +87,27 @@ def test_cn_nz_and_rank_deficit_by_hand():
 
 
 def test_zero_tolerance_formula_and_storage_eps():
-    s = torch.tensor([[2.0, 1.0], [5.0, 0.0]], dtype=torch.float64)
-    eps = torch.tensor([eps_of(torch.float32), eps_of(torch.bfloat16)], dtype=torch.float64)
-    got = spectral.zero_tolerance(s, torch.tensor([10.0, 3.0]), eps)
-    np.testing.assert_allclose(got, [C_TOL * 10 * 2**-23 * 2.0, C_TOL * 3 * 2**-7 * 5.0],
-                               rtol=1e-15)
+    s = torch.tensor([[2.0, 1.0], [5.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    eps = torch.tensor([eps_of(torch.float32), eps_of(torch.bfloat16), EPS64],
+                       dtype=torch.float64)
+    m = torch.tensor([10.0, 3.0, 4096.0])
+    n = torch.tensor([4.0, 2.0, 2.0])
+    norm = torch.tensor([7.0, 5.0, 1.0])
+    got = spectral.zero_tolerance(s, m, eps, min_dim=n, norm=norm, compute_eps=EPS64)
+    # the storage term for rows 0 and 1; the SVD's own error 4096·eps_64·σ_1 for row 2, whose
+    # storage term c·eps_64·(1/√4096 + 1/√2) is smaller
+    want = [C_TOL * 2**-23 * 7.0 * (10**-0.5 + 4**-0.5), C_TOL * 2**-7 * 5.0 * (3**-0.5 + 2**-0.5),
+            4096 * 2**-52 * 1.0]
+    np.testing.assert_allclose(got, want, rtol=1e-14)
+    assert want[2] > C_TOL * 2**-52 * (4096**-0.5 + 2**-0.5)
+    # defaults: S = ‖X‖_F of the spectrum itself, n = k, compute eps = sigma's dtype's
+    np.testing.assert_allclose(
+        spectral.zero_tolerance(s[:2], m[:2], eps[:2]),
+        [C_TOL * 2**-23 * math.sqrt(5) * (10**-0.5 + 2**-0.5),
+         C_TOL * 2**-7 * 5.0 * (3**-0.5 + 2**-0.5)], rtol=1e-14)
+    # a product's S (hand computation of the documented bound)
+    assert spectral.product_noise_norm(3.0, 2.0, 100, 4, 25) == pytest.approx(
+        6.0 * (0.1 + 2 * 0.5 + 0.2) / (0.1 + 0.2), rel=1e-15)
     assert spectral.storage_eps(torch.float32, torch.bfloat16) == 2**-7
     assert spectral.storage_eps(torch.float64) == 2**-52
     assert C.coarsest(torch.float64, torch.float16, torch.float32) == torch.float16
@@ -118,7 +143,8 @@ def test_known_rank_dense_stored(dtype, noise):
     """The same rank-4 matrix formed, then stored in `dtype` (rounding: noise of the storage
     precision in every direction), optionally plus Gaussian noise of spectral norm
     3·eps·σ_1: rank 4, cn = inf, cn_nz = σ_1/σ_4 of the unrounded float64 matrix within the
-    perturbation (Weyl: |Δσ_i| ≤ ‖E‖_2), which is 1e-6 or better for float32 / float64."""
+    perturbation (Weyl: |Δσ_i| ≤ ‖E‖_2), which is 1e-6 or better for float32 / float64.
+    The added noise is the size of one more rounding: Gaussian entries with ‖E‖_F = u·‖X‖_F."""
     dt = DTYPES[dtype]
     left, right = planted_factors(48, 40, SIGMA, seed=2)
     exact = left @ right
@@ -126,7 +152,8 @@ def test_known_rank_dense_stored(dtype, noise):
     if noise:
         g = torch.Generator().manual_seed(3)
         e = torch.randn(48, 40, dtype=torch.float64, generator=g)
-        x = x + e * (3 * eps_of(dt) * SIGMA[0] / float(torch.linalg.matrix_norm(e, 2)))
+        u = eps_of(dt) / 2
+        x = x + e * (u * float(torch.linalg.norm(exact)) / float(torch.linalg.norm(e)))
     stored = x.to(dt)
     comp = C.dense(stored.double(), stored=dt)
     got = spectra_and_metrics(comp)
@@ -150,7 +177,10 @@ def test_full_rank_float32_kappa_1e5_keeps_an_exact_finite_cn():
     w = matrix_with_spectrum(40, 40, geometric_spectrum(40, 1e5), g).to(torch.float32)
     got = spectra_and_metrics(C.dense(w))
     ref = scipy.linalg.svdvals(w.double().numpy())  # of the stored float32 entries
-    assert ref[-1] > got["tol"]  # 1e-5·σ_1 > 0.25·40·eps_32·σ_1 = 1.2e-6·σ_1
+    # 1e-5·σ_1 > c·eps_32·‖W‖_F·(2/√40): ‖W‖_F ≈ 1.3·σ_1, so tol ≈ 1e-7·σ_1
+    assert ref[-1] > got["tol"] and got["tol"] == pytest.approx(
+        tol_by_hand(40, 40, eps_of(torch.float32), float(torch.linalg.norm(w.double())),
+                    ref[0]), rel=1e-12)
     assert got["numerical_rank"] == 40 and got["rank_deficit"] == 0
     assert got["cn"] == pytest.approx(ref[0] / ref[-1], rel=1e-6)
     assert got["cn"] == pytest.approx(1e5, rel=0.05)  # float32 rounding moves σ_40 by ~1%
