@@ -20,6 +20,7 @@ import dynlab
 from dynlab import analysis as A
 from dynlab import components as C
 from dynlab import spectral
+from dynlab.checkpoints import find_runs
 from dynlab.synthetic import geometric_spectrum, matrix_with_spectrum
 from dynlab.viz import figures as F
 from dynlab.viz import report as R
@@ -217,6 +218,7 @@ def test_relora_within_cycle_update_from_factors(relora_store):
     run, ds = relora_store
     cfg = json.loads((run / "run.json").read_text())
     s = cfg["relora"]["alpha"] / cfg["relora"]["r"]
+    spec = find_runs([run])[0].spec
     cycles = {t: json.loads((run / "checkpoints" / f"step_{t}" / "meta.json").read_text())
               ["relora_cycle"] for t in (0, 4, 8, 12)}
     checked = 0
@@ -224,7 +226,7 @@ def test_relora_within_cycle_update_from_factors(relora_store):
         w0, w1 = stored(run, t0), stored(run, t1)
         within = cycles[t0] == cycles[t1]
         for layer in range(2):
-            for name in C.LAYER_MATRICES:
+            for j, name in enumerate(C.LAYER_MATRICES):
                 comp = C.relora_update(w1, w0, layer, name, s)
                 assert (comp is not None) == within, (t0, t1, name)  # the trainer's cycles
                 sel = dict(run="rel", kind="updates", step=t1, layer=layer, matrix=name)
@@ -239,10 +241,20 @@ def test_relora_within_cycle_update_from_factors(relora_store):
                 assert float(ds.max_rank.sel(**sel)) == bound
                 sig = ds.sigma.sel(**sel).values[: min(shape)]
                 tol = float(ds.tol.sel(**sel))
-                assert tol == pytest.approx(C_TOL * max(shape) * eps_of(torch.float32) * ref[0],
-                                            rel=1e-12)
+                # S of the product [s·B_t, −s·B_prev]·[A_t; A_prev] from the stored factors
+                fro = [float(torch.linalg.norm(x.double())) for x in (w1[b], w0[b], w1[a], w0[a])]
+                m, n = shape
+                k = 2 * R_LORA
+                s_prod = (abs(s) * math.hypot(fro[0], fro[1]) * math.hypot(fro[2], fro[3])
+                          * (m**-0.5 + 2 * k**-0.5 + n**-0.5) / (m**-0.5 + n**-0.5))
+                assert tol == pytest.approx(tol_by_hand(m, n, eps_of(torch.float32), s_prod,
+                                                        ref[0]), rel=1e-10)
                 r = int(ds.numerical_rank.sel(**sel))
                 assert r == int((ref > tol).sum()) and r <= bound
+                # the genuine rank: 2r, or r at 0→4 where B_0 = 0 (the factors' exact zeros
+                # are ~1e-16·σ_1 in float64)
+                genuine = int((ref > 1e-9 * ref[0]).sum())
+                assert r == genuine == (R_LORA if t0 == 0 else 2 * R_LORA)
                 np.testing.assert_allclose(sig[:r], ref[:r], rtol=1e-6)
                 assert float(ds.cn_nz.sel(**sel)) == pytest.approx(ref[0] / ref[r - 1], rel=1e-6)
                 assert int(ds.rank_deficit.sel(**sel)) == min(shape) - r
@@ -250,15 +262,25 @@ def test_relora_within_cycle_update_from_factors(relora_store):
                     assert float(ds.cn.sel(**sel)) == math.inf
                     assert (sig[bound:] == 0).all()
                     checked += 1
-                    # the dense difference of the stored W_eff, judged by the float32 rule,
-                    # gives the same rank: its extra values are float32 noise under tol
-                    d = (w1[f"layers.{layer}.{name}.weight"].double()
-                         - w0[f"layers.{layer}.{name}.weight"].double())
-                    sd = spectral.svdvals(d)
-                    assert spectral.numerical_rank(sd, max(shape), eps_of(torch.float32)) == r
+                    # the dense float32 difference of the stored W_eff (the pipeline's own
+                    # component without the factors) gives the same rank: its extra values
+                    # are the rounding noise of both W_eff, under the tolerance of
+                    # S = √(‖W_t‖_F² + ‖W_prev‖_F²)
+                    cur = w1[f"layers.{layer}.{name}.weight"]
+                    prev = w0[f"layers.{layer}.{name}.weight"]
+                    d = C.update_components(w1, w0, spec)[C.Site("layer", (layer, j))]
+                    assert isinstance(d, C.Dense) and d.eps == eps_of(torch.float32)
+                    assert d.storage_norm == pytest.approx(math.hypot(
+                        float(torch.linalg.norm(cur.double())),
+                        float(torch.linalg.norm(prev.double()))), rel=1e-12)
+                    dm = spectra_and_metrics(d)
+                    assert dm["numerical_rank"] == r and dm["cn"] == math.inf
+                    sd = scipy.linalg.svdvals((cur.double() - prev.double()).numpy())
+                    assert sd[r - 1] > dm["tol"] >= sd[r]  # the cliff, straddled
+                    assert dm["cn_nz"] == pytest.approx(ref[0] / ref[r - 1], rel=1e-3)
     assert checked >= 2 * 5  # q, o, w_0, w_1, w_2 of both layers, at 0→4 and 4→8
     # the tolerance attrs document the rule
-    assert "c*max(m,n)*eps*sigma_1" in ds.tol.attrs["definition"]
+    assert "c*eps*S*(1/sqrt(m)+1/sqrt(n))" in ds.tol.attrs["definition"]
     assert ds.tol.attrs["c"] == C_TOL
     assert "2r" in ds.max_rank.attrs["definition"]
 
