@@ -350,3 +350,65 @@ def test_cn_figure_bands_stay_in_range_and_inf_is_hollow():
     band = [t for t in fig.data if t.meta["role"] in ("band_lo", "band_hi")]
     assert all(0.0 <= v <= 1.0 for t in band for v in t.y)
     assert max(band[0].y) == 1.0  # the raw t-interval at step 20 reaches above 1
+
+
+# ---- half-precision storage of wide matrices ----------------------------------------------
+
+
+HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dct_matrix_with_spectrum(n: int, sigma: np.ndarray, seed: int) -> torch.Tensor:
+    """U·diag(σ)·Vᵀ in float64 with U the orthonormal DCT-II matrix and V a random signed
+    permutation: dense entries with a planted spectrum, built in O(n²) (no n × n QR)."""
+    import scipy.fft
+
+    rng = np.random.default_rng(seed)
+    u = scipy.fft.dct(np.eye(n), norm="ortho", axis=0)
+    x = (u * sigma)[:, rng.permutation(n)] * rng.choice([-1.0, 1.0], n)
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def spectral_norm_of(e: torch.Tensor) -> float:
+    """‖E‖_2 = sqrt(λ_max(EᵀE)), in float64 (σ_1 is accurate on the Gram route at any κ)."""
+    return float(spectral.svdvals(e, method="gram")[0])
+
+
+@pytest.mark.parametrize("width", [64, 512, 2048])
+@pytest.mark.parametrize("dtype", list(HALF))
+def test_full_rank_kappa_10_stored_in_half_precision(dtype, width):
+    """κ = 10, full rank, stored in bf16 / fp16: full numerical rank and cn equal to the
+    planted 10 within Weyl's bound of the actual storage perturbation E = fl(X) − X:
+    cn ∈ [(σ_1 − ‖E‖_2)/(σ_k + ‖E‖_2), (σ_1 + ‖E‖_2)/(σ_k − ‖E‖_2)]. The former rule
+    (0.25·max(m, n)·eps·σ_1) reached σ_1 at these widths for bf16 (512, 2048) and read rank 0."""
+    dt = HALF[dtype]
+    sigma = np.geomspace(1.0, 0.1, width)
+    exact = dct_matrix_with_spectrum(width, sigma, seed=width)
+    x = exact.to(dt)
+    got = spectra_and_metrics(C.dense(x.double(), stored=dt))
+    e = spectral_norm_of(x.double() - exact)
+    assert e <= eps_of(dt) / 2 * float(torch.linalg.norm(exact))  # ‖E‖_2 ≤ u·‖X‖_F
+    assert got["numerical_rank"] == width and got["rank_deficit"] == 0
+    lo, hi = (1 - e) / (0.1 + e), (1 + e) / (0.1 - e)
+    assert lo <= got["cn"] <= hi and got["cn_nz"] == got["cn"]
+    assert got["tol"] == pytest.approx(tol_by_hand(width, width, eps_of(dt),
+                                                   float(torch.linalg.norm(x.double())),
+                                                   float(got["sigma"][0])), rel=1e-12)
+    assert got["sigma"][-1] > got["tol"] > e  # the rounding noise's size sits below tol
+    if dtype == "bfloat16" and width >= 512:
+        assert 0.25 * width * eps_of(dt) >= 1  # the former rule's tolerance ≥ σ_1
+
+
+def test_rank_r_stored_in_bf16_at_width_1024():
+    """A rank-4 matrix (of k = 1024) stored in bf16: rank 4, cn = inf, cn_nz = σ_1/σ_4 of the
+    unrounded float64 matrix within Weyl's bound of the storage perturbation."""
+    left, right = planted_factors(1024, 1024, SIGMA, seed=5)
+    exact = left @ right
+    x = exact.to(torch.bfloat16)
+    got = spectra_and_metrics(C.dense(x.double(), stored=torch.bfloat16))
+    e = spectral_norm_of(x.double() - exact)
+    assert got["numerical_rank"] == 4 and got["rank_deficit"] == 1020
+    assert got["cn"] == math.inf
+    s1, s4 = SIGMA[0], SIGMA[3]
+    assert (s1 - e) / (s4 + e) <= got["cn_nz"] <= (s1 + e) / (s4 - e)
+    assert got["sigma"][4] <= e < got["tol"] < got["sigma"][3]  # noise ≤ ‖E‖_2 < tol
