@@ -142,10 +142,10 @@ def test_known_rank_from_stored_factors(dtype):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_known_rank_dense_stored(dtype, noise):
     """The same rank-4 matrix formed, then stored in `dtype` (rounding: noise of the storage
-    precision in every direction), optionally plus Gaussian noise of spectral norm
-    3·eps·σ_1: rank 4, cn = inf, cn_nz = σ_1/σ_4 of the unrounded float64 matrix within the
-    perturbation (Weyl: |Δσ_i| ≤ ‖E‖_2), which is 1e-6 or better for float32 / float64.
-    The added noise is the size of one more rounding: Gaussian entries with ‖E‖_F = u·‖X‖_F."""
+    precision in every direction), optionally plus Gaussian noise the size of one more
+    rounding's worst case (‖E‖_F = u·‖X‖_F): rank 4, cn = inf, cn_nz = σ_1/σ_4 of the
+    unrounded float64 matrix within the perturbation (Weyl: |Δσ_i| ≤ ‖E‖_2), which is 1e-6
+    or better for float32 / float64."""
     dt = DTYPES[dtype]
     left, right = planted_factors(48, 40, SIGMA, seed=2)
     exact = left @ right
