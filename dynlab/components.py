@@ -17,7 +17,8 @@ epsilon, which sets the numerical-zero tolerance of its spectrum
 (`dynlab.spectral.zero_tolerance`), together with `storage_norm`, the Frobenius norm S of the
 stored inputs whose rounding noise it carries: ‖X‖_F for a stored matrix,
 √(‖W_t‖_F² + ‖W_prev‖_F²) for a dense difference, `dynlab.spectral.product_noise_norm` of the
-factors for a product. `max_rank` is the rank bound by construction: min(m, n) for a dense
+factors for a product (`sum_of_products_norm` of the terms for a sum of products such as a
+gradient or an update of the OV circuit). `max_rank` is the rank bound by construction: min(m, n) for a dense
 matrix, the inner dimension for a product of factors.
 
 ReLoRA updates within one cycle: a checkpoint stores W_eff = W + s·B·A (rounded to float32)
@@ -224,8 +225,30 @@ def ov_whole_factors(
     return o_sum, v_proj.double()
 
 
-def _head_lowrank(left: torch.Tensor, right: torch.Tensor, stored: torch.dtype) -> list[LowRank]:
-    return [LowRank(left[i], right[i], stored) for i in range(left.shape[0])]
+def sum_of_products_norm(*terms: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """S of Σ_j L_j·R_j formed from stored factors (each L_j (…, m, k_j), R_j (…, k_j, n),
+    with any leading batch dims): Σ_j `dynlab.spectral.product_noise_norm` of the pair, since
+    the rounding errors of the terms add (‖Σ_j E_j‖_2 ≤ Σ_j ‖E_j‖_2). Taking the terms
+    apart, rather than the product of the concatenated factors [L_1, L_2]·[R_1; R_2], keeps
+    the rounding of a large factor paired only with what it multiplies: in the gradient
+    O·dV + dO·V the rounding of O meets dV, never V."""
+    from dynlab.spectral import product_noise_norm
+
+    total = torch.zeros((), dtype=torch.float64)
+    for left, right in terms:
+        (m, k), n = left.shape[-2:], right.shape[-1]
+        ln = torch.linalg.vector_norm(left, dim=(-2, -1), dtype=torch.float64).cpu()
+        rn = torch.linalg.vector_norm(right, dim=(-2, -1), dtype=torch.float64).cpu()
+        total = total + product_noise_norm(ln, rn, m, k, n)
+    return total
+
+
+def _head_lowrank(
+    left: torch.Tensor, right: torch.Tensor, stored: torch.dtype, norms: torch.Tensor | None = None
+) -> list[LowRank]:
+    return [LowRank(left[i], right[i], stored,
+                    norm=None if norms is None else float(norms[i]))
+            for i in range(left.shape[0])]
 
 
 def weight_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
@@ -263,10 +286,12 @@ def grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Compo
         o_sum, v64 = ov_whole_factors(o, v, spec)
         do_sum, dv64 = ov_whole_factors(do, dv, spec)
         out[Site("layer", (layer, ov_idx))] = LowRank(
-            torch.cat([o_sum, do_sum], dim=1), torch.cat([dv64, v64], dim=0), stored)
+            torch.cat([o_sum, do_sum], dim=1), torch.cat([dv64, v64], dim=0), stored,
+            norm=float(sum_of_products_norm((o_sum, dv64), (do_sum, v64))))
         left = torch.cat([o_h, do_h], dim=2)
         right = torch.cat([dv_h, v_h], dim=1)
-        for head, comp in enumerate(_head_lowrank(left, right, stored)):
+        norms = sum_of_products_norm((o_h, dv_h), (do_h, v_h))
+        for head, comp in enumerate(_head_lowrank(left, right, stored, norms)):
             out[Site("head", (layer, head))] = comp
     for e, name in enumerate(EMBEDDINGS):
         out[Site("emb", (e,))] = drop_zero_rows(g[f"{name}.weight"])
@@ -319,7 +344,9 @@ def relora_update(
     stored = coarsest(*(x.dtype for x in (*factors, *prev)))
     left = torch.cat([scale * factors[1].double(), -scale * prev[1].double()], dim=1)
     right = torch.cat([factors[0].double(), prev[0].double()], dim=0)
-    return LowRank(left, right, stored, full=True)
+    r = factors[1].shape[1]
+    norm = sum_of_products_norm((left[:, :r], right[:r]), (left[:, r:], right[r:]))
+    return LowRank(left, right, stored, full=True, norm=float(norm))
 
 
 def update_components(
@@ -348,12 +375,14 @@ def update_components(
         o_sum, v64 = ov_whole_factors(o, v, spec)
         po_sum, pv64 = ov_whole_factors(po, pv, spec)
         out[Site("layer", (layer, ov_idx))] = LowRank(
-            torch.cat([o_sum, -po_sum], dim=1), torch.cat([v64, pv64], dim=0), stored)
+            torch.cat([o_sum, -po_sum], dim=1), torch.cat([v64, pv64], dim=0), stored,
+            norm=float(sum_of_products_norm((o_sum, v64), (po_sum, pv64))))
         o_h, v_h = ov_head_factors(o.double(), v.double(), spec)
         po_h, pv_h = ov_head_factors(po.double(), pv.double(), spec)
         left = torch.cat([o_h, -po_h], dim=2)
         right = torch.cat([v_h, pv_h], dim=1)
-        for head, comp in enumerate(_head_lowrank(left, right, stored)):
+        norms = sum_of_products_norm((o_h, v_h), (po_h, pv_h))
+        for head, comp in enumerate(_head_lowrank(left, right, stored, norms)):
             out[Site("head", (layer, head))] = comp
     for e, name in enumerate(EMBEDDINGS):
         key = f"{name}.weight"

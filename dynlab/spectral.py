@@ -305,10 +305,11 @@ def zero_tolerance(
     and swiglu.w_0, w_1, w_2 (64 × 256): the largest noise value was 0.51 (swiglu.w_1,
     layer 2, steps 450 → 500; median 0.24, as the model's 1/(2√3) = 0.29 predicts) and the
     smallest genuine one 42 (attention.o_proj, layer 3, steps 50 → 100). The same update
-    from its stored factors ([s·B_t, −s·B_prev]·[A_t; A_prev], S = `product_noise_norm`)
-    has its smallest genuine value at 11 of its own units. c = 2 lies between 0.51 and 11
-    (their geometric middle is 2.4), a factor 4 above the largest noise value; the gap is
-    a factor 80 on the dense route, where the former rule's units left a factor 4.
+    from its stored factors (s·B_t·A_t − s·B_prev·A_prev, S the sum of the two terms'
+    `product_noise_norm`) has its smallest genuine value at 9.1 of its own units. c = 2 lies
+    between 0.51 and 9.1 (their geometric middle is 2.2), a factor 4 above the largest noise
+    value; the gap is a factor 80 on the dense route, where the former rule's units left a
+    factor 4.
     """
     if eps is None:
         eps = torch.finfo(sigma.dtype).eps

@@ -210,8 +210,8 @@ def test_ov_circuits_equal_scipy(store, runs):
             "updates": (sum(o @ v for o, v in heads) - sum(o @ v for o, v in prev),
                         min(SPEC.d_model, 2 * kv * hd)),
         }
-        # the factors: O_sum (Σ of each group's O_h) and v_proj; [O, dO]·[dV; V] for grads,
-        # [O, −O_prev]·[V; V_prev] for updates
+        # S from the factors O_sum (Σ of each group's O_h) and v_proj, summed over the terms
+        # of O·dV + dO·V (grads) and O·V − O_prev·V_prev (updates)
         def o_sum(hs):
             g = SPEC.n_heads // kv
             return np.concatenate([sum(hs[i][0] for i in range(j * g, (j + 1) * g))
@@ -223,10 +223,10 @@ def test_ov_circuits_equal_scipy(store, runs):
 
         norms = {
             "weights": product_norm(o_sum(heads), v_all(heads)),
-            "grads": product_norm(np.concatenate([o_sum(heads), o_sum(grads)], axis=1),
-                                  np.concatenate([v_all(grads), v_all(heads)], axis=0)),
-            "updates": product_norm(np.concatenate([o_sum(heads), o_sum(prev)], axis=1),
-                                    np.concatenate([v_all(heads), v_all(prev)], axis=0)),
+            "grads": (product_norm(o_sum(heads), v_all(grads))
+                      + product_norm(o_sum(grads), v_all(heads))),
+            "updates": (product_norm(o_sum(heads), v_all(heads))
+                        + product_norm(o_sum(prev), v_all(prev))),
         }
         for kind, (mat, k) in wholes.items():
             assert np.linalg.matrix_rank(mat) <= k

@@ -241,12 +241,12 @@ def test_relora_within_cycle_update_from_factors(relora_store):
                 assert float(ds.max_rank.sel(**sel)) == bound
                 sig = ds.sigma.sel(**sel).values[: min(shape)]
                 tol = float(ds.tol.sel(**sel))
-                # S of the product [s·B_t, −s·B_prev]·[A_t; A_prev] from the stored factors
+                # S of s·B_t·A_t − s·B_prev·A_prev from the stored factors: the sum over both
+                # terms of ‖s·B‖_F·‖A‖_F·(1/√m + 2/√r + 1/√n)/(1/√m + 1/√n)
                 fro = [float(torch.linalg.norm(x.double())) for x in (w1[b], w0[b], w1[a], w0[a])]
                 m, n = shape
-                k = 2 * R_LORA
-                s_prod = (abs(s) * math.hypot(fro[0], fro[1]) * math.hypot(fro[2], fro[3])
-                          * (m**-0.5 + 2 * k**-0.5 + n**-0.5) / (m**-0.5 + n**-0.5))
+                s_prod = (abs(s) * (fro[0] * fro[2] + fro[1] * fro[3])
+                          * (m**-0.5 + 2 * R_LORA**-0.5 + n**-0.5) / (m**-0.5 + n**-0.5))
                 assert tol == pytest.approx(tol_by_hand(m, n, eps_of(torch.float32), s_prod,
                                                         ref[0]), rel=1e-10)
                 r = int(ds.numerical_rank.sel(**sel))
