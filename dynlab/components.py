@@ -18,8 +18,8 @@ epsilon, which sets the numerical-zero tolerance of its spectrum
 stored inputs whose rounding noise it carries: ‖X‖_F for a stored matrix,
 √(‖W_t‖_F² + ‖W_prev‖_F²) for a dense difference, `dynlab.spectral.product_noise_norm` of the
 factors for a product (`sum_of_products_norm` of the terms for a sum of products such as a
-gradient or an update of the OV circuit). `max_rank` is the rank bound by construction: min(m, n) for a dense
-matrix, the inner dimension for a product of factors.
+gradient or an update of the OV circuit). `max_rank` is the rank bound by construction:
+min(m, n) for a dense matrix, the inner dimension for a product of factors.
 
 ReLoRA updates within one cycle: a checkpoint stores W_eff = W + s·B·A (rounded to float32)
 and the factors A, B. While the frozen base W is unchanged between two checkpoints,

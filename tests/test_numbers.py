@@ -412,3 +412,41 @@ def test_rank_r_stored_in_bf16_at_width_1024():
     s1, s4 = SIGMA[0], SIGMA[3]
     assert (s1 - e) / (s4 + e) <= got["cn_nz"] <= (s1 + e) / (s4 - e)
     assert got["sigma"][4] <= e < got["tol"] < got["sigma"][3]  # noise ≤ ‖E‖_2 < tol
+
+
+def test_gradient_ov_noise_pairs_each_factor_with_what_it_multiplies():
+    """The whole-layer OV gradient O·dV + dO·V (float32 weights and gradients, gradients 1e-4
+    of the weights): S is the sum of the two terms' product bounds, so the rounding of O is
+    weighed against dV, not V. Its numerical rank is the float64 reference's full rank 2·n_kv·hd
+    = d; the concatenated factors [O, dO]·[dV; V] would put the tolerance at the scale of
+    ‖O‖·‖V‖, 1e4 times too high, and call most of it zero."""
+    from dynlab.checkpoints import ModelSpec
+    from dynlab.synthetic import random_weights
+
+    spec = ModelSpec(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, activation_hidden_dim=8,
+                     vocab_size=8)
+    w = random_weights(spec, torch.Generator().manual_seed(6))
+    g = {k: v * 1e-4 for k, v in random_weights(spec, torch.Generator().manual_seed(7)).items()}
+    comp = C.grad_components(g, w, spec)[C.Site("layer", (0, C.MATRICES.index("ov_circuit")))]
+    o, v = (w[f"layers.0.attention.{p}.weight"].double().numpy() for p in ("o_proj", "v_proj"))
+    do, dv = (g[f"layers.0.attention.{p}.weight"].double().numpy() for p in ("o_proj", "v_proj"))
+
+    def o_sum(x):  # heads 0, 1 share v group 0; heads 2, 3 group 1 (hd = 8)
+        return np.concatenate([x[:, 0:8] + x[:, 8:16], x[:, 16:24] + x[:, 24:32]], axis=1)
+
+    def bound(left, right):  # ‖L‖_F·‖R‖_F·(1/√m + 2/√k + 1/√n)/(1/√m + 1/√n), m = n = 32
+        k = left.shape[1]
+        dims = 2 / math.sqrt(32)
+        return np.linalg.norm(left) * np.linalg.norm(right) * (dims + 2 / math.sqrt(k)) / dims
+
+    want = bound(o_sum(o), dv) + bound(o_sum(do), v)
+    assert comp.storage_norm == pytest.approx(want, rel=1e-12)
+    exact = o_sum(o) @ dv + o_sum(do) @ v
+    assert np.linalg.matrix_rank(exact) == 32
+    got = spectra_and_metrics(comp)
+    assert got["numerical_rank"] == 32 and got["cn"] < math.inf
+    ref = scipy.linalg.svdvals(exact)
+    assert got["cn"] == pytest.approx(ref[0] / ref[-1], rel=1e-6)
+    concat = bound(np.concatenate([o_sum(o), o_sum(do)], axis=1), np.concatenate([dv, v]))
+    s = torch.from_numpy(got["sigma"])
+    assert spectral.numerical_rank(s, 32, comp.eps, min_dim=32, norm=concat) < 32
