@@ -120,7 +120,7 @@ class LowRank:
     stands for (rank max_rank of min(m, n)). `stored`: the coarsest precision among the
     stored tensors the factors come from; None means that of left and right. `norm`: S of the
     zero tolerance; None means `dynlab.spectral.product_noise_norm` of the factors' Frobenius
-    norms (each factor a stored tensor, a concatenation of stored tensors or, for the
+    and spectral norms (each factor a stored tensor, a concatenation of stored tensors or, for the
     whole-layer OV circuit, a sum of stored head blocks)."""
 
     left: torch.Tensor
@@ -158,10 +158,7 @@ class LowRank:
         """S of the zero tolerance (see the class docstring)."""
         if self.norm is not None:
             return self.norm
-        from dynlab.spectral import product_noise_norm
-
-        (m, k), n = self.left.shape, self.right.shape[1]
-        return product_noise_norm(frobenius(self.left), frobenius(self.right), m, k, n)
+        return float(sum_of_products_norm((self.left, self.right)))
 
     def entries(self) -> torch.Tensor:
         from dynlab.spectral import matmul
@@ -239,8 +236,17 @@ def sum_of_products_norm(*terms: tuple[torch.Tensor, torch.Tensor]) -> torch.Ten
         (m, k), n = left.shape[-2:], right.shape[-1]
         ln = torch.linalg.vector_norm(left, dim=(-2, -1), dtype=torch.float64).cpu()
         rn = torch.linalg.vector_norm(right, dim=(-2, -1), dtype=torch.float64).cpu()
-        total = total + product_noise_norm(ln, rn, m, k, n)
+        total = total + product_noise_norm(ln, rn, m, k, n, spectral_norms(left),
+                                           spectral_norms(right))
     return total
+
+
+def spectral_norms(x: torch.Tensor) -> torch.Tensor:
+    """‖x‖_2 of each matrix of a batch (…, a, b), in float64 on the CPU: √λ_max of the Gram
+    matrix of the shorter side (σ_1 is accurate on the Gram route whatever κ)."""
+    x = x.to(torch.float64)
+    gram = x @ x.mT if x.shape[-2] <= x.shape[-1] else x.mT @ x
+    return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt().cpu()
 
 
 def _head_lowrank(

@@ -47,6 +47,16 @@ def spectra_and_metrics(comp: C.Component) -> dict[str, float]:
     return out
 
 
+def hand_product_norm(left: np.ndarray, right: np.ndarray) -> float:
+    """S of a product of stored factors, written out with numpy's norms:
+    (‖L‖_F‖R‖_2(1/√m + 1/√k) + ‖L‖_2‖R‖_F(1/√k + 1/√n)) / (1/√m + 1/√n)."""
+    (m, k), n = left.shape, right.shape[1]
+    lf, rf = np.linalg.norm(left), np.linalg.norm(right)
+    l2, r2 = np.linalg.norm(left, 2), np.linalg.norm(right, 2)
+    return float((lf * r2 * (m**-0.5 + k**-0.5) + l2 * rf * (k**-0.5 + n**-0.5))
+                 / (m**-0.5 + n**-0.5))
+
+
 def tol_by_hand(m: int, n: int, eps: float, norm: float, sigma_1: float) -> float:
     """max(c·eps·S·(√m + √n)/√(m·n), max(m, n)·eps_64·σ_1), written out."""
     storage = C_TOL * eps * norm * (math.sqrt(m) + math.sqrt(n)) / math.sqrt(m * n)
@@ -109,6 +119,8 @@ def test_zero_tolerance_formula_and_storage_eps():
     # a product's S (hand computation of the documented bound)
     assert spectral.product_noise_norm(3.0, 2.0, 100, 4, 25) == pytest.approx(
         6.0 * (0.1 + 2 * 0.5 + 0.2) / (0.1 + 0.2), rel=1e-15)
+    assert spectral.product_noise_norm(3.0, 2.0, 100, 4, 25, 1.5, 0.5) == pytest.approx(
+        (3.0 * 0.5 * (0.1 + 0.5) + 1.5 * 2.0 * (0.5 + 0.2)) / (0.1 + 0.2), rel=1e-15)
     assert spectral.storage_eps(torch.float32, torch.bfloat16) == 2**-7
     assert spectral.storage_eps(torch.float64) == 2**-52
     assert C.coarsest(torch.float64, torch.float16, torch.float32) == torch.float16
@@ -242,11 +254,10 @@ def test_relora_within_cycle_update_from_factors(relora_store):
                 sig = ds.sigma.sel(**sel).values[: min(shape)]
                 tol = float(ds.tol.sel(**sel))
                 # S of s·B_t·A_t − s·B_prev·A_prev from the stored factors: the sum over both
-                # terms of ‖s·B‖_F·‖A‖_F·(1/√m + 2/√r + 1/√n)/(1/√m + 1/√n)
-                fro = [float(torch.linalg.norm(x.double())) for x in (w1[b], w0[b], w1[a], w0[a])]
+                # terms of (‖L‖_F‖R‖_2(1/√m + 1/√r) + ‖L‖_2‖R‖_F(1/√r + 1/√n))/(1/√m + 1/√n)
                 m, n = shape
-                s_prod = (abs(s) * (fro[0] * fro[2] + fro[1] * fro[3])
-                          * (m**-0.5 + 2 * R_LORA**-0.5 + n**-0.5) / (m**-0.5 + n**-0.5))
+                s_prod = sum(hand_product_norm(s * x[b].double().numpy(), x[a].double().numpy())
+                             for x in (w1, w0))
                 assert tol == pytest.approx(tol_by_hand(m, n, eps_of(torch.float32), s_prod,
                                                         ref[0]), rel=1e-10)
                 r = int(ds.numerical_rank.sel(**sel))
@@ -434,10 +445,7 @@ def test_gradient_ov_noise_pairs_each_factor_with_what_it_multiplies():
     def o_sum(x):  # heads 0, 1 share v group 0; heads 2, 3 group 1 (hd = 8)
         return np.concatenate([x[:, 0:8] + x[:, 8:16], x[:, 16:24] + x[:, 24:32]], axis=1)
 
-    def bound(left, right):  # ‖L‖_F·‖R‖_F·(1/√m + 2/√k + 1/√n)/(1/√m + 1/√n), m = n = 32
-        k = left.shape[1]
-        dims = 2 / math.sqrt(32)
-        return np.linalg.norm(left) * np.linalg.norm(right) * (dims + 2 / math.sqrt(k)) / dims
+    bound = hand_product_norm
 
     want = bound(o_sum(o), dv) + bound(o_sum(do), v)
     assert comp.storage_norm == pytest.approx(want, rel=1e-12)
