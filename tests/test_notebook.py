@@ -15,11 +15,11 @@ import viz_fixtures as fx  # noqa: E402
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "explore.ipynb"
 
+pytestmark = pytest.mark.slow  # starts a notebook kernel
+
 # Appended by the test only: reports the notebook's own variables as one JSON line.
 PROBE = """
 import json as _json
-
-pytestmark = pytest.mark.slow  # starts a notebook kernel
 print("PROBE" + _json.dumps({
     "layer_mean": np.where(np.isfinite(layer_mean.values), layer_mean.values, -1).tolist(),
     "runs": runs, "base": base, "max_abs_diff": max_abs_diff,
