@@ -330,6 +330,26 @@ METRICS: dict[str, Metric] = {
     ]
 }
 
+
+
+def _heavy_tail_metrics() -> list[Metric]:
+    """The heavy-tail fit of the eigenvalues σ² (dynlab.heavytail), three variables."""
+    from dynlab import heavytail
+
+    return [
+        Metric("alpha", "heavy-tail exponent of the eigenvalues sigma^2",
+               "continuous power-law MLE 1 + n/sum ln(x/xmin) on the tail with the KS-minimal "
+               f"xmin (Clauset et al. 2009); NaN below {heavytail.MIN_EIGENVALUES} eigenvalues",
+               heavytail.alpha),
+        Metric("alpha_ks", "KS distance of the heavy-tail fit",
+               "max |F(x) - C(x)| over the tail, F the fitted power-law CDF", heavytail.alpha_ks),
+        Metric("alpha_n_tail", "eigenvalues in the heavy-tail fit", "#{sigma^2 >= xmin}",
+               heavytail.alpha_n_tail),
+    ]
+
+
+METRICS.update({m.name: m for m in _heavy_tail_metrics()})
+
 DEFAULT_METRICS: tuple[str, ...] = tuple(METRICS)
 
 
