@@ -33,6 +33,7 @@ from dynlab.checkpoints import (
     load_tensors,
     prefetch,
 )
+from dynlab.recompute import spectrum_metric
 from dynlab.store import Layout, RegionWriter, ensure_store, spectral_variables
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
@@ -141,7 +142,7 @@ def checkpoint_region(
                                 on_device(ckpt.grads, options.device), ckpt.meta)
         prev_weights = on_device(prev_weights, options.device)
     shapes = region_shapes(layout)
-    tables = {"layer": "sigma", "head": "head_sigma", "emb": "emb_sigma"}
+    tables = {t: sig for t, (sig, _, _, _) in C.TABLES.items()}
     sigma = {t: torch.full(shapes[v], math.nan, dtype=torch.float64) for t, v in tables.items()}
     max_dim = {t: torch.ones(shapes[v][:-1], dtype=torch.float64) for t, v in tables.items()}
     entrywise = [m for m in options.metrics if spectral.METRICS[m].entrywise]
@@ -159,7 +160,7 @@ def checkpoint_region(
             cell = (k_index, *site.index)
             sigma[site.table][cell][: s.shape[0]] = s.to(torch.float64)
             max_dim[site.table][cell] = comps[site].max_dim
-            if torch.isnan(s).all():
+            if torch.isnan(s).all() and site.table not in ("qk", "qk_head"):  # q/k report it
                 bad.append(f"{kind}:{_site_name(site)}")
         for m in entrywise:
             fn = spectral.METRICS[m].from_entries
@@ -167,7 +168,7 @@ def checkpoint_region(
                 entry_values[(site.table, m)][(k_index, *site.index)] = fn(comp.entries()).cpu()
     out: dict[str, np.ndarray] = {}
     for table, var in tables.items():
-        prefix = {"layer": "", "head": "head_", "emb": "emb_"}[table]
+        prefix = C.TABLES[table][1]
         s = sigma[table]
         out[var] = s.numpy()
         for m in options.metrics:
@@ -175,7 +176,7 @@ def checkpoint_region(
             if metric.entrywise:
                 values = entry_values[(table, m)]
             else:
-                values = metric.from_spectrum(s, max_dim[table])
+                values = spectrum_metric(m, s, max_dim[table])
             out[prefix + m] = values.numpy()
     return out, bad
 
@@ -185,6 +186,10 @@ def _site_name(site: C.Site) -> str:
         return f"layers.{site.index[0]}.{C.MATRICES[site.index[1]]}"
     if site.table == "head":
         return f"layers.{site.index[0]}.ov_circuit.head{site.index[1]}"
+    if site.table == "qk":
+        return f"layers.{site.index[0]}.qk_circuit"
+    if site.table == "qk_head":
+        return f"layers.{site.index[0]}.qk_circuit.head{site.index[1]}"
     return C.EMBEDDINGS[site.index[0]]
 
 

@@ -4,7 +4,10 @@ Layout (see README "Store schema"):
     <metric>        (run, kind, step, layer, matrix)        scalar metrics of layer matrices
     head_<metric>   (run, kind, step, layer, head)          per-head OV circuit
     emb_<metric>    (run, kind, step, embedding)            embeddings
-    sigma / head_sigma / emb_sigma   the same with a last dim sv / head_sv / emb_sv
+    qk_<metric>     (run, kind, step, layer)                whole-layer QK circuit
+    qk_head_<metric> (run, kind, step, layer, head)         per-head QK circuit
+    sigma / head_sigma / emb_sigma / qk_sigma / qk_head_sigma   the same with a last dim
+                    sv / head_sv / emb_sv / sv / head_sv
     analyzed        (run, step) int8, 1 once a checkpoint is fully written
     train_loss, lr, tokens, wall_seconds, relora_cycle, ppl_macro, blimp_overall (run, step)
     ppl (run, step, domain), blimp (run, step, uid), blimp_field (run, step, field)
@@ -28,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from dynlab import __version__
-from dynlab.components import EMBEDDINGS, MATRICES
+from dynlab.components import EMBEDDINGS, MATRICES, TABLES
 
 SCHEMA_VERSION = 1
 
@@ -88,18 +91,15 @@ class Layout:
 
 
 def spectral_variables(metrics: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """Variable name -> dims, for every spectral variable of a store with these metrics."""
-    layer = ("run", "kind", "step", "layer", "matrix")
-    head = ("run", "kind", "step", "layer", "head")
-    emb = ("run", "kind", "step", "embedding")
+    """Variable name -> dims, for every spectral variable of a store with these metrics (one
+    group per result table of dynlab.components.TABLES)."""
+    base = ("run", "kind", "step")
     out: dict[str, tuple[str, ...]] = {}
     for m in metrics:
-        out[m] = layer
-        out[f"head_{m}"] = head
-        out[f"emb_{m}"] = emb
-    out["sigma"] = layer + ("sv",)
-    out["head_sigma"] = head + ("head_sv",)
-    out["emb_sigma"] = emb + ("emb_sv",)
+        for _, prefix, dims, _ in TABLES.values():
+            out[prefix + m] = base + dims
+    for sigma, _, dims, sv in TABLES.values():
+        out[sigma] = base + dims + (sv,)
     return out
 
 
@@ -142,7 +142,11 @@ def _create(group, name: str, dims: Sequence[str], data: np.ndarray | None = Non
 def _variable_attrs(name: str) -> dict:
     from dynlab.spectral import METRICS
 
-    base = name.removeprefix("head_").removeprefix("emb_")
+    base = name
+    for prefix in sorted((p for _, p, _, _ in TABLES.values() if p), key=len, reverse=True):
+        if name.startswith(prefix):
+            base = name.removeprefix(prefix)
+            break
     if base in METRICS:
         return {"long_name": METRICS[base].long_name, "definition": METRICS[base].definition}
     return {"long_name": "singular values, descending, NaN past the rank bound"}
@@ -287,11 +291,42 @@ def ensure_store(
     if path.exists() and not path.is_dir():
         raise StoreError(f"{path}: exists and is not a directory (expected a Zarr store)")
     if path.exists() and any(path.iterdir()):
-        return reconcile(path, layout, metrics_given=metrics_given, kinds_given=kinds_given)
+        stored = reconcile(path, layout, metrics_given=metrics_given, kinds_given=kinds_given)
+        add_missing_variables(path, stored)
+        return stored
     if path.exists():
         path.rmdir()
     create_store(path, layout)
     return layout
+
+
+def open_group_for_update(path: Path):
+    """The store's root Zarr group, writable."""
+    return _open_group(path)
+
+
+def consolidate(path: Path) -> None:
+    """Rewrite the consolidated metadata after variables or attributes changed."""
+    _consolidate(path)
+
+
+def add_missing_variables(path: Path, layout: Layout) -> list[str]:
+    """Create the spectral variables a store made by an earlier dynlab lacks (e.g. the QK
+    circuit's `qk_*` / `qk_head_*`), chunked like the others and empty (NaN). Checkpoints
+    analysed before keep NaN there (`analyzed` stays 1: their other variables are complete);
+    checkpoints analysed from now on fill them. Returns the names created."""
+    group = _open_group(path)
+    sizes = {d: group[d].shape[0] for d in layout.dims() if d in group}
+    missing = [(n, d) for n, d in spectral_variables(layout.metrics).items() if n not in group]
+    if not missing:
+        return []
+    with quiet_zarr():
+        for name, dims in missing:
+            shape = tuple(sizes[d] for d in dims)
+            chunks = tuple(1 if d in ("run", "step") else sizes[d] for d in dims)
+            _create(group, name, dims, shape=shape, chunks=chunks, attrs=_variable_attrs(name))
+    _consolidate(path)
+    return [n for n, _ in missing]
 
 
 class RegionWriter:

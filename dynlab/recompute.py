@@ -1,0 +1,157 @@
+"""Metrics that need only the singular values, computed from a store's stored spectra.
+
+Every metric with a `from_spectrum` function (dynlab.spectral.METRICS: ER, PER, CN, the norms,
+the heavy-tail α, ...) is a function of a matrix's singular values σ (stored in the `*sigma`
+variables, NaN past the rank bound) and of its largest dimension max(m, n) (the numerical-
+zero tolerance). `spectrum_metric` is the one function that evaluates them: `dynlab analyze`
+calls it on freshly computed spectra, and `recompute` on the stored ones, so a metric added
+later can be filled into an existing store without the checkpoints and gives the same numbers
+as an analysis that computed it from the start.
+
+max(m, n) is not stored; it follows from the run's model shape (run.json's "model", kept in
+the store's `run_configs`): for each cell of each table, the shape of the matrix it holds
+(`site_max_dims`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dynlab import components as C
+from dynlab import spectral
+from dynlab.checkpoints import ModelSpec
+from dynlab.errors import InputError
+
+
+def spectrum_metric(name: str, sigma: torch.Tensor, max_dim: torch.Tensor) -> torch.Tensor:
+    """Metric `name` of spectra sigma (..., K) (descending, NaN-padded) of matrices whose
+    largest dimension is max_dim (...). Raises InputError for a metric that needs the entries."""
+    metric = spectral.METRICS[name]
+    if metric.from_spectrum is None:
+        raise InputError(f"metric {name!r} needs the matrix entries, not only the spectrum")
+    return metric.from_spectrum(sigma, max_dim)
+
+
+def site_max_dims(spec: ModelSpec, table: str, n_layers: int, n_heads: int) -> np.ndarray:
+    """max(m, n) of the matrix in every cell of `table` (shape: the table's dims after (run,
+    kind, step)), for a run of model shape `spec`; 1 for cells the run does not have (padding
+    of a store holding larger models). The same for every kind: gradients, updates and LoRA
+    products have their matrix's shape."""
+    shapes = spec.expected_shapes()
+    d = spec.d_model
+    if table == "layer":
+        out = np.ones((n_layers, len(C.MATRICES)))
+        for j, name in enumerate(C.MATRICES):
+            dim = d if name == "ov_circuit" else max(shapes[f"layers.0.{name}.weight"])
+            out[: spec.n_layers, j] = dim
+        return out
+    if table in ("head", "qk_head"):
+        out = np.ones((n_layers, n_heads))
+        out[: spec.n_layers, : spec.n_heads] = d
+        return out
+    if table == "qk":
+        out = np.ones(n_layers)
+        out[: spec.n_layers] = d
+        return out
+    if table == "emb":
+        return np.array([max(shapes[f"{name}.weight"]) for name in C.EMBEDDINGS], dtype=float)
+    raise ValueError(f"unknown table {table!r}")
+
+
+def spectrum_metric_names(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """Parse --metrics for recompute: only metrics computable from σ are accepted."""
+    try:
+        names = spectral.parse_metrics(spec)
+    except ValueError as e:
+        raise InputError(f"--metrics: {e}") from None
+    if spec is None or spec == "all" or list(spec) == ["all"]:
+        names = tuple(n for n in names if not spectral.METRICS[n].entrywise)
+    entrywise = [n for n in names if spectral.METRICS[n].entrywise]
+    if entrywise:
+        raise InputError(
+            f"--metrics: {', '.join(entrywise)} need the matrix entries, not only the stored "
+            "spectra; compute them with `dynlab analyze` from the checkpoints")
+    return names
+
+
+def recompute(
+    store: str | Path, metrics: str | Sequence[str], *, progress: bool = False
+) -> list[str]:
+    """Compute `metrics` (only-σ ones) from the stored spectra of every analysed checkpoint
+    into the store, adding the metrics to the store's list (and their variables) when new,
+    overwriting them when present. Returns the variables written. Needs no checkpoint."""
+    from dynlab.store import (
+        Layout,
+        StoreError,
+        add_missing_variables,
+        consolidate,
+        open_group_for_update,
+        read_attrs,
+    )
+
+    path = Path(store)
+    if not (path / "zarr.json").is_file():
+        raise InputError(f"{path}: not a Zarr store (expected a store written by dynlab analyze)")
+    names = spectrum_metric_names(metrics)
+    attrs = read_attrs(path)
+    if "metrics" not in attrs or "run_configs" not in attrs:
+        raise InputError(f"{path}: not a dynlab analysis store (no metrics/run_configs)")
+    group = open_group_for_update(path)
+    if "sigma" not in group:
+        raise InputError(f"{path}: the store holds no spectra ('sigma'); nothing to recompute")
+    configs = json.loads(attrs["run_configs"])
+    runs = [str(r) for r in group["run"][...]]
+    specs = {}
+    for run in runs:
+        if run not in configs:
+            raise StoreError(f"{path}: run {run!r} has no model config in the store")
+        specs[run] = ModelSpec.from_run_config(configs[run], path)
+    stored = list(attrs["metrics"])
+    new = [n for n in names if n not in stored]
+    layout = Layout(runs, [int(s) for s in group["step"][...]], list(attrs["kinds"]),
+                    stored + new, group["layer"].shape[0], group["head"].shape[0],
+                    group["sv"].shape[0], group["head_sv"].shape[0], group["emb_sv"].shape[0],
+                    configs)
+    add_missing_variables(path, layout)
+    group = open_group_for_update(path)
+    if new:
+        group.attrs.update({"metrics": stored + new})
+    analyzed = np.asarray(group["analyzed"][...])
+    tables = [(t, s, p) for t, (s, p, _, _) in C.TABLES.items() if s in group]
+    written = [prefix + name for _, _, prefix in tables for name in names]
+    cells = list(zip(*np.nonzero(analyzed), strict=True))
+    bar = _bar(progress, len(cells))
+    for i, j in cells:
+        spec = specs[runs[i]]
+        for table, sigma_var, prefix in tables:
+            sig = torch.from_numpy(np.asarray(group[sigma_var][i, :, j], dtype=np.float64))
+            dims = site_max_dims(spec, table, layout.n_layers, layout.n_heads)
+            max_dim = torch.from_numpy(np.broadcast_to(dims, sig.shape[:-1]).copy())
+            for name in names:
+                values = spectrum_metric(name, sig, max_dim)
+                group[prefix + name][i, :, j] = values.numpy()
+        bar()
+    consolidate(path)
+    return written
+
+
+def _bar(enabled: bool, total: int):
+    if not enabled or total == 0:
+        return lambda: None
+    from rich.progress import Progress
+
+    prog = Progress(transient=True)
+    prog.start()
+    task = prog.add_task("recompute", total=total)
+
+    def advance():
+        prog.update(task, advance=1)
+        if prog.tasks[0].completed >= total:
+            prog.stop()
+
+    return advance
