@@ -35,6 +35,15 @@ def analyze(
         None, min=1, help="CPU threads for torch (default: torch's, one per core)."
     ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    activations: bool | None = typer.Option(
+        None, "--activations/--no-activations",
+        help="Analyse the checkpoints' saved activations (default: when they have them).",
+    ),
+    target: str | None = typer.Option(
+        None, "--target",
+        help="What activations are compared with (CKA, SVCCA, PWCCA): final (default), "
+        "first, previous, STEP or RUN@STEP; a comma list for several.",
+    ),
 ) -> None:
     """Spectral metrics (effective rank, PER, condition number, ...) of every weight matrix,
     gradient, update and LoRA product of each checkpoint, into a Zarr store. Rerunning skips
@@ -60,7 +69,7 @@ def analyze(
     try:
         path = run_analysis(
             runs, out, metrics=metrics, kinds=kinds, device=device, precision=precision,
-            scheduler=scheduler, progress=progress,
+            scheduler=scheduler, progress=progress, activations=activations, target=target,
         )
     except (CheckpointError, StoreError, ValueError) as e:
         console.print(f"[red]error:[/] {e}")

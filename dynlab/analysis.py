@@ -297,6 +297,8 @@ def analyze(
     scheduler: str | None = None,
     progress: bool = True,
     on_checkpoint: Callable[[Task], None] | None = None,
+    activations: bool | None = None,
+    target: str | Sequence[str] | None = None,
 ) -> Path:
     """Analyse every complete checkpoint of `runs` into the Zarr store `out` and return its path.
 
@@ -305,7 +307,13 @@ def analyze(
     kinds: weights, grads, updates, lora (default all available). A rerun skips the
     checkpoints the store already holds. scheduler: None (in process), "local:N" (a Dask
     LocalCluster of N worker processes) or a Dask scheduler address "tcp://HOST:PORT".
+    activations: analyse the checkpoints' activations (dynlab.activations) — None: when
+    they have them; target: what they are compared with (final, first, previous, STEP,
+    RUN@STEP; default final).
     """
+    from dynlab.activations import parse_targets
+
+    targets = parse_targets(target)
     metric_names = spectral.parse_metrics(metrics)
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -327,7 +335,22 @@ def analyze(
     else:
         run_tasks_serial(tasks, writer, layout, options, progress=progress,
                          on_checkpoint=on_checkpoint)
+    if activations is not False:
+        analyze_activation_hook(found, path, layout, targets, required=bool(activations))
     return path
+
+
+def analyze_activation_hook(runs: Sequence[Run], path: Path, layout: Layout,
+                            targets: Sequence[str], *, required: bool) -> None:
+    """The activation analysis (dynlab.activations) after the parameter analysis."""
+    from dynlab.activations import activation_steps, analyze_activations
+    from dynlab.errors import InputError
+
+    if activation_steps(runs):
+        analyze_activations(runs, path, layout.metrics, targets)
+    elif required:
+        raise InputError("--activations: no checkpoint of these runs has "
+                         "activations.safetensors (train with --save-activations)")
 
 
 def _metas_in_store(path: Path, exclude: set[str]) -> dict:

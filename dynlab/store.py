@@ -300,6 +300,25 @@ def ensure_store(
     return layout
 
 
+def create_variable(group, name: str, dims: Sequence[str], data: np.ndarray | None = None,
+                    **kwargs):
+    """An array `name` over `dims` in an open group (as the store's own variables are made:
+    `dimension_names` make it an xarray variable). kwargs: shape, chunks, dtype, fill_value,
+    attrs."""
+    return _create(group, name, dims, data, **kwargs)
+
+
+def string_coordinate(values: Sequence[str], what: str) -> np.ndarray:
+    """Fixed-width strings for a coordinate (a name longer than NAME_WIDTH is an error)."""
+    return _names(values, what)
+
+
+def grow_dimension(path: Path, dim: str, new_values: np.ndarray) -> None:
+    """Append values to coordinate `dim`, growing every variable along it (new cells empty)."""
+    _grow(_open_group(path), dim, new_values)
+    _consolidate(path)
+
+
 def open_group_for_update(path: Path):
     """The store's root Zarr group, writable."""
     return _open_group(path)

@@ -168,7 +168,8 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def learning_dynamics(model: nn.Module, ld_batch: torch.Tensor, device: torch.device, *,
-                      activations: bool = False, chunk_tokens: int = 16_384
+                      activations: bool = False, chunk_tokens: int = 16_384,
+                      positions: str = "last", seed: int = 0,
                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, float]:
     """Gradients of the mean next-token loss on the fixed batch, apart from training.
 
@@ -178,8 +179,12 @@ def learning_dynamics(model: nn.Module, ld_batch: torch.Tensor, device: torch.de
     W_eff = W + s·B A is stored under the standard name `<module>.weight` (the gradient
     an unwrapped model holding W_eff would get); the factors' gradients under
     `<module>.lora_A` / `.lora_B`. Returns (grads, activations or None, mean loss), where
-    activations are each linear module's output at the last token of every sequence.
+    activations hold, at the kept token `positions` (`last`, `all` or `sample:N` drawn with
+    `seed`; dynlab.activations), each linear module's output and each block's output (the
+    residual stream, `layers.<i>`), plus `token_positions` (dynlab.activations).
     """
+    from dynlab.activations import gather_rows, select_positions, token_positions
+
     was_training = model.training
     model.eval()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -189,12 +194,16 @@ def learning_dynamics(model: nn.Module, ld_batch: torch.Tensor, device: torch.de
         grads[f"{name}.weight"] = torch.zeros_like(m.weight, dtype=torch.float32)
     acts: dict[str, list[torch.Tensor]] = {}
     hooks = []
+    kept = select_positions(positions, ld_batch.shape[0], ld_batch.shape[1] - 1, seed)
+    where = {"start": 0, "stop": 0}
     if activations:
-        for name, m in _linear_modules(model).items():
+        blocks = {f"layers.{i}": b for i, b in enumerate(getattr(model, "layers", []))}
+        for name, m in {**_linear_modules(model), **blocks}.items():
             acts[name] = []
 
             def hook(_m, _inp, out, name=name):
-                acts[name].append(out[:, -1, :].detach().float().cpu())
+                rows = kept[where["start"]:where["stop"]]
+                acts[name].append(gather_rows(out.detach(), rows).float().cpu())
 
             hooks.append(m.register_forward_hook(hook))
     n_seq, width = ld_batch.shape
@@ -207,6 +216,7 @@ def learning_dynamics(model: nn.Module, ld_batch: torch.Tensor, device: torch.de
                 for lst in captured.values():
                     lst.clear()
                 batch = ld_batch[start:start + chunk].to(device)
+                where["start"], where["stop"] = start, start + batch.shape[0]
                 logits = model(batch[:, :-1])
                 loss = lm_loss(logits, batch[:, 1:], reduction="sum") / total_tokens
                 names = list(params) + [f"{n}.weight" for n in wrapped]
@@ -220,7 +230,10 @@ def learning_dynamics(model: nn.Module, ld_batch: torch.Tensor, device: torch.de
         for h in hooks:
             h.remove()
         model.train(was_training)
-    out_acts = {n: torch.cat(v) for n, v in acts.items()} if activations else None
+    out_acts = None
+    if activations:
+        out_acts = {n: torch.cat(v) for n, v in acts.items()}
+        out_acts["token_positions"] = token_positions(kept)
     return grads, out_acts, loss_sum
 
 
@@ -382,6 +395,7 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device
 
 RESUME_MUTABLE = {"resume", "overwrite", "stop_at", "device", "threads", "progress", "compile",
                   "eval_every", "eval_ppl", "eval_blimp", "eval_batch_size", "save_activations",
+                  "activation_positions",
                   "log_every", "out"}
 MODEL_DEFINING = {"kind", "preset", "rank", "alpha", "paper_compat", "vocab_size", "tokenizer",
                   *MODEL_FIELDS}
@@ -582,7 +596,9 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
             return None
         result = evaluator(model) if due else None
         grads, acts, ld_loss = learning_dynamics(model, data.ld_batch, device,
-                                                 activations=cfg.save_activations)
+                                                 activations=bool(cfg.save_activations),
+                                                 positions=cfg.activation_positions,
+                                                 seed=cfg.seed)
         meta = {"step": step, "tokens": state.tokens, "train_loss": state.train_loss,
                 "lr": lr_of(step), "wall_seconds": wall(), "ld_loss": ld_loss}
         if rcfg is not None:
