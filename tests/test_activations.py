@@ -163,3 +163,42 @@ def test_target_errors(two_runs):
                        target="nope@4")
     with pytest.raises(InputError, match="--target"):
         dynlab.analyze([dec], root / "c.zarr", progress=False, target="last")
+
+
+@pytest.mark.slow
+def test_representation_figures_and_report(two_runs):
+    from dynlab.viz import report as REP
+    from dynlab.viz import representations as V
+
+    root, dec, rel = two_runs
+    out = dynlab.analyze([dec, rel], root / "r.zarr", metrics="per,alpha", progress=False,
+                         device="cpu")
+    ds = REP.open_store(out)
+    fig = V.similarity_heatmap(ds, "cka", "final")
+    heat = [t for t in fig.data if t.meta["role"] == "heatmap"]
+    assert [t.meta["run"] for t in heat] == ["dec", "rel"]
+    want = ds.cka.sel(run="rel", target="final", act_site="residual").transpose(
+        "layer", "step").values
+    np.testing.assert_array_equal(np.array(heat[1].z, dtype=float), want)
+    assert heat[1].z[0][-1] == pytest.approx(1.0)  # the final step against itself
+    fig = V.anisotropy_over_steps(ds)
+    series = [t for t in fig.data if t.meta["role"] == "series"]
+    assert len(series) == 4  # 2 layers × 2 runs
+    np.testing.assert_allclose(series[0].y, ds.anisotropy.sel(
+        run="dec", layer=0, act_site="residual").values)
+    fig = V.qk_beside_ov(ds)
+    means = [t for t in fig.data if t.meta["role"] == "mean"]
+    qk = ds.qk_per.sel(run="dec", kind="weights").mean("layer").values
+    np.testing.assert_allclose(means[0].y, qk, rtol=1e-12)
+    fig = V.alpha_over_steps(ds)
+    assert not fig.layout.meta["notes"]
+    text, sections = REP.build_report(ds)
+    titles = [s.title for s in sections]
+    assert "Representations: CKA against the final checkpoint" in titles
+    assert "QK circuit beside OV circuit" in titles and "Heavy-tail α" in titles
+    assert len(sections) == 7 + 5
+    assert all(s.figure is not None for s in sections[7:])
+    assert "Representations: anisotropy" in text
+    # a figure asked for something the store lacks says so instead of failing
+    note = V.similarity_heatmap(ds, "cka", "previous").layout.meta["notes"]
+    assert note == ["target 'previous' not in store"]
