@@ -202,3 +202,27 @@ def test_representation_figures_and_report(two_runs):
     # a figure asked for something the store lacks says so instead of failing
     note = V.similarity_heatmap(ds, "cka", "previous").layout.meta["notes"]
     assert note == ["target 'previous' not in store"]
+
+
+@pytest.mark.slow
+def test_export_activation_metrics(two_runs, tmp_path):
+    import json
+
+    from dynlab.export import export
+
+    root, dec, rel = two_runs
+    store = dynlab.analyze([dec, rel], root / "e.zarr", metrics="per", progress=False,
+                           device="cpu", target="final,dec@4")
+    export(store, tmp_path / "pico", run="rel")
+    step = tmp_path / "pico" / "step_2"
+    ds = xr.open_zarr(store).sel(run="rel", step=2)
+    cka = json.loads((step / "cka_val.json").read_text())
+    assert cka["layers.1"] == float(ds.cka.sel(target="final", layer=1, act_site="residual"))
+    assert cka["layers.0.swiglu.w_2"] == float(ds.cka.sel(target="final", layer=0,
+                                                          act_site="swiglu.w_2"))
+    other = json.loads((step / "cka_vs_dec@4_val.json").read_text())
+    assert other["layers.0"] == float(ds.cka.sel(target="dec@4", layer=0, act_site="residual"))
+    aniso = json.loads((step / "anisotropy_val.json").read_text())
+    assert len(aniso) == 2 * 8
+    per = json.loads((step / "per_activations_val.json").read_text())
+    assert per["layers.1"] == float(ds.act_per.sel(layer=1, act_site="residual"))
