@@ -39,6 +39,11 @@ def analyze(
         None, "--activations/--no-activations",
         help="Analyse the checkpoints' saved activations (default: when they have them).",
     ),
+    convention: str = typer.Option(
+        "dynlab", "--convention",
+        help="dynlab (default) or pico: pico-analyze's OV matrices (V_g·O_h, concatenated "
+        "heads; dense gradient products) and condition number (no tolerance).",
+    ),
     target: str | None = typer.Option(
         None, "--target",
         help="What activations are compared with (CKA, SVCCA, PWCCA): final (default), "
@@ -70,6 +75,7 @@ def analyze(
         path = run_analysis(
             runs, out, metrics=metrics, kinds=kinds, device=device, precision=precision,
             scheduler=scheduler, progress=progress, activations=activations, target=target,
+            convention=convention,
         )
     except (CheckpointError, StoreError, ValueError) as e:
         console.print(f"[red]error:[/] {e}")

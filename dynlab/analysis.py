@@ -33,6 +33,8 @@ from dynlab.checkpoints import (
     load_tensors,
     prefetch,
 )
+from dynlab.conventions import apply as apply_convention
+from dynlab.conventions import check_convention, head_sv_size
 from dynlab.recompute import spectrum_metric
 from dynlab.store import Layout, RegionWriter, ensure_store, spectral_variables
 
@@ -47,6 +49,7 @@ class Options:
     kinds: tuple[str, ...]
     device: str = "cpu"
     precision: str = "float64"
+    convention: str = "dynlab"  # dynlab.conventions
 
     @property
     def dtype(self) -> torch.dtype:
@@ -153,6 +156,8 @@ def checkpoint_region(
     bad: list[str] = []
     for k_index, kind in enumerate(layout.kinds):
         comps = kind_components(kind, run, ckpt, prev_weights)
+        comps = apply_convention(options.convention, kind, comps, run.spec, ckpt.weights,
+                                 ckpt.grads, prev_weights)
         if not comps:
             continue
         spectra = component_spectra(comps, device=options.device, dtype=options.dtype)
@@ -176,7 +181,7 @@ def checkpoint_region(
             if metric.entrywise:
                 values = entry_values[(table, m)]
             else:
-                values = spectrum_metric(m, s, max_dim[table])
+                values = spectrum_metric(m, s, max_dim[table], options.convention)
             out[prefix + m] = values.numpy()
     return out, bad
 
@@ -226,7 +231,8 @@ def parse_kinds(spec: str | Sequence[str] | None, runs: Sequence[Run]) -> tuple[
     return tuple(n for n in C.KINDS if n in names)
 
 
-def plan_layout(runs: Sequence[Run], metrics: Sequence[str], kinds: Sequence[str]) -> Layout:
+def plan_layout(runs: Sequence[Run], metrics: Sequence[str], kinds: Sequence[str],
+                convention: str = "dynlab") -> Layout:
     specs = [r.spec for r in runs]
     steps = sorted({c.step for r in runs for c in r.checkpoints})
     return Layout(
@@ -237,9 +243,10 @@ def plan_layout(runs: Sequence[Run], metrics: Sequence[str], kinds: Sequence[str
         n_layers=max(s.n_layers for s in specs),
         n_heads=max(s.n_heads for s in specs),
         n_sv=max(s.d_model for s in specs),
-        n_head_sv=max(min(s.d_model, 2 * s.head_dim) for s in specs),
+        n_head_sv=max(head_sv_size(convention, s) for s in specs),
         n_emb_sv=max(min(s.d_model, s.vocab_size) for s in specs),
         run_configs={r.name: r.config for r in runs},
+        convention=convention,
     )
 
 
@@ -299,6 +306,7 @@ def analyze(
     on_checkpoint: Callable[[Task], None] | None = None,
     activations: bool | None = None,
     target: str | Sequence[str] | None = None,
+    convention: str = "dynlab",
 ) -> Path:
     """Analyse every complete checkpoint of `runs` into the Zarr store `out` and return its path.
 
@@ -309,11 +317,13 @@ def analyze(
     LocalCluster of N worker processes) or a Dask scheduler address "tcp://HOST:PORT".
     activations: analyse the checkpoints' activations (dynlab.activations) — None: when
     they have them; target: what they are compared with (final, first, previous, STEP,
-    RUN@STEP; default final).
+    RUN@STEP; default final). convention: "dynlab" or "pico" (pico-analyze's OV matrices
+    and condition number, dynlab.conventions); a store holds one convention.
     """
     from dynlab.activations import parse_targets
 
     targets = parse_targets(target)
+    check_convention(convention)
     metric_names = spectral.parse_metrics(metrics)
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -322,9 +332,10 @@ def analyze(
     options = Options(metric_names, kind_names, resolve_device(device), precision)
     path = Path(out) if out is not None else default_store_path(found)
     earlier = _metas_in_store(path, exclude={r.name for r in found})
-    layout = ensure_store(path, plan_layout(found, metric_names, kind_names),
+    layout = ensure_store(path, plan_layout(found, metric_names, kind_names, convention),
                           metrics_given=metrics is not None, kinds_given=kinds is not None)
-    options = Options(tuple(layout.metrics), tuple(layout.kinds), options.device, precision)
+    options = Options(tuple(layout.metrics), tuple(layout.kinds), options.device, precision,
+                      convention)
     _write_meta(path, found, layout, earlier)
     writer = RegionWriter(path)
     tasks = plan_tasks(found, layout, writer.analyzed())

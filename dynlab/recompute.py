@@ -28,31 +28,45 @@ from dynlab.checkpoints import ModelSpec
 from dynlab.errors import InputError
 
 
-def spectrum_metric(name: str, sigma: torch.Tensor, max_dim: torch.Tensor) -> torch.Tensor:
+def spectrum_metric(name: str, sigma: torch.Tensor, max_dim: torch.Tensor,
+                    convention: str = "dynlab") -> torch.Tensor:
     """Metric `name` of spectra sigma (..., K) (descending, NaN-padded) of matrices whose
-    largest dimension is max_dim (...). Raises InputError for a metric that needs the entries."""
+    largest dimension is max_dim (...), in `convention` (dynlab.conventions: under "pico",
+    cn has no tolerance). Raises InputError for a metric that needs the entries."""
     metric = spectral.METRICS[name]
+    if convention == "pico" and name == "cn":
+        from dynlab.conventions import condition_number_pico
+
+        return condition_number_pico(sigma)
     if metric.from_spectrum is None:
         raise InputError(f"metric {name!r} needs the matrix entries, not only the spectrum")
     return metric.from_spectrum(sigma, max_dim)
 
 
-def site_max_dims(spec: ModelSpec, table: str, n_layers: int, n_heads: int) -> np.ndarray:
+def site_max_dims(spec: ModelSpec, table: str, n_layers: int, n_heads: int,
+                  kind: str = "weights", convention: str = "dynlab") -> np.ndarray:
     """max(m, n) of the matrix in every cell of `table` (shape: the table's dims after (run,
     kind, step)), for a run of model shape `spec`; 1 for cells the run does not have (padding
-    of a store holding larger models). The same for every kind: gradients, updates and LoRA
-    products have their matrix's shape."""
+    of a store holding larger models). Gradients, updates and LoRA products have their
+    matrix's shape; only pico's OV matrices (dynlab.conventions) depend on the kind."""
     shapes = spec.expected_shapes()
-    d = spec.d_model
+    d, hd, h = spec.d_model, spec.head_dim, spec.n_heads
+    pico = convention == "pico" and kind in ("weights", "grads", "updates")
     if table == "layer":
         out = np.ones((n_layers, len(C.MATRICES)))
         for j, name in enumerate(C.MATRICES):
-            dim = d if name == "ov_circuit" else max(shapes[f"layers.0.{name}.weight"])
+            if name != "ov_circuit":
+                dim = max(shapes[f"layers.0.{name}.weight"])
+            elif pico:
+                dim = h * d if kind == "grads" else h * hd
+            else:
+                dim = d
             out[: spec.n_layers, j] = dim
         return out
     if table in ("head", "qk_head"):
         out = np.ones((n_layers, n_heads))
-        out[: spec.n_layers, : spec.n_heads] = d
+        small = pico and table == "head" and kind != "grads"
+        out[: spec.n_layers, : spec.n_heads] = hd if small else d
         return out
     if table == "qk":
         out = np.ones(n_layers)
@@ -116,7 +130,7 @@ def recompute(
     layout = Layout(runs, [int(s) for s in group["step"][...]], list(attrs["kinds"]),
                     stored + new, group["layer"].shape[0], group["head"].shape[0],
                     group["sv"].shape[0], group["head_sv"].shape[0], group["emb_sv"].shape[0],
-                    configs)
+                    configs, attrs.get("convention", "dynlab"))
     add_missing_variables(path, layout)
     group = open_group_for_update(path)
     if new:
@@ -130,10 +144,11 @@ def recompute(
         spec = specs[runs[i]]
         for table, sigma_var, prefix in tables:
             sig = torch.from_numpy(np.asarray(group[sigma_var][i, :, j], dtype=np.float64))
-            dims = site_max_dims(spec, table, layout.n_layers, layout.n_heads)
-            max_dim = torch.from_numpy(np.broadcast_to(dims, sig.shape[:-1]).copy())
+            max_dim = torch.from_numpy(np.stack([
+                site_max_dims(spec, table, layout.n_layers, layout.n_heads, kind,
+                              layout.convention) for kind in layout.kinds]))
             for name in names:
-                values = spectrum_metric(name, sig, max_dim)
+                values = spectrum_metric(name, sig, max_dim, layout.convention)
                 group[prefix + name][i, :, j] = values.numpy()
         bar()
     consolidate(path)

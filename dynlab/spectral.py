@@ -345,7 +345,17 @@ def _heavy_tail_metrics() -> list[Metric]:
                "max |F(x) - C(x)| over the tail, F the fitted power-law CDF", heavytail.alpha_ks),
         Metric("alpha_n_tail", "eigenvalues in the heavy-tail fit", "#{sigma^2 >= xmin}",
                heavytail.alpha_n_tail),
+        Metric("inf_norm", "largest absolute entry", "max_ij |w_ij| (pico-analyze's 'inf')",
+               from_entries=max_abs_entry),
     ]
+
+
+def max_abs_entry(x: torch.Tensor) -> torch.Tensor:
+    """max_ij |w_ij| of each matrix (..., m, n): pico-analyze's `inf` norm (the ∞-norm of
+    the flattened entries). NaN for entries holding NaN; +inf for an infinite entry."""
+    w = x.flatten(-2).to(torch.float64)
+    out = w.abs().amax(-1)
+    return torch.where(torch.isnan(w).any(-1), torch.full((), math.nan, dtype=out.dtype), out)
 
 
 METRICS.update({m.name: m for m in _heavy_tail_metrics()})

@@ -80,6 +80,7 @@ class Layout:
     n_head_sv: int
     n_emb_sv: int
     run_configs: dict[str, dict] = field(default_factory=dict)
+    convention: str = "dynlab"  # dynlab.conventions: which OV matrices and CN the store holds
 
     def dims(self) -> dict[str, int]:
         return {
@@ -159,6 +160,7 @@ def _attrs(layout: Layout) -> dict:
         "metrics": list(layout.metrics),
         "kinds": list(layout.kinds),
         "run_configs": json.dumps(layout.run_configs, sort_keys=True),
+        "convention": layout.convention,
         "description": "dynlab spectral analysis of checkpoints; see the README's store schema",
     }
 
@@ -242,6 +244,9 @@ def reconcile(
         problems.append(f"metrics {stored_metrics} (this analysis: {list(layout.metrics)})")
     if kinds_given and stored_kinds != list(layout.kinds):
         problems.append(f"kinds {stored_kinds} (this analysis: {list(layout.kinds)})")
+    if attrs.get("convention", "dynlab") != layout.convention:
+        problems.append(f"convention {attrs.get('convention', 'dynlab')!r} (this analysis: "
+                        f"{layout.convention!r})")
     if not set(layout.kinds) <= set(stored_kinds):
         problems.append(f"kinds {stored_kinds} (these runs need {list(layout.kinds)})")
     group = _open_group(path, "r")
@@ -269,7 +274,8 @@ def reconcile(
             )
     configs.update(layout.run_configs)
     stored = Layout(runs, steps, stored_kinds, stored_metrics, sizes["layer"], sizes["head"],
-                    sizes["sv"], sizes["head_sv"], sizes["emb_sv"], configs)
+                    sizes["sv"], sizes["head_sv"], sizes["emb_sv"], configs,
+                    attrs.get("convention", "dynlab"))
     new_steps = [s for s in layout.steps if s not in set(steps)]
     new_runs = [r for r in layout.runs if r not in set(runs)]
     group = _open_group(path)
