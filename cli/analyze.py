@@ -39,6 +39,16 @@ def analyze(
         None, "--activations/--no-activations",
         help="Analyse the checkpoints' saved activations (default: when they have them).",
     ),
+    activations_data: str | None = typer.Option(
+        None, "--activations-data",
+        help="Compute every checkpoint's activations now on a fixed batch of this data "
+        "(.txt/.jsonl, or 'default': the embedded corpus), for runs saved without them.",
+    ),
+    activation_positions: str = typer.Option(
+        "sample:16", "--activation-positions",
+        help="With --activations-data: last, all or sample:N positions per sequence."),
+    activations_batch: int = typer.Option(
+        16, "--activations-batch", min=1, help="With --activations-data: sequences."),
     convention: str = typer.Option(
         "dynlab", "--convention",
         help="dynlab (default) or pico: pico-analyze's OV matrices (V_g·O_h, concatenated "
@@ -75,7 +85,8 @@ def analyze(
         path = run_analysis(
             runs, out, metrics=metrics, kinds=kinds, device=device, precision=precision,
             scheduler=scheduler, progress=progress, activations=activations, target=target,
-            convention=convention,
+            convention=convention, activations_data=activations_data,
+            activation_positions=activation_positions, activations_batch=activations_batch,
         )
     except (CheckpointError, StoreError, ValueError) as e:
         console.print(f"[red]error:[/] {e}")

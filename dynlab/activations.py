@@ -79,6 +79,98 @@ def gather_rows(out: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return out[idx, positions.to(out.device)].reshape(-1, out.shape[-1])
 
 
+class Recorder:
+    """Forward hooks keeping, for the sequences of the current chunk, the outputs of `modules`
+    at the kept positions (the model is run on chunks of the batch: set `start`/`stop` to the
+    chunk's sequence range before each forward pass)."""
+
+    def __init__(self, modules: Mapping[str, torch.nn.Module], kept: torch.Tensor):
+        self.kept = kept
+        self.start = self.stop = 0
+        self.acts: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+        self.hooks = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(_m, _inp, out):
+            rows = self.kept[self.start:self.stop]
+            self.acts[name].append(gather_rows(out.detach(), rows).float().cpu())
+        return hook
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+    def result(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The saved layout (module docstring), plus `batch_tokens`: the batch itself, so that
+        two checkpoints' rows can be checked to be the same tokens."""
+        out = {n: torch.cat(v) for n, v in self.acts.items()}
+        out["token_positions"] = token_positions(self.kept)
+        out["batch_tokens"] = batch.detach().cpu().to(torch.int64)
+        return out
+
+
+def recorded_modules(model: torch.nn.Module, linear_types: tuple[type, ...] = (torch.nn.Linear,)
+                     ) -> dict[str, torch.nn.Module]:
+    """The modules whose outputs are kept: every linear module (`linear_types`) by name and
+    each block as `layers.<i>` (its output is the residual stream)."""
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, linear_types)}
+    mods.update({f"layers.{i}": b for i, b in enumerate(getattr(model, "layers", []))})
+    return mods
+
+
+@torch.no_grad()
+def forward_activations(model: torch.nn.Module, batch: torch.Tensor, positions: str = "last",
+                        seed: int = 0, chunk: int = 8) -> dict[str, torch.Tensor]:
+    """Activations of `model` (eval mode) on a fixed token batch (n_seq, T + 1), in the saved
+    layout, computed at analysis time for checkpoints that carry none."""
+    kept = select_positions(positions, batch.shape[0], batch.shape[1] - 1, seed)
+    model.eval()
+    rec = Recorder(recorded_modules(model), kept)
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, batch.shape[0], chunk):
+            rec.start, rec.stop = start, min(start + chunk, batch.shape[0])
+            model(batch[rec.start:rec.stop, :-1].to(device))
+    finally:
+        rec.remove()
+    return rec.result(batch)
+
+
+def data_batch(run: Run, data: str, n_seq: int, seq_len: int | None = None) -> torch.Tensor:
+    """A fixed batch (n_seq, seq_len + 1) of `data` (a .txt / .jsonl file, or `default`: the
+    embedded grammar corpus) in the run's tokenizer: the first n_seq windows of the stream
+    [eot] doc_1 [eot] doc_2 …; seq_len defaults to the run's training seq_len, capped at the
+    model's context."""
+    from dynlab.train.data import (
+        default_documents,
+        encode_documents,
+        load_tokenizer,
+        read_text_documents,
+    )
+
+    train = run.config.get("train", {}) if isinstance(run.config, Mapping) else {}
+    model = run.config.get("model", {}) if isinstance(run.config, Mapping) else {}
+    context = int(model.get("max_seq_len", 128))
+    seq_len = int(seq_len or min(int(train.get("seq_len") or 128), context))
+    if seq_len > context:
+        raise InputError(f"--activations-seq-len {seq_len} exceeds the model's context "
+                         f"{context} ({run.path})")
+    if data == "default":
+        docs = default_documents(2000, seed=0)
+    else:
+        path = Path(data)
+        if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
+            raise InputError(f"--activations-data {data}: expected a .txt or .jsonl file, or "
+                             "'default'")
+        docs = read_text_documents(path)
+    tokens = encode_documents(load_tokenizer(run.path / "tokenizer.json"), docs)
+    need = n_seq * (seq_len + 1)
+    if tokens.size < need:
+        raise InputError(f"--activations-data {data}: {tokens.size} tokens in {run.name}'s "
+                         f"tokenizer, fewer than {n_seq} windows of {seq_len + 1}")
+    return torch.from_numpy(tokens[:need].copy()).view(n_seq, seq_len + 1)
+
+
 # ----------------------------------------------------------------------------------------
 # Analysis: per checkpoint, each layer's residual stream and linear-module outputs
 
@@ -169,11 +261,17 @@ def comparison_region(acts: Mapping[str, torch.Tensor], target: Mapping[str, tor
 
 
 def same_samples(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
-    """Whether two checkpoints' activations hold the same rows (token positions)."""
-    pa, pb = a.get("token_positions"), b.get("token_positions")
-    if pa is None or pb is None:
-        return False
-    return pa.shape == pb.shape and bool(torch.equal(pa, pb))
+    """Whether two checkpoints' activations hold the same rows: equal token positions and,
+    when both record their batch, equal tokens."""
+    for key, required in (("token_positions", True), ("batch_tokens", False)):
+        pa, pb = a.get(key), b.get(key)
+        if pa is None or pb is None:
+            if required:
+                return False
+            continue
+        if pa.shape != pb.shape or not bool(torch.equal(pa, pb)):
+            return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------
@@ -199,10 +297,14 @@ def parse_targets(spec: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def resolve_target(target: str, run: Run, step: int, runs: Mapping[str, Run]
-                   ) -> Checkpoint | None:
+def has_saved(ckpt: Checkpoint) -> bool:
+    return ckpt.has("activations.safetensors")
+
+
+def resolve_target(target: str, run: Run, step: int, runs: Mapping[str, Run],
+                   available: Callable[[Checkpoint], bool] = has_saved) -> Checkpoint | None:
     """The checkpoint a (run, step) is compared with, or None (no such checkpoint: NaN)."""
-    with_acts = [c for c in run.checkpoints if c.has("activations.safetensors")]
+    with_acts = [c for c in run.checkpoints if available(c)]
     if not with_acts:
         return None
     if target == "final":
@@ -217,8 +319,7 @@ def resolve_target(target: str, run: Run, step: int, runs: Mapping[str, Run]
     if other is None:
         raise InputError(f"--target {target}: run {name!r} is not among the analysed runs "
                          f"({', '.join(runs)})")
-    found = [c for c in other.checkpoints
-             if c.step == int(at) and c.has("activations.safetensors")]
+    found = [c for c in other.checkpoints if c.step == int(at) and available(c)]
     return found[0] if found else None
 
 
@@ -306,19 +407,37 @@ def ensure_activation_store(path: Path, runs: Sequence[Run], metrics: Sequence[s
 
 def analyze_activations(runs: Sequence[Run], path: Path, metrics: Sequence[str],
                         targets: str | Sequence[str] | None = None, *,
-                        progress: bool = False) -> int:
+                        progress: bool = False, data: str | None = None,
+                        positions: str = "sample:16", n_seq: int = 16) -> int:
     """Activation metrics of every checkpoint with activations into the store at `path` (made
     by dynlab analyze for these runs), against each target. Resumable: (run, step) cells and
     (run, target, step) comparisons already flagged are skipped. Returns the checkpoints
-    written."""
+    written.
+
+    data: compute every checkpoint's activations now, on a fixed batch of n_seq sequences of
+    this data (`data_batch`) at `positions` (seeded with 0), instead of reading saved ones —
+    for runs saved without activations. The store records the source (`activations_source`
+    attribute) and refuses another one later."""
     import warnings
 
     from dynlab import store as S
 
     names = parse_targets(targets)
     metrics = spectrum_metrics(metrics)
+    source = "saved" if data is None else f"computed: {data}, {n_seq} sequences, {positions}"
+    if data is not None:
+        parse_positions(positions)
     ensure_activation_store(path, runs, metrics, names)
     group = S.open_group_for_update(path)
+    stored_source = group.attrs.get("activations_source")
+    if stored_source is not None and stored_source != source:
+        raise S.StoreError(f"{path}: its activation metrics come from {stored_source!r}, not "
+                           f"{source!r}; use another -o path")
+    group.attrs.update({"activations_source": source})
+    batches: dict[str, torch.Tensor] = {}
+
+    def available(ckpt: Checkpoint) -> bool:
+        return data is not None or has_saved(ckpt)
     run_index = {str(r): i for i, r in enumerate(group["run"][...])}
     step_index = {int(s): j for j, s in enumerate(group["step"][...])}
     target_index = {str(t): k for k, t in enumerate(group["target"][...])}
@@ -328,18 +447,29 @@ def analyze_activations(runs: Sequence[Run], path: Path, metrics: Sequence[str],
     by_name = {r.name: r for r in runs}
     cache: dict[Path, dict[str, torch.Tensor]] = {}
 
+    runs_by_path = {c.path: r for r in runs for c in r.checkpoints}
+
     def load(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
         if ckpt.path not in cache:
             if len(cache) > 4:
                 cache.pop(next(iter(cache)))
-            cache[ckpt.path] = load_tensors(ckpt.file("activations.safetensors"))
+            if data is None:
+                cache[ckpt.path] = load_tensors(ckpt.file("activations.safetensors"))
+            else:
+                from dynlab.model import load_checkpoint_model
+
+                run = runs_by_path[ckpt.path]
+                if run.name not in batches:
+                    batches[run.name] = data_batch(run, data, n_seq)
+                model = load_checkpoint_model(ckpt.path)
+                cache[ckpt.path] = forward_activations(model, batches[run.name], positions)
         return cache[ckpt.path]
 
     written = 0
     for run in runs:
         i = run_index[run.name]
         for ckpt in run.checkpoints:
-            if not ckpt.has("activations.safetensors"):
+            if not available(ckpt):
                 continue
             j = step_index[ckpt.step]
             todo = [t for t in names if not cmp_done[i, target_index[t], j]]
@@ -352,7 +482,7 @@ def analyze_activations(runs: Sequence[Run], path: Path, metrics: Sequence[str],
                 group["act_analyzed"][i, j] = 1
             for t in todo:
                 k = target_index[t]
-                other = resolve_target(t, run, ckpt.step, by_name)
+                other = resolve_target(t, run, ckpt.step, by_name, available)
                 if other is not None:
                     tacts = load(other)
                     if same_samples(acts, tacts):

@@ -307,6 +307,9 @@ def analyze(
     activations: bool | None = None,
     target: str | Sequence[str] | None = None,
     convention: str = "dynlab",
+    activations_data: str | None = None,
+    activation_positions: str = "sample:16",
+    activations_batch: int = 16,
 ) -> Path:
     """Analyse every complete checkpoint of `runs` into the Zarr store `out` and return its path.
 
@@ -319,6 +322,9 @@ def analyze(
     they have them; target: what they are compared with (final, first, previous, STEP,
     RUN@STEP; default final). convention: "dynlab" or "pico" (pico-analyze's OV matrices
     and condition number, dynlab.conventions); a store holds one convention.
+    activations_data: compute the activations of every checkpoint now, on `activations_batch`
+    sequences of this data (.txt/.jsonl or "default") at `activation_positions`, for runs
+    saved without them (dynlab.activations.analyze_activations).
     """
     from dynlab.activations import parse_targets
 
@@ -347,18 +353,22 @@ def analyze(
         run_tasks_serial(tasks, writer, layout, options, progress=progress,
                          on_checkpoint=on_checkpoint)
     if activations is not False:
-        analyze_activation_hook(found, path, layout, targets, required=bool(activations))
+        analyze_activation_hook(found, path, layout, targets, required=bool(activations),
+                                data=activations_data, positions=activation_positions,
+                                n_seq=activations_batch)
     return path
 
 
 def analyze_activation_hook(runs: Sequence[Run], path: Path, layout: Layout,
-                            targets: Sequence[str], *, required: bool) -> None:
+                            targets: Sequence[str], *, required: bool, data: str | None = None,
+                            positions: str = "sample:16", n_seq: int = 16) -> None:
     """The activation analysis (dynlab.activations) after the parameter analysis."""
     from dynlab.activations import activation_steps, analyze_activations
     from dynlab.errors import InputError
 
-    if activation_steps(runs):
-        analyze_activations(runs, path, layout.metrics, targets)
+    if data is not None or activation_steps(runs):
+        analyze_activations(runs, path, layout.metrics, targets, data=data,
+                            positions=positions, n_seq=n_seq)
     elif required:
         raise InputError("--activations: no checkpoint of these runs has "
                          "activations.safetensors (train with --save-activations)")

@@ -226,3 +226,46 @@ def test_export_activation_metrics(two_runs, tmp_path):
     assert len(aniso) == 2 * 8
     per = json.loads((step / "per_activations_val.json").read_text())
     assert per["layers.1"] == float(ds.act_per.sel(layer=1, act_site="residual"))
+
+
+@pytest.mark.slow
+def test_activations_computed_at_analysis_time(two_runs, tmp_path):
+    from dynlab.activations import data_batch, forward_activations
+    from dynlab.checkpoints import find_runs
+    from dynlab.model import load_checkpoint_model
+    from dynlab.store import StoreError
+
+    root, dec, rel = two_runs
+    text = tmp_path / "held_out.txt"
+    text.write_text("\n\n".join(["the dog near the trees sleeps ."] * 40
+                                + ["these cats saw themselves ."] * 40))
+    store = dynlab.analyze([dec], tmp_path / "c.zarr", metrics="per", progress=False,
+                           device="cpu", activations_data=str(text), activations_batch=4,
+                           activation_positions="sample:8", target="final")
+    ds = xr.open_zarr(store)
+    assert ds.attrs["activations_source"].startswith("computed: ")
+    run = find_runs([dec])[0]
+    batch = data_batch(run, str(text), 4)
+    assert batch.shape == (4, 17)  # the run's seq_len 16
+    model = load_checkpoint_model(dec / "checkpoints" / "step_2")
+    acts = forward_activations(model, batch, "sample:8")
+    x = acts["layers.0"].double().numpy()
+    assert x.shape == (32, 16)
+    cell = ds.sel(run="dec", step=2, layer=0, act_site="residual")
+    assert float(cell.anisotropy) == pytest.approx(R.anisotropy(x), rel=1e-12)
+    final = forward_activations(load_checkpoint_model(dec / "checkpoints" / "step_4"), batch,
+                                "sample:8")["layers.0"].double().numpy()
+    assert float(cell.cka.sel(target="final")) == pytest.approx(R.linear_cka(x, final),
+                                                                rel=1e-12)
+    # computed activations are the model's own forward values (the residual stream)
+    with torch.no_grad():
+        h = model.embedding_proj(batch[:, :-1])
+        h = model.layers[0](h, model.rope_cos[:16], model.rope_sin[:16])
+    pos = acts["token_positions"]
+    torch.testing.assert_close(acts["layers.0"], h[pos[:, 0], pos[:, 1]])
+    # one source per store
+    with pytest.raises(StoreError, match="activations_source|come from"):
+        dynlab.analyze([dec], store, progress=False, device="cpu")
+    with pytest.raises(InputError, match="activations-data"):
+        dynlab.analyze([dec], tmp_path / "d.zarr", progress=False, device="cpu",
+                       activations_data=str(tmp_path / "missing.csv"))

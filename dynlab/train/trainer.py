@@ -163,10 +163,6 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
 # ---------------------------------------------------------------- learning dynamics
 
 
-def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear | ReLoRALinear)}
-
-
 def learning_dynamics(model: nn.Module, ld_batch: torch.Tensor, device: torch.device, *,
                       activations: bool = False, chunk_tokens: int = 16_384,
                       positions: str = "last", seed: int = 0,
@@ -181,9 +177,10 @@ def learning_dynamics(model: nn.Module, ld_batch: torch.Tensor, device: torch.de
     `<module>.lora_A` / `.lora_B`. Returns (grads, activations or None, mean loss), where
     activations hold, at the kept token `positions` (`last`, `all` or `sample:N` drawn with
     `seed`; dynlab.activations), each linear module's output and each block's output (the
-    residual stream, `layers.<i>`), plus `token_positions` (dynlab.activations).
+    residual stream, `layers.<i>`), plus `token_positions` and `batch_tokens`
+    (dynlab.activations).
     """
-    from dynlab.activations import gather_rows, select_positions, token_positions
+    from dynlab.activations import Recorder, recorded_modules, select_positions
 
     was_training = model.training
     model.eval()
@@ -192,20 +189,10 @@ def learning_dynamics(model: nn.Module, ld_batch: torch.Tensor, device: torch.de
     grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     for name, m in wrapped.items():
         grads[f"{name}.weight"] = torch.zeros_like(m.weight, dtype=torch.float32)
-    acts: dict[str, list[torch.Tensor]] = {}
-    hooks = []
-    kept = select_positions(positions, ld_batch.shape[0], ld_batch.shape[1] - 1, seed)
-    where = {"start": 0, "stop": 0}
+    recorder = None
     if activations:
-        blocks = {f"layers.{i}": b for i, b in enumerate(getattr(model, "layers", []))}
-        for name, m in {**_linear_modules(model), **blocks}.items():
-            acts[name] = []
-
-            def hook(_m, _inp, out, name=name):
-                rows = kept[where["start"]:where["stop"]]
-                acts[name].append(gather_rows(out.detach(), rows).float().cpu())
-
-            hooks.append(m.register_forward_hook(hook))
+        kept = select_positions(positions, ld_batch.shape[0], ld_batch.shape[1] - 1, seed)
+        recorder = Recorder(recorded_modules(model, (nn.Linear, ReLoRALinear)), kept)
     n_seq, width = ld_batch.shape
     total_tokens = n_seq * (width - 1)
     chunk = max(1, chunk_tokens // max(1, width - 1))
@@ -216,7 +203,8 @@ def learning_dynamics(model: nn.Module, ld_batch: torch.Tensor, device: torch.de
                 for lst in captured.values():
                     lst.clear()
                 batch = ld_batch[start:start + chunk].to(device)
-                where["start"], where["stop"] = start, start + batch.shape[0]
+                if recorder is not None:
+                    recorder.start, recorder.stop = start, start + batch.shape[0]
                 logits = model(batch[:, :-1])
                 loss = lm_loss(logits, batch[:, 1:], reduction="sum") / total_tokens
                 names = list(params) + [f"{n}.weight" for n in wrapped]
@@ -227,13 +215,10 @@ def learning_dynamics(model: nn.Module, ld_batch: torch.Tensor, device: torch.de
                         grads[name] += g.float()
                 loss_sum += loss.item()
     finally:
-        for h in hooks:
-            h.remove()
+        if recorder is not None:
+            recorder.remove()
         model.train(was_training)
-    out_acts = None
-    if activations:
-        out_acts = {n: torch.cat(v) for n, v in acts.items()}
-        out_acts["token_positions"] = token_positions(kept)
+    out_acts = recorder.result(ld_batch) if recorder is not None else None
     return grads, out_acts, loss_sum
 
 
