@@ -18,8 +18,8 @@ def analyze(
     metrics: str | None = typer.Option(
         None, "--metrics", "-m",
         help="Comma list of er, per, cn, stable_rank, spectral_norm, frobenius_norm, "
-        "nuclear_norm, numerical_rank, hoyer, gini; or 'all'. Default: all (or, for an "
-        "existing store, the store's).",
+        "nuclear_norm, numerical_rank, hoyer, gini, alpha, alpha_ks, alpha_n_tail, inf_norm; "
+        "or 'all'. Default: all (or, for an existing store, the store's).",
     ),
     kinds: str | None = typer.Option(
         None, "--kinds", "-k",
