@@ -22,6 +22,15 @@ SPEC = ModelSpec(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, activation_hid
 BIN = Path(sys.executable).parent / "dynlab"
 
 
+def cli(*args):
+    """The real command line, in process (typer's runner); stderr kept apart."""
+    from typer.testing import CliRunner
+
+    from dynlab_cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
 def rank_deficient(step, w, g):
     w["layers.1.swiglu.w_1.weight"] = torch.zeros(48, 32)  # CN NaN: left out
     w["layers.0.swiglu.w_0.weight"] = torch.randn(48, 2, dtype=torch.float64) @ torch.randn(
@@ -39,9 +48,8 @@ def store(tmp_path_factory):
 
 def test_layout_keys_and_values(store, tmp_path):
     out = tmp_path / "out"
-    res = subprocess.run([str(BIN), "export", str(store), str(out), "--format", "pico-analyze",
-                          "--run", "dec"], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    res = cli("export", store, out, "--format", "pico-analyze", "--run", "dec")
+    assert res.exit_code == 0, res.output
     names = sorted(p.name for p in (out / "step_10").iterdir())
     assert names == ["cn_gradients_val.json", "cn_updates_val.json", "cn_val.json",
                      "per_gradients_val.json", "per_updates_val.json", "per_val.json"]
@@ -74,9 +82,16 @@ def test_several_runs_and_errors(store, tmp_path):
     assert (tmp_path / "all" / "dec" / "step_0" / "per_train.json").is_file()
     assert not (tmp_path / "all" / "dec" / "step_10" / "per_lora_train.json").exists()
     assert len(files) == len(list((tmp_path / "all").rglob("*.json")))
-    res = subprocess.run([str(BIN), "export", str(store), str(tmp_path / "x"), "--format",
-                          "csv"], capture_output=True, text=True)
-    assert res.returncode == 2 and "--format" in res.stderr
-    res = subprocess.run([str(BIN), "export", str(store), str(tmp_path / "x"), "--run",
-                          "nope"], capture_output=True, text=True)
-    assert res.returncode == 2 and "nope" in res.stderr and "Traceback" not in res.stderr
+    res = cli("export", store, tmp_path / "x", "--format", "csv")
+    assert res.exit_code == 2 and "--format" in res.output
+    res = cli("export", store, tmp_path / "x", "--run", "nope")
+    assert res.exit_code == 2 and "nope" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_export_as_a_process(store, tmp_path):
+    res = subprocess.run([str(BIN), "export", str(store), str(tmp_path / "p"), "--run", "rel"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "p" / "step_10" / "per_lora_val.json").is_file()

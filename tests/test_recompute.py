@@ -26,6 +26,15 @@ def cli(*args):
     return subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True)
 
 
+def cli_in_process(*args):
+    """The real command line, in process (typer's runner)."""
+    from typer.testing import CliRunner
+
+    from dynlab_cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
 @pytest.mark.slow
 def test_recompute_equals_analyze_without_checkpoints(tmp_path):
     run = make_run(tmp_path / "runs" / "rel", SPEC, [0, 10, 20], relora={"r": 4, "alpha": 8})
@@ -57,13 +66,13 @@ def test_recompute_refuses_clearly(tmp_path):
     run = make_run(tmp_path / "dec", SPEC, [0], grads=False)
     store = dynlab.analyze([run], tmp_path / "s.zarr", metrics="per", progress=False,
                            device="cpu")
-    res = cli("recompute", store, "--metrics", "hoyer")
-    assert res.returncode == 2 and "hoyer" in res.stderr and "dynlab analyze" in res.stderr
-    res = cli("recompute", store, "--metrics", "nonsense")
-    assert res.returncode == 2 and "nonsense" in res.stderr
-    res = cli("recompute", tmp_path / "nope.zarr", "--metrics", "alpha")
-    assert res.returncode == 2 and "nope.zarr" in res.stderr
-    assert "Traceback" not in res.stderr
+    res = cli_in_process("recompute", store, "--metrics", "hoyer")
+    assert res.exit_code == 2 and "hoyer" in res.output and "dynlab analyze" in res.output
+    res = cli_in_process("recompute", store, "--metrics", "nonsense")
+    assert res.exit_code == 2 and "nonsense" in res.output
+    res = cli_in_process("recompute", tmp_path / "nope.zarr", "--metrics", "alpha")
+    assert res.exit_code == 2 and "nope.zarr" in res.output
+    assert "Traceback" not in res.output
     # recomputing a metric the store has overwrites it with the same numbers
     before = xr.open_zarr(store).per.load()
     from dynlab.recompute import recompute
