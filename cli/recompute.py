@@ -17,8 +17,8 @@ def recompute(
     ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Compute metrics from the singular values already in STORE, without the checkpoints:
-    new metrics are added to the store, existing ones are overwritten."""
+    """Compute metrics from the singular values already in STORE, without the checkpoints.
+    New metrics are added to the store, existing ones are overwritten."""
     from dynlab_cli.console import guarded
 
     with guarded("recompute"):

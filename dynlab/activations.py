@@ -241,6 +241,7 @@ def geometry_region(acts: Mapping[str, torch.Tensor], n_layers: int, metrics: Se
     for m in metrics:
         out[f"act_{m}"] = spectrum_metric(m, sig_t, dim_t).numpy()
     out["act_sigma"] = sigma
+    out["act_max_dim"] = np.where(np.isnan(sigma[..., 0]), np.nan, max_dim)
     return out
 
 
@@ -346,6 +347,8 @@ def activation_variables(metrics: Sequence[str]) -> dict[str, tuple[tuple[str, .
         for m in metrics}
     out["act_sigma"] = (base + ("act_sv",), "singular values of the centred activations "
                         "(samples × features), descending, NaN past min(n − 1, p)")
+    out["act_max_dim"] = (base, "max(samples, features) of each activation matrix (the "
+                          "numerical-zero tolerance of metrics recomputed from act_sigma)")
     for name, (_, long_name) in GEOMETRY.items():
         out[name] = (base, long_name)
     for name, (_, long_name) in COMPARATIVE.items():

@@ -151,8 +151,34 @@ def recompute(
                 values = spectrum_metric(name, sig, max_dim, layout.convention)
                 group[prefix + name][i, :, j] = values.numpy()
         bar()
+    if "act_sigma" in group and "act_max_dim" in group:
+        written += _recompute_activations(path, names)
     consolidate(path)
     return written
+
+
+def _recompute_activations(path: Path, names: Sequence[str]) -> list[str]:
+    """The same for the activation table: act_<metric> from act_sigma and act_max_dim."""
+    from dynlab.store import create_variable, open_group_for_update, quiet_zarr
+
+    group = open_group_for_update(path)
+    sig_arr = group["act_sigma"]
+    shape, chunks = sig_arr.shape[:-1], (1, 1, *sig_arr.shape[2:-1])
+    with quiet_zarr():
+        for name in names:
+            if f"act_{name}" not in group:
+                create_variable(group, f"act_{name}", ("run", "step", "layer", "act_site"),
+                                shape=shape, chunks=chunks, attrs={
+                                    "long_name": f"{spectral.METRICS[name].long_name} of the "
+                                                 "centred activations"})
+    done = np.asarray(group["act_analyzed"][...])
+    for i, j in zip(*np.nonzero(done), strict=True):
+        sig = torch.from_numpy(np.asarray(sig_arr[i, j], dtype=np.float64))
+        max_dim = torch.from_numpy(np.nan_to_num(np.asarray(group["act_max_dim"][i, j]),
+                                                 nan=1.0))
+        for name in names:
+            group[f"act_{name}"][i, j] = spectrum_metric(name, sig, max_dim).numpy()
+    return [f"act_{name}" for name in names]
 
 
 def _bar(enabled: bool, total: int):

@@ -269,3 +269,19 @@ def test_activations_computed_at_analysis_time(two_runs, tmp_path):
     with pytest.raises(InputError, match="activations-data"):
         dynlab.analyze([dec], tmp_path / "d.zarr", progress=False, device="cpu",
                        activations_data=str(tmp_path / "missing.csv"))
+
+
+@pytest.mark.slow
+def test_recompute_activation_metrics(two_runs, tmp_path):
+    from dynlab.recompute import recompute
+
+    root, dec, rel = two_runs
+    full = dynlab.analyze([dec], tmp_path / "f.zarr", metrics="per,cn,alpha", progress=False,
+                          device="cpu")
+    part = dynlab.analyze([dec], tmp_path / "p.zarr", metrics="per", progress=False,
+                          device="cpu")
+    assert "act_cn" in recompute(part, "cn,alpha")
+    a, b = xr.open_zarr(full), xr.open_zarr(part)
+    for name in ("act_cn", "act_alpha", "act_per"):
+        xr.testing.assert_identical(a[name].load(), b[name].load())
+    assert np.isfinite(b.act_cn.sel(act_site="residual").values).all()
