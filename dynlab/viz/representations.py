@@ -179,14 +179,17 @@ def alpha_over_steps(ds: xr.Dataset, kind: str = "weights",
 
 
 def has_representations(ds: xr.Dataset) -> bool:
-    """Whether the store holds activation, QK or α results worth a report section."""
-    return any(name in ds.data_vars for name in ("cka", "anisotropy", "qk_per", "alpha"))
+    """Whether the store holds activation results (the report's Representations part)."""
+    return any(name in ds.data_vars for name in ("cka", "anisotropy"))
 
 
 def representation_sections(ds: xr.Dataset) -> list[tuple[str, str, Callable[[], go.Figure]]]:
-    """(title, caption, figure maker) of the report's "Representations" figures, only those
-    whose variables the store holds."""
+    """(title, caption, figure maker) of the report's "Representations" figures: when the
+    store holds activation results, those of its figures whose variables it has (the QK and
+    α figures included); none otherwise, so reports of parameter-only stores are as before."""
     out: list[tuple[str, str, Callable[[], go.Figure]]] = []
+    if not has_representations(ds):
+        return out
     if "cka" in ds.data_vars:
         out.append((
             "Representations: CKA against the final checkpoint",
