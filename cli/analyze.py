@@ -17,9 +17,10 @@ def analyze(
     ),
     metrics: str | None = typer.Option(
         None, "--metrics", "-m",
-        help="Comma list of er, per, cn, stable_rank, spectral_norm, frobenius_norm, "
-        "nuclear_norm, numerical_rank, hoyer, gini, alpha, alpha_ks, alpha_n_tail, inf_norm; "
-        "or 'all'. Default: all (or, for an existing store, the store's).",
+        help="Comma list of er, per, cn, cn_nz, stable_rank, spectral_norm, frobenius_norm, "
+        "nuclear_norm, numerical_rank, rank_deficit, hoyer, gini, alpha, alpha_ks, "
+        "alpha_n_tail, inf_norm; or 'all'. Default: all (or, for an existing store, the "
+        "store's).",
     ),
     kinds: str | None = typer.Option(
         None, "--kinds", "-k",

@@ -41,24 +41,47 @@ def evaluate(
                                       "windows advancing by this many tokens (default: "
                                       "non-overlapping windows of the model's context)."),
 ) -> None:
-    """Perplexity per domain and BLiMP accuracy at checkpoints; writes step_N/eval.json."""
+    """Perplexity per domain and BLiMP accuracy at checkpoints; writes step_N/eval.json.
+
+    Exit status (dynlab_cli.console): 2 for bad input (a missing run, tokenizer or data file,
+    a malformed line, a truncated checkpoint under --on-error fail), 1 when --on-error skip
+    skipped a checkpoint (after evaluating the others and writing --json), 130 on Ctrl-C."""
+    from dynlab_cli.console import guarded
+
+    if on_error not in ("skip", "fail"):
+        raise typer.BadParameter("expected 'skip' or 'fail'", param_hint="--on-error")
+    with guarded("eval"):
+        _evaluate(target, ppl, blimp, json_out, device, tokenizer, uid, on_error, batch_size,
+                  limit, stride)
+
+
+#: what evaluating one checkpoint may raise for a checkpoint that cannot be evaluated
+CHECKPOINT_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError, KeyError)
+
+
+def _evaluate(target: Path, ppl: str | None, blimp: str | None, json_out: Path | None,
+              device: str, tokenizer: Path | None, uid: str | None, on_error: str,
+              batch_size: int, limit: int | None, stride: int | None) -> None:
     import warnings
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from dynlab.eval import EvalDataWarning, evaluate_checkpoint, find_checkpoints, load_eval_data
     from dynlab.eval.runs import tokenizer_path, write_json_atomic
+    from dynlab_cli.console import error, exit_code
 
     console = Console(stderr=True, soft_wrap=True)
-    if on_error not in ("skip", "fail"):
-        raise typer.BadParameter("expected 'skip' or 'fail'", param_hint="--on-error")
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
-        console.print(f"[yellow]warning:[/] {message}")
+        console.print(f"[yellow]warning:[/] {escape(str(message))}", markup=True,
+                      highlight=False)
 
     results: list[dict] = []
+    ckpts = find_checkpoints(target)
+    single = len(ckpts) == 1 and ckpts[0].resolve() == target.resolve()
 
     def finish() -> None:
         if json_out is not None and results:
@@ -70,17 +93,11 @@ def evaluate(
     with warnings.catch_warnings():
         warnings.simplefilter("always", EvalDataWarning)
         warnings.showwarning = show_warning
-        try:
-            ckpts = find_checkpoints(target)
-            single = len(ckpts) == 1 and ckpts[0].resolve() == target.resolve()
-            for c in ckpts:  # fail early on a missing tokenizer, before any work
-                tokenizer_path(c, tokenizer)
-            data = load_eval_data(ppl, blimp, uid_filter=uid, limit_per_uid=limit,
-                                  on_error=on_error)
-            dev = _device(device)
-        except (FileNotFoundError, ValueError, ImportError) as err:
-            console.print(f"[red]error:[/] {err}")
-            raise typer.Exit(1) from None
+        for c in ckpts:  # fail early on a missing tokenizer, before any work
+            tokenizer_path(c, tokenizer)
+        data = load_eval_data(ppl, blimp, uid_filter=uid, limit_per_uid=limit,
+                              on_error=on_error)
+        dev = _device(device)
 
         columns = (TextColumn("{task.description}"), BarColumn(),
                    TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
@@ -97,13 +114,14 @@ def evaluate(
                     res = evaluate_checkpoint(ckpt, data, tokenizer=tokenizer, device=dev,
                                               batch_size=batch_size, stride=stride,
                                               on_error=on_error, progress=tick)
-                except (FileNotFoundError, ValueError, RuntimeError) as err:
+                except CHECKPOINT_ERRORS as err:
                     if on_error == "fail":
                         bar.stop()
-                        console.print(f"[red]error:[/] {ckpt}: {err}")
+                        error(f"{ckpt}: {err}", "eval ")
                         finish()
-                        raise typer.Exit(1) from None
-                    console.print(f"[yellow]skipped[/] {ckpt}: {err}")
+                        raise typer.Exit(exit_code(err)) from None
+                    console.print(f"[yellow]skipped[/] {escape(f'{ckpt}: {err}')}", markup=True,
+                                  highlight=False)
                     failed.append(str(ckpt))
                     continue
                 finally:
@@ -114,7 +132,7 @@ def evaluate(
     _print_tables(Console(), results, Table)
     finish()
     if failed:
-        console.print(f"[yellow]{len(failed)} checkpoint(s) failed[/]")
+        console.print(f"[yellow]{len(failed)} checkpoint(s) skipped[/]: {', '.join(failed)}")
         raise typer.Exit(1)
 
 

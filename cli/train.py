@@ -26,9 +26,12 @@ SEQ = typer.Option(None, "--seq-len", min=1, help="Tokens per training sequence.
 LR = typer.Option(None, "--lr", help="Peak learning rate (default 3e-4; micro 3e-3).")
 WARMUP = typer.Option(None, "--warmup-steps", min=0, help="Linear warmup steps.")
 DATA = typer.Option(None, "--data", help="'default' (embedded grammar corpus), a .txt/.jsonl/"
-                    ".npy/.bin file or directory, or a Hugging Face dataset (needs `datasets`).")
-TOKENIZER = typer.Option(None, "--tokenizer", help="A tokenizer.json (default: byte-level BPE "
-                         "trained on the data, cached).")
+                    ".npy/.bin file or directory, pre-tokenised rows (.parquet/.arrow file or "
+                    "directory with an input_ids column), or a Hugging Face dataset (needs "
+                    "`datasets`).")
+TOKENIZER = typer.Option(None, "--tokenizer", help="A tokenizer.json, a directory holding one, "
+                         "or a Hugging Face model name (default: byte-level BPE trained on the "
+                         "data, cached).")
 VOCAB = typer.Option(None, "--vocab-size", min=1, help="BPE target vocabulary size.")
 OUT = typer.Option(None, "--out", "-o", help="Run directory (default runs/<kind>-<preset>).")
 CKPT = typer.Option(None, "--checkpoint-every", min=1, help="Steps between checkpoints.")
@@ -65,6 +68,26 @@ N_HEADS = typer.Option(None, "--n-heads", min=1, help="Override the preset's hea
 N_KV = typer.Option(None, "--n-kv-heads", min=1, help="Override the preset's kv heads.")
 HIDDEN = typer.Option(None, "--hidden-dim", min=1, help="Override activation_hidden_dim.")
 MAX_SEQ = typer.Option(None, "--max-seq-len", min=1, help="Override the preset's max_seq_len.")
+GLOBAL_BATCH = typer.Option(
+    None, "--global-batch-size", min=1, help="Sequences per optimizer update, all processes "
+    "and micro-batches together (the study: 1024); gradient accumulation is derived from it, "
+    "--micro-batch-size and the number of processes. Excludes --batch-size/--grad-accum.")
+MICRO_BATCH = typer.Option(
+    None, "--micro-batch-size", min=1, help="With --global-batch-size: sequences per process "
+    "per forward/backward (default: the largest that fits, by a memory probe on CUDA; the whole "
+    "per-process share on CPU).")
+MODEL_VOCAB = typer.Option(None, "--model-vocab-size", min=1, help="Embedding rows when larger "
+                           "than the tokenizer (pico-train: 50304 for the OLMo tokenizer).")
+HORIZON = typer.Option(None, "--schedule-horizon", min=1, help="Steps over which the learning "
+                       "rate decays (default --steps; pico-train's decoder: its max_steps "
+                       "200000).")
+DRY_RUN = typer.Option(False, "--dry-run", help="Print parameters, tokens, FLOPs, memory per "
+                       "device, wall-clock and GPU-hours, and exit without training (with "
+                       "--nproc N: on N devices).")
+GPU = typer.Option(None, "--gpu", help="GPU of the --dry-run estimate: h100 (default), "
+                   "h100-pcie, h200, a100, a100-40gb, l40s, a10.")
+MFU = typer.Option(None, "--mfu", help="Model FLOPs utilisation assumed by --dry-run "
+                   "(default 0.3).")
 NPROC = typer.Option(None, "--nproc", min=1, help="Train with N processes on this machine "
                      "(DistributedDataParallel; gloo on CPU, one GPU each with nccl), launched "
                      "via torchrun. Same training as one process: --batch-size is global.")
@@ -92,47 +115,66 @@ def _launch(kind: str, config: Path | None, options: dict, nproc: int, console) 
     argv = _argv(kind, config, options)
     opts = dict(options, activation_hidden_dim=options.get("hidden_dim"))
     opts.pop("hidden_dim", None)
-    try:
-        cfg = check_launch(kind, nproc, config=config, **opts)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
-        console.print(f"[red]error:[/] {err}")
-        raise typer.Exit(2) from None
+    cfg = check_launch(kind, nproc, config=config, **opts)
     code = launch(nproc, ["-m", "dynlab.train", *argv], threads=cfg.threads)
     if code:
         raise typer.Exit(code)
 
 
+def _preview(kind: str, config: Path | None, options: dict, devices: int, gpu: str | None,
+             mfu: float | None, console) -> None:
+    """--dry-run: the cost of these options (dynlab.train.costs), nothing trained."""
+    from dynlab.train import costs
+    from dynlab.train.config import make_config
+
+    opts = dict(options, activation_hidden_dim=options.get("hidden_dim"))
+    opts.pop("hidden_dim", None)
+    try:
+        cfg = make_config(kind, opts, config).resolved()
+        est = costs.estimate(cfg, devices, gpu or costs.DEFAULT_GPU,
+                             costs.DEFAULT_MFU if mfu is None else mfu)
+    except (ValueError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    for line in costs.format_estimate(est):
+        print(line)
+
+
 def _run(kind: str, config: Path | None, options: dict) -> None:
+    """Train under the exit-code policy of dynlab_cli.console.guarded: 2 bad input, 1
+    failure (a diverged run), 130 on Ctrl-C, which leaves a run that the same command (or
+    --resume) continues."""
     from rich.console import Console
 
-    from dynlab.train.trainer import TrainingDiverged, train
+    from dynlab_cli.console import guarded
 
-    for flag in ("resume", "overwrite", "save_activations", "compile", "paper_compat"):
+    for flag in ("resume", "overwrite", "save_activations", "compile"):
         if options.get(flag) is False:
             options[flag] = None  # a switch left off is "not given"
     if options.get("progress") is True:
         options["progress"] = None
     nproc = options.pop("nproc", None)
+    dry_run, gpu, mfu = options.pop("dry_run", False), options.pop("gpu", None), \
+        options.pop("mfu", None)
     console = Console(stderr=True)
     world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun in each worker
     rank = int(os.environ.get("RANK", 0))
+    if dry_run:
+        _preview(kind, config, options, nproc or world, gpu, mfu, console)
+        return
     if nproc is not None and world > 1 and nproc != world:
         console.print(f"[red]error:[/] --nproc {nproc} inside torchrun's {world} processes")
         raise typer.Exit(2)
     if nproc is not None and nproc > 1 and world == 1:
-        _launch(kind, config, options, nproc, console)
+        with guarded("train"):
+            _launch(kind, config, options, nproc, console)
         return
     options["activation_hidden_dim"] = options.pop("hidden_dim", None)
-    where = f"[rank {rank}] " if world > 1 else ""
-    try:
+    where = f"train (rank {rank})" if world > 1 else "train"
+    with guarded(where):
+        from dynlab.train.trainer import train
+
         run_dir = train(kind, config=config, **options)
-    except TrainingDiverged as err:
-        console.print(f"[red]{where}error:[/] {err}")
-        raise typer.Exit(1) from None
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            ImportError) as err:
-        console.print(f"[red]{where}error:[/] {err}")
-        raise typer.Exit(2) from None
     if rank == 0:
         print(run_dir)
 
@@ -154,6 +196,9 @@ def decoder(
     n_layers: int | None = N_LAYERS, n_heads: int | None = N_HEADS,
     n_kv_heads: int | None = N_KV, hidden_dim: int | None = HIDDEN,
     max_seq_len: int | None = MAX_SEQ, nproc: int | None = NPROC,
+    global_batch_size: int | None = GLOBAL_BATCH, micro_batch_size: int | None = MICRO_BATCH,
+    model_vocab_size: int | None = MODEL_VOCAB, schedule_horizon: int | None = HORIZON,
+    dry_run: bool = DRY_RUN, gpu: str | None = GPU, mfu: float | None = MFU,
 ) -> None:
     """Train a pico-decoder (AdamW, linear warmup then linear decay to 0)."""
     options = dict(locals())
@@ -178,6 +223,9 @@ def relora(
     n_layers: int | None = N_LAYERS, n_heads: int | None = N_HEADS,
     n_kv_heads: int | None = N_KV, hidden_dim: int | None = HIDDEN,
     max_seq_len: int | None = MAX_SEQ, nproc: int | None = NPROC,
+    global_batch_size: int | None = GLOBAL_BATCH, micro_batch_size: int | None = MICRO_BATCH,
+    model_vocab_size: int | None = MODEL_VOCAB, schedule_horizon: int | None = HORIZON,
+    dry_run: bool = DRY_RUN, gpu: str | None = GPU, mfu: float | None = MFU,
     rank: int | None = typer.Option(None, "--rank", min=1, help="LoRA rank r (default 16)."),
     alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha; s = alpha / r "
                                        "(default 32)."),
@@ -194,9 +242,10 @@ def relora(
         "(default 0.999)."),
     prune_method: str | None = typer.Option(None, "--prune-method",
                                             help="random (default) or magnitude."),
-    paper_compat: bool = typer.Option(
-        False, "--paper-compat", help="Reproduce relora-pico exactly, defects included "
-        "(unscaled merge, A = 0 at wrap, resets at step % reset_every == 1, 200k cosine)."),
+    paper_compat: bool | None = typer.Option(
+        None, "--paper-compat/--no-paper-compat", help="Reproduce relora-pico exactly, defects "
+        "included (unscaled merge, A = 0 at wrap, resets at step % reset_every == 1, 200k "
+        "cosine); --no-paper-compat overrides a config file's `paper-compat: true`."),
     warm_start: str | None = typer.Option(
         None, "--warm-start", help="Start from a decoder checkpoint (or run's latest)."),
 ) -> None:

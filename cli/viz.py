@@ -44,16 +44,28 @@ def plot(
                                 help="Output .html (offline, plotly.js inlined) or .png."),
 ) -> None:
     """Draw one figure of a store to an HTML (or PNG) file."""
+    from dynlab_cli.console import guarded
+
+    with guarded("plot"):
+        _plot(store, figure, metric, kind, matrix, layer, run, output)
+
+
+def _plot(store: Path, figure: FigureKind, metric: str, kind: str, matrix: str, layer: int,
+          run: list[str] | None, output: Path) -> None:
     from dynlab.viz import figures as F
     from dynlab.viz.report import open_store, save_figure
 
     if output.suffix.lower() not in (".html", ".htm", ".png"):
         raise typer.BadParameter(f"{output}: expected a .html or .png file name",
                                  param_hint="--output")
+    from dynlab.errors import InputError
+
     try:
         ds = open_store(store)
     except FileNotFoundError as e:
         raise typer.BadParameter(str(e), param_hint="STORE") from e
+    except (ValueError, KeyError, TypeError, OSError) as e:  # a corrupt or foreign store
+        raise InputError(f"store {store}: not a readable dynlab store ({e})") from e
     runs = list(run) if run else None
     for r in runs or []:
         _check_choice("run", r, [str(v) for v in ds["run"].values])
@@ -105,8 +117,10 @@ def report(
     for sec in sections:
         for note in sec.notes:
             console.print(f"note ({sec.title}): {note}")
-    tab = summary_table(ds).rename(columns=SHORT)
-    table = Table(title="summary (PER/CN: mean over layers and matrices at the last step)")
+    # CN_nz is in the HTML report's table; the terminal keeps to 80 columns
+    tab = summary_table(ds).drop(columns=["CN_nz updates"]).rename(columns=SHORT)
+    table = Table(title="summary (PER: mean, CN: geometric mean of the finite values, over "
+                        "layers and matrices at the last step)")
     for col in ["run", *tab.columns]:
         table.add_column(col)
     for run, row in zip(tab.index, tab.itertuples(index=False), strict=True):

@@ -31,6 +31,8 @@ from dynlab.components import LAYER_MATRICES
 from dynlab.errors import InputError
 
 POSITION_MODES = ("last", "all", "sample:N")
+#: activations are kept in float32: the eps of their numerical-zero tolerance
+ACT_EPS = float(torch.finfo(torch.float32).eps)
 
 
 def parse_positions(spec: str) -> tuple[str, int]:
@@ -239,7 +241,7 @@ def geometry_region(acts: Mapping[str, torch.Tensor], n_layers: int, metrics: Se
                 out[name][layer, j] = fn(x)
     sig_t, dim_t = torch.from_numpy(sigma), torch.from_numpy(max_dim)
     for m in metrics:
-        out[f"act_{m}"] = spectrum_metric(m, sig_t, dim_t).numpy()
+        out[f"act_{m}"] = spectrum_metric(m, sig_t, dim_t, eps=ACT_EPS).numpy()
     out["act_sigma"] = sigma
     out["act_max_dim"] = np.where(np.isnan(sigma[..., 0]), np.nan, max_dim)
     return out

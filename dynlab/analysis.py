@@ -109,14 +109,17 @@ def kind_components(
     ckpt: LoadedCheckpoint,
     prev_weights: Mapping[str, torch.Tensor] | None,
 ) -> dict[C.Site, C.Component]:
-    """The components of one kind, or {} where that kind does not exist for this checkpoint."""
+    """The components of one kind, or {} where that kind does not exist for this checkpoint.
+    Each carries its storage precision (`stored`, which sets its zero tolerance)."""
     spec = run.spec
     if kind == "weights":
         return C.weight_components(ckpt.weights, spec)
     if kind == "grads":
         return C.grad_components(ckpt.grads, ckpt.weights, spec) if ckpt.grads else {}
-    if kind == "updates":
-        return C.update_components(ckpt.weights, prev_weights, spec) if prev_weights else {}
+    if kind == "updates":  # relora: within-cycle updates from the factors (rank ≤ 2r)
+        if not prev_weights:
+            return {}
+        return C.update_components(ckpt.weights, prev_weights, spec, run.lora_scale)
     if kind == "lora":
         scale = run.lora_scale
         return C.lora_components(ckpt.weights, spec, scale) if scale is not None else {}
@@ -139,7 +142,12 @@ def checkpoint_region(
     options: Options,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """All spectral variables of one checkpoint (without run/step dims), and the names of the
-    matrices that held NaN/Inf."""
+    matrices that held NaN/Inf.
+
+    Every matrix's numerical-zero tolerance is tol = c·max(m, n)·eps·σ_1
+    (`spectral.zero_tolerance`) with eps the coarser of its storage precision (the component's
+    `eps`) and the computation's (`options.precision`); it is written as `tol` (and
+    `head_tol`, `emb_tol`) beside `max_rank`, the rank bound by construction."""
     if options.device != "cpu":  # one transfer; components are then built on the device
         ckpt = LoadedCheckpoint(ckpt.checkpoint, on_device(ckpt.weights, options.device),
                                 on_device(ckpt.grads, options.device), ckpt.meta)
@@ -148,6 +156,11 @@ def checkpoint_region(
     tables = {t: sig for t, (sig, _, _, _) in C.TABLES.items()}
     sigma = {t: torch.full(shapes[v], math.nan, dtype=torch.float64) for t, v in tables.items()}
     max_dim = {t: torch.ones(shapes[v][:-1], dtype=torch.float64) for t, v in tables.items()}
+    eps = {t: torch.full(shapes[v][:-1], math.nan, dtype=torch.float64)
+           for t, v in tables.items()}
+    max_rank = {t: torch.full(shapes[v][:-1], math.nan, dtype=torch.float64)
+                for t, v in tables.items()}
+    compute_eps = torch.finfo(options.dtype).eps
     entrywise = [m for m in options.metrics if spectral.METRICS[m].entrywise]
     entry_values = {
         (t, m): torch.full(shapes[v][:-1], math.nan, dtype=torch.float64)
@@ -165,6 +178,8 @@ def checkpoint_region(
             cell = (k_index, *site.index)
             sigma[site.table][cell][: s.shape[0]] = s.to(torch.float64)
             max_dim[site.table][cell] = comps[site].max_dim
+            eps[site.table][cell] = max(comps[site].eps, compute_eps)
+            max_rank[site.table][cell] = comps[site].max_rank
             if torch.isnan(s).all() and site.table not in ("qk", "qk_head"):  # q/k report it
                 bad.append(f"{kind}:{_site_name(site)}")
         for m in entrywise:
@@ -176,12 +191,15 @@ def checkpoint_region(
         prefix = C.TABLES[table][1]
         s = sigma[table]
         out[var] = s.numpy()
+        out[prefix + "tol"] = spectral.zero_tolerance(s, max_dim[table], eps[table]).numpy()
+        out[prefix + "max_rank"] = max_rank[table].numpy()
         for m in options.metrics:
             metric = spectral.METRICS[m]
             if metric.entrywise:
                 values = entry_values[(table, m)]
             else:
-                values = spectrum_metric(m, s, max_dim[table], options.convention)
+                values = spectrum_metric(m, s, max_dim[table], options.convention,
+                                         eps[table])
             out[prefix + m] = values.numpy()
     return out, bad
 

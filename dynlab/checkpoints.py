@@ -46,6 +46,11 @@ class ModelSpec:
                 "vocab_size")
         if not isinstance(model, Mapping) or any(k not in model for k in keys):
             raise CheckpointError(f"{path}: run.json needs a 'model' object with {', '.join(keys)}")
+        for k in keys:
+            value = model[k]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CheckpointError(f"{path}: run.json's model.{k} must be a positive "
+                                      f"integer, got {value!r}")
         spec = cls(**{k: int(model[k]) for k in keys})
         if spec.d_model % spec.n_heads or spec.n_heads % spec.n_kv_heads:
             raise CheckpointError(
@@ -260,13 +265,21 @@ def load_checkpoint(ckpt: Checkpoint, spec: ModelSpec, *, grads: bool = True) ->
 
 
 def prefetch(items: Sequence, load, depth: int = 1) -> Iterator[tuple[object, object]]:
-    """Yield (item, load(item)) in order while a background thread loads the next `depth`
-    items, so reading overlaps computing. Errors are raised at the item that caused them."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
+    """Yield (item, load(item)) in order while a background thread loads ahead, so reading
+    overlaps computing. Errors are raised at the item that caused them.
+
+    At most `depth` items are loaded (or loading) beyond the one the caller holds: the thread
+    starts loading item i + depth only once the caller has taken item i. With depth 1 the
+    memory held is the current item plus the next one, whatever the number of items."""
+    q: queue.Queue = queue.Queue()
+    slots = threading.Semaphore(depth)
     stop = threading.Event()
 
     def worker() -> None:
         for item in items:
+            while not slots.acquire(timeout=0.05):
+                if stop.is_set():
+                    return
             if stop.is_set():
                 return
             try:
@@ -280,9 +293,11 @@ def prefetch(items: Sequence, load, depth: int = 1) -> Iterator[tuple[object, ob
     try:
         for _ in range(len(items)):
             item, value, err = q.get()
+            slots.release()  # the caller now holds this item: the next may load
             if err is not None:
                 raise err
             yield item, value
+            del value
     finally:
         stop.set()
         while t.is_alive():

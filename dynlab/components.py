@@ -22,6 +22,19 @@ x_iᵀ·Q_hᵀ·R(Δ)·K_g·x_j with a block rotation R(Δ) = R(0) = I at Δ = 0
 Σ_h QK_h = Σ_g (Σ_{h ∈ g} Q_h)ᵀ·K_g = Q_sumᵀ·k_proj (rank ≤ n_kv_heads·hd), the analogue of
 the layer's OV sum. Like OV, its gradient follows the product rule and its update is
 QK_t − QK_prev, each a product of rank ≤ 2·hd per head.
+
+Every component carries the precision its entries were stored in (`stored`: for a matrix
+formed from stored tensors, the coarsest among its inputs); `eps` is that precision's machine
+epsilon, which sets the numerical-zero tolerance of its spectrum
+(`dynlab.spectral.zero_tolerance`). `max_rank` is the rank bound by construction: min(m, n)
+for a dense matrix, the inner dimension for a product of factors.
+
+ReLoRA updates within one cycle: a checkpoint stores W_eff = W + s·B·A (rounded to float32)
+and the factors A, B. While the frozen base W is unchanged between two checkpoints,
+    W_eff,t − W_eff,t−1 = s·(B_t·A_t − B_{t−1}·A_{t−1}) = [s·B_t, −s·B_{t−1}]·[A_t; A_{t−1}],
+a product of inner dimension 2r whose singular values are computed exactly from the stored
+factors (the dense difference would add the rounding of both W_eff). Across a reset (W
+changed by the merge) the update is the dense difference.
 """
 
 from __future__ import annotations
@@ -70,17 +83,33 @@ class Site:
     index: tuple[int, ...]
 
 
+def coarsest(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype of largest machine epsilon (the least precise) among `dtypes`."""
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
+
+
 @dataclass(frozen=True)
 class Dense:
     """A matrix given by its entries. `shape` is the true shape when `x` holds only its
-    non-zero rows (singular values are then padded with zeros up to min(shape))."""
+    non-zero rows (singular values are then padded with zeros up to min(shape)). `stored`:
+    the precision its entries (or the tensors they were formed from) were stored in; None
+    means x's own dtype."""
 
     x: torch.Tensor
     shape: tuple[int, int]
+    stored: torch.dtype | None = None
 
     @property
     def rank_bound(self) -> int:
         return min(self.shape)
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.shape)
+
+    @property
+    def eps(self) -> float:
+        return torch.finfo(self.stored or self.x.dtype).eps
 
     @property
     def max_dim(self) -> int:
@@ -92,18 +121,33 @@ class Dense:
 
 @dataclass(frozen=True)
 class LowRank:
-    """The product left·right, left (m × r), right (r × n); rank bound min(m, r, n)."""
+    """The product left·right, left (m × r), right (r × n); rank ≤ max_rank = min(m, r, n).
+
+    rank_bound, the length k of its spectrum, is max_rank, or min(m, n) when `full`: the
+    spectrum is then padded with exact zeros, so the product is judged as the m × n matrix it
+    stands for (rank max_rank of min(m, n)). `stored`: the coarsest precision among the
+    stored tensors the factors come from; None means that of left and right."""
 
     left: torch.Tensor
     right: torch.Tensor
+    stored: torch.dtype | None = None
+    full: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.left.shape[0], self.right.shape[1])
 
     @property
-    def rank_bound(self) -> int:
+    def max_rank(self) -> int:
         return min(self.left.shape[0], self.left.shape[1], self.right.shape[1])
+
+    @property
+    def rank_bound(self) -> int:
+        return min(self.shape) if self.full else self.max_rank
+
+    @property
+    def eps(self) -> float:
+        return torch.finfo(self.stored or coarsest(self.left.dtype, self.right.dtype)).eps
 
     @property
     def max_dim(self) -> int:
@@ -118,17 +162,17 @@ class LowRank:
 Component = Dense | LowRank
 
 
-def dense(x: torch.Tensor) -> Dense:
-    return Dense(x, (x.shape[0], x.shape[1]))
+def dense(x: torch.Tensor, stored: torch.dtype | None = None) -> Dense:
+    return Dense(x, (x.shape[0], x.shape[1]), stored)
 
 
-def drop_zero_rows(x: torch.Tensor) -> Dense:
+def drop_zero_rows(x: torch.Tensor, stored: torch.dtype | None = None) -> Dense:
     """The same singular values from fewer rows: all-zero rows (e.g. the embedding gradient
     of tokens absent from the batch) contribute nothing to σ."""
     nonzero = x.ne(0).any(dim=1)
     if bool(nonzero.all()):
-        return dense(x)
-    return Dense(x[nonzero], (x.shape[0], x.shape[1]))
+        return dense(x, stored)
+    return Dense(x[nonzero], (x.shape[0], x.shape[1]), stored)
 
 
 def weight(tensors: Tensors, layer: int, matrix: str) -> torch.Tensor:
@@ -181,9 +225,10 @@ def qk_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
     out: dict[Site, Component] = {}
     for layer in range(spec.n_layers):
         q, k = weight(w, layer, "attention.q_proj"), weight(w, layer, "attention.k_proj")
-        out[Site("qk", (layer,))] = LowRank(*qk_whole_factors(q, k, spec))
+        stored = coarsest(q.dtype, k.dtype)
+        out[Site("qk", (layer,))] = LowRank(*qk_whole_factors(q, k, spec), stored)
         q_h, k_h = qk_head_factors(q.double(), k.double(), spec)
-        for head, comp in enumerate(_head_lowrank(q_h, k_h)):
+        for head, comp in enumerate(_head_lowrank(q_h, k_h, stored)):
             out[Site("qk_head", (layer, head))] = comp
     return out
 
@@ -195,14 +240,15 @@ def qk_grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Co
     for layer in range(spec.n_layers):
         q, k = weight(w, layer, "attention.q_proj"), weight(w, layer, "attention.k_proj")
         dq, dk = weight(g, layer, "attention.q_proj"), weight(g, layer, "attention.k_proj")
+        stored = coarsest(q.dtype, k.dtype, dq.dtype, dk.dtype)
         qs, k64 = qk_whole_factors(q, k, spec)
         dqs, dk64 = qk_whole_factors(dq, dk, spec)
         out[Site("qk", (layer,))] = LowRank(torch.cat([qs, dqs], dim=1),
-                                            torch.cat([dk64, k64], dim=0))
+                                            torch.cat([dk64, k64], dim=0), stored)
         q_h, k_h = qk_head_factors(q.double(), k.double(), spec)
         dq_h, dk_h = qk_head_factors(dq.double(), dk.double(), spec)
         left, right = torch.cat([q_h, dq_h], dim=2), torch.cat([dk_h, k_h], dim=1)
-        for head, comp in enumerate(_head_lowrank(left, right)):
+        for head, comp in enumerate(_head_lowrank(left, right, stored)):
             out[Site("qk_head", (layer, head))] = comp
     return out
 
@@ -214,20 +260,21 @@ def qk_update_components(w: Tensors, w_prev: Tensors, spec: ModelSpec) -> dict[S
         q, k = weight(w, layer, "attention.q_proj"), weight(w, layer, "attention.k_proj")
         pq = weight(w_prev, layer, "attention.q_proj")
         pk = weight(w_prev, layer, "attention.k_proj")
+        stored = coarsest(q.dtype, k.dtype, pq.dtype, pk.dtype)
         qs, k64 = qk_whole_factors(q, k, spec)
         pqs, pk64 = qk_whole_factors(pq, pk, spec)
         out[Site("qk", (layer,))] = LowRank(torch.cat([qs, -pqs], dim=1),
-                                            torch.cat([k64, pk64], dim=0))
+                                            torch.cat([k64, pk64], dim=0), stored)
         q_h, k_h = qk_head_factors(q.double(), k.double(), spec)
         pq_h, pk_h = qk_head_factors(pq.double(), pk.double(), spec)
         left, right = torch.cat([q_h, -pq_h], dim=2), torch.cat([k_h, pk_h], dim=1)
-        for head, comp in enumerate(_head_lowrank(left, right)):
+        for head, comp in enumerate(_head_lowrank(left, right, stored)):
             out[Site("qk_head", (layer, head))] = comp
     return out
 
 
-def _head_lowrank(left: torch.Tensor, right: torch.Tensor) -> list[LowRank]:
-    return [LowRank(left[i], right[i]) for i in range(left.shape[0])]
+def _head_lowrank(left: torch.Tensor, right: torch.Tensor, stored: torch.dtype) -> list[LowRank]:
+    return [LowRank(left[i], right[i], stored) for i in range(left.shape[0])]
 
 
 def weight_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
@@ -239,9 +286,10 @@ def weight_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
         for j, name in enumerate(LAYER_MATRICES):
             out[Site("layer", (layer, j))] = dense(weight(w, layer, name))
         o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
-        out[Site("layer", (layer, ov_idx))] = LowRank(*ov_whole_factors(o, v, spec))
+        stored = coarsest(o.dtype, v.dtype)
+        out[Site("layer", (layer, ov_idx))] = LowRank(*ov_whole_factors(o, v, spec), stored)
         o_heads, v_heads = ov_head_factors(o.double(), v.double(), spec)
-        for head, comp in enumerate(_head_lowrank(o_heads, v_heads)):
+        for head, comp in enumerate(_head_lowrank(o_heads, v_heads, stored)):
             out[Site("head", (layer, head))] = comp
     for e, name in enumerate(EMBEDDINGS):
         out[Site("emb", (e,))] = drop_zero_rows(w[f"{name}.weight"])
@@ -259,15 +307,16 @@ def grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Compo
             out[Site("layer", (layer, j))] = dense(weight(g, layer, name))
         o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
         do, dv = weight(g, layer, "attention.o_proj"), weight(g, layer, "attention.v_proj")
+        stored = coarsest(o.dtype, v.dtype, do.dtype, dv.dtype)
         o_h, v_h = ov_head_factors(o.double(), v.double(), spec)
         do_h, dv_h = ov_head_factors(do.double(), dv.double(), spec)
         o_sum, v64 = ov_whole_factors(o, v, spec)
         do_sum, dv64 = ov_whole_factors(do, dv, spec)
         out[Site("layer", (layer, ov_idx))] = LowRank(
-            torch.cat([o_sum, do_sum], dim=1), torch.cat([dv64, v64], dim=0))
+            torch.cat([o_sum, do_sum], dim=1), torch.cat([dv64, v64], dim=0), stored)
         left = torch.cat([o_h, do_h], dim=2)
         right = torch.cat([dv_h, v_h], dim=1)
-        for head, comp in enumerate(_head_lowrank(left, right)):
+        for head, comp in enumerate(_head_lowrank(left, right, stored)):
             out[Site("head", (layer, head))] = comp
     for e, name in enumerate(EMBEDDINGS):
         out[Site("emb", (e,))] = drop_zero_rows(g[f"{name}.weight"])
@@ -275,41 +324,102 @@ def grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Compo
     return out
 
 
-def update_components(w: Tensors, w_prev: Tensors, spec: ModelSpec) -> dict[Site, Component]:
+def lora_keys(layer: int, matrix: str) -> tuple[str, str]:
+    """The checkpoint names of a wrapped matrix's factors A (r × in) and B (out × r)."""
+    return f"layers.{layer}.{matrix}.lora_A", f"layers.{layer}.{matrix}.lora_B"
+
+
+def base_unchanged(
+    w_eff: torch.Tensor, w_eff_prev: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor],
+    factors_prev: tuple[torch.Tensor, torch.Tensor], scale: float,
+) -> bool:
+    """Whether the frozen base W = W_eff − s·B·A is the same in two checkpoints, up to the
+    rounding of the stored W_eff = fl(W + fl(s·B·A)).
+
+    With R = (W_eff,t − W_eff,t−1) − s·(B_t·A_t − B_{t−1}·A_{t−1}) (float64) and eps the
+    coarsest storage precision, the base is unchanged when for every entry
+        |R_ij| ≤ eps·(|W_eff,t| + |W_eff,t−1|)_ij
+                 + (r + 2)·eps·s·(|B_t|·|A_t| + |B_{t−1}|·|A_{t−1}|)_ij,
+    the rounding bound of both W_eff (one rounding of the sum, and the r-term product and
+    scaling: Higham, Accuracy and Stability of Numerical Algorithms, §3.5) with a factor 2
+    of slack (eps = 2u). A reset in between changes W by the merged s·B·A, far above it."""
+    (a, b), (pa, pb) = factors, factors_prev
+    eps = torch.finfo(coarsest(w_eff.dtype, w_eff_prev.dtype, a.dtype, b.dtype, pa.dtype,
+                               pb.dtype)).eps
+    w, pw = w_eff.double(), w_eff_prev.double()
+    a, b, pa, pb = a.double(), b.double(), pa.double(), pb.double()
+    resid = (w - pw) - scale * (b @ a - pb @ pa)
+    bound = eps * (w.abs() + pw.abs()) + (a.shape[0] + 2) * eps * abs(scale) * (
+        b.abs() @ a.abs() + pb.abs() @ pa.abs())
+    return bool((resid.abs() <= bound).all())
+
+
+def relora_update(
+    w: Tensors, w_prev: Tensors, layer: int, matrix: str, scale: float
+) -> LowRank | None:
+    """The within-cycle update s·(B_t·A_t − B_{t−1}·A_{t−1}) of a wrapped matrix as the
+    product [s·B_t, −s·B_{t−1}]·[A_t; A_{t−1}] (rank ≤ 2r, judged as the full m × n matrix),
+    or None where the factors are missing or the base W changed (a reset in between)."""
+    a_key, b_key = lora_keys(layer, matrix)
+    if not all(k in t for t in (w, w_prev) for k in (a_key, b_key)):
+        return None
+    factors, prev = (w[a_key], w[b_key]), (w_prev[a_key], w_prev[b_key])
+    if not base_unchanged(weight(w, layer, matrix), weight(w_prev, layer, matrix), factors,
+                          prev, scale):
+        return None
+    stored = coarsest(*(x.dtype for x in (*factors, *prev)))
+    left = torch.cat([scale * factors[1].double(), -scale * prev[1].double()], dim=1)
+    right = torch.cat([factors[0].double(), prev[0].double()], dim=0)
+    return LowRank(left, right, stored, full=True)
+
+
+def update_components(
+    w: Tensors, w_prev: Tensors, spec: ModelSpec, scale: float | None = None
+) -> dict[Site, Component]:
     """Updates W_t − W_prev; OV_t − OV_prev as [O^t, −O^prev]·[V^t; V^prev] (per head and for
-    the layer)."""
+    the layer). With `scale` (a relora run's s = alpha/r), a wrapped matrix whose base W is
+    unchanged between the two checkpoints gets its update from the factors (`relora_update`);
+    otherwise, and across a reset, the update is the dense float64 difference of the stored
+    tensors."""
     out: dict[Site, Component] = {}
     ov_idx = MATRICES.index("ov_circuit")
     for layer in range(spec.n_layers):
         for j, name in enumerate(LAYER_MATRICES):
-            delta = weight(w, layer, name).double() - weight(w_prev, layer, name).double()
-            out[Site("layer", (layer, j))] = dense(delta)
+            comp = relora_update(w, w_prev, layer, name, scale) if scale is not None else None
+            if comp is None:
+                cur, prev = weight(w, layer, name), weight(w_prev, layer, name)
+                comp = dense(cur.double() - prev.double(), coarsest(cur.dtype, prev.dtype))
+            out[Site("layer", (layer, j))] = comp
         o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
         po = weight(w_prev, layer, "attention.o_proj")
         pv = weight(w_prev, layer, "attention.v_proj")
+        stored = coarsest(o.dtype, v.dtype, po.dtype, pv.dtype)
         o_sum, v64 = ov_whole_factors(o, v, spec)
         po_sum, pv64 = ov_whole_factors(po, pv, spec)
         out[Site("layer", (layer, ov_idx))] = LowRank(
-            torch.cat([o_sum, -po_sum], dim=1), torch.cat([v64, pv64], dim=0))
+            torch.cat([o_sum, -po_sum], dim=1), torch.cat([v64, pv64], dim=0), stored)
         o_h, v_h = ov_head_factors(o.double(), v.double(), spec)
         po_h, pv_h = ov_head_factors(po.double(), pv.double(), spec)
         left = torch.cat([o_h, -po_h], dim=2)
         right = torch.cat([v_h, pv_h], dim=1)
-        for head, comp in enumerate(_head_lowrank(left, right)):
+        for head, comp in enumerate(_head_lowrank(left, right, stored)):
             out[Site("head", (layer, head))] = comp
     for e, name in enumerate(EMBEDDINGS):
         key = f"{name}.weight"
-        out[Site("emb", (e,))] = drop_zero_rows(w[key].double() - w_prev[key].double())
+        out[Site("emb", (e,))] = drop_zero_rows(w[key].double() - w_prev[key].double(),
+                                                coarsest(w[key].dtype, w_prev[key].dtype))
     out.update(qk_update_components(w, w_prev, spec))
     return out
 
 
 def lora_components(w: Tensors, spec: ModelSpec, scale: float) -> dict[Site, Component]:
-    """s·B·A of every wrapped module (relora runs), as the product (s·B)·A."""
+    """s·B·A of every wrapped module (relora runs), as the product (s·B)·A (rank ≤ r)."""
     out: dict[Site, Component] = {}
     for layer in range(spec.n_layers):
         for j, name in enumerate(LAYER_MATRICES):
-            a_key, b_key = f"layers.{layer}.{name}.lora_A", f"layers.{layer}.{name}.lora_B"
+            a_key, b_key = lora_keys(layer, name)
             if a_key in w and b_key in w:
-                out[Site("layer", (layer, j))] = LowRank(scale * w[b_key].double(), w[a_key])
+                stored = coarsest(w[a_key].dtype, w[b_key].dtype)
+                out[Site("layer", (layer, j))] = LowRank(scale * w[b_key].double(), w[a_key],
+                                                         stored)
     return out

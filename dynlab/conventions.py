@@ -85,6 +85,7 @@ def apply(convention: str, kind: str, comps: dict[C.Site, C.Component], spec: Mo
     for layer in range(spec.n_layers):
         o, v = C.weight(weights, layer, "attention.o_proj"), C.weight(weights, layer,
                                                                       "attention.v_proj")
+        stored = C.coarsest(o.dtype, v.dtype)
         if kind == "weights":
             heads, whole = pico_ov_weights(o, v, spec)
         elif kind == "grads":
@@ -95,9 +96,9 @@ def apply(convention: str, kind: str, comps: dict[C.Site, C.Component], spec: Mo
             p_heads, p_whole = pico_ov_weights(C.weight(prev, layer, "attention.o_proj"),
                                                C.weight(prev, layer, "attention.v_proj"), spec)
             heads, whole = heads - p_heads, whole - p_whole
-        out[C.Site("layer", (layer, ov))] = C.dense(whole)
+        out[C.Site("layer", (layer, ov))] = C.dense(whole, stored)
         for h in range(spec.n_heads):
-            out[C.Site("head", (layer, h))] = C.dense(heads[h])
+            out[C.Site("head", (layer, h))] = C.dense(heads[h], stored)
     return out
 
 

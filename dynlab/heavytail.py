@@ -17,7 +17,8 @@ The closed-form α is used for every candidate (as `powerlaw` 1.x, which WeightW
 `powerlaw` 2.0 refits numerically and discards candidates whose α leaves (0, 3], an option
 WeightWatcher does not use).
 
-Eigenvalues at or below the numerical-zero tolerance (max(m, n)·eps·σ_1)² are dropped
+Eigenvalues at or below the square of the numerical-zero tolerance c·max(m, n)·eps·σ_1 of
+the matrix (`dynlab.spectral.zero_tolerance`, with the matrix's storage eps) are dropped
 (`powerlaw` drops exact zeros; numerically zero ones would be fitted as data). A spectrum
 with fewer than `MIN_EIGENVALUES` remaining eigenvalues gives NaN for every output.
 """
@@ -65,15 +66,18 @@ def ks_distance(tail: np.ndarray, xmin: float, alpha: float) -> float:
     return float(np.max(np.abs(fitted - below)))
 
 
-def eigenvalues(sigma: np.ndarray, max_dim: float | None = None) -> np.ndarray:
+def eigenvalues(sigma: np.ndarray, max_dim: float | None = None, eps: float | None = None,
+                c: float = 1.0) -> np.ndarray:
     """λ = σ² of the finite singular values, ascending, without the numerically zero ones
-    (λ ≤ (max_dim·eps·σ_1)²; max_dim defaults to the number of singular values)."""
+    (σ ≤ c·max_dim·eps·σ_1; max_dim defaults to the number of singular values, eps to
+    float64's)."""
     s = np.asarray(sigma, dtype=np.float64)
     s = s[~np.isnan(s)]
     if s.size == 0 or not np.isfinite(s).all():
         return np.empty(0)
     s1 = float(np.max(s))
-    tol = (max_dim if max_dim is not None else s.size) * np.finfo(np.float64).eps * s1
+    e = np.finfo(np.float64).eps if eps is None or not np.isfinite(eps) else float(eps)
+    tol = c * (max_dim if max_dim is not None else s.size) * e * s1
     lam = s[s > tol] ** 2
     return np.sort(lam)
 
@@ -115,9 +119,10 @@ def fit_power_law(lam: np.ndarray) -> PowerLawFit:
                        int(n_tail[best]))
 
 
-def fit_spectrum(sigma: np.ndarray, max_dim: float | None = None) -> PowerLawFit:
+def fit_spectrum(sigma: np.ndarray, max_dim: float | None = None, eps: float | None = None,
+                 c: float = 1.0) -> PowerLawFit:
     """The power-law fit of a spectrum's eigenvalues σ² (numerical zeros dropped)."""
-    return fit_power_law(eigenvalues(sigma, max_dim))
+    return fit_power_law(eigenvalues(sigma, max_dim, eps, c))
 
 
 # ----------------------------------------------------------------------------------------
@@ -126,21 +131,26 @@ def fit_spectrum(sigma: np.ndarray, max_dim: float | None = None) -> PowerLawFit
 _CACHE: dict[bytes, np.ndarray] = {}
 
 
-def _fits(sigma: torch.Tensor, max_dim: torch.Tensor | float) -> np.ndarray:
+def _fits(sigma: torch.Tensor, max_dim: torch.Tensor | float, eps=None, c: float = 1.0
+          ) -> np.ndarray:
     """(..., 3): alpha, ks, n_tail of every spectrum of a batch. The last batch is cached, so
     the three metrics of one batch cost one fit."""
     s = sigma.detach().cpu().to(torch.float64).numpy()
     md = np.broadcast_to(np.asarray(torch.as_tensor(max_dim).cpu(), dtype=np.float64),
                          s.shape[:-1])
-    key = hashlib.sha1(s.tobytes() + md.tobytes() + str(s.shape).encode()).digest()
+    ep = np.broadcast_to(np.asarray(torch.as_tensor(
+        np.finfo(np.float64).eps if eps is None else eps).cpu(), dtype=np.float64),
+        s.shape[:-1])
+    key = hashlib.sha1(s.tobytes() + md.tobytes() + ep.tobytes() + str((s.shape, c)).encode()
+                       ).digest()
     if key in _CACHE:
         return _CACHE[key]
-    flat, dims = s.reshape(-1, s.shape[-1]), md.reshape(-1)
+    flat, dims, epss = s.reshape(-1, s.shape[-1]), md.reshape(-1), ep.reshape(-1)
     out = np.full((flat.shape[0], 3), math.nan)
     for i, row in enumerate(flat):
         if np.isnan(row).all():
             continue
-        fit = fit_spectrum(row, float(dims[i]))
+        fit = fit_spectrum(row, float(dims[i]), float(epss[i]), c)
         out[i] = (fit.alpha, fit.ks, fit.n_tail if fit.n_tail else math.nan)
     result = out.reshape(*s.shape[:-1], 3)
     _CACHE.clear()
@@ -148,16 +158,20 @@ def _fits(sigma: torch.Tensor, max_dim: torch.Tensor | float) -> np.ndarray:
     return result
 
 
-def alpha(sigma: torch.Tensor, max_dim: torch.Tensor | float) -> torch.Tensor:
-    """Heavy-tail exponent α of each spectrum's eigenvalues σ² (NaN: too few eigenvalues)."""
-    return torch.from_numpy(np.ascontiguousarray(_fits(sigma, max_dim)[..., 0]))
+def alpha(sigma: torch.Tensor, max_dim: torch.Tensor | float, eps=None, c: float = 1.0
+          ) -> torch.Tensor:
+    """Heavy-tail exponent α of each spectrum's eigenvalues σ² (NaN: too few eigenvalues);
+    eps, c: the matrices' numerical-zero tolerance c·max_dim·eps·σ_1."""
+    return torch.from_numpy(np.ascontiguousarray(_fits(sigma, max_dim, eps, c)[..., 0]))
 
 
-def alpha_ks(sigma: torch.Tensor, max_dim: torch.Tensor | float) -> torch.Tensor:
+def alpha_ks(sigma: torch.Tensor, max_dim: torch.Tensor | float, eps=None, c: float = 1.0
+             ) -> torch.Tensor:
     """The KS distance D of each α fit."""
-    return torch.from_numpy(np.ascontiguousarray(_fits(sigma, max_dim)[..., 1]))
+    return torch.from_numpy(np.ascontiguousarray(_fits(sigma, max_dim, eps, c)[..., 1]))
 
 
-def alpha_n_tail(sigma: torch.Tensor, max_dim: torch.Tensor | float) -> torch.Tensor:
+def alpha_n_tail(sigma: torch.Tensor, max_dim: torch.Tensor | float, eps=None, c: float = 1.0
+                 ) -> torch.Tensor:
     """The number of eigenvalues in each fitted tail (NaN where α is NaN)."""
-    return torch.from_numpy(np.ascontiguousarray(_fits(sigma, max_dim)[..., 2]))
+    return torch.from_numpy(np.ascontiguousarray(_fits(sigma, max_dim, eps, c)[..., 2]))

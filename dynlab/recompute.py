@@ -29,9 +29,11 @@ from dynlab.errors import InputError
 
 
 def spectrum_metric(name: str, sigma: torch.Tensor, max_dim: torch.Tensor,
-                    convention: str = "dynlab") -> torch.Tensor:
+                    convention: str = "dynlab", eps: torch.Tensor | float | None = None
+                    ) -> torch.Tensor:
     """Metric `name` of spectra sigma (..., K) (descending, NaN-padded) of matrices whose
-    largest dimension is max_dim (...), in `convention` (dynlab.conventions: under "pico",
+    largest dimension is max_dim (...) and storage eps `eps` (...) (the numerical-zero
+    tolerance, `spectral.zero_tolerance`), in `convention` (dynlab.conventions: under "pico",
     cn has no tolerance). Raises InputError for a metric that needs the entries."""
     metric = spectral.METRICS[name]
     if convention == "pico" and name == "cn":
@@ -40,7 +42,18 @@ def spectrum_metric(name: str, sigma: torch.Tensor, max_dim: torch.Tensor,
         return condition_number_pico(sigma)
     if metric.from_spectrum is None:
         raise InputError(f"metric {name!r} needs the matrix entries, not only the spectrum")
-    return metric.from_spectrum(sigma, max_dim)
+    return metric.from_spectrum(sigma, max_dim, eps)
+
+
+def storage_eps_from_tol(tol: np.ndarray, sigma: np.ndarray, max_dim: np.ndarray
+                         ) -> torch.Tensor:
+    """Each matrix's eps recovered from its stored tolerance tol = c·max(m, n)·eps·σ_1
+    (`spectral.zero_tolerance`); float64's eps where σ_1 is 0 or NaN (its metrics are NaN)."""
+    s1 = sigma[..., 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eps = tol / (spectral.TOL_FACTOR * max_dim * s1)
+    ok = np.isfinite(eps) & (s1 > 0)
+    return torch.from_numpy(np.where(ok, eps, np.finfo(np.float64).eps))
 
 
 def site_max_dims(spec: ModelSpec, table: str, n_layers: int, n_heads: int,
@@ -147,8 +160,12 @@ def recompute(
             max_dim = torch.from_numpy(np.stack([
                 site_max_dims(spec, table, layout.n_layers, layout.n_heads, kind,
                               layout.convention) for kind in layout.kinds]))
+            eps = None
+            if f"{prefix}tol" in group:
+                eps = storage_eps_from_tol(np.asarray(group[f"{prefix}tol"][i, :, j]),
+                                           sig.numpy(), max_dim.numpy())
             for name in names:
-                values = spectrum_metric(name, sig, max_dim, layout.convention)
+                values = spectrum_metric(name, sig, max_dim, layout.convention, eps)
                 group[prefix + name][i, :, j] = values.numpy()
         bar()
     if "act_sigma" in group and "act_max_dim" in group:
@@ -159,6 +176,7 @@ def recompute(
 
 def _recompute_activations(path: Path, names: Sequence[str]) -> list[str]:
     """The same for the activation table: act_<metric> from act_sigma and act_max_dim."""
+    from dynlab.activations import ACT_EPS
     from dynlab.store import create_variable, open_group_for_update, quiet_zarr
 
     group = open_group_for_update(path)
@@ -177,7 +195,8 @@ def _recompute_activations(path: Path, names: Sequence[str]) -> list[str]:
         max_dim = torch.from_numpy(np.nan_to_num(np.asarray(group["act_max_dim"][i, j]),
                                                  nan=1.0))
         for name in names:
-            group[f"act_{name}"][i, j] = spectrum_metric(name, sig, max_dim).numpy()
+            group[f"act_{name}"][i, j] = spectrum_metric(name, sig, max_dim,
+                                                         eps=ACT_EPS).numpy()
     return [f"act_{name}" for name in names]
 
 

@@ -15,7 +15,10 @@ matrices.
 
 Metric functions take spectra `sigma` of shape (..., K), descending and NaN-padded past the
 matrix's rank bound k (k = the number of non-NaN entries). A row that is entirely NaN stands
-for a matrix that held NaN/Inf: every metric of it is NaN.
+for a matrix that held NaN/Inf: every metric of it is NaN. The rank-sensitive metrics
+(`numerical_rank`, `condition_number`, `nonzero_condition_number`, `rank_deficit`) also take
+max(m, n) and the eps of the precision the matrix was stored in, and count σ_i as zero at or
+below `zero_tolerance` = c·max(m, n)·eps·σ_1.
 """
 
 from __future__ import annotations
@@ -153,7 +156,9 @@ def lowrank_svdvals(
     rightᵀ = Q_R·R_R (thin QR), left·right = Q_L·(R_L·R_Rᵀ)·Q_Rᵀ, so the r singular values
     of the product are those of the r×r core R_L·R_Rᵀ. Returns (..., r).
     """
-    left, right = left.to(dtype), right.to(dtype)
+    batch_shape = left.shape[:-2]
+    left = left.to(dtype).reshape(-1, *left.shape[-2:])  # a batch (of one for a 2-D input)
+    right = right.to(dtype).reshape(-1, *right.shape[-2:])
     finite = torch.isfinite(left).flatten(-2).all(-1) & torch.isfinite(right).flatten(-2).all(-1)
     safe_l = torch.where(finite[..., None, None], left, torch.zeros((), dtype=dtype))
     safe_r = torch.where(finite[..., None, None], right, torch.zeros((), dtype=dtype))
@@ -161,7 +166,8 @@ def lowrank_svdvals(
     r_right = _batched(_qr_r, safe_r.mT)
     core = matmul(r_left, r_right.mT)
     s = svdvals(core, dtype=dtype, gram_max_cond=gram_max_cond)
-    return torch.where(finite[..., None], s, torch.full((), math.nan, dtype=dtype))
+    s = torch.where(finite[..., None], s, torch.full((), math.nan, dtype=dtype))
+    return s.reshape(*batch_shape, s.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------
@@ -211,39 +217,102 @@ def proportional_effective_rank(sigma: torch.Tensor) -> torch.Tensor:
     return effective_rank(sigma) / rank_bound(sigma)
 
 
-def numerical_zero_tolerance(
-    sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | None = None
+#: c in the zero tolerance c · max(m, n) · eps · σ_1 (see `zero_tolerance`).
+TOL_FACTOR = 0.25
+
+
+def storage_eps(*dtypes: torch.dtype) -> float:
+    """eps of the coarsest of `dtypes`: the machine epsilon of the precision a matrix was
+    stored in, or, for a matrix formed from stored tensors (a difference W_t − W_{t−1}, a
+    product O·V), of the coarsest precision among its inputs. float64 2.2e-16, float32
+    1.19e-7, float16 9.8e-4, bfloat16 7.8e-3."""
+    if not dtypes:
+        raise ValueError("storage_eps needs at least one dtype")
+    return max(torch.finfo(d).eps for d in dtypes)
+
+
+def zero_tolerance(
+    sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None,
+    c: float = TOL_FACTOR,
 ) -> torch.Tensor:
-    """tol = max(m, n) · eps · σ_1 (numpy.linalg.matrix_rank's rule); eps of sigma's dtype."""
+    """The numerical-zero tolerance of each spectrum: tol = c · max(m, n) · eps · σ_1.
+
+    A singular value at or below tol is indistinguishable from 0 for a matrix whose entries
+    carry relative errors of eps: it counts as zero in `numerical_rank`, `condition_number`,
+    `nonzero_condition_number` and `rank_deficit`. The form is numpy.linalg.matrix_rank's
+    default (Golub & Van Loan, Matrix Computations, 4th ed., §5.4.1); what differs is eps:
+    the eps of the precision the matrix was *stored* in (`storage_eps`; for a matrix formed
+    from stored tensors, the coarsest among its inputs), not the eps of the float64 used to
+    compute its singular values. eps=None takes eps of sigma's dtype.
+
+    c = 1/4 (TOL_FACTOR), chosen by measurement on a tiny real relora run (`make demo`:
+    d_model 64, 4 layers, r = 16, float32 checkpoints every 50 steps, resets every 100).
+    Within one ReLoRA cycle a wrapped matrix's update has rank ≤ 2r = 32 exactly; its dense
+    float64 difference of the stored checkpoints shows the genuine singular values (equal
+    to those computed from the factors) and below them float32 rounding noise of the
+    stored W_eff = W + s·B·A. In units of max(m, n) · eps_32 · σ_1, over the 120 matrices of
+    full rank 2r (attention.q_proj, o_proj 64 × 64 and swiglu.w_0, w_1, w_2 64 × 256 of
+    all six within-cycle updates), the largest noise singular value was 0.13
+    (attention.o_proj, layer 0, steps 550 → 600; 8.5 eps_32 · σ_1) and the smallest
+    genuine one 0.55 (attention.o_proj, layer 3, steps 50 → 100; 35 eps_32 · σ_1). c = 1/4
+    lies between them (their geometric middle is 0.27), a factor ≈ 2 from each.
+    numpy's c = 1 would count that genuine value as zero.
+    """
     if eps is None:
         eps = torch.finfo(sigma.dtype).eps
-    return torch.as_tensor(max_dim, dtype=sigma.dtype, device=sigma.device) * eps * sigma[..., 0]
+    dim = torch.as_tensor(max_dim, dtype=sigma.dtype, device=sigma.device)
+    e = torch.as_tensor(eps, dtype=sigma.dtype, device=sigma.device)
+    return c * dim * e * sigma[..., 0]
 
 
 def numerical_rank(
-    sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | None = None
+    sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Numerical rank: #{i : σ_i > max(m, n)·eps·σ_1}. NaN for a matrix that held NaN/Inf."""
-    tol = numerical_zero_tolerance(sigma, max_dim, eps)
+    """Numerical rank r = #{i : σ_i > tol}, tol = `zero_tolerance` (c · max(m, n) · eps ·
+    σ_1, eps of the storage precision). NaN for a matrix that held NaN/Inf."""
+    tol = zero_tolerance(sigma, max_dim, eps)
     count = (sigma > tol[..., None]).sum(-1).to(sigma.dtype)
     return _nan_where_invalid(count, sigma)
 
 
 def condition_number(
-    sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | None = None
+    sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None
 ) -> torch.Tensor:
-    """κ = σ_1 / σ_k. +inf when σ_k = 0, where σ_k counts as 0 at or below the numerical-rank
-    tolerance max(m, n)·eps·σ_1 (so κ = inf exactly when the numerical rank is below k).
-    NaN for an all-zero matrix."""
+    """κ = σ_1 / σ_k. +inf when σ_k = 0, where σ_k counts as 0 at or below the numerical-zero
+    tolerance c · max(m, n) · eps · σ_1 (`zero_tolerance`), so κ = inf exactly when the
+    numerical rank is below k. NaN for an all-zero matrix."""
     k = rank_bound(sigma)
     idx = (k - 1).clamp_min(0).unsqueeze(-1)
     smin = torch.gather(sigma, -1, idx).squeeze(-1)
     smax = sigma[..., 0]
-    tol = numerical_zero_tolerance(sigma, max_dim, eps)
+    tol = zero_tolerance(sigma, max_dim, eps)
     inf = torch.full((), math.inf, dtype=sigma.dtype)
     cn = torch.where(smin > tol, smax / smin, inf)
     cn = torch.where(smax > 0, cn, torch.full((), math.nan, dtype=sigma.dtype))
     return _nan_where_invalid(cn, sigma)
+
+
+def nonzero_condition_number(
+    sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None
+) -> torch.Tensor:
+    """κ of the non-zero part: cn_nz = σ_1 / σ_r, r the numerical rank (`numerical_rank`).
+
+    Finite for rank-deficient matrices (where κ = σ_1/σ_k is inf) and equal to κ for
+    matrices of full numerical rank. NaN for an all-zero matrix (r = 0) and for a matrix
+    that held NaN/Inf."""
+    r = numerical_rank(sigma, max_dim, eps)
+    ok = torch.isfinite(r) & (r > 0)
+    idx = torch.where(ok, r - 1, 0).to(torch.int64).unsqueeze(-1)
+    s_r = torch.gather(sigma, -1, idx).squeeze(-1)
+    return torch.where(ok, sigma[..., 0] / s_r, torch.full((), math.nan, dtype=sigma.dtype))
+
+
+def rank_deficit(
+    sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None
+) -> torch.Tensor:
+    """k − r: the rank bound k (min(m, n), or a product's inner dimension) minus the
+    numerical rank r. 0 for a matrix of full numerical rank; NaN for one that held NaN/Inf."""
+    return rank_bound(sigma).to(sigma.dtype) - numerical_rank(sigma, max_dim, eps)
 
 
 def stable_rank(sigma: torch.Tensor) -> torch.Tensor:
@@ -294,8 +363,9 @@ class Metric:
     name: str
     long_name: str
     definition: str
-    #: from_spectrum(sigma, max_dim) -> values; None for entry-wise metrics
-    from_spectrum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    #: from_spectrum(sigma, max_dim, eps=None) -> values (eps: storage eps per matrix, see
+    #: `zero_tolerance`); None for entry-wise metrics
+    from_spectrum: Callable[..., torch.Tensor] | None = None
     #: from_entries(matrices) -> values; for entry-wise metrics
     from_entries: Callable[[torch.Tensor], torch.Tensor] | None = None
 
@@ -308,20 +378,28 @@ METRICS: dict[str, Metric] = {
     m.name: m
     for m in [
         Metric("er", "effective rank", "exp(-sum_i p_i ln p_i), p_i = sigma_i / sum_j sigma_j",
-               lambda s, d: effective_rank(s)),
+               lambda s, d, eps=None: effective_rank(s)),
         Metric("per", "proportional effective rank", "ER / k, k = rank bound (min(m, n))",
-               lambda s, d: proportional_effective_rank(s)),
+               lambda s, d, eps=None: proportional_effective_rank(s)),
         Metric("cn", "condition number",
-               "sigma_1 / sigma_k; inf if sigma_k <= max(m,n)*eps*sigma_1; NaN for zero matrix",
-               condition_number),
+               "sigma_1 / sigma_k; inf if sigma_k <= tol = c*max(m,n)*eps*sigma_1 (eps of the "
+               "storage precision, see tol); NaN for zero matrix", condition_number),
+        Metric("cn_nz", "condition number of the non-zero part",
+               "sigma_1 / sigma_r, r = numerical rank; NaN for zero matrix",
+               nonzero_condition_number),
         Metric("stable_rank", "stable rank", "||W||_F^2 / sigma_1^2",
-               lambda s, d: stable_rank(s)),
-        Metric("spectral_norm", "spectral norm", "sigma_1", lambda s, d: spectral_norm(s)),
+               lambda s, d, eps=None: stable_rank(s)),
+        Metric("spectral_norm", "spectral norm", "sigma_1",
+               lambda s, d, eps=None: spectral_norm(s)),
         Metric("frobenius_norm", "Frobenius norm", "sqrt(sum_i sigma_i^2)",
-               lambda s, d: frobenius_norm(s)),
-        Metric("nuclear_norm", "nuclear norm", "sum_i sigma_i", lambda s, d: nuclear_norm(s)),
-        Metric("numerical_rank", "numerical rank", "#{i: sigma_i > max(m,n)*eps*sigma_1}",
+               lambda s, d, eps=None: frobenius_norm(s)),
+        Metric("nuclear_norm", "nuclear norm", "sum_i sigma_i",
+               lambda s, d, eps=None: nuclear_norm(s)),
+        Metric("numerical_rank", "numerical rank",
+               "#{i: sigma_i > tol}, tol = c*max(m,n)*eps*sigma_1 (eps: storage precision)",
                numerical_rank),
+        Metric("rank_deficit", "rank deficit", "k - numerical rank, k = rank bound",
+               rank_deficit),
         Metric("hoyer", "Hoyer sparsity of entries",
                "(sqrt(N) - ||w||_1/||w||_2) / (sqrt(N) - 1), N = m*n", from_entries=hoyer),
         Metric("gini", "Gini index of entry magnitudes",
@@ -339,12 +417,14 @@ def _heavy_tail_metrics() -> list[Metric]:
     return [
         Metric("alpha", "heavy-tail exponent of the eigenvalues sigma^2",
                "continuous power-law MLE 1 + n/sum ln(x/xmin) on the tail with the KS-minimal "
-               f"xmin (Clauset et al. 2009); NaN below {heavytail.MIN_EIGENVALUES} eigenvalues",
-               heavytail.alpha),
+               f"xmin (Clauset et al. 2009); NaN below {heavytail.MIN_EIGENVALUES} eigenvalues; "
+               "eigenvalues of sigma <= tol dropped",
+               lambda s, d, eps=None: heavytail.alpha(s, d, eps, TOL_FACTOR)),
         Metric("alpha_ks", "KS distance of the heavy-tail fit",
-               "max |F(x) - C(x)| over the tail, F the fitted power-law CDF", heavytail.alpha_ks),
+               "max |F(x) - C(x)| over the tail, F the fitted power-law CDF",
+               lambda s, d, eps=None: heavytail.alpha_ks(s, d, eps, TOL_FACTOR)),
         Metric("alpha_n_tail", "eigenvalues in the heavy-tail fit", "#{sigma^2 >= xmin}",
-               heavytail.alpha_n_tail),
+               lambda s, d, eps=None: heavytail.alpha_n_tail(s, d, eps, TOL_FACTOR)),
         Metric("inf_norm", "largest absolute entry", "max_ij |w_ij| (pico-analyze's 'inf')",
                from_entries=max_abs_entry),
     ]

@@ -33,7 +33,7 @@ import numpy as np
 from dynlab import __version__
 from dynlab.components import EMBEDDINGS, MATRICES, TABLES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: (run, step) variables read from each checkpoint's meta.json
 META_VARIABLES: dict[str, str] = {
@@ -41,6 +41,7 @@ META_VARIABLES: dict[str, str] = {
     "lr": "learning rate",
     "tokens": "tokens seen",
     "wall_seconds": "wall-clock seconds since the start of training",
+    "gpu_hours": "device-hours since the start of training (wall-clock x processes)",
     "relora_cycle": "ReLoRA cycle (number of merge-and-resets so far)",
     "ppl_macro": "perplexity, macro average over domains",
     "blimp_overall": "BLiMP accuracy, mean over UIDs",
@@ -99,8 +100,10 @@ def spectral_variables(metrics: Sequence[str]) -> dict[str, tuple[str, ...]]:
     for m in metrics:
         for _, prefix, dims, _ in TABLES.values():
             out[prefix + m] = base + dims
-    for sigma, _, dims, sv in TABLES.values():
+    for sigma, prefix, dims, sv in TABLES.values():
         out[sigma] = base + dims + (sv,)
+        out[f"{prefix}tol"] = base + dims
+        out[f"{prefix}max_rank"] = base + dims
     return out
 
 
@@ -141,7 +144,7 @@ def _create(group, name: str, dims: Sequence[str], data: np.ndarray | None = Non
 
 
 def _variable_attrs(name: str) -> dict:
-    from dynlab.spectral import METRICS
+    from dynlab.spectral import METRICS, TOL_FACTOR
 
     base = name
     for prefix in sorted((p for _, p, _, _ in TABLES.values() if p), key=len, reverse=True):
@@ -150,6 +153,20 @@ def _variable_attrs(name: str) -> dict:
             break
     if base in METRICS:
         return {"long_name": METRICS[base].long_name, "definition": METRICS[base].definition}
+    if base == "tol":
+        return {"long_name": "numerical-zero tolerance of the spectrum",
+                "definition": "tol = c*max(m,n)*eps*sigma_1; sigma_i <= tol counts as zero in "
+                              "numerical_rank, cn, cn_nz and rank_deficit; eps = the coarser "
+                              "of the machine epsilon of the precision the matrix (or, for a "
+                              "matrix formed from stored tensors, its inputs) was stored in and "
+                              "of the analysis precision",
+                "c": TOL_FACTOR}
+    if base == "max_rank":
+        return {"long_name": "rank bound by construction",
+                "definition": "min(m,n) for a dense matrix; the inner dimension for a product "
+                              "of factors (OV circuit n_kv*hd, head OV hd, LoRA s*B*A r, a "
+                              "relora update within a cycle [s*B_t, -s*B_t-1]*[A_t; A_t-1] "
+                              "2r); numerical_rank <= max_rank"}
     return {"long_name": "singular values, descending, NaN past the rank bound"}
 
 
@@ -397,7 +414,7 @@ def write_meta_variables(
         if run not in r_index or step not in s_index:
             continue
         i, j = r_index[run], s_index[step]
-        for name in ("train_loss", "lr", "tokens", "wall_seconds", "relora_cycle"):
+        for name in ("train_loss", "lr", "tokens", "wall_seconds", "gpu_hours", "relora_cycle"):
             scalars[name][i, j] = _number(meta.get(name))
         ev = meta.get("eval") or {}
         ppl = ev.get("perplexity") or {}

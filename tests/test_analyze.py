@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import dynlab
 from dynlab.checkpoints import CheckpointError, ModelSpec
+from dynlab.spectral import TOL_FACTOR as TOL_C
 from dynlab.store import StoreError
 from dynlab.synthetic import geometric_spectrum, make_run, matrix_with_spectrum
 
@@ -31,8 +32,13 @@ BIN = Path(sys.executable).parent / "dynlab"
 # ---- an independent reference (numpy/scipy, float64) ------------------------------------
 
 
-def ref_metrics(w: np.ndarray, k: int | None = None) -> dict[str, float]:
-    """er, per, cn of a dense matrix; k = rank bound (default min(m, n))."""
+F64_EPS = float(np.finfo(np.float64).eps)
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def ref_metrics(w: np.ndarray, k: int | None = None, eps: float = F64_EPS) -> dict[str, float]:
+    """er, per, cn of a dense matrix; k = rank bound (default min(m, n)); eps of the
+    precision the matrix (or its inputs) was stored in: σ ≤ c·max(m, n)·eps·σ_1 is zero."""
     w = np.asarray(w, dtype=np.float64)
     if not np.isfinite(w).all():
         return {"er": math.nan, "per": math.nan, "cn": math.nan}
@@ -44,7 +50,7 @@ def ref_metrics(w: np.ndarray, k: int | None = None) -> dict[str, float]:
     p = s / s.sum()
     nz = p[p > 0]
     er = math.exp(-(nz * np.log(nz)).sum())
-    tol = max(w.shape) * np.finfo(np.float64).eps * s[0]
+    tol = TOL_C * max(w.shape) * eps * s[0]
     cn = math.inf if s[-1] <= tol else s[0] / s[-1]
     return {"er": er, "per": er / k, "cn": cn}
 
@@ -61,6 +67,12 @@ def assert_metric(got: float, ref: float, name: str) -> None:
 def tensors(run: Path, step: int, file: str = "weights") -> dict[str, np.ndarray]:
     out = load_file(str(run / "checkpoints" / f"step_{step}" / f"{file}.safetensors"))
     return {k: v.double().numpy() for k, v in out.items()}  # bf16 is exact in float64
+
+
+def stored_eps(run: Path, step: int, file: str = "weights") -> dict[str, float]:
+    """Machine epsilon of the dtype each tensor is stored in."""
+    out = load_file(str(run / "checkpoints" / f"step_{step}" / f"{file}.safetensors"))
+    return {k: torch.finfo(v.dtype).eps for k, v in out.items()}
 
 
 def plant(step, w, g):
@@ -123,11 +135,12 @@ def test_store_contract(store, runs):
 def test_layer_matrices_equal_scipy(store, runs):
     dec, rel = runs
     for run, path, step in (("dec", dec, 100), ("rel", rel, 150)):
-        w = tensors(path, step)
+        w, eps = tensors(path, step), stored_eps(path, step)
         for layer in range(SPEC.n_layers):
             for matrix in ("attention.q_proj", "attention.k_proj", "attention.v_proj",
                            "attention.o_proj", "swiglu.w_0", "swiglu.w_1", "swiglu.w_2"):
-                ref = ref_metrics(w[f"layers.{layer}.{matrix}.weight"])
+                key = f"layers.{layer}.{matrix}.weight"
+                ref = ref_metrics(w[key], eps=eps[key])
                 for metric in ("per", "cn", "er"):
                     got = float(store[metric].sel(run=run, kind="weights", step=step,
                                                   layer=layer, matrix=matrix))
@@ -148,7 +161,7 @@ def test_grads_updates_embeddings_equal_scipy(store, runs):
         sel = dict(run="dec", step=200, layer=layer, matrix=matrix)
         assert_metric(float(store.per.sel(kind="grads", **sel)), ref_metrics(g2[name])["per"], name)
         assert_metric(float(store.cn.sel(kind="updates", **sel)),
-                      ref_metrics(w2[name] - w1[name])["cn"], name)
+                      ref_metrics(w2[name] - w1[name], eps=F32_EPS)["cn"], name)
     for emb in ("embedding_proj", "de_embedding_proj"):
         ref = ref_metrics(w2[f"{emb}.weight"] - w1[f"{emb}.weight"])
         got = float(store.emb_per.sel(run="dec", kind="updates", step=200, embedding=emb))
@@ -184,7 +197,7 @@ def test_ov_circuits_equal_scipy(store, runs):
         }
         for kind, (mat, k) in wholes.items():
             assert np.linalg.matrix_rank(mat) <= k
-            ref = ref_metrics(mat, k)
+            ref = ref_metrics(mat, k, eps=F32_EPS)
             for metric in ("per", "cn", "er"):
                 got = float(store[metric].sel(kind=kind, matrix="ov_circuit", **sel))
                 assert_metric(got, ref[metric], f"whole OV {kind} {metric}")
@@ -215,7 +228,7 @@ def test_lora_products_equal_scipy(store, runs):
     scale = 8 / 4
     for matrix in ("attention.q_proj", "swiglu.w_2"):
         b, a = w[f"layers.1.{matrix}.lora_B"], w[f"layers.1.{matrix}.lora_A"]
-        ref = ref_metrics(scale * b @ a, k=4)
+        ref = ref_metrics(scale * b @ a, k=4, eps=float(torch.finfo(torch.bfloat16).eps))
         sel = dict(run="rel", kind="lora", step=150, layer=1, matrix=matrix)
         for metric in ("per", "cn"):
             assert_metric(float(store[metric].sel(**sel)), ref[metric], f"lora {matrix}")

@@ -207,7 +207,7 @@ def test_cli_bad_input(run_dir, tmp_path, trained):
     for name in ("weights.safetensors", "meta.json"):
         (dst / name).write_bytes((src / name).read_bytes())
     res = cli(bare, "--ppl", data / "ppl", "--blimp", "none")
-    assert res.exit_code == 1 and "no tokenizer" in res.output and "--tokenizer" in res.output
+    assert res.exit_code == 2 and "no tokenizer" in res.output and "--tokenizer" in res.output
     assert not (dst / "eval.json").exists()
     res = cli(bare, "--ppl", data / "ppl", "--blimp", "none", "--tokenizer",
               root / "tokenizer.json")
@@ -215,18 +215,18 @@ def test_cli_bad_input(run_dir, tmp_path, trained):
     assert (dst / "eval.json").is_file()
     # unknown UID filter
     res = cli(root, "--blimp", data / "blimp", "--ppl", "none", "--uid", "island_*")
-    assert res.exit_code == 1 and "matches no UID" in res.output
+    assert res.exit_code == 2 and "matches no UID" in res.output
     # a malformed line: fail names file:line; skip warns and evaluates the rest
     bad = tmp_path / "blimp_bad"
     bad.mkdir()
     lines = (data / "blimp" / "grammar_anaphor_agreement.jsonl").read_text().splitlines()
     (bad / "x.jsonl").write_text("\n".join(lines[:3] + ["{oops"] + lines[3:6]) + "\n")
     res = cli(root / "checkpoints" / "step_300", "--blimp", bad, "--ppl", "none")
-    assert res.exit_code == 1 and "x.jsonl:4: not valid JSON" in res.output
+    assert res.exit_code == 2 and "x.jsonl:4: not valid JSON" in res.output
     out = tmp_path / "skip.json"
     res = cli(root / "checkpoints" / "step_300", "--blimp", bad, "--ppl", "none",
               "--on-error", "skip", "--json", out)
     assert res.exit_code == 0 and "x.jsonl:4" in res.output
     assert json.loads(out.read_text())["blimp"]["by_uid"].keys() == {"grammar_anaphor_agreement"}
     res = cli(tmp_path / "nope")
-    assert res.exit_code == 1 and "no such run or checkpoint" in res.output
+    assert res.exit_code == 2 and "no such run or checkpoint" in res.output

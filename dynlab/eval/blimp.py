@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynlab.eval.perplexity import open_text, report_problem, resolve_files
+from dynlab.eval.perplexity import NOT_TEXT, open_text, report_problem, resolve_files
 from dynlab.eval.scoring import sequence_logprobs
 
 BLIMP_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -36,7 +36,16 @@ def is_hf_spec(spec: str | Path) -> bool:
 
 
 def read_blimp_file(path: Path, on_error: str = "fail") -> list[dict]:
-    """BLiMP records of one jsonl file; malformed lines are reported as file:line."""
+    """BLiMP records of one jsonl file; malformed lines are reported as file:line, a file
+    that is not UTF-8 text (binary, a broken .gz) as the file (no record of it is kept)."""
+    try:
+        return _read_blimp_records(path, on_error)
+    except NOT_TEXT as err:
+        report_problem(f"--blimp {path}: not a UTF-8 jsonl text file ({err})", on_error)
+        return []
+
+
+def _read_blimp_records(path: Path, on_error: str) -> list[dict]:
     records = []
     with open_text(path) as fh:
         for lineno, line in enumerate(fh, 1):

@@ -12,6 +12,14 @@ tokens (each window starts with fresh context), or overlapping ones with `stride
 Held-out text is grouped by domain: a directory with one domain per file (`*.txt`: documents
 separated by blank lines; `*.jsonl` / `*.jsonl.gz`: a `text` field per line, domain = file
 stem unless a line has a `source` field), a single such file, or a glob.
+
+Pre-tokenised held-out data (pico's pre-tokenised Paloma) is scored as it is, in the ids it
+was tokenised with: `.parquet` / `.arrow` files (a file, or a directory searched recursively)
+or a Hugging Face dataset name (split `val`, streamed with `datasets`), with an `input_ids`
+column of token-id sequences of any length and the domain from a `source`, `domain` or
+`subdomain` column, else the file stem (the dataset name for the Hub). Each sequence is
+scored as a document whose first id is its context (no BOS is added): every later id is
+scored once, in windows of `context` tokens as above.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import gzip
 import json
 import math
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,10 +38,21 @@ import torch
 from dynlab.eval.scoring import sequence_logprobs, windows
 
 PPL_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
+DOMAIN_COLUMNS = ("source", "domain", "subdomain")
+EVAL_SPLITS = ("val", "validation", "test")
+
+
+class PretokenizedDocs(list):
+    """A domain's pre-tokenised sequences (lists of ids), scored as they are: the first id is
+    context, every later id is scored (no BOS added, no re-tokenisation)."""
 
 
 class EvalDataWarning(UserWarning):
     """A problem in evaluation input that was skipped (`on_error="skip"`)."""
+
+
+#: what reading a file that is not (gzipped) UTF-8 text raises
+NOT_TEXT = (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error)
 
 
 def report_problem(message: str, on_error: str) -> None:
@@ -60,7 +80,16 @@ def open_text(path: Path):
 
 
 def read_ppl_file(path: Path, on_error: str = "fail") -> dict[str, list[str]]:
-    """Documents of one file grouped by domain (the file stem, or each line's `source`)."""
+    """Documents of one file grouped by domain (the file stem, or each line's `source`); a
+    file that is not UTF-8 text (binary, a broken .gz) is reported as the file."""
+    try:
+        return _read_ppl_documents(path, on_error)
+    except NOT_TEXT as err:
+        report_problem(f"--ppl {path}: not a UTF-8 text file ({err})", on_error)
+        return {}
+
+
+def _read_ppl_documents(path: Path, on_error: str) -> dict[str, list[str]]:
     domains: dict[str, list[str]] = {}
     if path.name.endswith(".txt"):
         text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
@@ -105,8 +134,98 @@ def resolve_files(spec: str | Path, suffixes: tuple[str, ...], what: str) -> lis
     raise FileNotFoundError(f"{what} {spec}: no such file or directory")
 
 
+def _domains_from_rows(rows: list, labels: list | None, default: str,
+                       domains: dict[str, PretokenizedDocs]) -> None:
+    for i, ids in enumerate(rows):
+        if ids is None:
+            continue
+        dom = str(labels[i]) if labels is not None and labels[i] is not None else default
+        domains.setdefault(dom, PretokenizedDocs()).append([int(t) for t in ids])
+
+
+def read_pretokenized_domains(spec: str | Path) -> dict[str, PretokenizedDocs] | None:
+    """Pre-tokenised sequences by domain (module docstring), or None when `spec` is not
+    pre-tokenised data (no local .parquet/.arrow files and not a Hugging Face name)."""
+    from dynlab.train import pretokenized as P
+
+    files = P.row_files(spec)
+    domains: dict[str, PretokenizedDocs] = {}
+    if files is not None:
+        pa, pq = _arrow()
+        for f in files:
+            try:
+                if f.suffix == ".parquet":
+                    table = pq.read_table(f)
+                else:
+                    src = pa.memory_map(str(f))
+                    reader = pa.ipc.open_file if _is_arrow_file(f) else pa.ipc.open_stream
+                    table = reader(src).read_all()
+            except Exception as err:
+                raise ValueError(f"--ppl {f}: not a readable {f.suffix} file ({err})") from err
+            if P.COLUMN not in table.column_names:
+                raise ValueError(f"--ppl {f}: no `{P.COLUMN}` column (columns: "
+                                 f"{', '.join(table.column_names)})")
+            label = next((c for c in DOMAIN_COLUMNS if c in table.column_names), None)
+            _domains_from_rows(table.column(P.COLUMN).to_pylist(),
+                               table.column(label).to_pylist() if label else None,
+                               _stem(f), domains)
+    elif not Path(spec).expanduser().exists() and P.HUB_NAME.match(str(spec)):
+        datasets = _hub()
+        last = None
+        for split in EVAL_SPLITS:
+            try:
+                stream = datasets.load_dataset(str(spec), split=split, streaming=True)
+                records = list(stream)
+                break
+            except Exception as err:  # no such split, network, unknown name
+                last = err
+        else:
+            raise ValueError(f"--ppl {spec}: cannot read this Hugging Face dataset "
+                             f"(splits {', '.join(EVAL_SPLITS)}): {last}")
+        if not records or P.COLUMN not in records[0]:
+            return None  # a text dataset: not handled here
+        label = next((c for c in DOMAIN_COLUMNS if c in records[0]), None)
+        _domains_from_rows([r[P.COLUMN] for r in records],
+                           [r[label] for r in records] if label else None,
+                           str(spec).split("/")[-1], domains)
+    else:
+        return None
+    if not any(len(ids) > 1 for docs in domains.values() for ids in docs):
+        raise ValueError(f"--ppl {spec}: no sequence of two or more token ids to score")
+    return domains
+
+
+def _arrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ImportError("reading .parquet/.arrow evaluation data needs pyarrow "
+                          "(pip install 'dynlab[data]')") from err
+    return pa, pq
+
+
+def _hub():
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("reading a Hugging Face dataset needs the optional `datasets` "
+                          "package (pip install 'dynlab[data]')") from err
+    return datasets
+
+
+def _is_arrow_file(path: Path) -> bool:
+    """Arrow IPC file format (magic ARROW1 at the start) rather than the stream format."""
+    with open(path, "rb") as fh:
+        return fh.read(6) == b"ARROW1"
+
+
 def read_ppl_domains(spec: str | Path, on_error: str = "fail") -> dict[str, list[str]]:
-    """Held-out documents by domain from a directory, file or glob (see module docstring)."""
+    """Held-out documents by domain from a directory, file or glob (see module docstring);
+    pre-tokenised data gives PretokenizedDocs per domain."""
+    pretokenized = read_pretokenized_domains(spec)
+    if pretokenized is not None:
+        return pretokenized
     domains: dict[str, list[str]] = {}
     for path in resolve_files(spec, PPL_SUFFIXES, "--ppl"):
         for dom, docs in read_ppl_file(path, on_error).items():
@@ -143,9 +262,16 @@ def domain_nll(model: torch.nn.Module, tokenizer, domains: dict[str, list[str]],
     seqs: list[list[int]] = []
     n_scored: list[int] = []
     owner: list[str] = []
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     for dom, docs in encoded.items():
+        pretokenized = isinstance(docs, PretokenizedDocs)
         for ids in docs:
-            for seq, k in windows(ids, bos, context, stride):
+            if pretokenized and vocab is not None and ids and max(ids) >= vocab:
+                raise ValueError(f"perplexity domain {dom!r}: token id {max(ids)} is outside "
+                                 f"the model's vocabulary ({vocab}); was the data tokenised "
+                                 "with this model's tokenizer?")
+            first, rest = (ids[0], ids[1:]) if pretokenized and ids else (bos, ids)
+            for seq, k in windows(rest, first, context, stride):
                 seqs.append(seq)
                 n_scored.append(k)
                 owner.append(dom)
@@ -158,15 +284,19 @@ def domain_nll(model: torch.nn.Module, tokenizer, domains: dict[str, list[str]],
 
 
 def encode_domains(tokenizer, domains: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-    """Token ids (no special tokens) of every document, by domain."""
-    return {dom: [e.ids for e in tokenizer.encode_batch(docs, add_special_tokens=False)]
+    """Token ids (no special tokens) of every document, by domain; pre-tokenised domains as
+    they are."""
+    return {dom: docs if isinstance(docs, PretokenizedDocs) else
+            [e.ids for e in tokenizer.encode_batch(docs, add_special_tokens=False)]
             for dom, docs in domains.items()}
 
 
 def count_windows(encoded: dict[str, list[list[int]]], context: int,
                   stride: int | None = None) -> int:
     """How many windows domain_nll will score (for progress bars)."""
-    return sum(len(windows(ids, 0, context, stride)) for docs in encoded.values() for ids in docs)
+    return sum(len(windows(ids[1:] if isinstance(docs, PretokenizedDocs) else ids, 0, context,
+                           stride))
+               for docs in encoded.values() for ids in docs)
 
 
 def perplexity(model: torch.nn.Module, tokenizer, domains: dict[str, list[str]], bos: int,

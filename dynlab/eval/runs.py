@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dynlab.eval.core import EvalData, evaluate
+from dynlab.faults import fault_point
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -121,4 +122,5 @@ def evaluate_checkpoint(ckpt: str | Path, data: EvalData, *, tokenizer: str | Pa
                       on_error=on_error, progress=progress)
     if write:
         store_eval(ckpt, result)
+        fault_point("eval.stored")
     return {"step": checkpoint_step(ckpt), **result}

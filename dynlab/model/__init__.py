@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dynlab.errors import InputError
 from dynlab.model.pico_decoder import PRESETS, ModelConfig, PicoDecoder
 
 __all__ = ["ModelConfig", "PicoDecoder", "PRESETS", "load_checkpoint_model", "read_model_config"]
@@ -18,10 +19,17 @@ def read_model_config(run_dir: str | Path) -> ModelConfig:
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no run.json (expected a dynlab run directory)")
-    run = json.loads(path.read_text())
-    if "model" not in run:
-        raise ValueError(f"{path}: missing the 'model' section")
-    return ModelConfig(**{k: v for k, v in run["model"].items() if k in _CONFIG_KEYS})
+    try:
+        run = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(run, dict) or not isinstance(run.get("model"), dict):
+        raise InputError(f"{path}: missing the 'model' section")
+    fields = {k: v for k, v in run["model"].items() if k in _CONFIG_KEYS}
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError) as err:  # a missing key, or a value of the wrong kind
+        raise InputError(f"{path}: 'model' section: {err}") from err
 
 
 def load_checkpoint_model(checkpoint_dir: str | Path, device: str = "cpu") -> PicoDecoder:
@@ -31,6 +39,7 @@ def load_checkpoint_model(checkpoint_dir: str | Path, device: str = "cpu") -> Pi
     `*.lora_B`) are dropped: a relora checkpoint stores the effective weight W + s·B·A
     under the standard names, so it loads as the function the relora model computes.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     ckpt = Path(checkpoint_dir)
@@ -38,8 +47,11 @@ def load_checkpoint_model(checkpoint_dir: str | Path, device: str = "cpu") -> Pi
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: no weights.safetensors in checkpoint {ckpt}")
     model = PicoDecoder(read_model_config(ckpt.parent.parent))
-    state = {k: v for k, v in load_file(str(weights)).items()
-             if not k.endswith((".lora_A", ".lora_B"))}
+    try:
+        tensors = load_file(str(weights))
+    except SafetensorError as err:
+        raise InputError(f"{weights}: truncated or not a safetensors file ({err})") from err
+    state = {k: v for k, v in tensors.items() if not k.endswith((".lora_A", ".lora_B"))}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

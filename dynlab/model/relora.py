@@ -312,8 +312,14 @@ def effective_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def unwrap(model: nn.Module) -> PicoDecoder:
-    """A plain PicoDecoder (new module) computing the relora model's dropout-free function."""
-    plain = PicoDecoder(model.config).to(next(model.parameters()).device)
+    """A plain PicoDecoder (new module) computing the relora model's dropout-free function.
+
+    The global RNG is left as it was: the new module's initial values, overwritten at once,
+    are drawn inside `torch.random.fork_rng`, so unwrapping (e.g. to evaluate during
+    training) does not move the training run's dropout stream."""
+    with torch.random.fork_rng(devices=[]):
+        plain = PicoDecoder(model.config)
+    plain = plain.to(next(model.parameters()).device)
     state = {k: v for k, v in effective_state_dict(model).items()
              if not k.endswith((".lora_A", ".lora_B"))}
     plain.load_state_dict(state)

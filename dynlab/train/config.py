@@ -1,8 +1,11 @@
 """Training options: one flat dataclass, preset defaults, YAML files, validation.
 
-Options left at None take their preset's default (`PRESET_TRAIN`), so `--preset tiny`
-alone gives the study's schedule (2000-step resets, 100-step restart warmup,
-1000-step checkpoints) and `micro` (the default) a CPU-sized one.
+Options left at None take their preset's default (`PRESET_TRAIN`). `micro` (the default) is
+CPU-sized. `tiny` … `large` are pico-scale defaults: pico-train's global batch of 1024
+sequences of 2048 tokens per update (`global_batch_size`, split into micro-batches by
+`dynlab.train.batching`), 20 000 steps, lr 3e-4, ReLoRA resets every 2000 steps. They are
+not the study's exact configuration (the decoder's 2500-step warmup and 200 000-step decay
+horizon, relora-pico's behaviours, the pre-tokenised data): that is configs/study/*.yaml.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ KINDS = ("decoder", "relora")
 # parameters take a 10x larger learning rate (measured: macro perplexity 25 vs 37 after 1200
 # decoder updates) and one CPU thread: at this size a second thread gains little on an idle
 # machine and costs 10-20x when other processes compete for the cores (measured).
+# tiny ... large: pico-train's global batch (BATCH_SIZE 1024 sequences of MAX_SEQ_LEN 2048
+# tokens per update) and relora-pico's schedule. `global_batch_size` is filled only when
+# --batch-size is not given (an explicit --batch-size keeps the per-micro-batch meaning).
 _STUDY = dict(lr=3e-4, steps=20_000, warmup_steps=2000, checkpoint_every=1000,
-              reset_every=2000, restart_warmup_steps=100, batch_size=32, seq_len=2048,
+              reset_every=2000, restart_warmup_steps=100, global_batch_size=1024, seq_len=2048,
               ld_batch_size=128, log_every=10, n_documents=200_000, eval_ppl_docs=200,
               eval_pairs_per_uid=50)
 PRESET_TRAIN: dict[str, dict[str, Any]] = {
@@ -34,7 +40,7 @@ PRESET_TRAIN: dict[str, dict[str, Any]] = {
     "tiny": dict(_STUDY),
     "small": dict(_STUDY),
     "medium": _STUDY | dict(ld_batch_size=64),
-    "large": _STUDY | dict(batch_size=16, ld_batch_size=32),
+    "large": _STUDY | dict(ld_batch_size=32),
 }
 
 
@@ -52,6 +58,12 @@ class TrainConfig:
     weight_decay: float = 0.01
     batch_size: int | None = None  # sequences per micro-batch, GLOBAL: W processes take 1/W each
     grad_accum: int = 1
+    # global batch (sequences per update, all processes and micro-batches together); when
+    # set, batch_size and grad_accum are derived from it, the per-process micro-batch and the
+    # number of processes (dynlab.train.batching.apply_batch)
+    global_batch_size: int | None = None
+    micro_batch_size: int | None = None  # per process; None: a CUDA memory probe, else 1/W
+    schedule_horizon: int | None = None  # steps over which the lr decays (None: --steps)
     seq_len: int | None = None
     seed: int = 0
     # model shape overrides (None: the preset's value)
@@ -65,6 +77,7 @@ class TrainConfig:
     data: str = "default"
     tokenizer: str | None = None  # a tokenizer.json; else BPE trained on the data and cached
     vocab_size: int | None = None  # BPE target size (default: the preset's vocab_size)
+    model_vocab_size: int | None = None  # embedding rows (None: the tokenizer's size)
     n_documents: int | None = None  # documents drawn from the default corpus / HF dataset
     # output and checkpoints
     out: str | None = None  # default runs/<kind>-<preset>
@@ -102,12 +115,17 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """A copy with every None default filled from the preset, validated."""
+        check_types(self)
         if self.preset not in PRESETS:
             raise ValueError(f"--preset {self.preset!r}: unknown preset; choose one of "
                              f"{', '.join(PRESETS)}")
         if self.kind not in KINDS:
             raise ValueError(f"kind {self.kind!r}: expected one of {KINDS}")
-        defaults = PRESET_TRAIN[self.preset]
+        defaults = dict(PRESET_TRAIN[self.preset])
+        if self.batch_size is not None:  # an explicit micro-batch keeps its own meaning
+            defaults.pop("global_batch_size", None)
+        if "global_batch_size" in defaults or self.global_batch_size is not None:
+            defaults.setdefault("batch_size", 1)  # derived below by apply_batch
         updates = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         if self.vocab_size is None:
             updates["vocab_size"] = PRESETS[self.preset].vocab_size
@@ -116,11 +134,36 @@ class TrainConfig:
         cfg = dataclasses.replace(self, **updates)
         if cfg.eval_every is None:
             cfg = dataclasses.replace(cfg, eval_every=cfg.checkpoint_every)
+        from dynlab.train.batching import apply_batch
+
+        cfg = apply_batch(cfg, 1)  # one process; the trainer re-derives for its world size
         validate(cfg)
         return cfg
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_TEXT = ("kind", "preset", "data", "device", "prune_method")
+_OPTIONAL_TEXT = ("tokenizer", "out", "eval_ppl", "eval_blimp", "warm_start")
+_SWITCHES = ("save_activations", "resume", "overwrite", "compile", "progress", "paper_compat")
+
+
+def check_types(cfg: TrainConfig) -> None:
+    """ValueError naming the option whose value (from a YAML file, say) has the wrong type:
+    text options need a string, switches true/false, --seed an integer."""
+    def wrong(name: str, what: str, value: object) -> ValueError:
+        return ValueError(f"--{name.replace('_', '-')}: expected {what}, got {value!r}")
+
+    for name in _TEXT + _OPTIONAL_TEXT:
+        value = getattr(cfg, name)
+        if not isinstance(value, str) and not (value is None and name in _OPTIONAL_TEXT):
+            raise wrong(name, "a string", value)
+    for name in _SWITCHES:
+        if not isinstance(getattr(cfg, name), bool):
+            raise wrong(name, "true or false", getattr(cfg, name))
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise wrong("seed", "an integer", cfg.seed)
 
 
 def _positive(cfg: TrainConfig, name: str, flag: str | None = None, allow_zero: bool = False
@@ -140,13 +183,25 @@ def validate(cfg: TrainConfig) -> None:
         _positive(cfg, name)
     for name in ("warmup_steps", "eval_every"):
         _positive(cfg, name, allow_zero=True)
+    for name in ("lr", "min_lr_ratio", "weight_decay", "alpha", "lora_dropout", "prune_ratio"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"--{name.replace('_', '-')}: expected a number, got {value!r}")
     if not cfg.lr > 0:
         raise ValueError(f"--lr: expected a positive learning rate, got {cfg.lr!r}")
     for name in ("eval_ppl_docs", "eval_pairs_per_uid"):
         _positive(cfg, name)
     if cfg.threads is not None:
         _positive(cfg, "threads")
-    mcfg = model_config(cfg, cfg.vocab_size)  # validates the shape (heads, dims)
+    for name in ("global_batch_size", "micro_batch_size", "schedule_horizon",
+                 "model_vocab_size"):
+        if getattr(cfg, name) is not None:
+            _positive(cfg, name)
+    if cfg.schedule_horizon is not None and cfg.schedule_horizon < cfg.steps:
+        raise ValueError(f"--schedule-horizon {cfg.schedule_horizon}: expected at least --steps "
+                         f"({cfg.steps}); the learning rate must not reach 0 before the end")
+    # validates the shape (heads, dims)
+    mcfg = model_config(cfg, cfg.model_vocab_size or cfg.vocab_size)
     if cfg.seq_len > mcfg.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds max_seq_len {mcfg.max_seq_len} of "
                          f"preset {cfg.preset!r}")
@@ -230,6 +285,12 @@ def make_config(kind: str, options: dict[str, Any], config_file: str | Path | No
     if config_file is not None:
         merged.update(load_yaml_options(config_file))
     merged.update({k: v for k, v in options.items() if v is not None})
+    if merged.get("global_batch_size") is not None:
+        both = [k for k in ("batch_size", "grad_accum") if merged.get(k) is not None]
+        if both:
+            raise ValueError(
+                f"--global-batch-size with --{both[0].replace('_', '-')}: give the global batch "
+                "(and optionally --micro-batch-size), or --batch-size and --grad-accum, not both")
     unknown = set(merged) - set(option_names())
     if unknown:
         raise ValueError(f"unknown training options: {', '.join(sorted(unknown))}")

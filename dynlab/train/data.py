@@ -33,16 +33,39 @@ EOT = "<|endoftext|>"
 
 
 def load_tokenizer(path: str | Path):  # -> tokenizers.Tokenizer
-    """Read a `tokenizers` tokenizer.json; it must contain `<|endoftext|>`."""
+    """A `tokenizers` tokenizer: a tokenizer.json file, a directory holding one (a Hugging Face
+    model directory), or a Hugging Face model name (`allenai/OLMo-7B-0724-hf`, fetched by
+    `Tokenizer.from_pretrained`, which needs the network or the Hub cache). It must contain
+    `<|endoftext|>` (the document separator and evaluation BOS)."""
     from tokenizers import Tokenizer
 
     path = Path(path)
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"tokenizer {path}: directory has no tokenizer.json")
+        path = path / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {path}: file not found (expected a tokenizer.json)")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as err:  # the library raises a bare Exception on malformed files
-        raise ValueError(f"tokenizer {path}: not a `tokenizers` tokenizer.json ({err})") from err
+        import re
+
+        name = str(path)
+        if (not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", name)
+                or name.endswith(".json")):
+            raise FileNotFoundError(f"tokenizer {path}: file not found (expected a "
+                                    "tokenizer.json, a directory holding one, or a Hugging "
+                                    "Face model name)")
+        try:
+            tok = Tokenizer.from_pretrained(name)
+        except Exception as err:
+            raise FileNotFoundError(
+                f"tokenizer {name}: no such local file or directory, and fetching it from the "
+                f"Hugging Face Hub failed ({err}); offline, pass a directory holding its "
+                "tokenizer.json") from err
+    else:
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as err:  # the library raises a bare Exception on malformed files
+            raise ValueError(f"tokenizer {path}: not a `tokenizers` tokenizer.json ({err})"
+                             ) from err
     if tok.token_to_id(EOT) is None:
         raise ValueError(f"tokenizer {path}: has no {EOT} token (needed as document separator)")
     return tok
@@ -201,6 +224,10 @@ class TokenData:
         """Number of non-overlapping training windows of seq_len + 1 tokens."""
         return (len(self.train_tokens) - 1) // self.seq_len
 
+    @property
+    def n_train_tokens(self) -> int:
+        return len(self.train_tokens)
+
 
 def encode_documents(tokenizer, documents: list[str]) -> np.ndarray:
     """[eot] doc_1 [eot] doc_2 ... as one int64 array."""
@@ -253,12 +280,26 @@ def get_windows(data: TokenData, windows: list[int]) -> torch.Tensor:
     return torch.from_numpy(np.stack(rows))
 
 
+def first_batch(data, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+                ) -> torch.Tensor:
+    """This process's share of the first global micro-batch (samples 0 .. batch_size - 1)."""
+    if hasattr(data, "batch"):  # pre-tokenised rows (dynlab.train.pretokenized.RowData)
+        return data.batch(0, batch_size, rank, world_size)
+    return get_windows(data, shard(sample_indices(0, batch_size, data.n_windows, seed),
+                                   rank, world_size))
+
+
 def iter_batches(data: TokenData, position: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
     """Endless (new position, batch) pairs starting at a data position (in samples).
 
     batch_size is this process's share: each batch consumes batch_size · world_size samples
-    of the global order, of which rank r takes r, r + world_size, ... (`shard`)."""
+    of the global order, of which rank r takes r, r + world_size, ... (`shard`). Pre-tokenised
+    rows are read in their stored order (`RowData.iter_batches`), token streams in a seeded
+    window order."""
+    if hasattr(data, "iter_batches"):
+        yield from data.iter_batches(position, batch_size, rank, world_size)
+        return
     while True:
         idx = shard(sample_indices(position, batch_size * world_size, data.n_windows, seed),
                     rank, world_size)

@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynlab.errors import DynlabFailure, InputError
+from dynlab.faults import fault_point
 from dynlab.model.pico_decoder import ModelConfig, PicoDecoder
 from dynlab.model.relora import (
     ReLoRALinear,
@@ -38,13 +40,16 @@ from dynlab.model.relora import (
     unwrap,
     wrap_relora,
 )
+from dynlab.train import batching, ddp
 from dynlab.train import data as D
-from dynlab.train import ddp
+from dynlab.train import pretokenized as P
 from dynlab.train.checkpointing import (
     MetricsLog,
     clean_incomplete,
     complete_checkpoints,
+    metrics_record,
     read_trainer_state,
+    remove_run_files,
     write_checkpoint,
     write_json,
 )
@@ -58,7 +63,7 @@ from dynlab.train.config import (
 from dynlab.train.schedules import lr_multiplier, reset_due
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(DynlabFailure):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -267,14 +272,16 @@ class EvalHook:
         return None
 
     def __call__(self, model: nn.Module) -> dict | None:
-        if self._data is None:
-            self._data = self._load()
-        if not self.enabled or self._data is None:
-            return None
-        from dynlab.eval import evaluate
-
-        plain = unwrap(model) if relora_modules(model) else model
+        """The evaluation of `model`; loading the data, unwrapping a relora model and
+        evaluating all run inside `preserved_rng`, so the training RNG never moves."""
         with preserved_rng(self.device):
+            if self._data is None:
+                self._data = self._load()
+            if not self.enabled or self._data is None:
+                return None
+            from dynlab.eval import evaluate
+
+            plain = unwrap(model) if relora_modules(model) else model
             return evaluate(plain, self.tokenizer, self._data, device=str(self.device),
                             batch_size=self.cfg.eval_batch_size, max_seq_len=self.cfg.seq_len)
 
@@ -284,7 +291,7 @@ class EvalHook:
 
 def _is_local_spec(spec: str) -> bool:
     p = Path(spec).expanduser()
-    return (p.exists() or p.suffix in D.TEXT_SUFFIXES + D.TOKEN_SUFFIXES
+    return (p.exists() or p.suffix in D.TEXT_SUFFIXES + D.TOKEN_SUFFIXES + P.ROW_SUFFIXES
             or spec.startswith((".", "/", "~")))
 
 
@@ -294,14 +301,23 @@ def load_data(cfg: TrainConfig, tokenizer_path: Path | None) -> tuple[object, D.
     spec = cfg.data
     tokens = None
     documents: list[str] = []
+    rows = P.open_rows(spec) if spec != D.DEFAULT_DATA else None
+    if rows is not None:  # pre-tokenised rows of seq_len + 1 ids, used as they are
+        if tokenizer_path is None:
+            raise ValueError(f"--data {spec}: pre-tokenised data needs --tokenizer (the one its "
+                             "ids come from: a tokenizer.json, a directory holding one, or a "
+                             "Hugging Face model name)")
+        tokenizer = D.load_tokenizer(tokenizer_path)
+        return tokenizer, P.load_rows(rows, cfg.seq_len, cfg.ld_batch_size, tokenizer,
+                                      cfg.model_vocab_size, spec)
     if spec == D.DEFAULT_DATA:
         documents = D.default_documents(cfg.n_documents)
     elif _is_local_spec(spec):
         path = Path(spec).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"--data {spec}: file not found (expected 'default', a "
-                                    ".txt/.jsonl/.npy/.bin file or directory, or a Hugging "
-                                    "Face dataset name)")
+                                    ".txt/.jsonl/.npy/.bin/.parquet/.arrow file or directory, "
+                                    "or a Hugging Face dataset name)")
         files = ([path] if path.is_file() else
                  sorted(p for p in path.iterdir()
                         if p.suffix in D.TEXT_SUFFIXES + D.TOKEN_SUFFIXES))
@@ -381,7 +397,7 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device
 RESUME_MUTABLE = {"resume", "overwrite", "stop_at", "device", "threads", "progress", "compile",
                   "eval_every", "eval_ppl", "eval_blimp", "eval_batch_size", "save_activations",
                   "activation_positions",
-                  "log_every", "out"}
+                  "log_every", "out", "micro_batch_size"}
 MODEL_DEFINING = {"kind", "preset", "rank", "alpha", "paper_compat", "vocab_size", "tokenizer",
                   *MODEL_FIELDS}
 
@@ -391,9 +407,18 @@ def resume_config(cfg: TrainConfig, explicit: set[str], run_dir: Path) -> TrainC
     path = run_dir / "run.json"
     if not path.is_file():
         raise FileNotFoundError(f"--resume: {run_dir} has no run.json (nothing to resume)")
-    stored = json.loads(path.read_text())
+    try:
+        stored = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InputError(f"--resume: {path} is not valid JSON ({err})") from err
+    if not isinstance(stored, dict) or not isinstance(stored.get("train", {}), dict):
+        raise InputError(f"--resume: {path}: expected an object with a 'train' object")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     base = TrainConfig(**{k: v for k, v in stored.get("train", {}).items() if k in known})
+    try:
+        base.resolved()
+    except (ValueError, TypeError) as err:
+        raise InputError(f"--resume: {path} holds options that cannot train: {err}") from err
     given = dataclasses.asdict(cfg)
     for name in sorted(explicit | {"kind"}):
         if name in RESUME_MUTABLE or name not in given:
@@ -427,6 +452,35 @@ def check_out_dir(cfg: TrainConfig) -> Path:
     return out
 
 
+def interrupted_run(cfg: TrainConfig) -> bool:
+    """Whether --out holds an unfinished run of exactly these options (all but those a resume
+    may change, RESUME_MUTABLE): then rerunning the command that was interrupted continues
+    that run, which an exact resume makes the same as starting it again."""
+    if cfg.resume or cfg.overwrite or cfg.stop_at is not None:
+        return False
+    out = Path(cfg.out).expanduser()
+    try:
+        stored = json.loads((out / "run.json").read_text())["train"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not isinstance(stored, dict):
+        return False
+    given = cfg.to_dict()
+    if any(stored.get(k) != v for k, v in given.items() if k not in RESUME_MUTABLE | {"extra"}):
+        return False
+    return not any(step >= cfg.steps for step, _ in complete_checkpoints(out))
+
+
+def continue_interrupted(cfg: TrainConfig) -> TrainConfig:
+    """cfg with --resume set when --out holds its interrupted run (interrupted_run), said on
+    the console; else cfg."""
+    if not interrupted_run(cfg):
+        return cfg
+    warnings.warn(f"--out {cfg.out}: holds an unfinished run of these options; continuing it "
+                  "(as --resume; --overwrite starts it again)", stacklevel=2)
+    return dataclasses.replace(cfg, resume=True)
+
+
 # ---------------------------------------------------------------- the training loop
 
 
@@ -438,6 +492,7 @@ class TrainState:
     tokens: int = 0
     wall_seconds: float = 0.0
     train_loss: float = math.nan
+    device_seconds: float = 0.0  # wall-clock × processes, summed over sessions
 
 
 def _progress(enabled: bool, console):
@@ -471,13 +526,14 @@ def run_training(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
 
 
 def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitStack) -> Path:
-    cfg = cfg.resolved()
+    cfg = continue_interrupted(cfg.resolved())
     run_dir = check_out_dir(cfg)
     resume_ckpt: Path | None = None
     if cfg.resume:
         cfg = resume_config(cfg, explicit, run_dir).resolved()
         found = complete_checkpoints(run_dir)
         resume_ckpt = found[-1][1] if found else None
+    cfg = batching.apply_batch(cfg, ddp.world()[1])  # the global batch over W processes
     # checks every process makes identically before any of them joins the process group
     local_batch = ddp.check_batch_size(cfg.batch_size, ddp.world()[1])
     device = ddp.process_device(resolve_device(cfg.device), ddp.world()[1])
@@ -505,7 +561,7 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
 
     def prepare(tok_path: Path | None):
         tokenizer, data = load_data(cfg, tok_path)
-        mcfg = model_config(cfg, tokenizer.get_vocab_size())
+        mcfg = model_config(cfg, P.model_vocab(tokenizer, cfg.model_vocab_size))
         return tokenizer, data, mcfg, build_model(cfg, mcfg, warm_ckpt).to(device)
 
     # rank 0 first (it trains or loads the tokenizer and sets up --out), then the others,
@@ -516,42 +572,68 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
         if resume_ckpt is not None:
             clean_incomplete(run_dir, after_step=int(resume_ckpt.name.split("_")[1]))
         else:
-            if run_dir.exists() and (cfg.overwrite or cfg.resume):
-                shutil.rmtree(run_dir)
+            if cfg.overwrite and run_dir.exists():
+                remove_run_files(run_dir)  # only what dynlab wrote (check_out_dir)
+            elif cfg.resume:
+                warnings.warn(f"--resume: {run_dir} has no complete checkpoint; starting the "
+                              "run at step 0 (nothing but dynlab's unfinished checkpoints is "
+                              "deleted)", stacklevel=2)
+                clean_incomplete(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(run_dir / "run.json", run_record(cfg, mcfg, model, data, world,
                                                         ddp.backend(device)))
-            tokenizer.save(str(run_dir / "tokenizer.json"))
+            tmp = run_dir / f".tmp-tokenizer.json-{os.getpid()}"  # atomic, as write_json
+            tokenizer.save(str(tmp))
+            os.replace(tmp, run_dir / "tokenizer.json")
     ddp.barrier()
     if not main:
         tokenizer, data, mcfg, model = prepare(run_dir / "tokenizer.json")
         # rank 0 keeps the single-process RNG stream; the others draw their own dropout
         torch.manual_seed(ddp.rank_seed(cfg.seed, rank))
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.global_batch_size and cfg.micro_batch_size is None and device.type == "cuda":
+        # the largest micro-batch that fits, agreed by all processes (AdamW state counted)
+        micro = batching.agree_min(batching.probe_micro_batch(
+            model, cfg.seq_len, cfg.global_batch_size // world, device,
+            extra_bytes=8 * sum(p.numel() for p in trainable)), device)
+        cfg = batching.apply_batch(cfg, world, micro)
+        local_batch = cfg.batch_size // world
+        say(f"micro-batch {micro} per process (memory probe), {cfg.grad_accum} accumulation "
+            f"steps: {cfg.global_batch_size} sequences per update")
+        if main and resume_ckpt is None:
+            write_json(run_dir / "run.json", run_record(cfg, mcfg, model, data, world,
+                                                        ddp.backend(device)))
     optimizer = make_optimizer(cfg, model, device)
     rcfg = relora_config(cfg) if cfg.kind == "relora" else None
     state = TrainState()
 
     if resume_ckpt is not None:
-        restore(model, optimizer, state, resume_ckpt, device, rank=rank, world_size=world,
-                seed=cfg.seed)
+        try:
+            restore(model, optimizer, state, resume_ckpt, device, rank=rank, world_size=world,
+                    seed=cfg.seed)
+        except InputError as err:
+            raise InputError(f"--resume: {err}. The checkpoints are left as they are; to "
+                             f"resume from an earlier one, move {resume_ckpt} out of the run"
+                             ) from err
         say(f"resuming {run_dir} from step {state.step}")
     metrics = MetricsLog(run_dir / "metrics.jsonl",
-                         truncate_after=state.step if resume_ckpt is not None else -1
-                         ) if main else None
+                         truncate_after=state.step if resume_ckpt is not None else -1,
+                         run_dir=run_dir) if main else None
 
     n_params = sum(p.numel() for p in model.parameters())
     procs = f", {world} processes ({ddp.backend(device)})" if world > 1 else ""
+    n_tokens = data.n_train_tokens
     say(f"[bold]{cfg.kind}[/] preset {cfg.preset}: {n_params:,} parameters "
         f"({sum(p.numel() for p in trainable):,} trainable), vocab {mcfg.vocab_size}, "
-        f"{len(data.train_tokens):,} training tokens, device {device}{procs}, out {run_dir}")
+        f"{'streamed' if n_tokens is None else f'{n_tokens:,}'} training tokens, "
+        f"device {device}{procs}, out {run_dir}")
 
     ddp_model = ddp.wrap(model, device) if world > 1 else model
     no_sync = ddp_model.no_sync if world > 1 else None
     train_model = torch.compile(ddp_model) if cfg.compile else ddp_model
     evaluator = EvalHook(cfg, tokenizer, device, say)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len  # global
-    sched = dict(kind=cfg.kind, warmup=cfg.warmup_steps, total=cfg.steps,
+    sched = dict(kind=cfg.kind, warmup=cfg.warmup_steps, total=cfg.schedule_horizon or cfg.steps,
                  reset_every=cfg.reset_every or 0,
                  restart_warmup=cfg.restart_warmup_steps or 0,
                  min_lr_ratio=cfg.min_lr_ratio, paper_compat=cfg.paper_compat)
@@ -564,6 +646,16 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
 
     def wall() -> float:
         return wall_before + time.perf_counter() - session_start
+
+    device_before = state.device_seconds
+    checkpointed_hours: dict[int, float] = {}  # step -> the gpu_hours its checkpoint holds
+
+    def gpu_hours(step: int | None = None) -> float:
+        """Device-hours: wall-clock × processes (GPUs on CUDA), summed over sessions from the
+        checkpoint each resumed; a checkpointed step logs its checkpoint's value."""
+        if step in checkpointed_hours:
+            return checkpointed_hours[step]
+        return (device_before + (time.perf_counter() - session_start) * world) / 3600.0
 
     def checkpoint(step: int, last: bool) -> dict | None:
         rng = capture_rng(device)
@@ -585,7 +677,11 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
                                                  positions=cfg.activation_positions,
                                                  seed=cfg.seed)
         meta = {"step": step, "tokens": state.tokens, "train_loss": state.train_loss,
-                "lr": lr_of(step), "wall_seconds": wall(), "ld_loss": ld_loss}
+                "lr": lr_of(step), "wall_seconds": wall(), "ld_loss": ld_loss,
+                "gpu_hours": gpu_hours()}
+        state.device_seconds = meta["gpu_hours"] * 3600.0
+        checkpointed_hours.clear()
+        checkpointed_hours[step] = meta["gpu_hours"]
         if rcfg is not None:
             meta["relora_cycle"] = state.relora_cycle
         if world > 1:
@@ -600,22 +696,19 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
     def log(step: int, result: dict | None) -> None:
         if metrics is None:
             return
-        rec = {"step": step, "loss": state.train_loss, "lr": lr_of(step),
-               "tokens": state.tokens, "wall_seconds": wall(),
-               "tokens_per_second": (state.tokens - tokens_at_start) / max(1e-9, wall()
-                                                                           - wall_before)}
-        if rcfg is not None:
-            rec["relora_cycle"] = state.relora_cycle
-        if result is not None:
-            rec["eval"] = result
-        metrics.write(rec)
+        rate = (state.tokens - tokens_at_start) / max(1e-9, wall() - wall_before)
+        metrics.write(metrics_record(
+            step, loss=state.train_loss, lr=lr_of(step), tokens=state.tokens,
+            wall_seconds=wall(), tokens_per_second=rate,
+            relora_cycle=state.relora_cycle if rcfg is not None else None,
+            gpu_hours=gpu_hours(step),
+            eval_result=result))
 
     tokens_at_start = state.tokens
     batches = D.iter_batches(data, state.data_position, local_batch, cfg.seed, rank, world)
     try:
         if resume_ckpt is None:
-            first = D.get_windows(data, D.shard(D.sample_indices(
-                0, cfg.batch_size, data.n_windows, cfg.seed), rank, world))
+            first = D.first_batch(data, cfg.batch_size, cfg.seed, rank, world)
             state.train_loss = ddp.mean_over_ranks(batch_loss(model, first, device), device)
             log(0, checkpoint(0, last=cfg.steps == 0))
         with _progress(cfg.progress and main, console) as bar:
@@ -646,6 +739,7 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
                 state.data_position = position
                 state.tokens += tokens_per_step
                 state.train_loss = loss
+                fault_point("train.step")
                 last = state.step == cfg.steps
                 result = None
                 if state.step % cfg.checkpoint_every == 0 or last or evaluator.due(
@@ -678,7 +772,7 @@ def run_record(cfg: TrainConfig, mcfg: ModelConfig, model: nn.Module, data: D.To
     if cfg.kind == "relora":
         rec["relora"] = relora_config(cfg).to_dict()
     rec["train"] = cfg.to_dict()
-    rec["data"] = {"train_tokens": int(len(data.train_tokens)), "train_windows": data.n_windows,
+    rec["data"] = {"train_tokens": data.n_train_tokens, "train_windows": data.n_windows,
                    "ld_batch_size": int(data.ld_batch.shape[0]),
                    "ld_seq_len": int(data.ld_batch.shape[1] - 1)}
     rec["parameters"] = {"total": sum(p.numel() for p in model.parameters()),
@@ -705,6 +799,21 @@ def trainer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: Tra
     return out
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; InputError naming it when it is truncated or not a
+    safetensors file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise InputError(f"{path}: missing; this checkpoint cannot be resumed from")
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise InputError(f"{path}: truncated or not a safetensors file ({err}); this "
+                         "checkpoint cannot be resumed from") from err
+
+
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
             ckpt: Path, device: torch.device, *, rank: int = 0, world_size: int = 1,
             seed: int = 0) -> None:
@@ -713,10 +822,8 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainStat
     Every rank loads the same state. Rank r takes its own saved RNG state when the checkpoint
     was written by as many processes; otherwise rank 0 takes rank 0's and rank r > 0 starts
     a fresh stream (ddp.rank_seed(seed, r, step))."""
-    from safetensors.torch import load_file
-
     ts = read_trainer_state(ckpt)
-    weights = load_file(str(ckpt / "weights.safetensors"))
+    weights = read_weights(ckpt / "weights.safetensors")
     weights.update(ts["frozen_weights"])  # relora: raw frozen W, not the effective weight
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -746,7 +853,7 @@ def check_launch(kind: str, nproc: int, *, config: str | Path | None = None, **o
 
     if nproc < 1:
         raise ValueError(f"--nproc {nproc}: expected a positive number of processes")
-    cfg = make_config(kind, options, config).resolved()
+    cfg = continue_interrupted(make_config(kind, options, config).resolved())
     if cfg.resume:
         explicit = {k for k, v in options.items() if v is not None}
         if config is not None:
@@ -754,6 +861,7 @@ def check_launch(kind: str, nproc: int, *, config: str | Path | None = None, **o
         cfg = resume_config(cfg, explicit, check_out_dir(cfg)).resolved()
     else:
         check_out_dir(cfg)
+    cfg = batching.apply_batch(cfg, nproc)
     ddp.check_batch_size(cfg.batch_size, nproc)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and nproc > torch.cuda.device_count():

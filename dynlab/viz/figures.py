@@ -4,12 +4,15 @@ Figures.
 Conventions shared by every figure:
 - `step` may be unsorted in the input; every function sorts it.
 - Runs may have different step sets: the missing steps are NaN and simply not drawn.
-- Layer means ignore non-finite values (NaN, inf). A step where some but not all layers are
-  finite is drawn with a HOLLOW marker at the mean of the finite layers (hover shows how many
-  layers were finite); a step where no layer is finite is omitted (the line joins its
-  neighbours). The band is the 95% Student-t interval over the finite layers and is absent
-  where fewer than two layers are finite. On a log axis (LOG_METRICS) a lower band bound
-  <= 0 is drawn at half the panel's smallest positive mean.
+- Layer means ignore non-finite values (NaN, inf: an infinite condition number is a
+  rank-deficient matrix). A step where some but not all layers are finite is drawn with a
+  HOLLOW marker at the mean of the finite layers (hover shows how many layers were finite); a
+  step where no layer is finite is omitted (the line joins its neighbours). The band is the
+  95% Student-t interval over the finite layers and is absent where fewer than two layers are
+  finite. Metrics drawn on a log axis (LOG_METRICS) are averaged in log space: the line is
+  the geometric mean and the band the t-interval of the log values, mapped back (so it is
+  never <= 0). Every band is clipped to the metric's possible range (METRIC_RANGES: a
+  condition number is >= 1, PER lies in (0, 1]).
 - Something missing from the store (a variable, a kind, a matrix, a run without data) never
   raises: the panel is omitted and a note says why. Notes are shown as the figure's subtitle
   and kept in `fig.layout.meta["notes"]`.
@@ -30,8 +33,18 @@ from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 from scipy import stats
 
-LOG_METRICS = frozenset({"cn"})
-"""Metrics drawn on a logarithmic axis (condition numbers span orders of magnitude)."""
+LOG_METRICS = frozenset({"cn", "cn_nz"})
+"""Metrics drawn on a logarithmic axis (condition numbers span orders of magnitude); their
+layer means are geometric means with the t-interval built in log space."""
+
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "per": (0.0, 1.0), "er": (1.0, np.inf), "cn": (1.0, np.inf), "cn_nz": (1.0, np.inf),
+    "stable_rank": (1.0, np.inf), "spectral_norm": (0.0, np.inf),
+    "frobenius_norm": (0.0, np.inf), "nuclear_norm": (0.0, np.inf),
+    "numerical_rank": (0.0, np.inf), "rank_deficit": (0.0, np.inf), "hoyer": (0.0, 1.0),
+    "gini": (0.0, 1.0),
+}
+"""The values each metric can take: confidence bands are clipped to them."""
 
 PALETTE = qualitative.Plotly
 PANEL_HEIGHT = 320
@@ -40,23 +53,44 @@ PANEL_HEIGHT = 320
 # ---------------------------------------------------------------- statistics
 
 
-def layer_mean_ci(da: xr.DataArray, dim: str = "layer", confidence: float = 0.95) -> xr.Dataset:
+def layer_mean_ci(da: xr.DataArray, dim: str = "layer", confidence: float = 0.95, *,
+                  log: bool = False, bounds: tuple[float, float] | None = None) -> xr.Dataset:
     """Mean over `dim` of the finite values, with a Student-t confidence interval.
 
     n = number of finite values along `dim`;  mean = (1/n) sum x_i;
     s = sqrt(sum (x_i - mean)^2 / (n - 1));  half = t_{(1+confidence)/2, n-1} * s / sqrt(n);
     lo = mean - half, hi = mean + half.  `half` is NaN where n < 2, `mean` where n = 0.
-    Also returns n_bad = number of non-finite values along `dim`.
+
+    log=True (for metrics on a log axis): the same in log space, y_i = ln x_i over the finite
+    positive x_i: mean = exp(mean_y) (the geometric mean), lo = exp(mean_y − half_y),
+    hi = exp(mean_y + half_y), `half` = half_y. bounds=(a, b): lo and hi are clipped to
+    [a, b], the range the metric can take. Also returns n_bad = number of values along `dim`
+    left out (non-finite, or <= 0 under log).
     """
     x = da.where(np.isfinite(da))
+    if log:
+        x = np.log(x.where(x > 0))
     n = x.count(dim)
     mean = x.mean(dim)
     s = x.std(dim, ddof=1)
     dof = (n - 1).where(n >= 2)
     tq = xr.apply_ufunc(stats.t.ppf, (1 + confidence) / 2, dof)
     half = tq * s / np.sqrt(n)
-    return xr.Dataset({"mean": mean, "half": half, "lo": mean - half, "hi": mean + half,
+    lo, hi = mean - half, mean + half
+    if log:
+        mean, lo, hi = np.exp(mean), np.exp(lo), np.exp(hi)
+    if bounds is not None:
+        lo, hi = lo.clip(*bounds), hi.clip(*bounds)
+    return xr.Dataset({"mean": mean, "half": half, "lo": lo, "hi": hi,
                        "n": n, "n_bad": da.sizes[dim] - n})
+
+
+def average_label(metric: str, confidence: float = 0.95) -> str:
+    """How a figure averages `metric` over layers, for its caption."""
+    if metric in LOG_METRICS:
+        return (f"geometric mean over layers, {confidence:.0%} t-interval of the log values; "
+                "infinite values (rank-deficient matrices) left out")
+    return f"mean over layers, {confidence:.0%} t-interval"
 
 
 def last_finite(da: xr.DataArray, dim: str = "step") -> tuple[float, float]:
@@ -152,6 +186,8 @@ def _log_axis(values: np.ndarray) -> dict:
 
 
 def _label(metric: str) -> str:
+    if metric == "cn_nz":
+        return "CN_nz"
     return metric.upper() if metric in ("per", "cn", "er") else metric.replace("_", " ")
 
 
@@ -165,25 +201,26 @@ def _add_trajectory(fig: go.Figure, ds: xr.Dataset, metric: str, kind: str, matr
     da = select_metric(ds, metric, kind, matrix)
     if isinstance(da, str):
         return [f"{kind} · {matrix}: {da}"]
-    st = layer_mean_ci(da, confidence=confidence)
+    st = layer_mean_ci(da, confidence=confidence, log=metric in LOG_METRICS,
+                       bounds=METRIC_RANGES.get(metric))
     notes = []
-    floor = None
-    if metric in LOG_METRICS:
-        pos = st["mean"].values[np.isfinite(st["mean"].values) & (st["mean"].values > 0)]
-        floor = float(pos.min()) / 2 if pos.size else None
+    n_inf = np.isinf(da).sum("layer")
     for run in runs:
         r = st.sel(run=run)
         steps = r["step"].values
         mean, n, bad = r["mean"].values, r["n"].values, r["n_bad"].values
         keep = n > 0
+        present = da.sel(run=run).notnull().sum("layer").values
+        all_inf = (present > 0) & (n_inf.sel(run=run).values == present)
+        if all_inf.any():
+            notes.append(f"{run}: {metric} of {kind} {matrix} is inf in every layer at "
+                         f"{int(all_inf.sum())} step(s) (rank-deficient; not drawn)")
         if not keep.any():
             notes.append(f"{run} has no finite {metric} of {kind} {matrix}")
             continue
         color = _color(ds, run)
         lo, hi = r["lo"].values, r["hi"].values
         band = keep & np.isfinite(lo) & np.isfinite(hi)
-        if floor is not None:
-            lo = np.where(lo > 0, lo, floor)
         group = f"{run}"
         if band.any():
             fig.add_trace(go.Scatter(
@@ -196,13 +233,14 @@ def _add_trajectory(fig: go.Figure, ds: xr.Dataset, metric: str, kind: str, matr
                 legendgroup=group, hoverinfo="skip", meta={"run": run, "role": "band_lo"}),
                 row=row, col=col)
         hollow = bad[keep] > 0
+        stat = "geometric mean " if metric in LOG_METRICS else ""
         fig.add_trace(go.Scatter(
             x=steps[keep], y=mean[keep], mode="lines+markers", name=run, legendgroup=group,
             showlegend=run not in legend_done, line={"color": color},
             marker={"color": color, "size": 7,
                     "symbol": np.where(hollow, "circle-open", "circle").tolist()},
             customdata=np.stack([n[keep], n[keep] + bad[keep]], -1),
-            hovertemplate=(f"{run}<br>step %{{x}}<br>{metric} %{{y:.4g}}"
+            hovertemplate=(f"{run}<br>step %{{x}}<br>{stat}{metric} %{{y:.4g}}"
                            "<br>finite layers %{customdata[0]}/%{customdata[1]}<extra></extra>"),
             meta={"run": run, "role": "mean"}), row=row, col=col)
         legend_done.add(run)
@@ -219,9 +257,9 @@ def trajectory(ds: xr.Dataset, metric: str = "per", kind: str = "weights",
                confidence: float = 0.95) -> go.Figure:
     """A metric over steps: mean over layers with a Student-t band, one line per run."""
     return trajectory_grid(ds, metric, [kind], [matrix], runs, confidence,
-                           title=f"{_label(metric)} of {kind} · {matrix} (mean over layers, "
-                                 f"{confidence:.0%} t-interval; hollow marker: some layers "
-                                 "non-finite)")
+                           title=f"{_label(metric)} of {kind} · {matrix} "
+                                 f"({average_label(metric, confidence)}; hollow marker: some "
+                                 "layers non-finite)")
 
 
 def trajectory_grid(ds: xr.Dataset, metric: str, kinds: Sequence[str], matrices: Sequence[str],
@@ -242,9 +280,35 @@ def trajectory_grid(ds: xr.Dataset, metric: str, kinds: Sequence[str], matrices:
                                      confidence)
             if i < len(kinds) - 1:  # shared x axes: the step label only under the last row
                 fig.update_xaxes(title_text=None, row=i + 1, col=j + 1)
-    title = title or (f"{_label(metric)} (mean over layers, {confidence:.0%} t-interval; "
+    title = title or (f"{_label(metric)} ({average_label(metric, confidence)}; "
                       "hollow marker: some layers non-finite)")
     return _finish(fig, title, notes, PANEL_HEIGHT * len(kinds) + 120)
+
+
+def conditioning_grid(ds: xr.Dataset, matrices: Sequence[str], runs: Sequence[str] | None = None,
+                      confidence: float = 0.95) -> go.Figure:
+    """Condition numbers in a grid: rows CN of weights, CN of updates and (when the store has
+    it) CN_nz of updates, the condition number of the non-zero part; columns = matrices."""
+    rows = [("cn", "weights"), ("cn", "updates")]
+    if "cn_nz" in ds.data_vars:
+        rows.append(("cn_nz", "updates"))
+    runs_ = _runs(ds, runs)
+    ds = ds.sortby("step") if "step" in ds.dims else ds
+    fig = make_subplots(rows=len(rows), cols=len(matrices), shared_xaxes=True,
+                        subplot_titles=[f"{_label(m)} of {k} · {x}" for m, k in rows
+                                        for x in matrices],
+                        vertical_spacing=0.1, horizontal_spacing=0.06)
+    notes: list[str] = []
+    done: set[str] = set()
+    for i, (metric, kind) in enumerate(rows):
+        for j, matrix in enumerate(matrices):
+            notes += _add_trajectory(fig, ds, metric, kind, matrix, runs_, i + 1, j + 1, done,
+                                     confidence)
+            if i < len(rows) - 1:
+                fig.update_xaxes(title_text=None, row=i + 1, col=j + 1)
+    title = (f"Condition numbers ({average_label('cn', confidence)}; hollow marker: some "
+             "layers non-finite)")
+    return _finish(fig, title, notes, PANEL_HEIGHT * len(rows) + 120)
 
 
 # ---------------------------------------------------------------- 2. heatmap
@@ -362,9 +426,21 @@ def _has(ds: xr.Dataset, name: str) -> bool:
     return name in ds.data_vars and bool(np.isfinite(ds[name].values).any())
 
 
-def training_curves(ds: xr.Dataset, runs: Sequence[str] | None = None) -> go.Figure:
+TIME_AXES = {"wall": ("wall_seconds", 3600.0, "hours", "wall-clock hours"),
+             "gpu": ("gpu_hours", 1.0, "gpu_hours", "GPU-hours")}
+
+
+def training_curves(ds: xr.Dataset, runs: Sequence[str] | None = None,
+                    time: str = "auto") -> go.Figure:
     """Training loss, perplexity (macro; per domain dotted) and BLiMP accuracy against steps
-    (top row) and against wall-clock hours (bottom row)."""
+    (top row) and against time (bottom row): `time="gpu"` GPU-hours (wall-clock × devices,
+    the study's x-axis), `"wall"` wall-clock hours, `"auto"` GPU-hours when the store
+    records them, else wall-clock hours."""
+    if time not in ("auto", *TIME_AXES):
+        raise ValueError(f"time {time!r}: expected auto, wall or gpu")
+    if time == "auto":
+        time = "gpu" if _has(ds, "gpu_hours") else "wall"
+    tvar, tscale, tname, tlabel = TIME_AXES[time]
     runs_ = _runs(ds, runs)
     ds = ds.sortby("step") if "step" in ds.dims else ds
     panels = [(name, label) for name, label in (
@@ -374,11 +450,11 @@ def training_curves(ds: xr.Dataset, runs: Sequence[str] | None = None) -> go.Fig
         ("train_loss", "train loss"), ("ppl_macro", "perplexity"),
         ("blimp_overall", "BLiMP")) if not _has(ds, name)]
     xs = [("step", "step")]
-    if _has(ds, "wall_seconds"):
-        xs.append(("hours", "wall-clock hours"))
+    if _has(ds, tvar):
+        xs.append((tname, tlabel))
     else:
-        notes.append("no wall_seconds in store: wall-clock row omitted")
-    title = "Training curves: against steps (top) and wall-clock hours (bottom)"
+        notes.append(f"no {tvar} in store: {tlabel} row omitted")
+    title = f"Training curves: against steps (top) and {tlabel} (bottom)"
     if not panels:
         return _finish(go.Figure(), title, notes, 200)
     fig = make_subplots(rows=len(xs), cols=len(panels), horizontal_spacing=0.07,
@@ -390,8 +466,8 @@ def training_curves(ds: xr.Dataset, runs: Sequence[str] | None = None) -> go.Fig
             for run in runs_:
                 color = _color(ds, run)
                 x = ds["step"].values.astype(float)
-                if xname == "hours":
-                    x = ds["wall_seconds"].sel(run=run).values.astype(float) / 3600.0
+                if xname == tname:
+                    x = ds[tvar].sel(run=run).values.astype(float) / tscale
                 y = ds[name].sel(run=run).values.astype(float)
                 ok = np.isfinite(x) & np.isfinite(y)
                 if not ok.any():
@@ -558,19 +634,25 @@ def relora_comparison(ds: xr.Dataset, metrics: Sequence[str] = ("per",), kind: s
 
 def final_mean(ds: xr.Dataset, metric: str, kind: str, run: str) -> tuple[float, float]:
     """(step, value): mean of the finite `metric` values over all layers and matrices at the
-    last step where `run` has any finite value of it for `kind`; NaNs if none."""
+    last step where `run` has any finite value of it for `kind` (for LOG_METRICS the
+    geometric mean exp(mean ln x) of the finite positive values); NaNs if none."""
     if metric not in ds.data_vars or kind not in [str(k) for k in ds["kind"].values]:
         return float("nan"), float("nan")
     da = ds[metric].sel(run=run, kind=kind).sortby("step").load()
     x = da.where(np.isfinite(da))
-    m = x.mean([d for d in x.dims if d != "step"])
+    if metric in LOG_METRICS:
+        m = np.exp(np.log(x.where(x > 0)).mean([d for d in x.dims if d != "step"]))
+    else:
+        m = x.mean([d for d in x.dims if d != "step"])
     return last_finite(m)
 
 
 def summary_table(ds: xr.Dataset, runs: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per run: final step, final train loss, perplexity (ppl_macro), BLiMP overall
     (each at the last step where it is finite), and PER / CN of weights and updates averaged
-    over layers and matrices at the last step where they are finite (see final_mean)."""
+    over layers and matrices at the last step where they are finite (see final_mean; CN
+    geometrically, over the finite values), and CN_nz of updates (the condition of their
+    non-zero part, finite where CN is infinite) likewise."""
     rows = []
     for run in _runs(ds, runs):
         row: dict[str, float | str] = {"run": run,
@@ -582,13 +664,13 @@ def summary_table(ds: xr.Dataset, runs: Sequence[str] | None = None) -> pd.DataF
                     else (float("nan"), float("nan")))
             row[col] = v
             steps.append(s)
-        for metric in ("per", "cn"):
-            for kind in ("weights", "updates"):
-                s, v = final_mean(ds, metric, kind, run)
-                row[f"{_label(metric)} {kind}"] = v
-                steps.append(s)
+        for metric, kind in (("per", "weights"), ("per", "updates"), ("cn", "weights"),
+                             ("cn", "updates"), ("cn_nz", "updates")):
+            s, v = final_mean(ds, metric, kind, run)
+            row[f"{_label(metric)} {kind}"] = v
+            steps.append(s)
         row["final step"] = float(np.nanmax(steps)) if np.isfinite(steps).any() else np.nan
         rows.append(row)
     cols = ["run", "type", "final step", "final loss", "perplexity", "BLiMP", "PER weights",
-            "PER updates", "CN weights", "CN updates"]
+            "PER updates", "CN weights", "CN updates", "CN_nz updates"]
     return pd.DataFrame(rows, columns=cols).set_index("run")

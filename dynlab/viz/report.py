@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
 import xarray as xr
@@ -101,8 +102,8 @@ def report_sections(ds: xr.Dataset) -> list[Section]:
     specs = [
         ("Training curves",
          "Training loss, perplexity on the held-out domains (macro mean solid, each domain "
-         "dotted) and BLiMP accuracy, against optimizer steps (top) and wall-clock hours "
-         "(bottom).",
+         "dotted) and BLiMP accuracy, against optimizer steps (top) and GPU-hours "
+         "(bottom; wall-clock hours for stores without them).",
          lambda: F.training_curves(ds)),
         ("PER of weights",
          "Proportional effective rank of the OV circuit and of the MLP down-projection "
@@ -117,12 +118,13 @@ def report_sections(ds: xr.Dataset) -> list[Section]:
                                    ["attention.o_proj", "attention.v_proj", "swiglu.w_2"])),
         ("Condition number of weights and updates",
          "Condition number σ₁/σ_k (log axis; k the rank bound, n_kv·hd for the OV circuit) of "
-         "the weights (top) and the updates (bottom) of the OV circuit, attention.o_proj, "
-         "attention.v_proj and swiglu.w_2: how anisotropic each matrix is (infinite values, "
-         "i.e. rank-deficient matrices, count as non-finite).",
-         lambda: F.trajectory_grid(ds, "cn", ["weights", "updates"],
-                                   ["ov_circuit", "attention.o_proj", "attention.v_proj",
-                                    "swiglu.w_2"])),
+         "the weights (top) and the updates (middle) of the OV circuit, attention.o_proj, "
+         "attention.v_proj and swiglu.w_2, and the condition number of the updates' non-zero "
+         "part σ₁/σ_r, r the numerical rank (bottom): geometric mean over layers with a 95% "
+         "t-interval of the log values; infinite values (rank-deficient matrices) are left "
+         "out of the mean and make the marker hollow. " + conditioning_explanation(ds),
+         lambda: F.conditioning_grid(ds, ["ov_circuit", "attention.o_proj",
+                                          "attention.v_proj", "swiglu.w_2"])),
         ("PER of weights, layer by layer",
          "PER of the OV circuit in every layer at every step, one panel per run: where in "
          "depth the rank changes.",
@@ -146,6 +148,96 @@ def report_sections(ds: xr.Dataset) -> list[Section]:
         has_data = any((t.meta or {}).get("role") in DATA_ROLES for t in fig.data)
         out.append(Section(title, caption, fig if has_data else None, notes))
     return out
+
+
+@dataclass(frozen=True)
+class RankDeficiency:
+    """One rank-deficient update of a store, summarised over layers (medians)."""
+
+    run: str
+    matrix: str
+    step: int
+    prev_step: int | None
+    rank: float      # numerical rank r
+    bound: float     # k = min(m, n)
+    cn_nz: float     # σ₁/σ_r
+    zero_max: float  # largest σ_i/σ₁ counted as zero (max over layers)
+    tol: float       # tol/σ₁ (max over layers)
+    layers: int      # layers where it is rank-deficient (the medians are over these)
+    of_layers: int   # layers analysed
+    max_rank: float  # rank bound by construction (median; = bound when not stored)
+
+
+def rank_deficiency(ds: xr.Dataset, kind: str = "updates", prefer: str = "swiglu.w_2"
+                    ) -> RankDeficiency | None:
+    """The latest rank-deficient `kind` matrix of the run with the most of them, preferring
+    matrix `prefer`, from the stored spectra and tolerances: r = #{σ_i > tol},
+    k = #{σ_i not NaN}, deficient where 0 < r < k. None when the store has no `tol` (older
+    stores) or nothing is rank-deficient."""
+    if not {"sigma", "tol"} <= set(ds.data_vars) or kind not in [str(k) for k in ds["kind"].values]:
+        return None
+    sig = ds["sigma"].sel(kind=kind).load()
+    tol = ds["tol"].sel(kind=kind).load()
+    k = sig.notnull().sum("sv")
+    r = (sig > tol).sum("sv")
+    deficient = (r > 0) & (r < k)
+    if not bool(deficient.any()):
+        return None
+    per_matrix = deficient.sum(("run", "step", "layer"))
+    matrices = [str(m) for m in ds["matrix"].values]
+    matrix = prefer if prefer in matrices and int(per_matrix.sel(matrix=prefer)) > 0 else \
+        matrices[int(np.argmax(per_matrix.values))]
+    d = deficient.sel(matrix=matrix)
+    run = str(d["run"].values[int(np.argmax(d.sum(("step", "layer")).values))])
+    at = d.sel(run=run).any("layer")
+    step = int(at["step"].values[np.flatnonzero(at.values)[-1]])
+    cell = dict(run=run, matrix=matrix, step=step)
+    s, t = sig.sel(**cell).values, tol.sel(**cell).values  # (layer, sv), (layer,)
+    ok = d.sel(run=run, step=step).values
+    s1 = s[:, 0]
+    ranks = r.sel(**cell).values
+    rows = np.flatnonzero(ok)
+    cn_nz = [s1[i] / s[i, ranks[i] - 1] for i in rows]
+    zeros = [np.nanmax(s[i, ranks[i]:]) / s1[i] for i in rows]
+    max_rank = float(np.median(k.sel(**cell).values[rows]))
+    if "max_rank" in ds.data_vars:
+        max_rank = float(np.median(ds["max_rank"].sel(kind=kind, **cell).values[rows]))
+    analysed = ds["sigma"].sel(run=run, kind="weights", matrix=matrix).notnull().any(
+        ("layer", "sv")) if "weights" in [str(x) for x in ds["kind"].values] else None
+    prev = None
+    if analysed is not None:
+        before = [int(x) for x, a in zip(ds["step"].values, analysed.values, strict=True)
+                  if a and int(x) < step]
+        prev = max(before) if before else None
+    return RankDeficiency(run, matrix, step, prev, float(np.median(ranks[rows])),
+                          float(np.median(k.sel(**cell).values[rows])),
+                          float(np.median(cn_nz)), float(np.max(zeros)),
+                          float(np.max(t[rows] / s1[rows])), len(rows),
+                          int((k.sel(**cell).values > 0).sum()), max_rank)
+
+
+def conditioning_explanation(ds: xr.Dataset) -> str:
+    """Two sentences on what a rank-deficient update is and why its κ is infinite rather than
+    large, with the numbers of the first rank-deficient update found (`rank_deficiency`)."""
+    ex = rank_deficiency(ds)
+    if ex is None:
+        return ("No update in this store is rank-deficient: every singular value lies above "
+                "the tolerance set by the storage precision (c·max(m, n)·eps·σ₁), so every κ "
+                "shown is finite.")
+    span = (f"between steps {ex.prev_step} and {ex.step}" if ex.prev_step is not None
+            else f"at step {ex.step}")
+    zeros = ("are exactly zero" if ex.zero_max == 0
+             else f"are at most {ex.zero_max:.2g}·σ₁")
+    bound = (f"; its factors bound it by {ex.max_rank:g}" if ex.max_rank < ex.bound else "")
+    return (
+        f"A rank-deficient update changes the matrix in fewer directions than its smaller "
+        f"dimension: {ex.run}'s update of {ex.matrix} {span} has numerical rank {ex.rank:g} "
+        f"of {ex.bound:g} (median over the {ex.layers} of {ex.of_layers} layers where it is "
+        f"rank-deficient{bound}), and its other singular values {zeros}, at or below the "
+        f"zero tolerance {ex.tol:.2g}·σ₁ set by the precision the weights were stored in, so "
+        f"σ_k = 0 and κ = σ₁/σ_k is infinite, not merely large (a finite κ there would only "
+        f"measure rounding noise). The condition of the directions it does change is "
+        f"CN_nz = σ₁/σ_r = {ex.cn_nz:.3g} (median), shown in the bottom row.")
 
 
 def _last_layer(ds: xr.Dataset) -> int:
@@ -201,8 +293,9 @@ def build_report(ds: xr.Dataset, title: str = "dynlab report",
         f'dynlab {html.escape(str(ds.attrs.get("dynlab_version", "?")))} · {when}</p>',
         "<h2>Summary</h2>",
         '<p class="caption">Final train loss, macro perplexity and BLiMP accuracy at the last '
-        "step where each was measured; PER and CN averaged over all layers and matrices at the "
-        "last analysed step.</p>",
+        "step where each was measured; PER (arithmetic mean), CN and CN_nz (geometric means of "
+        "the finite values: a rank-deficient matrix's CN is infinite and left out) over all "
+        "layers and matrices at the last analysed step.</p>",
         summary_html(ds),
     ]
     n = 0
