@@ -8,8 +8,10 @@ import typer
 
 
 def analyze(
-    runs: list[Path] = typer.Argument(
-        ..., help="RUN dirs, RUN/checkpoints dirs, or folders of runs.", show_default=False
+    runs: list[str] = typer.Argument(
+        ..., help="dynlab runs (RUN, RUN/checkpoints, folders of runs), pico-train / "
+        "relora-pico runs, Hugging Face model directories or directories of stepN / "
+        "checkpoint-N model directories, or hf://ORG/NAME.", show_default=False
     ),
     out: Path | None = typer.Option(
         None, "--out", "-o",
@@ -24,8 +26,8 @@ def analyze(
     ),
     kinds: str | None = typer.Option(
         None, "--kinds", "-k",
-        help="Comma list of weights, grads, updates, lora; or 'all'. Default: all available "
-        "(or, for an existing store, the store's).",
+        help="Comma list of weights, grads, updates, lora, train_grads; or 'all'. Default: "
+        "all available (or, for an existing store, the store's).",
     ),
     device: str = typer.Option("auto", help="auto (CUDA when available), cpu or cuda[:N]."),
     precision: str = typer.Option("float64", help="float64 (default) or float32 spectra."),
@@ -60,6 +62,32 @@ def analyze(
         help="What activations are compared with (CKA, SVCCA, PWCCA): final (default), "
         "first, previous, STEP or RUN@STEP; a comma list for several.",
     ),
+    # ---- sources (dynlab.sources)
+    fmt: str | None = typer.Option(
+        None, "--format", help="Force the source format: dynlab, pico-train, relora-pico, hf "
+        "(default: detected per path)."),
+    revisions: str | None = typer.Option(
+        None, help="hf:// only: revisions, a comma list and/or ranges stepA:stepB:K "
+        "(default: every step<N> branch)."),
+    keep_downloads: bool = typer.Option(
+        False, "--keep-downloads", help="hf:// only: keep each downloaded revision in the "
+        "Hugging Face cache (default: delete it once analysed; at most two on disk)."),
+    hub_cache: Path | None = typer.Option(
+        None, "--hub-cache", help="hf:// only: the huggingface_hub cache directory (default "
+        "HF_HUB_CACHE)."),
+    follow: bool = typer.Option(
+        False, "--follow", help="Analyse checkpoints as they complete, until the run's last "
+        "step (or --until) is analysed, or Ctrl-C."),
+    until: int | None = typer.Option(None, min=0, help="--follow: stop once this step is "
+                                     "analysed."),
+    poll: float = typer.Option(2.0, min=0.05, help="--follow: seconds between looks."),
+    grads_data: Path | None = typer.Option(
+        None, "--grads-data", help="Recompute, per checkpoint, the gradient of the mean loss "
+        "on a fixed batch from this text (.txt/.jsonl) or token (.npy) file (kind grads)."),
+    grads_batch_size: int = typer.Option(8, min=1, help="--grads-data: sequences in the batch."),
+    grads_seq_len: int = typer.Option(64, min=2, help="--grads-data: tokens per sequence."),
+    grads_tokenizer: Path | None = typer.Option(
+        None, help="--grads-data: tokenizer.json for text (default: the run's or model's own)."),
 ) -> None:
     """Spectral metrics (effective rank, PER, condition number, ...) of every weight matrix,
     gradient, update and LoRA product of each checkpoint, into a Zarr store. Rerunning skips
@@ -82,14 +110,33 @@ def analyze(
         console.print(f"[yellow]warning:[/] {message}")
 
     warnings.showwarning = show_warning
+    source_options = dict(fmt=fmt, revisions=revisions, keep_downloads=keep_downloads,
+                          cache_dir=hub_cache)
+    if grads_data is not None:
+        source_options["grads_data"] = dict(path=grads_data, batch_size=grads_batch_size,
+                                            seq_len=grads_seq_len, tokenizer=grads_tokenizer)
     try:
-        path = run_analysis(
-            runs, out, metrics=metrics, kinds=kinds, device=device, precision=precision,
-            scheduler=scheduler, progress=progress, activations=activations, target=target,
-            convention=convention, activations_data=activations_data,
-            activation_positions=activation_positions, activations_batch=activations_batch,
-        )
+        if follow:
+            from dynlab.sources.follow import follow as follow_runs
+
+            source_options.pop("fmt")
+            path = follow_runs(
+                runs, out, until=until, poll=poll, fmt=fmt, metrics=metrics, kinds=kinds,
+                device=device, precision=precision, scheduler=scheduler, progress=progress,
+                **source_options,
+            )
+        else:
+            path = run_analysis(
+                runs, out, metrics=metrics, kinds=kinds, device=device, precision=precision,
+                scheduler=scheduler, progress=progress, activations=activations,
+                target=target, convention=convention, activations_data=activations_data,
+                activation_positions=activation_positions, activations_batch=activations_batch,
+                **source_options,
+            )
     except (CheckpointError, StoreError, ValueError) as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("interrupted; rerun the same command to resume")
+        raise typer.Exit(130) from None
     print(path)

@@ -28,14 +28,18 @@ from dynlab.checkpoints import (
     LoadedCheckpoint,
     ModelSpec,
     Run,
-    find_runs,
-    load_checkpoint,
-    load_tensors,
     prefetch,
 )
 from dynlab.conventions import apply as apply_convention
 from dynlab.conventions import check_convention, head_sv_size
 from dynlab.recompute import spectrum_metric
+from dynlab.sources import (
+    load_source_checkpoint,
+    load_source_weights,
+    open_sources,
+    release,
+    run_grad_kinds,
+)
 from dynlab.store import Layout, RegionWriter, ensure_store, spectral_variables
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
@@ -116,6 +120,9 @@ def kind_components(
         return C.weight_components(ckpt.weights, spec)
     if kind == "grads":
         return C.grad_components(ckpt.grads, ckpt.weights, spec) if ckpt.grads else {}
+    if kind == "train_grads":
+        g = ckpt.train_grads
+        return C.grad_components(g, ckpt.weights, spec) if g else {}
     if kind == "updates":  # relora: within-cycle updates from the factors (rank ≤ 2r)
         if not prev_weights:
             return {}
@@ -150,7 +157,8 @@ def checkpoint_region(
     `head_tol`, `emb_tol`) beside `max_rank`, the rank bound by construction."""
     if options.device != "cpu":  # one transfer; components are then built on the device
         ckpt = LoadedCheckpoint(ckpt.checkpoint, on_device(ckpt.weights, options.device),
-                                on_device(ckpt.grads, options.device), ckpt.meta)
+                                on_device(ckpt.grads, options.device), ckpt.meta,
+                                on_device(ckpt.train_grads, options.device))
         prev_weights = on_device(prev_weights, options.device)
     shapes = region_shapes(layout)
     tables = {t: sig for t, (sig, _, _, _) in C.TABLES.items()}
@@ -221,15 +229,19 @@ def _site_name(site: C.Site) -> str:
 
 
 def available_kinds(runs: Sequence[Run]) -> list[str]:
-    """weights always; grads if any checkpoint has grads.safetensors; updates if any run has
-    two checkpoints; lora if any run is a relora run."""
+    """weights always; grads if any checkpoint has grads.safetensors (or its source holds
+    gradients); updates if any run has two checkpoints; lora if any run is a relora run;
+    train_grads if a pico-train run holds training-batch gradients."""
     kinds = ["weights"]
-    if any(c.has("grads.safetensors") for r in runs for c in r.checkpoints):
+    grad_kinds = {k for r in runs for k in run_grad_kinds(r)}
+    if "grads" in grad_kinds:
         kinds.append("grads")
     if any(len(r.checkpoints) > 1 for r in runs):
         kinds.append("updates")
     if any(r.lora_scale is not None for r in runs):
         kinds.append("lora")
+    if "train_grads" in grad_kinds:
+        kinds.append("train_grads")
     return kinds
 
 
@@ -308,6 +320,8 @@ def resolve_device(device: str) -> str:
 
 
 def default_store_path(runs: Sequence[Run]) -> Path:
+    if str(runs[0].path).startswith("hf:"):  # a Hub repository: the working directory
+        return Path("analysis.zarr")
     return runs[0].path.parent / "analysis.zarr"
 
 
@@ -322,6 +336,11 @@ def analyze(
     scheduler: str | None = None,
     progress: bool = True,
     on_checkpoint: Callable[[Task], None] | None = None,
+    fmt: str | None = None,
+    revisions: str | None = None,
+    keep_downloads: bool = False,
+    cache_dir: str | Path | None = None,
+    grads_data: Mapping | None = None,
     activations: bool | None = None,
     target: str | Sequence[str] | None = None,
     convention: str = "dynlab",
@@ -331,11 +350,16 @@ def analyze(
 ) -> Path:
     """Analyse every complete checkpoint of `runs` into the Zarr store `out` and return its path.
 
-    runs: RUN dirs, RUN/checkpoints dirs, or folders of runs. out: default
-    `analysis.zarr` beside the first run. metrics: comma list or names (default all).
-    kinds: weights, grads, updates, lora (default all available). A rerun skips the
-    checkpoints the store already holds. scheduler: None (in process), "local:N" (a Dask
-    LocalCluster of N worker processes) or a Dask scheduler address "tcp://HOST:PORT".
+    runs: RUN dirs, RUN/checkpoints dirs, folders of runs, pico-train / relora-pico runs,
+    Hugging Face model directories or runs of them, or `hf://ORG/NAME` (see
+    `dynlab.sources`; `fmt` overrides detection; `revisions`, `keep_downloads` and
+    `cache_dir` apply to hf:// sources). out: default `analysis.zarr` beside the first run.
+    metrics: comma list or names (default all). kinds: weights, grads, updates, lora,
+    train_grads (default all available). A rerun skips the checkpoints the store already
+    holds. scheduler: None (in process), "local:N" (a Dask LocalCluster of N worker
+    processes) or a Dask scheduler address "tcp://HOST:PORT". grads_data: {path, batch_size,
+    seq_len, tokenizer} to recompute every checkpoint's `grads` on that fixed batch
+    (`dynlab.sources.grads`).
     activations: analyse the checkpoints' activations (dynlab.activations) — None: when
     they have them; target: what they are compared with (final, first, previous, STEP,
     RUN@STEP; default final). convention: "dynlab" or "pico" (pico-analyze's OV matrices
@@ -351,7 +375,15 @@ def analyze(
     metric_names = spectral.parse_metrics(metrics)
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    found = find_runs(runs)
+    if scheduler and any(str(r).startswith("hf://") for r in runs):
+        raise ValueError("hf:// sources are streamed in this process; leave out --scheduler")
+    found = open_sources(runs, fmt, revisions=revisions, keep_downloads=keep_downloads,
+                         cache_dir=cache_dir)
+    if grads_data is not None:
+        from dynlab.sources.grads import GradsData, with_recomputed_grads
+
+        data = GradsData(**grads_data)
+        found = [with_recomputed_grads(r, data) for r in found]
     kind_names = parse_kinds(kinds, found)
     options = Options(metric_names, kind_names, resolve_device(device), precision)
     path = Path(out) if out is not None else default_store_path(found)
@@ -369,12 +401,26 @@ def analyze(
         run_tasks_on_dask(tasks, path, layout, options, scheduler, progress=progress)
     else:
         run_tasks_serial(tasks, writer, layout, options, progress=progress,
-                         on_checkpoint=on_checkpoint)
+                         on_checkpoint=_releasing(on_checkpoint))
     if activations is not False:
         analyze_activation_hook(found, path, layout, targets, required=bool(activations),
                                 data=activations_data, positions=activation_positions,
                                 n_seq=activations_batch)
     return path
+
+
+def _releasing(on_checkpoint: Callable[[Task], None] | None) -> Callable[[Task], None]:
+    """After each analysed checkpoint: the caller's callback, then let its source release it
+    (a Hub source deletes the download; the previous one is no longer needed either)."""
+
+    def done(task: Task) -> None:
+        if on_checkpoint is not None:
+            on_checkpoint(task)
+        if task.previous is not None:
+            release(task.run, task.previous)
+        release(task.run, task.checkpoint)
+
+    return done
 
 
 def analyze_activation_hook(runs: Sequence[Run], path: Path, layout: Layout,
@@ -418,10 +464,11 @@ def _write_meta(path: Path, runs: Sequence[Run], layout: Layout, earlier: dict) 
 
 def load_task(task: Task, options: Options) -> tuple[LoadedCheckpoint, dict | None]:
     """Read a task's checkpoint (and its predecessor's weights when updates are wanted)."""
-    ckpt = load_checkpoint(task.checkpoint, task.run.spec, grads="grads" in options.kinds)
+    ckpt = load_source_checkpoint(task.run, task.checkpoint, grads=_wants_grads(options),
+                                  kinds=options.kinds)
     prev = None
     if "updates" in options.kinds and task.previous is not None:
-        prev = load_tensors(task.previous.file("weights.safetensors"))
+        prev = load_source_weights(task.run, task.previous)
     return ckpt, prev
 
 
@@ -451,19 +498,20 @@ def run_tasks_serial(
 ) -> None:
     """Analyse tasks in order, reading the next checkpoint while this one is computed. The
     previous checkpoint's weights stay in memory for updates (read once)."""
-    want_grads = "grads" in options.kinds
+    want_grads = _wants_grads(options)
     want_updates = "updates" in options.kinds
     pin = options.device.startswith("cuda")
     last: dict[tuple[str, int], dict] = {}  # touched by the loader thread only
 
     def load(task: Task):
-        ckpt = load_checkpoint(task.checkpoint, task.run.spec, grads=want_grads)
+        ckpt = load_source_checkpoint(task.run, task.checkpoint, grads=want_grads,
+                                      kinds=options.kinds)
         prev = None
         if want_updates and task.previous is not None:
             # the previous checkpoint of the run was usually the loader's last one: reuse it
             prev = last.get((task.run.name, task.previous.step))
             if prev is None:
-                prev = load_tensors(task.previous.file("weights.safetensors"))
+                prev = load_source_weights(task.run, task.previous)
         last.clear()
         last[(task.run.name, task.checkpoint.step)] = ckpt.weights
         if pin:
@@ -483,6 +531,10 @@ def run_tasks_serial(
             advance(f"{task.run.name} step {task.checkpoint.step}")
 
 
+def _wants_grads(options: Options) -> bool:
+    return "grads" in options.kinds or "train_grads" in options.kinds
+
+
 def pinned_tensors(tensors: Mapping[str, torch.Tensor] | None) -> dict | None:
     """Page-locked copies, so the copy to the GPU can run asynchronously."""
     if tensors is None:
@@ -492,7 +544,8 @@ def pinned_tensors(tensors: Mapping[str, torch.Tensor] | None) -> dict | None:
 
 def pinned(ckpt: LoadedCheckpoint) -> LoadedCheckpoint:
     return LoadedCheckpoint(ckpt.checkpoint, pinned_tensors(ckpt.weights),
-                            pinned_tensors(ckpt.grads), ckpt.meta)
+                            pinned_tensors(ckpt.grads), ckpt.meta,
+                            pinned_tensors(ckpt.train_grads))
 
 
 def on_device(

@@ -34,10 +34,12 @@ class ModelSpec:
     n_kv_heads: int
     activation_hidden_dim: int
     vocab_size: int
+    #: the attention head width where it is not d_model / n_heads (some Llama-family configs)
+    explicit_head_dim: int | None = None
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.explicit_head_dim or self.d_model // self.n_heads
 
     @classmethod
     def from_run_config(cls, config: Mapping, path: Path) -> ModelSpec:
@@ -252,6 +254,8 @@ class LoadedCheckpoint:
     weights: dict[str, torch.Tensor]
     grads: dict[str, torch.Tensor] | None
     meta: dict
+    #: gradients of the training batch (pico-train runs' `train_gradients`), kind `train_grads`
+    train_grads: dict[str, torch.Tensor] | None = None
 
 
 def load_checkpoint(ckpt: Checkpoint, spec: ModelSpec, *, grads: bool = True) -> LoadedCheckpoint:

@@ -57,7 +57,7 @@ LAYER_MATRICES: tuple[str, ...] = (
 )
 MATRICES: tuple[str, ...] = LAYER_MATRICES + ("ov_circuit",)
 EMBEDDINGS: tuple[str, ...] = ("embedding_proj", "de_embedding_proj")
-KINDS: tuple[str, ...] = ("weights", "grads", "updates", "lora")
+KINDS: tuple[str, ...] = ("weights", "grads", "updates", "lora", "train_grads")
 #: Result tables: table -> (its sigma variable, the prefix of its metric variables, its dims
 #: after (run, kind, step), its singular-value dim). "layer", "head" and "emb" are the
 #: original tables; the QK tables were added later (a store made before them gets them on its
@@ -179,6 +179,13 @@ def weight(tensors: Tensors, layer: int, matrix: str) -> torch.Tensor:
     return tensors[f"layers.{layer}.{matrix}.weight"]
 
 
+def has(tensors: Tensors, layer: int, *matrices: str) -> bool:
+    """Whether every one of `matrices` of `layer` is present. Architectures without a matrix
+    (GPT-NeoX and GPT-2 have no MLP gate `swiglu.w_0`) and sources that hold only some
+    gradients (pico-train's learning-dynamics files) leave those cells NaN."""
+    return all(f"layers.{layer}.{m}.weight" in tensors for m in matrices)
+
+
 def ov_head_factors(
     o_proj: torch.Tensor, v_proj: torch.Tensor, spec: ModelSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,7 +291,10 @@ def weight_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
     ov_idx = MATRICES.index("ov_circuit")
     for layer in range(spec.n_layers):
         for j, name in enumerate(LAYER_MATRICES):
-            out[Site("layer", (layer, j))] = dense(weight(w, layer, name))
+            if has(w, layer, name):
+                out[Site("layer", (layer, j))] = dense(weight(w, layer, name))
+        if not has(w, layer, "attention.o_proj", "attention.v_proj"):
+            continue
         o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
         stored = coarsest(o.dtype, v.dtype)
         out[Site("layer", (layer, ov_idx))] = LowRank(*ov_whole_factors(o, v, spec), stored)
@@ -292,7 +302,8 @@ def weight_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
         for head, comp in enumerate(_head_lowrank(o_heads, v_heads, stored)):
             out[Site("head", (layer, head))] = comp
     for e, name in enumerate(EMBEDDINGS):
-        out[Site("emb", (e,))] = drop_zero_rows(w[f"{name}.weight"])
+        if f"{name}.weight" in w:
+            out[Site("emb", (e,))] = drop_zero_rows(w[f"{name}.weight"])
     out.update(qk_components(w, spec))
     return out
 
@@ -304,7 +315,11 @@ def grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Compo
     ov_idx = MATRICES.index("ov_circuit")
     for layer in range(spec.n_layers):
         for j, name in enumerate(LAYER_MATRICES):
-            out[Site("layer", (layer, j))] = dense(weight(g, layer, name))
+            if has(g, layer, name):
+                out[Site("layer", (layer, j))] = dense(weight(g, layer, name))
+        if not (has(g, layer, "attention.o_proj", "attention.v_proj")
+                and has(w, layer, "attention.o_proj", "attention.v_proj")):
+            continue
         o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
         do, dv = weight(g, layer, "attention.o_proj"), weight(g, layer, "attention.v_proj")
         stored = coarsest(o.dtype, v.dtype, do.dtype, dv.dtype)
@@ -319,7 +334,8 @@ def grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Compo
         for head, comp in enumerate(_head_lowrank(left, right, stored)):
             out[Site("head", (layer, head))] = comp
     for e, name in enumerate(EMBEDDINGS):
-        out[Site("emb", (e,))] = drop_zero_rows(g[f"{name}.weight"])
+        if f"{name}.weight" in g:
+            out[Site("emb", (e,))] = drop_zero_rows(g[f"{name}.weight"])
     out.update(qk_grad_components(g, w, spec))
     return out
 
@@ -385,11 +401,16 @@ def update_components(
     ov_idx = MATRICES.index("ov_circuit")
     for layer in range(spec.n_layers):
         for j, name in enumerate(LAYER_MATRICES):
+            if not (has(w, layer, name) and has(w_prev, layer, name)):
+                continue
             comp = relora_update(w, w_prev, layer, name, scale) if scale is not None else None
             if comp is None:
                 cur, prev = weight(w, layer, name), weight(w_prev, layer, name)
                 comp = dense(cur.double() - prev.double(), coarsest(cur.dtype, prev.dtype))
             out[Site("layer", (layer, j))] = comp
+        if not (has(w, layer, "attention.o_proj", "attention.v_proj")
+                and has(w_prev, layer, "attention.o_proj", "attention.v_proj")):
+            continue
         o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
         po = weight(w_prev, layer, "attention.o_proj")
         pv = weight(w_prev, layer, "attention.v_proj")
@@ -406,6 +427,8 @@ def update_components(
             out[Site("head", (layer, head))] = comp
     for e, name in enumerate(EMBEDDINGS):
         key = f"{name}.weight"
+        if key not in w or key not in w_prev:
+            continue
         out[Site("emb", (e,))] = drop_zero_rows(w[key].double() - w_prev[key].double(),
                                                 coarsest(w[key].dtype, w_prev[key].dtype))
     out.update(qk_update_components(w, w_prev, spec))

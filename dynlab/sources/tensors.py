@@ -1,0 +1,134 @@
+"""Read tensor files safely: safetensors (single or sharded) and plain torch tensor dicts.
+
+Nothing here executes code from a file. safetensors holds no code; torch files are read with
+`torch.load(weights_only=True)` (torch's restricted unpickler: tensors, dicts, lists, numbers,
+strings) and must then be a plain `dict[str, Tensor]`, anything else is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from dynlab.checkpoints import load_tensors
+from dynlab.sources.base import SourceError as CheckpointError
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_BIN = "pytorch_model.bin"
+TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def safetensors_complete(path: Path) -> bool:
+    """True when `path` is a whole safetensors file: its header parses and the file is exactly
+    8 + header length + the end of the last tensor's bytes (a file still being written is
+    shorter)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                return False
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    return size == 8 + n + (max(ends) if ends else 0)
+
+
+def load_torch_tensor_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A torch file that holds a plain dict[str, Tensor], read with weights_only=True (and
+    memory-mapped when the file is in torch's zip format). Anything else is refused with a
+    message naming the file; nothing in it is executed."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            data = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused: not a plain tensor dict that torch.load(weights_only=True) can "
+            f"read ({first}); dynlab never unpickles arbitrary objects"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable torch file ({e})") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+    ):
+        raise CheckpointError(
+            f"{path}: expected a plain dict of name -> tensor, found {type(data).__name__}"
+        )
+    return data
+
+
+def weight_files(model_dir: Path) -> tuple[str, list[Path]]:
+    """("safetensors" | "torch", the files holding a Hugging Face model directory's weights).
+
+    Order of preference: model.safetensors, model.safetensors.index.json (shards),
+    pytorch_model.bin, pytorch_model.bin.index.json. Every shard an index names must exist."""
+    if (model_dir / SAFETENSORS).is_file():
+        return "safetensors", [model_dir / SAFETENSORS]
+    for index_name, fmt in ((SAFETENSORS_INDEX, "safetensors"), (TORCH_BIN_INDEX, "torch")):
+        index = model_dir / index_name
+        if index.is_file():
+            return fmt, _shards(index)
+    if (model_dir / TORCH_BIN).is_file():
+        return "torch", [model_dir / TORCH_BIN]
+    raise CheckpointError(
+        f"{model_dir}: no weights (expected {SAFETENSORS}, {SAFETENSORS_INDEX} with its shards, "
+        f"or {TORCH_BIN})"
+    )
+
+
+def _shards(index: Path) -> list[Path]:
+    try:
+        data = json.loads(index.read_text())
+        weight_map = data["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
+    shards = [index.parent / n for n in names]
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: names shard(s) {', '.join(missing)} that are missing")
+    return shards
+
+
+def weights_complete(model_dir: Path) -> bool:
+    """Every weight file is present and whole (safetensors: by its header; torch: present)."""
+    try:
+        fmt, files = weight_files(model_dir)
+    except CheckpointError:
+        return False
+    if fmt == "safetensors":
+        return all(safetensors_complete(f) for f in files)
+    return all(f.is_file() and f.stat().st_size > 0 for f in files)
+
+
+def load_model_tensors(model_dir: Path, names: Sequence[str] | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face model directory (all shards merged)."""
+    fmt, files = weight_files(model_dir)
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        part = load_tensors(f) if fmt == "safetensors" else load_torch_tensor_dict(f)
+        out.update(part)
+    if names is not None:
+        missing = [n for n in names if n not in out]
+        if missing:
+            raise CheckpointError(f"{model_dir}: missing tensors {', '.join(missing[:5])}")
+        out = {n: out[n] for n in names}
+    return out
