@@ -231,6 +231,8 @@ def qk_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
     """QK circuits of the weights: the layer's Q_sumᵀ·k_proj and each head's Q_hᵀ·K_g(h)."""
     out: dict[Site, Component] = {}
     for layer in range(spec.n_layers):
+        if not has(w, layer, "attention.q_proj", "attention.k_proj"):
+            continue
         q, k = weight(w, layer, "attention.q_proj"), weight(w, layer, "attention.k_proj")
         stored = coarsest(q.dtype, k.dtype)
         out[Site("qk", (layer,))] = LowRank(*qk_whole_factors(q, k, spec), stored)
@@ -245,6 +247,9 @@ def qk_grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Co
     layer [Q_sumᵀ, dQ_sumᵀ]·[dK; K]."""
     out: dict[Site, Component] = {}
     for layer in range(spec.n_layers):
+        if not (has(g, layer, "attention.q_proj", "attention.k_proj")
+                and has(w, layer, "attention.q_proj", "attention.k_proj")):
+            continue
         q, k = weight(w, layer, "attention.q_proj"), weight(w, layer, "attention.k_proj")
         dq, dk = weight(g, layer, "attention.q_proj"), weight(g, layer, "attention.k_proj")
         stored = coarsest(q.dtype, k.dtype, dq.dtype, dk.dtype)
@@ -264,6 +269,9 @@ def qk_update_components(w: Tensors, w_prev: Tensors, spec: ModelSpec) -> dict[S
     """QK_t − QK_prev as [Q^tᵀ, −Q^prevᵀ]·[K^t; K^prev] (per head and for the layer)."""
     out: dict[Site, Component] = {}
     for layer in range(spec.n_layers):
+        if not (has(w, layer, "attention.q_proj", "attention.k_proj")
+                and has(w_prev, layer, "attention.q_proj", "attention.k_proj")):
+            continue
         q, k = weight(w, layer, "attention.q_proj"), weight(w, layer, "attention.k_proj")
         pq = weight(w_prev, layer, "attention.q_proj")
         pk = weight(w_prev, layer, "attention.k_proj")

@@ -82,7 +82,12 @@ def apply(convention: str, kind: str, comps: dict[C.Site, C.Component], spec: Mo
         return comps
     out = dict(comps)
     ov = C.MATRICES.index("ov_circuit")
+    ov_keys = ("attention.o_proj", "attention.v_proj")
     for layer in range(spec.n_layers):
+        other = grads if kind == "grads" else prev if kind == "updates" else weights
+        if not (C.has(weights, layer, *ov_keys) and other is not None
+                and C.has(other, layer, *ov_keys)):
+            continue  # a source without these matrices: no OV cell, as in the default
         o, v = C.weight(weights, layer, "attention.o_proj"), C.weight(weights, layer,
                                                                       "attention.v_proj")
         stored = C.coarsest(o.dtype, v.dtype)
