@@ -88,34 +88,28 @@ def analyze(
     grads_seq_len: int = typer.Option(64, min=2, help="--grads-data: tokens per sequence."),
     grads_tokenizer: Path | None = typer.Option(
         None, help="--grads-data: tokenizer.json for text (default: the run's or model's own)."),
+    wait: bool = typer.Option(
+        False, "--wait", help="If another dynlab analyze is writing the store, wait for it to "
+        "finish instead of exiting with an error."
+    ),
 ) -> None:
     """Spectral metrics (effective rank, PER, condition number, ...) of every weight matrix,
     gradient, update and LoRA product of each checkpoint, into a Zarr store. Rerunning skips
     what the store already holds, so an interrupted analysis resumes."""
-    import warnings
+    from dynlab_cli.console import guarded
 
-    from rich.console import Console
+    with guarded("analyze"):
+        from dynlab.analysis import analyze as run_analysis
 
-    from dynlab.analysis import analyze as run_analysis
-    from dynlab.checkpoints import CheckpointError
-    from dynlab.store import StoreError
+        if threads:
+            import torch
 
-    console = Console(stderr=True, soft_wrap=True, highlight=False)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-    def show_warning(message, category, filename, lineno, file=None, line=None):
-        console.print(f"[yellow]warning:[/] {message}")
-
-    warnings.showwarning = show_warning
-    source_options = dict(fmt=fmt, revisions=revisions, keep_downloads=keep_downloads,
-                          cache_dir=hub_cache)
-    if grads_data is not None:
-        source_options["grads_data"] = dict(path=grads_data, batch_size=grads_batch_size,
-                                            seq_len=grads_seq_len, tokenizer=grads_tokenizer)
-    try:
+            torch.set_num_threads(threads)
+        source_options = dict(fmt=fmt, revisions=revisions, keep_downloads=keep_downloads,
+                              cache_dir=hub_cache)
+        if grads_data is not None:
+            source_options["grads_data"] = dict(path=grads_data, batch_size=grads_batch_size,
+                                                seq_len=grads_seq_len, tokenizer=grads_tokenizer)
         if follow:
             from dynlab.sources.follow import follow as follow_runs
 
@@ -123,7 +117,7 @@ def analyze(
             path = follow_runs(
                 runs, out, until=until, poll=poll, fmt=fmt, metrics=metrics, kinds=kinds,
                 device=device, precision=precision, scheduler=scheduler, progress=progress,
-                **source_options,
+                wait=wait, **source_options,
             )
         else:
             path = run_analysis(
@@ -131,12 +125,6 @@ def analyze(
                 scheduler=scheduler, progress=progress, activations=activations,
                 target=target, convention=convention, activations_data=activations_data,
                 activation_positions=activation_positions, activations_batch=activations_batch,
-                **source_options,
+                wait=wait, **source_options,
             )
-    except (CheckpointError, StoreError, ValueError) as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        console.print("interrupted; rerun the same command to resume")
-        raise typer.Exit(130) from None
     print(path)

@@ -108,11 +108,16 @@ def report(
 
     from dynlab.viz import report as R
     from dynlab.viz.figures import summary_table
+    from dynlab_cli.console import guarded
 
-    try:
-        path, ds, sections = R.write_report(stores, output, title)
-    except FileNotFoundError as e:
-        raise typer.BadParameter(str(e), param_hint="STORES") from e
+    with guarded("report"):
+        try:
+            path, ds, sections = R.write_report(stores, output, title)
+        except RuntimeError as e:  # zarr's codecs on a damaged chunk file
+            from dynlab.errors import DynlabFailure
+
+            raise DynlabFailure(f"reading {', '.join(map(str, stores))}: {e} (a damaged data "
+                                "file in the store?)") from None
     console = Console()
     for sec in sections:
         for note in sec.notes:

@@ -32,6 +32,7 @@ from dynlab.checkpoints import (
 )
 from dynlab.conventions import apply as apply_convention
 from dynlab.conventions import check_convention, head_sv_size
+from dynlab.faults import fault_point
 from dynlab.recompute import spectrum_metric
 from dynlab.sources import (
     load_source_checkpoint,
@@ -40,7 +41,15 @@ from dynlab.sources import (
     release,
     run_grad_kinds,
 )
-from dynlab.store import Layout, RegionWriter, ensure_store, spectral_variables
+from dynlab.store import (
+    Layout,
+    RegionWriter,
+    ensure_store,
+    meta_labels,
+    spectral_variables,
+    write_meta_regions,
+)
+from dynlab.storelock import StoreAccess, holder_text
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 
@@ -282,18 +291,29 @@ def plan_layout(runs: Sequence[Run], metrics: Sequence[str], kinds: Sequence[str
 
 @dataclass(frozen=True)
 class Task:
-    """One checkpoint to analyse (and the previous analysed one of its run, for updates)."""
+    """One checkpoint to analyse (and the previous complete one of its run, for updates).
+    `recompute`: the store holds this checkpoint already, computed against an older
+    predecessor (a checkpoint in between completed later)."""
 
     run: Run
     checkpoint: Checkpoint
     previous: Checkpoint | None
     run_index: int
     step_index: int
+    recompute: bool = False
 
 
-def plan_tasks(runs: Sequence[Run], layout: Layout, analyzed: np.ndarray) -> list[Task]:
+def plan_tasks(
+    runs: Sequence[Run], layout: Layout, analyzed: np.ndarray,
+    prev_steps: np.ndarray | None = None,
+) -> list[Task]:
+    """Every checkpoint the store lacks, and (when the store has the updates kind) every
+    analysed one whose recorded predecessor (`prev_step`) is older than its predecessor on
+    disk. A recorded predecessor newer than the one on disk (a checkpoint deleted since)
+    keeps its result."""
     r_index = {r: i for i, r in enumerate(layout.runs)}
     s_index = {s: j for j, s in enumerate(layout.steps)}
+    check_prev = prev_steps is not None and "updates" in layout.kinds
     tasks = []
     for run in runs:
         prev = None
@@ -301,6 +321,8 @@ def plan_tasks(runs: Sequence[Run], layout: Layout, analyzed: np.ndarray) -> lis
             i, j = r_index[run.name], s_index[ckpt.step]
             if not analyzed[i, j]:
                 tasks.append(Task(run, ckpt, prev, i, j))
+            elif check_prev and prev is not None and prev_steps[i, j] < prev.step:
+                tasks.append(Task(run, ckpt, prev, i, j, recompute=True))
             prev = ckpt
     return tasks
 
@@ -347,6 +369,7 @@ def analyze(
     activations_data: str | None = None,
     activation_positions: str = "sample:16",
     activations_batch: int = 16,
+    wait: bool | float = False,
 ) -> Path:
     """Analyse every complete checkpoint of `runs` into the Zarr store `out` and return its path.
 
@@ -367,6 +390,8 @@ def analyze(
     activations_data: compute the activations of every checkpoint now, on `activations_batch`
     sequences of this data (.txt/.jsonl or "default") at `activation_positions`, for runs
     saved without them (dynlab.activations.analyze_activations).
+    The store is locked for the whole analysis (`dynlab.storelock`): another writer raises
+    StoreBusy, or waits `wait` seconds (True: for ever) for it.
     """
     from dynlab.activations import parse_targets
 
@@ -387,25 +412,36 @@ def analyze(
     kind_names = parse_kinds(kinds, found)
     options = Options(metric_names, kind_names, resolve_device(device), precision)
     path = Path(out) if out is not None else default_store_path(found)
-    earlier = _metas_in_store(path, exclude={r.name for r in found})
-    layout = ensure_store(path, plan_layout(found, metric_names, kind_names, convention),
-                          metrics_given=metrics is not None, kinds_given=kinds is not None)
-    options = Options(tuple(layout.metrics), tuple(layout.kinds), options.device, precision,
-                      convention)
-    _write_meta(path, found, layout, earlier)
-    writer = RegionWriter(path)
-    tasks = plan_tasks(found, layout, writer.analyzed())
-    if scheduler:
-        from dynlab.distributed import run_tasks_on_dask
+    wanted = plan_layout(found, metric_names, kind_names, convention)
+    metas = {(r.name, c.step): c.meta() for r in found for c in r.checkpoints}
+    wanted.labels = meta_labels(metas)
+    with StoreAccess(path, wait=wait) as access:
+        if access.took_over:
+            warnings.warn(f"{path}: taking over from a writer that ended without releasing "
+                          f"the store ({holder_text(access.took_over)}); finishing its work",
+                          stacklevel=2)
+        layout = ensure_store(path, wanted, metrics_given=metrics is not None,
+                              kinds_given=kinds is not None, access=access,
+                              validate=lambda names: validate_first(
+                                  [r for r in found if r.name in names], kind_names))
+        options = Options(tuple(layout.metrics), tuple(layout.kinds), options.device, precision,
+                          convention)
+        write_meta_regions(path, layout, metas, access)
+        writer = RegionWriter(path)
+        tasks = plan_tasks(found, layout, writer.analyzed(), writer.prev_steps())
+        if tasks:
+            access.need(f"write {len(tasks)} checkpoints")
+        if scheduler:
+            from dynlab.distributed import run_tasks_on_dask
 
-        run_tasks_on_dask(tasks, path, layout, options, scheduler, progress=progress)
-    else:
-        run_tasks_serial(tasks, writer, layout, options, progress=progress,
-                         on_checkpoint=_releasing(on_checkpoint))
-    if activations is not False:
-        analyze_activation_hook(found, path, layout, targets, required=bool(activations),
-                                data=activations_data, positions=activation_positions,
-                                n_seq=activations_batch)
+            run_tasks_on_dask(tasks, path, layout, options, scheduler, progress=progress)
+        else:
+            run_tasks_serial(tasks, writer, layout, options, progress=progress,
+                             on_checkpoint=_releasing(on_checkpoint))
+        if activations is not False:
+            analyze_activation_hook(found, path, layout, targets, required=bool(activations),
+                                    data=activations_data, positions=activation_positions,
+                                    n_seq=activations_batch)
     return path
 
 
@@ -438,28 +474,23 @@ def analyze_activation_hook(runs: Sequence[Run], path: Path, layout: Layout,
                          "activations.safetensors (train with --save-activations)")
 
 
-def _metas_in_store(path: Path, exclude: set[str]) -> dict:
-    """Training/evaluation values of runs already in an existing store (read before the store
-    is extended, so runs analysed earlier but not named now keep them)."""
-    from dynlab.store import metas_from_store
-
-    if not (path / "zarr.json").is_file():
-        return {}
-    try:
-        return metas_from_store(path, exclude)
-    except Exception:  # not a dynlab store: ensure_store reports it
-        return {}
-
-
-def _write_meta(path: Path, runs: Sequence[Run], layout: Layout, earlier: dict) -> None:
-    """Training/evaluation variables for every run in the store."""
-    from dynlab.store import write_meta_variables
-
-    metas = dict(earlier)
+def validate_first(runs: Sequence[Run], kinds: Sequence[str]) -> None:
+    """Read the first checkpoint of each run (shapes against run.json), so that a store is
+    created, or a run added to it, only for runs that can be analysed."""
     for run in runs:
-        for ckpt in run.checkpoints:
-            metas[(run.name, ckpt.step)] = ckpt.meta()
-    write_meta_variables(path, layout.runs, layout.steps, metas)
+        load_source_checkpoint(run, run.checkpoints[0], grads="grads" in kinds, kinds=kinds)
+
+
+def write_task(writer: RegionWriter, task: Task, values: Mapping[str, np.ndarray]) -> None:
+    """Write one checkpoint's region, its predecessor and, last, its `analyzed` flag (a
+    recomputed checkpoint is unflagged first, so a kill in between recomputes it again)."""
+    i, j = task.run_index, task.step_index
+    if task.recompute:
+        writer.mark_analyzed(i, j, False)
+    writer.write(i, j, values)
+    writer.write_cell("prev_step", i, j, task.previous.step if task.previous else -1)
+    fault_point("analyze.write")
+    writer.mark_analyzed(i, j)
 
 
 def load_task(task: Task, options: Options) -> tuple[LoadedCheckpoint, dict | None]:
@@ -482,8 +513,7 @@ def analyze_task(
 ) -> list[str]:
     """Compute and write one checkpoint; returns the matrices that held NaN/Inf."""
     values, bad = checkpoint_region(task.run, loaded, prev_weights, layout, options)
-    writer.write(task.run_index, task.step_index, values)
-    writer.mark_analyzed(task.run_index, task.step_index)
+    write_task(writer, task, values)
     return bad
 
 
@@ -522,8 +552,8 @@ def run_tasks_serial(
     with _progress(progress, len(tasks)) as advance:
         for task, (ckpt, prev) in prefetch(tasks, load):
             values, bad = checkpoint_region(task.run, ckpt, prev, layout, options)
-            writer.write(task.run_index, task.step_index, values)
-            writer.mark_analyzed(task.run_index, task.step_index)
+            write_task(writer, task, values)
+            fault_point("analyze.checkpoint")
             if bad:
                 _warn_nonfinite(task, bad)
             if on_checkpoint is not None:

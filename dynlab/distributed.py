@@ -4,7 +4,9 @@ The store's template (every variable's metadata, all data reading as NaN) is wri
 client before any task runs; a task reads its checkpoint (and the previous analysed one of its
 run, for updates), computes every kind, writes its (run, step) chunks through zarr and sets its
 `analyzed` flag last. Chunks are one (run, step) each, so writers never share a chunk and the
-result is identical to a serial run's; a rerun skips flagged checkpoints as in serial.
+result is identical to a serial run's; a rerun skips flagged checkpoints as in serial. The
+client holds the store's writer lock (`dynlab.storelock`) while the tasks run; the workers take
+no lock: writing disjoint chunks, they are the one legitimate set of concurrent writers.
 """
 
 from __future__ import annotations

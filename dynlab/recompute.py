@@ -112,10 +112,22 @@ def recompute(
     """Compute `metrics` (only-σ ones) from the stored spectra of every analysed checkpoint
     into the store, adding the metrics to the store's list (and their variables) when new,
     overwriting them when present. Returns the variables written. Needs no checkpoint."""
+    from dynlab.storelock import StoreAccess
+
+    path = Path(store)
+    if not (path / "zarr.json").is_file():
+        raise InputError(f"{path}: not a Zarr store (expected a store written by dynlab analyze)")
+    with StoreAccess(path):  # one writer at a time (dynlab.storelock)
+        return _recompute(path, metrics, progress=progress)
+
+
+def _recompute(
+    store: str | Path, metrics: str | Sequence[str], *, progress: bool = False
+) -> list[str]:
+    """recompute's work, with the store held."""
     from dynlab.store import (
         Layout,
         StoreError,
-        add_missing_variables,
         consolidate,
         open_group_for_update,
         read_attrs,
@@ -143,7 +155,7 @@ def recompute(
     layout = Layout(runs, [int(s) for s in group["step"][...]], list(attrs["kinds"]),
                     stored + new, group["layer"].shape[0], group["head"].shape[0],
                     group["sv"].shape[0], group["head_sv"].shape[0], group["emb_sv"].shape[0],
-                    configs, attrs.get("convention", "dynlab"))
+                    configs, convention=attrs.get("convention", "dynlab"))
     add_missing_variables(path, layout)
     group = open_group_for_update(path)
     if new:
@@ -172,6 +184,31 @@ def recompute(
         written += _recompute_activations(path, names)
     consolidate(path)
     return written
+
+
+def add_missing_variables(path: Path, layout) -> list[str]:
+    """Create the spectral variables of `layout` that the store lacks (new metrics, or the
+    QK tables of a store made before them), empty, chunked one (run, step) cell each."""
+    from dynlab.store import (
+        create_variable,
+        open_group_for_update,
+        quiet_zarr,
+        spectral_variables,
+        template,
+    )
+
+    group = open_group_for_update(path)
+    specs = template(layout.metrics, {})
+    missing = [n for n in spectral_variables(layout.metrics) if n not in group]
+    sizes = {d: group[d].shape[0] for d in layout.dims() if d in group}
+    with quiet_zarr():
+        for name in missing:
+            spec = specs[name]
+            shape = tuple(sizes[d] for d in spec.dims)
+            chunks = tuple(1 if d in ("run", "step") else sizes[d] for d in spec.dims)
+            create_variable(group, name, spec.dims, shape=shape, chunks=chunks,
+                            dtype=spec.dtype, fill_value=spec.fill, attrs=spec.attrs)
+    return missing
 
 
 def _recompute_activations(path: Path, names: Sequence[str]) -> list[str]:

@@ -9,22 +9,52 @@ Layout (see README "Store schema"):
     sigma / head_sigma / emb_sigma / qk_sigma / qk_head_sigma   the same with a last dim
                     sv / head_sv / emb_sv / sv / head_sv
     analyzed        (run, step) int8, 1 once a checkpoint is fully written
-    train_loss, lr, tokens, wall_seconds, relora_cycle, ppl_macro, blimp_overall (run, step)
+    prev_step       (run, step) int64, the step its `updates` were taken against (-1: none)
+    train_loss, lr, tokens, wall_seconds, gpu_hours, relora_cycle, ppl_macro, blimp_overall
+                    (run, step)
     ppl (run, step, domain), blimp (run, step, uid), blimp_field (run, step, field)
 
-The whole grid is created first (metadata only: unwritten chunks read as NaN), with zarr
-directly (each array's `dimension_names` make it an xarray variable);
-each checkpoint then fills its own (run, step) chunks, and `analyzed` is set last, so a killed
-analysis resumes where it stopped and parallel writers never share a chunk.
+Every variable has chunks of one (run, step) cell, so a checkpoint's results are written by
+one writer and parallel writers never share a chunk; data chunks are filled by region writes
+(unwritten chunks read as NaN / 0 / -1) and `analyzed` is set last.
+
+How the store survives interruption and concurrency (every file write of zarr-python's
+LocalStore is itself atomic: a temporary file renamed over the target):
+
+* One writer at a time: `dynlab.storelock.StoreAccess` (the `<store>.lock` file beside it).
+* The store's structure changes only in two ways, both recoverable from any point:
+  - growth at the end of dims (new runs, new steps after the last, new labels after the last,
+    new variables): a journal `.dynlab-journal.json` with the target coordinates is written
+    atomically first, then every array is resized, the coordinates written and the
+    consolidated metadata written last. `recover` replays an unfinished journal (each step is
+    idempotent). Readers see the consolidated metadata, so the store reads as before until
+    the growth is complete.
+  - anything else (creation, a step or label inserted before existing ones, so that
+    coordinates stay sorted): a complete new store is built in `<store>.rebuild/` (data chunk
+    files hard-linked to their new index) and swapped in with two renames
+    (store -> `<store>.old`, rebuild -> store); `recover` finishes or discards a swap from any
+    point.
+* Training/evaluation values are written as (run, step) regions of the runs being analysed;
+  cells of other runs are never touched, and an unchanged cell is never rewritten (so a
+  complete store on a read-only file system analyses to a no-op).
+
+Fault points (`dynlab.faults`): store.create (building a new store), store.rebuild (moving
+an array into a rebuilt copy), store.swap (between the two steps of swapping it in),
+store.grow (after an array's resize), store.meta (after a training variable's write); and in
+`dynlab.analysis`: analyze.write (a checkpoint's data written, its flag not yet),
+analyze.checkpoint (after each checkpoint).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
+import os
+import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +62,9 @@ import numpy as np
 
 from dynlab import __version__
 from dynlab.components import EMBEDDINGS, MATRICES, TABLES
+from dynlab.errors import InputError
+from dynlab.faults import fault_point
+from dynlab.storelock import StoreAccess
 
 SCHEMA_VERSION = 2
 
@@ -51,6 +84,16 @@ EVAL_VARIABLES: dict[str, tuple[str, str]] = {
     "blimp": ("uid", "BLiMP accuracy per UID"),
     "blimp_field": ("field", "BLiMP accuracy per field (mean over its UIDs)"),
 }
+LABEL_DIMS = ("domain", "uid", "field")
+#: dims whose coordinate grows as runs, checkpoints and evaluation labels are added
+GROWING_DIMS = ("run", "step", *LABEL_DIMS)
+#: chunk length of the growing coordinates and of the label dims of the eval variables
+COORD_CHUNK = 1024
+LABEL_CHUNK = 128
+
+JOURNAL = ".dynlab-journal.json"
+BUILDING_MARK = ".dynlab-building"  # in <store>.rebuild while it is being written
+BUILT_MARK = ".dynlab-built"  # in <store>.rebuild once it is complete (then swapped in)
 
 
 @contextlib.contextmanager
@@ -60,11 +103,13 @@ def quiet_zarr():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
         warnings.filterwarnings("ignore", message=".*Consolidated metadata is currently not.*")
+        warnings.filterwarnings("ignore", message=".*is not recognized as a component of a Zarr")
         yield
 
 
-class StoreError(ValueError):
-    """The store on disk does not match what this analysis would write."""
+class StoreError(InputError):
+    """The store on disk does not match what this analysis would write, or is not a
+    readable dynlab store (exit 2; the message names the path and what to do)."""
 
 
 @dataclass
@@ -81,6 +126,7 @@ class Layout:
     n_head_sv: int
     n_emb_sv: int
     run_configs: dict[str, dict] = field(default_factory=dict)
+    labels: dict[str, list[str]] = field(default_factory=dict)  # domain / uid / field
     convention: str = "dynlab"  # dynlab.conventions: which OV matrices and CN the store holds
 
     def dims(self) -> dict[str, int]:
@@ -111,36 +157,11 @@ def spectral_variables(metrics: Sequence[str]) -> dict[str, tuple[str, ...]]:
 NAME_WIDTH = 256
 
 
-def _coordinates(layout: Layout, runs: Sequence[str], steps: Sequence[int]) -> dict:
-    return {
-        "run": _names(runs, "run"), "kind": _names(layout.kinds, "kind"),
-        "step": np.asarray(steps, dtype="int64"), "layer": np.arange(layout.n_layers),
-        "matrix": _names(MATRICES, "matrix"), "head": np.arange(layout.n_heads),
-        "embedding": _names(EMBEDDINGS, "embedding"), "sv": np.arange(layout.n_sv),
-        "head_sv": np.arange(layout.n_head_sv), "emb_sv": np.arange(layout.n_emb_sv),
-    }
-
-
 def _names(values: Sequence[str], what: str) -> np.ndarray:
     too_long = [v for v in values if len(v) > NAME_WIDTH]
     if too_long:
         raise StoreError(f"{what} name {too_long[0][:40]!r}... is longer than {NAME_WIDTH}")
     return np.asarray(list(values), dtype=f"<U{NAME_WIDTH}")
-
-
-def _create(group, name: str, dims: Sequence[str], data: np.ndarray | None = None, *,
-            shape: tuple[int, ...] | None = None, chunks: tuple[int, ...] | None = None,
-            dtype: str = "float64", fill_value=np.nan, attrs: Mapping | None = None):
-    """An array whose `dimension_names` make it an xarray variable over `dims`."""
-    if data is not None:
-        shape, dtype = data.shape, data.dtype
-        fill_value = "" if data.dtype.kind == "U" else (np.nan if data.dtype.kind == "f" else 0)
-    arr = group.create_array(name, shape=shape, chunks=chunks or shape, dtype=dtype,
-                             fill_value=fill_value, dimension_names=tuple(dims),
-                             attributes=dict(attrs or {}))
-    if data is not None and data.size:
-        arr[...] = data
-    return arr
 
 
 def _variable_attrs(name: str) -> dict:
@@ -170,6 +191,70 @@ def _variable_attrs(name: str) -> dict:
     return {"long_name": "singular values, descending, NaN past the rank bound"}
 
 
+# ----------------------------------------------------------------------------------------
+# The template: which arrays a store of a layout holds
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the template: its dims, dtype, fill value and attributes."""
+
+    dims: tuple[str, ...]
+    dtype: str = "float64"
+    fill: object = math.nan
+    attrs: Mapping = field(default_factory=dict)
+
+
+def template(metrics: Sequence[str], labels: Mapping[str, Sequence[str]]) -> dict[str, ArraySpec]:
+    """Every data variable of a store with these metrics and evaluation labels."""
+    out = {name: ArraySpec(dims, attrs=_variable_attrs(name))
+           for name, dims in spectral_variables(metrics).items()}
+    out["analyzed"] = ArraySpec(("run", "step"), "int8", 0,
+                                {"long_name": "1 once every kind of this checkpoint is written"})
+    out["prev_step"] = ArraySpec(
+        ("run", "step"), "int64", -1,
+        {"long_name": "step of the checkpoint this checkpoint's updates are taken from "
+                      "(-1: none)"})
+    for name, long_name in META_VARIABLES.items():
+        out[name] = ArraySpec(("run", "step"), attrs={"long_name": long_name})
+    for name, (dim, long_name) in EVAL_VARIABLES.items():
+        if labels.get(dim):
+            out[name] = ArraySpec(("run", "step", dim), attrs={"long_name": long_name})
+    return out
+
+
+def _chunk(dim: str, size: int) -> int:
+    if dim in ("run", "step"):
+        return 1
+    if dim in LABEL_DIMS:
+        return LABEL_CHUNK
+    return max(size, 1)
+
+
+def fixed_coordinates(layout: Layout) -> dict[str, np.ndarray]:
+    """The coordinates that never grow (fixed by the models and the analysis options)."""
+    return {
+        "kind": _names(layout.kinds, "kind"), "layer": np.arange(layout.n_layers),
+        "matrix": _names(MATRICES, "matrix"), "head": np.arange(layout.n_heads),
+        "embedding": _names(EMBEDDINGS, "embedding"), "sv": np.arange(layout.n_sv),
+        "head_sv": np.arange(layout.n_head_sv), "emb_sv": np.arange(layout.n_emb_sv),
+    }
+
+
+def growing_coordinates(layout: Layout) -> dict[str, list]:
+    out: dict[str, list] = {"run": list(layout.runs), "step": [int(s) for s in layout.steps]}
+    for dim in LABEL_DIMS:
+        if layout.labels.get(dim):
+            out[dim] = list(layout.labels[dim])
+    return out
+
+
+def _coordinate_array(dim: str, values: Sequence) -> np.ndarray:
+    if dim == "step":
+        return np.asarray(values, dtype="int64")
+    return _names([str(v) for v in values], dim)
+
+
 def _attrs(layout: Layout) -> dict:
     return {
         "dynlab_version": __version__,
@@ -185,7 +270,8 @@ def _attrs(layout: Layout) -> dict:
 def _open_group(path: Path, mode: str = "r+"):
     import zarr
 
-    return zarr.open_group(str(path), mode=mode, use_consolidated=False)
+    with quiet_zarr():
+        return zarr.open_group(str(path), mode=mode, use_consolidated=False)
 
 
 def _consolidate(path: Path) -> None:
@@ -195,66 +281,427 @@ def _consolidate(path: Path) -> None:
         zarr.consolidate_metadata(str(path))
 
 
-def create_store(path: Path, layout: Layout) -> None:
-    """Write the structure: coordinates, metadata, and no data chunks (data reads as NaN and
-    `analyzed` as 0 until written). Chunks: one (run, step) cell of every variable."""
-    import zarr
-
+def _create_array(group, name: str, spec: ArraySpec, sizes: Mapping[str, int]):
+    shape = tuple(sizes[d] for d in spec.dims)
+    chunks = tuple(_chunk(d, sizes[d]) for d in spec.dims)
     with quiet_zarr():
-        group = zarr.open_group(str(path), mode="w-", zarr_format=3, attributes=_attrs(layout))
-        for name, values in _coordinates(layout, layout.runs, layout.steps).items():
-            _create(group, name, (name,), values)
-        sizes = layout.dims()
-        for name, dims in spectral_variables(layout.metrics).items():
-            shape = tuple(sizes[d] for d in dims)
-            chunks = tuple(1 if d in ("run", "step") else sizes[d] for d in dims)
-            _create(group, name, dims, shape=shape, chunks=chunks, attrs=_variable_attrs(name))
-        _create(group, "analyzed", ("run", "step"), shape=(sizes["run"], sizes["step"]),
-                chunks=(1, 1), dtype="int8", fill_value=0,
-                attrs={"long_name": "1 once every kind of this checkpoint is written"})
-    _consolidate(path)
+        return group.create_array(name, shape=shape, chunks=chunks, dtype=spec.dtype,
+                                  fill_value=spec.fill, dimension_names=spec.dims,
+                                  attributes=dict(spec.attrs), overwrite=True)
 
 
-def _grow(group, dim: str, new_values: np.ndarray) -> None:
-    """Append `new_values` to coordinate `dim` and grow every variable along it (new cells
-    read as NaN / 0)."""
+def _create_coordinate(group, dim: str, values: np.ndarray, growing: bool):
+    fill = "" if values.dtype.kind == "U" else 0
+    chunk = COORD_CHUNK if growing else max(len(values), 1)
     with quiet_zarr():
-        for name, arr in list(group.arrays()):
-            dims = arr.metadata.dimension_names or ()
-            if dim in dims and name != dim:
-                shape = list(arr.shape)
-                shape[dims.index(dim)] += len(new_values)
-                arr.resize(tuple(shape))
-        coord = group[dim]
-        old = coord.shape[0]
-        coord.resize((old + len(new_values),))
-        coord[old:] = new_values
+        arr = group.create_array(dim, shape=values.shape, chunks=(chunk,), dtype=values.dtype,
+                                 fill_value=fill, dimension_names=(dim,), overwrite=True)
+        if values.size:
+            arr[...] = values
+    return arr
+
+
+# ----------------------------------------------------------------------------------------
+# Reading a store's structure
 
 
 def read_attrs(path: Path) -> dict:
-    import zarr
-
     try:
-        with quiet_zarr():
-            group = zarr.open_group(str(path), mode="r", use_consolidated=False)
+        group = _open_group(path, "r")
     except Exception as e:  # zarr raises several types for a non-store
         raise StoreError(f"{path}: exists but is not a Zarr store ({e})") from None
     return dict(group.attrs)
 
 
-def reconcile(
-    path: Path, layout: Layout, *, metrics_given: bool = True, kinds_given: bool = True
+@dataclass
+class StoreState:
+    """What an existing store holds: attributes, growing coordinates, fixed dim sizes and
+    every array's dims and shape (read without the consolidated metadata)."""
+
+    attrs: dict
+    coords: dict[str, list]
+    sizes: dict[str, int]
+    arrays: dict[str, tuple[tuple[str, ...], tuple[int, ...]]]
+
+    def mismatches(self) -> list[str]:
+        """Arrays whose length along a dim differs from that dim's coordinate."""
+        bad = []
+        for name, (dims, shape) in self.arrays.items():
+            for d, n in zip(dims, shape, strict=True):
+                want = self.sizes.get(d)
+                if want is not None and n != want:
+                    bad.append(f"{name} has {n} along {d}, its coordinate {want}")
+        return bad
+
+
+def read_state(path: Path) -> StoreState:
+    group = _open_group(path, "r")
+    arrays = {}
+    with quiet_zarr():
+        for name, arr in group.arrays():
+            arrays[name] = (tuple(arr.metadata.dimension_names or ()), tuple(arr.shape))
+    coords: dict[str, list] = {}
+    sizes: dict[str, int] = {}
+    for name, (dims, shape) in arrays.items():
+        if dims == (name,):
+            sizes[name] = shape[0]
+            if name in GROWING_DIMS:
+                values = group[name][...]
+                coords[name] = ([int(v) for v in values] if name == "step"
+                                else [str(v) for v in values])
+    return StoreState(dict(group.attrs), coords, sizes, arrays)
+
+
+def has_results(path: Path) -> bool:
+    """Whether any checkpoint result was ever written (any chunk of `analyzed` on disk)."""
+    chunks = path / "analyzed" / "c"
+    return chunks.is_dir() and any(p.is_file() for p in chunks.rglob("*"))
+
+
+# ----------------------------------------------------------------------------------------
+# Recovery of interrupted structural changes
+
+
+def rebuild_paths(path: Path) -> tuple[Path, Path]:
+    """(<store>.rebuild, <store>.old): the new copy being built, the old one being replaced."""
+    return path.with_name(path.name + ".rebuild"), path.with_name(path.name + ".old")
+
+
+def pending_work(path: Path) -> str | None:
+    """A sentence naming an interrupted structural change of the store, or None."""
+    new, old = rebuild_paths(path)
+    if new.exists() or old.exists():
+        return f"an analysis was interrupted while rebuilding {path} ({new.name} / {old.name})"
+    if (path / JOURNAL).exists():
+        return f"an analysis was interrupted while growing {path}"
+    return None
+
+
+def recover(path: Path, access: StoreAccess) -> None:
+    """Finish or undo whatever structural change an interrupted writer left behind."""
+    _recover_swap(path, access)
+    if (path / JOURNAL).is_file():
+        access.need("finish growing the store that an interrupted analysis began")
+        replay_journal(path)
+
+
+def _recover_swap(path: Path, access: StoreAccess) -> None:
+    new, old = rebuild_paths(path)
+    swapped = (path / BUILT_MARK).is_file()  # the rebuilt store is in place already
+    if new.exists():
+        if not (swapped or (new / BUILT_MARK).is_file() or (new / BUILDING_MARK).is_file()):
+            raise StoreError(f"{new}: exists but was not written by dynlab; move it away "
+                             f"(dynlab rebuilds {path.name} there)")
+        access.need("finish the store rebuild that an interrupted analysis began")
+        if not swapped and (new / BUILT_MARK).is_file():
+            _swap_in(path, new, old)
+            return
+        shutil.rmtree(new)  # an unfinished copy, or the old store after an exchange
+    if old.exists():
+        access.need("finish the store rebuild that an interrupted analysis began")
+        if path.exists():
+            shutil.rmtree(old)
+        else:  # cannot happen with _swap_in's order; restore rather than lose it
+            os.rename(old, path)
+    if (path / BUILT_MARK).is_file():
+        access.need("finish the store rebuild that an interrupted analysis began")
+        (path / BUILT_MARK).unlink()
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or file system cannot."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap_in(path: Path, new: Path, old: Path) -> None:
+    """Replace `path` by the complete copy `new` (marked built). With an atomic exchange the
+    path is a complete store at every moment; otherwise two renames (path -> old, new ->
+    path). A kill at any point is finished by `_recover_swap`."""
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+    if path.exists():
+        if exchange(new, path):
+            fault_point("store.swap")
+            shutil.rmtree(new)  # now the old store
+            (path / BUILT_MARK).unlink()
+            return
+        os.rename(path, old)
+    fault_point("store.swap")
+    os.rename(new, path)
+    (path / BUILT_MARK).unlink()
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.partial")
+    try:
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _spec_json(spec: ArraySpec) -> dict:
+    fill = spec.fill
+    if isinstance(fill, float) and math.isnan(fill):
+        fill = "NaN"
+    return {"dims": list(spec.dims), "dtype": spec.dtype, "fill": fill, "attrs": dict(spec.attrs)}
+
+
+def _spec_from_json(data: Mapping) -> ArraySpec:
+    fill = math.nan if data["fill"] == "NaN" else data["fill"]
+    return ArraySpec(tuple(data["dims"]), data["dtype"], fill, data["attrs"])
+
+
+def replay_journal(path: Path) -> None:
+    """Apply the growth recorded in the store's journal (idempotent): create the arrays it
+    lists, resize every array to the target coordinates, write the coordinates, the
+    attributes and, last, the consolidated metadata; then remove the journal."""
+    journal = json.loads((path / JOURNAL).read_text())
+    coords: dict[str, list] = journal["coords"]
+    group = _open_group(path)
+    sizes = {dim: len(values) for dim, values in coords.items()}
+    with quiet_zarr():
+        existing = dict(group.arrays())
+        for dim, values in coords.items():
+            if dim not in existing:
+                _create_coordinate(group, dim, _coordinate_array(dim, values), growing=True)
+        for name, data in journal["create"].items():
+            if name not in existing:
+                spec = _spec_from_json(data)
+                full = {d: sizes.get(d, journal["sizes"].get(d)) for d in spec.dims}
+                _create_array(group, name, spec, full)
+        for _, arr in sorted(group.arrays()):
+            dims = tuple(arr.metadata.dimension_names or ())
+            shape = tuple(sizes.get(d, s) for d, s in zip(dims, arr.shape, strict=True))
+            if shape != tuple(arr.shape):
+                arr.resize(shape)
+                fault_point("store.grow")  # acts on its first (or N-th) resize
+        for dim, values in coords.items():
+            group[dim][...] = _coordinate_array(dim, values)
+        group.attrs.update(journal["attrs"])
+    _consolidate(path)
+    (path / JOURNAL).unlink()
+
+
+# ----------------------------------------------------------------------------------------
+# Creating and growing
+
+
+def build_store(dest: Path, layout: Layout, source: Path | None = None,
+                source_state: StoreState | None = None) -> None:
+    """Write the complete store of `layout` at `dest` (which must not exist), marked built.
+    With `source`, every array and attribute of the source store is carried over (arrays to
+    their new indices: data chunk files hard-linked; arrays with a reordered label dim
+    re-encoded)."""
+    import zarr
+
+    dest.mkdir(parents=True)
+    (dest / BUILDING_MARK).write_text("dynlab is writing this store; it is removed when done\n")
+    coords = growing_coordinates(layout)
+    sizes = {**layout.dims(), **{d: len(v) for d, v in coords.items()}}
+    attrs = {**(source_state.attrs if source_state is not None else {}), **_attrs(layout)}
+    with quiet_zarr():
+        group = zarr.open_group(str(dest), mode="a", zarr_format=3, attributes=attrs)
+        for dim, values in fixed_coordinates(layout).items():
+            _create_coordinate(group, dim, values, growing=False)
+        for dim, values in coords.items():
+            _create_coordinate(group, dim, _coordinate_array(dim, values), growing=True)
+        specs = template(layout.metrics, layout.labels)
+        for n, (name, spec) in enumerate(specs.items()):
+            _create_array(group, name, spec, sizes)
+            if n == 1:
+                fault_point("store.create")
+        if source is not None and source_state is not None:
+            _carry_over(source, source_state, dest, group, coords, sizes)
+    _consolidate(dest)
+    (dest / BUILT_MARK).write_text("complete; swapped in by dynlab\n")
+    (dest / BUILDING_MARK).unlink()
+
+
+def _index_maps(old: Mapping[str, list], new: Mapping[str, list]) -> dict[str, np.ndarray]:
+    maps = {}
+    for dim, values in old.items():
+        where = {v: k for k, v in enumerate(new[dim])}
+        maps[dim] = np.asarray([where[v] for v in values], dtype=np.int64)
+    return maps
+
+
+def _carry_over(source: Path, state: StoreState, dest: Path, group, coords, sizes) -> None:
+    """Move every data array of `source` into the new store `group` at `dest`."""
+    maps = _index_maps(state.coords, coords)
+    src_group = _open_group(source, "r")
+    with quiet_zarr():
+        for name, (dims, _) in sorted(state.arrays.items()):
+            if dims == (name,) and (name in GROWING_DIMS or name in sizes):
+                continue  # coordinates are written fresh
+            src = src_group[name]
+            if name not in group:  # an array this version would not create: keep it
+                meta = json.loads((source / name / "zarr.json").read_text())
+                meta["shape"] = [sizes.get(d, s) for d, s in zip(dims, src.shape, strict=True)]
+                (dest / name).mkdir()
+                _write_json_atomic(dest / name / "zarr.json", meta)
+            dst = group[name] if name in group else _open_group(dest)[name]
+            chunks = src.chunks
+            moved = [d for d in dims if d in maps and
+                     not np.array_equal(maps[d], np.arange(len(maps[d])))]
+            if all(chunks[dims.index(d)] == 1 for d in moved):
+                _link_chunks(source / name, dest / name, dims, maps)
+            else:  # a label dim reordered inside chunks: re-encode (these arrays are small)
+                data = np.asarray(src[...])
+                out = np.full(dst.shape, dst.metadata.fill_value, dtype=data.dtype)
+                index = tuple(maps[d] if d in maps else np.arange(n)
+                              for d, n in zip(dims, data.shape, strict=True))
+                out[np.ix_(*index)] = data
+                dst[...] = out
+            fault_point("store.rebuild")
+
+
+def _link_chunks(src: Path, dst: Path, dims: Sequence[str], maps: Mapping[str, np.ndarray]):
+    """Hard-link (or copy) every chunk file of array `src` to its new chunk index in `dst`
+    (valid where every moved dim has chunks of length 1; default '/' chunk keys)."""
+    root = src / "c"
+    if not root.is_dir():
+        return
+    for f in root.rglob("*"):
+        parts = f.relative_to(root).parts
+        if not f.is_file() or len(parts) != len(dims) or not all(p.isdigit() for p in parts):
+            continue  # directories, and temporary files of an interrupted write
+        index = [int(p) for p in parts]
+        for k, d in enumerate(dims):
+            if d in maps:
+                index[k] = int(maps[d][index[k]])
+        target = dst.joinpath("c", *map(str, index))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(f, target)
+        except OSError:
+            shutil.copy2(f, target)
+
+
+def rebuild(path: Path, layout: Layout, state: StoreState | None) -> None:
+    """Build the store of `layout` beside `path` (from the existing one, if any) and swap it
+    in."""
+    new, old = rebuild_paths(path)
+    build_store(new, layout, path if state is not None else None, state)
+    _swap_in(path, new, old)
+
+
+def grow(path: Path, layout: Layout, state: StoreState, create: Mapping[str, ArraySpec],
+         attrs: Mapping) -> None:
+    """Append coordinates (each stored one a prefix of the layout's) and create arrays,
+    through the journal."""
+    journal = {
+        "coords": growing_coordinates(layout),
+        "sizes": {**layout.dims(), **state.sizes},
+        "create": {name: _spec_json(spec) for name, spec in create.items()},
+        "attrs": dict(attrs),
+    }
+    _write_json_atomic(path / JOURNAL, journal)
+    replay_journal(path)
+
+
+# ----------------------------------------------------------------------------------------
+# Making a store ready for an analysis
+
+
+def ensure_store(
+    path: Path, layout: Layout, *, metrics_given: bool = True, kinds_given: bool = True,
+    access: StoreAccess | None = None,
+    validate: Callable[[Sequence[str]], None] | None = None,
 ) -> Layout:
-    """Make an existing store ready for `layout`: check it was made with the same schema,
-    metrics and kinds (adopting the store's when not given explicitly) and large enough
-    dimensions, then append the runs and steps it lacks. Returns the store's layout (its run
-    and step order). Raises StoreError, before changing anything, on a mismatch."""
+    """Create the store, or bring an existing one to hold this analysis' runs, steps, labels
+    and variables, after finishing any change an interrupted writer left. Returns the store's
+    layout (its run, step and label order). Raises StoreError, before changing anything, when
+    the store was made by another analysis; StoreReadOnly when a needed write is impossible.
+    `validate(run_names)` runs before a store is created or runs are added to it, so that a
+    refused analysis leaves nothing behind."""
+    if access is None:
+        with StoreAccess(path) as own:
+            return ensure_store(path, layout, metrics_given=metrics_given,
+                                kinds_given=kinds_given, access=own, validate=validate)
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path}: exists and is not a directory (expected a Zarr store)")
+    recover(path, access)
+    state = None
+    if path.exists() and any(path.iterdir()):
+        state = _usable_state(path, access)
+    if state is None:
+        if validate is not None:
+            validate(layout.runs)
+        access.need("create the store")
+        rebuild(path, layout, None)
+        return layout
+    return reconcile(path, layout, state, access, metrics_given=metrics_given,
+                     kinds_given=kinds_given, validate=validate)
+
+
+def _usable_state(path: Path, access: StoreAccess) -> StoreState | None:
+    """The state of the existing store; None for a dynlab store whose creation was
+    interrupted before any result (it is recreated). Repairs an array length that an older
+    dynlab left different from its coordinate's."""
     attrs = read_attrs(path)
-    if attrs.get("schema_version") != SCHEMA_VERSION:
+    schema = attrs.get("schema_version")
+    if schema != SCHEMA_VERSION:
+        # an older dynlab's store whose creation was interrupted holds nothing: recreate it
+        if isinstance(schema, int) and 0 < schema < SCHEMA_VERSION and not has_results(path):
+            return None
         raise StoreError(
             f"{path}: not a dynlab store of schema {SCHEMA_VERSION} (found "
-            f"{attrs.get('schema_version')!r}); use another -o path"
+            f"{schema!r}); use another -o path"
         )
+    try:
+        state = read_state(path)
+        missing = [n for n in ("run", "step", "kind", "analyzed") if n not in state.arrays]
+    except Exception as e:  # a half-written array
+        state, missing = None, [f"readable arrays ({e})"]
+    if missing:
+        if has_results(path):
+            raise StoreError(f"{path}: damaged store (missing {', '.join(missing)}); use "
+                             "another -o path")
+        return None  # creation was interrupted: nothing to lose, recreate
+    assert state is not None
+    if state.mismatches():  # an older dynlab was killed while growing: undo the growth
+        access.need("repair array lengths left by an interrupted analysis")
+        group = _open_group(path)
+        with quiet_zarr():
+            for name, (dims, shape) in state.arrays.items():
+                want = tuple(state.sizes.get(d, n) for d, n in zip(dims, shape, strict=True))
+                if want != shape:
+                    group[name].resize(want)
+        _consolidate(path)
+        state = read_state(path)
+    return state
+
+
+def reconcile(
+    path: Path, layout: Layout, state: StoreState, access: StoreAccess, *,
+    metrics_given: bool = True, kinds_given: bool = True,
+    validate: Callable[[Sequence[str]], None] | None = None,
+) -> Layout:
+    """Check that the store was made with the same schema, metrics and kinds (adopting the
+    store's when not given explicitly) and large enough dimensions, then add the runs, steps,
+    labels and variables it lacks. Returns the store's layout."""
+    attrs = state.attrs
     stored_metrics, stored_kinds = list(attrs["metrics"]), list(attrs["kinds"])
     problems = []
     if metrics_given and stored_metrics != list(layout.metrics):
@@ -266,12 +713,11 @@ def reconcile(
                         f"{layout.convention!r})")
     if not set(layout.kinds) <= set(stored_kinds):
         problems.append(f"kinds {stored_kinds} (these runs need {list(layout.kinds)})")
-    group = _open_group(path, "r")
     sizes = {}
     for dim, size in layout.dims().items():
         if dim in ("run", "step", "kind"):
             continue
-        sizes[dim] = group[dim].shape[0] if dim in group else 0
+        sizes[dim] = state.sizes.get(dim, 0)
         if sizes[dim] < size or (dim == "matrix" and sizes[dim] != size):
             problems.append(f"dimension {dim} of size {sizes[dim]} (these runs need {size})")
     if problems:
@@ -279,8 +725,6 @@ def reconcile(
             f"{path}: this store was made by another analysis: " + "; ".join(problems)
             + ". Use another -o path, or delete the store to start over."
         )
-    runs = [str(r) for r in group["run"][...]]
-    steps = [int(s) for s in group["step"][...]]
     configs = json.loads(attrs.get("run_configs", "{}"))
     for run in layout.runs:
         old, new = configs.get(run), layout.run_configs.get(run)
@@ -290,45 +734,63 @@ def reconcile(
                 "use another -o path"
             )
     configs.update(layout.run_configs)
-    stored = Layout(runs, steps, stored_kinds, stored_metrics, sizes["layer"], sizes["head"],
-                    sizes["sv"], sizes["head_sv"], sizes["emb_sv"], configs,
+    runs = state.coords["run"] + [r for r in layout.runs if r not in set(state.coords["run"])]
+    labels = {dim: sorted(set(state.coords.get(dim, [])) | set(layout.labels.get(dim, [])))
+              for dim in LABEL_DIMS}
+    stored = Layout(runs, sorted(set(state.coords["step"]) | set(layout.steps)), stored_kinds,
+                    stored_metrics, sizes["layer"], sizes["head"], sizes["sv"],
+                    sizes["head_sv"], sizes["emb_sv"], configs,
+                    {d: v for d, v in labels.items() if v},
                     attrs.get("convention", "dynlab"))
-    new_steps = [s for s in layout.steps if s not in set(steps)]
-    new_runs = [r for r in layout.runs if r not in set(runs)]
-    group = _open_group(path)
-    if new_steps:
-        _grow(group, "step", np.asarray(new_steps, dtype="int64"))
-    if new_runs:
-        _grow(group, "run", _names(new_runs, "run"))
-    group.attrs.update({"run_configs": json.dumps(configs, sort_keys=True),
-                        "dynlab_version": __version__})
-    _consolidate(path)
-    stored.runs, stored.steps = runs + new_runs, steps + new_steps
+    target = growing_coordinates(stored)
+    create = {n: s for n, s in template(stored_metrics, stored.labels).items()
+              if n not in state.arrays}
+    new_attrs = {"run_configs": json.dumps(configs, sort_keys=True)}
+    changed_attrs = any(attrs.get(k) != v for k, v in new_attrs.items())
+    if target == state.coords and not create and not changed_attrs:
+        return stored  # nothing to change: nothing is written
+    new_runs = [r for r in runs if r not in set(state.coords["run"])]
+    if new_runs and validate is not None:
+        validate(new_runs)
+    access.need("add " + _describe(state.coords, target, create) + " to the store")
+    prefix = all(target[d][:len(state.coords.get(d, []))] == state.coords.get(d, [])
+                 for d in target)
+    if prefix:
+        grow(path, stored, state, create, {**new_attrs, "dynlab_version": __version__})
+    else:
+        rebuild(path, stored, state)
     return stored
 
 
-def ensure_store(
-    path: Path, layout: Layout, *, metrics_given: bool = True, kinds_given: bool = True
-) -> Layout:
-    """Create the store, or reconcile an existing one with this analysis."""
-    if path.exists() and not path.is_dir():
-        raise StoreError(f"{path}: exists and is not a directory (expected a Zarr store)")
-    if path.exists() and any(path.iterdir()):
-        stored = reconcile(path, layout, metrics_given=metrics_given, kinds_given=kinds_given)
-        add_missing_variables(path, stored)
-        return stored
-    if path.exists():
-        path.rmdir()
-    create_store(path, layout)
-    return layout
+def _describe(old: Mapping[str, list], new: Mapping[str, list], create: Mapping) -> str:
+    parts = []
+    for dim, values in new.items():
+        extra = [v for v in values if v not in set(old.get(dim, []))]
+        if extra:
+            parts.append(f"{len(extra)} {dim}{'s' if len(extra) > 1 else ''}")
+    if create:
+        parts.append(f"variables {', '.join(create)}")
+    return ", ".join(parts) or "run configs"
 
 
-def create_variable(group, name: str, dims: Sequence[str], data: np.ndarray | None = None,
-                    **kwargs):
-    """An array `name` over `dims` in an open group (as the store's own variables are made:
-    `dimension_names` make it an xarray variable). kwargs: shape, chunks, dtype, fill_value,
-    attrs."""
-    return _create(group, name, dims, data, **kwargs)
+# ----------------------------------------------------------------------------------------
+# Region writes
+
+
+def create_variable(group, name: str, dims: Sequence[str], data: np.ndarray | None = None, *,
+                    shape: tuple[int, ...] | None = None, chunks: tuple[int, ...] | None = None,
+                    dtype: str = "float64", fill_value=np.nan, attrs: Mapping | None = None):
+    """An array `name` over `dims` in an open group (`dimension_names` make it an xarray
+    variable), for variables outside the template (the activation tables)."""
+    if data is not None:
+        shape, dtype = data.shape, data.dtype
+        fill_value = "" if data.dtype.kind == "U" else (np.nan if data.dtype.kind == "f" else 0)
+    arr = group.create_array(name, shape=shape, chunks=chunks or shape, dtype=dtype,
+                             fill_value=fill_value, dimension_names=tuple(dims),
+                             attributes=dict(attrs or {}))
+    if data is not None and data.size:
+        arr[...] = data
+    return arr
 
 
 def string_coordinate(values: Sequence[str], what: str) -> np.ndarray:
@@ -337,8 +799,20 @@ def string_coordinate(values: Sequence[str], what: str) -> np.ndarray:
 
 
 def grow_dimension(path: Path, dim: str, new_values: np.ndarray) -> None:
-    """Append values to coordinate `dim`, growing every variable along it (new cells empty)."""
-    _grow(_open_group(path), dim, new_values)
+    """Append values to coordinate `dim` (a dimension outside the template, such as the
+    activation tables' `target`), growing every array along it (new cells empty)."""
+    group = _open_group(path)
+    with quiet_zarr():
+        for name, arr in list(group.arrays()):
+            dims = arr.metadata.dimension_names or ()
+            if dim in dims and name != dim:
+                shape = list(arr.shape)
+                shape[dims.index(dim)] += len(new_values)
+                arr.resize(tuple(shape))
+        coord = group[dim]
+        old = coord.shape[0]
+        coord.resize((old + len(new_values),))
+        coord[old:] = new_values
     _consolidate(path)
 
 
@@ -350,25 +824,6 @@ def open_group_for_update(path: Path):
 def consolidate(path: Path) -> None:
     """Rewrite the consolidated metadata after variables or attributes changed."""
     _consolidate(path)
-
-
-def add_missing_variables(path: Path, layout: Layout) -> list[str]:
-    """Create the spectral variables a store made by an earlier dynlab lacks (e.g. the QK
-    circuit's `qk_*` / `qk_head_*`), chunked like the others and empty (NaN). Checkpoints
-    analysed before keep NaN there (`analyzed` stays 1: their other variables are complete);
-    checkpoints analysed from now on fill them. Returns the names created."""
-    group = _open_group(path)
-    sizes = {d: group[d].shape[0] for d in layout.dims() if d in group}
-    missing = [(n, d) for n, d in spectral_variables(layout.metrics).items() if n not in group]
-    if not missing:
-        return []
-    with quiet_zarr():
-        for name, dims in missing:
-            shape = tuple(sizes[d] for d in dims)
-            chunks = tuple(1 if d in ("run", "step") else sizes[d] for d in dims)
-            _create(group, name, dims, shape=shape, chunks=chunks, attrs=_variable_attrs(name))
-    _consolidate(path)
-    return [n for n, _ in missing]
 
 
 class RegionWriter:
@@ -389,112 +844,18 @@ class RegionWriter:
         for name, arr in values.items():
             self.array(name)[run_index, :, step_index] = arr
 
-    def mark_analyzed(self, run_index: int, step_index: int) -> None:
-        self.array("analyzed")[run_index, step_index] = 1
+    def write_cell(self, name: str, run_index: int, step_index: int, value) -> None:
+        """One cell of a (run, step) variable."""
+        self.array(name)[run_index, step_index] = value
+
+    def mark_analyzed(self, run_index: int, step_index: int, done: bool = True) -> None:
+        self.array("analyzed")[run_index, step_index] = 1 if done else 0
 
     def analyzed(self) -> np.ndarray:
         return np.asarray(self.array("analyzed")[...])
 
-
-def write_meta_variables(
-    path: Path, runs: Sequence[str], steps: Sequence[int], metas: Mapping[tuple[str, int], dict]
-) -> None:
-    """(Re)write the training/evaluation variables from the checkpoints' meta.json.
-
-    These are small (run × step [× domain/uid/field]) and always rewritten whole, so new
-    evaluation results (e.g. from a later `dynlab eval`) reach the store on the next analyze.
-    """
-    r_index = {r: i for i, r in enumerate(runs)}
-    s_index = {s: j for j, s in enumerate(steps)}
-    shape = (len(runs), len(steps))
-    scalars = {name: np.full(shape, np.nan) for name in META_VARIABLES}
-    labels: dict[str, list[str]] = {"domain": [], "uid": [], "field": []}
-    by_dim: dict[str, dict[tuple[int, int], Mapping]] = {"domain": {}, "uid": {}, "field": {}}
-    for (run, step), meta in metas.items():
-        if run not in r_index or step not in s_index:
-            continue
-        i, j = r_index[run], s_index[step]
-        for name in ("train_loss", "lr", "tokens", "wall_seconds", "gpu_hours", "relora_cycle"):
-            scalars[name][i, j] = _number(meta.get(name))
-        ev = meta.get("eval") or {}
-        ppl = ev.get("perplexity") or {}
-        blimp = ev.get("blimp") or {}
-        scalars["ppl_macro"][i, j] = _number(ppl.get("macro"))
-        scalars["blimp_overall"][i, j] = _number(blimp.get("overall"))
-        for dim, table in (("domain", ppl.get("by_domain")), ("uid", blimp.get("by_uid")),
-                           ("field", blimp.get("by_field"))):
-            if isinstance(table, Mapping):
-                by_dim[dim][(i, j)] = table
-                labels[dim].extend(k for k in table if k not in labels[dim])
-    group = drop_meta_variables(path)
-    with quiet_zarr():
-        for name, arr in scalars.items():
-            _create(group, name, ("run", "step"), arr,
-                    attrs={"long_name": META_VARIABLES[name]})
-        for var, (dim, long_name) in EVAL_VARIABLES.items():
-            names = sorted(labels[dim])
-            if not names:
-                continue
-            arr = np.full(shape + (len(names),), np.nan)
-            col = {n: c for c, n in enumerate(names)}
-            for (i, j), table in by_dim[dim].items():
-                for k, v in table.items():
-                    arr[i, j, col[k]] = _number(v)
-            if dim not in group:
-                _create(group, dim, (dim,), _names(names, dim))
-            _create(group, var, ("run", "step", dim), arr, attrs={"long_name": long_name})
-    _consolidate(path)
-
-
-def drop_meta_variables(path: Path):
-    """Delete the training/evaluation variables (they are rebuilt from meta.json); returns
-    the open group."""
-    group = _open_group(path)
-    with quiet_zarr():
-        for name in list(META_VARIABLES) + list(EVAL_VARIABLES) + ["domain", "uid", "field"]:
-            if name in group:
-                del group[name]
-    return group
-
-
-def metas_from_store(path: Path, exclude: set[str]) -> dict[tuple[str, int], dict]:
-    """The training/evaluation values already in the store, as meta.json-shaped dicts, for
-    the runs not in `exclude` (so rewriting the meta variables keeps them)."""
-    group = _open_group(path, "r")
-    if "train_loss" not in group:
-        return {}
-    runs = [str(r) for r in group["run"][...]]
-    steps = [int(s) for s in group["step"][...]]
-    data = {name: group[name][...] for name in list(META_VARIABLES) + list(EVAL_VARIABLES)
-            if name in group}
-    labels = {dim: [str(x) for x in group[dim][...]] for dim in ("domain", "uid", "field")
-              if dim in group}
-    out: dict[tuple[str, int], dict] = {}
-    for i, run in enumerate(runs):
-        if run in exclude:
-            continue
-        for j, step in enumerate(steps):
-            meta: dict = {n: float(data[n][i, j]) for n in
-                          ("train_loss", "lr", "tokens", "wall_seconds", "relora_cycle")}
-            ev: dict = {}
-            if "ppl" in data:
-                ev["perplexity"] = {"by_domain": _table(data["ppl"][i, j], labels["domain"]),
-                                    "macro": float(data["ppl_macro"][i, j])}
-            if "blimp" in data:
-                ev["blimp"] = {
-                    "by_uid": _table(data["blimp"][i, j], labels["uid"]),
-                    "by_field": _table(data["blimp_field"][i, j], labels["field"])
-                    if "blimp_field" in data else {},
-                    "overall": float(data["blimp_overall"][i, j]),
-                }
-            if ev:
-                meta["eval"] = ev
-            out[(run, step)] = meta
-    return out
-
-
-def _table(values: np.ndarray, labels: Sequence[str]) -> dict[str, float]:
-    return {str(k): float(v) for k, v in zip(labels, values, strict=True) if not np.isnan(v)}
+    def prev_steps(self) -> np.ndarray:
+        return np.asarray(self.array("prev_step")[...])
 
 
 def _number(value) -> float:
@@ -504,14 +865,112 @@ def _number(value) -> float:
         return math.nan
 
 
+def meta_values(meta: Mapping) -> tuple[dict[str, float], dict[str, Mapping]]:
+    """(scalar variable -> value, label dim -> {label: value}) of one checkpoint's meta.json
+    (with eval.json merged)."""
+    scalars = {name: _number(meta.get(name))
+               for name in ("train_loss", "lr", "tokens", "wall_seconds", "gpu_hours",
+                            "relora_cycle")}
+    ev = meta.get("eval") or {}
+    ppl = ev.get("perplexity") or {} if isinstance(ev, Mapping) else {}
+    blimp = ev.get("blimp") or {} if isinstance(ev, Mapping) else {}
+    ppl = ppl if isinstance(ppl, Mapping) else {}
+    blimp = blimp if isinstance(blimp, Mapping) else {}
+    scalars["ppl_macro"] = _number(ppl.get("macro"))
+    scalars["blimp_overall"] = _number(blimp.get("overall"))
+    tables = {}
+    for dim, table in (("domain", ppl.get("by_domain")), ("uid", blimp.get("by_uid")),
+                       ("field", blimp.get("by_field"))):
+        if isinstance(table, Mapping):
+            tables[dim] = table
+    return scalars, tables
+
+
+def meta_labels(metas: Mapping[tuple[str, int], Mapping]) -> dict[str, list[str]]:
+    """Sorted labels of every label dim that these checkpoints' evaluations use."""
+    labels: dict[str, set[str]] = {dim: set() for dim in LABEL_DIMS}
+    for meta in metas.values():
+        for dim, table in meta_values(meta)[1].items():
+            labels[dim].update(str(k) for k in table)
+    return {dim: sorted(v) for dim, v in labels.items() if v}
+
+
+def write_meta_regions(path: Path, layout: Layout, metas: Mapping[tuple[str, int], Mapping],
+                       access: StoreAccess) -> int:
+    """Write the training/evaluation variables of the checkpoints in `metas` (their (run,
+    step) cells only; other runs' cells are never touched). Only cells whose value differs
+    from the stored one are written. Returns the number of cells written."""
+    r_index = {r: i for i, r in enumerate(layout.runs)}
+    s_index = {s: j for j, s in enumerate(layout.steps)}
+    by_run: dict[int, list[tuple[int, Mapping]]] = {}
+    for (run, step), meta in metas.items():
+        by_run.setdefault(r_index[run], []).append((s_index[step], meta))
+    group = _open_group(path)
+    written = 0
+    with quiet_zarr():
+        for i, cells in sorted(by_run.items()):
+            cols = np.asarray([j for j, _ in cells], dtype=np.int64)
+            values = [meta_values(meta) for _, meta in cells]
+            for name in META_VARIABLES:
+                new = np.asarray([v[0][name] for v in values])
+                written += _write_changed(group[name], i, cols, new, access)
+                fault_point("store.meta")  # acts after the first (or N-th) variable
+            for var, (dim, _) in EVAL_VARIABLES.items():
+                if var not in group:
+                    continue
+                col = {k: c for c, k in enumerate(layout.labels.get(dim, []))}
+                new = np.full((len(cells), len(col)), np.nan)
+                for row, (_, tables) in enumerate(values):
+                    for k, v in (tables.get(dim) or {}).items():
+                        new[row, col[str(k)]] = _number(v)
+                written += _write_changed(group[var], i, cols, new, access)
+    return written
+
+
+def _write_changed(arr, i: int, cols: np.ndarray, new: np.ndarray, access: StoreAccess) -> int:
+    old = np.asarray(arr.get_orthogonal_selection((i, cols)))
+    differ = ~((old == new) | (np.isnan(old) & np.isnan(new)))
+    if differ.ndim > 1:
+        differ = differ.any(axis=tuple(range(1, differ.ndim)))
+    if not differ.any():
+        return 0
+    access.need(f"write {arr.basename} of {int(differ.sum())} checkpoints")
+    arr.set_orthogonal_selection((i, cols[differ]), new[differ])
+    return int(differ.sum())
+
+
+# ----------------------------------------------------------------------------------------
+# Reading
+
+
 def open_store(path: str | Path):
-    """Open an analysis store as an xarray Dataset (lazy), sorted by step."""
+    """Open an analysis store as an xarray Dataset (lazy), sorted by step. Raises StoreError
+    with a message saying what is wrong (and what to do) for a missing, interrupted or
+    damaged store."""
     import xarray as xr
 
     path = Path(path)
+    pending = pending_work(path)
     if not path.exists():
-        raise StoreError(f"{path}: no such store")
-    ds = xr.open_zarr(path, consolidated=True)
-    if "step" in ds.dims and ds.sizes["step"] > 1:
-        ds = ds.sortby("step")
+        hint = f"; {pending}: rerun `dynlab analyze` to finish it" if pending else ""
+        raise StoreError(f"{path}: no such store{hint}")
+    if not path.is_dir():
+        raise StoreError(f"{path}: not a directory (expected a Zarr store written by "
+                         "`dynlab analyze`)")
+    try:
+        with quiet_zarr(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # no consolidated metadata
+            ds = xr.open_zarr(path)
+    except Exception as e:  # zarr/xarray raise many types for a damaged store
+        hint = (f"{pending}: rerun the same `dynlab analyze` to finish it" if pending else
+                "if an analysis was interrupted while creating it, rerun the same "
+                "`dynlab analyze`")
+        raise StoreError(f"{path}: not a readable analysis store ({type(e).__name__}: {e}); "
+                         f"{hint}") from None
+    if "step" not in ds.dims or "run" not in ds.dims:
+        hint = ("its creation was interrupted: rerun the same `dynlab analyze` to create it"
+                if "schema_version" in ds.attrs else "not written by `dynlab analyze`")
+        raise StoreError(f"{path}: not an analysis store (no run and step dimensions); {hint}")
+    if ds.sizes["step"] > 1 and not bool((np.diff(ds["step"].values) > 0).all()):
+        ds = ds.sortby("step")  # stores of older dynlab versions
     return ds

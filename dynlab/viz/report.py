@@ -43,14 +43,18 @@ class Section:
 
 def open_store(path: str | Path) -> xr.Dataset:
     """Open an analysis store with dynlab.open_store (lazy, sorted by step), with a clear
-    error when the path does not exist."""
+    error when the path does not exist (FileNotFoundError) or is not a readable store
+    (dynlab.store.StoreError, saying what to do)."""
+    from dynlab.store import open_store as open_analysis_store
+    from dynlab.store import pending_work
+
     p = Path(path)
     if not p.exists():
+        pending = pending_work(p)
+        hint = f"; {pending}: rerun the same `dynlab analyze` to finish it" if pending else ""
         raise FileNotFoundError(f"store {p}: no such file or directory (expected a Zarr store "
-                                "written by `dynlab analyze`)")
-    from dynlab import open_store as _open  # the lead's reader (contracts §5)
-
-    ds = _open(p)
+                                f"written by `dynlab analyze`){hint}")
+    ds = open_analysis_store(p)
     return ds.sortby("step") if "step" in ds.dims else ds
 
 
