@@ -160,10 +160,11 @@ def checkpoint_region(
     """All spectral variables of one checkpoint (without run/step dims), and the names of the
     matrices that held NaN/Inf.
 
-    Every matrix's numerical-zero tolerance is tol = c·max(m, n)·eps·σ_1
-    (`spectral.zero_tolerance`) with eps the coarser of its storage precision (the component's
-    `eps`) and the computation's (`options.precision`); it is written as `tol` (and
-    `head_tol`, `emb_tol`) beside `max_rank`, the rank bound by construction."""
+    Every matrix's numerical-zero tolerance (`spectral.zero_tolerance`) is the larger of the
+    rounding noise of its storage precision, c·eps·S·(1/√m + 1/√n) with the component's `eps`
+    and `storage_norm` S, and the SVD's error max(m, n)·eps_c·σ_1 in the computation's
+    precision (`options.precision`); it is written as `tol` (and `head_tol`, `emb_tol`)
+    beside `max_rank`, the rank bound by construction."""
     if options.device != "cpu":  # one transfer; components are then built on the device
         ckpt = LoadedCheckpoint(ckpt.checkpoint, on_device(ckpt.weights, options.device),
                                 on_device(ckpt.grads, options.device), ckpt.meta,
@@ -173,6 +174,9 @@ def checkpoint_region(
     tables = {t: sig for t, (sig, _, _, _) in C.TABLES.items()}
     sigma = {t: torch.full(shapes[v], math.nan, dtype=torch.float64) for t, v in tables.items()}
     max_dim = {t: torch.ones(shapes[v][:-1], dtype=torch.float64) for t, v in tables.items()}
+    min_dim = {t: torch.ones(shapes[v][:-1], dtype=torch.float64) for t, v in tables.items()}
+    norm = {t: torch.full(shapes[v][:-1], math.nan, dtype=torch.float64)
+            for t, v in tables.items()}
     eps = {t: torch.full(shapes[v][:-1], math.nan, dtype=torch.float64)
            for t, v in tables.items()}
     max_rank = {t: torch.full(shapes[v][:-1], math.nan, dtype=torch.float64)
@@ -195,7 +199,9 @@ def checkpoint_region(
             cell = (k_index, *site.index)
             sigma[site.table][cell][: s.shape[0]] = s.to(torch.float64)
             max_dim[site.table][cell] = comps[site].max_dim
-            eps[site.table][cell] = max(comps[site].eps, compute_eps)
+            min_dim[site.table][cell] = comps[site].min_dim
+            norm[site.table][cell] = comps[site].storage_norm
+            eps[site.table][cell] = comps[site].eps
             max_rank[site.table][cell] = comps[site].max_rank
             if torch.isnan(s).all() and site.table not in ("qk", "qk_head"):  # q/k report it
                 bad.append(f"{kind}:{_site_name(site)}")
@@ -208,7 +214,9 @@ def checkpoint_region(
         prefix = C.TABLES[table][1]
         s = sigma[table]
         out[var] = s.numpy()
-        out[prefix + "tol"] = spectral.zero_tolerance(s, max_dim[table], eps[table]).numpy()
+        tol_args = dict(min_dim=min_dim[table], norm=norm[table], compute_eps=compute_eps)
+        out[prefix + "tol"] = spectral.zero_tolerance(s, max_dim[table], eps[table],
+                                                      **tol_args).numpy()
         out[prefix + "max_rank"] = max_rank[table].numpy()
         for m in options.metrics:
             metric = spectral.METRICS[m]
@@ -216,7 +224,7 @@ def checkpoint_region(
                 values = entry_values[(table, m)]
             else:
                 values = spectrum_metric(m, s, max_dim[table], options.convention,
-                                         eps[table])
+                                         eps[table], **tol_args)
             out[prefix + m] = values.numpy()
     return out, bad
 

@@ -26,8 +26,12 @@ QK_t − QK_prev, each a product of rank ≤ 2·hd per head.
 Every component carries the precision its entries were stored in (`stored`: for a matrix
 formed from stored tensors, the coarsest among its inputs); `eps` is that precision's machine
 epsilon, which sets the numerical-zero tolerance of its spectrum
-(`dynlab.spectral.zero_tolerance`). `max_rank` is the rank bound by construction: min(m, n)
-for a dense matrix, the inner dimension for a product of factors.
+(`dynlab.spectral.zero_tolerance`), together with `storage_norm`, the Frobenius norm S of the
+stored inputs whose rounding noise it carries: ‖X‖_F for a stored matrix,
+√(‖W_t‖_F² + ‖W_prev‖_F²) for a dense difference, `dynlab.spectral.product_noise_norm` of the
+factors for a product (`sum_of_products_norm` of the terms for a sum of products such as a
+gradient or an update of the OV circuit). `max_rank` is the rank bound by construction:
+min(m, n) for a dense matrix, the inner dimension for a product of factors.
 
 ReLoRA updates within one cycle: a checkpoint stores W_eff = W + s·B·A (rounded to float32)
 and the factors A, B. While the frozen base W is unchanged between two checkpoints,
@@ -39,6 +43,7 @@ changed by the merge) the update is the dense difference.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -93,11 +98,13 @@ class Dense:
     """A matrix given by its entries. `shape` is the true shape when `x` holds only its
     non-zero rows (singular values are then padded with zeros up to min(shape)). `stored`:
     the precision its entries (or the tensors they were formed from) were stored in; None
-    means x's own dtype."""
+    means x's own dtype. `norm`: S, the Frobenius norm of the stored inputs it was formed from
+    (√(‖W_t‖_F² + ‖W_prev‖_F²) for a difference); None means ‖x‖_F."""
 
     x: torch.Tensor
     shape: tuple[int, int]
     stored: torch.dtype | None = None
+    norm: float | None = None
 
     @property
     def rank_bound(self) -> int:
@@ -115,6 +122,15 @@ class Dense:
     def max_dim(self) -> int:
         return max(self.shape)
 
+    @property
+    def min_dim(self) -> int:
+        return min(self.shape)
+
+    @property
+    def storage_norm(self) -> float:
+        """S of the zero tolerance: `norm`, or ‖x‖_F (the matrix is itself stored)."""
+        return frobenius(self.x) if self.norm is None else self.norm
+
     def entries(self) -> torch.Tensor:
         return self.x
 
@@ -126,12 +142,16 @@ class LowRank:
     rank_bound, the length k of its spectrum, is max_rank, or min(m, n) when `full`: the
     spectrum is then padded with exact zeros, so the product is judged as the m × n matrix it
     stands for (rank max_rank of min(m, n)). `stored`: the coarsest precision among the
-    stored tensors the factors come from; None means that of left and right."""
+    stored tensors the factors come from; None means that of left and right. `norm`: S of the
+    zero tolerance; None means `dynlab.spectral.product_noise_norm` of the factors' Frobenius
+    and spectral norms (each factor a stored tensor, a concatenation of stored tensors or, for the
+    whole-layer OV circuit, a sum of stored head blocks)."""
 
     left: torch.Tensor
     right: torch.Tensor
     stored: torch.dtype | None = None
     full: bool = False
+    norm: float | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -153,6 +173,17 @@ class LowRank:
     def max_dim(self) -> int:
         return max(self.shape)
 
+    @property
+    def min_dim(self) -> int:
+        return min(self.shape)
+
+    @property
+    def storage_norm(self) -> float:
+        """S of the zero tolerance (see the class docstring)."""
+        if self.norm is not None:
+            return self.norm
+        return float(sum_of_products_norm((self.left, self.right)))
+
     def entries(self) -> torch.Tensor:
         from dynlab.spectral import matmul
 
@@ -162,17 +193,32 @@ class LowRank:
 Component = Dense | LowRank
 
 
-def dense(x: torch.Tensor, stored: torch.dtype | None = None) -> Dense:
-    return Dense(x, (x.shape[0], x.shape[1]), stored)
+def frobenius(x: torch.Tensor) -> float:
+    """‖x‖_F, in float64."""
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64))
 
 
-def drop_zero_rows(x: torch.Tensor, stored: torch.dtype | None = None) -> Dense:
+def difference_norm(cur: torch.Tensor, prev: torch.Tensor) -> float:
+    """S of a difference of two stored tensors: √(‖cur‖_F² + ‖prev‖_F²) (their independent
+    rounding errors add in quadrature)."""
+    return math.hypot(frobenius(cur), frobenius(prev))
+
+
+def dense(x: torch.Tensor, stored: torch.dtype | None = None, norm: float | None = None) -> Dense:
+    """A Dense component; `norm` (S of the zero tolerance) defaults to ‖x‖_F."""
+    return Dense(x, (x.shape[0], x.shape[1]), stored, frobenius(x) if norm is None else norm)
+
+
+def drop_zero_rows(
+    x: torch.Tensor, stored: torch.dtype | None = None, norm: float | None = None
+) -> Dense:
     """The same singular values from fewer rows: all-zero rows (e.g. the embedding gradient
-    of tokens absent from the batch) contribute nothing to σ."""
+    of tokens absent from the batch) contribute nothing to σ (nor to ‖x‖_F)."""
     nonzero = x.ne(0).any(dim=1)
     if bool(nonzero.all()):
-        return dense(x, stored)
-    return Dense(x[nonzero], (x.shape[0], x.shape[1]), stored)
+        return dense(x, stored, norm)
+    return Dense(x[nonzero], (x.shape[0], x.shape[1]), stored,
+                 frobenius(x) if norm is None else norm)
 
 
 def weight(tensors: Tensors, layer: int, matrix: str) -> torch.Tensor:
@@ -255,12 +301,14 @@ def qk_grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Co
         stored = coarsest(q.dtype, k.dtype, dq.dtype, dk.dtype)
         qs, k64 = qk_whole_factors(q, k, spec)
         dqs, dk64 = qk_whole_factors(dq, dk, spec)
-        out[Site("qk", (layer,))] = LowRank(torch.cat([qs, dqs], dim=1),
-                                            torch.cat([dk64, k64], dim=0), stored)
+        out[Site("qk", (layer,))] = LowRank(
+            torch.cat([qs, dqs], dim=1), torch.cat([dk64, k64], dim=0), stored,
+            norm=float(sum_of_products_norm((qs, dk64), (dqs, k64))))
         q_h, k_h = qk_head_factors(q.double(), k.double(), spec)
         dq_h, dk_h = qk_head_factors(dq.double(), dk.double(), spec)
         left, right = torch.cat([q_h, dq_h], dim=2), torch.cat([dk_h, k_h], dim=1)
-        for head, comp in enumerate(_head_lowrank(left, right, stored)):
+        norms = sum_of_products_norm((q_h, dk_h), (dq_h, k_h))
+        for head, comp in enumerate(_head_lowrank(left, right, stored, norms)):
             out[Site("qk_head", (layer, head))] = comp
     return out
 
@@ -278,18 +326,51 @@ def qk_update_components(w: Tensors, w_prev: Tensors, spec: ModelSpec) -> dict[S
         stored = coarsest(q.dtype, k.dtype, pq.dtype, pk.dtype)
         qs, k64 = qk_whole_factors(q, k, spec)
         pqs, pk64 = qk_whole_factors(pq, pk, spec)
-        out[Site("qk", (layer,))] = LowRank(torch.cat([qs, -pqs], dim=1),
-                                            torch.cat([k64, pk64], dim=0), stored)
+        out[Site("qk", (layer,))] = LowRank(
+            torch.cat([qs, -pqs], dim=1), torch.cat([k64, pk64], dim=0), stored,
+            norm=float(sum_of_products_norm((qs, k64), (pqs, pk64))))
         q_h, k_h = qk_head_factors(q.double(), k.double(), spec)
         pq_h, pk_h = qk_head_factors(pq.double(), pk.double(), spec)
         left, right = torch.cat([q_h, -pq_h], dim=2), torch.cat([k_h, pk_h], dim=1)
-        for head, comp in enumerate(_head_lowrank(left, right, stored)):
+        norms = sum_of_products_norm((q_h, k_h), (pq_h, pk_h))
+        for head, comp in enumerate(_head_lowrank(left, right, stored, norms)):
             out[Site("qk_head", (layer, head))] = comp
     return out
 
 
-def _head_lowrank(left: torch.Tensor, right: torch.Tensor, stored: torch.dtype) -> list[LowRank]:
-    return [LowRank(left[i], right[i], stored) for i in range(left.shape[0])]
+def sum_of_products_norm(*terms: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """S of Σ_j L_j·R_j formed from stored factors (each L_j (…, m, k_j), R_j (…, k_j, n),
+    with any leading batch dims): Σ_j `dynlab.spectral.product_noise_norm` of the pair, since
+    the rounding errors of the terms add (‖Σ_j E_j‖_2 ≤ Σ_j ‖E_j‖_2). Taking the terms
+    apart, rather than the product of the concatenated factors [L_1, L_2]·[R_1; R_2], keeps
+    the rounding of a large factor paired only with what it multiplies: in the gradient
+    O·dV + dO·V the rounding of O meets dV, never V."""
+    from dynlab.spectral import product_noise_norm
+
+    total = torch.zeros((), dtype=torch.float64)
+    for left, right in terms:
+        (m, k), n = left.shape[-2:], right.shape[-1]
+        ln = torch.linalg.vector_norm(left, dim=(-2, -1), dtype=torch.float64).cpu()
+        rn = torch.linalg.vector_norm(right, dim=(-2, -1), dtype=torch.float64).cpu()
+        total = total + product_noise_norm(ln, rn, m, k, n, spectral_norms(left),
+                                           spectral_norms(right))
+    return total
+
+
+def spectral_norms(x: torch.Tensor) -> torch.Tensor:
+    """‖x‖_2 of each matrix of a batch (…, a, b), in float64 on the CPU: √λ_max of the Gram
+    matrix of the shorter side (σ_1 is accurate on the Gram route whatever κ)."""
+    x = x.to(torch.float64)
+    gram = x @ x.mT if x.shape[-2] <= x.shape[-1] else x.mT @ x
+    return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt().cpu()
+
+
+def _head_lowrank(
+    left: torch.Tensor, right: torch.Tensor, stored: torch.dtype, norms: torch.Tensor | None = None
+) -> list[LowRank]:
+    return [LowRank(left[i], right[i], stored,
+                    norm=None if norms is None else float(norms[i]))
+            for i in range(left.shape[0])]
 
 
 def weight_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
@@ -336,10 +417,12 @@ def grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Compo
         o_sum, v64 = ov_whole_factors(o, v, spec)
         do_sum, dv64 = ov_whole_factors(do, dv, spec)
         out[Site("layer", (layer, ov_idx))] = LowRank(
-            torch.cat([o_sum, do_sum], dim=1), torch.cat([dv64, v64], dim=0), stored)
+            torch.cat([o_sum, do_sum], dim=1), torch.cat([dv64, v64], dim=0), stored,
+            norm=float(sum_of_products_norm((o_sum, dv64), (do_sum, v64))))
         left = torch.cat([o_h, do_h], dim=2)
         right = torch.cat([dv_h, v_h], dim=1)
-        for head, comp in enumerate(_head_lowrank(left, right, stored)):
+        norms = sum_of_products_norm((o_h, dv_h), (do_h, v_h))
+        for head, comp in enumerate(_head_lowrank(left, right, stored, norms)):
             out[Site("head", (layer, head))] = comp
     for e, name in enumerate(EMBEDDINGS):
         if f"{name}.weight" in g:
@@ -394,7 +477,9 @@ def relora_update(
     stored = coarsest(*(x.dtype for x in (*factors, *prev)))
     left = torch.cat([scale * factors[1].double(), -scale * prev[1].double()], dim=1)
     right = torch.cat([factors[0].double(), prev[0].double()], dim=0)
-    return LowRank(left, right, stored, full=True)
+    r = factors[1].shape[1]
+    norm = sum_of_products_norm((left[:, :r], right[:r]), (left[:, r:], right[r:]))
+    return LowRank(left, right, stored, full=True, norm=float(norm))
 
 
 def update_components(
@@ -404,7 +489,8 @@ def update_components(
     the layer). With `scale` (a relora run's s = alpha/r), a wrapped matrix whose base W is
     unchanged between the two checkpoints gets its update from the factors (`relora_update`);
     otherwise, and across a reset, the update is the dense float64 difference of the stored
-    tensors."""
+    tensors, whose zero tolerance counts the rounding of both (S = √(‖W_t‖_F² + ‖W_prev‖_F²)).
+    """
     out: dict[Site, Component] = {}
     ov_idx = MATRICES.index("ov_circuit")
     for layer in range(spec.n_layers):
@@ -414,7 +500,8 @@ def update_components(
             comp = relora_update(w, w_prev, layer, name, scale) if scale is not None else None
             if comp is None:
                 cur, prev = weight(w, layer, name), weight(w_prev, layer, name)
-                comp = dense(cur.double() - prev.double(), coarsest(cur.dtype, prev.dtype))
+                comp = dense(cur.double() - prev.double(), coarsest(cur.dtype, prev.dtype),
+                             difference_norm(cur, prev))
             out[Site("layer", (layer, j))] = comp
         if not (has(w, layer, "attention.o_proj", "attention.v_proj")
                 and has(w_prev, layer, "attention.o_proj", "attention.v_proj")):
@@ -426,19 +513,22 @@ def update_components(
         o_sum, v64 = ov_whole_factors(o, v, spec)
         po_sum, pv64 = ov_whole_factors(po, pv, spec)
         out[Site("layer", (layer, ov_idx))] = LowRank(
-            torch.cat([o_sum, -po_sum], dim=1), torch.cat([v64, pv64], dim=0), stored)
+            torch.cat([o_sum, -po_sum], dim=1), torch.cat([v64, pv64], dim=0), stored,
+            norm=float(sum_of_products_norm((o_sum, v64), (po_sum, pv64))))
         o_h, v_h = ov_head_factors(o.double(), v.double(), spec)
         po_h, pv_h = ov_head_factors(po.double(), pv.double(), spec)
         left = torch.cat([o_h, -po_h], dim=2)
         right = torch.cat([v_h, pv_h], dim=1)
-        for head, comp in enumerate(_head_lowrank(left, right, stored)):
+        norms = sum_of_products_norm((o_h, v_h), (po_h, pv_h))
+        for head, comp in enumerate(_head_lowrank(left, right, stored, norms)):
             out[Site("head", (layer, head))] = comp
     for e, name in enumerate(EMBEDDINGS):
         key = f"{name}.weight"
         if key not in w or key not in w_prev:
             continue
         out[Site("emb", (e,))] = drop_zero_rows(w[key].double() - w_prev[key].double(),
-                                                coarsest(w[key].dtype, w_prev[key].dtype))
+                                                coarsest(w[key].dtype, w_prev[key].dtype),
+                                                difference_norm(w[key], w_prev[key]))
     out.update(qk_update_components(w, w_prev, spec))
     return out
 

@@ -17,8 +17,8 @@ The closed-form α is used for every candidate (as `powerlaw` 1.x, which WeightW
 `powerlaw` 2.0 refits numerically and discards candidates whose α leaves (0, 3], an option
 WeightWatcher does not use).
 
-Eigenvalues at or below the square of the numerical-zero tolerance c·max(m, n)·eps·σ_1 of
-the matrix (`dynlab.spectral.zero_tolerance`, with the matrix's storage eps) are dropped
+Eigenvalues at or below the square of the matrix's numerical-zero tolerance
+(`dynlab.spectral.zero_tolerance`: its storage precision's rounding noise) are dropped
 (`powerlaw` drops exact zeros; numerically zero ones would be fitted as data). A spectrum
 with fewer than `MIN_EIGENVALUES` remaining eigenvalues gives NaN for every output.
 """
@@ -131,26 +131,25 @@ def fit_spectrum(sigma: np.ndarray, max_dim: float | None = None, eps: float | N
 _CACHE: dict[bytes, np.ndarray] = {}
 
 
-def _fits(sigma: torch.Tensor, max_dim: torch.Tensor | float, eps=None, c: float = 1.0
-          ) -> np.ndarray:
-    """(..., 3): alpha, ks, n_tail of every spectrum of a batch. The last batch is cached, so
-    the three metrics of one batch cost one fit."""
+def _fits(sigma: torch.Tensor, tol: torch.Tensor | float) -> np.ndarray:
+    """(..., 3): alpha, ks, n_tail of every spectrum of a batch, eigenvalues of singular
+    values at or below each matrix's numerical-zero tolerance `tol` (...) dropped
+    (`dynlab.spectral.zero_tolerance`). The last batch is cached, so the three metrics of one
+    batch cost one fit."""
     s = sigma.detach().cpu().to(torch.float64).numpy()
-    md = np.broadcast_to(np.asarray(torch.as_tensor(max_dim).cpu(), dtype=np.float64),
+    tl = np.broadcast_to(np.asarray(torch.as_tensor(tol).cpu(), dtype=np.float64),
                          s.shape[:-1])
-    ep = np.broadcast_to(np.asarray(torch.as_tensor(
-        np.finfo(np.float64).eps if eps is None else eps).cpu(), dtype=np.float64),
-        s.shape[:-1])
-    key = hashlib.sha1(s.tobytes() + md.tobytes() + ep.tobytes() + str((s.shape, c)).encode()
-                       ).digest()
+    key = hashlib.sha1(s.tobytes() + tl.tobytes() + str(s.shape).encode()).digest()
     if key in _CACHE:
         return _CACHE[key]
-    flat, dims, epss = s.reshape(-1, s.shape[-1]), md.reshape(-1), ep.reshape(-1)
+    flat, tols = s.reshape(-1, s.shape[-1]), tl.reshape(-1)
     out = np.full((flat.shape[0], 3), math.nan)
     for i, row in enumerate(flat):
         if np.isnan(row).all():
             continue
-        fit = fit_spectrum(row, float(dims[i]), float(epss[i]), c)
+        row = row[~np.isnan(row)]
+        lam = np.sort(row[row > tols[i]] ** 2) if np.isfinite(row).all() else np.empty(0)
+        fit = fit_power_law(lam)
         out[i] = (fit.alpha, fit.ks, fit.n_tail if fit.n_tail else math.nan)
     result = out.reshape(*s.shape[:-1], 3)
     _CACHE.clear()
@@ -158,20 +157,17 @@ def _fits(sigma: torch.Tensor, max_dim: torch.Tensor | float, eps=None, c: float
     return result
 
 
-def alpha(sigma: torch.Tensor, max_dim: torch.Tensor | float, eps=None, c: float = 1.0
-          ) -> torch.Tensor:
-    """Heavy-tail exponent α of each spectrum's eigenvalues σ² (NaN: too few eigenvalues);
-    eps, c: the matrices' numerical-zero tolerance c·max_dim·eps·σ_1."""
-    return torch.from_numpy(np.ascontiguousarray(_fits(sigma, max_dim, eps, c)[..., 0]))
+def alpha(sigma: torch.Tensor, tol: torch.Tensor | float) -> torch.Tensor:
+    """Heavy-tail exponent α of each spectrum's eigenvalues σ² above the numerical-zero
+    tolerance `tol` (NaN: too few eigenvalues)."""
+    return torch.from_numpy(np.ascontiguousarray(_fits(sigma, tol)[..., 0]))
 
 
-def alpha_ks(sigma: torch.Tensor, max_dim: torch.Tensor | float, eps=None, c: float = 1.0
-             ) -> torch.Tensor:
+def alpha_ks(sigma: torch.Tensor, tol: torch.Tensor | float) -> torch.Tensor:
     """The KS distance D of each α fit."""
-    return torch.from_numpy(np.ascontiguousarray(_fits(sigma, max_dim, eps, c)[..., 1]))
+    return torch.from_numpy(np.ascontiguousarray(_fits(sigma, tol)[..., 1]))
 
 
-def alpha_n_tail(sigma: torch.Tensor, max_dim: torch.Tensor | float, eps=None, c: float = 1.0
-                 ) -> torch.Tensor:
+def alpha_n_tail(sigma: torch.Tensor, tol: torch.Tensor | float) -> torch.Tensor:
     """The number of eigenvalues in each fitted tail (NaN where α is NaN)."""
-    return torch.from_numpy(np.ascontiguousarray(_fits(sigma, max_dim, eps, c)[..., 2]))
+    return torch.from_numpy(np.ascontiguousarray(_fits(sigma, tol)[..., 2]))

@@ -29,11 +29,12 @@ from dynlab.errors import InputError
 
 
 def spectrum_metric(name: str, sigma: torch.Tensor, max_dim: torch.Tensor,
-                    convention: str = "dynlab", eps: torch.Tensor | float | None = None
-                    ) -> torch.Tensor:
+                    convention: str = "dynlab", eps: torch.Tensor | float | None = None,
+                    **tol_args) -> torch.Tensor:
     """Metric `name` of spectra sigma (..., K) (descending, NaN-padded) of matrices whose
-    largest dimension is max_dim (...) and storage eps `eps` (...) (the numerical-zero
-    tolerance, `spectral.zero_tolerance`), in `convention` (dynlab.conventions: under "pico",
+    largest dimension is max_dim (...) and storage eps `eps` (...); tol_args: the rest of
+    the numerical-zero tolerance's inputs (`spectral.zero_tolerance`: min_dim, norm,
+    compute_eps, or a precomputed tol), in `convention` (dynlab.conventions: under "pico",
     cn has no tolerance). Raises InputError for a metric that needs the entries."""
     metric = spectral.METRICS[name]
     if convention == "pico" and name == "cn":
@@ -42,18 +43,7 @@ def spectrum_metric(name: str, sigma: torch.Tensor, max_dim: torch.Tensor,
         return condition_number_pico(sigma)
     if metric.from_spectrum is None:
         raise InputError(f"metric {name!r} needs the matrix entries, not only the spectrum")
-    return metric.from_spectrum(sigma, max_dim, eps)
-
-
-def storage_eps_from_tol(tol: np.ndarray, sigma: np.ndarray, max_dim: np.ndarray
-                         ) -> torch.Tensor:
-    """Each matrix's eps recovered from its stored tolerance tol = c·max(m, n)·eps·σ_1
-    (`spectral.zero_tolerance`); float64's eps where σ_1 is 0 or NaN (its metrics are NaN)."""
-    s1 = sigma[..., 0]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        eps = tol / (spectral.TOL_FACTOR * max_dim * s1)
-    ok = np.isfinite(eps) & (s1 > 0)
-    return torch.from_numpy(np.where(ok, eps, np.finfo(np.float64).eps))
+    return metric.from_spectrum(sigma, max_dim, eps, **tol_args)
 
 
 def site_max_dims(spec: ModelSpec, table: str, n_layers: int, n_heads: int,
@@ -172,12 +162,12 @@ def _recompute(
             max_dim = torch.from_numpy(np.stack([
                 site_max_dims(spec, table, layout.n_layers, layout.n_heads, kind,
                               layout.convention) for kind in layout.kinds]))
-            eps = None
+            tol_args = {}  # the tolerance analyze used, as stored (spectral.zero_tolerance)
             if f"{prefix}tol" in group:
-                eps = storage_eps_from_tol(np.asarray(group[f"{prefix}tol"][i, :, j]),
-                                           sig.numpy(), max_dim.numpy())
+                tol_args["tol"] = torch.from_numpy(
+                    np.asarray(group[f"{prefix}tol"][i, :, j], dtype=np.float64))
             for name in names:
-                values = spectrum_metric(name, sig, max_dim, layout.convention, eps)
+                values = spectrum_metric(name, sig, max_dim, layout.convention, **tol_args)
                 group[prefix + name][i, :, j] = values.numpy()
         bar()
     if "act_sigma" in group and "act_max_dim" in group:

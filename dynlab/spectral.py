@@ -17,8 +17,10 @@ Metric functions take spectra `sigma` of shape (..., K), descending and NaN-padd
 matrix's rank bound k (k = the number of non-NaN entries). A row that is entirely NaN stands
 for a matrix that held NaN/Inf: every metric of it is NaN. The rank-sensitive metrics
 (`numerical_rank`, `condition_number`, `nonzero_condition_number`, `rank_deficit`) also take
-max(m, n) and the eps of the precision the matrix was stored in, and count σ_i as zero at or
-below `zero_tolerance` = c·max(m, n)·eps·σ_1.
+the matrix's shape, the eps of the precision it was stored in and the Frobenius norm S of the
+stored inputs it was formed from, and count σ_i as zero at or below `zero_tolerance`: the
+storage precision's rounding noise c·eps·S·(1/√m + 1/√n), or the SVD's own error
+max(m, n)·eps_c·σ_1 where that is larger.
 """
 
 from __future__ import annotations
@@ -217,8 +219,8 @@ def proportional_effective_rank(sigma: torch.Tensor) -> torch.Tensor:
     return effective_rank(sigma) / rank_bound(sigma)
 
 
-#: c in the zero tolerance c · max(m, n) · eps · σ_1 (see `zero_tolerance`).
-TOL_FACTOR = 0.25
+#: c in the storage term of the zero tolerance (see `zero_tolerance`).
+TOL_FACTOR = 2.0
 
 
 def storage_eps(*dtypes: torch.dtype) -> float:
@@ -231,61 +233,142 @@ def storage_eps(*dtypes: torch.dtype) -> float:
     return max(torch.finfo(d).eps for d in dtypes)
 
 
+def noise_dim_factor(m: float | torch.Tensor, n: float | torch.Tensor) -> float | torch.Tensor:
+    """(√m + √n) / √(m·n) = 1/√m + 1/√n: the spectral norm of an m × n matrix of independent
+    zero-mean entries relative to its Frobenius norm (Bai–Yin: ‖E‖_2 ≈ rms(E)·(√m + √n), the
+    edge of the Marchenko–Pastur law, and ‖E‖_F = rms(E)·√(m·n))."""
+    return m**-0.5 + n**-0.5
+
+
+def product_noise_norm(
+    left_norm: float, right_norm: float, m: int, k: int, n: int,
+    left_spectral: float | None = None, right_spectral: float | None = None,
+) -> float:
+    """S of a product L·R (L m × k, R k × n) formed from stored factors: the Frobenius norm a
+    stored m × n matrix would need for its rounding noise to match the product's.
+
+    Rounding L and R (each entry by at most u·|x|) perturbs the product by
+    E = E_L·R + L·E_R + E_L·E_R, and ‖E_L·R‖_2 ≤ ‖E_L‖_2·‖R‖_2. With the rounding model of
+    `zero_tolerance` (‖E_X‖_2 ≈ u'·‖X‖_F·(1/√a + 1/√b) for an a × b stored X),
+        ‖E‖_2 ≲ u'·(‖L‖_F·‖R‖_2·(1/√m + 1/√k) + ‖L‖_2·‖R‖_F·(1/√k + 1/√n)),
+    which equals the stored-matrix model u'·S·(1/√m + 1/√n) for
+        S = (‖L‖_F·‖R‖_2·(1/√m + 1/√k) + ‖L‖_2·‖R‖_F·(1/√k + 1/√n)) / (1/√m + 1/√n).
+    left_norm, right_norm: Frobenius norms; left_spectral, right_spectral: spectral norms,
+    None taking the Frobenius norm (an upper bound), which gives
+    S = ‖L‖_F·‖R‖_F·(1/√m + 2/√k + 1/√n) / (1/√m + 1/√n). The 1/√k term makes the product's
+    noise larger than that of a stored matrix of the same norm: the errors are concentrated
+    in the k directions of the factors."""
+    ls = left_norm if left_spectral is None else left_spectral
+    rs = right_norm if right_spectral is None else right_spectral
+    return ((left_norm * rs * (m**-0.5 + k**-0.5) + ls * right_norm * (k**-0.5 + n**-0.5))
+            / (m**-0.5 + n**-0.5))
+
+
 def zero_tolerance(
     sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None,
-    c: float = TOL_FACTOR,
+    c: float = TOL_FACTOR, *, min_dim: int | torch.Tensor | None = None,
+    norm: float | torch.Tensor | None = None, compute_eps: float | None = None,
+    tol: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The numerical-zero tolerance of each spectrum: tol = c · max(m, n) · eps · σ_1.
+    """The numerical-zero tolerance of each spectrum of an m × n matrix (m = max_dim,
+    n = min_dim): the larger of the storage precision's rounding noise and the error of the
+    singular-value computation,
 
-    A singular value at or below tol is indistinguishable from 0 for a matrix whose entries
-    carry relative errors of eps: it counts as zero in `numerical_rank`, `condition_number`,
-    `nonzero_condition_number` and `rank_deficit`. The form is numpy.linalg.matrix_rank's
-    default (Golub & Van Loan, Matrix Computations, 4th ed., §5.4.1); what differs is eps:
-    the eps of the precision the matrix was *stored* in (`storage_eps`; for a matrix formed
-    from stored tensors, the coarsest among its inputs), not the eps of the float64 used to
-    compute its singular values. eps=None takes eps of sigma's dtype.
+        tol = max(c · eps · S · (√m + √n) / √(m·n),   max(m, n) · eps_c · σ_1).
 
-    c = 1/4 (TOL_FACTOR), chosen by measurement on a tiny real relora run (`make demo`:
-    d_model 64, 4 layers, r = 16, float32 checkpoints every 50 steps, resets every 100).
-    Within one ReLoRA cycle a wrapped matrix's update has rank ≤ 2r = 32 exactly; its dense
-    float64 difference of the stored checkpoints shows the genuine singular values (equal
-    to those computed from the factors) and below them float32 rounding noise of the
-    stored W_eff = W + s·B·A. In units of max(m, n) · eps_32 · σ_1, over the 120 matrices of
-    full rank 2r (attention.q_proj, o_proj 64 × 64 and swiglu.w_0, w_1, w_2 64 × 256 of
-    all six within-cycle updates), the largest noise singular value was 0.13
-    (attention.o_proj, layer 0, steps 550 → 600; 8.5 eps_32 · σ_1) and the smallest
-    genuine one 0.55 (attention.o_proj, layer 3, steps 50 → 100; 35 eps_32 · σ_1). c = 1/4
-    lies between them (their geometric middle is 0.27), a factor ≈ 2 from each.
-    numpy's c = 1 would count that genuine value as zero.
+    A singular value at or below tol counts as zero in `numerical_rank`, `condition_number`,
+    `nonzero_condition_number` and `rank_deficit`.
+
+    Storage term. Storing a matrix X in a precision of unit roundoff u = eps/2 perturbs each
+    entry by at most u·|x_ij|, so the perturbation E satisfies ‖E‖_2 ≤ ‖E‖_F ≤ u·‖X‖_F and,
+    by Weyl's inequality, |σ̃_i − σ_i| ≤ ‖E‖_2: no singular value below that level can be told
+    from zero. Rounding errors are independent and zero-mean, so ‖E‖_2 is far below that
+    worst case: ‖E‖_2 ≈ rms(E)·(√m + √n) (Bai–Yin; `noise_dim_factor`), about
+    u·‖X‖_F·(√m + √n)/√(3·m·n) for errors uniform in ±u·|x|. S is the Frobenius norm of the
+    STORED inputs the matrix was formed from: ‖X‖_F for a stored matrix (norm=None: the
+    spectrum's own √Σσ_i²), √(‖W_t‖_F² + ‖W_prev‖_F²) for a difference W_t − W_prev (the two
+    roundings add in quadrature), `product_noise_norm` for a product of stored factors
+    (whose exact zeros past the inner dimension are already in the spectrum; the tolerance
+    judges its non-zero part). eps: the storage precision's machine epsilon
+    (`storage_eps`); None takes sigma's dtype. min_dim None takes k, the spectrum's length.
+
+    Computation term: max(m, n)·eps_c·σ_1 is the conventional bound of the error of a
+    computed SVD (numpy.linalg.matrix_rank's default; Golub & Van Loan, Matrix Computations,
+    4th ed., §5.4.1) with eps_c the computation's precision (compute_eps; None: sigma's
+    dtype). It dominates only for matrices stored in the precision they are analysed in.
+
+    The earlier rule c·max(m, n)·eps_storage·σ_1 treated storage rounding like computation
+    error; since max(m, n)·eps_bf16 = 4 at m = 512 it reached σ_1 itself for every bf16
+    matrix of width ≥ 512 (fp16: 4096), so every real checkpoint read rank 0.
+
+    c = 2 (TOL_FACTOR), chosen by measurement on a tiny real relora run (`make demo`:
+    d_model 64, 4 layers, r = 16, float32 checkpoints every 50 steps, resets every 100, 600
+    steps). Within one ReLoRA cycle a wrapped matrix's update W_eff,t − W_eff,prev equals
+    s·(B_t·A_t − B_prev·A_prev), of rank 2r (r where B_prev = 0 just after a reset); its
+    dense float64 difference of the stored float32 checkpoints shows exactly those genuine
+    singular values (equal to the factor route's to 1e-3) and below them the rounding noise
+    of the two stored W_eff. In units of eps_32·S·(1/√m + 1/√n), S = √(‖W_t‖_F² +
+    ‖W_prev‖_F²), over the 140 within-cycle updates of attention.q_proj, o_proj (64 × 64)
+    and swiglu.w_0, w_1, w_2 (64 × 256): the largest noise value was 0.51 (swiglu.w_1,
+    layer 2, steps 450 → 500; median 0.24, as the model's 1/(2√3) = 0.29 predicts) and the
+    smallest genuine one 42 (attention.o_proj, layer 3, steps 50 → 100). The same update
+    from its stored factors (s·B_t·A_t − s·B_prev·A_prev, S the sum of the two terms'
+    `product_noise_norm`) has its smallest genuine value at 12 of its own units. c = 2 lies
+    between 0.51 and 12 (their geometric middle is 2.5), a factor 4 above the largest noise
+    value; the gap is a factor 80 on the dense route, where the former rule's units left a
+    factor 4. For products the model is an upper bound: rounding the stored factors of the
+    demo's OV-circuit updates (uniform relative errors ±u, 5 draws, 12 matrices) moved no
+    singular value by more than 0.02 of these units, since Weyl's ‖E‖_2 is reached only by
+    directions that are exactly zero in a large subspace (the dense cliff); c = 2 is
+    therefore cautious for them: a value of a product below tol may still be resolvable.
+
+    tol: a tolerance already computed by this rule (e.g. the `tol` variable of a store, for
+    metrics recomputed from stored spectra); returned as it is.
     """
+    if tol is not None:
+        return torch.as_tensor(tol, dtype=sigma.dtype, device=sigma.device)
     if eps is None:
         eps = torch.finfo(sigma.dtype).eps
-    dim = torch.as_tensor(max_dim, dtype=sigma.dtype, device=sigma.device)
-    e = torch.as_tensor(eps, dtype=sigma.dtype, device=sigma.device)
-    return c * dim * e * sigma[..., 0]
+    if compute_eps is None:
+        compute_eps = torch.finfo(sigma.dtype).eps
+    opts = dict(dtype=sigma.dtype, device=sigma.device)
+    m = torch.as_tensor(max_dim, **opts)
+    n = (rank_bound(sigma).clamp_min(1).to(sigma.dtype) if min_dim is None
+         else torch.as_tensor(min_dim, **opts))
+    s = frobenius_norm(sigma) if norm is None else torch.as_tensor(norm, **opts)
+    e = torch.as_tensor(eps, **opts)
+    storage = c * e * s * noise_dim_factor(m, n)
+    computation = m * compute_eps * sigma[..., 0]
+    return torch.maximum(storage, computation)
 
 
 def numerical_rank(
-    sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None
+    sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None,
+    *, min_dim: int | torch.Tensor | None = None, norm: float | torch.Tensor | None = None,
+    compute_eps: float | None = None, tol: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Numerical rank r = #{i : σ_i > tol}, tol = `zero_tolerance` (c · max(m, n) · eps ·
-    σ_1, eps of the storage precision). NaN for a matrix that held NaN/Inf."""
-    tol = zero_tolerance(sigma, max_dim, eps)
+    """Numerical rank r = #{i : σ_i > tol}, tol = `zero_tolerance` (the storage precision's
+    rounding noise of S, or the SVD's error). NaN for a matrix that held NaN/Inf."""
+    tol = zero_tolerance(sigma, max_dim, eps, min_dim=min_dim, norm=norm,
+                         compute_eps=compute_eps, tol=tol)
     count = (sigma > tol[..., None]).sum(-1).to(sigma.dtype)
     return _nan_where_invalid(count, sigma)
 
 
 def condition_number(
-    sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None
+    sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None,
+    *, min_dim: int | torch.Tensor | None = None, norm: float | torch.Tensor | None = None,
+    compute_eps: float | None = None, tol: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """κ = σ_1 / σ_k. +inf when σ_k = 0, where σ_k counts as 0 at or below the numerical-zero
-    tolerance c · max(m, n) · eps · σ_1 (`zero_tolerance`), so κ = inf exactly when the
-    numerical rank is below k. NaN for an all-zero matrix."""
+    tolerance (`zero_tolerance`), so κ = inf exactly when the numerical rank is below k. NaN
+    for an all-zero matrix."""
     k = rank_bound(sigma)
     idx = (k - 1).clamp_min(0).unsqueeze(-1)
     smin = torch.gather(sigma, -1, idx).squeeze(-1)
     smax = sigma[..., 0]
-    tol = zero_tolerance(sigma, max_dim, eps)
+    tol = zero_tolerance(sigma, max_dim, eps, min_dim=min_dim, norm=norm,
+                         compute_eps=compute_eps, tol=tol)
     inf = torch.full((), math.inf, dtype=sigma.dtype)
     cn = torch.where(smin > tol, smax / smin, inf)
     cn = torch.where(smax > 0, cn, torch.full((), math.nan, dtype=sigma.dtype))
@@ -293,14 +376,17 @@ def condition_number(
 
 
 def nonzero_condition_number(
-    sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None
+    sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None,
+    *, min_dim: int | torch.Tensor | None = None, norm: float | torch.Tensor | None = None,
+    compute_eps: float | None = None, tol: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """κ of the non-zero part: cn_nz = σ_1 / σ_r, r the numerical rank (`numerical_rank`).
 
     Finite for rank-deficient matrices (where κ = σ_1/σ_k is inf) and equal to κ for
     matrices of full numerical rank. NaN for an all-zero matrix (r = 0) and for a matrix
     that held NaN/Inf."""
-    r = numerical_rank(sigma, max_dim, eps)
+    r = numerical_rank(sigma, max_dim, eps, min_dim=min_dim, norm=norm, compute_eps=compute_eps,
+                       tol=tol)
     ok = torch.isfinite(r) & (r > 0)
     idx = torch.where(ok, r - 1, 0).to(torch.int64).unsqueeze(-1)
     s_r = torch.gather(sigma, -1, idx).squeeze(-1)
@@ -308,11 +394,15 @@ def nonzero_condition_number(
 
 
 def rank_deficit(
-    sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None
+    sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None,
+    *, min_dim: int | torch.Tensor | None = None, norm: float | torch.Tensor | None = None,
+    compute_eps: float | None = None, tol: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """k − r: the rank bound k (min(m, n), or a product's inner dimension) minus the
     numerical rank r. 0 for a matrix of full numerical rank; NaN for one that held NaN/Inf."""
-    return rank_bound(sigma).to(sigma.dtype) - numerical_rank(sigma, max_dim, eps)
+    r = numerical_rank(sigma, max_dim, eps, min_dim=min_dim, norm=norm, compute_eps=compute_eps,
+                       tol=tol)
+    return rank_bound(sigma).to(sigma.dtype) - r
 
 
 def stable_rank(sigma: torch.Tensor) -> torch.Tensor:
@@ -363,8 +453,9 @@ class Metric:
     name: str
     long_name: str
     definition: str
-    #: from_spectrum(sigma, max_dim, eps=None) -> values (eps: storage eps per matrix, see
-    #: `zero_tolerance`); None for entry-wise metrics
+    #: from_spectrum(sigma, max_dim, eps=None, *, min_dim=None, norm=None, compute_eps=None)
+    #: -> values (the tolerance's inputs per matrix, see `zero_tolerance`); None for
+    #: entry-wise metrics
     from_spectrum: Callable[..., torch.Tensor] | None = None
     #: from_entries(matrices) -> values; for entry-wise metrics
     from_entries: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -378,25 +469,26 @@ METRICS: dict[str, Metric] = {
     m.name: m
     for m in [
         Metric("er", "effective rank", "exp(-sum_i p_i ln p_i), p_i = sigma_i / sum_j sigma_j",
-               lambda s, d, eps=None: effective_rank(s)),
+               lambda s, d, eps=None, **_: effective_rank(s)),
         Metric("per", "proportional effective rank", "ER / k, k = rank bound (min(m, n))",
-               lambda s, d, eps=None: proportional_effective_rank(s)),
+               lambda s, d, eps=None, **_: proportional_effective_rank(s)),
         Metric("cn", "condition number",
-               "sigma_1 / sigma_k; inf if sigma_k <= tol = c*max(m,n)*eps*sigma_1 (eps of the "
-               "storage precision, see tol); NaN for zero matrix", condition_number),
+               "sigma_1 / sigma_k; inf if sigma_k <= tol (the storage precision's rounding "
+               "noise, see tol); NaN for zero matrix", condition_number),
         Metric("cn_nz", "condition number of the non-zero part",
                "sigma_1 / sigma_r, r = numerical rank; NaN for zero matrix",
                nonzero_condition_number),
         Metric("stable_rank", "stable rank", "||W||_F^2 / sigma_1^2",
-               lambda s, d, eps=None: stable_rank(s)),
+               lambda s, d, eps=None, **_: stable_rank(s)),
         Metric("spectral_norm", "spectral norm", "sigma_1",
-               lambda s, d, eps=None: spectral_norm(s)),
+               lambda s, d, eps=None, **_: spectral_norm(s)),
         Metric("frobenius_norm", "Frobenius norm", "sqrt(sum_i sigma_i^2)",
-               lambda s, d, eps=None: frobenius_norm(s)),
+               lambda s, d, eps=None, **_: frobenius_norm(s)),
         Metric("nuclear_norm", "nuclear norm", "sum_i sigma_i",
-               lambda s, d, eps=None: nuclear_norm(s)),
+               lambda s, d, eps=None, **_: nuclear_norm(s)),
         Metric("numerical_rank", "numerical rank",
-               "#{i: sigma_i > tol}, tol = c*max(m,n)*eps*sigma_1 (eps: storage precision)",
+               "#{i: sigma_i > tol}, tol = max(c*eps*S*(1/sqrt(m)+1/sqrt(n)), "
+               "max(m,n)*eps_c*sigma_1) (see tol)",
                numerical_rank),
         Metric("rank_deficit", "rank deficit", "k - numerical rank, k = rank bound",
                rank_deficit),
@@ -419,12 +511,13 @@ def _heavy_tail_metrics() -> list[Metric]:
                "continuous power-law MLE 1 + n/sum ln(x/xmin) on the tail with the KS-minimal "
                f"xmin (Clauset et al. 2009); NaN below {heavytail.MIN_EIGENVALUES} eigenvalues; "
                "eigenvalues of sigma <= tol dropped",
-               lambda s, d, eps=None: heavytail.alpha(s, d, eps, TOL_FACTOR)),
+               lambda s, d, eps=None, **kw: heavytail.alpha(s, zero_tolerance(s, d, eps, **kw))),
         Metric("alpha_ks", "KS distance of the heavy-tail fit",
                "max |F(x) - C(x)| over the tail, F the fitted power-law CDF",
-               lambda s, d, eps=None: heavytail.alpha_ks(s, d, eps, TOL_FACTOR)),
+               lambda s, d, eps=None, **kw: heavytail.alpha_ks(s, zero_tolerance(s, d, eps, **kw))),
         Metric("alpha_n_tail", "eigenvalues in the heavy-tail fit", "#{sigma^2 >= xmin}",
-               lambda s, d, eps=None: heavytail.alpha_n_tail(s, d, eps, TOL_FACTOR)),
+               lambda s, d, eps=None, **kw: heavytail.alpha_n_tail(
+                   s, zero_tolerance(s, d, eps, **kw))),
         Metric("inf_norm", "largest absolute entry", "max_ij |w_ij| (pico-analyze's 'inf')",
                from_entries=max_abs_entry),
     ]

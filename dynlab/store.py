@@ -176,11 +176,15 @@ def _variable_attrs(name: str) -> dict:
         return {"long_name": METRICS[base].long_name, "definition": METRICS[base].definition}
     if base == "tol":
         return {"long_name": "numerical-zero tolerance of the spectrum",
-                "definition": "tol = c*max(m,n)*eps*sigma_1; sigma_i <= tol counts as zero in "
-                              "numerical_rank, cn, cn_nz and rank_deficit; eps = the coarser "
-                              "of the machine epsilon of the precision the matrix (or, for a "
-                              "matrix formed from stored tensors, its inputs) was stored in and "
-                              "of the analysis precision",
+                "definition": "tol = max(c*eps*S*(1/sqrt(m)+1/sqrt(n)), max(m,n)*eps_c*sigma_1)"
+                              "; sigma_i <= tol counts as zero in numerical_rank, cn, cn_nz "
+                              "and rank_deficit. The first term is the rounding noise of the "
+                              "storage precision (eps: machine epsilon of the coarsest "
+                              "precision the matrix or the tensors it was formed from were "
+                              "stored in; S: Frobenius norm of those stored inputs, "
+                              "sqrt(|W_t|_F^2+|W_prev|_F^2) for a difference, a bound from "
+                              "the factors' norms for a product), the second the SVD's error "
+                              "in the analysis precision (eps_c)",
                 "c": TOL_FACTOR}
     if base == "max_rank":
         return {"long_name": "rank bound by construction",

@@ -36,9 +36,12 @@ F64_EPS = float(np.finfo(np.float64).eps)
 F32_EPS = float(np.finfo(np.float32).eps)
 
 
-def ref_metrics(w: np.ndarray, k: int | None = None, eps: float = F64_EPS) -> dict[str, float]:
+def ref_metrics(w: np.ndarray, k: int | None = None, eps: float = F64_EPS,
+                norm: float | None = None) -> dict[str, float]:
     """er, per, cn of a dense matrix; k = rank bound (default min(m, n)); eps of the
-    precision the matrix (or its inputs) was stored in: σ ≤ c·max(m, n)·eps·σ_1 is zero."""
+    precision the matrix (or its inputs) was stored in, norm the Frobenius norm S of those
+    stored inputs (default ‖w‖_F): σ ≤ max(c·eps·S·(1/√m + 1/√n), max(m, n)·eps_64·σ_1) is
+    zero."""
     w = np.asarray(w, dtype=np.float64)
     if not np.isfinite(w).all():
         return {"er": math.nan, "per": math.nan, "cn": math.nan}
@@ -50,9 +53,21 @@ def ref_metrics(w: np.ndarray, k: int | None = None, eps: float = F64_EPS) -> di
     p = s / s.sum()
     nz = p[p > 0]
     er = math.exp(-(nz * np.log(nz)).sum())
-    tol = TOL_C * max(w.shape) * eps * s[0]
+    norm = float(np.linalg.norm(w)) if norm is None else norm
+    m, n = w.shape
+    tol = max(TOL_C * eps * norm * (m**-0.5 + n**-0.5), max(m, n) * F64_EPS * s[0])
     cn = math.inf if s[-1] <= tol else s[0] / s[-1]
     return {"er": er, "per": er / k, "cn": cn}
+
+
+def product_norm(left: np.ndarray, right: np.ndarray) -> float:
+    """S of the product left·right of stored factors (m × k, k × n), written out:
+    (‖L‖_F‖R‖_2(1/√m + 1/√k) + ‖L‖_2‖R‖_F(1/√k + 1/√n)) / (1/√m + 1/√n)."""
+    (m, k), n = left.shape, right.shape[1]
+    lf, rf = np.linalg.norm(left), np.linalg.norm(right)
+    l2, r2 = np.linalg.norm(left, 2), np.linalg.norm(right, 2)
+    return float((lf * r2 * (m**-0.5 + k**-0.5) + l2 * rf * (k**-0.5 + n**-0.5))
+                 / (m**-0.5 + n**-0.5))
 
 
 def assert_metric(got: float, ref: float, name: str) -> None:
@@ -161,7 +176,9 @@ def test_grads_updates_embeddings_equal_scipy(store, runs):
         sel = dict(run="dec", step=200, layer=layer, matrix=matrix)
         assert_metric(float(store.per.sel(kind="grads", **sel)), ref_metrics(g2[name])["per"], name)
         assert_metric(float(store.cn.sel(kind="updates", **sel)),
-                      ref_metrics(w2[name] - w1[name], eps=F32_EPS)["cn"], name)
+                      ref_metrics(w2[name] - w1[name], eps=F32_EPS,
+                                  norm=math.hypot(np.linalg.norm(w2[name]),
+                                                  np.linalg.norm(w1[name])))["cn"], name)
     for emb in ("embedding_proj", "de_embedding_proj"):
         ref = ref_metrics(w2[f"{emb}.weight"] - w1[f"{emb}.weight"])
         got = float(store.emb_per.sel(run="dec", kind="updates", step=200, embedding=emb))
@@ -195,9 +212,27 @@ def test_ov_circuits_equal_scipy(store, runs):
             "updates": (sum(o @ v for o, v in heads) - sum(o @ v for o, v in prev),
                         min(SPEC.d_model, 2 * kv * hd)),
         }
+        # S from the factors O_sum (Σ of each group's O_h) and v_proj, summed over the terms
+        # of O·dV + dO·V (grads) and O·V − O_prev·V_prev (updates)
+        def o_sum(hs):
+            g = SPEC.n_heads // kv
+            return np.concatenate([sum(hs[i][0] for i in range(j * g, (j + 1) * g))
+                                   for j in range(kv)], axis=1)
+
+        def v_all(hs):
+            g = SPEC.n_heads // kv
+            return np.concatenate([hs[j * g][1] for j in range(kv)], axis=0)
+
+        norms = {
+            "weights": product_norm(o_sum(heads), v_all(heads)),
+            "grads": (product_norm(o_sum(heads), v_all(grads))
+                      + product_norm(o_sum(grads), v_all(heads))),
+            "updates": (product_norm(o_sum(heads), v_all(heads))
+                        + product_norm(o_sum(prev), v_all(prev))),
+        }
         for kind, (mat, k) in wholes.items():
             assert np.linalg.matrix_rank(mat) <= k
-            ref = ref_metrics(mat, k, eps=F32_EPS)
+            ref = ref_metrics(mat, k, eps=F32_EPS, norm=norms[kind])
             for metric in ("per", "cn", "er"):
                 got = float(store[metric].sel(kind=kind, matrix="ov_circuit", **sel))
                 assert_metric(got, ref[metric], f"whole OV {kind} {metric}")
@@ -228,7 +263,8 @@ def test_lora_products_equal_scipy(store, runs):
     scale = 8 / 4
     for matrix in ("attention.q_proj", "swiglu.w_2"):
         b, a = w[f"layers.1.{matrix}.lora_B"], w[f"layers.1.{matrix}.lora_A"]
-        ref = ref_metrics(scale * b @ a, k=4, eps=float(torch.finfo(torch.bfloat16).eps))
+        ref = ref_metrics(scale * b @ a, k=4, eps=float(torch.finfo(torch.bfloat16).eps),
+                          norm=product_norm(scale * b, a))
         sel = dict(run="rel", kind="lora", step=150, layer=1, matrix=matrix)
         for metric in ("per", "cn"):
             assert_metric(float(store[metric].sel(**sel)), ref[metric], f"lora {matrix}")
@@ -300,6 +336,7 @@ def test_interrupted_analysis_resumes_to_the_same_store(runs, tmp_path):
     xr.testing.assert_identical(a, b)
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_to_the_same_store(runs, tmp_path):
     """A real SIGKILL in the middle of `dynlab analyze`, then a rerun."""
     dec, rel = runs
@@ -344,6 +381,7 @@ def test_nan_weights_give_nan_metrics_and_a_warning(tmp_path):
     assert res.returncode == 0 and "NaN/Inf" in res.stderr
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_give_clear_errors(tmp_path):
     run = make_run(tmp_path / "r", SPEC, [0, 5], grads=False)
     weights = run / "checkpoints" / "step_5" / "weights.safetensors"

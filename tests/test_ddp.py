@@ -19,6 +19,8 @@ import dynlab
 from dynlab.train import ddp
 from dynlab.train.checkpointing import complete_checkpoints, read_metrics
 
+pytestmark = pytest.mark.slow  # real torchrun processes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # tiny model, one thread per process; lr 3e-4 and s = alpha / r = 2 keep Adam's amplification

@@ -9,6 +9,8 @@ from dynlab.checkpoints import ModelSpec
 from dynlab.distributed import parse_scheduler
 from dynlab.synthetic import make_run
 
+pytestmark = pytest.mark.slow  # starts a Dask LocalCluster
+
 SPEC = ModelSpec(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=48,
                  vocab_size=64)
 

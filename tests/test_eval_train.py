@@ -17,6 +17,8 @@ from dynlab.data.grammar import generate_corpus, heldout_domains, minimal_pairs
 from dynlab.eval import EvalData, evaluate
 from dynlab.model import ModelConfig, PicoDecoder
 
+pytestmark = pytest.mark.slow  # trains a micro model for its fixture
+
 EOT = "<|endoftext|>"
 STEPS, BATCH, SEQ, LR = 300, 16, 48, 4e-3
 SNAPSHOTS = (0, 40, STEPS)

@@ -91,9 +91,10 @@ def test_batched_metrics_equal_single_fits():
     sigma = torch.full((3, 40), math.nan, dtype=torch.float64)
     for i, r in enumerate(rows):
         sigma[i, : r.size] = torch.from_numpy(np.sort(r)[::-1].copy())
-    max_dim = torch.tensor([40.0, 25.0, 1.0])
-    a, ks, nt = H.alpha(sigma, max_dim), H.alpha_ks(sigma, max_dim), H.alpha_n_tail(sigma,
-                                                                                     max_dim)
+    # the tolerance fit_spectrum uses by default: k·eps·σ_1 (k the number of singular values)
+    eps = np.finfo(np.float64).eps
+    tol = torch.tensor([r.size * eps * r.max() for r in rows] + [0.0], dtype=torch.float64)
+    a, ks, nt = H.alpha(sigma, tol), H.alpha_ks(sigma, tol), H.alpha_n_tail(sigma, tol)
     for i, r in enumerate(rows):
         fit = H.fit_spectrum(r)
         assert (a[i].item(), ks[i].item(), nt[i].item()) == (fit.alpha, fit.ks, fit.n_tail)

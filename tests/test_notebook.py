@@ -18,6 +18,8 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "explore.ipynb
 # Appended by the test only: reports the notebook's own variables as one JSON line.
 PROBE = """
 import json as _json
+
+pytestmark = pytest.mark.slow  # starts a notebook kernel
 print("PROBE" + _json.dumps({
     "layer_mean": np.where(np.isfinite(layer_mean.values), layer_mean.values, -1).tolist(),
     "runs": runs, "base": base, "max_abs_diff": max_abs_diff,

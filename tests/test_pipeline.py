@@ -14,6 +14,8 @@ import scipy.linalg
 import xarray as xr
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # trains a relora run and spawns CLI processes
+
 BIN = Path(sys.executable).parent / "dynlab"
 
 

@@ -428,6 +428,7 @@ def test_relora_saves_no_more_activations_than_the_decoder():
     assert relora <= 1.02 * decoder
 
 
+@pytest.mark.slow
 def test_relora_under_torch_compile_is_one_graph_and_matches_eager():
     """torch.compile traces the plain formulation: no graph break with LoRA dropout, and with
     dropout 0 the compiled output and gradients equal eager (the memory-efficient branch)."""

@@ -19,6 +19,8 @@ import viz_fixtures as fx  # noqa: E402
 from dynlab.viz import figures as F  # noqa: E402
 from dynlab.viz import report as R  # noqa: E402
 
+pytestmark = pytest.mark.slow  # starts Chromium
+
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]

@@ -176,7 +176,16 @@ def test_report_from_hf_store(hf_runs, tmp_path):
     by_title = {s.title: s for s in sections}
     for title in ("PER of weights", "Condition number of weights and updates",
                   "PER of weights, layer by layer", "Spectrum evolution"):
-        assert by_title[title].figure is not None and by_title[title].notes == [], title
+        assert by_title[title].figure is not None, title
+        if not title.startswith("Condition number"):
+            assert by_title[title].notes == [], title
+    # The Pythia-style fixture is stored in bf16 (eps 2^-7): its rounding cannot resolve the
+    # smallest singular values of the OV products or of a few optimizer steps' updates, so
+    # those condition numbers are honestly infinite (rank-deficient at the storage precision)
+    # and the figure says so; the float32 Llama and GPT-2 runs draw every value.
+    cn_notes = by_title["Condition number of weights and updates"].notes
+    assert cn_notes and all(n.startswith("gpt_neox") and ("rank-deficient" in n or "no finite cn"
+                                                           in n) for n in cn_notes), cn_notes
     upd = by_title["PER of updates and gradients"]
     assert upd.figure is not None and all("'grads' not in store" in n for n in upd.notes)
     names = {t.name for t in by_title["PER of weights"].figure.data}

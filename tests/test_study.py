@@ -356,6 +356,7 @@ def _train(kind, out, **opts):
     return train(kind, out=str(out), **opts)
 
 
+@pytest.mark.slow
 def test_study_config_trains_on_local_rows(dataset, tmp_path):
     """`configs/study/relora-tiny.yaml` as it is (the study's 11.7 M-parameter model, vocabulary
     50 304, paper-compat) trains a few steps on CPU on a local parquet dataset and tokenizer

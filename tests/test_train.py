@@ -203,6 +203,7 @@ def test_relora_interrupted_and_resumed_reproduces_loss_curve(tmp_path):
     assert json.loads((part / "checkpoints/step_14/meta.json").read_text())["relora_cycle"] == 3
 
 
+@pytest.mark.slow
 def test_decoder_killed_subprocess_resumes_exactly(tmp_path):
     """A real `dynlab train decoder` process killed with SIGKILL mid-run, then --resume."""
     opts = ["--d-model", "16", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
