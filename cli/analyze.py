@@ -20,8 +20,9 @@ def analyze(
     metrics: str | None = typer.Option(
         None, "--metrics", "-m",
         help="Comma list of er, per, cn, cn_nz, stable_rank, spectral_norm, frobenius_norm, "
-        "nuclear_norm, numerical_rank, rank_deficit, hoyer, gini; or 'all'. Default: all (or, "
-        "for an existing store, the store's).",
+        "nuclear_norm, numerical_rank, rank_deficit, hoyer, gini, alpha, alpha_ks, "
+        "alpha_n_tail, inf_norm; or 'all'. Default: all (or, for an existing store, the "
+        "store's).",
     ),
     kinds: str | None = typer.Option(
         None, "--kinds", "-k",
@@ -37,6 +38,30 @@ def analyze(
         None, min=1, help="CPU threads for torch (default: torch's, one per core)."
     ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    activations: bool | None = typer.Option(
+        None, "--activations/--no-activations",
+        help="Analyse the checkpoints' saved activations (default: when they have them).",
+    ),
+    activations_data: str | None = typer.Option(
+        None, "--activations-data",
+        help="Compute every checkpoint's activations now on a fixed batch of this data "
+        "(.txt/.jsonl, or 'default': the embedded corpus), for runs saved without them.",
+    ),
+    activation_positions: str = typer.Option(
+        "sample:16", "--activation-positions",
+        help="With --activations-data: last, all or sample:N positions per sequence."),
+    activations_batch: int = typer.Option(
+        16, "--activations-batch", min=1, help="With --activations-data: sequences."),
+    convention: str = typer.Option(
+        "dynlab", "--convention",
+        help="dynlab (default) or pico: pico-analyze's OV matrices (V_g·O_h, concatenated "
+        "heads; dense gradient products) and condition number (no tolerance).",
+    ),
+    target: str | None = typer.Option(
+        None, "--target",
+        help="What activations are compared with (CKA, SVCCA, PWCCA): final (default), "
+        "first, previous, STEP or RUN@STEP; a comma list for several.",
+    ),
     # ---- sources (dynlab.sources)
     fmt: str | None = typer.Option(
         None, "--format", help="Force the source format: dynlab, pico-train, relora-pico, hf "
@@ -97,6 +122,9 @@ def analyze(
         else:
             path = run_analysis(
                 runs, out, metrics=metrics, kinds=kinds, device=device, precision=precision,
-                scheduler=scheduler, progress=progress, wait=wait, **source_options,
+                scheduler=scheduler, progress=progress, activations=activations,
+                target=target, convention=convention, activations_data=activations_data,
+                activation_positions=activation_positions, activations_batch=activations_batch,
+                wait=wait, **source_options,
             )
     print(path)

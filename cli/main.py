@@ -10,6 +10,8 @@ import typer
 
 from dynlab_cli import analyze as _analyze
 from dynlab_cli import evaluate as _evaluate
+from dynlab_cli import export as _export
+from dynlab_cli import recompute as _recompute
 from dynlab_cli import train as _train
 from dynlab_cli import viz as _viz
 
@@ -25,6 +27,8 @@ app.add_typer(_train.app, name="train")
 app.command("eval")(_evaluate.evaluate)
 app.command("plot")(_viz.plot)
 app.command("report")(_viz.report)
+app.command("recompute")(_recompute.recompute)
+app.command("export")(_export.export)
 
 
 @app.command()

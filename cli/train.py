@@ -45,7 +45,11 @@ CONFIG = typer.Option(None, "--config", help="YAML file holding any of these opt
 RESUME = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing run in --out.")
 ACTS = typer.Option(False, "--save-activations",
-                    help="Also save each linear module's last-token outputs.")
+                    help="Also save each linear module's and each block's outputs "
+                    "(at --activation-positions) on the learning-dynamics batch.")
+POSITIONS = typer.Option(None, "--activation-positions",
+                         help="Token positions kept by --save-activations: last (default), "
+                         "all, or sample:N (N seeded positions per sequence).")
 EVAL_EVERY = typer.Option(None, "--eval-every", min=0,
                           help="Steps between evaluations (default: checkpoint interval; 0: off).")
 EVAL_PPL = typer.Option(None, "--eval-ppl", help="Held-out text for perplexity (dynlab eval).")
@@ -184,6 +188,7 @@ def decoder(
     device: str | None = DEVICE, threads: int | None = THREADS, seed: int | None = SEED,
     config: Path | None = CONFIG,
     resume: bool = RESUME, overwrite: bool = OVERWRITE, save_activations: bool = ACTS,
+    activation_positions: str | None = POSITIONS,
     eval_every: int | None = EVAL_EVERY, eval_ppl: str | None = EVAL_PPL,
     eval_blimp: str | None = EVAL_BLIMP, grad_accum: int | None = ACCUM,
     compile: bool = COMPILE, log_every: int | None = LOG_EVERY, stop_at: int | None = STOP_AT,
@@ -210,6 +215,7 @@ def relora(
     device: str | None = DEVICE, threads: int | None = THREADS, seed: int | None = SEED,
     config: Path | None = CONFIG,
     resume: bool = RESUME, overwrite: bool = OVERWRITE, save_activations: bool = ACTS,
+    activation_positions: str | None = POSITIONS,
     eval_every: int | None = EVAL_EVERY, eval_ppl: str | None = EVAL_PPL,
     eval_blimp: str | None = EVAL_BLIMP, grad_accum: int | None = ACCUM,
     compile: bool = COMPILE, log_every: int | None = LOG_EVERY, stop_at: int | None = STOP_AT,

@@ -30,7 +30,10 @@ from dynlab.checkpoints import (
     Run,
     prefetch,
 )
+from dynlab.conventions import apply as apply_convention
+from dynlab.conventions import check_convention, head_sv_size
 from dynlab.faults import fault_point
+from dynlab.recompute import spectrum_metric
 from dynlab.sources import (
     load_source_checkpoint,
     load_source_weights,
@@ -59,6 +62,7 @@ class Options:
     kinds: tuple[str, ...]
     device: str = "cpu"
     precision: str = "float64"
+    convention: str = "dynlab"  # dynlab.conventions
 
     @property
     def dtype(self) -> torch.dtype:
@@ -167,7 +171,7 @@ def checkpoint_region(
                                 on_device(ckpt.train_grads, options.device))
         prev_weights = on_device(prev_weights, options.device)
     shapes = region_shapes(layout)
-    tables = {"layer": "sigma", "head": "head_sigma", "emb": "emb_sigma"}
+    tables = {t: sig for t, (sig, _, _, _) in C.TABLES.items()}
     sigma = {t: torch.full(shapes[v], math.nan, dtype=torch.float64) for t, v in tables.items()}
     max_dim = {t: torch.ones(shapes[v][:-1], dtype=torch.float64) for t, v in tables.items()}
     min_dim = {t: torch.ones(shapes[v][:-1], dtype=torch.float64) for t, v in tables.items()}
@@ -186,6 +190,8 @@ def checkpoint_region(
     bad: list[str] = []
     for k_index, kind in enumerate(layout.kinds):
         comps = kind_components(kind, run, ckpt, prev_weights)
+        comps = apply_convention(options.convention, kind, comps, run.spec, ckpt.weights,
+                                 ckpt.grads, prev_weights)
         if not comps:
             continue
         spectra = component_spectra(comps, device=options.device, dtype=options.dtype)
@@ -197,7 +203,7 @@ def checkpoint_region(
             norm[site.table][cell] = comps[site].storage_norm
             eps[site.table][cell] = comps[site].eps
             max_rank[site.table][cell] = comps[site].max_rank
-            if torch.isnan(s).all():
+            if torch.isnan(s).all() and site.table not in ("qk", "qk_head"):  # q/k report it
                 bad.append(f"{kind}:{_site_name(site)}")
         for m in entrywise:
             fn = spectral.METRICS[m].from_entries
@@ -205,7 +211,7 @@ def checkpoint_region(
                 entry_values[(site.table, m)][(k_index, *site.index)] = fn(comp.entries()).cpu()
     out: dict[str, np.ndarray] = {}
     for table, var in tables.items():
-        prefix = {"layer": "", "head": "head_", "emb": "emb_"}[table]
+        prefix = C.TABLES[table][1]
         s = sigma[table]
         out[var] = s.numpy()
         tol_args = dict(min_dim=min_dim[table], norm=norm[table], compute_eps=compute_eps)
@@ -217,7 +223,8 @@ def checkpoint_region(
             if metric.entrywise:
                 values = entry_values[(table, m)]
             else:
-                values = metric.from_spectrum(s, max_dim[table], eps[table], **tol_args)
+                values = spectrum_metric(m, s, max_dim[table], options.convention,
+                                         eps[table], **tol_args)
             out[prefix + m] = values.numpy()
     return out, bad
 
@@ -227,6 +234,10 @@ def _site_name(site: C.Site) -> str:
         return f"layers.{site.index[0]}.{C.MATRICES[site.index[1]]}"
     if site.table == "head":
         return f"layers.{site.index[0]}.ov_circuit.head{site.index[1]}"
+    if site.table == "qk":
+        return f"layers.{site.index[0]}.qk_circuit"
+    if site.table == "qk_head":
+        return f"layers.{site.index[0]}.qk_circuit.head{site.index[1]}"
     return C.EMBEDDINGS[site.index[0]]
 
 
@@ -267,7 +278,8 @@ def parse_kinds(spec: str | Sequence[str] | None, runs: Sequence[Run]) -> tuple[
     return tuple(n for n in C.KINDS if n in names)
 
 
-def plan_layout(runs: Sequence[Run], metrics: Sequence[str], kinds: Sequence[str]) -> Layout:
+def plan_layout(runs: Sequence[Run], metrics: Sequence[str], kinds: Sequence[str],
+                convention: str = "dynlab") -> Layout:
     specs = [r.spec for r in runs]
     steps = sorted({c.step for r in runs for c in r.checkpoints})
     return Layout(
@@ -278,9 +290,10 @@ def plan_layout(runs: Sequence[Run], metrics: Sequence[str], kinds: Sequence[str
         n_layers=max(s.n_layers for s in specs),
         n_heads=max(s.n_heads for s in specs),
         n_sv=max(s.d_model for s in specs),
-        n_head_sv=max(min(s.d_model, 2 * s.head_dim) for s in specs),
+        n_head_sv=max(head_sv_size(convention, s) for s in specs),
         n_emb_sv=max(min(s.d_model, s.vocab_size) for s in specs),
         run_configs={r.name: r.config for r in runs},
+        convention=convention,
     )
 
 
@@ -358,6 +371,12 @@ def analyze(
     keep_downloads: bool = False,
     cache_dir: str | Path | None = None,
     grads_data: Mapping | None = None,
+    activations: bool | None = None,
+    target: str | Sequence[str] | None = None,
+    convention: str = "dynlab",
+    activations_data: str | None = None,
+    activation_positions: str = "sample:16",
+    activations_batch: int = 16,
     wait: bool | float = False,
 ) -> Path:
     """Analyse every complete checkpoint of `runs` into the Zarr store `out` and return its path.
@@ -372,9 +391,20 @@ def analyze(
     processes) or a Dask scheduler address "tcp://HOST:PORT". grads_data: {path, batch_size,
     seq_len, tokenizer} to recompute every checkpoint's `grads` on that fixed batch
     (`dynlab.sources.grads`).
+    activations: analyse the checkpoints' activations (dynlab.activations) — None: when
+    they have them; target: what they are compared with (final, first, previous, STEP,
+    RUN@STEP; default final). convention: "dynlab" or "pico" (pico-analyze's OV matrices
+    and condition number, dynlab.conventions); a store holds one convention.
+    activations_data: compute the activations of every checkpoint now, on `activations_batch`
+    sequences of this data (.txt/.jsonl or "default") at `activation_positions`, for runs
+    saved without them (dynlab.activations.analyze_activations).
     The store is locked for the whole analysis (`dynlab.storelock`): another writer raises
     StoreBusy, or waits `wait` seconds (True: for ever) for it.
     """
+    from dynlab.activations import parse_targets
+
+    targets = parse_targets(target)
+    check_convention(convention)
     metric_names = spectral.parse_metrics(metrics)
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -390,7 +420,7 @@ def analyze(
     kind_names = parse_kinds(kinds, found)
     options = Options(metric_names, kind_names, resolve_device(device), precision)
     path = Path(out) if out is not None else default_store_path(found)
-    wanted = plan_layout(found, metric_names, kind_names)
+    wanted = plan_layout(found, metric_names, kind_names, convention)
     metas = {(r.name, c.step): c.meta() for r in found for c in r.checkpoints}
     wanted.labels = meta_labels(metas)
     with StoreAccess(path, wait=wait) as access:
@@ -402,7 +432,8 @@ def analyze(
                               kinds_given=kinds is not None, access=access,
                               validate=lambda names: validate_first(
                                   [r for r in found if r.name in names], kind_names))
-        options = Options(tuple(layout.metrics), tuple(layout.kinds), options.device, precision)
+        options = Options(tuple(layout.metrics), tuple(layout.kinds), options.device, precision,
+                          convention)
         write_meta_regions(path, layout, metas, access)
         writer = RegionWriter(path)
         tasks = plan_tasks(found, layout, writer.analyzed(), writer.prev_steps())
@@ -415,6 +446,10 @@ def analyze(
         else:
             run_tasks_serial(tasks, writer, layout, options, progress=progress,
                              on_checkpoint=_releasing(on_checkpoint))
+        if activations is not False:
+            analyze_activation_hook(found, path, layout, targets, required=bool(activations),
+                                    data=activations_data, positions=activation_positions,
+                                    n_seq=activations_batch)
     return path
 
 
@@ -430,6 +465,21 @@ def _releasing(on_checkpoint: Callable[[Task], None] | None) -> Callable[[Task],
         release(task.run, task.checkpoint)
 
     return done
+
+
+def analyze_activation_hook(runs: Sequence[Run], path: Path, layout: Layout,
+                            targets: Sequence[str], *, required: bool, data: str | None = None,
+                            positions: str = "sample:16", n_seq: int = 16) -> None:
+    """The activation analysis (dynlab.activations) after the parameter analysis."""
+    from dynlab.activations import activation_steps, analyze_activations
+    from dynlab.errors import InputError
+
+    if data is not None or activation_steps(runs):
+        analyze_activations(runs, path, layout.metrics, targets, data=data,
+                            positions=positions, n_seq=n_seq)
+    elif required:
+        raise InputError("--activations: no checkpoint of these runs has "
+                         "activations.safetensors (train with --save-activations)")
 
 
 def validate_first(runs: Sequence[Run], kinds: Sequence[str]) -> None:

@@ -11,6 +11,18 @@ OV circuit of head h (grouped-query attention, g(h) = h // (n_heads / n_kv_heads
 and the whole layer's OV = Σ_h OV_h = Σ_g (Σ_{h ∈ g} O_h)·V_g = O_sum·v_proj, a product of
 rank ≤ n_kv_heads·hd (with grouped-query attention that is less than d_model).
 
+QK circuit of head h (tables "qk_head" and "qk"):
+    Q_h = q_proj[h·hd:(h+1)·hd, :]      (hd × d)
+    K_g = k_proj[g·hd:(g+1)·hd, :]      (hd × d)
+    QK_h = Q_hᵀ · K_g(h)                (d × d, rank ≤ hd)
+the bilinear form of head h's attention score x_iᵀ·QK_h·x_j / √hd between the (normed)
+residual streams of a query and a key. It is the position-free part of the score: RoPE
+rotates Q_h·x_i and K_g·x_j by their positions, so the score at relative offset Δ is
+x_iᵀ·Q_hᵀ·R(Δ)·K_g·x_j with a block rotation R(Δ) = R(0) = I at Δ = 0. The whole layer's QK is
+Σ_h QK_h = Σ_g (Σ_{h ∈ g} Q_h)ᵀ·K_g = Q_sumᵀ·k_proj (rank ≤ n_kv_heads·hd), the analogue of
+the layer's OV sum. Like OV, its gradient follows the product rule and its update is
+QK_t − QK_prev, each a product of rank ≤ 2·hd per head.
+
 Every component carries the precision its entries were stored in (`stored`: for a matrix
 formed from stored tensors, the coarsest among its inputs); `eps` is that precision's machine
 epsilon, which sets the numerical-zero tolerance of its spectrum
@@ -51,6 +63,17 @@ LAYER_MATRICES: tuple[str, ...] = (
 MATRICES: tuple[str, ...] = LAYER_MATRICES + ("ov_circuit",)
 EMBEDDINGS: tuple[str, ...] = ("embedding_proj", "de_embedding_proj")
 KINDS: tuple[str, ...] = ("weights", "grads", "updates", "lora", "train_grads")
+#: Result tables: table -> (its sigma variable, the prefix of its metric variables, its dims
+#: after (run, kind, step), its singular-value dim). "layer", "head" and "emb" are the
+#: original tables; the QK tables were added later (a store made before them gets them on its
+#: next analyze, see dynlab.store.add_missing_variables).
+TABLES: dict[str, tuple[str, str, tuple[str, ...], str]] = {
+    "layer": ("sigma", "", ("layer", "matrix"), "sv"),
+    "head": ("head_sigma", "head_", ("layer", "head"), "head_sv"),
+    "emb": ("emb_sigma", "emb_", ("embedding",), "emb_sv"),
+    "qk": ("qk_sigma", "qk_", ("layer",), "sv"),
+    "qk_head": ("qk_head_sigma", "qk_head_", ("layer", "head"), "head_sv"),
+}
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -58,7 +81,8 @@ Tensors = Mapping[str, torch.Tensor]
 @dataclass(frozen=True)
 class Site:
     """Where a component's results go: table "layer" (index (layer, matrix)), "head"
-    (index (layer, head)) or "emb" (index (embedding,))."""
+    (index (layer, head)), "emb" (index (embedding,)), "qk" (index (layer,)) or "qk_head"
+    (index (layer, head))."""
 
     table: str
     index: tuple[int, ...]
@@ -229,6 +253,91 @@ def ov_whole_factors(
     return o_sum, v_proj.double()
 
 
+def qk_head_factors(
+    q_proj: torch.Tensor, k_proj: torch.Tensor, spec: ModelSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q_hᵀ for all heads (H, d, hd), K_g(h) for all heads (H, hd, d))."""
+    h, kv, hd, d = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_model
+    q_heads = q_proj.reshape(h, hd, d).mT
+    k_heads = k_proj.reshape(kv, hd, d).repeat_interleave(h // kv, dim=0)
+    return q_heads, k_heads
+
+
+def qk_whole_factors(
+    q_proj: torch.Tensor, k_proj: torch.Tensor, spec: ModelSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole-layer QK = Q_sumᵀ·k_proj, with Q_sum[g·hd:(g+1)·hd, :] = Σ_{h ∈ group g} Q_h
+    (n_kv·hd × d), as (Q_sumᵀ (d × n_kv·hd), k_proj (n_kv·hd × d)) in float64."""
+    h, kv, hd, d = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_model
+    q_sum = q_proj.double().reshape(kv, h // kv, hd, d).sum(dim=1).reshape(kv * hd, d)
+    return q_sum.mT, k_proj.double()
+
+
+def qk_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
+    """QK circuits of the weights: the layer's Q_sumᵀ·k_proj and each head's Q_hᵀ·K_g(h)."""
+    out: dict[Site, Component] = {}
+    for layer in range(spec.n_layers):
+        if not has(w, layer, "attention.q_proj", "attention.k_proj"):
+            continue
+        q, k = weight(w, layer, "attention.q_proj"), weight(w, layer, "attention.k_proj")
+        stored = coarsest(q.dtype, k.dtype)
+        out[Site("qk", (layer,))] = LowRank(*qk_whole_factors(q, k, spec), stored)
+        q_h, k_h = qk_head_factors(q.double(), k.double(), spec)
+        for head, comp in enumerate(_head_lowrank(q_h, k_h, stored)):
+            out[Site("qk_head", (layer, head))] = comp
+    return out
+
+
+def qk_grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
+    """d(QᵀK) = Qᵀ·dK + dQᵀ·K: per head [Q_hᵀ, dQ_hᵀ]·[dK_g; K_g] (rank ≤ 2hd), for the
+    layer [Q_sumᵀ, dQ_sumᵀ]·[dK; K]."""
+    out: dict[Site, Component] = {}
+    for layer in range(spec.n_layers):
+        if not (has(g, layer, "attention.q_proj", "attention.k_proj")
+                and has(w, layer, "attention.q_proj", "attention.k_proj")):
+            continue
+        q, k = weight(w, layer, "attention.q_proj"), weight(w, layer, "attention.k_proj")
+        dq, dk = weight(g, layer, "attention.q_proj"), weight(g, layer, "attention.k_proj")
+        stored = coarsest(q.dtype, k.dtype, dq.dtype, dk.dtype)
+        qs, k64 = qk_whole_factors(q, k, spec)
+        dqs, dk64 = qk_whole_factors(dq, dk, spec)
+        out[Site("qk", (layer,))] = LowRank(
+            torch.cat([qs, dqs], dim=1), torch.cat([dk64, k64], dim=0), stored,
+            norm=float(sum_of_products_norm((qs, dk64), (dqs, k64))))
+        q_h, k_h = qk_head_factors(q.double(), k.double(), spec)
+        dq_h, dk_h = qk_head_factors(dq.double(), dk.double(), spec)
+        left, right = torch.cat([q_h, dq_h], dim=2), torch.cat([dk_h, k_h], dim=1)
+        norms = sum_of_products_norm((q_h, dk_h), (dq_h, k_h))
+        for head, comp in enumerate(_head_lowrank(left, right, stored, norms)):
+            out[Site("qk_head", (layer, head))] = comp
+    return out
+
+
+def qk_update_components(w: Tensors, w_prev: Tensors, spec: ModelSpec) -> dict[Site, Component]:
+    """QK_t − QK_prev as [Q^tᵀ, −Q^prevᵀ]·[K^t; K^prev] (per head and for the layer)."""
+    out: dict[Site, Component] = {}
+    for layer in range(spec.n_layers):
+        if not (has(w, layer, "attention.q_proj", "attention.k_proj")
+                and has(w_prev, layer, "attention.q_proj", "attention.k_proj")):
+            continue
+        q, k = weight(w, layer, "attention.q_proj"), weight(w, layer, "attention.k_proj")
+        pq = weight(w_prev, layer, "attention.q_proj")
+        pk = weight(w_prev, layer, "attention.k_proj")
+        stored = coarsest(q.dtype, k.dtype, pq.dtype, pk.dtype)
+        qs, k64 = qk_whole_factors(q, k, spec)
+        pqs, pk64 = qk_whole_factors(pq, pk, spec)
+        out[Site("qk", (layer,))] = LowRank(
+            torch.cat([qs, -pqs], dim=1), torch.cat([k64, pk64], dim=0), stored,
+            norm=float(sum_of_products_norm((qs, k64), (pqs, pk64))))
+        q_h, k_h = qk_head_factors(q.double(), k.double(), spec)
+        pq_h, pk_h = qk_head_factors(pq.double(), pk.double(), spec)
+        left, right = torch.cat([q_h, -pq_h], dim=2), torch.cat([k_h, pk_h], dim=1)
+        norms = sum_of_products_norm((q_h, k_h), (pq_h, pk_h))
+        for head, comp in enumerate(_head_lowrank(left, right, stored, norms)):
+            out[Site("qk_head", (layer, head))] = comp
+    return out
+
+
 def sum_of_products_norm(*terms: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """S of Σ_j L_j·R_j formed from stored factors (each L_j (…, m, k_j), R_j (…, k_j, n),
     with any leading batch dims): Σ_j `dynlab.spectral.product_noise_norm` of the pair, since
@@ -266,7 +375,7 @@ def _head_lowrank(
 
 def weight_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
     """Each layer's projections, its whole-layer OV circuit (rank ≤ n_kv·hd), each head's
-    OV_h (rank ≤ hd), the embeddings."""
+    OV_h (rank ≤ hd), the embeddings, and the QK circuits (layer and heads)."""
     out: dict[Site, Component] = {}
     ov_idx = MATRICES.index("ov_circuit")
     for layer in range(spec.n_layers):
@@ -284,6 +393,7 @@ def weight_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
     for e, name in enumerate(EMBEDDINGS):
         if f"{name}.weight" in w:
             out[Site("emb", (e,))] = drop_zero_rows(w[f"{name}.weight"])
+    out.update(qk_components(w, spec))
     return out
 
 
@@ -317,6 +427,7 @@ def grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Compo
     for e, name in enumerate(EMBEDDINGS):
         if f"{name}.weight" in g:
             out[Site("emb", (e,))] = drop_zero_rows(g[f"{name}.weight"])
+    out.update(qk_grad_components(g, w, spec))
     return out
 
 
@@ -418,6 +529,7 @@ def update_components(
         out[Site("emb", (e,))] = drop_zero_rows(w[key].double() - w_prev[key].double(),
                                                 coarsest(w[key].dtype, w_prev[key].dtype),
                                                 difference_norm(w[key], w_prev[key]))
+    out.update(qk_update_components(w, w_prev, spec))
     return out
 
 

@@ -69,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = {"decoder": out / "decoder", "relora": out / "relora"}
     store, html, png = out / "analysis.zarr", out / "report.html", out / "report.png"
     timings: dict[str, float] = {}
+    # activations at 16 seeded positions of each of the 16 learning-dynamics sequences (256
+    # samples: enough for CKA/PWCCA of the 64-wide residual stream), for the report's
+    # Representations sections
     common = dict(steps=args.steps, checkpoint_every=args.checkpoint_every,
-                  warmup_steps=args.warmup_steps, seed=args.seed, overwrite=True)
+                  warmup_steps=args.warmup_steps, seed=args.seed, overwrite=True,
+                  save_activations=True, activation_positions="sample:16")
     t_all = time.perf_counter()
     for kind, path in runs.items():
         print(f"\n== training {kind}: {args.steps} steps, checkpoints every "

@@ -268,6 +268,7 @@ def zero_tolerance(
     sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None,
     c: float = TOL_FACTOR, *, min_dim: int | torch.Tensor | None = None,
     norm: float | torch.Tensor | None = None, compute_eps: float | None = None,
+    tol: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The numerical-zero tolerance of each spectrum of an m × n matrix (m = max_dim,
     n = min_dim): the larger of the storage precision's rounding noise and the error of the
@@ -320,7 +321,12 @@ def zero_tolerance(
     singular value by more than 0.02 of these units, since Weyl's ‖E‖_2 is reached only by
     directions that are exactly zero in a large subspace (the dense cliff); c = 2 is
     therefore cautious for them: a value of a product below tol may still be resolvable.
+
+    tol: a tolerance already computed by this rule (e.g. the `tol` variable of a store, for
+    metrics recomputed from stored spectra); returned as it is.
     """
+    if tol is not None:
+        return torch.as_tensor(tol, dtype=sigma.dtype, device=sigma.device)
     if eps is None:
         eps = torch.finfo(sigma.dtype).eps
     if compute_eps is None:
@@ -339,12 +345,12 @@ def zero_tolerance(
 def numerical_rank(
     sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None,
     *, min_dim: int | torch.Tensor | None = None, norm: float | torch.Tensor | None = None,
-    compute_eps: float | None = None,
+    compute_eps: float | None = None, tol: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Numerical rank r = #{i : σ_i > tol}, tol = `zero_tolerance` (the storage precision's
     rounding noise of S, or the SVD's error). NaN for a matrix that held NaN/Inf."""
     tol = zero_tolerance(sigma, max_dim, eps, min_dim=min_dim, norm=norm,
-                         compute_eps=compute_eps)
+                         compute_eps=compute_eps, tol=tol)
     count = (sigma > tol[..., None]).sum(-1).to(sigma.dtype)
     return _nan_where_invalid(count, sigma)
 
@@ -352,7 +358,7 @@ def numerical_rank(
 def condition_number(
     sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None,
     *, min_dim: int | torch.Tensor | None = None, norm: float | torch.Tensor | None = None,
-    compute_eps: float | None = None,
+    compute_eps: float | None = None, tol: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """κ = σ_1 / σ_k. +inf when σ_k = 0, where σ_k counts as 0 at or below the numerical-zero
     tolerance (`zero_tolerance`), so κ = inf exactly when the numerical rank is below k. NaN
@@ -362,7 +368,7 @@ def condition_number(
     smin = torch.gather(sigma, -1, idx).squeeze(-1)
     smax = sigma[..., 0]
     tol = zero_tolerance(sigma, max_dim, eps, min_dim=min_dim, norm=norm,
-                         compute_eps=compute_eps)
+                         compute_eps=compute_eps, tol=tol)
     inf = torch.full((), math.inf, dtype=sigma.dtype)
     cn = torch.where(smin > tol, smax / smin, inf)
     cn = torch.where(smax > 0, cn, torch.full((), math.nan, dtype=sigma.dtype))
@@ -372,14 +378,15 @@ def condition_number(
 def nonzero_condition_number(
     sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None,
     *, min_dim: int | torch.Tensor | None = None, norm: float | torch.Tensor | None = None,
-    compute_eps: float | None = None,
+    compute_eps: float | None = None, tol: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """κ of the non-zero part: cn_nz = σ_1 / σ_r, r the numerical rank (`numerical_rank`).
 
     Finite for rank-deficient matrices (where κ = σ_1/σ_k is inf) and equal to κ for
     matrices of full numerical rank. NaN for an all-zero matrix (r = 0) and for a matrix
     that held NaN/Inf."""
-    r = numerical_rank(sigma, max_dim, eps, min_dim=min_dim, norm=norm, compute_eps=compute_eps)
+    r = numerical_rank(sigma, max_dim, eps, min_dim=min_dim, norm=norm, compute_eps=compute_eps,
+                       tol=tol)
     ok = torch.isfinite(r) & (r > 0)
     idx = torch.where(ok, r - 1, 0).to(torch.int64).unsqueeze(-1)
     s_r = torch.gather(sigma, -1, idx).squeeze(-1)
@@ -389,11 +396,12 @@ def nonzero_condition_number(
 def rank_deficit(
     sigma: torch.Tensor, max_dim: int | torch.Tensor, eps: float | torch.Tensor | None = None,
     *, min_dim: int | torch.Tensor | None = None, norm: float | torch.Tensor | None = None,
-    compute_eps: float | None = None,
+    compute_eps: float | None = None, tol: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """k − r: the rank bound k (min(m, n), or a product's inner dimension) minus the
     numerical rank r. 0 for a matrix of full numerical rank; NaN for one that held NaN/Inf."""
-    r = numerical_rank(sigma, max_dim, eps, min_dim=min_dim, norm=norm, compute_eps=compute_eps)
+    r = numerical_rank(sigma, max_dim, eps, min_dim=min_dim, norm=norm, compute_eps=compute_eps,
+                       tol=tol)
     return rank_bound(sigma).to(sigma.dtype) - r
 
 
@@ -491,6 +499,39 @@ METRICS: dict[str, Metric] = {
                from_entries=gini),
     ]
 }
+
+
+
+def _heavy_tail_metrics() -> list[Metric]:
+    """The heavy-tail fit of the eigenvalues σ² (dynlab.heavytail), three variables."""
+    from dynlab import heavytail
+
+    return [
+        Metric("alpha", "heavy-tail exponent of the eigenvalues sigma^2",
+               "continuous power-law MLE 1 + n/sum ln(x/xmin) on the tail with the KS-minimal "
+               f"xmin (Clauset et al. 2009); NaN below {heavytail.MIN_EIGENVALUES} eigenvalues; "
+               "eigenvalues of sigma <= tol dropped",
+               lambda s, d, eps=None, **kw: heavytail.alpha(s, zero_tolerance(s, d, eps, **kw))),
+        Metric("alpha_ks", "KS distance of the heavy-tail fit",
+               "max |F(x) - C(x)| over the tail, F the fitted power-law CDF",
+               lambda s, d, eps=None, **kw: heavytail.alpha_ks(s, zero_tolerance(s, d, eps, **kw))),
+        Metric("alpha_n_tail", "eigenvalues in the heavy-tail fit", "#{sigma^2 >= xmin}",
+               lambda s, d, eps=None, **kw: heavytail.alpha_n_tail(
+                   s, zero_tolerance(s, d, eps, **kw))),
+        Metric("inf_norm", "largest absolute entry", "max_ij |w_ij| (pico-analyze's 'inf')",
+               from_entries=max_abs_entry),
+    ]
+
+
+def max_abs_entry(x: torch.Tensor) -> torch.Tensor:
+    """max_ij |w_ij| of each matrix (..., m, n): pico-analyze's `inf` norm (the ∞-norm of
+    the flattened entries). NaN for entries holding NaN; +inf for an infinite entry."""
+    w = x.flatten(-2).to(torch.float64)
+    out = w.abs().amax(-1)
+    return torch.where(torch.isnan(w).any(-1), torch.full((), math.nan, dtype=out.dtype), out)
+
+
+METRICS.update({m.name: m for m in _heavy_tail_metrics()})
 
 DEFAULT_METRICS: tuple[str, ...] = tuple(METRICS)
 

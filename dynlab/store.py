@@ -4,7 +4,10 @@ Layout (see README "Store schema"):
     <metric>        (run, kind, step, layer, matrix)        scalar metrics of layer matrices
     head_<metric>   (run, kind, step, layer, head)          per-head OV circuit
     emb_<metric>    (run, kind, step, embedding)            embeddings
-    sigma / head_sigma / emb_sigma   the same with a last dim sv / head_sv / emb_sv
+    qk_<metric>     (run, kind, step, layer)                whole-layer QK circuit
+    qk_head_<metric> (run, kind, step, layer, head)         per-head QK circuit
+    sigma / head_sigma / emb_sigma / qk_sigma / qk_head_sigma   the same with a last dim
+                    sv / head_sv / emb_sv / sv / head_sv
     analyzed        (run, step) int8, 1 once a checkpoint is fully written
     prev_step       (run, step) int64, the step its `updates` were taken against (-1: none)
     train_loss, lr, tokens, wall_seconds, gpu_hours, relora_cycle, ppl_macro, blimp_overall
@@ -58,7 +61,7 @@ from pathlib import Path
 import numpy as np
 
 from dynlab import __version__
-from dynlab.components import EMBEDDINGS, MATRICES
+from dynlab.components import EMBEDDINGS, MATRICES, TABLES
 from dynlab.errors import InputError
 from dynlab.faults import fault_point
 from dynlab.storelock import StoreAccess
@@ -124,6 +127,7 @@ class Layout:
     n_emb_sv: int
     run_configs: dict[str, dict] = field(default_factory=dict)
     labels: dict[str, list[str]] = field(default_factory=dict)  # domain / uid / field
+    convention: str = "dynlab"  # dynlab.conventions: which OV matrices and CN the store holds
 
     def dims(self) -> dict[str, int]:
         return {
@@ -135,21 +139,17 @@ class Layout:
 
 
 def spectral_variables(metrics: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """Variable name -> dims, for every spectral variable of a store with these metrics."""
-    layer = ("run", "kind", "step", "layer", "matrix")
-    head = ("run", "kind", "step", "layer", "head")
-    emb = ("run", "kind", "step", "embedding")
+    """Variable name -> dims, for every spectral variable of a store with these metrics (one
+    group per result table of dynlab.components.TABLES)."""
+    base = ("run", "kind", "step")
     out: dict[str, tuple[str, ...]] = {}
     for m in metrics:
-        out[m] = layer
-        out[f"head_{m}"] = head
-        out[f"emb_{m}"] = emb
-    out["sigma"] = layer + ("sv",)
-    out["head_sigma"] = head + ("head_sv",)
-    out["emb_sigma"] = emb + ("emb_sv",)
-    for prefix, dims in (("", layer), ("head_", head), ("emb_", emb)):
-        out[f"{prefix}tol"] = dims
-        out[f"{prefix}max_rank"] = dims
+        for _, prefix, dims, _ in TABLES.values():
+            out[prefix + m] = base + dims
+    for sigma, prefix, dims, sv in TABLES.values():
+        out[sigma] = base + dims + (sv,)
+        out[f"{prefix}tol"] = base + dims
+        out[f"{prefix}max_rank"] = base + dims
     return out
 
 
@@ -167,7 +167,11 @@ def _names(values: Sequence[str], what: str) -> np.ndarray:
 def _variable_attrs(name: str) -> dict:
     from dynlab.spectral import METRICS, TOL_FACTOR
 
-    base = name.removeprefix("head_").removeprefix("emb_")
+    base = name
+    for prefix in sorted((p for _, p, _, _ in TABLES.values() if p), key=len, reverse=True):
+        if name.startswith(prefix):
+            base = name.removeprefix(prefix)
+            break
     if base in METRICS:
         return {"long_name": METRICS[base].long_name, "definition": METRICS[base].definition}
     if base == "tol":
@@ -262,6 +266,7 @@ def _attrs(layout: Layout) -> dict:
         "metrics": list(layout.metrics),
         "kinds": list(layout.kinds),
         "run_configs": json.dumps(layout.run_configs, sort_keys=True),
+        "convention": layout.convention,
         "description": "dynlab spectral analysis of checkpoints; see the README's store schema",
     }
 
@@ -707,6 +712,9 @@ def reconcile(
         problems.append(f"metrics {stored_metrics} (this analysis: {list(layout.metrics)})")
     if kinds_given and stored_kinds != list(layout.kinds):
         problems.append(f"kinds {stored_kinds} (this analysis: {list(layout.kinds)})")
+    if attrs.get("convention", "dynlab") != layout.convention:
+        problems.append(f"convention {attrs.get('convention', 'dynlab')!r} (this analysis: "
+                        f"{layout.convention!r})")
     if not set(layout.kinds) <= set(stored_kinds):
         problems.append(f"kinds {stored_kinds} (these runs need {list(layout.kinds)})")
     sizes = {}
@@ -736,7 +744,8 @@ def reconcile(
     stored = Layout(runs, sorted(set(state.coords["step"]) | set(layout.steps)), stored_kinds,
                     stored_metrics, sizes["layer"], sizes["head"], sizes["sv"],
                     sizes["head_sv"], sizes["emb_sv"], configs,
-                    {d: v for d, v in labels.items() if v})
+                    {d: v for d, v in labels.items() if v},
+                    attrs.get("convention", "dynlab"))
     target = growing_coordinates(stored)
     create = {n: s for n, s in template(stored_metrics, stored.labels).items()
               if n not in state.arrays}
@@ -770,6 +779,55 @@ def _describe(old: Mapping[str, list], new: Mapping[str, list], create: Mapping)
 
 # ----------------------------------------------------------------------------------------
 # Region writes
+
+
+def create_variable(group, name: str, dims: Sequence[str], data: np.ndarray | None = None, *,
+                    shape: tuple[int, ...] | None = None, chunks: tuple[int, ...] | None = None,
+                    dtype: str = "float64", fill_value=np.nan, attrs: Mapping | None = None):
+    """An array `name` over `dims` in an open group (`dimension_names` make it an xarray
+    variable), for variables outside the template (the activation tables)."""
+    if data is not None:
+        shape, dtype = data.shape, data.dtype
+        fill_value = "" if data.dtype.kind == "U" else (np.nan if data.dtype.kind == "f" else 0)
+    arr = group.create_array(name, shape=shape, chunks=chunks or shape, dtype=dtype,
+                             fill_value=fill_value, dimension_names=tuple(dims),
+                             attributes=dict(attrs or {}))
+    if data is not None and data.size:
+        arr[...] = data
+    return arr
+
+
+def string_coordinate(values: Sequence[str], what: str) -> np.ndarray:
+    """Fixed-width strings for a coordinate (a name longer than NAME_WIDTH is an error)."""
+    return _names(values, what)
+
+
+def grow_dimension(path: Path, dim: str, new_values: np.ndarray) -> None:
+    """Append values to coordinate `dim` (a dimension outside the template, such as the
+    activation tables' `target`), growing every array along it (new cells empty)."""
+    group = _open_group(path)
+    with quiet_zarr():
+        for name, arr in list(group.arrays()):
+            dims = arr.metadata.dimension_names or ()
+            if dim in dims and name != dim:
+                shape = list(arr.shape)
+                shape[dims.index(dim)] += len(new_values)
+                arr.resize(tuple(shape))
+        coord = group[dim]
+        old = coord.shape[0]
+        coord.resize((old + len(new_values),))
+        coord[old:] = new_values
+    _consolidate(path)
+
+
+def open_group_for_update(path: Path):
+    """The store's root Zarr group, writable."""
+    return _open_group(path)
+
+
+def consolidate(path: Path) -> None:
+    """Rewrite the consolidated metadata after variables or attributes changed."""
+    _consolidate(path)
 
 
 class RegionWriter:

@@ -114,7 +114,12 @@ def test_relora_cli_run_layout(tmp_path):
         acts = load_file(ckpt / "activations.safetensors")
         assert acts["layers.1.swiglu.w_0"].shape == (3, h)
         assert acts["de_embedding_proj"].shape == (3, V)
-        assert len(acts) == 2 * 7 + 1
+        # 7 linear modules per layer, the head, each block's output (residual stream), the
+        # (sequence, position) of every row (default positions: the last token) and the batch
+        assert len(acts) == 2 * 7 + 1 + 2 + 2
+        assert acts["batch_tokens"].shape == (3, 17)
+        assert acts["layers.1"].shape == (3, 16)
+        assert acts["token_positions"].tolist() == [[0, 15], [1, 15], [2, 15]]
         # the stored weight is the effective weight W + s·B·A (s = 32 / 2)
         ts = torch.load(ckpt / "trainer_state.pt", weights_only=True)
         name = "layers.1.attention.v_proj"

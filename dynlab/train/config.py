@@ -84,6 +84,7 @@ class TrainConfig:
     checkpoint_every: int | None = None
     ld_batch_size: int | None = None  # sequences in the fixed learning-dynamics batch
     save_activations: bool = False
+    activation_positions: str = "last"  # last | all | sample:N (dynlab.activations)
     log_every: int | None = None
     resume: bool = False
     overwrite: bool = False
@@ -206,6 +207,9 @@ def validate(cfg: TrainConfig) -> None:
                          f"preset {cfg.preset!r}")
     if cfg.stop_at is not None and not 0 < cfg.stop_at <= cfg.steps:
         raise ValueError(f"--stop-at: expected 1..{cfg.steps}, got {cfg.stop_at}")
+    from dynlab.activations import parse_positions
+
+    parse_positions(cfg.activation_positions)
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     if cfg.kind == "relora":

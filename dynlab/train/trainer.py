@@ -168,12 +168,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
 # ---------------------------------------------------------------- learning dynamics
 
 
-def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear | ReLoRALinear)}
-
-
 def learning_dynamics(model: nn.Module, ld_batch: torch.Tensor, device: torch.device, *,
-                      activations: bool = False, chunk_tokens: int = 16_384
+                      activations: bool = False, chunk_tokens: int = 16_384,
+                      positions: str = "last", seed: int = 0,
                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, float]:
     """Gradients of the mean next-token loss on the fixed batch, apart from training.
 
@@ -183,8 +180,13 @@ def learning_dynamics(model: nn.Module, ld_batch: torch.Tensor, device: torch.de
     W_eff = W + s·B A is stored under the standard name `<module>.weight` (the gradient
     an unwrapped model holding W_eff would get); the factors' gradients under
     `<module>.lora_A` / `.lora_B`. Returns (grads, activations or None, mean loss), where
-    activations are each linear module's output at the last token of every sequence.
+    activations hold, at the kept token `positions` (`last`, `all` or `sample:N` drawn with
+    `seed`; dynlab.activations), each linear module's output and each block's output (the
+    residual stream, `layers.<i>`), plus `token_positions` and `batch_tokens`
+    (dynlab.activations).
     """
+    from dynlab.activations import Recorder, recorded_modules, select_positions
+
     was_training = model.training
     model.eval()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -192,16 +194,10 @@ def learning_dynamics(model: nn.Module, ld_batch: torch.Tensor, device: torch.de
     grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     for name, m in wrapped.items():
         grads[f"{name}.weight"] = torch.zeros_like(m.weight, dtype=torch.float32)
-    acts: dict[str, list[torch.Tensor]] = {}
-    hooks = []
+    recorder = None
     if activations:
-        for name, m in _linear_modules(model).items():
-            acts[name] = []
-
-            def hook(_m, _inp, out, name=name):
-                acts[name].append(out[:, -1, :].detach().float().cpu())
-
-            hooks.append(m.register_forward_hook(hook))
+        kept = select_positions(positions, ld_batch.shape[0], ld_batch.shape[1] - 1, seed)
+        recorder = Recorder(recorded_modules(model, (nn.Linear, ReLoRALinear)), kept)
     n_seq, width = ld_batch.shape
     total_tokens = n_seq * (width - 1)
     chunk = max(1, chunk_tokens // max(1, width - 1))
@@ -212,6 +208,8 @@ def learning_dynamics(model: nn.Module, ld_batch: torch.Tensor, device: torch.de
                 for lst in captured.values():
                     lst.clear()
                 batch = ld_batch[start:start + chunk].to(device)
+                if recorder is not None:
+                    recorder.start, recorder.stop = start, start + batch.shape[0]
                 logits = model(batch[:, :-1])
                 loss = lm_loss(logits, batch[:, 1:], reduction="sum") / total_tokens
                 names = list(params) + [f"{n}.weight" for n in wrapped]
@@ -222,10 +220,10 @@ def learning_dynamics(model: nn.Module, ld_batch: torch.Tensor, device: torch.de
                         grads[name] += g.float()
                 loss_sum += loss.item()
     finally:
-        for h in hooks:
-            h.remove()
+        if recorder is not None:
+            recorder.remove()
         model.train(was_training)
-    out_acts = {n: torch.cat(v) for n, v in acts.items()} if activations else None
+    out_acts = recorder.result(ld_batch) if recorder is not None else None
     return grads, out_acts, loss_sum
 
 
@@ -398,6 +396,7 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device
 
 RESUME_MUTABLE = {"resume", "overwrite", "stop_at", "device", "threads", "progress", "compile",
                   "eval_every", "eval_ppl", "eval_blimp", "eval_batch_size", "save_activations",
+                  "activation_positions",
                   "log_every", "out", "micro_batch_size"}
 MODEL_DEFINING = {"kind", "preset", "rank", "alpha", "paper_compat", "vocab_size", "tokenizer",
                   *MODEL_FIELDS}
@@ -674,7 +673,9 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
             return None
         result = evaluator(model) if due else None
         grads, acts, ld_loss = learning_dynamics(model, data.ld_batch, device,
-                                                 activations=cfg.save_activations)
+                                                 activations=bool(cfg.save_activations),
+                                                 positions=cfg.activation_positions,
+                                                 seed=cfg.seed)
         meta = {"step": step, "tokens": state.tokens, "train_loss": state.train_loss,
                 "lr": lr_of(step), "wall_seconds": wall(), "ld_loss": ld_loss,
                 "gpu_hours": gpu_hours()}

@@ -142,6 +142,9 @@ def report_sections(ds: xr.Dataset) -> list[Section]:
          "ReLoRA merge-and-reset steps as dotted lines.",
          lambda: F.relora_comparison(ds, ("per",), "weights", "ov_circuit")),
     ]
+    from dynlab.viz.representations import representation_sections
+
+    specs += representation_sections(ds)
     out = []
     for title, caption, make in specs:
         fig = make()

@@ -1,0 +1,503 @@
+"""Activations of the learning-dynamics batch: which token positions are kept, and their
+analysis (spectral metrics, anisotropy, IsoScore, CKA / SVCCA / PWCCA against a target).
+
+Saved by the trainer (`--save-activations`, `--activation-positions`) in each checkpoint's
+`activations.safetensors`:
+
+    layers.<i>                 the residual stream after block i (its output), (samples, d)
+    <module>                   each linear module's output, e.g. layers.<i>.attention.q_proj,
+                               (samples, out_features); de_embedding_proj: (samples, vocab)
+    token_positions            int64 (samples, 2): the (sequence, position) of every row
+
+Rows are samples (token positions of the fixed learning-dynamics batch), the same rows in every
+checkpoint of a run and in every run with the same data, batch size and seed: `last` keeps the
+last position of each sequence (batch rows), `all` every position (batch·seq_len rows), and
+`sample:N` N distinct positions per sequence drawn once with a generator seeded by the run's
+seed (batch·N rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dynlab import representations as R
+from dynlab import spectral
+from dynlab.checkpoints import Checkpoint, Run, load_tensors
+from dynlab.components import LAYER_MATRICES
+from dynlab.errors import InputError
+
+POSITION_MODES = ("last", "all", "sample:N")
+#: activations are kept in float32: the eps of their numerical-zero tolerance
+ACT_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def parse_positions(spec: str) -> tuple[str, int]:
+    """'last' -> ('last', 1); 'all' -> ('all', 0); 'sample:N' -> ('sample', N), N ≥ 1."""
+    text = str(spec).strip()
+    if text in ("last", "all"):
+        return text, 1 if text == "last" else 0
+    if text.startswith("sample:"):
+        try:
+            n = int(text.removeprefix("sample:"))
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return "sample", n
+    raise InputError(
+        f"--activation-positions: expected last, all or sample:N (N ≥ 1), got {spec!r}")
+
+
+def select_positions(spec: str, n_seq: int, seq_len: int, seed: int) -> torch.Tensor:
+    """(n_seq, P) int64 positions kept per sequence of length seq_len, ascending per row.
+    sample:N draws N distinct positions per sequence (torch.randperm with a generator seeded
+    by `seed`, independent of the training RNG); N > seq_len is an InputError."""
+    mode, n = parse_positions(spec)
+    if mode == "last":
+        return torch.full((n_seq, 1), seq_len - 1, dtype=torch.long)
+    if mode == "all":
+        return torch.arange(seq_len, dtype=torch.long).expand(n_seq, seq_len).clone()
+    if n > seq_len:
+        raise InputError(f"--activation-positions sample:{n}: more positions than the "
+                         f"sequence length {seq_len}")
+    gen = torch.Generator().manual_seed(int(seed))
+    rows = [torch.randperm(seq_len, generator=gen)[:n].sort().values for _ in range(n_seq)]
+    return torch.stack(rows)
+
+
+def token_positions(positions: torch.Tensor) -> torch.Tensor:
+    """(samples, 2) rows (sequence, position) in the order activations are stored."""
+    n_seq, per = positions.shape
+    seq = torch.arange(n_seq, dtype=torch.long).repeat_interleave(per)
+    return torch.stack([seq, positions.reshape(-1)], dim=1)
+
+
+def gather_rows(out: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """out (c, T, F) of sequences whose kept positions are positions (c, P) -> (c·P, F)."""
+    idx = torch.arange(out.shape[0], device=out.device)[:, None]
+    return out[idx, positions.to(out.device)].reshape(-1, out.shape[-1])
+
+
+class Recorder:
+    """Forward hooks keeping, for the sequences of the current chunk, the outputs of `modules`
+    at the kept positions (the model is run on chunks of the batch: set `start`/`stop` to the
+    chunk's sequence range before each forward pass)."""
+
+    def __init__(self, modules: Mapping[str, torch.nn.Module], kept: torch.Tensor):
+        self.kept = kept
+        self.start = self.stop = 0
+        self.acts: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+        self.hooks = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(_m, _inp, out):
+            rows = self.kept[self.start:self.stop]
+            self.acts[name].append(gather_rows(out.detach(), rows).float().cpu())
+        return hook
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+    def result(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The saved layout (module docstring), plus `batch_tokens`: the batch itself, so that
+        two checkpoints' rows can be checked to be the same tokens."""
+        out = {n: torch.cat(v) for n, v in self.acts.items()}
+        out["token_positions"] = token_positions(self.kept)
+        out["batch_tokens"] = batch.detach().cpu().to(torch.int64)
+        return out
+
+
+def recorded_modules(model: torch.nn.Module, linear_types: tuple[type, ...] = (torch.nn.Linear,)
+                     ) -> dict[str, torch.nn.Module]:
+    """The modules whose outputs are kept: every linear module (`linear_types`) by name and
+    each block as `layers.<i>` (its output is the residual stream)."""
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, linear_types)}
+    mods.update({f"layers.{i}": b for i, b in enumerate(getattr(model, "layers", []))})
+    return mods
+
+
+@torch.no_grad()
+def forward_activations(model: torch.nn.Module, batch: torch.Tensor, positions: str = "last",
+                        seed: int = 0, chunk: int = 8) -> dict[str, torch.Tensor]:
+    """Activations of `model` (eval mode) on a fixed token batch (n_seq, T + 1), in the saved
+    layout, computed at analysis time for checkpoints that carry none."""
+    kept = select_positions(positions, batch.shape[0], batch.shape[1] - 1, seed)
+    model.eval()
+    rec = Recorder(recorded_modules(model), kept)
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, batch.shape[0], chunk):
+            rec.start, rec.stop = start, min(start + chunk, batch.shape[0])
+            model(batch[rec.start:rec.stop, :-1].to(device))
+    finally:
+        rec.remove()
+    return rec.result(batch)
+
+
+def data_batch(run: Run, data: str, n_seq: int, seq_len: int | None = None) -> torch.Tensor:
+    """A fixed batch (n_seq, seq_len + 1) of `data` (a .txt / .jsonl file, or `default`: the
+    embedded grammar corpus) in the run's tokenizer: the first n_seq windows of the stream
+    [eot] doc_1 [eot] doc_2 …; seq_len defaults to the run's training seq_len, capped at the
+    model's context."""
+    from dynlab.train.data import (
+        default_documents,
+        encode_documents,
+        load_tokenizer,
+        read_text_documents,
+    )
+
+    train = run.config.get("train", {}) if isinstance(run.config, Mapping) else {}
+    model = run.config.get("model", {}) if isinstance(run.config, Mapping) else {}
+    context = int(model.get("max_seq_len", 128))
+    seq_len = int(seq_len or min(int(train.get("seq_len") or 128), context))
+    if seq_len > context:
+        raise InputError(f"--activations-seq-len {seq_len} exceeds the model's context "
+                         f"{context} ({run.path})")
+    if data == "default":
+        docs = default_documents(2000, seed=0)
+    else:
+        path = Path(data)
+        if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
+            raise InputError(f"--activations-data {data}: expected a .txt or .jsonl file, or "
+                             "'default'")
+        docs = read_text_documents(path)
+    tokens = encode_documents(load_tokenizer(run.path / "tokenizer.json"), docs)
+    need = n_seq * (seq_len + 1)
+    if tokens.size < need:
+        raise InputError(f"--activations-data {data}: {tokens.size} tokens in {run.name}'s "
+                         f"tokenizer, fewer than {n_seq} windows of {seq_len + 1}")
+    return torch.from_numpy(tokens[:need].copy()).view(n_seq, seq_len + 1)
+
+
+# ----------------------------------------------------------------------------------------
+# Analysis: per checkpoint, each layer's residual stream and linear-module outputs
+
+#: the act_site coordinate: the residual stream after the block, then the block's modules
+SITES: tuple[str, ...] = ("residual",) + LAYER_MATRICES
+#: comparative indices, each f(X, Y) of two activation matrices with the same rows
+COMPARATIVE: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], str]] = {
+    "cka": (R.linear_cka, "linear CKA, biased HSIC estimator (Kornblith et al. 2019)"),
+    "cka_debiased": (R.debiased_cka, "linear CKA, unbiased HSIC estimator (Song et al. 2012)"),
+    "svcca": (R.svcca, "SVCCA: mean canonical correlation of the 99%-variance SVD "
+              "reductions (Raghu et al. 2017)"),
+    "pwcca": (R.pwcca, "projection-weighted CCA (Morcos et al. 2018)"),
+}
+#: geometry of one activation matrix
+GEOMETRY: dict[str, tuple[Callable[[np.ndarray], float], str]] = {
+    "anisotropy": (R.anisotropy, "mean cosine similarity between samples' representations "
+                   "(Ethayarajh 2019)"),
+    "isoscore": (R.isoscore, "IsoScore of the representations, independent of the mean "
+                 "(Rudman et al. 2022)"),
+}
+TARGET_HELP = "final, first, previous, STEP or RUN@STEP (comma list for several)"
+
+
+def site_key(layer: int, site: str) -> str:
+    return f"layers.{layer}" if site == "residual" else f"layers.{layer}.{site}"
+
+
+def activation_matrix(acts: Mapping[str, torch.Tensor], layer: int, site: str
+                      ) -> np.ndarray | None:
+    """(samples, features) float64 of one site, or None when the checkpoint lacks it."""
+    t = acts.get(site_key(layer, site))
+    return None if t is None else t.detach().to(torch.float64).numpy()
+
+
+def centred_spectrum(x: np.ndarray) -> np.ndarray:
+    """Singular values of the column-centred activations (float64), k = min(n − 1, p): the
+    centred rows span at most n − 1 dimensions, so the last of min(n, p) is structurally 0
+    when n ≤ p and is left out (the rank bound of PER is k)."""
+    n, p = x.shape
+    k = max(0, min(n - 1, p))
+    if k == 0:
+        return np.empty(0)
+    s = spectral.svdvals(torch.from_numpy(R.centre(x))[None], dtype=torch.float64)[0]
+    return s[:k].numpy()
+
+
+def geometry_region(acts: Mapping[str, torch.Tensor], n_layers: int, metrics: Sequence[str],
+                    n_sv: int) -> dict[str, np.ndarray]:
+    """act_sigma, act_<metric> (spectral, from σ of the centred matrix), anisotropy and
+    isoscore of every (layer, site) of one checkpoint; NaN where a site is absent."""
+    from dynlab.recompute import spectrum_metric
+
+    shape = (n_layers, len(SITES))
+    sigma = np.full(shape + (n_sv,), np.nan)
+    max_dim = np.ones(shape)
+    out = {name: np.full(shape, np.nan) for name in GEOMETRY}
+    for layer in range(n_layers):
+        for j, site in enumerate(SITES):
+            x = activation_matrix(acts, layer, site)
+            if x is None:
+                continue
+            s = centred_spectrum(x)
+            sigma[layer, j, : s.size] = s[:n_sv]
+            max_dim[layer, j] = max(x.shape)
+            for name, (fn, _) in GEOMETRY.items():
+                out[name][layer, j] = fn(x)
+    sig_t, dim_t = torch.from_numpy(sigma), torch.from_numpy(max_dim)
+    for m in metrics:
+        out[f"act_{m}"] = spectrum_metric(m, sig_t, dim_t, eps=ACT_EPS).numpy()
+    out["act_sigma"] = sigma
+    out["act_max_dim"] = np.where(np.isnan(sigma[..., 0]), np.nan, max_dim)
+    return out
+
+
+def comparison_region(acts: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
+                      n_layers: int) -> dict[str, np.ndarray]:
+    """CKA (both estimators), SVCCA and PWCCA of every (layer, site) against the same site of
+    the target checkpoint; NaN where either lacks it."""
+    shape = (n_layers, len(SITES))
+    out = {name: np.full(shape, np.nan) for name in COMPARATIVE}
+    for layer in range(n_layers):
+        for j, site in enumerate(SITES):
+            x, y = activation_matrix(acts, layer, site), activation_matrix(target, layer, site)
+            if x is None or y is None:
+                continue
+            for name, (fn, _) in COMPARATIVE.items():
+                out[name][layer, j] = fn(x, y)
+    return out
+
+
+def same_samples(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    """Whether two checkpoints' activations hold the same rows: equal token positions and,
+    when both record their batch, equal tokens."""
+    for key, required in (("token_positions", True), ("batch_tokens", False)):
+        pa, pb = a.get(key), b.get(key)
+        if pa is None or pb is None:
+            if required:
+                return False
+            continue
+        if pa.shape != pb.shape or not bool(torch.equal(pa, pb)):
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------
+# Targets
+
+
+def parse_targets(spec: str | Sequence[str] | None) -> list[str]:
+    """'final,previous' -> ['final', 'previous']; each final, first, previous, an integer
+    STEP or RUN@STEP. InputError otherwise."""
+    if spec is None:
+        return ["final"]
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    items = [s for s in items if s]
+    if not items:
+        raise InputError(f"--target: expected {TARGET_HELP}, got nothing")
+    for item in items:
+        step = item.rsplit("@", 1)[-1]
+        if item in ("final", "first", "previous"):
+            continue
+        if step.isdigit() and ("@" not in item or item.split("@")[0]):
+            continue
+        raise InputError(f"--target: expected {TARGET_HELP}, got {item!r}")
+    return list(dict.fromkeys(items))
+
+
+def has_saved(ckpt: Checkpoint) -> bool:
+    return ckpt.has("activations.safetensors")
+
+
+def resolve_target(target: str, run: Run, step: int, runs: Mapping[str, Run],
+                   available: Callable[[Checkpoint], bool] = has_saved) -> Checkpoint | None:
+    """The checkpoint a (run, step) is compared with, or None (no such checkpoint: NaN)."""
+    with_acts = [c for c in run.checkpoints if available(c)]
+    if not with_acts:
+        return None
+    if target == "final":
+        return with_acts[-1]
+    if target == "first":
+        return with_acts[0]
+    if target == "previous":
+        before = [c for c in with_acts if c.step < step]
+        return before[-1] if before else None
+    name, _, at = target.rpartition("@")
+    other = runs.get(name) if name else run
+    if other is None:
+        raise InputError(f"--target {target}: run {name!r} is not among the analysed runs "
+                         f"({', '.join(runs)})")
+    found = [c for c in other.checkpoints if c.step == int(at) and available(c)]
+    return found[0] if found else None
+
+
+# ----------------------------------------------------------------------------------------
+# Into the store
+
+
+def activation_steps(runs: Sequence[Run]) -> bool:
+    """Whether any checkpoint of these runs carries activations."""
+    return any(c.has("activations.safetensors") for r in runs for c in r.checkpoints)
+
+
+def act_sv_size(runs: Sequence[Run]) -> int:
+    """Width of act_sv: no activation matrix has more features than max(d_model, hidden)."""
+    return max(max(r.spec.d_model, r.spec.activation_hidden_dim, r.spec.n_kv_heads
+                   * r.spec.head_dim) for r in runs)
+
+
+def activation_variables(metrics: Sequence[str]) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Variable -> (dims, long name) of the activation tables."""
+    base = ("run", "step", "layer", "act_site")
+    out: dict[str, tuple[tuple[str, ...], str]] = {
+        f"act_{m}": (base, f"{spectral.METRICS[m].long_name} of the centred activations")
+        for m in metrics}
+    out["act_sigma"] = (base + ("act_sv",), "singular values of the centred activations "
+                        "(samples × features), descending, NaN past min(n − 1, p)")
+    out["act_max_dim"] = (base, "max(samples, features) of each activation matrix (the "
+                          "numerical-zero tolerance of metrics recomputed from act_sigma)")
+    for name, (_, long_name) in GEOMETRY.items():
+        out[name] = (base, long_name)
+    for name, (_, long_name) in COMPARATIVE.items():
+        out[name] = (("run", "target", "step", "layer", "act_site"), long_name + " against "
+                     "the target checkpoint's activations at the same site")
+    out["act_analyzed"] = (("run", "step"), "1 once the activation metrics of a checkpoint "
+                           "are written")
+    out["cmp_analyzed"] = (("run", "target", "step"), "1 once the comparisons of a checkpoint "
+                           "against a target are written")
+    return out
+
+
+def spectrum_metrics(metrics: Sequence[str]) -> list[str]:
+    return [m for m in metrics if not spectral.METRICS[m].entrywise]
+
+
+def ensure_activation_store(path: Path, runs: Sequence[Run], metrics: Sequence[str],
+                            targets: Sequence[str]) -> None:
+    """Create the activation variables (and the act_site, act_sv, target coordinates) in an
+    analysis store, or grow the target coordinate by new targets."""
+    from dynlab import store as S
+
+    group = S.open_group_for_update(path)
+    n_sv = act_sv_size(runs)
+    sizes = {"run": group["run"].shape[0], "step": group["step"].shape[0],
+             "layer": group["layer"].shape[0], "act_site": len(SITES), "act_sv": n_sv,
+             "target": len(targets)}
+    if "act_site" in group:
+        if group["act_sv"].shape[0] < n_sv:
+            raise S.StoreError(f"{path}: activation features up to {n_sv} do not fit the "
+                               f"store's act_sv ({group['act_sv'].shape[0]}); use another -o")
+        stored = [str(t) for t in group["target"][...]]
+        new = [t for t in targets if t not in stored]
+        if new:
+            S.grow_dimension(path, "target", S.string_coordinate(new, "target"))
+        sizes["target"] = len(stored) + len(new)
+        sizes["act_sv"] = group["act_sv"].shape[0]
+    else:
+        with S.quiet_zarr():
+            S.create_variable(group, "act_site", ("act_site",),
+                              S.string_coordinate(SITES, "act_site"))
+            S.create_variable(group, "act_sv", ("act_sv",), np.arange(n_sv))
+            S.create_variable(group, "target", ("target",),
+                              S.string_coordinate(targets, "target"))
+    group = S.open_group_for_update(path)
+    with S.quiet_zarr():
+        for name, (dims, long_name) in activation_variables(spectrum_metrics(
+                metrics)).items():
+            if name in group:
+                continue
+            shape = tuple(sizes[d] for d in dims)
+            chunks = tuple(1 if d in ("run", "step", "target") else sizes[d] for d in dims)
+            flag = name.endswith("_analyzed")
+            S.create_variable(group, name, dims, shape=shape, chunks=chunks,
+                              dtype="int8" if flag else "float64", fill_value=0 if flag
+                              else np.nan, attrs={"long_name": long_name})
+    S.consolidate(path)
+
+
+def analyze_activations(runs: Sequence[Run], path: Path, metrics: Sequence[str],
+                        targets: str | Sequence[str] | None = None, *,
+                        progress: bool = False, data: str | None = None,
+                        positions: str = "sample:16", n_seq: int = 16) -> int:
+    """Activation metrics of every checkpoint with activations into the store at `path` (made
+    by dynlab analyze for these runs), against each target. Resumable: (run, step) cells and
+    (run, target, step) comparisons already flagged are skipped. Returns the checkpoints
+    written.
+
+    data: compute every checkpoint's activations now, on a fixed batch of n_seq sequences of
+    this data (`data_batch`) at `positions` (seeded with 0), instead of reading saved ones —
+    for runs saved without activations. The store records the source (`activations_source`
+    attribute) and refuses another one later."""
+    import warnings
+
+    from dynlab import store as S
+
+    names = parse_targets(targets)
+    metrics = spectrum_metrics(metrics)
+    source = "saved" if data is None else f"computed: {data}, {n_seq} sequences, {positions}"
+    if data is not None:
+        parse_positions(positions)
+    ensure_activation_store(path, runs, metrics, names)
+    group = S.open_group_for_update(path)
+    stored_source = group.attrs.get("activations_source")
+    if stored_source is not None and stored_source != source:
+        raise S.StoreError(f"{path}: its activation metrics come from {stored_source!r}, not "
+                           f"{source!r}; use another -o path")
+    group.attrs.update({"activations_source": source})
+    batches: dict[str, torch.Tensor] = {}
+
+    def available(ckpt: Checkpoint) -> bool:
+        return data is not None or has_saved(ckpt)
+    run_index = {str(r): i for i, r in enumerate(group["run"][...])}
+    step_index = {int(s): j for j, s in enumerate(group["step"][...])}
+    target_index = {str(t): k for k, t in enumerate(group["target"][...])}
+    n_layers, n_sv = group["layer"].shape[0], group["act_sv"].shape[0]
+    done = np.asarray(group["act_analyzed"][...])
+    cmp_done = np.asarray(group["cmp_analyzed"][...])
+    by_name = {r.name: r for r in runs}
+    cache: dict[Path, dict[str, torch.Tensor]] = {}
+
+    runs_by_path = {c.path: r for r in runs for c in r.checkpoints}
+
+    def load(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+        if ckpt.path not in cache:
+            if len(cache) > 4:
+                cache.pop(next(iter(cache)))
+            if data is None:
+                cache[ckpt.path] = load_tensors(ckpt.file("activations.safetensors"))
+            else:
+                from dynlab.model import load_checkpoint_model
+
+                run = runs_by_path[ckpt.path]
+                if run.name not in batches:
+                    batches[run.name] = data_batch(run, data, n_seq)
+                model = load_checkpoint_model(ckpt.path)
+                cache[ckpt.path] = forward_activations(model, batches[run.name], positions)
+        return cache[ckpt.path]
+
+    written = 0
+    for run in runs:
+        i = run_index[run.name]
+        for ckpt in run.checkpoints:
+            if not available(ckpt):
+                continue
+            j = step_index[ckpt.step]
+            todo = [t for t in names if not cmp_done[i, target_index[t], j]]
+            if done[i, j] and not todo:
+                continue
+            acts = load(ckpt)
+            if not done[i, j]:
+                for name, arr in geometry_region(acts, n_layers, metrics, n_sv).items():
+                    group[name][i, j] = arr
+                group["act_analyzed"][i, j] = 1
+            for t in todo:
+                k = target_index[t]
+                other = resolve_target(t, run, ckpt.step, by_name, available)
+                if other is not None:
+                    tacts = load(other)
+                    if same_samples(acts, tacts):
+                        for name, arr in comparison_region(acts, tacts, n_layers).items():
+                            group[name][i, k, j] = arr
+                    else:
+                        warnings.warn(f"{ckpt.path}: its activations and those of target "
+                                      f"{t} ({other.path}) hold different token positions; "
+                                      "their comparison is NaN", RuntimeWarning, stacklevel=2)
+                group["cmp_analyzed"][i, k, j] = 1
+            written += 1
+    S.consolidate(path)
+    return written
