@@ -93,13 +93,23 @@ def component_spectra(
             right = stack_as([c.right for _, c in items], dtype, device)
             sig = spectral.lowrank_svdvals(left, right, dtype=dtype)
         else:
-            sig = spectral.svdvals(stack_as([c.x for _, c in items], dtype, device), dtype=dtype)
+            sig = spectral.svdvals(stack_dense([c for _, c in items], dtype, device),
+                                   dtype=dtype)
         sig = sig.cpu()
         for (site, comp), s in zip(items, sig, strict=True):
             k = comp.rank_bound
             if s.shape[0] < k:  # rows dropped because they were zero: σ = 0 there
                 s = torch.cat([s, s.new_zeros(k - s.shape[0])])
             out[site] = s[:k]
+    return out
+
+
+def stack_dense(comps: Sequence[C.Dense], dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Stack equal-shaped dense components into one batch of `dtype` on `device`, forming
+    each difference in place (`Dense.copy_into`): one copy, no float64 temporaries."""
+    out = torch.empty((len(comps), *comps[0].x.shape), dtype=dtype, device=device)
+    for i, comp in enumerate(comps):
+        comp.copy_into(out[i])
     return out
 
 

@@ -95,16 +95,20 @@ def coarsest(*dtypes: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class Dense:
-    """A matrix given by its entries. `shape` is the true shape when `x` holds only its
-    non-zero rows (singular values are then padded with zeros up to min(shape)). `stored`:
-    the precision its entries (or the tensors they were formed from) were stored in; None
-    means x's own dtype. `norm`: S, the Frobenius norm of the stored inputs it was formed from
-    (√(‖W_t‖_F² + ‖W_prev‖_F²) for a difference); None means ‖x‖_F."""
+    """A matrix given by its entries: x, or x − minus when `minus` is given (a difference of
+    two stored tensors, formed in float64 only where it is used: `entries`, or when it is
+    stacked for its spectrum, so an analysis never holds every update at once). `shape` is the
+    true shape when `x` holds only its non-zero rows (singular values are then padded with
+    zeros up to min(shape)). `stored`: the precision its entries (or the tensors they were
+    formed from) were stored in; None means x's own dtype. `norm`: S, the Frobenius norm of
+    the stored inputs it was formed from (√(‖W_t‖_F² + ‖W_prev‖_F²) for a difference); None
+    means ‖x‖_F."""
 
     x: torch.Tensor
     shape: tuple[int, int]
     stored: torch.dtype | None = None
     norm: float | None = None
+    minus: torch.Tensor | None = None
 
     @property
     def rank_bound(self) -> int:
@@ -132,7 +136,17 @@ class Dense:
         return frobenius(self.x) if self.norm is None else self.norm
 
     def entries(self) -> torch.Tensor:
-        return self.x
+        if self.minus is None:
+            return self.x
+        return self.x.double() - self.minus.double()
+
+    def copy_into(self, out: torch.Tensor) -> None:
+        """Write the entries into `out` (same shape, any dtype and device) with no other
+        temporary: x, then minus subtracted in out's dtype (for float64 out and float32 or
+        bf16 inputs, bitwise equal to x.double() − minus.double())."""
+        out.copy_(self.x)
+        if self.minus is not None:
+            out.sub_(self.minus.to(out.device, non_blocking=True))
 
 
 @dataclass(frozen=True)
@@ -219,6 +233,18 @@ def drop_zero_rows(
         return dense(x, stored, norm)
     return Dense(x[nonzero], (x.shape[0], x.shape[1]), stored,
                  frobenius(x) if norm is None else norm)
+
+
+def difference(cur: torch.Tensor, prev: torch.Tensor) -> Dense:
+    """cur − prev of two stored tensors, formed lazily (`Dense.minus`), rows equal in both
+    dropped (they contribute nothing to σ): stored precision the coarser of the two, S =
+    `difference_norm`."""
+    stored, norm = coarsest(cur.dtype, prev.dtype), difference_norm(cur, prev)
+    changed = (cur.ne(prev) | ~torch.isfinite(cur)).any(dim=1)
+    changed[0] = True  # at least one row: an unchanged matrix is the zero matrix, σ = 0
+    if bool(changed.all()):
+        return Dense(cur, (cur.shape[0], cur.shape[1]), stored, norm, prev)
+    return Dense(cur[changed], (cur.shape[0], cur.shape[1]), stored, norm, prev[changed])
 
 
 def weight(tensors: Tensors, layer: int, matrix: str) -> torch.Tensor:
@@ -359,10 +385,14 @@ def sum_of_products_norm(*terms: tuple[torch.Tensor, torch.Tensor]) -> torch.Ten
 
 def spectral_norms(x: torch.Tensor) -> torch.Tensor:
     """‖x‖_2 of each matrix of a batch (…, a, b), in float64 on the CPU: √λ_max of the Gram
-    matrix of the shorter side (σ_1 is accurate on the Gram route whatever κ)."""
+    matrix of the shorter side (σ_1 is accurate on the Gram route whatever κ). NaN for a
+    matrix holding NaN/Inf (its metrics are NaN)."""
     x = x.to(torch.float64)
+    finite = torch.isfinite(x).flatten(-2).all(-1)
+    x = torch.where(finite[..., None, None], x, torch.zeros((), dtype=x.dtype))
     gram = x @ x.mT if x.shape[-2] <= x.shape[-1] else x.mT @ x
-    return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt().cpu()
+    norms = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
+    return torch.where(finite, norms, torch.full((), math.nan, dtype=norms.dtype)).cpu()
 
 
 def _head_lowrank(
@@ -499,9 +529,7 @@ def update_components(
                 continue
             comp = relora_update(w, w_prev, layer, name, scale) if scale is not None else None
             if comp is None:
-                cur, prev = weight(w, layer, name), weight(w_prev, layer, name)
-                comp = dense(cur.double() - prev.double(), coarsest(cur.dtype, prev.dtype),
-                             difference_norm(cur, prev))
+                comp = difference(weight(w, layer, name), weight(w_prev, layer, name))
             out[Site("layer", (layer, j))] = comp
         if not (has(w, layer, "attention.o_proj", "attention.v_proj")
                 and has(w_prev, layer, "attention.o_proj", "attention.v_proj")):
@@ -526,9 +554,7 @@ def update_components(
         key = f"{name}.weight"
         if key not in w or key not in w_prev:
             continue
-        out[Site("emb", (e,))] = drop_zero_rows(w[key].double() - w_prev[key].double(),
-                                                coarsest(w[key].dtype, w_prev[key].dtype),
-                                                difference_norm(w[key], w_prev[key]))
+        out[Site("emb", (e,))] = difference(w[key], w_prev[key])
     out.update(qk_update_components(w, w_prev, spec))
     return out
 
