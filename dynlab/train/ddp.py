@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import socket
 import subprocess
@@ -114,6 +115,11 @@ def process_group(device: torch.device) -> Iterator[tuple[int, int]]:
         yield world()
     finally:
         if owned and initialized():
+            # a DistributedDataParallel model kept alive by a reference cycle (the trainer's
+            # closures) must die while its group exists: destroyed later, at interpreter exit,
+            # its reducer finds the group gone and the process aborts ("terminate called
+            # without an active exception") after a complete run
+            gc.collect()
             dist.destroy_process_group()
 
 
