@@ -6,12 +6,18 @@ import os
 import subprocess
 import sys
 
+CODE = ("import dynlab_cli, os; "
+        "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))")
 
-def test_cli_sets_a_passive_openmp_wait_policy_unless_the_user_chose_one():
-    code = "import dynlab_cli, os; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.stdout.strip() == "PASSIVE"
-    env["OMP_WAIT_POLICY"] = "ACTIVE"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.stdout.strip() == "ACTIVE"
+
+def run(env: dict) -> str:
+    return subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def test_cli_sets_a_short_openmp_spin_unless_the_user_chose_a_policy():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    assert run(env) == "1000 None"
+    assert run(dict(env, GOMP_SPINCOUNT="5")) == "5 None"
+    assert run(dict(env, OMP_WAIT_POLICY="ACTIVE")) == "None ACTIVE"
