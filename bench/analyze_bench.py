@@ -202,11 +202,16 @@ def time_dynlab(run: Path, out: Path, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def compare(out: Path, ref: dict, spec: ModelSpec) -> float:
+def compare(out: Path, ref: dict, spec: ModelSpec) -> tuple[float, int]:
+    """(largest relative difference over per and every cn finite in both, number of cn values
+    that one side counts as infinite and the other not). The reference judges σ_k against
+    float64's eps (numpy's matrix_rank rule); dynlab against the precision the checkpoint was
+    stored in (`spectral.zero_tolerance`), so a cn near the float32 noise floor is inf in
+    dynlab and a large finite number in the reference: those are counted, not compared."""
     import xarray as xr
 
     ds = xr.open_zarr(out).load()
-    worst = 0.0
+    worst, judged = 0.0, 0
     for (step, name), (per, cn) in ref.items():
         kind, rest = name.split(".", 1)
         if rest in ("embedding_proj", "de_embedding_proj"):
@@ -219,12 +224,16 @@ def compare(out: Path, ref: dict, spec: ModelSpec) -> float:
                 got = [ds[f"head_{m}"].sel(**sel, head=int(part[4:])) for m in ("per", "cn")]
             else:
                 got = [ds[m].sel(**sel, matrix=part) for m in ("per", "cn")]
-        for a, b in zip((float(got[0]), float(got[1])), (per, cn), strict=True):
+        for metric, a, b in zip(("per", "cn"), (float(got[0]), float(got[1])), (per, cn),
+                                strict=True):
             if math.isinf(b) or math.isinf(a):
-                worst = max(worst, 0.0 if a == b else math.inf)
+                if a != b and metric == "cn":
+                    judged += 1
+                elif a != b:
+                    worst = math.inf
             else:
                 worst = max(worst, abs(a - b) / abs(b))
-    return worst
+    return worst, judged
 
 
 def peak_rss_of(cmd: list[str]) -> tuple[float, float]:
@@ -302,7 +311,7 @@ def main() -> None:
     t_read, t_gram = floor_c(run, SMALL)
     t_floor = t_read + t_gram
     t_a = math.nan if args.skip_a else baseline_a(run, SMALL)
-    worst = compare(args.workdir / "bench.zarr", ref, SMALL)
+    worst, judged = compare(args.workdir / "bench.zarr", ref, SMALL)
     print(f"\nmachine: {os.cpu_count()} CPU threads, torch {torch.__version__}, "
           f"device {args.device}; {args.checkpoints} checkpoints, {len(ref)} matrices")
     print(f"  dynlab analyze (whole process) {t_dyn:8.1f} s   (`dynlab --help`: {t_help:.2f} s)")
@@ -310,7 +319,8 @@ def main() -> None:
     print(f"  (b) plain float64 loop         {t_b:8.1f} s   b/dynlab = {t_b / t_dyn:5.2f}x")
     print(f"  (c) floor: reads {t_read:.1f} s + Gram/eigvalsh {t_gram:.1f} s = {t_floor:.1f} s"
           f"   dynlab/c = {t_dyn / t_floor:5.2f}x")
-    print(f"  max relative difference dynlab vs (b), per and cn: {worst:.2e}")
+    print(f"  max relative difference dynlab vs (b), per and cn: {worst:.2e}; cn judged "
+          f"rank-deficient at the storage precision by dynlab only: {judged} of {len(ref)}")
 
 
 if __name__ == "__main__":
