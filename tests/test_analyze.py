@@ -24,6 +24,9 @@ from dynlab.spectral import TOL_FACTOR as TOL_C
 from dynlab.store import StoreError
 from dynlab.synthetic import geometric_spectrum, make_run, matrix_with_spectrum
 
+sys.path.insert(0, str(Path(__file__).parent))
+from references import product_norm  # noqa: E402
+
 SPEC = ModelSpec(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=48,
                  vocab_size=64)
 BIN = Path(sys.executable).parent / "dynlab"
@@ -58,16 +61,6 @@ def ref_metrics(w: np.ndarray, k: int | None = None, eps: float = F64_EPS,
     tol = max(TOL_C * eps * norm * (m**-0.5 + n**-0.5), max(m, n) * F64_EPS * s[0])
     cn = math.inf if s[-1] <= tol else s[0] / s[-1]
     return {"er": er, "per": er / k, "cn": cn}
-
-
-def product_norm(left: np.ndarray, right: np.ndarray) -> float:
-    """S of the product left·right of stored factors (m × k, k × n), written out:
-    (‖L‖_F‖R‖_2(1/√m + 1/√k) + ‖L‖_2‖R‖_F(1/√k + 1/√n)) / (1/√m + 1/√n)."""
-    (m, k), n = left.shape, right.shape[1]
-    lf, rf = np.linalg.norm(left), np.linalg.norm(right)
-    l2, r2 = np.linalg.norm(left, 2), np.linalg.norm(right, 2)
-    return float((lf * r2 * (m**-0.5 + k**-0.5) + l2 * rf * (k**-0.5 + n**-0.5))
-                 / (m**-0.5 + n**-0.5))
 
 
 def assert_metric(got: float, ref: float, name: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,9 @@ from dynlab.checkpoints import find_runs
 from dynlab.synthetic import geometric_spectrum, matrix_with_spectrum
 from dynlab.viz import figures as F
 from dynlab.viz import report as R
+
+sys.path.insert(0, str(Path(__file__).parent))
+from references import product_norm as hand_product_norm  # noqa: E402
 
 C_TOL = spectral.TOL_FACTOR
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -45,16 +49,6 @@ def spectra_and_metrics(comp: C.Component) -> dict[str, float]:
                                                                **args))
     out["tol"] = float(spectral.zero_tolerance(s, comp.max_dim, comp.eps, **args))
     return out
-
-
-def hand_product_norm(left: np.ndarray, right: np.ndarray) -> float:
-    """S of a product of stored factors, written out with numpy's norms:
-    (‖L‖_F‖R‖_2(1/√m + 1/√k) + ‖L‖_2‖R‖_F(1/√k + 1/√n)) / (1/√m + 1/√n)."""
-    (m, k), n = left.shape, right.shape[1]
-    lf, rf = np.linalg.norm(left), np.linalg.norm(right)
-    l2, r2 = np.linalg.norm(left, 2), np.linalg.norm(right, 2)
-    return float((lf * r2 * (m**-0.5 + k**-0.5) + l2 * rf * (k**-0.5 + n**-0.5))
-                 / (m**-0.5 + n**-0.5))
 
 
 def tol_by_hand(m: int, n: int, eps: float, norm: float, sigma_1: float) -> float:
