@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dynlab.checkpoints import ModelSpec, read_ahead
+from dynlab.runs.checkpoints import ModelSpec, read_ahead
 
 SMALL = ModelSpec(d_model=384, n_layers=12, n_heads=12, n_kv_heads=4,
                   activation_hidden_dim=1536, vocab_size=50304)
@@ -206,7 +206,7 @@ def compare(out: Path, ref: dict, spec: ModelSpec) -> tuple[float, int]:
     """(largest relative difference over per and every cn finite in both, number of cn values
     that one side counts as infinite and the other not). The reference judges σ_k against
     float64's eps (numpy's matrix_rank rule); dynlab against the precision the checkpoint was
-    stored in (`spectral.zero_tolerance`), so a cn near the float32 noise floor is inf in
+    stored in (`metrics_mod.zero_tolerance`), so a cn near the float32 noise floor is inf in
     dynlab and a large finite number in the reference: those are counted, not compared."""
     import xarray as xr
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from dynlab.eval import EvalData, evaluate
 from dynlab.eval.blimp import blimp_accuracy, filter_pairs, read_blimp
 from dynlab.model.pico_decoder import PRESETS, PicoDecoder
-from dynlab.train.data import bos_id, get_tokenizer, read_text_documents
+from dynlab.training.data import bos_id, get_tokenizer, read_text_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

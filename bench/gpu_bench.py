@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 
 import analyze_bench as AB  # noqa: E402  (a sibling script)
 
-from dynlab.checkpoints import ModelSpec  # noqa: E402
+from dynlab.runs.checkpoints import ModelSpec  # noqa: E402
 
 TINY = ModelSpec(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=128,
                  vocab_size=512)

@@ -159,9 +159,9 @@ def rates(durations: list[float], tokens_per_step: int) -> dict[str, float]:
 def dynlab_rate(s: Setup, tok: Path, data: Path, out: Path, kind: str = "decoder"
                 ) -> tuple[dict[str, float], float]:
     """(rates of the steps warmup+1 .. warmup+steps, seconds of step 0's checkpoint) of
-    `dynlab.train`, from the wall_seconds of its metrics.jsonl (one line per step)."""
+    `dynlab.training`, from the wall_seconds of its metrics.jsonl (one line per step)."""
     import dynlab
-    from dynlab.train.checkpointing import read_metrics
+    from dynlab.training.checkpointing import read_metrics
 
     if s.compile:
         torch._dynamo.reset()  # every measurement compiles afresh (in its warmup steps)
@@ -269,7 +269,7 @@ def speed(s: Setup, rounds: int, tok: Path, data: Path, work: Path, relora: bool
 
 
 def _train_cfg(s: Setup, kind: str, vocab: int):
-    from dynlab.train.config import TrainConfig
+    from dynlab.training.config import TrainConfig
 
     cfg = TrainConfig(kind=kind, preset=s.preset, batch_size=s.batch_size, seq_len=s.seq_len,
                       max_seq_len=s.model.max_seq_len, vocab_size=vocab, lr=s.lr,
@@ -280,8 +280,8 @@ def _train_cfg(s: Setup, kind: str, vocab: int):
 
 def train_three_steps(s: Setup, kind: str, data: Path):
     """(model, optimizer) after three updates made with the trainer's own functions."""
-    from dynlab.train.config import model_config
-    from dynlab.train.trainer import build_model, make_optimizer, train_step
+    from dynlab.training.config import model_config
+    from dynlab.training.trainer import build_model, make_optimizer, train_step
 
     device = torch.device(s.device)
     cfg = _train_cfg(s, kind, s.model.vocab_size)
@@ -329,7 +329,7 @@ def _warm_up(s: Setup) -> None:
     """One step of a 2-layer, d_model 8 model: lazy imports (torch._dynamo via the
     optimizer), kernels, autograd threads and (CUDA) the cuBLAS workspace are set up before
     a measurement."""
-    from dynlab.train.trainer import train_step
+    from dynlab.training.trainer import train_step
 
     device = torch.device(s.device)
     tiny = ModelConfig(d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, activation_hidden_dim=8,
@@ -345,7 +345,7 @@ def rss_worker(args: argparse.Namespace) -> None:
     the model and train three steps; print the resident memory before and the peak during."""
     s = Setup(**json.loads(args.setup))
     torch.set_num_threads(s.threads)
-    import dynlab.train.trainer  # noqa: F401  (imported before the measurement)
+    import dynlab.training.trainer  # noqa: F401  (imported before the measurement)
 
     data = Path(args.data)
     np.load(data)
@@ -416,8 +416,8 @@ def memory(s: Setup, data: Path) -> dict:
 
 def saved_at_setup(s: Setup) -> dict[str, int]:
     """Saved activations for backward of one training forward at the bench's own setup."""
-    from dynlab.train.config import model_config
-    from dynlab.train.trainer import build_model
+    from dynlab.training.config import model_config
+    from dynlab.training.trainer import build_model
 
     device = torch.device(s.device)
     vocab = s.model.vocab_size
@@ -462,7 +462,7 @@ def saved_activation_bytes(model: torch.nn.Module, batch: torch.Tensor,
     """Bytes of the distinct storages (by data_ptr) autograd saves for backward in one
     training forward with the loss (the trainer's autocast), parameters and buffers excluded.
     The graph is dropped without a backward."""
-    from dynlab.train.trainer import autocast, lm_loss
+    from dynlab.training.trainer import autocast, lm_loss
 
     constant = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     seen: dict[int, int] = {}
@@ -488,8 +488,8 @@ def saved_memory(s: Setup, data: Path) -> dict:
     trainer's default); and at the longest length the ratio of parameters + gradients + AdamW
     state (measured after three steps at seq SAVED_STATE_SEQ, which they do not depend on)
     + saved activations: the training peak's main terms."""
-    from dynlab.train.config import model_config
-    from dynlab.train.trainer import build_model
+    from dynlab.training.config import model_config
+    from dynlab.training.trainer import build_model
 
     device = torch.device(s.device)
     sp = replace(s, preset=SAVED_PRESET, batch_size=1, seq_len=max(SAVED_SEQ_LENS))

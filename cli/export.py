@@ -21,7 +21,7 @@ def export(
     from dynlab_cli.console import guarded
 
     with guarded("export"):
-        from dynlab.export import export as run_export
+        from dynlab.analysis.export import export as run_export
 
         files = run_export(store, out, fmt=fmt, run=run, split=split)
         print(f"{out}: {len(files)} files")

@@ -22,7 +22,7 @@ def recompute(
     from dynlab_cli.console import guarded
 
     with guarded("recompute"):
-        from dynlab.recompute import recompute as run_recompute
+        from dynlab.analysis.recompute import recompute as run_recompute
 
         written = run_recompute(store, metrics, progress=progress)
         print(f"{store}: wrote {', '.join(written)}")

@@ -1,5 +1,5 @@
 """`dynlab train decoder|relora`: train pico-decoder or pico-relora with learning-dynamics
-checkpoints. Thin: parse options, call dynlab.train.trainer.train, print the run directory."""
+checkpoints. Thin: parse options, call dynlab.training.trainer.train, print the run directory."""
 
 from __future__ import annotations
 
@@ -108,24 +108,24 @@ def _argv(kind: str, config: Path | None, options: dict) -> list[str]:
 
 
 def _launch(kind: str, config: Path | None, options: dict, nproc: int, console) -> None:
-    """Check the options here, then run `torchrun --nproc-per-node N -m dynlab.train ...`."""
-    from dynlab.train.ddp import launch
-    from dynlab.train.trainer import check_launch
+    """Check the options here, then run `torchrun --nproc-per-node N -m dynlab train ...`."""
+    from dynlab.training.ddp import launch
+    from dynlab.training.trainer import check_launch
 
     argv = _argv(kind, config, options)
     opts = dict(options, activation_hidden_dim=options.get("hidden_dim"))
     opts.pop("hidden_dim", None)
     cfg = check_launch(kind, nproc, config=config, **opts)
-    code = launch(nproc, ["-m", "dynlab.train", *argv], threads=cfg.threads)
+    code = launch(nproc, ["-m", "dynlab", "train", *argv], threads=cfg.threads)
     if code:
         raise typer.Exit(code)
 
 
 def _preview(kind: str, config: Path | None, options: dict, devices: int, gpu: str | None,
              mfu: float | None, console) -> None:
-    """--dry-run: the cost of these options (dynlab.train.costs), nothing trained."""
-    from dynlab.train import costs
-    from dynlab.train.config import make_config
+    """--dry-run: the cost of these options (dynlab.training.costs), nothing trained."""
+    from dynlab.training import costs
+    from dynlab.training.config import make_config
 
     opts = dict(options, activation_hidden_dim=options.get("hidden_dim"))
     opts.pop("hidden_dim", None)
@@ -172,7 +172,7 @@ def _run(kind: str, config: Path | None, options: dict) -> None:
     options["activation_hidden_dim"] = options.pop("hidden_dim", None)
     where = f"train (rank {rank})" if world > 1 else "train"
     with guarded(where):
-        from dynlab.train.trainer import train
+        from dynlab.training.trainer import train
 
         run_dir = train(kind, config=config, **options)
     if rank == 0:

@@ -5,25 +5,32 @@ Import is light: torch, xarray and zarr load on first use of the functions below
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:
+    import xarray as xr
 
-def analyze(*args, **kwargs):
+
+def analyze(*args: Any, **kwargs: Any) -> Path:
     """Spectral analysis of runs into a Zarr store; see `dynlab.analysis.analyze`."""
-    from dynlab.analysis import analyze as _analyze
+    from dynlab.analysis import analyze as run_analysis
 
-    return _analyze(*args, **kwargs)
-
-
-def open_store(path):
-    """Open an analysis store as an xarray Dataset; see `dynlab.store.open_store`."""
-    from dynlab.store import open_store as _open_store
-
-    return _open_store(path)
+    return run_analysis(*args, **kwargs)
 
 
-def train(*args, **kwargs):
-    """Train a pico-decoder or pico-relora; see `dynlab.train.trainer.train`."""
-    from dynlab.train.trainer import train as _train
+def open_store(path: str | Path) -> xr.Dataset:
+    """Open an analysis store as an xarray Dataset; see `dynlab.analysis.store.open_store`."""
+    from dynlab.analysis.store import open_store as open_analysis_store
 
-    return _train(*args, **kwargs)
+    return open_analysis_store(path)
+
+
+def train(kind: str = "decoder", **options: Any) -> Path:
+    """Train a pico-decoder (`kind="decoder"`) or pico-relora (`"relora"`) and return the run
+    directory; see `dynlab.training.trainer.train` for the options."""
+    from dynlab.training.trainer import train as run_training
+
+    return run_training(kind, **options)

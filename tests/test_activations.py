@@ -12,8 +12,8 @@ import xarray as xr
 from safetensors.torch import load_file
 
 import dynlab
-from dynlab import representations as R
-from dynlab.activations import parse_positions, parse_targets, select_positions
+from dynlab.analysis import representations as R
+from dynlab.analysis.activations import parse_positions, parse_targets, select_positions
 from dynlab.errors import InputError
 
 SMALL = dict(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=32,
@@ -44,7 +44,7 @@ def test_positions():
 
 def test_learning_dynamics_activations_are_the_forward_values():
     from dynlab.model import ModelConfig, PicoDecoder
-    from dynlab.train.trainer import learning_dynamics
+    from dynlab.training.trainer import learning_dynamics
 
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -208,7 +208,7 @@ def test_representation_figures_and_report(two_runs):
 def test_export_activation_metrics(two_runs, tmp_path):
     import json
 
-    from dynlab.export import export
+    from dynlab.analysis.export import export
 
     root, dec, rel = two_runs
     store = dynlab.analyze([dec, rel], root / "e.zarr", metrics="per", progress=False,
@@ -230,10 +230,10 @@ def test_export_activation_metrics(two_runs, tmp_path):
 
 @pytest.mark.slow
 def test_activations_computed_at_analysis_time(two_runs, tmp_path):
-    from dynlab.activations import data_batch, forward_activations
-    from dynlab.checkpoints import find_runs
+    from dynlab.analysis.activations import data_batch, forward_activations
+    from dynlab.analysis.store import StoreError
     from dynlab.model import load_checkpoint_model
-    from dynlab.store import StoreError
+    from dynlab.runs.checkpoints import find_runs
 
     root, dec, rel = two_runs
     text = tmp_path / "held_out.txt"
@@ -273,7 +273,7 @@ def test_activations_computed_at_analysis_time(two_runs, tmp_path):
 
 @pytest.mark.slow
 def test_recompute_activation_metrics(two_runs, tmp_path):
-    from dynlab.recompute import recompute
+    from dynlab.analysis.recompute import recompute
 
     root, dec, rel = two_runs
     full = dynlab.analyze([dec], tmp_path / "f.zarr", metrics="per,cn,alpha", progress=False,

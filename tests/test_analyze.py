@@ -19,10 +19,10 @@ import xarray as xr
 from safetensors.torch import load_file
 
 import dynlab
-from dynlab.checkpoints import CheckpointError, ModelSpec
-from dynlab.spectral import TOL_FACTOR as TOL_C
-from dynlab.store import StoreError
-from dynlab.synthetic import geometric_spectrum, make_run, matrix_with_spectrum
+from dynlab.analysis.metrics import TOL_FACTOR as TOL_C
+from dynlab.analysis.store import StoreError
+from dynlab.runs.checkpoints import CheckpointError, ModelSpec
+from dynlab.testing import geometric_spectrum, make_run, matrix_with_spectrum
 
 sys.path.insert(0, str(Path(__file__).parent))
 from references import product_norm  # noqa: E402

@@ -13,11 +13,11 @@ import xarray as xr
 from safetensors.torch import load_file
 
 import dynlab
-from dynlab.checkpoints import ModelSpec
-from dynlab.conventions import condition_number_pico
-from dynlab.spectral import max_abs_entry
-from dynlab.store import StoreError
-from dynlab.synthetic import make_run
+from dynlab.analysis.conventions import condition_number_pico
+from dynlab.analysis.metrics import max_abs_entry
+from dynlab.analysis.store import StoreError
+from dynlab.runs.checkpoints import ModelSpec
+from dynlab.testing import make_run
 
 SPEC = ModelSpec(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=48,
                  vocab_size=64)
@@ -127,7 +127,7 @@ def test_pico_cn_and_inf_norm_functions():
 def test_store_keeps_one_convention_and_recompute_follows_it(stores, tmp_path):
     import shutil
 
-    from dynlab.recompute import recompute
+    from dynlab.analysis.recompute import recompute
 
     run, root, pico = stores
     with pytest.raises(StoreError, match="convention 'pico'"):

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import dynlab
-from dynlab.train import ddp
-from dynlab.train.checkpointing import complete_checkpoints, read_metrics
+from dynlab.training import ddp
+from dynlab.training.checkpointing import complete_checkpoints, read_metrics
 
 pytestmark = pytest.mark.slow  # real torchrun processes
 
@@ -110,14 +110,14 @@ def test_decoder_two_processes_match_one_and_resume_with_one(tmp_path):
 
 
 def test_relora_torchrun_matches_one_process_through_resets_and_resume(tmp_path):
-    """`torchrun --nproc-per-node 2 -m dynlab.train relora`, stopped after step 8 and resumed
+    """`torchrun --nproc-per-node 2 -m dynlab train relora`, stopped after step 8 and resumed
     under torchrun from checkpoint 5: resets after steps 3, 6 and 9 (the latter two replayed
     on resume), random pruning of half the Adam moments. Every loss, weight and gradient
     equals the single-process run."""
     opts = dict(TINY, **RELORA, steps=10, checkpoint_every=5, batch_size=4)
     one = dynlab.train("relora", out=str(tmp_path / "one"), **opts)
     two = tmp_path / "two"
-    cmd = ["-m", "dynlab.train", "relora", "--out", str(two), *flags(opts)]
+    cmd = ["-m", "dynlab", "train", "relora", "--out", str(two), *flags(opts)]
     run(ddp.launch_command(2, cmd + ["--stop-at=8"]))
     assert [s for s, _ in complete_checkpoints(two)] == [0, 5]
     run(ddp.launch_command(2, cmd + ["--resume"]))
@@ -143,8 +143,8 @@ def _reset_worker(rank: int, world_size: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from dynlab.model.relora import merge_and_reset
-    from dynlab.train.config import TrainConfig, model_config, relora_config
-    from dynlab.train.trainer import build_model, train_step
+    from dynlab.training.config import TrainConfig, model_config, relora_config
+    from dynlab.training.trainer import build_model, train_step
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,

@@ -5,9 +5,9 @@ import pytest
 import xarray as xr
 
 import dynlab
-from dynlab.checkpoints import ModelSpec
-from dynlab.distributed import parse_scheduler
-from dynlab.synthetic import make_run
+from dynlab.analysis.dask import parse_scheduler
+from dynlab.runs.checkpoints import ModelSpec
+from dynlab.testing import make_run
 
 pytestmark = pytest.mark.slow  # starts a Dask LocalCluster
 

@@ -14,8 +14,8 @@ import torch
 import xarray as xr
 
 import dynlab
-from dynlab.checkpoints import ModelSpec
-from dynlab.synthetic import make_run
+from dynlab.runs.checkpoints import ModelSpec
+from dynlab.testing import make_run
 
 SPEC = ModelSpec(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=48,
                  vocab_size=64)
@@ -75,7 +75,7 @@ def test_layout_keys_and_values(store, tmp_path):
 
 
 def test_several_runs_and_errors(store, tmp_path):
-    from dynlab.export import export
+    from dynlab.analysis.export import export
 
     files = export(store, tmp_path / "all", split="train")
     assert (tmp_path / "all" / "rel" / "step_10" / "per_lora_train.json").is_file()

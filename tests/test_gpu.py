@@ -6,9 +6,9 @@ import torch
 import xarray as xr
 
 import dynlab
-from dynlab import spectral
-from dynlab.checkpoints import ModelSpec
-from dynlab.synthetic import geometric_spectrum, make_run, matrix_with_spectrum
+from dynlab.analysis import spectra
+from dynlab.runs.checkpoints import ModelSpec
+from dynlab.testing import geometric_spectrum, make_run, matrix_with_spectrum
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -18,8 +18,8 @@ def test_cuda_svdvals_match_cpu(kappa):
     g = torch.Generator().manual_seed(0)
     mats = torch.stack([matrix_with_spectrum(96, 160, geometric_spectrum(96, kappa), g)
                         for _ in range(4)])
-    cpu = spectral.svdvals(mats)
-    gpu = spectral.svdvals(mats.cuda()).cpu()
+    cpu = spectra.svdvals(mats)
+    gpu = spectra.svdvals(mats.cuda()).cpu()
     np.testing.assert_allclose(gpu.numpy(), cpu.numpy(), rtol=1e-6)
 
 

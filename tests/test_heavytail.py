@@ -1,4 +1,4 @@
-"""dynlab.heavytail against the `powerlaw` package (2.0.0) and hand computations."""
+"""dynlab.analysis.heavytail against the `powerlaw` package (2.0.0) and hand computations."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynlab import heavytail as H
+from dynlab.analysis import heavytail as H
 
 powerlaw = pytest.importorskip("powerlaw", reason="powerlaw==2.0.0 is a dev dependency")
 

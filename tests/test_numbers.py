@@ -18,18 +18,19 @@ from safetensors.torch import load_file
 from scipy import stats
 
 import dynlab
-from dynlab import analysis as A
-from dynlab import components as C
-from dynlab import spectral
-from dynlab.checkpoints import find_runs
-from dynlab.synthetic import geometric_spectrum, matrix_with_spectrum
+from dynlab.analysis import components as C
+from dynlab.analysis import metrics as metrics_mod
+from dynlab.analysis import run as A
+from dynlab.analysis import spectra
+from dynlab.runs.checkpoints import find_runs
+from dynlab.testing import geometric_spectrum, matrix_with_spectrum
 from dynlab.viz import figures as F
 from dynlab.viz import report as R
 
 sys.path.insert(0, str(Path(__file__).parent))
 from references import product_norm as hand_product_norm  # noqa: E402
 
-C_TOL = spectral.TOL_FACTOR
+C_TOL = metrics_mod.TOL_FACTOR
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 EPS64 = float(torch.finfo(torch.float64).eps)
 
@@ -45,9 +46,9 @@ def spectra_and_metrics(comp: C.Component) -> dict[str, float]:
     out = {"sigma": s.numpy()}
     args = dict(min_dim=comp.min_dim, norm=comp.storage_norm, compute_eps=EPS64)
     for name in ("numerical_rank", "cn", "cn_nz", "rank_deficit", "per"):
-        out[name] = float(spectral.METRICS[name].from_spectrum(s, comp.max_dim, comp.eps,
+        out[name] = float(metrics_mod.METRICS[name].from_spectrum(s, comp.max_dim, comp.eps,
                                                                **args))
-    out["tol"] = float(spectral.zero_tolerance(s, comp.max_dim, comp.eps, **args))
+    out["tol"] = float(metrics_mod.zero_tolerance(s, comp.max_dim, comp.eps, **args))
     return out
 
 
@@ -77,10 +78,10 @@ def test_cn_nz_and_rank_deficit_by_hand():
     # (rows 0, 1), between 1e-12 and 1e-3 for any c in [1e-8, 2.6]
     assert 1e-8 <= C_TOL <= 2.6
     eps = 1e-4
-    r = spectral.numerical_rank(s, 8, eps)
-    nz = spectral.nonzero_condition_number(s, 8, eps)
-    deficit = spectral.rank_deficit(s, 8, eps)
-    cn = spectral.condition_number(s, 8, eps)
+    r = metrics_mod.numerical_rank(s, 8, eps)
+    nz = metrics_mod.nonzero_condition_number(s, 8, eps)
+    deficit = metrics_mod.rank_deficit(s, 8, eps)
+    cn = metrics_mod.condition_number(s, 8, eps)
     assert r[[0, 1, 2, 4]].tolist() == [3, 4, 0, 2] and math.isnan(r[3])
     assert nz[0] == 4.0 / 1e-3 and cn[0] == math.inf
     assert nz[1] == cn[1] == 8.0  # full numerical rank: cn_nz = cn
@@ -88,7 +89,7 @@ def test_cn_nz_and_rank_deficit_by_hand():
     assert math.isnan(nz[3]) and math.isnan(deficit[3])  # a matrix that held NaN/Inf
     assert cn[4] == math.inf and nz[4] == 3.0  # k = 3 (NaN-padded)
     assert deficit[[0, 1, 2, 4]].tolist() == [1, 0, 4, 1]
-    assert {"cn_nz", "rank_deficit"} <= set(spectral.parse_metrics("all"))
+    assert {"cn_nz", "rank_deficit"} <= set(metrics_mod.parse_metrics("all"))
 
 
 def test_zero_tolerance_formula_and_storage_eps():
@@ -98,7 +99,7 @@ def test_zero_tolerance_formula_and_storage_eps():
     m = torch.tensor([10.0, 3.0, 4096.0])
     n = torch.tensor([4.0, 2.0, 2.0])
     norm = torch.tensor([7.0, 5.0, 1.0])
-    got = spectral.zero_tolerance(s, m, eps, min_dim=n, norm=norm, compute_eps=EPS64)
+    got = metrics_mod.zero_tolerance(s, m, eps, min_dim=n, norm=norm, compute_eps=EPS64)
     # the storage term for rows 0 and 1; the SVD's own error 4096·eps_64·σ_1 for row 2, whose
     # storage term c·eps_64·(1/√4096 + 1/√2) is smaller
     want = [C_TOL * 2**-23 * 7.0 * (10**-0.5 + 4**-0.5), C_TOL * 2**-7 * 5.0 * (3**-0.5 + 2**-0.5),
@@ -107,16 +108,16 @@ def test_zero_tolerance_formula_and_storage_eps():
     assert want[2] > C_TOL * 2**-52 * (4096**-0.5 + 2**-0.5)
     # defaults: S = ‖X‖_F of the spectrum itself, n = k, compute eps = sigma's dtype's
     np.testing.assert_allclose(
-        spectral.zero_tolerance(s[:2], m[:2], eps[:2]),
+        metrics_mod.zero_tolerance(s[:2], m[:2], eps[:2]),
         [C_TOL * 2**-23 * math.sqrt(5) * (10**-0.5 + 2**-0.5),
          C_TOL * 2**-7 * 5.0 * (3**-0.5 + 2**-0.5)], rtol=1e-14)
     # a product's S (hand computation of the documented bound)
-    assert spectral.product_noise_norm(3.0, 2.0, 100, 4, 25) == pytest.approx(
+    assert metrics_mod.product_noise_norm(3.0, 2.0, 100, 4, 25) == pytest.approx(
         6.0 * (0.1 + 2 * 0.5 + 0.2) / (0.1 + 0.2), rel=1e-15)
-    assert spectral.product_noise_norm(3.0, 2.0, 100, 4, 25, 1.5, 0.5) == pytest.approx(
+    assert metrics_mod.product_noise_norm(3.0, 2.0, 100, 4, 25, 1.5, 0.5) == pytest.approx(
         (3.0 * 0.5 * (0.1 + 0.5) + 1.5 * 2.0 * (0.5 + 0.2)) / (0.1 + 0.2), rel=1e-15)
-    assert spectral.storage_eps(torch.float32, torch.bfloat16) == 2**-7
-    assert spectral.storage_eps(torch.float64) == 2**-52
+    assert metrics_mod.storage_eps(torch.float32, torch.bfloat16) == 2**-7
+    assert metrics_mod.storage_eps(torch.float64) == 2**-52
     assert C.coarsest(torch.float64, torch.float16, torch.float32) == torch.float16
 
 
@@ -175,8 +176,8 @@ def test_known_rank_dense_stored(dtype, noise):
     assert pert <= got["tol"] and got["sigma"][4] <= got["tol"] < got["sigma"][3]
     if dtype != "float64":  # the former rule (float64 eps) counts that noise as rank
         s = torch.from_numpy(got["sigma"])
-        assert spectral.numerical_rank(s, 48, eps_of(torch.float64)) == 40
-        assert spectral.condition_number(s, 48, eps_of(torch.float64)) < math.inf
+        assert metrics_mod.numerical_rank(s, 48, eps_of(torch.float64)) == 40
+        assert metrics_mod.condition_number(s, 48, eps_of(torch.float64)) < math.inf
 
 
 def test_full_rank_float32_kappa_1e5_keeps_an_exact_finite_cn():
@@ -376,7 +377,7 @@ def dct_matrix_with_spectrum(n: int, sigma: np.ndarray, seed: int) -> torch.Tens
 
 def spectral_norm_of(e: torch.Tensor) -> float:
     """‖E‖_2 = sqrt(λ_max(EᵀE)), in float64 (σ_1 is accurate on the Gram route at any κ)."""
-    return float(spectral.svdvals(e, method="gram")[0])
+    return float(spectra.svdvals(e, method="gram")[0])
 
 
 @pytest.mark.parametrize("width", [64, 512, 2048])
@@ -425,8 +426,8 @@ def test_gradient_ov_noise_pairs_each_factor_with_what_it_multiplies():
     weighed against dV, not V. Its numerical rank is the float64 reference's full rank 2·n_kv·hd
     = d; the concatenated factors [O, dO]·[dV; V] would put the tolerance at the scale of
     ‖O‖·‖V‖, 1e4 times too high, and call most of it zero."""
-    from dynlab.checkpoints import ModelSpec
-    from dynlab.synthetic import random_weights
+    from dynlab.runs.checkpoints import ModelSpec
+    from dynlab.testing import random_weights
 
     spec = ModelSpec(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, activation_hidden_dim=8,
                      vocab_size=8)
@@ -451,4 +452,4 @@ def test_gradient_ov_noise_pairs_each_factor_with_what_it_multiplies():
     assert got["cn"] == pytest.approx(ref[0] / ref[-1], rel=1e-6)
     concat = bound(np.concatenate([o_sum(o), o_sum(do)], axis=1), np.concatenate([dv, v]))
     s = torch.from_numpy(got["sigma"])
-    assert spectral.numerical_rank(s, 32, comp.eps, min_dim=32, norm=concat) < 32
+    assert metrics_mod.numerical_rank(s, 32, comp.eps, min_dim=32, norm=concat) < 32

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from dynlab.checkpoints import prefetch
+from dynlab.runs.checkpoints import prefetch
 
 
 def test_prefetch_order_and_values():

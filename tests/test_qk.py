@@ -12,10 +12,10 @@ import torch
 import xarray as xr
 
 import dynlab
-from dynlab import components as C
-from dynlab.analysis import component_spectra
-from dynlab.checkpoints import ModelSpec
-from dynlab.synthetic import make_run, random_weights
+from dynlab.analysis import components as C
+from dynlab.analysis.run import component_spectra
+from dynlab.runs.checkpoints import ModelSpec
+from dynlab.testing import make_run, random_weights
 
 SPEC = ModelSpec(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=48,
                  vocab_size=64)
@@ -126,7 +126,7 @@ def test_store_has_qk_and_matches(run_dir, tmp_path):
     got = float(ds.qk_head_per.sel(kind="weights", step=10, layer=1, head=2))
     assert got == pytest.approx(ref, rel=1e-6)
     # α of the layer matrices comes from the same stored spectra
-    from dynlab.heavytail import fit_spectrum
+    from dynlab.analysis.heavytail import fit_spectrum
 
     sig = ds.sigma.sel(kind="weights", step=10, layer=0, matrix="swiglu.w_0").values
     fit = fit_spectrum(sig, 48)
@@ -141,7 +141,7 @@ def test_store_made_before_qk_is_extended(run_dir, tmp_path):
 
     import zarr
 
-    from dynlab.store import quiet_zarr
+    from dynlab.analysis.store import quiet_zarr
 
     first = tmp_path / "first"
     (first / "checkpoints").mkdir(parents=True)

@@ -13,8 +13,8 @@ import pytest
 import xarray as xr
 
 import dynlab
-from dynlab.checkpoints import ModelSpec
-from dynlab.synthetic import make_run
+from dynlab.runs.checkpoints import ModelSpec
+from dynlab.testing import make_run
 
 SPEC = ModelSpec(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=48,
                  vocab_size=64)
@@ -75,7 +75,7 @@ def test_recompute_refuses_clearly(tmp_path):
     assert "Traceback" not in res.output
     # recomputing a metric the store has overwrites it with the same numbers
     before = xr.open_zarr(store).per.load()
-    from dynlab.recompute import recompute
+    from dynlab.analysis.recompute import recompute
 
     assert "per" in recompute(store, "per")
     xr.testing.assert_identical(xr.open_zarr(store).per.load(), before)

@@ -1,4 +1,4 @@
-"""dynlab.representations against independent references (direct HSIC, hand formulas,
+"""dynlab.analysis.representations against independent references (direct HSIC, hand formulas,
 covariance-whitening CCA) on data with known answers."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import scipy.linalg
 from scipy.stats import ortho_group
 
-from dynlab import representations as R
+from dynlab.analysis import representations as R
 
 
 def rng(seed=0):

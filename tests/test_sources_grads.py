@@ -14,7 +14,7 @@ from sources_refs import check, to64  # noqa: E402
 from test_sources_hf import linear_of  # noqa: E402
 
 import dynlab  # noqa: E402
-from dynlab.checkpoints import CheckpointError  # noqa: E402
+from dynlab.runs.checkpoints import CheckpointError  # noqa: E402
 
 BATCH, SEQ = 3, 10
 

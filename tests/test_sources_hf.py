@@ -16,8 +16,8 @@ import hf_fixtures as fx  # noqa: E402
 from sources_refs import check, to64  # noqa: E402
 
 import dynlab  # noqa: E402
-from dynlab import components as C  # noqa: E402
-from dynlab.checkpoints import CheckpointError  # noqa: E402
+from dynlab.analysis import components as C  # noqa: E402
+from dynlab.runs.checkpoints import CheckpointError  # noqa: E402
 from dynlab.sources import open_sources  # noqa: E402
 
 METRICS = "per,er,cn,spectral_norm,frobenius_norm"

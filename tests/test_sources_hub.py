@@ -19,7 +19,7 @@ import hf_fixtures as fx  # noqa: E402
 from sources_refs import check, to64  # noqa: E402
 
 import dynlab  # noqa: E402
-from dynlab.checkpoints import CheckpointError  # noqa: E402
+from dynlab.runs.checkpoints import CheckpointError  # noqa: E402
 from dynlab.sources import hub as H  # noqa: E402
 from dynlab.sources import open_sources  # noqa: E402
 

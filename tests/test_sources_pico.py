@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from sources_refs import check, to64
 
 import dynlab
-from dynlab.checkpoints import CheckpointError, ModelSpec
+from dynlab.runs.checkpoints import CheckpointError, ModelSpec
 from dynlab.sources import open_sources
 from dynlab.sources.pico import unscramble_activations
 

@@ -7,8 +7,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from dynlab import spectral
-from dynlab.synthetic import geometric_spectrum, matrix_with_spectrum
+from dynlab.analysis import metrics as metrics_mod
+from dynlab.analysis import spectra
+from dynlab.testing import geometric_spectrum, matrix_with_spectrum
 
 GEN = torch.Generator().manual_seed(1234)
 
@@ -23,7 +24,7 @@ def test_svdvals_matches_scipy_on_known_spectra(shape, kappa):
     m, n = shape
     sigma = geometric_spectrum(min(m, n), kappa) * 3.0
     w = matrix_with_spectrum(m, n, sigma, GEN)
-    got = spectral.svdvals(w).numpy()
+    got = spectra.svdvals(w).numpy()
     ref = ref_svdvals(w.numpy())
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=0)
     np.testing.assert_allclose(got, sigma.numpy(), rtol=1e-6)  # the planted spectrum itself
@@ -33,7 +34,7 @@ def test_svdvals_batch_mixes_routes_and_keeps_accuracy():
     mats = [matrix_with_spectrum(30, 50, geometric_spectrum(30, k), GEN)
             for k in (3.0, 1e3, 1e7, 1e8)]
     x = torch.stack(mats)
-    got = spectral.svdvals(x).numpy()
+    got = spectra.svdvals(x).numpy()
     for i, w in enumerate(mats):
         np.testing.assert_allclose(got[i], ref_svdvals(w), rtol=1e-6)
 
@@ -43,36 +44,36 @@ def test_gram_route_alone_is_accurate_up_to_the_threshold():
     isolated small σ) is still within 1e-6 of scipy; at 1e3 × that it is not."""
     k = 96
     cliff = torch.ones(k, dtype=torch.float64)
-    cliff[-1] = 1 / spectral.GRAM_MAX_COND
+    cliff[-1] = 1 / spectra.GRAM_MAX_COND
     w = matrix_with_spectrum(k, 384, cliff, GEN)
-    err = np.abs(spectral.svdvals(w, method="gram").numpy() - ref_svdvals(w)) / ref_svdvals(w)
+    err = np.abs(spectra.svdvals(w, method="gram").numpy() - ref_svdvals(w)) / ref_svdvals(w)
     assert err.max() < 1e-6
-    cliff[-1] = 1 / (spectral.GRAM_MAX_COND * 1e3)
+    cliff[-1] = 1 / (spectra.GRAM_MAX_COND * 1e3)
     w = matrix_with_spectrum(k, 384, cliff, GEN)
-    err = np.abs(spectral.svdvals(w, method="gram").numpy() - ref_svdvals(w)) / ref_svdvals(w)
+    err = np.abs(spectra.svdvals(w, method="gram").numpy() - ref_svdvals(w)) / ref_svdvals(w)
     assert err.max() > 1e-6  # which is why "auto" sends it to the SVD
-    np.testing.assert_allclose(spectral.svdvals(w).numpy(), ref_svdvals(w), rtol=1e-6)
+    np.testing.assert_allclose(spectra.svdvals(w).numpy(), ref_svdvals(w), rtol=1e-6)
 
 
 def test_rank_deficient_zero_and_nonfinite():
     a = torch.randn(20, 3, generator=GEN, dtype=torch.float64)
     low = a @ torch.randn(3, 30, generator=GEN, dtype=torch.float64)  # rank 3
-    got = spectral.svdvals(low).numpy()
+    got = spectra.svdvals(low).numpy()
     ref = ref_svdvals(low.numpy())
     np.testing.assert_allclose(got[:3], ref[:3], rtol=1e-6)
     assert np.all(np.abs(got[3:]) < 1e-12 * ref[0])
-    assert np.all(spectral.svdvals(torch.zeros(5, 7)).numpy() == 0)
+    assert np.all(spectra.svdvals(torch.zeros(5, 7)).numpy() == 0)
     bad = torch.randn(3, 4, 6, generator=GEN)
     bad[1, 2, 3] = math.nan
     bad[2, 0, 0] = math.inf
-    out = spectral.svdvals(bad).numpy()
+    out = spectra.svdvals(bad).numpy()
     assert np.all(np.isnan(out[1])) and np.all(np.isnan(out[2]))
     np.testing.assert_allclose(out[0], ref_svdvals(bad[0].numpy()), rtol=1e-6)
 
 
 def test_bf16_input_is_analysed_in_float64():
     w = torch.randn(24, 48, generator=GEN).to(torch.bfloat16)
-    got = spectral.svdvals(w)
+    got = spectra.svdvals(w)
     assert got.dtype == torch.float64
     np.testing.assert_allclose(got.numpy(), ref_svdvals(w.float().numpy()), rtol=1e-6)
 
@@ -81,7 +82,7 @@ def test_bf16_input_is_analysed_in_float64():
 def test_float32_precision_option(kappa):
     """float32 spectra: relative error of σ_k about 3e-8·κ (documented in the README)."""
     w = matrix_with_spectrum(40, 60, geometric_spectrum(40, kappa), GEN).float()
-    got = spectral.svdvals(w, dtype=torch.float32)
+    got = spectra.svdvals(w, dtype=torch.float32)
     assert got.dtype == torch.float32
     ref = ref_svdvals(w.numpy())
     assert (np.abs(got.double().numpy() - ref) / ref).max() < max(1e-6, 1e-7 * kappa)
@@ -90,13 +91,13 @@ def test_float32_precision_option(kappa):
 def test_lowrank_svdvals_equals_svd_of_product():
     left = torch.randn(5, 64, 8, generator=GEN, dtype=torch.float64)
     right = torch.randn(5, 8, 48, generator=GEN, dtype=torch.float64)
-    got = spectral.lowrank_svdvals(left, right).numpy()
+    got = spectra.lowrank_svdvals(left, right).numpy()
     assert got.shape == (5, 8)
     for i in range(5):
         ref = ref_svdvals((left[i] @ right[i]).numpy())[:8]
         np.testing.assert_allclose(got[i], ref, rtol=1e-6)
     left[2, 0, 0] = math.nan
-    got = spectral.lowrank_svdvals(left, right).numpy()
+    got = spectra.lowrank_svdvals(left, right).numpy()
     assert np.all(np.isnan(got[2])) and not np.any(np.isnan(got[3]))
 
 
@@ -111,74 +112,75 @@ def test_metrics_hand_computed_two_values():
     s = pad([3.0, 1.0], 4)  # k = 2, padded to 4
     p = np.array([0.75, 0.25])
     er = math.exp(-(p * np.log(p)).sum())
-    assert spectral.effective_rank(s).item() == pytest.approx(er, rel=1e-12)
-    assert spectral.proportional_effective_rank(s).item() == pytest.approx(er / 2, rel=1e-12)
-    assert spectral.condition_number(s, 10).item() == pytest.approx(3.0)
-    assert spectral.stable_rank(s).item() == pytest.approx(10 / 9)
-    assert spectral.spectral_norm(s).item() == 3.0
-    assert spectral.frobenius_norm(s).item() == pytest.approx(math.sqrt(10))
-    assert spectral.nuclear_norm(s).item() == pytest.approx(4.0)
-    assert spectral.numerical_rank(s, 10).item() == 2
+    assert metrics_mod.effective_rank(s).item() == pytest.approx(er, rel=1e-12)
+    assert metrics_mod.proportional_effective_rank(s).item() == pytest.approx(er / 2, rel=1e-12)
+    assert metrics_mod.condition_number(s, 10).item() == pytest.approx(3.0)
+    assert metrics_mod.stable_rank(s).item() == pytest.approx(10 / 9)
+    assert metrics_mod.spectral_norm(s).item() == 3.0
+    assert metrics_mod.frobenius_norm(s).item() == pytest.approx(math.sqrt(10))
+    assert metrics_mod.nuclear_norm(s).item() == pytest.approx(4.0)
+    assert metrics_mod.numerical_rank(s, 10).item() == 2
 
 
 def test_metrics_edges():
     flat = pad([2.0] * 5, 5)
-    assert spectral.effective_rank(flat).item() == pytest.approx(5.0)
-    assert spectral.proportional_effective_rank(flat).item() == pytest.approx(1.0)
+    assert metrics_mod.effective_rank(flat).item() == pytest.approx(5.0)
+    assert metrics_mod.proportional_effective_rank(flat).item() == pytest.approx(1.0)
     one = pad([7.0, 0.0, 0.0], 3)  # rank 1 of k = 3: 0·ln 0 = 0, κ = inf
-    assert spectral.effective_rank(one).item() == pytest.approx(1.0)
-    assert spectral.condition_number(one, 3).item() == math.inf
-    assert spectral.numerical_rank(one, 3).item() == 1
+    assert metrics_mod.effective_rank(one).item() == pytest.approx(1.0)
+    assert metrics_mod.condition_number(one, 3).item() == math.inf
+    assert metrics_mod.numerical_rank(one, 3).item() == 1
     zero = pad([0.0, 0.0], 2)
-    for fn in (spectral.effective_rank, spectral.proportional_effective_rank,
-               spectral.stable_rank):
+    for fn in (metrics_mod.effective_rank, metrics_mod.proportional_effective_rank,
+               metrics_mod.stable_rank):
         assert math.isnan(fn(zero).item())
-    assert math.isnan(spectral.condition_number(zero, 2).item())
-    assert spectral.nuclear_norm(zero).item() == 0 and spectral.numerical_rank(zero, 2).item() == 0
+    assert math.isnan(metrics_mod.condition_number(zero, 2).item())
+    assert metrics_mod.nuclear_norm(zero).item() == 0
+    assert metrics_mod.numerical_rank(zero, 2).item() == 0
     nan_row = pad([], 3)  # a matrix that held NaN/Inf
-    for name, m in spectral.METRICS.items():
+    for name, m in metrics_mod.METRICS.items():
         if not m.entrywise:
             assert math.isnan(m.from_spectrum(nan_row, torch.tensor(3.0)).item()), name
     tiny = pad([1.0, 1e-17], 2)  # below max(m,n)·eps·σ_1: numerically zero
-    assert spectral.condition_number(tiny, 4).item() == math.inf
+    assert metrics_mod.condition_number(tiny, 4).item() == math.inf
     ill = pad([1.0, 1e-8], 2)
-    assert spectral.condition_number(ill, 4).item() == pytest.approx(1e8)
+    assert metrics_mod.condition_number(ill, 4).item() == pytest.approx(1e8)
 
 
 def test_entrywise_metrics_hand_computed():
     one_hot = torch.zeros(1, 4, 4)
     one_hot[0, 1, 2] = -3.0
-    assert spectral.hoyer(one_hot).item() == pytest.approx(1.0)
-    assert spectral.gini(one_hot).item() == pytest.approx(1 - 1 / 16)
+    assert metrics_mod.hoyer(one_hot).item() == pytest.approx(1.0)
+    assert metrics_mod.gini(one_hot).item() == pytest.approx(1 - 1 / 16)
     equal = torch.full((1, 3, 3), -2.0)
-    assert spectral.hoyer(equal).item() == pytest.approx(0.0, abs=1e-12)
-    assert spectral.gini(equal).item() == pytest.approx(0.0, abs=1e-12)
+    assert metrics_mod.hoyer(equal).item() == pytest.approx(0.0, abs=1e-12)
+    assert metrics_mod.gini(equal).item() == pytest.approx(0.0, abs=1e-12)
     x = torch.tensor([[[1.0, 2.0], [3.0, 0.0]]])
     c = np.sort(np.abs(x.numpy().ravel()))
     n = c.size
     ref_gini = 1 - 2 * sum(c[j] / c.sum() * (n - (j + 1) + 0.5) / n for j in range(n))
     ref_hoyer = (math.sqrt(n) - c.sum() / math.sqrt((c**2).sum())) / (math.sqrt(n) - 1)
-    assert spectral.gini(x).item() == pytest.approx(ref_gini)
-    assert spectral.hoyer(x).item() == pytest.approx(ref_hoyer)
-    assert math.isnan(spectral.hoyer(torch.zeros(1, 2, 2)).item())
-    assert math.isnan(spectral.gini(torch.zeros(1, 2, 2)).item())
+    assert metrics_mod.gini(x).item() == pytest.approx(ref_gini)
+    assert metrics_mod.hoyer(x).item() == pytest.approx(ref_hoyer)
+    assert math.isnan(metrics_mod.hoyer(torch.zeros(1, 2, 2)).item())
+    assert math.isnan(metrics_mod.gini(torch.zeros(1, 2, 2)).item())
 
 
 def test_metrics_from_svdvals_match_numpy_reference():
     w = matrix_with_spectrum(30, 70, geometric_spectrum(30, 1e3), GEN)
-    s = spectral.svdvals(w)
+    s = spectra.svdvals(w)
     ref = ref_svdvals(w.numpy())
     p = ref / ref.sum()
     er = math.exp(-(p * np.log(p)).sum())
-    assert spectral.effective_rank(s).item() == pytest.approx(er, rel=1e-9)
-    assert spectral.proportional_effective_rank(s).item() == pytest.approx(er / 30, rel=1e-9)
-    assert spectral.condition_number(s, 70).item() == pytest.approx(ref[0] / ref[-1], rel=1e-6)
-    assert spectral.numerical_rank(s, 70).item() == np.linalg.matrix_rank(w.numpy())
+    assert metrics_mod.effective_rank(s).item() == pytest.approx(er, rel=1e-9)
+    assert metrics_mod.proportional_effective_rank(s).item() == pytest.approx(er / 30, rel=1e-9)
+    assert metrics_mod.condition_number(s, 70).item() == pytest.approx(ref[0] / ref[-1], rel=1e-6)
+    assert metrics_mod.numerical_rank(s, 70).item() == np.linalg.matrix_rank(w.numpy())
 
 
 def test_parse_metrics():
-    assert spectral.parse_metrics("per, cn") == ("per", "cn")
-    assert spectral.parse_metrics(None) == spectral.DEFAULT_METRICS
-    assert spectral.parse_metrics("all") == spectral.DEFAULT_METRICS
+    assert metrics_mod.parse_metrics("per, cn") == ("per", "cn")
+    assert metrics_mod.parse_metrics(None) == metrics_mod.DEFAULT_METRICS
+    assert metrics_mod.parse_metrics("all") == metrics_mod.DEFAULT_METRICS
     with pytest.raises(ValueError, match="unknown metric.*bogus.*valid: er, per, cn"):
-        spectral.parse_metrics("per,bogus")
+        metrics_mod.parse_metrics("per,bogus")

@@ -26,10 +26,10 @@ from typer.testing import CliRunner
 
 import dynlab
 import dynlab.analysis
-import dynlab.store
-from dynlab.checkpoints import CheckpointError, ModelSpec
-from dynlab.storelock import StoreAccess, StoreBusy, lock_path
-from dynlab.synthetic import make_run
+import dynlab.analysis.store
+from dynlab.analysis.storelock import StoreAccess, StoreBusy, lock_path
+from dynlab.runs.checkpoints import CheckpointError, ModelSpec
+from dynlab.testing import make_run
 
 SPEC = ModelSpec(d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, activation_hidden_dim=12,
                  vocab_size=16)
@@ -181,7 +181,7 @@ def test_kill_while_growing_by_a_new_run_keeps_the_store_as_it_was(work, referen
     work.stage("b", [0])
     code, err = finish(spawn(analyze_cmd(work, ["a", "b"]), "store.grow:kill@3"))
     assert killed(code), err
-    assert (work.out / dynlab.store.JOURNAL).is_file()  # really killed mid-growth
+    assert (work.out / dynlab.analysis.store.JOURNAL).is_file()  # really killed mid-growth
     xr.testing.assert_identical(xr.open_zarr(work.out).load(), before)
     assert_same_store(work.complete(), reference)
 
@@ -204,7 +204,7 @@ def exchange_works(root: Path) -> bool:
     x.mkdir()
     y.mkdir()
     try:
-        return dynlab.store.exchange(x, y)
+        return dynlab.analysis.store.exchange(x, y)
     finally:
         x.rmdir()
         y.rmdir()
@@ -595,7 +595,7 @@ def test_any_sequence_of_analyses_and_interruptions_ends_in_the_one_go_store(
             hits.append(phase)
             raise Interrupted(phase)
 
-    monkeypatch.setattr(dynlab.store, "fault_point", fault)
+    monkeypatch.setattr(dynlab.analysis.store, "fault_point", fault)
     monkeypatch.setattr(dynlab.analysis, "fault_point", fault)
 
     first = ("analyze", "a", None)

@@ -21,12 +21,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from dynlab.errors import InputError
-from dynlab.train import costs
-from dynlab.train import data as D
-from dynlab.train import pretokenized as P
-from dynlab.train.batching import apply_batch, split_global_batch
-from dynlab.train.checkpointing import complete_checkpoints, read_metrics
-from dynlab.train.config import make_config
+from dynlab.training import costs
+from dynlab.training import data as D
+from dynlab.training import pretokenized as P
+from dynlab.training.batching import apply_batch, split_global_batch
+from dynlab.training.checkpointing import complete_checkpoints, read_metrics
+from dynlab.training.config import make_config
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -187,7 +187,7 @@ def test_decoder_study_schedule_horizon():
     """With the study's 200 000-step horizon the decoder's lr at step 20 000 is
     (200 000 - 19 999) / (200 000 - 2500) of the peak; with a run-length horizon it reaches
     0 at the last update."""
-    from dynlab.train.schedules import lr_multiplier
+    from dynlab.training.schedules import lr_multiplier
 
     assert lr_multiplier(19_999, kind="decoder", warmup=2500, total=200_000) == pytest.approx(
         180_001 / 197_500)
@@ -351,7 +351,7 @@ def test_hub_names_need_datasets_with_a_clear_message():
 
 
 def _train(kind, out, **opts):
-    from dynlab.train.trainer import train
+    from dynlab.training.trainer import train
 
     return train(kind, out=str(out), **opts)
 
@@ -596,7 +596,7 @@ def test_two_nodes_through_c10d_rendezvous(dataset, tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
          "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "study",
          "--local-addr", "127.0.0.1", "--max-restarts", "0",
-         "-m", "dynlab.train", "decoder", "--out", str(tmp_path / "two"), *common],
+         "-m", "dynlab", "train", "decoder", "--out", str(tmp_path / "two"), *common],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     try:
         results = [a.communicate(timeout=300) for a in agents]

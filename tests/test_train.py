@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 import dynlab
 from dynlab.model import load_checkpoint_model
-from dynlab.train import data as D
-from dynlab.train import trainer as T
-from dynlab.train.checkpointing import complete_checkpoints, read_metrics, write_checkpoint
+from dynlab.training import data as D
+from dynlab.training import trainer as T
+from dynlab.training.checkpointing import complete_checkpoints, read_metrics, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = str(Path(sys.executable))
@@ -289,8 +289,8 @@ def test_relora_warm_start_from_decoder(tmp_path):
 
 def test_text_jsonl_npy_bin_sources(tmp_path):
     from dynlab.data.grammar import generate_corpus
-    from dynlab.train.config import TrainConfig
-    from dynlab.train.trainer import load_data
+    from dynlab.training.config import TrainConfig
+    from dynlab.training.trainer import load_data
 
     docs = generate_corpus(60, seed=3)
     txt = tmp_path / "c.txt"

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 import dynlab
 from dynlab.eval import EvalDataWarning
-from dynlab.train.checkpointing import (
+from dynlab.training.checkpointing import (
     complete_checkpoints,
     read_metrics,
     record_from_meta,
@@ -528,7 +528,7 @@ def test_plot_of_a_corrupt_store_is_a_message(tmp_path):
 
 @pytest.mark.parametrize("key,value", [("n_heads", "four"), ("n_kv_heads", 0)])
 def test_bad_run_json_is_named_for_analysis(reference, key, value):
-    from dynlab.checkpoints import CheckpointError, ModelSpec
+    from dynlab.runs.checkpoints import CheckpointError, ModelSpec
 
     config = json.loads((reference["decoder"] / "run.json").read_text())
     config["model"][key] = value

@@ -386,8 +386,8 @@ def test_report_from_a_real_analysis_store(tmp_path):
     """The lead's pipeline end to end on two generated runs: every figure has data and the
     summary reads what meta.json said."""
     import dynlab
-    from dynlab.checkpoints import ModelSpec
-    from dynlab.synthetic import make_run
+    from dynlab.runs.checkpoints import ModelSpec
+    from dynlab.testing import make_run
 
     spec = ModelSpec(d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, activation_hidden_dim=32,
                      vocab_size=24)

@@ -110,7 +110,7 @@ def evaluate_checkpoint(ckpt: str | Path, data: EvalData, *, tokenizer: str | Pa
                         progress: Callable[[int, int], None] | None = None) -> dict:
     """{"step": N, "perplexity": ..., "blimp": ...} of one checkpoint; written to eval.json."""
     from dynlab.model import load_checkpoint_model
-    from dynlab.train.data import load_tokenizer
+    from dynlab.training.data import load_tokenizer
 
     ckpt = Path(ckpt)
     tok = load_tokenizer(tokenizer_path(ckpt, tokenizer))

@@ -2,7 +2,7 @@
 directories and runs of them, and Hugging Face Hub repositories (`hf://ORG/NAME`).
 
 `open_sources(paths)` detects each path's format (or takes `fmt`) and gives one `Run` per run:
-a dynlab run is the plain `dynlab.checkpoints.Run` (its analysis is exactly as before); every
+a dynlab run is the plain `dynlab.runs.checkpoints.Run` (its analysis is exactly as before); every
 other source is a `SourceRun` whose `Reader` gives tensors under dynlab's names
 (`dynlab.sources.arch` maps each architecture's names).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from dynlab.checkpoints import CheckpointError, Run, find_runs
+from dynlab.runs.checkpoints import CheckpointError, Run, find_runs
 from dynlab.sources.base import (
     Reader,
     SourceCheckpoint,
@@ -62,7 +62,7 @@ def open_sources(paths: Sequence[str | Path], fmt: str | None = None, *,
                  revisions: str | None = None, keep_downloads: bool = False,
                  cache_dir: str | Path | None = None) -> list[Run]:
     """One Run per run named by `paths` (each a run, a model directory, a folder of runs, or
-    `hf://ORG/NAME`). A dynlab run is read by `dynlab.checkpoints.find_runs` as before."""
+    `hf://ORG/NAME`). A dynlab run is read by `dynlab.runs.checkpoints.find_runs` as before."""
     if not paths:
         raise CheckpointError("no run given: expected RUN, RUN/checkpoints or several RUNs")
     if fmt is not None and fmt not in FORMATS:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from dynlab.checkpoints import ModelSpec
+from dynlab.runs.checkpoints import ModelSpec
 from dynlab.sources.base import SourceError, Tensors
 
 ATTN = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj")

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dynlab.checkpoints import Checkpoint, CheckpointError, LoadedCheckpoint, ModelSpec, Run
 from dynlab.errors import InputError
+from dynlab.runs.checkpoints import Checkpoint, CheckpointError, LoadedCheckpoint, ModelSpec, Run
 
 Tensors = dict[str, torch.Tensor]
 
@@ -112,8 +112,8 @@ class SourceRun(Run):
 def load_source_checkpoint(run: Run, ckpt: Checkpoint, *, grads: bool = True,
                            kinds: tuple[str, ...] = ("grads",)) -> LoadedCheckpoint:
     """A checkpoint's tensors under dynlab's names, for any run (dynlab runs through
-    `dynlab.checkpoints.load_checkpoint`)."""
-    from dynlab.checkpoints import load_checkpoint
+    `dynlab.runs.checkpoints.load_checkpoint`)."""
+    from dynlab.runs.checkpoints import load_checkpoint
 
     if not isinstance(run, SourceRun):
         return load_checkpoint(ckpt, run.spec, grads=grads)
@@ -126,7 +126,7 @@ def load_source_checkpoint(run: Run, ckpt: Checkpoint, *, grads: bool = True,
 
 def load_source_weights(run: Run, ckpt: Checkpoint) -> Tensors:
     """A checkpoint's weights under dynlab's names (the previous checkpoint, for updates)."""
-    from dynlab.checkpoints import load_tensors
+    from dynlab.runs.checkpoints import load_tensors
 
     if not isinstance(run, SourceRun):
         return load_tensors(ckpt.file("weights.safetensors"))

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dynlab.checkpoints import CheckpointError, Run
+from dynlab.runs.checkpoints import CheckpointError, Run
 from dynlab.sources.base import FOLLOWING, SourceError, SourceRun
 
 

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dynlab.checkpoints import ModelSpec, read_json
+from dynlab.runs.checkpoints import ModelSpec, read_json
 from dynlab.sources.arch import Adapter, adapter_for
 from dynlab.sources.base import (
     Reader,

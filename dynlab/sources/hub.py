@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dynlab.checkpoints import ModelSpec, read_json
+from dynlab.runs.checkpoints import ModelSpec, read_json
 from dynlab.sources.arch import ADAPTERS, adapter_for
 from dynlab.sources.base import (
     Grads,

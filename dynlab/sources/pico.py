@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from dynlab.checkpoints import ModelSpec, load_tensors, read_json
+from dynlab.runs.checkpoints import ModelSpec, load_tensors, read_json
 from dynlab.sources.arch import pico_convert, pico_spec
 from dynlab.sources.base import (
     FOLLOWING,

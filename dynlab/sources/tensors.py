@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dynlab.checkpoints import load_tensors
+from dynlab.runs.checkpoints import load_tensors
 from dynlab.sources.base import SourceError as CheckpointError
 
 SAFETENSORS = "model.safetensors"

@@ -508,10 +508,10 @@ def training_curves(ds: xr.Dataset, runs: Sequence[str] | None = None,
 
 def config_reset_steps(cfg: dict, last_step: float) -> list[int]:
     """Reset steps implied by a run.json (its "relora" and "train" sections), up to
-    `last_step`, by the trainer's own rule (dynlab.train.schedules.reset_due): a reset follows
+    `last_step`, by the trainer's own rule (dynlab.training.schedules.reset_due): a reset follows
     update t when 0 < t < steps and t mod reset_every = 0, or with paper_compat (relora-pico)
     when t > warmup_steps and t mod reset_every = 1."""
-    from dynlab.train.schedules import reset_due
+    from dynlab.training.schedules import reset_due
 
     rc = cfg.get("relora") or {}
     every = rc.get("reset_every")

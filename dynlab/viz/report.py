@@ -44,9 +44,9 @@ class Section:
 def open_store(path: str | Path) -> xr.Dataset:
     """Open an analysis store with dynlab.open_store (lazy, sorted by step), with a clear
     error when the path does not exist (FileNotFoundError) or is not a readable store
-    (dynlab.store.StoreError, saying what to do)."""
-    from dynlab.store import open_store as open_analysis_store
-    from dynlab.store import pending_work
+    (dynlab.analysis.store.StoreError, saying what to do)."""
+    from dynlab.analysis.store import open_store as open_analysis_store
+    from dynlab.analysis.store import pending_work
 
     p = Path(path)
     if not p.exists():

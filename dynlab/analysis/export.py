@@ -90,7 +90,7 @@ def activation_entries(da: xr.DataArray) -> dict[str, float]:
 
 def step_files(ds: xr.Dataset, run: str, step: int, split: str) -> dict[str, dict[str, float]]:
     """File name -> {key: value} of everything the store holds for one (run, step)."""
-    from dynlab.activations import COMPARATIVE, GEOMETRY
+    from dynlab.analysis.activations import COMPARATIVE, GEOMETRY
 
     files: dict[str, dict[str, float]] = {}
     metrics = list(ds.attrs.get("metrics", []))
@@ -126,7 +126,7 @@ def export(store: str | Path, out: str | Path, *, fmt: str = "pico-analyze",
            run: str | None = None, split: str = "val") -> list[Path]:
     """Write the store's results in `fmt` under `out`; returns the files written. Existing
     files of the same names are replaced; nothing else in `out` is touched."""
-    from dynlab.store import open_store
+    from dynlab.analysis.store import open_store
 
     if fmt not in FORMATS:
         raise InputError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")

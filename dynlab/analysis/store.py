@@ -21,7 +21,7 @@ one writer and parallel writers never share a chunk; data chunks are filled by r
 How the store survives interruption and concurrency (every file write of zarr-python's
 LocalStore is itself atomic: a temporary file renamed over the target):
 
-* One writer at a time: `dynlab.storelock.StoreAccess` (the `<store>.lock` file beside it).
+* One writer at a time: `dynlab.analysis.storelock.StoreAccess` (the `<store>.lock` file beside it).
 * The store's structure changes only in two ways, both recoverable from any point:
   - growth at the end of dims (new runs, new steps after the last, new labels after the last,
     new variables): a journal `.dynlab-journal.json` with the target coordinates is written
@@ -61,10 +61,10 @@ from pathlib import Path
 import numpy as np
 
 from dynlab import __version__
-from dynlab.components import EMBEDDINGS, MATRICES, TABLES
+from dynlab.analysis.components import EMBEDDINGS, MATRICES, TABLES
+from dynlab.analysis.storelock import StoreAccess
 from dynlab.errors import InputError
 from dynlab.faults import fault_point
-from dynlab.storelock import StoreAccess
 
 SCHEMA_VERSION = 2
 
@@ -127,7 +127,7 @@ class Layout:
     n_emb_sv: int
     run_configs: dict[str, dict] = field(default_factory=dict)
     labels: dict[str, list[str]] = field(default_factory=dict)  # domain / uid / field
-    convention: str = "dynlab"  # dynlab.conventions: which OV matrices and CN the store holds
+    convention: str = "dynlab"  # analysis.conventions: which OV matrices and CN the store holds
 
     def dims(self) -> dict[str, int]:
         return {
@@ -140,7 +140,7 @@ class Layout:
 
 def spectral_variables(metrics: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """Variable name -> dims, for every spectral variable of a store with these metrics (one
-    group per result table of dynlab.components.TABLES)."""
+    group per result table of dynlab.analysis.components.TABLES)."""
     base = ("run", "kind", "step")
     out: dict[str, tuple[str, ...]] = {}
     for m in metrics:
@@ -165,7 +165,7 @@ def _names(values: Sequence[str], what: str) -> np.ndarray:
 
 
 def _variable_attrs(name: str) -> dict:
-    from dynlab.spectral import METRICS, TOL_FACTOR
+    from dynlab.analysis.metrics import METRICS, TOL_FACTOR
 
     base = name
     for prefix in sorted((p for _, p, _, _ in TABLES.values() if p), key=len, reverse=True):

@@ -9,7 +9,7 @@ resume state, meta.json last).
 
 Under torchrun (WORLD_SIZE > 1) the same loop trains with DistributedDataParallel:
 `batch_size` stays the global micro-batch, split across processes, and only rank 0 writes;
-see `dynlab.train.ddp` for the rules (data sharding, loss averaging, ReLoRA resets kept in
+see `dynlab.training.ddp` for the rules (data sharding, loss averaging, ReLoRA resets kept in
 step, resume).
 """
 
@@ -40,10 +40,10 @@ from dynlab.model.relora import (
     unwrap,
     wrap_relora,
 )
-from dynlab.train import batching, ddp
-from dynlab.train import data as D
-from dynlab.train import pretokenized as P
-from dynlab.train.checkpointing import (
+from dynlab.training import batching, ddp
+from dynlab.training import data as D
+from dynlab.training import pretokenized as P
+from dynlab.training.checkpointing import (
     MetricsLog,
     clean_incomplete,
     complete_checkpoints,
@@ -53,14 +53,14 @@ from dynlab.train.checkpointing import (
     write_checkpoint,
     write_json,
 )
-from dynlab.train.config import (
+from dynlab.training.config import (
     MODEL_FIELDS,
     TrainConfig,
     make_config,
     model_config,
     relora_config,
 )
-from dynlab.train.schedules import lr_multiplier, reset_due
+from dynlab.training.schedules import lr_multiplier, reset_due
 
 
 class TrainingDiverged(DynlabFailure):
@@ -181,11 +181,11 @@ def learning_dynamics(model: nn.Module, ld_batch: torch.Tensor, device: torch.de
     an unwrapped model holding W_eff would get); the factors' gradients under
     `<module>.lora_A` / `.lora_B`. Returns (grads, activations or None, mean loss), where
     activations hold, at the kept token `positions` (`last`, `all` or `sample:N` drawn with
-    `seed`; dynlab.activations), each linear module's output and each block's output (the
+    `seed`; dynlab.analysis.activations), each linear module's output and each block's output (the
     residual stream, `layers.<i>`), plus `token_positions` and `batch_tokens`
-    (dynlab.activations).
+    (dynlab.analysis.activations).
     """
-    from dynlab.activations import Recorder, recorded_modules, select_positions
+    from dynlab.analysis.activations import Recorder, recorded_modules, select_positions
 
     was_training = model.training
     model.eval()
@@ -516,7 +516,7 @@ def _progress(enabled: bool, console):
 
 def run_training(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
     """Train according to cfg; returns the run directory. Under torchrun (WORLD_SIZE > 1)
-    every process calls this and joins the process group (dynlab.train.ddp)."""
+    every process calls this and joins the process group (dynlab.training.ddp)."""
     threads_before = torch.get_num_threads()
     with contextlib.ExitStack() as stack:
         try:
@@ -849,7 +849,7 @@ def check_launch(kind: str, nproc: int, *, config: str | Path | None = None, **o
     """The checks `dynlab train --nproc N` makes before starting N processes: the options
     resolve (on --resume, against the stored run), N divides --batch-size, and on CUDA there
     are N devices. Returns the resolved config."""
-    from dynlab.train.config import load_yaml_options
+    from dynlab.training.config import load_yaml_options
 
     if nproc < 1:
         raise ValueError(f"--nproc {nproc}: expected a positive number of processes")
@@ -878,7 +878,7 @@ def train(kind: str = "decoder", *, config: str | Path | None = None, **options)
     reset_every=..., paper_compat=True, out=...); `config` is a YAML file holding any of
     them (explicit options win). Returns the run directory.
     """
-    from dynlab.train.config import load_yaml_options
+    from dynlab.training.config import load_yaml_options
 
     cfg = make_config(kind, options, config)
     explicit = {k for k, v in options.items() if v is not None}

@@ -3,7 +3,7 @@
 Options left at None take their preset's default (`PRESET_TRAIN`). `micro` (the default) is
 CPU-sized. `tiny` … `large` are pico-scale defaults: pico-train's global batch of 1024
 sequences of 2048 tokens per update (`global_batch_size`, split into micro-batches by
-`dynlab.train.batching`), 20 000 steps, lr 3e-4, ReLoRA resets every 2000 steps. They are
+`dynlab.training.batching`), 20 000 steps, lr 3e-4, ReLoRA resets every 2000 steps. They are
 not the study's exact configuration (the decoder's 2500-step warmup and 200 000-step decay
 horizon, relora-pico's behaviours, the pre-tokenised data): that is configs/study/*.yaml.
 """
@@ -60,7 +60,7 @@ class TrainConfig:
     grad_accum: int = 1
     # global batch (sequences per update, all processes and micro-batches together); when
     # set, batch_size and grad_accum are derived from it, the per-process micro-batch and the
-    # number of processes (dynlab.train.batching.apply_batch)
+    # number of processes (dynlab.training.batching.apply_batch)
     global_batch_size: int | None = None
     micro_batch_size: int | None = None  # per process; None: a CUDA memory probe, else 1/W
     schedule_horizon: int | None = None  # steps over which the lr decays (None: --steps)
@@ -84,7 +84,7 @@ class TrainConfig:
     checkpoint_every: int | None = None
     ld_batch_size: int | None = None  # sequences in the fixed learning-dynamics batch
     save_activations: bool = False
-    activation_positions: str = "last"  # last | all | sample:N (dynlab.activations)
+    activation_positions: str = "last"  # last | all | sample:N (dynlab.analysis.activations)
     log_every: int | None = None
     resume: bool = False
     overwrite: bool = False
@@ -134,7 +134,7 @@ class TrainConfig:
         cfg = dataclasses.replace(self, **updates)
         if cfg.eval_every is None:
             cfg = dataclasses.replace(cfg, eval_every=cfg.checkpoint_every)
-        from dynlab.train.batching import apply_batch
+        from dynlab.training.batching import apply_batch
 
         cfg = apply_batch(cfg, 1)  # one process; the trainer re-derives for its world size
         validate(cfg)
@@ -207,7 +207,7 @@ def validate(cfg: TrainConfig) -> None:
                          f"preset {cfg.preset!r}")
     if cfg.stop_at is not None and not 0 < cfg.stop_at <= cfg.steps:
         raise ValueError(f"--stop-at: expected 1..{cfg.steps}, got {cfg.stop_at}")
-    from dynlab.activations import parse_positions
+    from dynlab.analysis.activations import parse_positions
 
     parse_positions(cfg.activation_positions)
     if cfg.resume and cfg.overwrite:

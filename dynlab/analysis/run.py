@@ -2,9 +2,9 @@
 
 `analyze(runs, out=...)` is the whole thing. Per checkpoint, every matrix of every kind is
 grouped by shape and each group goes through one batched singular-value call
-(`dynlab.spectral`); metrics are then computed at once on the padded spectra. Checkpoint t+1
-is read on a background thread while t is computed (serial path), or each checkpoint is one
-task on a Dask cluster (`scheduler=`), writing its own chunks of the same store.
+(`dynlab.analysis.spectra`); metrics are then computed at once on the padded spectra.
+Checkpoint t+1 is read on a background thread while t is computed (serial path), or each
+checkpoint is one task on a Dask cluster (`scheduler=`), writing its own chunks of the same store.
 """
 
 from __future__ import annotations
@@ -20,28 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynlab import components as C
-from dynlab import spectral
-from dynlab.checkpoints import (
-    Checkpoint,
-    CheckpointError,
-    LoadedCheckpoint,
-    ModelSpec,
-    Run,
-    prefetch,
-)
-from dynlab.conventions import apply as apply_convention
-from dynlab.conventions import check_convention, head_sv_size
-from dynlab.faults import fault_point
-from dynlab.recompute import spectrum_metric
-from dynlab.sources import (
-    load_source_checkpoint,
-    load_source_weights,
-    open_sources,
-    release,
-    run_grad_kinds,
-)
-from dynlab.store import (
+from dynlab.analysis import components as C
+from dynlab.analysis import metrics as metrics_mod
+from dynlab.analysis import spectra
+from dynlab.analysis.conventions import apply as apply_convention
+from dynlab.analysis.conventions import check_convention, head_sv_size
+from dynlab.analysis.recompute import spectrum_metric
+from dynlab.analysis.store import (
     Layout,
     RegionWriter,
     ensure_store,
@@ -49,7 +34,23 @@ from dynlab.store import (
     spectral_variables,
     write_meta_regions,
 )
-from dynlab.storelock import StoreAccess, holder_text
+from dynlab.analysis.storelock import StoreAccess, holder_text
+from dynlab.faults import fault_point
+from dynlab.runs.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    LoadedCheckpoint,
+    ModelSpec,
+    Run,
+    prefetch,
+)
+from dynlab.sources import (
+    load_source_checkpoint,
+    load_source_weights,
+    open_sources,
+    release,
+    run_grad_kinds,
+)
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 
@@ -62,7 +63,7 @@ class Options:
     kinds: tuple[str, ...]
     device: str = "cpu"
     precision: str = "float64"
-    convention: str = "dynlab"  # dynlab.conventions
+    convention: str = "dynlab"  # dynlab.analysis.conventions
 
     @property
     def dtype(self) -> torch.dtype:
@@ -91,9 +92,9 @@ def component_spectra(
         if key[0] == "lowrank":
             left = stack_as([c.left for _, c in items], dtype, device)
             right = stack_as([c.right for _, c in items], dtype, device)
-            sig = spectral.lowrank_svdvals(left, right, dtype=dtype)
+            sig = spectra.lowrank_svdvals(left, right, dtype=dtype)
         else:
-            sig = spectral.svdvals(stack_dense([c for _, c in items], dtype, device),
+            sig = spectra.svdvals(stack_dense([c for _, c in items], dtype, device),
                                    dtype=dtype)
         sig = sig.cpu()
         for (site, comp), s in zip(items, sig, strict=True):
@@ -170,7 +171,7 @@ def checkpoint_region(
     """All spectral variables of one checkpoint (without run/step dims), and the names of the
     matrices that held NaN/Inf.
 
-    Every matrix's numerical-zero tolerance (`spectral.zero_tolerance`) is the larger of the
+    Every matrix's numerical-zero tolerance (`metrics_mod.zero_tolerance`) is the larger of the
     rounding noise of its storage precision, c·eps·S·(1/√m + 1/√n) with the component's `eps`
     and `storage_norm` S, and the SVD's error max(m, n)·eps_c·σ_1 in the computation's
     precision (`options.precision`); it is written as `tol` (and `head_tol`, `emb_tol`)
@@ -192,7 +193,7 @@ def checkpoint_region(
     max_rank = {t: torch.full(shapes[v][:-1], math.nan, dtype=torch.float64)
                 for t, v in tables.items()}
     compute_eps = torch.finfo(options.dtype).eps
-    entrywise = [m for m in options.metrics if spectral.METRICS[m].entrywise]
+    entrywise = [m for m in options.metrics if metrics_mod.METRICS[m].entrywise]
     entry_values = {
         (t, m): torch.full(shapes[v][:-1], math.nan, dtype=torch.float64)
         for t, v in tables.items() for m in entrywise
@@ -204,8 +205,8 @@ def checkpoint_region(
                                  ckpt.grads, prev_weights)
         if not comps:
             continue
-        spectra = component_spectra(comps, device=options.device, dtype=options.dtype)
-        for site, s in spectra.items():
+        sigmas = component_spectra(comps, device=options.device, dtype=options.dtype)
+        for site, s in sigmas.items():
             cell = (k_index, *site.index)
             sigma[site.table][cell][: s.shape[0]] = s.to(torch.float64)
             max_dim[site.table][cell] = comps[site].max_dim
@@ -216,7 +217,7 @@ def checkpoint_region(
             if torch.isnan(s).all() and site.table not in ("qk", "qk_head"):  # q/k report it
                 bad.append(f"{kind}:{_site_name(site)}")
         for m in entrywise:
-            fn = spectral.METRICS[m].from_entries
+            fn = metrics_mod.METRICS[m].from_entries
             for site, comp in comps.items():
                 entry_values[(site.table, m)][(k_index, *site.index)] = fn(comp.entries()).cpu()
     out: dict[str, np.ndarray] = {}
@@ -225,11 +226,11 @@ def checkpoint_region(
         s = sigma[table]
         out[var] = s.numpy()
         tol_args = dict(min_dim=min_dim[table], norm=norm[table], compute_eps=compute_eps)
-        out[prefix + "tol"] = spectral.zero_tolerance(s, max_dim[table], eps[table],
+        out[prefix + "tol"] = metrics_mod.zero_tolerance(s, max_dim[table], eps[table],
                                                       **tol_args).numpy()
         out[prefix + "max_rank"] = max_rank[table].numpy()
         for m in options.metrics:
-            metric = spectral.METRICS[m]
+            metric = metrics_mod.METRICS[m]
             if metric.entrywise:
                 values = entry_values[(table, m)]
             else:
@@ -401,21 +402,21 @@ def analyze(
     processes) or a Dask scheduler address "tcp://HOST:PORT". grads_data: {path, batch_size,
     seq_len, tokenizer} to recompute every checkpoint's `grads` on that fixed batch
     (`dynlab.sources.grads`).
-    activations: analyse the checkpoints' activations (dynlab.activations) — None: when
+    activations: analyse the checkpoints' activations (dynlab.analysis.activations) — None: when
     they have them; target: what they are compared with (final, first, previous, STEP,
     RUN@STEP; default final). convention: "dynlab" or "pico" (pico-analyze's OV matrices
-    and condition number, dynlab.conventions); a store holds one convention.
+    and condition number, dynlab.analysis.conventions); a store holds one convention.
     activations_data: compute the activations of every checkpoint now, on `activations_batch`
     sequences of this data (.txt/.jsonl or "default") at `activation_positions`, for runs
-    saved without them (dynlab.activations.analyze_activations).
-    The store is locked for the whole analysis (`dynlab.storelock`): another writer raises
+    saved without them (dynlab.analysis.activations.analyze_activations).
+    The store is locked for the whole analysis (`dynlab.analysis.storelock`): another writer raises
     StoreBusy, or waits `wait` seconds (True: for ever) for it.
     """
-    from dynlab.activations import parse_targets
+    from dynlab.analysis.activations import parse_targets
 
     targets = parse_targets(target)
     check_convention(convention)
-    metric_names = spectral.parse_metrics(metrics)
+    metric_names = metrics_mod.parse_metrics(metrics)
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if scheduler and any(str(r).startswith("hf://") for r in runs):
@@ -450,7 +451,7 @@ def analyze(
         if tasks:
             access.need(f"write {len(tasks)} checkpoints")
         if scheduler:
-            from dynlab.distributed import run_tasks_on_dask
+            from dynlab.analysis.dask import run_tasks_on_dask
 
             run_tasks_on_dask(tasks, path, layout, options, scheduler, progress=progress)
         else:
@@ -480,8 +481,8 @@ def _releasing(on_checkpoint: Callable[[Task], None] | None) -> Callable[[Task],
 def analyze_activation_hook(runs: Sequence[Run], path: Path, layout: Layout,
                             targets: Sequence[str], *, required: bool, data: str | None = None,
                             positions: str = "sample:16", n_seq: int = 16) -> None:
-    """The activation analysis (dynlab.activations) after the parameter analysis."""
-    from dynlab.activations import activation_steps, analyze_activations
+    """The activation analysis (dynlab.analysis.activations) after the parameter analysis."""
+    from dynlab.analysis.activations import activation_steps, analyze_activations
     from dynlab.errors import InputError
 
     if data is not None or activation_steps(runs):

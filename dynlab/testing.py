@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dynlab.checkpoints import ModelSpec
+from dynlab.runs.checkpoints import ModelSpec
 
 
 def matrix_with_spectrum(

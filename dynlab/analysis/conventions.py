@@ -2,7 +2,7 @@
 
 `dynlab` (the default) analyses the OV circuit as the map it is — per head O_h·V_g(h) (d × d,
 rank ≤ hd) and for the layer Σ_h O_h·V_g(h) — with rank bounds from the factorisation and a
-numerical-zero tolerance in the condition number (dynlab.components, dynlab.spectral).
+numerical-zero tolerance in the condition number (analysis.components, analysis.metrics).
 
 `pico` reproduces pico-analyze's matrices and formulas, so that its numbers (e.g. the study's
 OV figures) can be put beside dynlab's:
@@ -27,9 +27,9 @@ import math
 
 import torch
 
-from dynlab import components as C
-from dynlab.checkpoints import ModelSpec
+from dynlab.analysis import components as C
 from dynlab.errors import InputError
+from dynlab.runs.checkpoints import ModelSpec
 
 CONVENTIONS: tuple[str, ...] = ("dynlab", "pico")
 

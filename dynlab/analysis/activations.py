@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynlab import representations as R
-from dynlab import spectral
-from dynlab.checkpoints import Checkpoint, Run, load_tensors
-from dynlab.components import LAYER_MATRICES
+from dynlab.analysis import metrics as metrics_mod
+from dynlab.analysis import representations as R
+from dynlab.analysis import spectra
+from dynlab.analysis.components import LAYER_MATRICES
 from dynlab.errors import InputError
+from dynlab.runs.checkpoints import Checkpoint, Run, load_tensors
 
 POSITION_MODES = ("last", "all", "sample:N")
 #: activations are kept in float32: the eps of their numerical-zero tolerance
@@ -143,7 +144,7 @@ def data_batch(run: Run, data: str, n_seq: int, seq_len: int | None = None) -> t
     embedded grammar corpus) in the run's tokenizer: the first n_seq windows of the stream
     [eot] doc_1 [eot] doc_2 …; seq_len defaults to the run's training seq_len, capped at the
     model's context."""
-    from dynlab.train.data import (
+    from dynlab.training.data import (
         default_documents,
         encode_documents,
         load_tokenizer,
@@ -215,7 +216,7 @@ def centred_spectrum(x: np.ndarray) -> np.ndarray:
     k = max(0, min(n - 1, p))
     if k == 0:
         return np.empty(0)
-    s = spectral.svdvals(torch.from_numpy(R.centre(x))[None], dtype=torch.float64)[0]
+    s = spectra.svdvals(torch.from_numpy(R.centre(x))[None], dtype=torch.float64)[0]
     return s[:k].numpy()
 
 
@@ -223,7 +224,7 @@ def geometry_region(acts: Mapping[str, torch.Tensor], n_layers: int, metrics: Se
                     n_sv: int) -> dict[str, np.ndarray]:
     """act_sigma, act_<metric> (spectral, from σ of the centred matrix), anisotropy and
     isoscore of every (layer, site) of one checkpoint; NaN where a site is absent."""
-    from dynlab.recompute import spectrum_metric
+    from dynlab.analysis.recompute import spectrum_metric
 
     shape = (n_layers, len(SITES))
     sigma = np.full(shape + (n_sv,), np.nan)
@@ -345,7 +346,7 @@ def activation_variables(metrics: Sequence[str]) -> dict[str, tuple[tuple[str, .
     """Variable -> (dims, long name) of the activation tables."""
     base = ("run", "step", "layer", "act_site")
     out: dict[str, tuple[tuple[str, ...], str]] = {
-        f"act_{m}": (base, f"{spectral.METRICS[m].long_name} of the centred activations")
+        f"act_{m}": (base, f"{metrics_mod.METRICS[m].long_name} of the centred activations")
         for m in metrics}
     out["act_sigma"] = (base + ("act_sv",), "singular values of the centred activations "
                         "(samples × features), descending, NaN past min(n − 1, p)")
@@ -364,14 +365,14 @@ def activation_variables(metrics: Sequence[str]) -> dict[str, tuple[tuple[str, .
 
 
 def spectrum_metrics(metrics: Sequence[str]) -> list[str]:
-    return [m for m in metrics if not spectral.METRICS[m].entrywise]
+    return [m for m in metrics if not metrics_mod.METRICS[m].entrywise]
 
 
 def ensure_activation_store(path: Path, runs: Sequence[Run], metrics: Sequence[str],
                             targets: Sequence[str]) -> None:
     """Create the activation variables (and the act_site, act_sv, target coordinates) in an
     analysis store, or grow the target coordinate by new targets."""
-    from dynlab import store as S
+    from dynlab.analysis import store as S
 
     group = S.open_group_for_update(path)
     n_sv = act_sv_size(runs)
@@ -425,7 +426,7 @@ def analyze_activations(runs: Sequence[Run], path: Path, metrics: Sequence[str],
     attribute) and refuses another one later."""
     import warnings
 
-    from dynlab import store as S
+    from dynlab.analysis import store as S
 
     names = parse_targets(targets)
     metrics = spectrum_metrics(metrics)

@@ -5,7 +5,7 @@ client before any task runs; a task reads its checkpoint (and the previous analy
 run, for updates), computes every kind, writes its (run, step) chunks through zarr and sets its
 `analyzed` flag last. Chunks are one (run, step) each, so writers never share a chunk and the
 result is identical to a serial run's; a rerun skips flagged checkpoints as in serial. The
-client holds the store's writer lock (`dynlab.storelock`) while the tasks run; the workers take
+client holds the store's writer lock (`analysis.storelock`) while the tasks run; the workers take
 no lock: writing disjoint chunks, they are the one legitimate set of concurrent writers.
 """
 
@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from dynlab.store import Layout
+from dynlab.analysis.store import Layout
 
 
 def parse_scheduler(scheduler: str) -> tuple[str, int | str]:
@@ -41,8 +41,8 @@ def analyze_one(task, path: str, layout: Layout, options, threads: int | None = 
     """Run on a worker: analyse one checkpoint into the store at `path`."""
     import torch
 
-    from dynlab.analysis import analyze_task, load_task
-    from dynlab.store import RegionWriter
+    from dynlab.analysis.run import analyze_task, load_task
+    from dynlab.analysis.store import RegionWriter
 
     if threads:
         torch.set_num_threads(threads)
@@ -63,7 +63,7 @@ def run_tasks_on_dask(
     """Submit one task per checkpoint to a Dask cluster and wait for all of them."""
     from dask.distributed import Client, LocalCluster, as_completed
 
-    from dynlab.analysis import _progress, _warn_nonfinite
+    from dynlab.analysis.run import _progress, _warn_nonfinite
 
     how, arg = parse_scheduler(scheduler)
     cluster = None

@@ -14,7 +14,7 @@ the run (a global count: `data_position` in the trainer) is row `start + g` (wra
 `start` again when a local dataset runs out), where `start` = the number of rows held out as
 the fixed learning-dynamics batch (rows 0 .. ld_batch_size - 1). A micro-batch of B global
 samples is rows start + p .. start + p + B - 1; process r of W takes every W-th of them from
-the r-th (`dynlab.train.data.shard`), so the rows a step trains on do not depend on W, and a
+the r-th (`dynlab.training.data.shard`), so the rows a step trains on do not depend on W, and a
 run resumes at the exact row from the one integer p. Local and streamed data share this code;
 only `read(first_row, count)` differs.
 """
@@ -305,7 +305,7 @@ class RowData:
     def batch(self, position: int, count: int, rank: int = 0, world_size: int = 1
               ) -> torch.Tensor:
         """This process's share of the global micro-batch of `count` samples at `position`:
-        samples position + rank, position + rank + W, ... (dynlab.train.data.shard)."""
+        samples position + rank, position + rank + W, ... (dynlab.training.data.shard)."""
         return torch.from_numpy(self.samples(position, count)[rank::world_size].copy())
 
     def iter_batches(self, position: int, batch_size: int, rank: int = 0, world_size: int = 1

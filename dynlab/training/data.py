@@ -283,7 +283,7 @@ def get_windows(data: TokenData, windows: list[int]) -> torch.Tensor:
 def first_batch(data, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
                 ) -> torch.Tensor:
     """This process's share of the first global micro-batch (samples 0 .. batch_size - 1)."""
-    if hasattr(data, "batch"):  # pre-tokenised rows (dynlab.train.pretokenized.RowData)
+    if hasattr(data, "batch"):  # pre-tokenised rows (dynlab.training.pretokenized.RowData)
         return data.batch(0, batch_size, rank, world_size)
     return get_windows(data, shard(sample_indices(0, batch_size, data.n_windows, seed),
                                    rank, world_size))

@@ -1,6 +1,6 @@
 """Multi-process training: torchrun + PyTorch's DistributedDataParallel.
 
-    torchrun --nproc_per_node 2 -m dynlab.train relora --batch-size 16 ...
+    torchrun --nproc_per_node 2 -m dynlab train relora --batch-size 16 ...
     dynlab train relora --nproc 2 --batch-size 16 ...     # launches the line above
 
 Every process runs the whole trainer; torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,

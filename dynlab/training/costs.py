@@ -62,7 +62,7 @@ def meta_model(cfg, vocab_size: int) -> torch.nn.Module:
     """The run's model (wrapped for relora) built on the meta device: shapes, no memory."""
     from dynlab.model.pico_decoder import PicoDecoder
     from dynlab.model.relora import wrap_relora
-    from dynlab.train.config import model_config, relora_config
+    from dynlab.training.config import model_config, relora_config
 
     mcfg = model_config(cfg, vocab_size)
     with torch.device("meta"):
@@ -131,7 +131,7 @@ def vocab_for(cfg) -> tuple[int, str]:
     if cfg.tokenizer:
         p = Path(cfg.tokenizer).expanduser()
         if p.is_file() or (p / "tokenizer.json").is_file():
-            from dynlab.train.data import load_tokenizer
+            from dynlab.training.data import load_tokenizer
 
             return load_tokenizer(p).get_vocab_size(), f"tokenizer {p}"
     return cfg.vocab_size, "the preset's vocab_size (the tokenizer decides at run time)"
@@ -140,7 +140,7 @@ def vocab_for(cfg) -> tuple[int, str]:
 def estimate(cfg, world_size: int = 1, gpu: str = DEFAULT_GPU, mfu: float = DEFAULT_MFU
              ) -> dict:
     """The cost of a resolved TrainConfig on `world_size` devices of a named GPU at an MFU."""
-    from dynlab.train.batching import apply_batch, candidate_micro_batches
+    from dynlab.training.batching import apply_batch, candidate_micro_batches
 
     if not 0 < mfu <= 1:
         raise InputError(f"--mfu {mfu}: expected a fraction in (0, 1]")
@@ -192,7 +192,7 @@ def estimate(cfg, world_size: int = 1, gpu: str = DEFAULT_GPU, mfu: float = DEFA
 
 def data_rows(spec: str) -> int | None:
     """Rows of a local pre-tokenised --data (file metadata only), else None."""
-    from dynlab.train import pretokenized as P
+    from dynlab.training import pretokenized as P
 
     files = P.row_files(spec) if spec else None
     return None if files is None else P.LocalRows(files, spec).n_rows

@@ -1,6 +1,6 @@
 """Metrics that need only the singular values, computed from a store's stored spectra.
 
-Every metric with a `from_spectrum` function (dynlab.spectral.METRICS: ER, PER, CN, the norms,
+Every metric with a `from_spectrum` function (analysis.metrics.METRICS: ER, PER, CN, the norms,
 the heavy-tail α, ...) is a function of a matrix's singular values σ (stored in the `*sigma`
 variables, NaN past the rank bound) and of its largest dimension max(m, n) (the numerical-
 zero tolerance). `spectrum_metric` is the one function that evaluates them: `dynlab analyze`
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynlab import components as C
-from dynlab import spectral
-from dynlab.checkpoints import ModelSpec
+from dynlab.analysis import components as C
+from dynlab.analysis import metrics as metrics_mod
 from dynlab.errors import InputError
+from dynlab.runs.checkpoints import ModelSpec
 
 
 def spectrum_metric(name: str, sigma: torch.Tensor, max_dim: torch.Tensor,
@@ -33,12 +33,12 @@ def spectrum_metric(name: str, sigma: torch.Tensor, max_dim: torch.Tensor,
                     **tol_args) -> torch.Tensor:
     """Metric `name` of spectra sigma (..., K) (descending, NaN-padded) of matrices whose
     largest dimension is max_dim (...) and storage eps `eps` (...); tol_args: the rest of
-    the numerical-zero tolerance's inputs (`spectral.zero_tolerance`: min_dim, norm,
-    compute_eps, or a precomputed tol), in `convention` (dynlab.conventions: under "pico",
+    the numerical-zero tolerance's inputs (`metrics_mod.zero_tolerance`: min_dim, norm,
+    compute_eps, or a precomputed tol), in `convention` (dynlab.analysis.conventions: under "pico",
     cn has no tolerance). Raises InputError for a metric that needs the entries."""
-    metric = spectral.METRICS[name]
+    metric = metrics_mod.METRICS[name]
     if convention == "pico" and name == "cn":
-        from dynlab.conventions import condition_number_pico
+        from dynlab.analysis.conventions import condition_number_pico
 
         return condition_number_pico(sigma)
     if metric.from_spectrum is None:
@@ -51,7 +51,7 @@ def site_max_dims(spec: ModelSpec, table: str, n_layers: int, n_heads: int,
     """max(m, n) of the matrix in every cell of `table` (shape: the table's dims after (run,
     kind, step)), for a run of model shape `spec`; 1 for cells the run does not have (padding
     of a store holding larger models). Gradients, updates and LoRA products have their
-    matrix's shape; only pico's OV matrices (dynlab.conventions) depend on the kind."""
+    matrix's shape; only pico's OV matrices (dynlab.analysis.conventions) depend on the kind."""
     shapes = spec.expected_shapes()
     d, hd, h = spec.d_model, spec.head_dim, spec.n_heads
     pico = convention == "pico" and kind in ("weights", "grads", "updates")
@@ -83,12 +83,12 @@ def site_max_dims(spec: ModelSpec, table: str, n_layers: int, n_heads: int,
 def spectrum_metric_names(spec: str | Sequence[str]) -> tuple[str, ...]:
     """Parse --metrics for recompute: only metrics computable from σ are accepted."""
     try:
-        names = spectral.parse_metrics(spec)
+        names = metrics_mod.parse_metrics(spec)
     except ValueError as e:
         raise InputError(f"--metrics: {e}") from None
     if spec is None or spec == "all" or list(spec) == ["all"]:
-        names = tuple(n for n in names if not spectral.METRICS[n].entrywise)
-    entrywise = [n for n in names if spectral.METRICS[n].entrywise]
+        names = tuple(n for n in names if not metrics_mod.METRICS[n].entrywise)
+    entrywise = [n for n in names if metrics_mod.METRICS[n].entrywise]
     if entrywise:
         raise InputError(
             f"--metrics: {', '.join(entrywise)} need the matrix entries, not only the stored "
@@ -102,12 +102,12 @@ def recompute(
     """Compute `metrics` (only-σ ones) from the stored spectra of every analysed checkpoint
     into the store, adding the metrics to the store's list (and their variables) when new,
     overwriting them when present. Returns the variables written. Needs no checkpoint."""
-    from dynlab.storelock import StoreAccess
+    from dynlab.analysis.storelock import StoreAccess
 
     path = Path(store)
     if not (path / "zarr.json").is_file():
         raise InputError(f"{path}: not a Zarr store (expected a store written by dynlab analyze)")
-    with StoreAccess(path):  # one writer at a time (dynlab.storelock)
+    with StoreAccess(path):  # one writer at a time (dynlab.analysis.storelock)
         return _recompute(path, metrics, progress=progress)
 
 
@@ -115,7 +115,7 @@ def _recompute(
     store: str | Path, metrics: str | Sequence[str], *, progress: bool = False
 ) -> list[str]:
     """recompute's work, with the store held."""
-    from dynlab.store import (
+    from dynlab.analysis.store import (
         Layout,
         StoreError,
         consolidate,
@@ -162,7 +162,7 @@ def _recompute(
             max_dim = torch.from_numpy(np.stack([
                 site_max_dims(spec, table, layout.n_layers, layout.n_heads, kind,
                               layout.convention) for kind in layout.kinds]))
-            tol_args = {}  # the tolerance analyze used, as stored (spectral.zero_tolerance)
+            tol_args = {}  # the tolerance analyze used, as stored (metrics_mod.zero_tolerance)
             if f"{prefix}tol" in group:
                 tol_args["tol"] = torch.from_numpy(
                     np.asarray(group[f"{prefix}tol"][i, :, j], dtype=np.float64))
@@ -179,7 +179,7 @@ def _recompute(
 def add_missing_variables(path: Path, layout) -> list[str]:
     """Create the spectral variables of `layout` that the store lacks (new metrics, or the
     QK tables of a store made before them), empty, chunked one (run, step) cell each."""
-    from dynlab.store import (
+    from dynlab.analysis.store import (
         create_variable,
         open_group_for_update,
         quiet_zarr,
@@ -203,8 +203,8 @@ def add_missing_variables(path: Path, layout) -> list[str]:
 
 def _recompute_activations(path: Path, names: Sequence[str]) -> list[str]:
     """The same for the activation table: act_<metric> from act_sigma and act_max_dim."""
-    from dynlab.activations import ACT_EPS
-    from dynlab.store import create_variable, open_group_for_update, quiet_zarr
+    from dynlab.analysis.activations import ACT_EPS
+    from dynlab.analysis.store import create_variable, open_group_for_update, quiet_zarr
 
     group = open_group_for_update(path)
     sig_arr = group["act_sigma"]
@@ -214,7 +214,7 @@ def _recompute_activations(path: Path, names: Sequence[str]) -> list[str]:
             if f"act_{name}" not in group:
                 create_variable(group, f"act_{name}", ("run", "step", "layer", "act_site"),
                                 shape=shape, chunks=chunks, attrs={
-                                    "long_name": f"{spectral.METRICS[name].long_name} of the "
+                                    "long_name": f"{metrics_mod.METRICS[name].long_name} of the "
                                                  "centred activations"})
     done = np.asarray(group["act_analyzed"][...])
     for i, j in zip(*np.nonzero(done), strict=True):

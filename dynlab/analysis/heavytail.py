@@ -18,7 +18,7 @@ The closed-form α is used for every candidate (as `powerlaw` 1.x, which WeightW
 WeightWatcher does not use).
 
 Eigenvalues at or below the square of the matrix's numerical-zero tolerance
-(`dynlab.spectral.zero_tolerance`: its storage precision's rounding noise) are dropped
+(`dynlab.analysis.metrics.zero_tolerance`: its storage precision's rounding noise) are dropped
 (`powerlaw` drops exact zeros; numerically zero ones would be fitted as data). A spectrum
 with fewer than `MIN_EIGENVALUES` remaining eigenvalues gives NaN for every output.
 """
@@ -134,7 +134,7 @@ _CACHE: dict[bytes, np.ndarray] = {}
 def _fits(sigma: torch.Tensor, tol: torch.Tensor | float) -> np.ndarray:
     """(..., 3): alpha, ks, n_tail of every spectrum of a batch, eigenvalues of singular
     values at or below each matrix's numerical-zero tolerance `tol` (...) dropped
-    (`dynlab.spectral.zero_tolerance`). The last batch is cached, so the three metrics of one
+    (`analysis.metrics.zero_tolerance`). The last batch is cached, so the three metrics of one
     batch cost one fit."""
     s = sigma.detach().cpu().to(torch.float64).numpy()
     tl = np.broadcast_to(np.asarray(torch.as_tensor(tol).cpu(), dtype=np.float64),

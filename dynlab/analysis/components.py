@@ -26,9 +26,9 @@ QK_t − QK_prev, each a product of rank ≤ 2·hd per head.
 Every component carries the precision its entries were stored in (`stored`: for a matrix
 formed from stored tensors, the coarsest among its inputs); `eps` is that precision's machine
 epsilon, which sets the numerical-zero tolerance of its spectrum
-(`dynlab.spectral.zero_tolerance`), together with `storage_norm`, the Frobenius norm S of the
+(`analysis.metrics.zero_tolerance`), together with `storage_norm`, the Frobenius norm S of the
 stored inputs whose rounding noise it carries: ‖X‖_F for a stored matrix,
-√(‖W_t‖_F² + ‖W_prev‖_F²) for a dense difference, `dynlab.spectral.product_noise_norm` of the
+√(‖W_t‖_F² + ‖W_prev‖_F²) for a dense difference, `analysis.metrics.product_noise_norm` of the
 factors for a product (`sum_of_products_norm` of the terms for a sum of products such as a
 gradient or an update of the OV circuit). `max_rank` is the rank bound by construction:
 min(m, n) for a dense matrix, the inner dimension for a product of factors.
@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dynlab.checkpoints import ModelSpec
+from dynlab.runs.checkpoints import ModelSpec
 
 LAYER_MATRICES: tuple[str, ...] = (
     "attention.q_proj",
@@ -66,7 +66,7 @@ KINDS: tuple[str, ...] = ("weights", "grads", "updates", "lora", "train_grads")
 #: Result tables: table -> (its sigma variable, the prefix of its metric variables, its dims
 #: after (run, kind, step), its singular-value dim). "layer", "head" and "emb" are the
 #: original tables; the QK tables were added later (a store made before them gets them on its
-#: next analyze, see dynlab.store.add_missing_variables).
+#: next analyze, see dynlab.analysis.store.add_missing_variables).
 TABLES: dict[str, tuple[str, str, tuple[str, ...], str]] = {
     "layer": ("sigma", "", ("layer", "matrix"), "sv"),
     "head": ("head_sigma", "head_", ("layer", "head"), "head_sv"),
@@ -157,7 +157,7 @@ class LowRank:
     spectrum is then padded with exact zeros, so the product is judged as the m × n matrix it
     stands for (rank max_rank of min(m, n)). `stored`: the coarsest precision among the
     stored tensors the factors come from; None means that of left and right. `norm`: S of the
-    zero tolerance; None means `dynlab.spectral.product_noise_norm` of the factors' Frobenius
+    zero tolerance; None means `analysis.metrics.product_noise_norm` of the factors' Frobenius
     and spectral norms (each factor a stored tensor, a concatenation of stored tensors or, for the
     whole-layer OV circuit, a sum of stored head blocks)."""
 
@@ -199,7 +199,7 @@ class LowRank:
         return float(sum_of_products_norm((self.left, self.right)))
 
     def entries(self) -> torch.Tensor:
-        from dynlab.spectral import matmul
+        from dynlab.analysis.spectra import matmul
 
         return matmul(self.left.double(), self.right.double())
 
@@ -366,12 +366,12 @@ def qk_update_components(w: Tensors, w_prev: Tensors, spec: ModelSpec) -> dict[S
 
 def sum_of_products_norm(*terms: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """S of Σ_j L_j·R_j formed from stored factors (each L_j (…, m, k_j), R_j (…, k_j, n),
-    with any leading batch dims): Σ_j `dynlab.spectral.product_noise_norm` of the pair, since
+    with any leading batch dims): Σ_j `analysis.metrics.product_noise_norm` of the pair, since
     the rounding errors of the terms add (‖Σ_j E_j‖_2 ≤ Σ_j ‖E_j‖_2). Taking the terms
     apart, rather than the product of the concatenated factors [L_1, L_2]·[R_1; R_2], keeps
     the rounding of a large factor paired only with what it multiplies: in the gradient
     O·dV + dO·V the rounding of O meets dV, never V."""
-    from dynlab.spectral import product_noise_norm
+    from dynlab.analysis.metrics import product_noise_norm
 
     total = torch.zeros((), dtype=torch.float64)
     for left, right in terms:

@@ -1,0 +1,1 @@
+"""The bundled pico-decoder / pico-relora trainer; `dynlab.train(...)` runs it."""
