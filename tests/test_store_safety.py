@@ -596,7 +596,7 @@ def test_any_sequence_of_analyses_and_interruptions_ends_in_the_one_go_store(
             raise Interrupted(phase)
 
     monkeypatch.setattr(dynlab.analysis.store, "fault_point", fault)
-    monkeypatch.setattr(dynlab.analysis, "fault_point", fault)
+    monkeypatch.setattr(dynlab.analysis.run, "fault_point", fault)
 
     first = ("analyze", "a", None)
     late = [first, ("add", "a", 5)]  # a checkpoint before analysed ones: rebuild and swap
