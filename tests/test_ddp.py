@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import dynlab
+from dynlab.runs.layout import complete_checkpoints
+from dynlab.runs.metrics import read_metrics
 from dynlab.training import ddp
-from dynlab.training.checkpointing import complete_checkpoints, read_metrics
 
 pytestmark = pytest.mark.slow  # real torchrun processes
 
@@ -144,7 +145,8 @@ def _reset_worker(rank: int, world_size: int, port: int, out: str) -> None:
 
     from dynlab.model.relora import merge_and_reset
     from dynlab.training.config import TrainConfig, model_config, relora_config
-    from dynlab.training.trainer import build_model, train_step
+    from dynlab.training.step import train_step
+    from dynlab.training.trainer import build_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,

@@ -27,14 +27,14 @@ from dynlab.model.relora import (
     unwrap,
     wrap_relora,
 )
+from dynlab.runs.config import reset_due
+from dynlab.training.dynamics import learning_dynamics
 from dynlab.training.schedules import (
     PAPER_COSINE_HORIZON,
     jagged_cosine,
     linear_warmup_decay,
     lr_multiplier,
-    reset_due,
 )
-from dynlab.training.trainer import learning_dynamics
 
 CFG = ModelConfig(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=24,
                   vocab_size=29, max_seq_len=16)

@@ -19,9 +19,11 @@ from typer.testing import CliRunner
 
 import dynlab
 from dynlab.model import load_checkpoint_model
+from dynlab.runs.files import write_checkpoint
+from dynlab.runs.layout import complete_checkpoints
+from dynlab.runs.metrics import read_metrics
 from dynlab.training import data as D
 from dynlab.training import trainer as T
-from dynlab.training.checkpointing import complete_checkpoints, read_metrics, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = str(Path(sys.executable))
@@ -61,7 +63,7 @@ def test_relora_cli_run_layout(tmp_path):
     out = tmp_path / "relora"
     args = ["train", "relora", "--out", str(out), "--steps", "12", "--checkpoint-every", "4",
             "--reset-every", "5", "--restart-warmup-steps", "2", "--warmup-steps", "2",
-            "--rank", "2", "--save-activations", "--eval-every", "12", "--no-progress",
+            "--lora-rank", "2", "--save-activations", "--eval-every", "12", "--no-progress",
             "--d-model", "16", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
             "--hidden-dim", "32", "--seq-len", "16", "--batch-size", "2",
             "--ld-batch-size", "3", "--vocab-size", "300", "--n-documents", "150",
@@ -74,7 +76,8 @@ def test_relora_cli_run_layout(tmp_path):
     assert run["kind"] == "relora"
     assert run["relora"] == {"r": 2, "alpha": 32.0, "dropout": 0.1, "reset_every": 5,
                              "restart_warmup_steps": 2, "prune_ratio": 0.999,
-                             "prune_method": "random", "paper_compat": False}
+                             "prune_method": "random", "paper_compat": False,
+                             "reset_steps": [5, 10]}  # resets follow updates 5 and 10 of 12
     m = run["model"]
     V = m["vocab_size"]
     tok = D.load_tokenizer(out / "tokenizer.json")
@@ -290,7 +293,7 @@ def test_relora_warm_start_from_decoder(tmp_path):
 def test_text_jsonl_npy_bin_sources(tmp_path):
     from dynlab.data.grammar import generate_corpus
     from dynlab.training.config import TrainConfig
-    from dynlab.training.trainer import load_data
+    from dynlab.training.data import load_data
 
     docs = generate_corpus(60, seed=3)
     txt = tmp_path / "c.txt"

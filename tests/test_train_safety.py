@@ -24,13 +24,8 @@ from typer.testing import CliRunner
 
 import dynlab
 from dynlab.eval import EvalDataWarning
-from dynlab.training.checkpointing import (
-    complete_checkpoints,
-    read_metrics,
-    record_from_meta,
-    remove_run_files,
-    repaired_metrics,
-)
+from dynlab.runs.layout import complete_checkpoints, remove_run_files
+from dynlab.runs.metrics import read_metrics, record_from_meta, repaired_metrics
 from dynlab_cli.console import INTERRUPTED_MESSAGE
 from dynlab_cli.main import app
 
@@ -429,7 +424,7 @@ def test_bad_run_json_is_named_on_resume_and_on_eval(copy_run, key, value):
 
 @pytest.mark.parametrize("line,message", [
     ('lr: "fast"', "--lr: expected a number, got 'fast'"),
-    ('alpha: [1]', "--alpha: expected a number, got [1]"),
+    ('alpha: [1]', "--lora-alpha: expected a number, got [1]"),
     ('seed: "x"', "--seed: expected an integer, got 'x'"),
     ("data: 7", "--data: expected a string, got 7"),
     ("warm-start: 3", "--warm-start: expected a string, got 3"),

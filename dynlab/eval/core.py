@@ -1,4 +1,4 @@
-"""Evaluation data and `evaluate` (contracts §4): perplexity per domain and BLiMP accuracy."""
+"""Evaluation data and `evaluate`: perplexity per domain and BLiMP accuracy."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def evaluate(model: torch.nn.Module, tokenizer, data: EvalData, *, device: str |
     EvalDataWarning (on_error="skip") or raise ValueError ("fail").
     `progress(done, total)` counts scored sequences.
     """
-    from dynlab.training.data import bos_id
+    from dynlab.data.tokenizer import bos_id
 
     bos = bos_id(tokenizer)
     context = context_length(model, max_seq_len)
