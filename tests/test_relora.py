@@ -207,6 +207,12 @@ def test_effective_weight_gradient_equals_unwrapped_autograd():
                                    rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(grads[f"{name}.lora_A"], m.scale * m.lora_B.T.detach() @ G,
                                    rtol=1e-4, atol=1e-6)
+    # ... which equal autograd through the wrapped model itself (eval mode: no dropout)
+    ref = copy.deepcopy(model).eval()
+    _loss(ref, ids).backward()
+    for name, m in relora_modules(ref).items():
+        torch.testing.assert_close(grads[f"{name}.lora_A"], m.lora_A.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grads[f"{name}.lora_B"], m.lora_B.grad, rtol=1e-4, atol=1e-6)
     # nothing of training state touched
     assert all(p.grad is None for p in model.parameters())
     assert model.training

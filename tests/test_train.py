@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 import dynlab
 from dynlab.model import load_checkpoint_model
+from dynlab.runs.config import reset_steps
 from dynlab.runs.files import write_checkpoint
 from dynlab.runs.layout import complete_checkpoints
 from dynlab.runs.metrics import read_metrics
@@ -143,6 +144,16 @@ def test_relora_cli_run_layout(tmp_path):
         model = load_checkpoint_model(ckpt)
         assert torch.equal(model.layers[1].attention.v_proj.weight, weights[name + ".weight"])
     assert cycles == {0: 0, 4: 0, 8: 1, 12: 2}  # resets after updates 5 and 10
+    # the reset steps read through dynlab.runs: recorded in run.json, and derived by the same
+    # rule for a run written before run.json recorded them
+    assert reset_steps(run) == [5, 10] and reset_steps(run, last_step=8) == [5]
+    older = json.loads(json.dumps(run))
+    del older["relora"]["reset_steps"]
+    assert reset_steps(older) == [5, 10] and reset_steps(older, last_step=8) == [5]
+    # relora-pico's rule (paper_compat): after t > warmup with t mod 5 = 1, before the last
+    paper = {"relora": {"reset_every": 5, "paper_compat": True},
+             "train": {"steps": 31, "warmup_steps": 12}}
+    assert reset_steps(paper) == [16, 21, 26] and reset_steps({"kind": "decoder"}) == []
     # lr of update 8 = 3e-3 · jagged(7): 7 mod 5 = 2 ≥ 2 (re-warmup over), progress (7-2)/10:
     # 0.1 + 0.45·(1 + cos(π/2)) = 0.55; update 12: 11 mod 5 = 1 < 2, so 1/2 of the cosine at
     # t = 12 (progress 1, the floor 0.1) = 0.05

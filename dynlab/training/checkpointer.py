@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dynlab.errors import InputError
 from dynlab.model.relora import effective_state_dict
 from dynlab.runs.config import ModelConfig, planned_reset_steps
 from dynlab.runs.files import write_checkpoint, write_json, write_tokenizer
@@ -151,7 +152,12 @@ class Checkpointer:
                                                             rngs))
 
     def load(self, ckpt: Path) -> None:
-        """Restore model, optimizer, counters and RNG from checkpoint `ckpt` (every rank)."""
-        restore(self.model, self.optimizer, self.state, ckpt, self.device, rank=self.rank,
-                world_size=self.world, seed=self.cfg.seed)
+        """Restore model, optimizer, counters and RNG from checkpoint `ckpt` (every rank);
+        InputError naming it, and how to resume from an earlier one, when it is unreadable."""
+        try:
+            restore(self.model, self.optimizer, self.state, ckpt, self.device, rank=self.rank,
+                    world_size=self.world, seed=self.cfg.seed)
+        except InputError as err:
+            raise InputError(f"--resume: {err}. The checkpoints are left as they are; to "
+                             f"resume from an earlier one, move {ckpt} out of the run") from err
         self.clock = Clock(self.state, self.world)  # time continues from the checkpoint's

@@ -33,10 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from torch import nn
 
 from dynlab.devices import resolve_device
-from dynlab.errors import DynlabFailure, InputError
+from dynlab.errors import DynlabFailure
 from dynlab.faults import fault_point
 from dynlab.model.pico_decoder import ModelConfig, PicoDecoder
 from dynlab.model.relora import wrap_relora
@@ -263,24 +264,16 @@ def run_training(cfg: TrainConfig, explicit: set[str] | None = None) -> Path:
 def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitStack) -> Path:
     # -- setup: options, processes, device, data, model, run directory
     s = setup(cfg, explicit, stack)
-    from rich.console import Console
-
     console = Console(stderr=True, quiet=not (s.cfg.progress and s.rank == 0))
-    cfg = fit_micro_batch(s, console.print)
-    s = dataclasses.replace(s, cfg=cfg)
-    model, device, rank, world = s.model, s.device, s.rank, s.world
+    s = dataclasses.replace(s, cfg=fit_micro_batch(s, console.print))
+    cfg, model, device, rank, world = s.cfg, s.model, s.device, s.rank, s.world
     optimizer = make_optimizer(cfg, model, device)
     state = TrainState()
     ckpt = Checkpointer(s.run_dir, cfg, model, optimizer, state, s.data, device,
                         rank=rank, world=world)
     # -- resume: model, optimizer, counters and RNG from the latest complete checkpoint
     if s.resume_ckpt is not None:
-        try:
-            ckpt.load(s.resume_ckpt)
-        except InputError as err:
-            raise InputError(f"--resume: {err}. The checkpoints are left as they are; to "
-                             f"resume from an earlier one, move {s.resume_ckpt} out of the run"
-                             ) from err
+        ckpt.load(s.resume_ckpt)
         console.print(f"resuming {s.run_dir} from step {state.step}")
     metrics = MetricsLog(s.run_dir / "metrics.jsonl",
                          truncate_after=state.step if s.resume_ckpt is not None else -1,
@@ -295,7 +288,7 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
     evaluator = EvalHook(cfg, s.tokenizer, device, console.print)
     rcfg = relora_config(cfg) if cfg.kind == "relora" else None
     resets = set(planned_reset_steps(cfg.steps, rcfg.reset_every, cfg.warmup_steps,
-                                     rcfg.paper_compat)) if rcfg is not None else set()
+                                     rcfg.paper_compat) if rcfg is not None else ())
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len  # global
     batches = D.iter_batches(s.data, state.data_position, cfg.batch_size // world, cfg.seed,
                              rank, world)
