@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=64,
             seq_len=16, ld_batch_size=3, vocab_size=300, n_documents=150, eval_every=0,
             progress=False, log_every=1, threads=1, lr=3e-4, warmup_steps=2)
-RELORA = dict(rank=2, alpha=4.0, lora_dropout=0.0, reset_every=3, restart_warmup_steps=1,
-              prune_ratio=0.5, prune_method="random")
+RELORA = dict(lora_rank=2, lora_alpha=4.0, lora_dropout=0.0, reset_every=3,
+              restart_warmup_steps=1, prune_ratio=0.5, prune_method="random")
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
