@@ -198,7 +198,7 @@ def test_relora_interrupted_and_resumed_reproduces_loss_curve(tmp_path):
     further resets and with LoRA dropout: every loss and the final weights and gradients
     equal the uninterrupted run exactly."""
     kw = dict(SMALL, steps=14, checkpoint_every=4, reset_every=4, restart_warmup_steps=2,
-              warmup_steps=2, rank=2, lr=3e-3)
+              warmup_steps=2, lora_rank=2, lr=3e-3)
     full = dynlab.train("relora", out=str(tmp_path / "full"), **kw)
     part = tmp_path / "part"
     dynlab.train("relora", out=str(part), stop_at=9, **kw)
@@ -263,7 +263,7 @@ def test_decoder_killed_subprocess_resumes_exactly(tmp_path):
 
 def test_paper_compat_run_learns_nothing_in_wrapped_layers_before_first_reset(tmp_path):
     run = dynlab.train("relora", out=str(tmp_path / "p"), steps=7, checkpoint_every=3,
-                       reset_every=5, warmup_steps=2, restart_warmup_steps=2, rank=2,
+                       reset_every=5, warmup_steps=2, restart_warmup_steps=2, lora_rank=2,
                        paper_compat=True, **SMALL)
     assert json.loads((run / "run.json").read_text())["relora"]["paper_compat"] is True
     w = {s: load_file(p / "weights.safetensors") for s, p in complete_checkpoints(run)}
@@ -287,7 +287,7 @@ def test_relora_warm_start_from_decoder(tmp_path):
     dec = dynlab.train("decoder", out=str(tmp_path / "dec"), steps=3, checkpoint_every=3,
                        **SMALL)
     rel = dynlab.train("relora", out=str(tmp_path / "rel"), steps=1, checkpoint_every=1,
-                       warm_start=str(dec), rank=2, **SMALL)
+                       warm_start=str(dec), rank=2, **SMALL)  # old name of lora_rank
     assert (rel / "tokenizer.json").read_text() == (dec / "tokenizer.json").read_text()
     w_dec = load_file(dec / "checkpoints/step_3/weights.safetensors")
     w_rel = load_file(rel / "checkpoints/step_0/weights.safetensors")

@@ -38,7 +38,8 @@ TINY = dict(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_d
             warmup_steps=2)
 DECODER = dict(TINY, eval_every=0)
 # relora with LoRA dropout (draws from the training RNG), resets and in-training evaluation
-RELORA = dict(TINY, eval_every=2, reset_every=2, restart_warmup_steps=1, rank=2, lr=3e-3)
+RELORA = dict(TINY, eval_every=2, reset_every=2, restart_warmup_steps=1, lora_rank=2,
+              lr=3e-3)
 TIMING = {"wall_seconds", "tokens_per_second", "gpu_hours"}  # wall-clock measures
 
 
