@@ -1,5 +1,5 @@
 """A micro model trained on the embedded grammar beats chance on the grammar's minimal pairs;
-`dynlab eval` on a run written in the contracts' layout (numeric checkpoint order, eval.json,
+`dynlab eval` on a run written in the checkpoint layout (numeric checkpoint order, eval.json,
 --json, merge, bad input)."""
 
 from __future__ import annotations
