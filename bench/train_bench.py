@@ -161,7 +161,7 @@ def dynlab_rate(s: Setup, tok: Path, data: Path, out: Path, kind: str = "decoder
     """(rates of the steps warmup+1 .. warmup+steps, seconds of step 0's checkpoint) of
     `dynlab.training`, from the wall_seconds of its metrics.jsonl (one line per step)."""
     import dynlab
-    from dynlab.training.checkpointing import read_metrics
+    from dynlab.runs.metrics import read_metrics
 
     if s.compile:
         torch._dynamo.reset()  # every measurement compiles afresh (in its warmup steps)
@@ -174,7 +174,7 @@ def dynlab_rate(s: Setup, tok: Path, data: Path, out: Path, kind: str = "decoder
                 max_seq_len=s.model.max_seq_len, lr=s.lr, weight_decay=s.weight_decay,
                 device=s.device, threads=s.threads, compile=s.compile)
     if kind == "relora":
-        opts |= dict(rank=s.rank, reset_every=10**9, restart_warmup_steps=0)
+        opts |= dict(lora_rank=s.rank, reset_every=10**9, restart_warmup_steps=0)
     dynlab.train(kind, **opts)
     wall = {r["step"]: r["wall_seconds"] for r in read_metrics(out)}
     durations = [wall[i] - wall[i - 1] for i in range(first + 1, last + 1)]
@@ -273,7 +273,7 @@ def _train_cfg(s: Setup, kind: str, vocab: int):
 
     cfg = TrainConfig(kind=kind, preset=s.preset, batch_size=s.batch_size, seq_len=s.seq_len,
                       max_seq_len=s.model.max_seq_len, vocab_size=vocab, lr=s.lr,
-                      weight_decay=s.weight_decay, rank=s.rank, device=s.device,
+                      weight_decay=s.weight_decay, lora_rank=s.rank, device=s.device,
                       threads=s.threads).resolved()
     return cfg
 
@@ -281,7 +281,8 @@ def _train_cfg(s: Setup, kind: str, vocab: int):
 def train_three_steps(s: Setup, kind: str, data: Path):
     """(model, optimizer) after three updates made with the trainer's own functions."""
     from dynlab.training.config import model_config
-    from dynlab.training.trainer import build_model, make_optimizer, train_step
+    from dynlab.training.step import train_step
+    from dynlab.training.trainer import build_model, make_optimizer
 
     device = torch.device(s.device)
     cfg = _train_cfg(s, kind, s.model.vocab_size)
@@ -329,7 +330,7 @@ def _warm_up(s: Setup) -> None:
     """One step of a 2-layer, d_model 8 model: lazy imports (torch._dynamo via the
     optimizer), kernels, autograd threads and (CUDA) the cuBLAS workspace are set up before
     a measurement."""
-    from dynlab.training.trainer import train_step
+    from dynlab.training.step import train_step
 
     device = torch.device(s.device)
     tiny = ModelConfig(d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, activation_hidden_dim=8,
@@ -462,7 +463,7 @@ def saved_activation_bytes(model: torch.nn.Module, batch: torch.Tensor,
     """Bytes of the distinct storages (by data_ptr) autograd saves for backward in one
     training forward with the loss (the trainer's autocast), parameters and buffers excluded.
     The graph is dropped without a backward."""
-    from dynlab.training.trainer import autocast, lm_loss
+    from dynlab.training.step import autocast, lm_loss
 
     constant = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     seen: dict[int, int] = {}

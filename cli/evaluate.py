@@ -7,14 +7,6 @@ from pathlib import Path
 import typer
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def evaluate(
     target: Path = typer.Argument(..., help="RUN directory (all its checkpoints) or "
                                   "RUN/checkpoints/step_N."),
@@ -55,10 +47,6 @@ def evaluate(
                   limit, stride)
 
 
-#: what evaluating one checkpoint may raise for a checkpoint that cannot be evaluated
-CHECKPOINT_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError, KeyError)
-
-
 def _evaluate(target: Path, ppl: str | None, blimp: str | None, json_out: Path | None,
               device: str, tokenizer: Path | None, uid: str | None, on_error: str,
               batch_size: int, limit: int | None, stride: int | None) -> None:
@@ -69,8 +57,8 @@ def _evaluate(target: Path, ppl: str | None, blimp: str | None, json_out: Path |
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from dynlab.eval import EvalDataWarning, evaluate_checkpoint, find_checkpoints, load_eval_data
-    from dynlab.eval.runs import tokenizer_path, write_json_atomic
+    from dynlab.eval import CheckpointEvalError, EvalDataWarning, evaluate_run, find_checkpoints
+    from dynlab.runs.files import write_json
     from dynlab_cli.console import error, exit_code
 
     console = Console(stderr=True, soft_wrap=True)
@@ -79,58 +67,54 @@ def _evaluate(target: Path, ppl: str | None, blimp: str | None, json_out: Path |
         console.print(f"[yellow]warning:[/] {escape(str(message))}", markup=True,
                       highlight=False)
 
-    results: list[dict] = []
     ckpts = find_checkpoints(target)
     single = len(ckpts) == 1 and ckpts[0].resolve() == target.resolve()
 
-    def finish() -> None:
+    def finish(results: list[dict]) -> None:
         if json_out is not None and results:
             payload = results[0] if len(results) == 1 and single else results
             json_out.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(json_out, payload)
+            write_json(json_out, payload)
             console.print(f"wrote {json_out}")
 
-    with warnings.catch_warnings():
+    columns = (TextColumn("{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+    failed: list[str] = []
+    tasks: dict[Path, object] = {}
+    with warnings.catch_warnings(), Progress(*columns, console=console,
+                                             transient=False) as bar:
         warnings.simplefilter("always", EvalDataWarning)
         warnings.showwarning = show_warning
-        for c in ckpts:  # fail early on a missing tokenizer, before any work
-            tokenizer_path(c, tokenizer)
-        data = load_eval_data(ppl, blimp, uid_filter=uid, limit_per_uid=limit,
-                              on_error=on_error)
-        dev = _device(device)
+        run_task = bar.add_task("checkpoints", total=len(ckpts))
 
-        columns = (TextColumn("{task.description}"), BarColumn(),
-                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
-        failed = []
-        with Progress(*columns, console=console, transient=False) as bar:
-            run_task = bar.add_task("checkpoints", total=len(ckpts))
-            for ckpt in ckpts:
-                seq_task = bar.add_task(f"  {ckpt.name}", total=None)
+        def tick(ckpt: Path, done: int, total: int) -> None:
+            if ckpt not in tasks:
+                tasks[ckpt] = bar.add_task(f"  {ckpt.name}", total=None)
+            bar.update(tasks[ckpt], completed=done, total=total)
 
-                def tick(done: int, total: int, _t=seq_task) -> None:
-                    bar.update(_t, completed=done, total=total)
+        def finished(ckpt: Path) -> None:
+            if ckpt in tasks:
+                bar.remove_task(tasks.pop(ckpt))
+            bar.advance(run_task)
 
-                try:
-                    res = evaluate_checkpoint(ckpt, data, tokenizer=tokenizer, device=dev,
-                                              batch_size=batch_size, stride=stride,
-                                              on_error=on_error, progress=tick)
-                except CHECKPOINT_ERRORS as err:
-                    if on_error == "fail":
-                        bar.stop()
-                        error(f"{ckpt}: {err}", "eval ")
-                        finish()
-                        raise typer.Exit(exit_code(err)) from None
-                    console.print(f"[yellow]skipped[/] {escape(f'{ckpt}: {err}')}", markup=True,
-                                  highlight=False)
-                    failed.append(str(ckpt))
-                    continue
-                finally:
-                    bar.remove_task(seq_task)
-                    bar.advance(run_task)
-                results.append(res)
+        def skipped(ckpt: Path, err: BaseException) -> None:
+            console.print(f"[yellow]skipped[/] {escape(f'{ckpt}: {err}')}", markup=True,
+                          highlight=False)
+            failed.append(str(ckpt))
+
+        try:
+            results = evaluate_run(target, ppl, blimp, tokenizer=tokenizer, uid=uid, limit=limit,
+                                   device=device, batch_size=batch_size, stride=stride,
+                                   on_error=on_error, progress=tick, finished=finished,
+                                   skipped=skipped)
+        except CheckpointEvalError as err:
+            bar.stop()
+            error(f"{err.checkpoint}: {err.error}", "eval ")
+            finish(err.results)
+            raise typer.Exit(exit_code(err.error)) from None
 
     _print_tables(Console(), results, Table)
-    finish()
+    finish(results)
     if failed:
         console.print(f"[yellow]{len(failed)} checkpoint(s) skipped[/]: {', '.join(failed)}")
         raise typer.Exit(1)

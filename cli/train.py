@@ -226,9 +226,10 @@ def relora(
     global_batch_size: int | None = GLOBAL_BATCH, micro_batch_size: int | None = MICRO_BATCH,
     model_vocab_size: int | None = MODEL_VOCAB, schedule_horizon: int | None = HORIZON,
     dry_run: bool = DRY_RUN, gpu: str | None = GPU, mfu: float | None = MFU,
-    rank: int | None = typer.Option(None, "--rank", min=1, help="LoRA rank r (default 16)."),
-    alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha; s = alpha / r "
-                                       "(default 32)."),
+    lora_rank: int | None = typer.Option(None, "--lora-rank", min=1,
+                                         help="LoRA rank r (default 16)."),
+    lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha; "
+                                            "s = alpha / r (default 32)."),
     lora_dropout: float | None = typer.Option(None, "--lora-dropout",
                                               help="Dropout on the LoRA branch (default 0.1)."),
     reset_every: int | None = typer.Option(None, "--reset-every", min=1,

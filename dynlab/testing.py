@@ -6,13 +6,13 @@ values are known exactly (up to rounding of the stored dtype).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
 from dynlab.runs.checkpoints import ModelSpec
+from dynlab.runs.files import write_checkpoint, write_json
 
 
 def matrix_with_spectrum(
@@ -56,25 +56,6 @@ def model_config(spec: ModelSpec, max_seq_len: int = 128) -> dict:
     }
 
 
-def write_checkpoint(
-    run_dir: Path,
-    step: int,
-    weights: Mapping[str, torch.Tensor],
-    grads: Mapping[str, torch.Tensor] | None = None,
-    meta: Mapping | None = None,
-) -> Path:
-    """Write checkpoints/step_<step>/ with meta.json last (as the trainer does)."""
-    from safetensors.torch import save_file
-
-    d = Path(run_dir) / "checkpoints" / f"step_{step}"
-    d.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(d / "weights.safetensors"))
-    if grads is not None:
-        save_file({k: v.contiguous() for k, v in grads.items()}, str(d / "grads.safetensors"))
-    (d / "meta.json").write_text(json.dumps({"step": step, **(meta or {})}))
-    return d
-
-
 def make_run(
     run_dir: str | Path,
     spec: ModelSpec,
@@ -98,7 +79,7 @@ def make_run(
     if relora:
         config["relora"] = {"r": relora["r"], "alpha": relora["alpha"],
                             "reset_every": relora.get("reset_every", 100)}
-    (run_dir / "run.json").write_text(json.dumps(config, indent=2))
+    write_json(run_dir / "run.json", config)
     g = torch.Generator().manual_seed(seed)
     w = random_weights(spec, g, torch.float32)
     for step in steps:
@@ -119,5 +100,6 @@ def make_run(
                      for k, v in w.items()}
         if edit is not None:
             edit(step, out_w, out_g)
-        write_checkpoint(run_dir, step, out_w, out_g, meta(step) if meta else None)
+        write_checkpoint(run_dir, step, out_w, out_g,
+                         {"step": step, **(meta(step) if meta else {})})
     return run_dir

@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import dynlab
+from dynlab.runs.layout import complete_checkpoints
+from dynlab.runs.metrics import read_metrics
 from dynlab.training import ddp
-from dynlab.training.checkpointing import complete_checkpoints, read_metrics
 
 pytestmark = pytest.mark.slow  # real torchrun processes
 
@@ -28,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=64,
             seq_len=16, ld_batch_size=3, vocab_size=300, n_documents=150, eval_every=0,
             progress=False, log_every=1, threads=1, lr=3e-4, warmup_steps=2)
-RELORA = dict(rank=2, alpha=4.0, lora_dropout=0.0, reset_every=3, restart_warmup_steps=1,
-              prune_ratio=0.5, prune_method="random")
+RELORA = dict(lora_rank=2, lora_alpha=4.0, lora_dropout=0.0, reset_every=3,
+              restart_warmup_steps=1, prune_ratio=0.5, prune_method="random")
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -144,7 +145,8 @@ def _reset_worker(rank: int, world_size: int, port: int, out: str) -> None:
 
     from dynlab.model.relora import merge_and_reset
     from dynlab.training.config import TrainConfig, model_config, relora_config
-    from dynlab.training.trainer import build_model, train_step
+    from dynlab.training.step import train_step
+    from dynlab.training.trainer import build_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,

@@ -1,5 +1,5 @@
 """A micro model trained on the embedded grammar beats chance on the grammar's minimal pairs;
-`dynlab eval` on a run written in the contracts' layout (numeric checkpoint order, eval.json,
+`dynlab eval` on a run written in the checkpoint layout (numeric checkpoint order, eval.json,
 --json, merge, bad input)."""
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def test_micro_model_beats_chance_on_grammar_pairs(trained):
 
 # ------------------------------------------------------------------ dynlab eval (CLI)
 def write_run(root, tok, cfg, snapshots) -> None:
-    """A run in the contracts' layout, plus an incomplete checkpoint (no meta.json)."""
+    """A run in the checkpoint layout, plus an incomplete checkpoint (no meta.json)."""
     root.mkdir(parents=True)
     (root / "run.json").write_text(json.dumps({"kind": "decoder", "model": cfg.to_dict(),
                                                "train": {}, "dynlab_version": "test"}))
@@ -182,7 +182,7 @@ def test_cli_single_checkpoint_merges_eval_json(run_dir, tmp_path):
     stored = json.loads((ckpt / "eval.json").read_text())
     assert stored["blimp"] == {"overall": 0.123}  # the earlier BLiMP result is kept
     assert stored["perplexity"] == one["perplexity"]
-    assert not list(ckpt.glob(".eval.json.tmp*"))
+    assert not list(ckpt.glob(".tmp-*")) and not list(ckpt.glob(".eval.json.tmp*"))
     # a checkpoint evaluated during training (meta.json["eval"]) and no eval.json yet: the
     # training-time BLiMP result is carried into eval.json, which readers merge over meta
     ckpt = root / "checkpoints" / "step_0"
@@ -232,3 +232,33 @@ def test_cli_bad_input(run_dir, tmp_path, trained):
     assert json.loads(out.read_text())["blimp"]["by_uid"].keys() == {"grammar_anaphor_agreement"}
     res = cli(tmp_path / "nope")
     assert res.exit_code == 2 and "no such run or checkpoint" in res.output
+
+
+def test_evaluate_run_library(run_dir, trained, tmp_path):
+    """dynlab.eval.evaluate_run: every complete checkpoint in step order; a failing one
+    raises (fail) with the results before it, or is reported and passed over (skip)."""
+    from dynlab.eval import CheckpointEvalError, evaluate_run, load_eval_data
+
+    tok, cfg, _, snaps = trained
+    root, data = run_dir
+    run = tmp_path / "run"
+    write_run(run, tok, cfg, snaps)
+    results = evaluate_run(run, data / "ppl", "none", write=False, batch_size=16)
+    assert [r["step"] for r in results] == [0, 40, 300]
+    assert not list(run.glob("checkpoints/*/eval.json"))  # write=False
+    direct = evaluate(model_at(cfg, snaps[300]), tok, load_eval_data(data / "ppl", "none"))
+    assert results[2]["perplexity"]["by_domain"] == pytest.approx(
+        direct["perplexity"]["by_domain"], rel=1e-6)
+    (run / "checkpoints" / "step_40" / "weights.safetensors").write_bytes(b"truncated")
+    with pytest.raises(CheckpointEvalError) as err:
+        evaluate_run(run, data / "ppl", "none", write=False)
+    assert err.value.checkpoint.name == "step_40" and len(err.value.results) == 1
+    assert "step_40/weights.safetensors" in str(err.value.error)
+    skipped, finished = [], []
+    got = evaluate_run(run, data / "ppl", "none", on_error="skip",
+                       skipped=lambda c, e: skipped.append(c.name),
+                       finished=lambda c: finished.append(c.name))
+    assert [r["step"] for r in got] == [0, 300] and skipped == ["step_40"]
+    assert finished == ["step_0", "step_40", "step_300"]
+    assert sorted(p.parent.name for p in run.glob("checkpoints/*/eval.json")) == [
+        "step_0", "step_300"]

@@ -255,3 +255,26 @@ def test_load_checkpoint_model_drops_lora_keys(tmp_path):
     assert torch.equal(loaded(ids), model(ids))
     with pytest.raises(FileNotFoundError, match="weights.safetensors"):
         load_checkpoint_model(tmp_path / "run")
+
+
+def test_one_model_config_for_training_and_analysis(tmp_path):
+    """run.json["model"] is written and read by one class: the decoder's config is the
+    analysis' ModelSpec, with the same keys both ways."""
+    from dynlab.model import read_model_config
+    from dynlab.runs.checkpoints import ModelSpec
+
+    assert ModelSpec is ModelConfig
+    cfg = ModelConfig(16, 1, 4, 2, 8, 11, 8)  # positional: the six shape fields, max_seq_len
+    assert cfg.to_dict() == {"d_model": 16, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2,
+                             "activation_hidden_dim": 8, "vocab_size": 11, "max_seq_len": 8,
+                             "norm_eps": 1e-6, "rope_theta": 10000.0}
+    (tmp_path / "run.json").write_text(json.dumps({"model": cfg.to_dict()}))
+    assert read_model_config(tmp_path) == cfg
+    assert ModelSpec.from_run_config({"model": cfg.to_dict()}, tmp_path / "run.json") == cfg
+    # an analysis-only shape (no context length) is a ModelSpec but not a pico-decoder
+    shape = ModelSpec(16, 1, 4, 2, 8, 11)
+    assert shape.head_dim == 4 and shape.expected_shapes()["layers.0.swiglu.w_2.weight"] == (16, 8)
+    with pytest.raises(ValueError, match="max_seq_len must be a positive integer, got None"):
+        PicoDecoder(shape)
+    with pytest.raises(ValueError, match="head dim d_model / n_heads = 3 must be even"):
+        PicoDecoder(ModelConfig(12, 1, 4, 2, 8, 11, 8))

@@ -27,14 +27,14 @@ from dynlab.model.relora import (
     unwrap,
     wrap_relora,
 )
+from dynlab.runs.config import reset_due
+from dynlab.training.dynamics import learning_dynamics
 from dynlab.training.schedules import (
     PAPER_COSINE_HORIZON,
     jagged_cosine,
     linear_warmup_decay,
     lr_multiplier,
-    reset_due,
 )
-from dynlab.training.trainer import learning_dynamics
 
 CFG = ModelConfig(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=24,
                   vocab_size=29, max_seq_len=16)
@@ -207,6 +207,12 @@ def test_effective_weight_gradient_equals_unwrapped_autograd():
                                    rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(grads[f"{name}.lora_A"], m.scale * m.lora_B.T.detach() @ G,
                                    rtol=1e-4, atol=1e-6)
+    # ... which equal autograd through the wrapped model itself (eval mode: no dropout)
+    ref = copy.deepcopy(model).eval()
+    _loss(ref, ids).backward()
+    for name, m in relora_modules(ref).items():
+        torch.testing.assert_close(grads[f"{name}.lora_A"], m.lora_A.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grads[f"{name}.lora_B"], m.lora_B.grad, rtol=1e-4, atol=1e-6)
     # nothing of training state touched
     assert all(p.grad is None for p in model.parameters())
     assert model.training

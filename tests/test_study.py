@@ -21,11 +21,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from dynlab.errors import InputError
+from dynlab.runs.layout import complete_checkpoints
+from dynlab.runs.metrics import read_metrics
 from dynlab.training import costs
 from dynlab.training import data as D
 from dynlab.training import pretokenized as P
 from dynlab.training.batching import apply_batch, split_global_batch
-from dynlab.training.checkpointing import complete_checkpoints, read_metrics
 from dynlab.training.config import make_config
 
 pa = pytest.importorskip("pyarrow")
@@ -172,7 +173,7 @@ def test_study_config_values_and_sources(name):
         assert (cfg.warmup_steps, cfg.schedule_horizon) == (2500, 200000)
     else:
         assert (cfg.warmup_steps, cfg.min_lr_ratio, cfg.restart_warmup_steps,
-                cfg.reset_every, cfg.rank, cfg.alpha, cfg.lora_dropout) == (
+                cfg.reset_every, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) == (
             2000, 0.1, 100, 2000, 16, 32, 0.1)
         assert cfg.paper_compat is True and raw["paper-compat"] is True
         fixed = make_config(kind, dict(paper_compat=False), CONFIGS / f"{name}.yaml")

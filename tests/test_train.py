@@ -19,9 +19,12 @@ from typer.testing import CliRunner
 
 import dynlab
 from dynlab.model import load_checkpoint_model
+from dynlab.runs.config import reset_steps
+from dynlab.runs.files import write_checkpoint
+from dynlab.runs.layout import complete_checkpoints
+from dynlab.runs.metrics import read_metrics
 from dynlab.training import data as D
 from dynlab.training import trainer as T
-from dynlab.training.checkpointing import complete_checkpoints, read_metrics, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = str(Path(sys.executable))
@@ -61,7 +64,7 @@ def test_relora_cli_run_layout(tmp_path):
     out = tmp_path / "relora"
     args = ["train", "relora", "--out", str(out), "--steps", "12", "--checkpoint-every", "4",
             "--reset-every", "5", "--restart-warmup-steps", "2", "--warmup-steps", "2",
-            "--rank", "2", "--save-activations", "--eval-every", "12", "--no-progress",
+            "--lora-rank", "2", "--save-activations", "--eval-every", "12", "--no-progress",
             "--d-model", "16", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
             "--hidden-dim", "32", "--seq-len", "16", "--batch-size", "2",
             "--ld-batch-size", "3", "--vocab-size", "300", "--n-documents", "150",
@@ -74,7 +77,8 @@ def test_relora_cli_run_layout(tmp_path):
     assert run["kind"] == "relora"
     assert run["relora"] == {"r": 2, "alpha": 32.0, "dropout": 0.1, "reset_every": 5,
                              "restart_warmup_steps": 2, "prune_ratio": 0.999,
-                             "prune_method": "random", "paper_compat": False}
+                             "prune_method": "random", "paper_compat": False,
+                             "reset_steps": [5, 10]}  # resets follow updates 5 and 10 of 12
     m = run["model"]
     V = m["vocab_size"]
     tok = D.load_tokenizer(out / "tokenizer.json")
@@ -140,6 +144,16 @@ def test_relora_cli_run_layout(tmp_path):
         model = load_checkpoint_model(ckpt)
         assert torch.equal(model.layers[1].attention.v_proj.weight, weights[name + ".weight"])
     assert cycles == {0: 0, 4: 0, 8: 1, 12: 2}  # resets after updates 5 and 10
+    # the reset steps read through dynlab.runs: recorded in run.json, and derived by the same
+    # rule for a run written before run.json recorded them
+    assert reset_steps(run) == [5, 10] and reset_steps(run, last_step=8) == [5]
+    older = json.loads(json.dumps(run))
+    del older["relora"]["reset_steps"]
+    assert reset_steps(older) == [5, 10] and reset_steps(older, last_step=8) == [5]
+    # relora-pico's rule (paper_compat): after t > warmup with t mod 5 = 1, before the last
+    paper = {"relora": {"reset_every": 5, "paper_compat": True},
+             "train": {"steps": 31, "warmup_steps": 12}}
+    assert reset_steps(paper) == [16, 21, 26] and reset_steps({"kind": "decoder"}) == []
     # lr of update 8 = 3e-3 · jagged(7): 7 mod 5 = 2 ≥ 2 (re-warmup over), progress (7-2)/10:
     # 0.1 + 0.45·(1 + cos(π/2)) = 0.55; update 12: 11 mod 5 = 1 < 2, so 1/2 of the cosine at
     # t = 12 (progress 1, the floor 0.1) = 0.05
@@ -184,7 +198,7 @@ def test_relora_interrupted_and_resumed_reproduces_loss_curve(tmp_path):
     further resets and with LoRA dropout: every loss and the final weights and gradients
     equal the uninterrupted run exactly."""
     kw = dict(SMALL, steps=14, checkpoint_every=4, reset_every=4, restart_warmup_steps=2,
-              warmup_steps=2, rank=2, lr=3e-3)
+              warmup_steps=2, lora_rank=2, lr=3e-3)
     full = dynlab.train("relora", out=str(tmp_path / "full"), **kw)
     part = tmp_path / "part"
     dynlab.train("relora", out=str(part), stop_at=9, **kw)
@@ -249,7 +263,7 @@ def test_decoder_killed_subprocess_resumes_exactly(tmp_path):
 
 def test_paper_compat_run_learns_nothing_in_wrapped_layers_before_first_reset(tmp_path):
     run = dynlab.train("relora", out=str(tmp_path / "p"), steps=7, checkpoint_every=3,
-                       reset_every=5, warmup_steps=2, restart_warmup_steps=2, rank=2,
+                       reset_every=5, warmup_steps=2, restart_warmup_steps=2, lora_rank=2,
                        paper_compat=True, **SMALL)
     assert json.loads((run / "run.json").read_text())["relora"]["paper_compat"] is True
     w = {s: load_file(p / "weights.safetensors") for s, p in complete_checkpoints(run)}
@@ -273,7 +287,7 @@ def test_relora_warm_start_from_decoder(tmp_path):
     dec = dynlab.train("decoder", out=str(tmp_path / "dec"), steps=3, checkpoint_every=3,
                        **SMALL)
     rel = dynlab.train("relora", out=str(tmp_path / "rel"), steps=1, checkpoint_every=1,
-                       warm_start=str(dec), rank=2, **SMALL)
+                       warm_start=str(dec), rank=2, **SMALL)  # old name of lora_rank
     assert (rel / "tokenizer.json").read_text() == (dec / "tokenizer.json").read_text()
     w_dec = load_file(dec / "checkpoints/step_3/weights.safetensors")
     w_rel = load_file(rel / "checkpoints/step_0/weights.safetensors")
@@ -290,7 +304,7 @@ def test_relora_warm_start_from_decoder(tmp_path):
 def test_text_jsonl_npy_bin_sources(tmp_path):
     from dynlab.data.grammar import generate_corpus
     from dynlab.training.config import TrainConfig
-    from dynlab.training.trainer import load_data
+    from dynlab.training.data import load_data
 
     docs = generate_corpus(60, seed=3)
     txt = tmp_path / "c.txt"

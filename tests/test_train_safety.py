@@ -24,13 +24,8 @@ from typer.testing import CliRunner
 
 import dynlab
 from dynlab.eval import EvalDataWarning
-from dynlab.training.checkpointing import (
-    complete_checkpoints,
-    read_metrics,
-    record_from_meta,
-    remove_run_files,
-    repaired_metrics,
-)
+from dynlab.runs.layout import complete_checkpoints, remove_run_files
+from dynlab.runs.metrics import read_metrics, record_from_meta, repaired_metrics
 from dynlab_cli.console import INTERRUPTED_MESSAGE
 from dynlab_cli.main import app
 
@@ -43,7 +38,8 @@ TINY = dict(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_d
             warmup_steps=2)
 DECODER = dict(TINY, eval_every=0)
 # relora with LoRA dropout (draws from the training RNG), resets and in-training evaluation
-RELORA = dict(TINY, eval_every=2, reset_every=2, restart_warmup_steps=1, rank=2, lr=3e-3)
+RELORA = dict(TINY, eval_every=2, reset_every=2, restart_warmup_steps=1, lora_rank=2,
+              lr=3e-3)
 TIMING = {"wall_seconds", "tokens_per_second", "gpu_hours"}  # wall-clock measures
 
 
@@ -429,7 +425,7 @@ def test_bad_run_json_is_named_on_resume_and_on_eval(copy_run, key, value):
 
 @pytest.mark.parametrize("line,message", [
     ('lr: "fast"', "--lr: expected a number, got 'fast'"),
-    ('alpha: [1]', "--alpha: expected a number, got [1]"),
+    ('alpha: [1]', "--lora-alpha: expected a number, got [1]"),
     ('seed: "x"', "--seed: expected an integer, got 'x'"),
     ("data: 7", "--data: expected a string, got 7"),
     ("warm-start: 3", "--warm-start: expected a string, got 3"),

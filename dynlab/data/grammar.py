@@ -16,7 +16,7 @@ Everything is deterministic given the seed: each public function builds its own
 `random.Random(seed)` and never touches the global RNG. The vocabulary has a few hundred words
 (`vocabulary()`).
 
-Public API (contracts §3):
+Public API:
     generate_corpus(n_documents, seed)   training documents
     heldout_domains(n_documents, seed)   perplexity domains (sentence families), disjoint seed
     minimal_pairs(n_per_uid, seed)       BLiMP-format records for the grammar's own suite

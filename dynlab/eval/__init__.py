@@ -8,9 +8,14 @@
 
 from dynlab.eval.core import EvalData, default_eval_data, evaluate, load_eval_data
 from dynlab.eval.perplexity import EvalDataWarning
-from dynlab.eval.runs import evaluate_checkpoint, find_checkpoints
+from dynlab.eval.runs import (
+    CheckpointEvalError,
+    evaluate_checkpoint,
+    evaluate_run,
+    find_checkpoints,
+)
 
 __all__ = [
-    "EvalData", "EvalDataWarning", "default_eval_data", "evaluate", "evaluate_checkpoint",
-    "find_checkpoints", "load_eval_data",
+    "CheckpointEvalError", "EvalData", "EvalDataWarning", "default_eval_data", "evaluate",
+    "evaluate_checkpoint", "evaluate_run", "find_checkpoints", "load_eval_data",
 ]

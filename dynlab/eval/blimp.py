@@ -178,9 +178,12 @@ def blimp_accuracy(pairs: list[dict], correct: np.ndarray | list[bool]) -> dict:
 
 def blimp(model: torch.nn.Module, tokenizer, pairs: list[dict], bos: int, context: int, *,
           batch_size: int = 32, on_error: str = "skip",
-          progress: Callable[[int], None] | None = None) -> dict:
-    """BLiMP accuracies of a model (see module docstring)."""
-    kept, good, bad = encode_pairs(tokenizer, pairs, context, on_error)
+          progress: Callable[[int], None] | None = None,
+          encoded: tuple[list[dict], list[list[int]], list[list[int]]] | None = None) -> dict:
+    """BLiMP accuracies of a model (see module docstring). `encoded`: the pairs already
+    tokenised (encode_pairs)."""
+    kept, good, bad = (encode_pairs(tokenizer, pairs, context, on_error) if encoded is None
+                       else encoded)
     if not kept:
         raise ValueError("BLiMP: no scorable pairs")
     lp_good, lp_bad = pair_logprobs(model, good, bad, bos, batch_size=batch_size,

@@ -1,4 +1,4 @@
-"""Evaluation data and `evaluate` (contracts §4): perplexity per domain and BLiMP accuracy."""
+"""Evaluation data and `evaluate`: perplexity per domain and BLiMP accuracy."""
 
 from __future__ import annotations
 
@@ -9,18 +9,15 @@ from pathlib import Path
 import torch
 
 from dynlab.eval.blimp import (
-    blimp_accuracy,
+    blimp,
     encode_pairs,
     filter_pairs,
-    pair_logprobs,
     read_blimp,
 )
 from dynlab.eval.perplexity import (
     count_windows,
-    domain_nll,
     encode_domains,
-    macro_average,
-    perplexity_from_sums,
+    perplexity,
     read_ppl_domains,
     report_problem,
 )
@@ -100,7 +97,7 @@ def evaluate(model: torch.nn.Module, tokenizer, data: EvalData, *, device: str |
     EvalDataWarning (on_error="skip") or raise ValueError ("fail").
     `progress(done, total)` counts scored sequences.
     """
-    from dynlab.training.data import bos_id
+    from dynlab.data.tokenizer import bos_id
 
     bos = bos_id(tokenizer)
     context = context_length(model, max_seq_len)
@@ -123,24 +120,18 @@ def evaluate(model: torch.nn.Module, tokenizer, data: EvalData, *, device: str |
                 progress(done, total)
 
         if encoded:
-            sums = domain_nll(model, tokenizer, data.ppl_domains, bos, context, stride=stride,
-                              batch_size=batch_size, progress=tick, encoded=encoded)
-            by_domain = {}
-            for dom, (nll, n) in sums.items():
-                if n == 0:
-                    report_problem(f"perplexity domain {dom!r}: no tokens to score", on_error)
-                    continue
-                by_domain[dom] = perplexity_from_sums(nll, n)
-            if by_domain:
-                result["perplexity"] = {"by_domain": by_domain,
-                                        "macro": macro_average(by_domain)}
+            ppl = perplexity(model, tokenizer, data.ppl_domains, bos, context, stride=stride,
+                             batch_size=batch_size, progress=tick, encoded=encoded,
+                             on_error=on_error)
+            if ppl is not None:
+                result["perplexity"] = ppl
         if data.blimp_pairs and not kept:
             report_problem(f"BLiMP: none of the {len(data.blimp_pairs)} pairs can be scored "
                            f"(context {context}); BLiMP left out", on_error)
         elif data.blimp_pairs:
-            lp_good, lp_bad = pair_logprobs(model, good, bad, bos, batch_size=batch_size,
-                                            progress=tick)
-            result["blimp"] = blimp_accuracy(kept, lp_good > lp_bad)
+            result["blimp"] = blimp(model, tokenizer, data.blimp_pairs, bos, context,
+                                    batch_size=batch_size, progress=tick,
+                                    encoded=(kept, good, bad))
     finally:
         model.to(home)
         model.train(was_training)

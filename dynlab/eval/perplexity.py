@@ -301,13 +301,20 @@ def count_windows(encoded: dict[str, list[list[int]]], context: int,
 
 def perplexity(model: torch.nn.Module, tokenizer, domains: dict[str, list[str]], bos: int,
                context: int, *, stride: int | None = None, batch_size: int = 32,
-               progress: Callable[[int], None] | None = None) -> dict:
-    """{"by_domain": {domain: ppl}, "macro": mean ppl over domains}."""
+               progress: Callable[[int], None] | None = None,
+               encoded: dict[str, list[list[int]]] | None = None,
+               on_error: str = "fail") -> dict | None:
+    """{"by_domain": {domain: ppl}, "macro": mean ppl over domains}, ppl = exp(NLL / tokens).
+
+    A domain with no token to score raises ValueError (on_error="fail") or is left out with
+    an EvalDataWarning ("skip"); None when no domain is left. `encoded`: the domains already
+    tokenised (encode_domains)."""
     sums = domain_nll(model, tokenizer, domains, bos, context, stride=stride,
-                      batch_size=batch_size, progress=progress)
+                      batch_size=batch_size, progress=progress, encoded=encoded)
     by_domain = {}
     for dom, (nll, n) in sums.items():
         if n == 0:
-            raise ValueError(f"perplexity domain {dom!r}: no tokens to score")
+            report_problem(f"perplexity domain {dom!r}: no tokens to score", on_error)
+            continue
         by_domain[dom] = perplexity_from_sums(nll, n)
-    return {"by_domain": by_domain, "macro": macro_average(by_domain)}
+    return {"by_domain": by_domain, "macro": macro_average(by_domain)} if by_domain else None

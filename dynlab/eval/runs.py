@@ -1,56 +1,46 @@
-"""Evaluate the checkpoints of a run on disk (contracts §1) and store each result.
+"""Evaluate the checkpoints of a run on disk and store each result.
 
-A checkpoint is RUN/checkpoints/step_N with meta.json present (complete); the tokenizer is
-RUN/tokenizer.json unless given. Each result is written to step_N/eval.json atomically
-(temporary file + rename), merged into what is already there so that evaluating only
-perplexity keeps an earlier BLiMP result.
+A checkpoint is a complete RUN/checkpoints/step_N (dynlab.runs.layout); the tokenizer is
+RUN/tokenizer.json unless given. Each result is merged into step_N/eval.json
+(dynlab.runs.files.store_eval), so evaluating only perplexity keeps an earlier BLiMP result.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 
-from dynlab.eval.core import EvalData, evaluate
+from dynlab.data.tokenizer import load_tokenizer
+from dynlab.devices import resolve_device
+from dynlab.eval.core import EvalData, evaluate, load_eval_data
 from dynlab.faults import fault_point
+from dynlab.runs.files import read_json, store_eval
+from dynlab.runs.layout import CheckpointError, checkpoints_of, step_of
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
+#: what evaluating one checkpoint may raise for a checkpoint that cannot be evaluated
+CHECKPOINT_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError, KeyError)
 
 
-def is_checkpoint(path: Path) -> bool:
-    """A complete checkpoint directory: step_N with meta.json."""
-    return path.is_dir() and bool(STEP_DIR.match(path.name)) and (path / "meta.json").is_file()
+class CheckpointEvalError(Exception):
+    """A checkpoint of a run failed under on_error="fail": `checkpoint`, the `error` it
+    raised (also the cause), and the `results` of the checkpoints evaluated before it."""
+
+    def __init__(self, checkpoint: Path, error: BaseException, results: list[dict]) -> None:
+        super().__init__(f"{checkpoint}: {error}")
+        self.checkpoint, self.error, self.results = checkpoint, error, results
 
 
 def find_checkpoints(target: str | Path) -> list[Path]:
-    """[target] for a checkpoint directory, else RUN/checkpoints/step_N (complete ones) sorted
-    by N numerically."""
-    path = Path(target)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such run or checkpoint directory")
-    if STEP_DIR.match(path.name) and path.is_dir():
-        if not (path / "meta.json").is_file():
-            raise FileNotFoundError(f"{path}: checkpoint is incomplete (no meta.json)")
-        return [path]
-    root = path / "checkpoints"
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"{path}: not a run directory (no checkpoints/) nor a checkpoint (step_N/meta.json)")
-    found = [p for p in root.iterdir() if is_checkpoint(p)]
-    if not found:
-        raise FileNotFoundError(f"{root}: no complete checkpoints (step_N with meta.json)")
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    """[target] for a checkpoint directory, else RUN's complete checkpoints sorted by step."""
+    return checkpoints_of(target)
 
 
 def checkpoint_step(ckpt: Path) -> int:
     """meta.json["step"], else the N of step_N."""
     try:
-        return int(json.loads((ckpt / "meta.json").read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return int(STEP_DIR.match(ckpt.name).group(1))
+        return int(read_json(ckpt / "meta.json")["step"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return step_of(ckpt)
 
 
 def tokenizer_path(ckpt: Path, override: str | Path | None = None) -> Path:
@@ -67,50 +57,12 @@ def tokenizer_path(ckpt: Path, override: str | Path | None = None) -> Path:
     return path
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
-    """Write JSON to a temporary sibling and rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _read_dict(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
-
-
-def store_eval(ckpt: Path, result: dict) -> Path:
-    """Merge `result` ({"perplexity", "blimp"}) into ckpt/eval.json, atomically.
-
-    eval.json starts from meta.json["eval"] (what training measured) and the previous
-    eval.json, so a part that is not re-evaluated is kept: readers that let eval.json replace
-    meta.json["eval"] lose nothing."""
-    path = ckpt / "eval.json"
-    merged: dict = {}
-    meta_eval = _read_dict(ckpt / "meta.json").get("eval")
-    if isinstance(meta_eval, dict):
-        merged.update(meta_eval)
-    if path.is_file():
-        merged.update(_read_dict(path))  # an unreadable old file is replaced
-    merged.update({k: v for k, v in result.items() if k in ("perplexity", "blimp")})
-    write_json_atomic(path, merged)
-    return path
-
-
 def evaluate_checkpoint(ckpt: str | Path, data: EvalData, *, tokenizer: str | Path | None = None,
                         device: str = "cpu", batch_size: int = 32, stride: int | None = None,
                         on_error: str = "fail", write: bool = True,
                         progress: Callable[[int, int], None] | None = None) -> dict:
     """{"step": N, "perplexity": ..., "blimp": ...} of one checkpoint; written to eval.json."""
     from dynlab.model import load_checkpoint_model
-    from dynlab.training.data import load_tokenizer
 
     ckpt = Path(ckpt)
     tok = load_tokenizer(tokenizer_path(ckpt, tokenizer))
@@ -124,3 +76,45 @@ def evaluate_checkpoint(ckpt: str | Path, data: EvalData, *, tokenizer: str | Pa
         store_eval(ckpt, result)
         fault_point("eval.stored")
     return {"step": checkpoint_step(ckpt), **result}
+
+
+def evaluate_run(target: str | Path, ppl: str | Path | None = None,
+                 blimp: str | Path | None = None, *, tokenizer: str | Path | None = None,
+                 uid: str | None = None, limit: int | None = None, device: str = "cpu",
+                 batch_size: int = 32, stride: int | None = None, on_error: str = "fail",
+                 write: bool = True,
+                 progress: Callable[[Path, int, int], None] | None = None,
+                 finished: Callable[[Path], None] | None = None,
+                 skipped: Callable[[Path, BaseException], None] | None = None) -> list[dict]:
+    """Evaluate a checkpoint, or every complete checkpoint of a run, in step order; returns
+    one result per checkpoint evaluated ({"step", "perplexity", "blimp"}), each stored in its
+    eval.json unless write=False.
+
+    The tokenizers are checked before any data is loaded or model evaluated. The data is
+    `load_eval_data(ppl, blimp, uid_filter=uid, limit_per_uid=limit, on_error=on_error)`.
+    A checkpoint that fails (`CHECKPOINT_ERRORS`) raises CheckpointEvalError under
+    on_error="fail", and is reported to `skipped(ckpt, error)` and passed over under "skip".
+    `progress(ckpt, done, total)` counts scored sequences; `finished(ckpt)` follows each
+    checkpoint, evaluated or not."""
+    ckpts = checkpoints_of(target)
+    for c in ckpts:  # fail early on a missing tokenizer, before any work
+        tokenizer_path(c, tokenizer)
+    data = load_eval_data(ppl, blimp, uid_filter=uid, limit_per_uid=limit, on_error=on_error)
+    dev = str(resolve_device(device))
+    results: list[dict] = []
+    for ckpt in ckpts:
+        tick = None if progress is None else (
+            lambda done, total, c=ckpt: progress(c, done, total))
+        try:
+            results.append(evaluate_checkpoint(ckpt, data, tokenizer=tokenizer, device=dev,
+                                               batch_size=batch_size, stride=stride,
+                                               on_error=on_error, write=write, progress=tick))
+        except CHECKPOINT_ERRORS as err:
+            if on_error == "fail":
+                raise CheckpointEvalError(ckpt, err, results) from err
+            if skipped is not None:
+                skipped(ckpt, err)
+        finally:
+            if finished is not None:
+                finished(ckpt)
+    return results

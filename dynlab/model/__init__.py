@@ -10,10 +10,6 @@ from dynlab.model.pico_decoder import PRESETS, ModelConfig, PicoDecoder
 
 __all__ = ["ModelConfig", "PicoDecoder", "PRESETS", "load_checkpoint_model", "read_model_config"]
 
-_CONFIG_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "activation_hidden_dim",
-                "vocab_size", "max_seq_len", "norm_eps", "rope_theta")
-
-
 def read_model_config(run_dir: str | Path) -> ModelConfig:
     """The ModelConfig stored in RUN/run.json["model"]."""
     path = Path(run_dir) / "run.json"
@@ -25,9 +21,8 @@ def read_model_config(run_dir: str | Path) -> ModelConfig:
         raise InputError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(run, dict) or not isinstance(run.get("model"), dict):
         raise InputError(f"{path}: missing the 'model' section")
-    fields = {k: v for k, v in run["model"].items() if k in _CONFIG_KEYS}
     try:
-        return ModelConfig(**fields)
+        return ModelConfig.from_dict(run["model"]).check_decoder()
     except (TypeError, ValueError) as err:  # a missing key, or a value of the wrong kind
         raise InputError(f"{path}: 'model' section: {err}") from err
 

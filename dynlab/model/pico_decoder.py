@@ -12,59 +12,13 @@ theta 10000, interleaved pairs as in Meta's Llama / pico-train), computed by
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynlab.runs.config import ModelConfig
 
-@dataclass
-class ModelConfig:
-    """Shape of a pico-decoder (names as in pico-train's model config)."""
-
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    activation_hidden_dim: int
-    vocab_size: int
-    max_seq_len: int
-    norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-
-    def __post_init__(self) -> None:
-        validate_config(self)
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def validate_config(cfg: ModelConfig) -> None:
-    """Raise ValueError naming the field when a config cannot describe a pico-decoder."""
-    for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "activation_hidden_dim",
-                 "vocab_size", "max_seq_len"):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
-    if cfg.d_model % cfg.n_heads:
-        raise ValueError(
-            f"model config: d_model ({cfg.d_model}) must be divisible by n_heads ({cfg.n_heads})"
-        )
-    if cfg.n_heads % cfg.n_kv_heads:
-        raise ValueError(
-            f"model config: n_heads ({cfg.n_heads}) must be divisible by "
-            f"n_kv_heads ({cfg.n_kv_heads})"
-        )
-    if (cfg.d_model // cfg.n_heads) % 2:
-        raise ValueError(
-            f"model config: head dim d_model / n_heads = {cfg.d_model // cfg.n_heads} must be "
-            "even for rotary embeddings"
-        )
+__all__ = ["PRESETS", "ModelConfig", "PicoDecoder"]
 
 
 def _preset(d_model: int, hidden: int, **kw: int) -> ModelConfig:
@@ -177,7 +131,7 @@ class PicoDecoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        validate_config(cfg)
+        cfg.check_decoder()
         self.config = cfg
         self.embedding_proj = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(PicoDecoderBlock(cfg) for _ in range(cfg.n_layers))

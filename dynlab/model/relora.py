@@ -20,7 +20,6 @@ reset) and the merge omits the scale (W ← W + B A, which changes the function)
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -175,17 +174,12 @@ class ReLoRALinear(nn.Module):
             nn.init.zeros_(self.lora_A)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self._capture: list[torch.Tensor] | None = None
 
     def effective_weight(self) -> torch.Tensor:
         """W_eff = W + s · B A (differentiable in A and B)."""
         return self.weight + self.scale * (self.lora_B @ self.lora_A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._capture is not None:  # learning-dynamics mode: one matmul with W_eff
-            w_eff = self.effective_weight()
-            self._capture.append(w_eff)
-            return F.linear(x, w_eff)
         if torch.compiler.is_compiling():
             # plain ops, so torch.compile traces one graph (a Generator inside LoRABranch
             # would break it at every module) and its partitioner chooses what to save
@@ -279,25 +273,6 @@ def merge_and_reset(model: nn.Module, optimizer: torch.optim.Optimizer | None,
         module.merge_and_reinit(paper_compat=cfg.paper_compat)
     if optimizer is not None:
         prune_moments_(optimizer, lora_parameters(model), cfg.prune_ratio, cfg.prune_method)
-
-
-@contextmanager
-def capture_effective_weights(model: nn.Module):
-    """Within this context each ReLoRALinear computes F.linear(x, W + s·B A) without dropout
-    and records that W_eff tensor; yields {module name: [W_eff per forward call]}.
-
-    Passing W_eff to torch.autograd.grad gives dL/dW_eff, the gradient the same loss has
-    for an unwrapped model holding W_eff; the factors' gradients follow by the chain rule
-    (dL/dB = s · G Aᵀ, dL/dA = s · Bᵀ G with G = dL/dW_eff)."""
-    mods = relora_modules(model)
-    captured: dict[str, list[torch.Tensor]] = {n: [] for n in mods}
-    for name, m in mods.items():
-        m._capture = captured[name]
-    try:
-        yield captured
-    finally:
-        for m in mods.values():
-            m._capture = None
 
 
 @torch.no_grad()

@@ -7,9 +7,7 @@ once its `meta.json` exists (the trainer writes it last). Tensors are read with 
 
 from __future__ import annotations
 
-import json
 import queue
-import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,70 +15,17 @@ from pathlib import Path
 
 import torch
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
+from dynlab.runs.config import ModelConfig
+from dynlab.runs.files import read_json, read_meta
+from dynlab.runs.layout import CheckpointError, complete_checkpoints
 
+__all__ = ["Checkpoint", "CheckpointError", "LoadedCheckpoint", "ModelSpec", "Run", "check_shapes",
+           "find_runs", "load_checkpoint", "load_run", "load_tensors", "prefetch", "read_ahead",
+           "read_json"]
 
-class CheckpointError(ValueError):
-    """A run or checkpoint on disk is not what dynlab expects; the message names the path."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The shapes that matter for analysis, from run.json's "model"."""
-
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    activation_hidden_dim: int
-    vocab_size: int
-    #: the attention head width where it is not d_model / n_heads (some Llama-family configs)
-    explicit_head_dim: int | None = None
-
-    @property
-    def head_dim(self) -> int:
-        return self.explicit_head_dim or self.d_model // self.n_heads
-
-    @classmethod
-    def from_run_config(cls, config: Mapping, path: Path) -> ModelSpec:
-        model = config.get("model")
-        keys = ("d_model", "n_layers", "n_heads", "n_kv_heads", "activation_hidden_dim",
-                "vocab_size")
-        if not isinstance(model, Mapping) or any(k not in model for k in keys):
-            raise CheckpointError(f"{path}: run.json needs a 'model' object with {', '.join(keys)}")
-        for k in keys:
-            value = model[k]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise CheckpointError(f"{path}: run.json's model.{k} must be a positive "
-                                      f"integer, got {value!r}")
-        spec = cls(**{k: int(model[k]) for k in keys})
-        if spec.d_model % spec.n_heads or spec.n_heads % spec.n_kv_heads:
-            raise CheckpointError(
-                f"{path}: d_model ({spec.d_model}) must divide by n_heads ({spec.n_heads}) and "
-                f"n_heads by n_kv_heads ({spec.n_kv_heads})"
-            )
-        return spec
-
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Parameter name -> shape, as pico-train names them (Linear weights are (out, in))."""
-        d, hd, h = self.d_model, self.head_dim, self.activation_hidden_dim
-        shapes: dict[str, tuple[int, ...]] = {
-            "embedding_proj.weight": (self.vocab_size, d),
-            "de_embedding_proj.weight": (self.vocab_size, d),
-            "output_norm.weight": (d,),
-        }
-        for i in range(self.n_layers):
-            p = f"layers.{i}."
-            shapes[p + "attention.q_proj.weight"] = (self.n_heads * hd, d)
-            shapes[p + "attention.k_proj.weight"] = (self.n_kv_heads * hd, d)
-            shapes[p + "attention.v_proj.weight"] = (self.n_kv_heads * hd, d)
-            shapes[p + "attention.o_proj.weight"] = (d, self.n_heads * hd)
-            shapes[p + "swiglu.w_0.weight"] = (h, d)
-            shapes[p + "swiglu.w_1.weight"] = (h, d)
-            shapes[p + "swiglu.w_2.weight"] = (d, h)
-            shapes[p + "attention_norm.weight"] = (d,)
-            shapes[p + "swiglu_norm.weight"] = (d,)
-        return shapes
+#: the model shape the analysis reads from run.json["model"]: the same class as the one the
+#: pico-decoder is built from (one key list, one validation), under the name the analysis uses
+ModelSpec = ModelConfig
 
 
 @dataclass(frozen=True)
@@ -96,13 +41,8 @@ class Checkpoint:
         return (self.path / name).is_file()
 
     def meta(self) -> dict:
-        """meta.json, with eval.json (written by a standalone `dynlab eval`) merged over its
-        "eval" entry."""
-        meta = read_json(self.path / "meta.json")
-        eval_path = self.path / "eval.json"
-        if eval_path.is_file():
-            meta["eval"] = read_json(eval_path)
-        return meta
+        """meta.json, with eval.json as its "eval" entry (dynlab.runs.files.read_meta)."""
+        return read_meta(self.path)
 
 
 @dataclass(frozen=True)
@@ -119,19 +59,6 @@ class Run:
         if self.config.get("kind") != "relora" or not isinstance(relora, Mapping):
             return None
         return float(relora["alpha"]) / float(relora["r"])
-
-
-def read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
 
 
 def _run_root(path: Path) -> Path:
@@ -181,17 +108,12 @@ def load_run(root: Path, name: str | None = None) -> Run:
     spec = ModelSpec.from_run_config(config, config_path)
     name = name or root.name
     ckpt_dir = root / "checkpoints"
-    found = []
-    if ckpt_dir.is_dir():
-        for child in ckpt_dir.iterdir():
-            m = STEP_DIR.match(child.name)
-            if m and child.is_dir() and (child / "meta.json").is_file():
-                found.append(Checkpoint(name, int(m.group(1)), child))
+    found = [Checkpoint(name, step, path) for step, path in complete_checkpoints(root)]
     if not found:
         raise CheckpointError(
             f"{ckpt_dir}: no complete checkpoint (expected step_<N>/ folders with meta.json)"
         )
-    return Run(name, root, config, spec, tuple(sorted(found, key=lambda c: c.step)))
+    return Run(name, root, config, spec, tuple(found))
 
 
 def load_tensors(path: Path, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from dynlab.model.pico_decoder import PRESETS, ModelConfig
+from dynlab.model.pico_decoder import PRESETS
+from dynlab.runs.config import ModelConfig
 
 KINDS = ("decoder", "relora")
 
@@ -102,8 +103,8 @@ class TrainConfig:
     compile: bool = False
     progress: bool = True
     # relora
-    rank: int = 16
-    alpha: float = 32.0
+    lora_rank: int = 16  # the LoRA rank r (run.json: "rank")
+    lora_alpha: float = 32.0  # s = lora_alpha / lora_rank (run.json: "alpha")
     lora_dropout: float = 0.1
     reset_every: int | None = None
     restart_warmup_steps: int | None = None
@@ -141,7 +142,30 @@ class TrainConfig:
         return cfg
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """run.json["train"]: every option, under its stored name (`STORED_NAMES`)."""
+        return {STORED_NAMES.get(k, k): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_stored(cls, stored: dict) -> TrainConfig:
+        """The options of a run.json["train"]; stored names are mapped back to the fields
+        (`option_name`), unknown keys ignored."""
+        known = set(option_names())
+        options = {option_name(k): v for k, v in stored.items()}
+        return cls(**{k: v for k, v in options.items() if k in known})
+
+
+#: fields stored in run.json under another name: the names runs have always used
+STORED_NAMES = {"lora_rank": "rank", "lora_alpha": "alpha"}
+#: older or shorter names of options, accepted wherever options are read (YAML files, Python
+#: keyword arguments, run.json["train"]) and mapped to the field
+ALIASES = {"rank": "lora_rank", "alpha": "lora_alpha", "r": "lora_rank", "rank_r": "lora_rank"}
+
+
+def option_name(key: str) -> str:
+    """The TrainConfig field that an option name means: dashes as underscores, `ALIASES`
+    mapped (the LoRA rank's old names `rank`, `r`, `rank_r`; `alpha`)."""
+    name = str(key).replace("-", "_")
+    return ALIASES.get(name, name)
 
 
 _TEXT = ("kind", "preset", "data", "device", "prune_method")
@@ -183,7 +207,8 @@ def validate(cfg: TrainConfig) -> None:
         _positive(cfg, name)
     for name in ("warmup_steps", "eval_every"):
         _positive(cfg, name, allow_zero=True)
-    for name in ("lr", "min_lr_ratio", "weight_decay", "alpha", "lora_dropout", "prune_ratio"):
+    for name in ("lr", "min_lr_ratio", "weight_decay", "lora_alpha", "lora_dropout",
+                 "prune_ratio"):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"--{name.replace('_', '-')}: expected a number, got {value!r}")
@@ -215,7 +240,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.kind == "relora":
         _positive(cfg, "reset_every")
         _positive(cfg, "restart_warmup_steps", allow_zero=True)
-        _positive(cfg, "rank")
+        _positive(cfg, "lora_rank")
         if not 0 < cfg.min_lr_ratio <= 1:
             raise ValueError(f"--min-lr-ratio: expected a value in (0, 1], got {cfg.min_lr_ratio}")
         relora_config(cfg)  # validates the ReLoRA fields
@@ -231,7 +256,8 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
     """The preset's ModelConfig with the run's shape overrides and vocabulary size."""
     overrides = {k: getattr(cfg, k) for k in MODEL_FIELDS if getattr(cfg, k) is not None}
     try:
-        return dataclasses.replace(PRESETS[cfg.preset], vocab_size=vocab_size, **overrides)
+        return dataclasses.replace(PRESETS[cfg.preset], vocab_size=vocab_size,
+                                   **overrides).check_decoder()
     except ValueError as err:
         raise ValueError(f"preset {cfg.preset!r} with {overrides or 'no overrides'}: {err}"
                          ) from err
@@ -241,7 +267,8 @@ def relora_config(cfg: TrainConfig):  # -> ReLoRAConfig
     """The ReLoRAConfig a relora run uses."""
     from dynlab.model.relora import ReLoRAConfig
 
-    return ReLoRAConfig(r=cfg.rank, alpha=float(cfg.alpha), dropout=float(cfg.lora_dropout),
+    return ReLoRAConfig(r=cfg.lora_rank, alpha=float(cfg.lora_alpha),
+                        dropout=float(cfg.lora_dropout),
                         reset_every=cfg.reset_every,
                         restart_warmup_steps=cfg.restart_warmup_steps,
                         prune_ratio=float(cfg.prune_ratio), prune_method=cfg.prune_method,
@@ -268,9 +295,7 @@ def load_yaml_options(path: str | Path) -> dict[str, Any]:
     known = set(option_names()) - {"extra"}
     out = {}
     for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name == "rank_r" or name == "r":
-            name = "rank"
+        name = option_name(key)
         if name not in known:
             raise ValueError(f"--config {path}: unknown option {key!r}; known: "
                              f"{', '.join(sorted(known))}")
@@ -284,7 +309,7 @@ def make_config(kind: str, options: dict[str, Any], config_file: str | Path | No
     merged: dict[str, Any] = {}
     if config_file is not None:
         merged.update(load_yaml_options(config_file))
-    merged.update({k: v for k, v in options.items() if v is not None})
+    merged.update({option_name(k): v for k, v in options.items() if v is not None})
     if merged.get("global_batch_size") is not None:
         both = [k for k in ("batch_size", "grad_accum") if merged.get(k) is not None]
         if both:

@@ -131,7 +131,7 @@ def vocab_for(cfg) -> tuple[int, str]:
     if cfg.tokenizer:
         p = Path(cfg.tokenizer).expanduser()
         if p.is_file() or (p / "tokenizer.json").is_file():
-            from dynlab.training.data import load_tokenizer
+            from dynlab.data.tokenizer import load_tokenizer
 
             return load_tokenizer(p).get_vocab_size(), f"tokenizer {p}"
     return cfg.vocab_size, "the preset's vocab_size (the tokenizer decides at run time)"

@@ -16,123 +16,26 @@ integer, the number of windows consumed.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-EOT = "<|endoftext|>"
-
-
-# ---------------------------------------------------------------- tokenizer
-
-
-def load_tokenizer(path: str | Path):  # -> tokenizers.Tokenizer
-    """A `tokenizers` tokenizer: a tokenizer.json file, a directory holding one (a Hugging Face
-    model directory), or a Hugging Face model name (`allenai/OLMo-7B-0724-hf`, fetched by
-    `Tokenizer.from_pretrained`, which needs the network or the Hub cache). It must contain
-    `<|endoftext|>` (the document separator and evaluation BOS)."""
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"tokenizer {path}: directory has no tokenizer.json")
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        import re
-
-        name = str(path)
-        if (not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", name)
-                or name.endswith(".json")):
-            raise FileNotFoundError(f"tokenizer {path}: file not found (expected a "
-                                    "tokenizer.json, a directory holding one, or a Hugging "
-                                    "Face model name)")
-        try:
-            tok = Tokenizer.from_pretrained(name)
-        except Exception as err:
-            raise FileNotFoundError(
-                f"tokenizer {name}: no such local file or directory, and fetching it from the "
-                f"Hugging Face Hub failed ({err}); offline, pass a directory holding its "
-                "tokenizer.json") from err
-    else:
-        try:
-            tok = Tokenizer.from_file(str(path))
-        except Exception as err:  # the library raises a bare Exception on malformed files
-            raise ValueError(f"tokenizer {path}: not a `tokenizers` tokenizer.json ({err})"
-                             ) from err
-    if tok.token_to_id(EOT) is None:
-        raise ValueError(f"tokenizer {path}: has no {EOT} token (needed as document separator)")
-    return tok
-
-
-def bos_id(tokenizer) -> int:
-    """Id of `<|endoftext|>`: the document separator and the BOS token used in evaluation."""
-    idx = tokenizer.token_to_id(EOT)
-    if idx is None:
-        raise ValueError(f"tokenizer has no {EOT} token")
-    return int(idx)
-
-
-def cache_dir() -> Path:
-    """Where trained tokenizers are cached: $DYNLAB_CACHE or ~/.cache/dynlab."""
-    root = os.environ.get("DYNLAB_CACHE") or Path.home() / ".cache" / "dynlab"
-    return Path(root)
-
-
-def corpus_hash(documents: Iterable[str], vocab_size: int) -> str:
-    """sha256 over (vocab_size, each document's length and text): the tokenizer cache key."""
-    h = hashlib.sha256(f"bpe-v1 vocab={vocab_size}\n".encode())
-    for doc in documents:
-        b = doc.encode("utf-8")
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return h.hexdigest()[:24]
-
-
-def train_tokenizer(documents: list[str], vocab_size: int):
-    """Byte-level BPE (GPT-2 style) trained on the documents, with `<|endoftext|>` as id 0."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(documents, trainer=trainer, length=len(documents))
-    return tok
-
-
-def get_tokenizer(documents: list[str], vocab_size: int, cache: Path | None = None):
-    """The BPE tokenizer for these documents, trained once and cached by corpus hash."""
-    from tokenizers import Tokenizer
-
-    cache = cache_dir() / "tokenizers" if cache is None else Path(cache)
-    path = cache / f"bpe-{corpus_hash(documents, vocab_size)}.json"
-    if path.is_file():
-        try:
-            return Tokenizer.from_file(str(path))
-        except Exception:  # a corrupt cache entry is retrained below
-            pass
-    tok = train_tokenizer(documents, vocab_size)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tok.save(str(tmp))
-        os.replace(tmp, path)
-    except OSError:  # a read-only cache is not an error, only a slower next run
-        pass
-    return tok
-
+# the tokenizer lives in dynlab.data.tokenizer; its names are kept importable from here
+from dynlab.data.tokenizer import (  # noqa: F401
+    EOT,
+    bos_id,
+    cache_dir,
+    corpus_hash,
+    encode_documents,
+    get_tokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
+from dynlab.training import pretokenized
 
 # ---------------------------------------------------------------- documents
 
@@ -229,15 +132,6 @@ class TokenData:
         return len(self.train_tokens)
 
 
-def encode_documents(tokenizer, documents: list[str]) -> np.ndarray:
-    """[eot] doc_1 [eot] doc_2 ... as one int64 array."""
-    eot = bos_id(tokenizer)
-    pieces = []
-    for enc in tokenizer.encode_batch(documents, add_special_tokens=False):
-        pieces.append(np.asarray([eot] + enc.ids, dtype=np.int64))
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-
-
 def split_stream(tokens: np.ndarray, seq_len: int, ld_batch_size: int,
                  source: str = "data") -> TokenData:
     """Hold out ld_batch_size windows at the start of the stream; train on the rest."""
@@ -305,3 +199,72 @@ def iter_batches(data: TokenData, position: int, batch_size: int, seed: int,
                     rank, world_size)
         position += batch_size * world_size
         yield position, get_windows(data, idx)
+
+
+# ---------------------------------------------------------------- the run's data
+
+
+def is_local_spec(spec: str) -> bool:
+    """Whether --data names a local file or directory (else a Hugging Face dataset)."""
+    p = Path(spec).expanduser()
+    return (p.exists() or p.suffix in TEXT_SUFFIXES + TOKEN_SUFFIXES + pretokenized.ROW_SUFFIXES
+            or spec.startswith((".", "/", "~")))
+
+
+def load_data(cfg, tokenizer_path: Path | None) -> tuple[object, TokenData]:
+    """(tokenizer, TokenData) for cfg.data; tokenizer_path (resume / warm start / --tokenizer)
+    overrides training a BPE tokenizer on the documents."""
+    spec = cfg.data
+    tokens = None
+    documents: list[str] = []
+    rows = pretokenized.open_rows(spec) if spec != DEFAULT_DATA else None
+    if rows is not None:  # pre-tokenised rows of seq_len + 1 ids, used as they are
+        if tokenizer_path is None:
+            raise ValueError(f"--data {spec}: pre-tokenised data needs --tokenizer (the one its "
+                             "ids come from: a tokenizer.json, a directory holding one, or a "
+                             "Hugging Face model name)")
+        tokenizer = load_tokenizer(tokenizer_path)
+        return tokenizer, pretokenized.load_rows(rows, cfg.seq_len, cfg.ld_batch_size, tokenizer,
+                                      cfg.model_vocab_size, spec)
+    if spec == DEFAULT_DATA:
+        documents = default_documents(cfg.n_documents)
+    elif is_local_spec(spec):
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"--data {spec}: file not found (expected 'default', a "
+                                    ".txt/.jsonl/.npy/.bin/.parquet/.arrow file or directory, "
+                                    "or a Hugging Face dataset name)")
+        files = ([path] if path.is_file() else
+                 sorted(p for p in path.iterdir()
+                        if p.suffix in TEXT_SUFFIXES + TOKEN_SUFFIXES))
+        if not files:
+            raise ValueError(f"--data {spec}: no .txt/.jsonl/.npy/.bin files in the directory")
+        kinds = {f.suffix in TOKEN_SUFFIXES for f in files}
+        if len(kinds) > 1:
+            raise ValueError(f"--data {spec}: mixes text and pre-tokenised files")
+        for f in files:
+            if f.suffix not in TEXT_SUFFIXES + TOKEN_SUFFIXES:
+                raise ValueError(f"--data {f}: unsupported file type {f.suffix!r} (expected "
+                                 ".txt, .jsonl, .npy or .bin)")
+        if kinds == {True}:
+            if tokenizer_path is None:
+                raise ValueError(f"--data {spec}: pre-tokenised data needs --tokenizer "
+                                 "(the tokenizer.json its ids come from)")
+            tokens = torch.cat([torch.from_numpy(read_token_file(f)) for f in files]).numpy()
+        else:
+            for f in files:
+                documents += read_text_documents(f)
+    else:
+        documents = hf_documents(spec, cfg.n_documents)
+    if tokens is None and not documents:
+        raise ValueError(f"--data {spec}: no documents (the data is empty)")
+    if tokenizer_path is not None:
+        tokenizer = load_tokenizer(tokenizer_path)
+    else:
+        tokenizer = get_tokenizer(documents, cfg.vocab_size)
+    if tokens is None:
+        tokens = encode_documents(tokenizer, documents)
+    elif len(tokens) and int(tokens.max()) >= tokenizer.get_vocab_size():
+        raise ValueError(f"--data {spec}: token id {int(tokens.max())} is outside the "
+                         f"tokenizer's vocabulary ({tokenizer.get_vocab_size()})")
+    return tokenizer, split_stream(tokens, cfg.seq_len, cfg.ld_batch_size, f"--data {spec}")

@@ -248,3 +248,13 @@ def launch(nproc: int, module_args: list[str], threads: int | None = None) -> in
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // nproc))
     return subprocess.run(launch_command(nproc, module_args), env=env).returncode
+
+
+def check_in_step(step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  rank: int) -> None:
+    """RuntimeError when any parameter or optimizer tensor differs between the ranks at
+    `step` (a collective: every rank calls it)."""
+    n_differ, differ = out_of_step(state_tensors(model, optimizer))
+    if n_differ:
+        raise RuntimeError(f"step {step}: {n_differ} parameter/optimizer tensors differ "
+                           f"between ranks (rank {rank}: {differ[:4]}); this is a bug")

@@ -1,4 +1,4 @@
-"""Learning-rate multipliers and the ReLoRA reset rule.
+"""Learning-rate multipliers (the reset rule they follow: dynlab.runs.config.reset_due).
 
 A schedule maps the scheduler index t (the number of optimizer updates already made,
 as torch's LambdaLR) to a multiplier of the base learning rate: update t + 1 uses lr(t).
@@ -46,19 +46,6 @@ def jagged_cosine(t: int, warmup: int, total: int, reset_every: int, restart_war
     return cosine_floor((t - warmup) / span, min_lr_ratio)
 
 
-def reset_due(step: int, reset_every: int, warmup: int, total: int, paper_compat: bool) -> bool:
-    """Whether a ReLoRA reset follows update number `step` (1-based).
-
-    dynlab: every reset_every updates (step mod reset_every = 0), never after the last one,
-    so the re-warmup of jagged_cosine starts right after the reset.
-    paper_compat (relora-pico): step > warmup and step mod reset_every = 1, so the reset
-    follows the zero-lr update that opens each re-warmup.
-    """
-    if paper_compat:
-        return step > warmup and step % reset_every == 1
-    return 0 < step < total and step % reset_every == 0
-
-
 def lr_multiplier(t: int, *, kind: str, warmup: int, total: int, reset_every: int = 0,
                   restart_warmup: int = 0, min_lr_ratio: float = 0.1,
                   paper_compat: bool = False) -> float:
@@ -67,3 +54,14 @@ def lr_multiplier(t: int, *, kind: str, warmup: int, total: int, reset_every: in
         return linear_warmup_decay(t, warmup, total)
     horizon = PAPER_COSINE_HORIZON if paper_compat else total
     return jagged_cosine(t, warmup, horizon, reset_every, restart_warmup, min_lr_ratio)
+
+
+def learning_rate(cfg, step: int) -> float:
+    """The learning rate of update number `step` of a run with options `cfg` (a resolved
+    dynlab.training.config.TrainConfig); step 0 gives the first update's: cfg.lr ·
+    lr_multiplier(max(step - 1, 0))."""
+    return cfg.lr * lr_multiplier(max(step - 1, 0), kind=cfg.kind, warmup=cfg.warmup_steps,
+                                  total=cfg.schedule_horizon or cfg.steps,
+                                  reset_every=cfg.reset_every or 0,
+                                  restart_warmup=cfg.restart_warmup_steps or 0,
+                                  min_lr_ratio=cfg.min_lr_ratio, paper_compat=cfg.paper_compat)

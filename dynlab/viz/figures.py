@@ -33,6 +33,8 @@ from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 from scipy import stats
 
+from dynlab.runs.config import reset_steps as reset_steps_of
+
 LOG_METRICS = frozenset({"cn", "cn_nz"})
 """Metrics drawn on a logarithmic axis (condition numbers span orders of magnitude); their
 layer means are geometric means with the t-interval built in log space."""
@@ -507,22 +509,10 @@ def training_curves(ds: xr.Dataset, runs: Sequence[str] | None = None,
 
 
 def config_reset_steps(cfg: dict, last_step: float) -> list[int]:
-    """Reset steps implied by a run.json (its "relora" and "train" sections), up to
-    `last_step`, by the trainer's own rule (dynlab.training.schedules.reset_due): a reset follows
-    update t when 0 < t < steps and t mod reset_every = 0, or with paper_compat (relora-pico)
-    when t > warmup_steps and t mod reset_every = 1."""
-    from dynlab.training.schedules import reset_due
-
-    rc = cfg.get("relora") or {}
-    every = rc.get("reset_every")
-    if not every or not np.isfinite(last_step):
-        return []
-    train = cfg.get("train") or {}
-    total = int(train.get("steps") or last_step + 1)
-    warmup = int(train.get("warmup_steps") or 0)
-    paper = bool(rc.get("paper_compat") or train.get("paper_compat"))
-    return [t for t in range(1, int(last_step) + 1)
-            if reset_due(t, int(every), warmup, total, paper)]
+    """Reset steps of a run.json (`cfg`) up to `last_step`: the updates a reset follows, as
+    dynlab.runs.config.reset_steps reads them (recorded by the trainer, or derived for older
+    runs)."""
+    return reset_steps_of(cfg, last_step)
 
 
 def _last_step(ds: xr.Dataset, run: str) -> float:

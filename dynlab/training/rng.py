@@ -1,0 +1,32 @@
+"""The training run's random streams: saved in checkpoints, restored on resume, and kept
+still while evaluation and learning-dynamics passes run."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+def capture_rng(device: torch.device) -> dict:
+    """The global CPU generator's state, and the CUDA one of `device` when it is a GPU."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict, device: torch.device) -> None:
+    """Set the generators to a `capture_rng` state."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device) -> Iterator[None]:
+    """Run a block without disturbing the training RNG streams."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
