@@ -1,0 +1,203 @@
+"""The files of a run, written atomically and read with errors naming the path.
+
+Every writer here assembles its file (or a checkpoint's folder) under a temporary name
+starting with `TMP_PREFIX` and renames it into place, so a reader sees the old file or the
+new one, whole. JSON is written strict: non-finite floats become null (`json_safe`).
+
+eval.json: a standalone `dynlab eval` stores its result in step_<N>/eval.json, beside the
+"eval" entry that training wrote into meta.json. `store_eval` merges the old entries into
+eval.json and `read_meta` lets eval.json replace meta.json["eval"], so nothing measured is
+lost and one rule decides which result a reader sees.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dynlab.errors import InputError
+from dynlab.faults import fault_point
+from dynlab.runs.layout import TMP_PREFIX, CheckpointError, checkpoint_dir
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with non-finite floats replaced by None, so the files are strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as indented strict JSON via a temporary sibling and an atomic rename."""
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(json_safe(obj), indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object from `path`; CheckpointError naming it when missing, invalid or not an
+    object."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_dict(path: Path) -> dict:
+    """A JSON object from `path`, or {} when it is missing or unreadable."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def read_meta(ckpt: str | Path) -> dict:
+    """step_<N>/meta.json, with step_<N>/eval.json (when present) as its "eval" entry."""
+    ckpt = Path(ckpt)
+    meta = read_json(ckpt / "meta.json")
+    if (ckpt / "eval.json").is_file():
+        meta["eval"] = read_json(ckpt / "eval.json")
+    return meta
+
+
+def store_eval(ckpt: str | Path, result: Mapping) -> Path:
+    """Merge `result` ({"perplexity", "blimp"}) into step_<N>/eval.json, atomically.
+
+    eval.json starts from meta.json["eval"] (what training measured) and the previous
+    eval.json, so a part that is not re-evaluated is kept (`read_meta` lets eval.json replace
+    meta.json["eval"])."""
+    ckpt = Path(ckpt)
+    path = ckpt / "eval.json"
+    merged: dict = {}
+    meta_eval = _read_dict(ckpt / "meta.json").get("eval")
+    if isinstance(meta_eval, dict):
+        merged.update(meta_eval)
+    if path.is_file():
+        merged.update(_read_dict(path))  # an unreadable old file is replaced
+    merged.update({k: v for k, v in result.items() if k in ("perplexity", "blimp")})
+    write_json(path, merged)
+    return path
+
+
+def write_checkpoint(run_dir: str | Path, step: int, weights: Mapping[str, torch.Tensor],
+                     grads: Mapping[str, torch.Tensor] | None = None,
+                     meta: Mapping | None = None, *,
+                     activations: Mapping[str, torch.Tensor] | None = None,
+                     trainer_state: dict | None = None,
+                     dtype: torch.dtype | None = None) -> Path:
+    """Write checkpoints/step_<step>/ atomically and return it.
+
+    The folder is assembled as `.tmp-step_<step>-<pid>`: weights, grads and activations
+    (safetensors, on the CPU, in `dtype` or each tensor's own), trainer_state.pt, then
+    meta.json last; it is then renamed into place. An older copy of the step is moved aside
+    before the rename and deleted after it, so it is never lost before the new one is whole."""
+    from safetensors.torch import save_file
+
+    final = checkpoint_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+    def save(tensors: Mapping[str, torch.Tensor], name: str) -> None:
+        flat = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
+                for k, v in tensors.items()}
+        save_file(flat, str(tmp / name), metadata={"step": str(step)})
+
+    save(weights, "weights.safetensors")
+    if grads is not None:
+        save(grads, "grads.safetensors")
+    if activations is not None:
+        save(activations, "activations.safetensors")
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    (tmp / "meta.json").write_text(json.dumps(json_safe(dict(meta or {})), indent=2) + "\n")
+    fault_point("checkpoint.before-rename")
+    old = None
+    if final.exists():
+        old = final.parent / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old)
+    fault_point("checkpoint.renamed")
+    return final
+
+
+TRAINER_STATE_KEYS = ("state", "optimizer", "rng", "frozen_weights")
+
+
+def read_trainer_state(ckpt: str | Path) -> dict:
+    """step_<N>/trainer_state.pt, loaded with weights_only=True (no arbitrary unpickling).
+
+    A file that is not a dynlab trainer state (torch refuses to unpickle what it holds) or is
+    truncated raises InputError naming it; it is never unpickled."""
+    import pickle
+    import zipfile
+
+    path = Path(ckpt) / "trainer_state.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; this checkpoint cannot be resumed from")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise InputError(f"{path}: not a dynlab trainer state (it holds objects other than "
+                         "tensors and plain values) or corrupt; it was not loaded") from err
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise InputError(f"{path}: truncated or corrupt ({type(err).__name__}); this "
+                         "checkpoint cannot be resumed from") from err
+    if not isinstance(state, dict) or not set(TRAINER_STATE_KEYS) <= set(state):
+        raise InputError(f"{path}: not a dynlab trainer state (expected a mapping with "
+                         f"{', '.join(map(repr, TRAINER_STATE_KEYS))})")
+    return state
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's safetensors file; InputError naming it when it is
+    missing, truncated or not a safetensors file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: missing; this checkpoint cannot be resumed from")
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise InputError(f"{path}: truncated or not a safetensors file ({err}); this "
+                         "checkpoint cannot be resumed from") from err
+
+
+def write_tokenizer(run_dir: str | Path, tokenizer) -> Path:
+    """Save a `tokenizers` tokenizer as RUN/tokenizer.json, atomically."""
+    path = Path(run_dir) / "tokenizer.json"
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+    try:
+        tokenizer.save(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
