@@ -20,12 +20,12 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from dynlab.data import pretokenized as P
 from dynlab.errors import InputError
 from dynlab.runs.layout import complete_checkpoints
 from dynlab.runs.metrics import read_metrics
 from dynlab.training import costs
 from dynlab.training import data as D
-from dynlab.training import pretokenized as P
 from dynlab.training.batching import apply_batch, split_global_batch
 from dynlab.training.config import make_config
 

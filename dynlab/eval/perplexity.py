@@ -146,7 +146,7 @@ def _domains_from_rows(rows: list, labels: list | None, default: str,
 def read_pretokenized_domains(spec: str | Path) -> dict[str, PretokenizedDocs] | None:
     """Pre-tokenised sequences by domain (module docstring), or None when `spec` is not
     pre-tokenised data (no local .parquet/.arrow files and not a Hugging Face name)."""
-    from dynlab.training import pretokenized as P
+    from dynlab.data import pretokenized as P
 
     files = P.row_files(spec)
     domains: dict[str, PretokenizedDocs] = {}

@@ -4,7 +4,7 @@ The batch is made as dynlab's trainer makes its learning-dynamics batch: the doc
 `.txt` (blank-line separated) or `.jsonl` (`text` field) file encoded as
 `<|endoftext|> doc₁ <|endoftext|> doc₂ …` (or a pre-tokenised `.npy`/`.bin` stream), and its
 first `batch_size` windows of `seq_len + 1` tokens. The gradient is the trainer's own
-(`dynlab.training.trainer.learning_dynamics`): of the mean next-token cross-entropy, float32,
+(`dynlab.training.dynamics.learning_dynamics`): of the mean next-token cross-entropy, float32,
 eval mode, by torch.autograd.grad. The model is transformers' own class for a Hugging Face
 architecture (chosen from transformers' built-in registry by model_type: never remote code),
 or dynlab's PicoDecoder for pico-train, relora-pico and dynlab checkpoints. The gradients are
@@ -119,7 +119,7 @@ def pico_model(weights: Tensors, run: Run, seq_len: int) -> nn.Module:
 
 def gradients(model: nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
     """The trainer's learning-dynamics gradient of `model` on `batch` (name -> gradient)."""
-    from dynlab.training.trainer import learning_dynamics
+    from dynlab.training.dynamics import learning_dynamics
 
     grads, _, _ = learning_dynamics(model, batch, torch.device("cpu"))
     return grads

@@ -192,7 +192,7 @@ def estimate(cfg, world_size: int = 1, gpu: str = DEFAULT_GPU, mfu: float = DEFA
 
 def data_rows(spec: str) -> int | None:
     """Rows of a local pre-tokenised --data (file metadata only), else None."""
-    from dynlab.training import pretokenized as P
+    from dynlab.data import pretokenized as P
 
     files = P.row_files(spec) if spec else None
     return None if files is None else P.LocalRows(files, spec).n_rows

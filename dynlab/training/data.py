@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dynlab.data import pretokenized
+
 # the tokenizer lives in dynlab.data.tokenizer; its names are kept importable from here
 from dynlab.data.tokenizer import (  # noqa: F401
     EOT,
@@ -35,7 +37,6 @@ from dynlab.data.tokenizer import (  # noqa: F401
     load_tokenizer,
     train_tokenizer,
 )
-from dynlab.training import pretokenized
 
 # ---------------------------------------------------------------- documents
 
@@ -177,7 +178,7 @@ def get_windows(data: TokenData, windows: list[int]) -> torch.Tensor:
 def first_batch(data, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
                 ) -> torch.Tensor:
     """This process's share of the first global micro-batch (samples 0 .. batch_size - 1)."""
-    if hasattr(data, "batch"):  # pre-tokenised rows (dynlab.training.pretokenized.RowData)
+    if hasattr(data, "batch"):  # pre-tokenised rows (dynlab.data.pretokenized.RowData)
         return data.batch(0, batch_size, rank, world_size)
     return get_windows(data, shard(sample_indices(0, batch_size, data.n_windows, seed),
                                    rank, world_size))

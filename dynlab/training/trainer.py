@@ -36,6 +36,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from dynlab.data import pretokenized as P
 from dynlab.devices import resolve_device
 from dynlab.errors import DynlabFailure
 from dynlab.faults import fault_point
@@ -47,7 +48,6 @@ from dynlab.runs.layout import complete_checkpoints
 from dynlab.runs.metrics import MetricsLog, metrics_record
 from dynlab.training import batching, ddp
 from dynlab.training import data as D
-from dynlab.training import pretokenized as P
 from dynlab.training.checkpointer import Checkpointer, prepare_run_dir, run_record
 from dynlab.training.config import (
     TrainConfig,
