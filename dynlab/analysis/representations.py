@@ -328,3 +328,99 @@ def isoscore(x) -> float:
     delta = np.linalg.norm(scaled - 1.0) / math.sqrt(2 * (p - math.sqrt(p)))
     phi = (p - delta**2 * (p - math.sqrt(p))) ** 2 / p**2
     return float((p * phi - 1) / (p - 1))
+
+
+# ----------------------------------------------------------------------------------------
+# pico-analyze's CKA and PWCCA (the `pico` convention, dynlab.analysis.conventions)
+#
+# pico-analyze (pico-lm/pico-analyze, src/metrics/{cka,pwcca}.py) hands each pair of
+# activation matrices, cast to float32, to Kornblith et al.'s feature-space CKA and to the SVCCA
+# authors' PWCCA code (Google's `svcca` repository). The two functions below compute the same
+# formulas with the same precisions, cut-offs and choices, so that a store analysed under
+# `--convention pico` holds pico-analyze's numbers; the differences from dynlab's own
+# `linear_cka` / `pwcca` are listed in each docstring.
+
+#: numpy.linalg.pinv's default relative cut-off, used by pico-analyze's CCA
+PICO_PINV_RCOND = 1e-15
+
+
+def pico_linear_cka(x, y) -> float:
+    """pico-analyze's CKA: the biased linear CKA of `linear_cka`,
+    ‖XᵀY‖_F² / (‖XᵀX‖_F·‖YᵀY‖_F) of the column-centred X, Y, with the inputs rounded to float32
+    and every step (centring, products, norms) in float32, as pico-analyze computes it. It
+    differs from `linear_cka` only by float32 rounding (≈ 1e-6 relative). NaN where pico-analyze
+    gets NaN (zero variance: 0/0) and for NaN/Inf entries."""
+    pair = _pair(x, y)
+    if pair is None:
+        return math.nan
+    a, b = pair[0].astype(np.float32), pair[1].astype(np.float32)
+    a = a - a.mean(axis=0, keepdims=True)
+    b = b - b.mean(axis=0, keepdims=True)
+    with np.errstate(all="ignore"):
+        num = np.linalg.norm(a.T @ b) ** 2
+        value = float(num / (np.linalg.norm(a.T @ a) * np.linalg.norm(b.T @ b)))
+    return value if math.isfinite(value) else math.nan
+
+
+def pico_inverse_sqrt(s: np.ndarray) -> np.ndarray:
+    """S^(−1/2) as pico-analyze's CCA forms it: the eigen-decomposition V·diag(w)·Vᵀ of the
+    pseudo-inverse S⁺ (numpy's pinv, cut-off 1e-15·σ_max), then V·diag(√w)·Vᵀ. A slightly
+    negative w (rounding, when S is singular) gives NaN entries, as in pico-analyze."""
+    w, v = np.linalg.eigh(np.linalg.pinv(s, rcond=PICO_PINV_RCOND))
+    with np.errstate(invalid="ignore"):
+        return (v * np.sqrt(w)) @ v.T
+
+
+def pico_pwcca(x, y) -> float:
+    """pico-analyze's PWCCA of the source X (n × p) against the target Y (n × q), float32
+    inputs (Morcos, Raghu & Bengio 2018, through the SVCCA authors' reference code):
+
+    1. Σ = cov([Xᵀ; Yᵀ]) in float64 (ddof 1), each block scaled: Σ_xx/max|Σ_xx|,
+       Σ_yy/max|Σ_yy|, Σ_xy/√(max|Σ_xx|·max|Σ_yy|).
+    2. No regularisation and no feature dropped: pico-analyze passes ε = 1e-6 to a wrapper
+       that keeps it for its retry noise only, so the CCA runs with ε = 0.
+    3. ρ = |singular values| of M = Σ_xx^(−1/2)·Σ_xy·Σ_yy^(−1/2) (`pico_inverse_sqrt`), and U its
+       left singular vectors (p × p).
+    4. "Directions" D = Uᵀ·(Xᵀ − μ) + μ (p × n; μ the features' float32 means): Uᵀ applied to the
+       centred activations *without* Σ_xx^(−1/2) and with the means added back — not the
+       canonical variates of `pwcca`.
+    5. P = the Q factor of the QR decomposition of Dᵀ (n × p), weights
+       α_i ∝ Σ_j |⟨P_i, x_j⟩| over the *uncentred* features x_j of X, normalised to sum 1;
+       PWCCA = Σ_i α_i·ρ_i.
+
+    The weights are always X's (pico-analyze compares a component with the same component of
+    the target, so p = q and the reference code's other branch — Y's coefficients with X's
+    activations, `pwcca`'s docstring — is never taken; with p > q it fails on a boolean-index
+    length mismatch). NaN where pico-analyze cannot give a reproducible number:
+    p ≥ n (it asserts fewer features than samples), p > q, a side without variance, NaN/Inf
+    entries, and a singular covariance whose inverse square root holds NaN (pico-analyze then
+    retries on randomly perturbed activations)."""
+    pair = _pair(x, y)
+    if pair is None:
+        return math.nan
+    a, b = pair[0].astype(np.float32).T, pair[1].astype(np.float32).T
+    p, n = a.shape
+    q = b.shape[0]
+    if not (p < n and p <= q):
+        return math.nan
+    z = np.concatenate([a, b]).astype(np.float64)
+    z -= z.mean(axis=1, keepdims=True)
+    cov = (z @ z.T) / (n - 1)
+    xmax, ymax = np.abs(cov[:p, :p]).max(), np.abs(cov[p:, p:]).max()
+    if not (xmax > 0 and ymax > 0):
+        return math.nan
+    sxx, syy = cov[:p, :p] / xmax, cov[p:, p:] / ymax
+    sxy = cov[:p, p:] / math.sqrt(xmax * ymax)
+    m = pico_inverse_sqrt(sxx) @ sxy @ pico_inverse_sqrt(syy)
+    if not np.isfinite(m).all():
+        return math.nan
+    u, rho, _ = np.linalg.svd(m)
+    rho = np.abs(rho)
+    mu = a.mean(axis=1, keepdims=True)
+    directions = u.T @ (a - mu) + mu
+    basis, _ = np.linalg.qr(directions.T)
+    weights = np.abs(basis.T @ a.T).sum(axis=1)
+    total = weights.sum()
+    if not total > 0:
+        return math.nan
+    return float(np.sum(weights / total * rho))
