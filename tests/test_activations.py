@@ -285,3 +285,35 @@ def test_recompute_activation_metrics(two_runs, tmp_path):
     for name in ("act_cn", "act_alpha", "act_per"):
         xr.testing.assert_identical(a[name].load(), b[name].load())
     assert np.isfinite(b.act_cn.sel(act_site="residual").values).all()
+
+
+@pytest.mark.slow
+def test_pico_convention_cka_pwcca(two_runs, tmp_path):
+    """Under --convention pico, `cka` and `pwcca` are pico-analyze's (checked against the
+    written-out transcription of its formulas); the indices it lacks stay dynlab's."""
+    from test_representations import pico_reference_cka, pico_reference_pwcca
+
+    root, dec, rel = two_runs
+    out = dynlab.analyze([dec], tmp_path / "pico.zarr", metrics="per", progress=False,
+                         device="cpu", convention="pico")
+    ds = xr.open_zarr(out)
+    assert ds.attrs["convention"] == "pico"
+    assert "pico-analyze" in ds.cka.attrs["long_name"]
+    final = acts_of(dec, 4)
+    for step in (0, 2):
+        a = acts_of(dec, step)
+        for site, key in (("residual", "layers.1"), ("swiglu.w_0", "layers.1.swiglu.w_0")):
+            x, y = a[key], final[key]
+            cell = ds.sel(run="dec", step=step, layer=1, act_site=site, target="final")
+            assert float(cell.cka) == pytest.approx(pico_reference_cka(x, y), rel=2e-6)
+            assert float(cell.cka_debiased) == pytest.approx(R.debiased_cka(x, y), rel=1e-12,
+                                                             nan_ok=True)
+            assert float(cell.svcca) == pytest.approx(R.svcca(x, y), rel=1e-12, nan_ok=True)
+            assert float(cell.pwcca) == pytest.approx(pico_reference_pwcca(x, y), rel=1e-9,
+                                                      nan_ok=True)
+        # residual stream: 48 samples, 16 features, a defined CCA. swiglu.w_0: 32 + 32
+        # features > 47, the whitened covariance's square root holds NaN in pico-analyze's
+        # arithmetic (it then retries on random noise): NaN here
+        cell = ds.sel(run="dec", step=step, layer=1, target="final")
+        assert 0 < float(cell.pwcca.sel(act_site="residual")) <= 1
+        assert math.isnan(float(cell.pwcca.sel(act_site="swiglu.w_0")))
