@@ -217,15 +217,22 @@ def test_export_activation_metrics(two_runs, tmp_path):
     step = tmp_path / "pico" / "step_2"
     ds = xr.open_zarr(store).sel(run="rel", step=2)
     cka = json.loads((step / "cka_val.json").read_text())
-    assert cka["layers.1"] == float(ds.cka.sel(target="final", layer=1, act_site="residual"))
-    assert cka["layers.0.swiglu.w_2"] == float(ds.cka.sel(target="final", layer=0,
-                                                          act_site="swiglu.w_2"))
+    assert cka["layers.1.residual.activations"] == float(
+        ds.cka.sel(target="final", layer=1, act_site="residual"))
+    assert cka["layers.0.swiglu.w_2.activations"] == float(
+        ds.cka.sel(target="final", layer=0, act_site="swiglu.w_2"))
     other = json.loads((step / "cka_vs_dec@4_val.json").read_text())
-    assert other["layers.0"] == float(ds.cka.sel(target="dec@4", layer=0, act_site="residual"))
+    assert other["layers.0.residual.activations"] == float(
+        ds.cka.sel(target="dec@4", layer=0, act_site="residual"))
     aniso = json.loads((step / "anisotropy_val.json").read_text())
     assert len(aniso) == 2 * 8
-    per = json.loads((step / "per_activations_val.json").read_text())
-    assert per["layers.1"] == float(ds.act_per.sel(layer=1, act_site="residual"))
+    # pico-analyze's files: one per metric, every data type in it
+    per = json.loads((step / "per_val.json").read_text())
+    assert per["layers.1.residual.activations"] == float(
+        ds.act_per.sel(layer=1, act_site="residual"))
+    assert per["layers.1.attention.v_proj.weights"] == float(
+        ds.per.sel(kind="weights", layer=1, matrix="attention.v_proj"))
+    assert not (step / "per_activations_val.json").exists()
 
 
 @pytest.mark.slow
