@@ -191,7 +191,9 @@ def test_representation_figures_and_report(two_runs):
     qk = ds.qk_per.sel(run="dec", kind="weights").mean("layer").values
     np.testing.assert_allclose(means[0].y, qk, rtol=1e-12)
     fig = V.alpha_over_steps(ds)
-    assert not fig.layout.meta["notes"]
+    # attention.v_proj is 8 × 16 here: 8 eigenvalues, too few for the fit; said, not blank
+    assert fig.layout.meta["notes"] == ["attention.v_proj: no finite α (the fit needs at "
+                                        "least 10 non-zero eigenvalues)"]
     text, sections = REP.build_report(ds)
     titles = [s.title for s in sections]
     assert "Representations: CKA against the final checkpoint" in titles
@@ -324,3 +326,12 @@ def test_pico_convention_cka_pwcca(two_runs, tmp_path):
         cell = ds.sel(run="dec", step=step, layer=1, target="final")
         assert 0 < float(cell.pwcca.sel(act_site="residual")) <= 1
         assert math.isnan(float(cell.pwcca.sel(act_site="swiglu.w_0")))
+
+
+def test_heatmap_colour_range():
+    from dynlab.viz.representations import colour_range
+
+    assert colour_range(np.array([0.93, 0.99, np.nan, 1.0])) == (0.9, 1.0)
+    assert colour_range(np.array([0.999, 1.0])) == pytest.approx((0.9, 1.0))  # span ≥ 0.1
+    assert colour_range(np.array([-0.12, 0.5])) == (-0.15, 1.0)  # debiased CKA can be < 0
+    assert colour_range(np.array([np.nan])) == (0.0, 1.0)
