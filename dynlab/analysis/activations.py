@@ -14,6 +14,12 @@ checkpoint of a run and in every run with the same data, batch size and seed: `l
 last position of each sequence (batch rows), `all` every position (batch·seq_len rows), and
 `sample:N` N distinct positions per sequence drawn once with a generator seeded by the run's
 seed (batch·N rows).
+
+Other sources give the same layout: a pico-train run's saved learning-dynamics activations
+(its reader's `saved_activations`: the `layer_suffixes` modules at `sequence_idx`, no residual
+stream), and for Hugging Face checkpoints activations computed at analysis time
+(`--activations-data`) with transformers' own class, hooked at each decoder block (the residual
+stream) and at the linear modules that are dynlab's matrices (dynlab.sources.arch).
 """
 
 from __future__ import annotations
@@ -583,10 +589,20 @@ def computed_activations(run: Run, ckpt: Checkpoint, data: str, n_seq: int, posi
                          "--activations-data)")
     from dynlab.sources.arch import ADAPTERS
 
-    model_dir = Path(reader.fetch(ckpt.revision) if fmt == "hf-hub" else ckpt.path)
-    model = hf_model(model_dir)
+    if fmt == "hf-hub":  # fetched again (the parameter pass released it), released at once
+        model_dir = Path(reader.fetch(ckpt.revision))
+        try:
+            if run.name not in batches:
+                reader.fetch_tokenizer(ckpt.revision)
+            model = hf_model(model_dir)
+            tok = hf_tokenizer([model_dir], data) if run.name not in batches else None
+        finally:
+            reader.release(ckpt)
+    else:
+        model_dir = Path(ckpt.path)
+        model = hf_model(model_dir)
+        tok = hf_tokenizer([model_dir, run.path], data) if run.name not in batches else None
     if run.name not in batches:
-        tok = hf_tokenizer([model_dir, run.path], data)
         batches[run.name] = hf_data_batch(tok, hf_context(model), data, n_seq)
     sites = hf_sites(model, ADAPTERS[reader.model_type].family, run.spec.n_heads)
     return forward_activations(model, batches[run.name], positions, sites=sites,
