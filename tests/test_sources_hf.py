@@ -379,3 +379,18 @@ def test_activations_data_needs_the_checkpoints_tokenizer(tmp_path):
     with pytest.raises(InputError, match=r"has no tokenizer: none of tokenizer\.json"):
         dynlab.analyze([tmp_path / "gpt2"], tmp_path / "a.zarr", metrics="per",
                        device="cpu", progress=False, activations_data=str(text))
+
+
+def test_activations_data_refuses_a_pico_model_directory(tmp_path):
+    from safetensors.torch import save_file
+    from test_sources_pico import pico_config, random_weights
+
+    d = tmp_path / "pico-hf"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(pico_config()))
+    w = random_weights(torch.Generator().manual_seed(0))
+    save_file({f"pico_decoder.{k}": v for k, v in w.items()}, str(d / "model.safetensors"))
+    text = fx.write_text(tmp_path / "docs.txt")
+    with pytest.raises(InputError, match="pico checkpoint in Hugging Face format"):
+        dynlab.analyze([d], tmp_path / "a.zarr", metrics="per", device="cpu", progress=False,
+                       activations_data=str(text))

@@ -245,8 +245,13 @@ def hf_model(model_dir: Path) -> torch.nn.Module:
     except ImportError:
         raise InputError("--activations-data for Hugging Face checkpoints needs transformers: "
                          "pip install 'dynlab[hf]'") from None
-    return AutoModelForCausalLM.from_pretrained(
-        model_dir, local_files_only=True, trust_remote_code=False, dtype=torch.float32).eval()
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, local_files_only=True, trust_remote_code=False,
+            dtype=torch.float32).eval()
+    except (OSError, ValueError) as err:
+        raise InputError(f"--activations-data: transformers cannot load {model_dir} as a "
+                         f"causal LM of its own classes ({err})") from None
 
 
 def hf_context(model: torch.nn.Module) -> int:
@@ -587,8 +592,13 @@ def computed_activations(run: Run, ckpt: Checkpoint, data: str, n_seq: int, posi
                          "computed for dynlab runs and Hugging Face checkpoints only (a "
                          "pico-train run's own saved activations are read without "
                          "--activations-data)")
-    from dynlab.sources.arch import ADAPTERS
+    from dynlab.sources.arch import ADAPTERS, HF_ACTIVATION_SITES
 
+    family = ADAPTERS[reader.model_type].family
+    if family not in HF_ACTIVATION_SITES:
+        raise InputError(f"--activations-data: {run.name} is a {family} checkpoint in Hugging "
+                         "Face format, which transformers has no class for; activations are "
+                         f"computed for {', '.join(HF_ACTIVATION_SITES)} checkpoints")
     if fmt == "hf-hub":  # fetched again (the parameter pass released it), released at once
         model_dir = Path(reader.fetch(ckpt.revision))
         try:
@@ -604,7 +614,7 @@ def computed_activations(run: Run, ckpt: Checkpoint, data: str, n_seq: int, posi
         tok = hf_tokenizer([model_dir, run.path], data) if run.name not in batches else None
     if run.name not in batches:
         batches[run.name] = hf_data_batch(tok, hf_context(model), data, n_seq)
-    sites = hf_sites(model, ADAPTERS[reader.model_type].family, run.spec.n_heads)
+    sites = hf_sites(model, family, run.spec.n_heads)
     return forward_activations(model, batches[run.name], positions, sites=sites,
                                call=lambda ids: model(input_ids=ids))
 
