@@ -367,3 +367,23 @@ def test_pico_train_activations_analysed(tmp_path, convention):
     assert float(ds.cka.sel(run="pico-acts", target="final", step=STEPS[-1], layer=0,
                             act_site="swiglu.w_2")) == pytest.approx(1.0, rel=1e-6)
     assert np.isnan(ds.cka.sel(run="pico-acts", target="previous", step=0).values).all()
+
+
+def test_pico_train_representation_figures(tmp_path):
+    """pico-train saves no residual stream: the figures show the first module it saved."""
+    from dynlab.viz import representations as V
+
+    root = tmp_path / "pico-acts"
+    write_pico_run(root, samples=40)
+    store = dynlab.analyze([root], tmp_path / "a.zarr", metrics="per", device="cpu",
+                           progress=False)
+    ds = dynlab.open_store(store)
+    fig = V.similarity_heatmap(ds, "cka", "final")
+    assert "attention.v_proj" in fig.layout.title.text and not fig.layout.meta["notes"]
+    (heat,) = [t for t in fig.data if t.meta["role"] == "heatmap"]
+    want = ds.cka.sel(run="pico-acts", target="final", act_site="attention.v_proj")
+    np.testing.assert_array_equal(np.array(heat.z, dtype=float),
+                                  want.transpose("layer", "step").values)
+    fig = V.anisotropy_over_steps(ds)
+    assert "attention.v_proj" in fig.layout.title.text
+    assert len([t for t in fig.data if t.meta["role"] == "series"]) == SPEC.n_layers

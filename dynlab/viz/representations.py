@@ -60,11 +60,25 @@ def colour_range(values: np.ndarray, top: float = 1.0, span: float = 0.1) -> tup
     return float(lo), float(hi)
 
 
+def default_site(ds: xr.Dataset, metric: str) -> str:
+    """The residual stream, or, where the store has no finite `metric` for it (pico-train runs
+    save only some modules' outputs), the first site that has one."""
+    if metric not in ds.data_vars or "act_site" not in ds.coords:
+        return "residual"
+    sites = [str(s) for s in ds["act_site"].values]
+    for site in ["residual"] + [s for s in sites if s != "residual"]:
+        if bool(np.isfinite(ds[metric].sel(act_site=site).values).any()):
+            return site
+    return "residual"
+
+
 def similarity_heatmap(ds: xr.Dataset, metric: str = "cka", target: str = "final",
-                       site: str = "residual") -> go.Figure:
+                       site: str | None = None) -> go.Figure:
     """Layer × step heatmap of a comparative index (cka, cka_debiased, svcca, pwcca) against
-    `target`, one panel per run sharing one colour scale: up to 1, from the smallest value
-    rounded down to 0.05 (`colour_range`), so that values near 1 stay distinguishable."""
+    `target` at `site` (default: `default_site`), one panel per run sharing one colour scale:
+    up to 1, from the smallest value rounded down to 0.05 (`colour_range`), so that values
+    near 1 stay distinguishable."""
+    site = site or default_site(ds, metric)
     runs = _runs(ds)
     notes: list[str] = []
     fig = make_subplots(rows=1, cols=max(len(runs), 1), subplot_titles=runs or [""],
@@ -97,9 +111,10 @@ def similarity_heatmap(ds: xr.Dataset, metric: str = "cka", target: str = "final
 
 
 def anisotropy_over_steps(ds: xr.Dataset, metric: str = "anisotropy",
-                          site: str = "residual") -> go.Figure:
-    """`metric` (anisotropy or isoscore) of `site` over steps: one panel per layer, one line
-    per run (decoder against relora in the same panel)."""
+                          site: str | None = None) -> go.Figure:
+    """`metric` (anisotropy or isoscore) of `site` (default: `default_site`) over steps: one
+    panel per layer, one line per run (decoder against relora in the same panel)."""
+    site = site or default_site(ds, metric)
     runs = _runs(ds)
     notes: list[str] = []
     layers = [int(v) for v in ds["layer"].values] if "layer" in ds.coords else []
@@ -225,7 +240,8 @@ def representation_sections(ds: xr.Dataset) -> list[tuple[str, str, Callable[[],
             "Representations: CKA against the final checkpoint",
             "Linear CKA (biased HSIC estimator, as pico-analyze) between each layer's residual "
             "stream at each step and at the run's final checkpoint, on the same tokens of the "
-            "learning-dynamics batch: where and when the representations settle.",
+            "learning-dynamics batch: where and when the representations settle. (Runs that "
+            "saved no residual stream, such as pico-train's: the first module it saved.)",
             lambda: similarity_heatmap(ds, "cka", "final")))
     if "pwcca" in ds.data_vars:
         out.append((
