@@ -42,10 +42,14 @@ def _values(v: np.ndarray) -> list:
     return [None if not np.isfinite(x) else float(x) for x in v]
 
 
-#: titles' names of the activation sites and metrics
-SITE_LABELS = {"residual": "residual stream"}
+#: titles' names of the metrics
 METRIC_LABELS = {"cka": "CKA", "cka_debiased": "debiased CKA", "svcca": "SVCCA",
                  "pwcca": "PWCCA", "anisotropy": "anisotropy", "isoscore": "IsoScore"}
+
+
+def site_label(site: str) -> str:
+    """`residual stream`, or `<module> output`."""
+    return "residual stream" if site == "residual" else f"{site} output"
 
 
 def colour_range(values: np.ndarray, top: float = 1.0, span: float = 0.1) -> tuple[float, float]:
@@ -106,7 +110,7 @@ def similarity_heatmap(ds: xr.Dataset, metric: str = "cka", target: str = "final
         fig.update_yaxes(title_text="layer", row=1, col=1)
     fig.update_layout(coloraxis={"colorscale": "Viridis", "cmin": cmin, "cmax": cmax,
                                  "colorbar": {"title": {"text": label}}})
-    return _done(fig, f"{label} of the {SITE_LABELS.get(site, site)} against the {target} "
+    return _done(fig, f"{label} of the {site_label(site)} against the {target} "
                  "checkpoint: layer × step", notes, PANEL_HEIGHT + 140)
 
 
@@ -140,7 +144,7 @@ def anisotropy_over_steps(ds: xr.Dataset, metric: str = "anisotropy",
             fig.update_xaxes(title_text="step", row=r, col=c)
         fig.update_yaxes(title_text=METRIC_LABELS.get(metric, metric), row=1, col=1)
     return _done(fig, f"{METRIC_LABELS.get(metric, metric)} of the "
-                 f"{SITE_LABELS.get(site, site)} over steps, per layer", notes,
+                 f"{site_label(site)} over steps, per layer", notes,
                  PANEL_HEIGHT * rows + 120)
 
 
