@@ -348,27 +348,29 @@ def pico_linear_cka(x, y) -> float:
     """pico-analyze's CKA: the biased linear CKA of `linear_cka`,
     ‖XᵀY‖_F² / (‖XᵀX‖_F·‖YᵀY‖_F) of the column-centred X, Y, with the inputs rounded to float32
     and every step (centring, products, norms) in float32, as pico-analyze computes it. It
-    differs from `linear_cka` only by float32 rounding (≈ 1e-6 relative). NaN where pico-analyze
-    gets NaN (zero variance: 0/0) and for NaN/Inf entries."""
+    differs from `linear_cka` by float32 rounding only, which depends on the summation order of
+    the BLAS (≈ 1e-6 relative at 256 × 128, up to ≈ 1e-4 at 2048 × 512, in pico-analyze as
+    here). NaN where pico-analyze gets NaN (zero variance: 0/0) and for NaN/Inf entries."""
     pair = _pair(x, y)
     if pair is None:
         return math.nan
     a, b = pair[0].astype(np.float32), pair[1].astype(np.float32)
-    a = a - a.mean(axis=0, keepdims=True)
-    b = b - b.mean(axis=0, keepdims=True)
-    with np.errstate(all="ignore"):
-        num = np.linalg.norm(a.T @ b) ** 2
-        value = float(num / (np.linalg.norm(a.T @ a) * np.linalg.norm(b.T @ b)))
+    a = torch.from_numpy(a - a.mean(axis=0, keepdims=True))
+    b = torch.from_numpy(b - b.mean(axis=0, keepdims=True))
+    with _one_thread():
+        num = torch.linalg.matrix_norm(a.T @ b) ** 2
+        den = torch.linalg.matrix_norm(a.T @ a) * torch.linalg.matrix_norm(b.T @ b)
+    value = float(num / den)
     return value if math.isfinite(value) else math.nan
 
 
-def pico_inverse_sqrt(s: np.ndarray) -> np.ndarray:
+def pico_inverse_sqrt(s: torch.Tensor) -> torch.Tensor:
     """S^(−1/2) as pico-analyze's CCA forms it: the eigen-decomposition V·diag(w)·Vᵀ of the
-    pseudo-inverse S⁺ (numpy's pinv, cut-off 1e-15·σ_max), then V·diag(√w)·Vᵀ. A slightly
-    negative w (rounding, when S is singular) gives NaN entries, as in pico-analyze."""
-    w, v = np.linalg.eigh(np.linalg.pinv(s, rcond=PICO_PINV_RCOND))
-    with np.errstate(invalid="ignore"):
-        return (v * np.sqrt(w)) @ v.T
+    pseudo-inverse S⁺ (numpy's pinv rule: singular values below 1e-15·σ_max dropped), then
+    V·diag(√w)·Vᵀ. A slightly negative w (rounding, when S is singular or ill-conditioned)
+    gives NaN entries, as in pico-analyze. float64."""
+    w, v = torch.linalg.eigh(torch.linalg.pinv(s, rtol=PICO_PINV_RCOND))
+    return (v * torch.sqrt(w)) @ v.T
 
 
 def pico_pwcca(x, y) -> float:
@@ -393,34 +395,37 @@ def pico_pwcca(x, y) -> float:
     activations, `pwcca`'s docstring — is never taken; with p > q it fails on a boolean-index
     length mismatch). NaN where pico-analyze cannot give a reproducible number:
     p ≥ n (it asserts fewer features than samples), p > q, a side without variance, NaN/Inf
-    entries, and a singular covariance whose inverse square root holds NaN (pico-analyze then
-    retries on randomly perturbed activations)."""
+    entries, and a covariance whose inverse square root holds NaN (pico-analyze then retries
+    on randomly perturbed activations). Computed with torch's LAPACK routines in one thread
+    (numpy's are the same algorithms: pico-analyze's values are met to ≈ 1e-12)."""
     pair = _pair(x, y)
     if pair is None:
         return math.nan
-    a, b = pair[0].astype(np.float32).T, pair[1].astype(np.float32).T
-    p, n = a.shape
-    q = b.shape[0]
+    a32, b32 = pair[0].astype(np.float32).T, pair[1].astype(np.float32).T
+    p, n = a32.shape
+    q = b32.shape[0]
     if not (p < n and p <= q):
         return math.nan
-    z = np.concatenate([a, b]).astype(np.float64)
-    z -= z.mean(axis=1, keepdims=True)
-    cov = (z @ z.T) / (n - 1)
-    xmax, ymax = np.abs(cov[:p, :p]).max(), np.abs(cov[p:, p:]).max()
-    if not (xmax > 0 and ymax > 0):
-        return math.nan
-    sxx, syy = cov[:p, :p] / xmax, cov[p:, p:] / ymax
-    sxy = cov[:p, p:] / math.sqrt(xmax * ymax)
-    m = pico_inverse_sqrt(sxx) @ sxy @ pico_inverse_sqrt(syy)
-    if not np.isfinite(m).all():
-        return math.nan
-    u, rho, _ = np.linalg.svd(m)
-    rho = np.abs(rho)
-    mu = a.mean(axis=1, keepdims=True)
-    directions = u.T @ (a - mu) + mu
-    basis, _ = np.linalg.qr(directions.T)
-    weights = np.abs(basis.T @ a.T).sum(axis=1)
-    total = weights.sum()
-    if not total > 0:
-        return math.nan
-    return float(np.sum(weights / total * rho))
+    mu = a32.mean(axis=1, keepdims=True)
+    a = torch.from_numpy(np.ascontiguousarray(a32, dtype=np.float64))
+    with _one_thread():
+        z = torch.cat([a, torch.from_numpy(np.ascontiguousarray(b32, dtype=np.float64))])
+        z = z - z.mean(dim=1, keepdim=True)
+        cov = (z @ z.T) / (n - 1)
+        xmax, ymax = float(cov[:p, :p].abs().max()), float(cov[p:, p:].abs().max())
+        if not (xmax > 0 and ymax > 0):
+            return math.nan
+        sxx, syy = cov[:p, :p] / xmax, cov[p:, p:] / ymax
+        sxy = cov[:p, p:] / math.sqrt(xmax * ymax)
+        m = pico_inverse_sqrt(sxx) @ sxy @ pico_inverse_sqrt(syy)
+        if not bool(torch.isfinite(m).all()):
+            return math.nan
+        u, rho, _ = torch.linalg.svd(m)
+        centred = torch.from_numpy(np.ascontiguousarray(a32 - mu, dtype=np.float64))
+        directions = u.T @ centred + torch.from_numpy(mu.astype(np.float64))
+        basis, _ = torch.linalg.qr(directions.T)
+        weights = (basis.T @ a.T).abs().sum(dim=1)
+        total = float(weights.sum())
+        if not total > 0:
+            return math.nan
+        return float((weights / total * rho.abs()).sum())
