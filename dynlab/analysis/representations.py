@@ -1,7 +1,9 @@
 """Similarity and geometry of representations (activation matrices, samples × features).
 
 Every function takes activation matrices X (n × p) and Y (n × q) whose rows are the same n
-samples (token positions) seen by two layers, checkpoints or models, and computes in float64.
+samples (token positions) seen by two layers, checkpoints or models, and computes in float64,
+except `pico_linear_cka` and `pico_pwcca`, which keep pico-analyze's float32 steps (the `pico`
+convention; their docstrings list where they differ from the functions above them).
 
 Conventions shared by every function:
 
