@@ -122,3 +122,32 @@ def module_ov(model, arch: str, layer: int, head: int | None) -> torch.Tensor:
     finally:
         _HEAD["h"] = None
     return (outs[0] - outs[1]).T
+
+
+# ---- a checkpoint's own tokenizer, and text for --activations-data
+
+CHARS = " abcdefghijklmnopqrstuvwxyz.,"
+
+
+def save_tokenizer(model_dir: Path) -> None:
+    """A character-level tokenizer (id 0 `<|endoftext|>`, the end-of-sequence token, then
+    CHARS; fewer ids than VOCAB) saved with transformers' save_pretrained into model_dir."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<|endoftext|>": 0, "<unk>": 1} | {c: i + 2 for i, c in enumerate(CHARS)}
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                                unk_token="<unk>")
+    fast.save_pretrained(model_dir)
+
+
+def write_text(path: Path, n_docs: int = 20) -> Path:
+    """Documents separated by blank lines (dynlab's .txt data format), from CHARS."""
+    gen = torch.Generator().manual_seed(5)
+    docs = []
+    for _ in range(n_docs):
+        idx = torch.randint(0, len(CHARS), (30,), generator=gen).tolist()
+        docs.append("".join(CHARS[i] for i in idx).strip() or "a")
+    path.write_text("\n\n".join(docs) + "\n")
+    return path

@@ -191,7 +191,9 @@ def test_representation_figures_and_report(two_runs):
     qk = ds.qk_per.sel(run="dec", kind="weights").mean("layer").values
     np.testing.assert_allclose(means[0].y, qk, rtol=1e-12)
     fig = V.alpha_over_steps(ds)
-    assert not fig.layout.meta["notes"]
+    # attention.v_proj is 8 × 16 here: 8 eigenvalues, too few for the fit; said, not blank
+    assert fig.layout.meta["notes"] == ["attention.v_proj: no finite α (the fit needs at "
+                                        "least 10 non-zero eigenvalues)"]
     text, sections = REP.build_report(ds)
     titles = [s.title for s in sections]
     assert "Representations: CKA against the final checkpoint" in titles
@@ -217,15 +219,22 @@ def test_export_activation_metrics(two_runs, tmp_path):
     step = tmp_path / "pico" / "step_2"
     ds = xr.open_zarr(store).sel(run="rel", step=2)
     cka = json.loads((step / "cka_val.json").read_text())
-    assert cka["layers.1"] == float(ds.cka.sel(target="final", layer=1, act_site="residual"))
-    assert cka["layers.0.swiglu.w_2"] == float(ds.cka.sel(target="final", layer=0,
-                                                          act_site="swiglu.w_2"))
+    assert cka["layers.1.residual.activations"] == float(
+        ds.cka.sel(target="final", layer=1, act_site="residual"))
+    assert cka["layers.0.swiglu.w_2.activations"] == float(
+        ds.cka.sel(target="final", layer=0, act_site="swiglu.w_2"))
     other = json.loads((step / "cka_vs_dec@4_val.json").read_text())
-    assert other["layers.0"] == float(ds.cka.sel(target="dec@4", layer=0, act_site="residual"))
+    assert other["layers.0.residual.activations"] == float(
+        ds.cka.sel(target="dec@4", layer=0, act_site="residual"))
     aniso = json.loads((step / "anisotropy_val.json").read_text())
     assert len(aniso) == 2 * 8
-    per = json.loads((step / "per_activations_val.json").read_text())
-    assert per["layers.1"] == float(ds.act_per.sel(layer=1, act_site="residual"))
+    # pico-analyze's files: one per metric, every data type in it
+    per = json.loads((step / "per_val.json").read_text())
+    assert per["layers.1.residual.activations"] == float(
+        ds.act_per.sel(layer=1, act_site="residual"))
+    assert per["layers.1.attention.v_proj.weights"] == float(
+        ds.per.sel(kind="weights", layer=1, matrix="attention.v_proj"))
+    assert not (step / "per_activations_val.json").exists()
 
 
 @pytest.mark.slow
@@ -285,3 +294,44 @@ def test_recompute_activation_metrics(two_runs, tmp_path):
     for name in ("act_cn", "act_alpha", "act_per"):
         xr.testing.assert_identical(a[name].load(), b[name].load())
     assert np.isfinite(b.act_cn.sel(act_site="residual").values).all()
+
+
+@pytest.mark.slow
+def test_pico_convention_cka_pwcca(two_runs, tmp_path):
+    """Under --convention pico, `cka` and `pwcca` are pico-analyze's (checked against the
+    written-out transcription of its formulas); the indices it lacks stay dynlab's."""
+    from test_representations import pico_reference_cka, pico_reference_pwcca
+
+    root, dec, rel = two_runs
+    out = dynlab.analyze([dec], tmp_path / "pico.zarr", metrics="per", progress=False,
+                         device="cpu", convention="pico")
+    ds = xr.open_zarr(out)
+    assert ds.attrs["convention"] == "pico"
+    assert "pico-analyze" in ds.cka.attrs["long_name"]
+    final = acts_of(dec, 4)
+    for step in (0, 2):
+        a = acts_of(dec, step)
+        for site, key in (("residual", "layers.1"), ("swiglu.w_0", "layers.1.swiglu.w_0")):
+            x, y = a[key], final[key]
+            cell = ds.sel(run="dec", step=step, layer=1, act_site=site, target="final")
+            assert float(cell.cka) == pytest.approx(pico_reference_cka(x, y), rel=2e-6)
+            assert float(cell.cka_debiased) == pytest.approx(R.debiased_cka(x, y), rel=1e-12,
+                                                             nan_ok=True)
+            assert float(cell.svcca) == pytest.approx(R.svcca(x, y), rel=1e-12, nan_ok=True)
+            assert float(cell.pwcca) == pytest.approx(pico_reference_pwcca(x, y), rel=1e-9,
+                                                      nan_ok=True)
+        # residual stream: 48 samples, 16 features, a defined CCA. swiglu.w_0: 32 + 32
+        # features > 47, the whitened covariance's square root holds NaN in pico-analyze's
+        # arithmetic (it then retries on random noise): NaN here
+        cell = ds.sel(run="dec", step=step, layer=1, target="final")
+        assert 0 < float(cell.pwcca.sel(act_site="residual")) <= 1
+        assert math.isnan(float(cell.pwcca.sel(act_site="swiglu.w_0")))
+
+
+def test_heatmap_colour_range():
+    from dynlab.viz.representations import colour_range
+
+    assert colour_range(np.array([0.93, 0.99, np.nan, 1.0])) == (0.9, 1.0)
+    assert colour_range(np.array([0.999, 1.0])) == pytest.approx((0.9, 1.0))  # span ≥ 0.1
+    assert colour_range(np.array([-0.12, 0.5])) == (-0.15, 1.0)  # debiased CKA can be < 0
+    assert colour_range(np.array([np.nan])) == (0.0, 1.0)

@@ -284,3 +284,101 @@ def test_isoscore_formula_and_edges():
     # fewer samples than features: capped by the n − 1 directions that can carry variance
     few = rng(16).normal(size=(4, 10))
     assert R.isoscore(few) <= (4 - 2) / (10 - 1) + 1e-12
+
+
+# ----------------------------------------------------------------------------------------
+# pico-analyze's CKA and PWCCA (the pico convention)
+
+
+def pico_reference_cka(x, y):
+    """pico-analyze's CKA written out: float32 inputs, centred columns, ‖XᵀY‖²/(‖XᵀX‖‖YᵀY‖),
+    every step in float32 (einsum instead of matrix products)."""
+    a, b = x.astype(np.float32), y.astype(np.float32)
+    a = a - a.sum(axis=0, dtype=np.float32) / np.float32(a.shape[0])
+    b = b - b.sum(axis=0, dtype=np.float32) / np.float32(b.shape[0])
+    xty = np.einsum("ni,nj->ij", a, b)
+    xtx, yty = np.einsum("ni,nj->ij", a, a), np.einsum("ni,nj->ij", b, b)
+    return float(np.sum(xty * xty) / (np.sqrt(np.sum(xtx * xtx)) * np.sqrt(np.sum(yty * yty))))
+
+
+def gram_schmidt(m):
+    """Orthonormal columns spanning m's columns, in order (classical Gram–Schmidt, twice)."""
+    q = np.zeros_like(m)
+    for j in range(m.shape[1]):
+        v = m[:, j].copy()
+        for _ in range(2):
+            v -= q[:, :j] @ (q[:, :j].T @ v)
+        q[:, j] = v / np.linalg.norm(v)
+    return q
+
+
+def pico_reference_pwcca(x, y):
+    """pico-analyze's PWCCA (its CCA with ε = 0 and its projection weighting) written out with
+    other routes: numpy.cov, scipy's matrix square root of the pseudo-inverse, Gram–Schmidt for
+    QR. NaN where that pseudo-inverse has a negative eigenvalue (rounding of a singular or
+    ill-conditioned covariance)."""
+    acts1, acts2 = x.astype(np.float32).T, y.astype(np.float32).T  # neurons × samples
+    p = acts1.shape[0]
+    c = np.cov(acts1, acts2)
+    sxx, sxy, syy = c[:p, :p], c[:p, p:], c[p:, p:]
+    xmax, ymax = np.max(np.abs(sxx)), np.max(np.abs(syy))
+    sxx, syy, sxy = sxx / xmax, syy / ymax, sxy / np.sqrt(xmax * ymax)
+    inv_x, inv_y = np.linalg.pinv(sxx), np.linalg.pinv(syy)
+    if min(scipy.linalg.eigvalsh(inv_x)[0], scipy.linalg.eigvalsh(inv_y)[0]) < 0:
+        return math.nan  # pico-analyze's square root is NaN: it retries on random noise
+    ix, iy = np.real(scipy.linalg.sqrtm(inv_x)), np.real(scipy.linalg.sqrtm(inv_y))
+    u, s, _ = np.linalg.svd(ix @ sxy @ iy)
+    mean1 = acts1.mean(axis=1, keepdims=True)
+    dirns = u.T @ (acts1 - mean1) + mean1
+    p_ = gram_schmidt(dirns.T.astype(np.float64))
+    w = np.abs(p_.T @ acts1.T).sum(axis=1)
+    return float(np.sum(w / w.sum() * np.abs(s)))
+
+
+@pytest.mark.parametrize("n,p", [(40, 6), (200, 24), (90, 40)])
+def test_pico_cka_pwcca_against_written_out_reference(n, p):
+    g = rng(100 + n)
+    x = (g.normal(size=(n, p)) + 0.5).astype(np.float32)
+    y = (x @ g.normal(size=(p, p)) * 0.3 + g.normal(size=(n, p))).astype(np.float32)
+    assert R.pico_linear_cka(x, y) == pytest.approx(pico_reference_cka(x, y), rel=2e-6)
+    # float32 arithmetic: equal to the float64 CKA up to float32 rounding
+    assert R.pico_linear_cka(x, y) == pytest.approx(R.linear_cka(x, y), rel=2e-5)
+    assert R.pico_pwcca(x, y) == pytest.approx(pico_reference_pwcca(x, y), rel=1e-9)
+    # pico-analyze's weighting is not dynlab's (uncentred features, no whitening)
+    assert abs(R.pico_pwcca(x, y) - R.pwcca(x, y)) > 1e-3
+
+
+def test_pico_cka_pwcca_properties():
+    g = rng(7)
+    x = g.normal(size=(120, 10)).astype(np.float32) + 2.0
+    y = (x[:, :5] @ g.normal(size=(5, 10)) + g.normal(size=(120, 10))).astype(np.float32)
+    assert R.pico_linear_cka(x, x) == pytest.approx(1.0, rel=1e-6)
+    assert R.pico_pwcca(x, x) == pytest.approx(1.0, rel=1e-9)
+    base_c, base_p = R.pico_linear_cka(x, y), R.pico_pwcca(x, y)
+    q = ortho_group.rvs(10, random_state=3)
+    # CKA: orthogonal transforms and isotropic scaling of either side
+    assert R.pico_linear_cka(x @ q, 3 * y) == pytest.approx(base_c, rel=1e-5)
+    # PWCCA: isotropic scalings of either side
+    assert R.pico_pwcca(4 * x, 0.5 * y) == pytest.approx(base_p, rel=1e-5)
+    # an invertible map of the target leaves ρ and U up to the signs of U's columns; with the
+    # means added back, D = Uᵀ(X − μ) + μ depends on those signs unless μ = 0
+    m = g.normal(size=(10, 10))
+    xc = x - x.mean(axis=0)
+    assert R.pico_pwcca(xc, y @ m) == pytest.approx(R.pico_pwcca(xc, y), rel=1e-4)
+    # not invariant to a shift of the source: the weights use the uncentred activations
+    assert abs(R.pico_pwcca(xc, y) - base_p) > 1e-4
+    assert 0 < base_c < 1 and 0 < base_p < 1
+
+
+def test_pico_edges_give_nan():
+    g = rng(8)
+    x, y = g.normal(size=(20, 30)), g.normal(size=(20, 30))
+    assert math.isnan(R.pico_pwcca(x, y))  # p ≥ n: pico-analyze asserts fewer features
+    assert math.isnan(R.pico_pwcca(g.normal(size=(50, 8)), g.normal(size=(50, 5))))  # p > q
+    assert math.isnan(R.pico_pwcca(np.ones((50, 4)), g.normal(size=(50, 4))))  # no variance
+    assert math.isnan(R.pico_linear_cka(np.ones((50, 4)), g.normal(size=(50, 4))))
+    bad = g.normal(size=(50, 4))
+    bad[3, 1] = np.inf
+    assert math.isnan(R.pico_linear_cka(bad, bad)) and math.isnan(R.pico_pwcca(bad, bad))
+    # fewer samples than features: CKA is still defined (feature space, float32)
+    assert R.pico_linear_cka(x, y) == pytest.approx(R.linear_cka(x, y), rel=2e-5)

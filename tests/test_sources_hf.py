@@ -7,16 +7,20 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
+import xarray as xr
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 import hf_fixtures as fx  # noqa: E402
 from sources_refs import check, to64  # noqa: E402
 
 import dynlab  # noqa: E402
+from dynlab.analysis import activations as A  # noqa: E402
 from dynlab.analysis import components as C  # noqa: E402
+from dynlab.errors import InputError  # noqa: E402
 from dynlab.runs.checkpoints import CheckpointError  # noqa: E402
 from dynlab.sources import open_sources  # noqa: E402
 
@@ -273,3 +277,120 @@ def test_hf_trainer_checkpoints_carry_loss_and_lr(tmp_path):
     assert float(ds.train_loss.sel(run="run", step=2)) == 3.25
     assert float(ds.lr.sel(run="run", step=2)) == 5e-4
     assert math.isnan(float(ds.train_loss.sel(run="run", step=0)))
+
+
+# ---- activations computed at analysis time (--activations-data) with transformers' classes
+
+FINAL_NORM = {"llama": "model.norm", "gpt_neox": "gpt_neox.final_layer_norm",
+              "gpt2": "transformer.ln_f"}
+# a linear module of layer 1 per architecture, its native name -> dynlab's sites
+MODULE_SITES = {
+    "llama": ("model.layers.1.mlp.down_proj", ("swiglu.w_2",)),
+    "gpt_neox": ("gpt_neox.layers.1.attention.query_key_value",
+                 ("attention.q_proj", "attention.k_proj", "attention.v_proj")),
+    "gpt2": ("transformer.h.1.attn.c_attn",
+             ("attention.q_proj", "attention.k_proj", "attention.v_proj")),
+}
+
+
+def split_by_hand(arch, out, n_heads):
+    """The fused Q/K/V output split as the attention modules themselves do it."""
+    if arch == "llama":
+        return (out,)
+    if arch == "gpt_neox":  # view(b, t, heads, 3·hd), then chunk(3) per head
+        b, t, _ = out.shape
+        qkv = out.view(b, t, n_heads, -1)
+        return tuple(c.reshape(b, t, -1) for c in qkv.chunk(3, dim=-1))
+    return out.split(out.shape[-1] // 3, dim=-1)  # GPT-2: split(split_size, dim=2)
+
+
+@pytest.fixture(scope="module")
+def hf_act_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hfacts")
+    for arch in VARIANTS:
+        fx.train_and_save(arch, root / arch, (0, 2))
+        for step in (0, 2):
+            fx.save_tokenizer(root / arch / f"step{step}")
+    return root, fx.write_text(root / "docs.txt")
+
+
+@pytest.mark.parametrize("arch", list(VARIANTS))
+def test_activations_data_equal_transformers_forward(hf_act_runs, arch):
+    root, text = hf_act_runs
+    (run,) = open_sources([root / arch])
+    ckpt = run.checkpoints[1]
+    acts = A.computed_activations(run, ckpt, str(text), 4, "all", {})
+    tok = transformers.AutoTokenizer.from_pretrained(ckpt.path, local_files_only=True)
+    ids = [tok.eos_token_id]
+    for doc in text.read_text().split("\n\n"):
+        ids += tok(doc.strip(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    batch = torch.tensor(ids[:4 * 65]).view(4, 65)  # seq_len = min(128, context 64)
+    assert torch.equal(acts["batch_tokens"], batch)
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt.path).eval()
+    name, sites = MODULE_SITES[arch]
+    seen = {}
+    hook = model.get_submodule(name).register_forward_hook(
+        lambda _m, _i, out: seen.setdefault("out", out.detach()))
+    with torch.no_grad():
+        hidden = model(input_ids=batch[:, :-1], output_hidden_states=True).hidden_states
+    hook.remove()
+    d = model.config.hidden_size
+    assert acts["token_positions"].shape == (4 * 64, 2)
+    # blocks 0 .. L-2: the residual stream is transformers' hidden state after the block
+    assert torch.allclose(acts["layers.0"], hidden[1].reshape(-1, d), rtol=0, atol=1e-6)
+    # the last block's output is before the final norm, which transformers' last state has
+    final_norm = model.get_submodule(FINAL_NORM[arch])
+    with torch.no_grad():
+        normed = final_norm(acts["layers.1"])
+    assert torch.allclose(normed, hidden[2].reshape(-1, d), rtol=0, atol=1e-5)
+    for site, want in zip(sites, split_by_hand(arch, seen["out"], model.config.num_attention_heads
+                                                 if arch != "gpt2" else model.config.n_head),
+                          strict=True):
+        assert torch.allclose(acts[f"layers.1.{site}"], want.reshape(-1, want.shape[-1]),
+                              rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_activations_data_into_the_store(hf_act_runs, tmp_path):
+    from test_sources_pico import direct_anisotropy, direct_cka
+
+    root, text = hf_act_runs
+    runs = [root / a for a in VARIANTS]
+    store = dynlab.analyze(runs, tmp_path / "a.zarr", metrics="per", device="cpu",
+                           progress=False, activations_data=str(text), activations_batch=4,
+                           activation_positions="sample:8")
+    ds = xr.open_zarr(store)
+    assert ds.act_analyzed.values.tolist() == [[1, 1]] * 3
+    for arch in VARIANTS:
+        (run,) = open_sources([root / arch])
+        a0 = A.computed_activations(run, run.checkpoints[0], str(text), 4, "sample:8", {})
+        a2 = A.computed_activations(run, run.checkpoints[1], str(text), 4, "sample:8", {})
+        x, y = a0["layers.0"].double().numpy(), a2["layers.0"].double().numpy()
+        cell = ds.sel(run=arch, step=0, layer=0, act_site="residual")
+        assert float(cell.anisotropy) == pytest.approx(direct_anisotropy(x), rel=1e-9)
+        assert float(cell.cka.sel(target="final")) == pytest.approx(direct_cka(x, y), rel=1e-9)
+        gated = ds.anisotropy.sel(run=arch, step=0, layer=0, act_site="swiglu.w_0")
+        assert np.isnan(float(gated)) == (arch != "llama")
+
+
+def test_activations_data_needs_the_checkpoints_tokenizer(tmp_path):
+    fx.train_and_save("gpt2", tmp_path / "gpt2", (0,))
+    text = fx.write_text(tmp_path / "docs.txt")
+    with pytest.raises(InputError, match=r"has no tokenizer: none of tokenizer\.json"):
+        dynlab.analyze([tmp_path / "gpt2"], tmp_path / "a.zarr", metrics="per",
+                       device="cpu", progress=False, activations_data=str(text))
+
+
+def test_activations_data_refuses_a_pico_model_directory(tmp_path):
+    from safetensors.torch import save_file
+    from test_sources_pico import pico_config, random_weights
+
+    d = tmp_path / "pico-hf"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(pico_config()))
+    w = random_weights(torch.Generator().manual_seed(0))
+    save_file({f"pico_decoder.{k}": v for k, v in w.items()}, str(d / "model.safetensors"))
+    text = fx.write_text(tmp_path / "docs.txt")
+    with pytest.raises(InputError, match="pico checkpoint in Hugging Face format"):
+        dynlab.analyze([d], tmp_path / "a.zarr", metrics="per", device="cpu", progress=False,
+                       activations_data=str(text))

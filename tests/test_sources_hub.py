@@ -326,3 +326,31 @@ def test_default_revisions_from_the_hubs_refs(hub_cache, tmp_path, monkeypatch):
             open_sources([f"hf://{REPO}"], revisions="step0,step9", cache_dir=cache)
     finally:
         server.close()
+
+
+def test_activations_data_from_the_hub(tmp_path, monkeypatch):
+    """--activations-data on hf://: the revision's weights and its own tokenizer from the
+    cache, the same activations as the local directory gives."""
+    from dynlab.analysis import activations as A
+    from dynlab.analysis import representations as R
+
+    fx.train_and_save("gpt_neox", tmp_path / "dirs", (0, 2), "step{}")
+    for s in (0, 2):
+        fx.save_tokenizer(tmp_path / "dirs" / f"step{s}")
+    cache = tmp_path / "cache"
+    lay_out_cache(cache, "tiny-org/tok", {f"step{s}": tmp_path / "dirs" / f"step{s}"
+                                          for s in (0, 2)})
+    text = fx.write_text(tmp_path / "docs.txt")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = files_in(cache)
+    store = dynlab.analyze(["hf://tiny-org/tok"], tmp_path / "a.zarr", cache_dir=cache,
+                           metrics="per", device="cpu", progress=False,
+                           activations_data=str(text), activations_batch=4)
+    assert files_in(cache) == before  # cached before: never deleted
+    ds = dynlab.open_store(store)
+    (local,) = open_sources([tmp_path / "dirs"])
+    acts = A.computed_activations(local, local.checkpoints[0], str(text), 4, "sample:16", {})
+    want = R.anisotropy(acts["layers.1"].double().numpy())
+    got = float(ds.anisotropy.sel(run="tiny-org/tok", step=0, layer=1, act_site="residual"))
+    assert got == pytest.approx(want, rel=1e-12)
+    assert int(ds.act_analyzed.sum()) == 2

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
+import xarray as xr
 import yaml
 from safetensors.torch import save_file
 from sources_refs import check, to64
 
 import dynlab
+from dynlab.analysis import representations as R
 from dynlab.runs.checkpoints import CheckpointError, ModelSpec
 from dynlab.sources import open_sources
 from dynlab.sources.pico import unscramble_activations
@@ -44,10 +47,10 @@ def random_weights(gen: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 def write_pico_run(root: Path, relora: dict | None = None, world: int = 1,
-                   steps: tuple[int, ...] = STEPS) -> dict:
+                   steps: tuple[int, ...] = STEPS, samples: int = 2 * LD_BATCH) -> dict:
     """A pico-train (or relora-pico) run as the trainer lays it out; returns what was written:
     {step: {"weights", "val_grads", "train_grads", "val_acts"}} with true (unscrambled)
-    activations."""
+    activations of `samples` rows."""
     gen = torch.Generator().manual_seed(0)
     training_config = {
         "checkpointing": {"run_name": root.name,
@@ -96,7 +99,7 @@ def write_pico_run(root: Path, relora: dict | None = None, world: int = 1,
                     shape = SPEC.expected_shapes()[f"layers.{layer}.{m}.weight"]
                     grads[key] = torch.randn(*shape, generator=gen)
                     ws[key] = w[f"layers.{layer}.{m}.weight"]
-                    true = torch.randn(2 * LD_BATCH, shape[0], generator=gen)
+                    true = torch.randn(samples, shape[0], generator=gen)
                     acts[key] = true
             entry[f"{split}_grads"] = grads
             entry[f"{split}_acts"] = acts
@@ -302,3 +305,85 @@ def test_dask_cluster_equals_serial_for_sources(tmp_path):
     serial = dynlab.analyze([a, b], tmp_path / "serial.zarr", **kw)
     dask = dynlab.analyze([a, b], tmp_path / "dask.zarr", scheduler="local:2", **kw)
     xr.testing.assert_identical(xr.open_zarr(serial).load(), xr.open_zarr(dask).load())
+
+
+def direct_cka(x, y):
+    """Biased linear CKA through n × n Gram matrices and the centring matrix (float64)."""
+    n = x.shape[0]
+    h = np.eye(n) - 1.0 / n
+    k, l_ = h @ x @ x.T @ h, h @ y @ y.T @ h
+    return float(np.sum(k * l_) / np.sqrt(np.sum(k * k) * np.sum(l_ * l_)))
+
+
+def direct_anisotropy(x):
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    c = u @ u.T
+    n = x.shape[0]
+    return float((c.sum() - np.trace(c)) / (n * (n - 1)))
+
+
+def direct_per(x):
+    s = scipy.linalg.svdvals(x - x.mean(0))[: min(x.shape[0] - 1, x.shape[1])]
+    p = s / s.sum()
+    return float(np.exp(-(p * np.log(p)).sum()) / s.size)
+
+
+@pytest.mark.parametrize("convention", ["dynlab", "pico"])
+def test_pico_train_activations_analysed(tmp_path, convention):
+    """pico-train's saved (scrambled) learning-dynamics activations, unscrambled and analysed
+    into the store like a dynlab run's: every value against numpy on the true matrices."""
+    from test_representations import pico_reference_pwcca
+
+    root = tmp_path / "pico-acts"
+    written = write_pico_run(root, samples=40)  # 40 samples, 16 features: CCA is defined
+    store = dynlab.analyze([root], tmp_path / "a.zarr", metrics="per", device="cpu",
+                           progress=False, convention=convention, target="final,previous")
+    ds = xr.open_zarr(store)
+    assert ds.attrs["activations_source"] == "saved"
+    assert ds.act_analyzed.values.tolist() == [[1, 1, 1]]
+    true = {s: {k.removeprefix("_forward_module."): v.double().numpy()
+                for k, v in written[s]["val_acts"].items()} for s in STEPS}
+    for step in STEPS:
+        for layer in range(SPEC.n_layers):
+            for site in LD_MODULES:
+                x = true[step][f"layers.{layer}.{site}"]
+                y = true[STEPS[-1]][f"layers.{layer}.{site}"]
+                cell = ds.sel(run="pico-acts", step=step, layer=layer, act_site=site)
+                fin = cell.sel(target="final")
+                assert float(cell.act_per) == pytest.approx(direct_per(x), rel=1e-6)
+                assert float(cell.anisotropy) == pytest.approx(direct_anisotropy(x), rel=1e-9)
+                assert float(fin.cka) == pytest.approx(direct_cka(x, y), rel=1e-5)
+                if convention == "pico":
+                    assert float(fin.pwcca) == pytest.approx(pico_reference_pwcca(x, y),
+                                                             rel=1e-9)
+                else:
+                    assert float(fin.cka) == pytest.approx(direct_cka(x, y), rel=1e-10)
+                    assert float(fin.pwcca) == pytest.approx(R.pwcca(x, y), rel=1e-10)
+                    assert 0 < float(fin.pwcca) <= 1 + 1e-12
+            # pico-train saves no residual stream and only its layer_suffixes modules
+            for site in ("residual", "attention.q_proj", "swiglu.w_0"):
+                assert np.isnan(float(ds.anisotropy.sel(run="pico-acts", step=step,
+                                                        layer=layer, act_site=site)))
+    assert float(ds.cka.sel(run="pico-acts", target="final", step=STEPS[-1], layer=0,
+                            act_site="swiglu.w_2")) == pytest.approx(1.0, rel=1e-6)
+    assert np.isnan(ds.cka.sel(run="pico-acts", target="previous", step=0).values).all()
+
+
+def test_pico_train_representation_figures(tmp_path):
+    """pico-train saves no residual stream: the figures show the first module it saved."""
+    from dynlab.viz import representations as V
+
+    root = tmp_path / "pico-acts"
+    write_pico_run(root, samples=40)
+    store = dynlab.analyze([root], tmp_path / "a.zarr", metrics="per", device="cpu",
+                           progress=False)
+    ds = dynlab.open_store(store)
+    fig = V.similarity_heatmap(ds, "cka", "final")
+    assert "attention.v_proj" in fig.layout.title.text and not fig.layout.meta["notes"]
+    (heat,) = [t for t in fig.data if t.meta["role"] == "heatmap"]
+    want = ds.cka.sel(run="pico-acts", target="final", act_site="attention.v_proj")
+    np.testing.assert_array_equal(np.array(heat.z, dtype=float),
+                                  want.transpose("layer", "step").values)
+    fig = V.anisotropy_over_steps(ds)
+    assert "attention.v_proj" in fig.layout.title.text
+    assert len([t for t in fig.data if t.meta["role"] == "series"]) == SPEC.n_layers

@@ -14,6 +14,12 @@ checkpoint of a run and in every run with the same data, batch size and seed: `l
 last position of each sequence (batch rows), `all` every position (batch·seq_len rows), and
 `sample:N` N distinct positions per sequence drawn once with a generator seeded by the run's
 seed (batch·N rows).
+
+Other sources give the same layout: a pico-train run's saved learning-dynamics activations
+(its reader's `saved_activations`: the `layer_suffixes` modules at `sequence_idx`, no residual
+stream), and for Hugging Face checkpoints activations computed at analysis time
+(`--activations-data`) with transformers' own class, hooked at each decoder block (the residual
+stream) and at the linear modules that are dynlab's matrices (dynlab.sources.arch).
 """
 
 from __future__ import annotations
@@ -85,18 +91,28 @@ def gather_rows(out: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 class Recorder:
     """Forward hooks keeping, for the sequences of the current chunk, the outputs of `modules`
     at the kept positions (the model is run on chunks of the batch: set `start`/`stop` to the
-    chunk's sequence range before each forward pass)."""
+    chunk's sequence range before each forward pass). `outputs` maps a module's key to a
+    function giving the sites its output holds ({site: tensor}, e.g. Q, K and V of a fused
+    projection); by default a module gives one site, its key. A module returning a tuple (a
+    transformers decoder block) gives its first element."""
 
-    def __init__(self, modules: Mapping[str, torch.nn.Module], kept: torch.Tensor):
+    def __init__(self, modules: Mapping[str, torch.nn.Module], kept: torch.Tensor,
+                 outputs: Mapping[str, Callable[[torch.Tensor], dict[str, torch.Tensor]]]
+                 | None = None):
         self.kept = kept
         self.start = self.stop = 0
-        self.acts: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+        self.outputs = dict(outputs or {})
+        self.acts: dict[str, list[torch.Tensor]] = {}
         self.hooks = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name: str):
         def hook(_m, _inp, out):
+            if isinstance(out, tuple):
+                out = out[0]
             rows = self.kept[self.start:self.stop]
-            self.acts[name].append(gather_rows(out.detach(), rows).float().cpu())
+            split = self.outputs.get(name)
+            for site, t in (split(out) if split else {name: out}).items():
+                self.acts.setdefault(site, []).append(gather_rows(t.detach(), rows).float().cpu())
         return hook
 
     def remove(self) -> None:
@@ -123,20 +139,141 @@ def recorded_modules(model: torch.nn.Module, linear_types: tuple[type, ...] = (t
 
 @torch.no_grad()
 def forward_activations(model: torch.nn.Module, batch: torch.Tensor, positions: str = "last",
-                        seed: int = 0, chunk: int = 8) -> dict[str, torch.Tensor]:
+                        seed: int = 0, chunk: int = 8, *,
+                        sites: tuple[Mapping[str, torch.nn.Module], Mapping] | None = None,
+                        call: Callable[[torch.Tensor], object] | None = None
+                        ) -> dict[str, torch.Tensor]:
     """Activations of `model` (eval mode) on a fixed token batch (n_seq, T + 1), in the saved
-    layout, computed at analysis time for checkpoints that carry none."""
+    layout, computed at analysis time for checkpoints that carry none. `sites`: (modules,
+    outputs) for `Recorder` (default: `recorded_modules`); `call`: how the model is run on
+    token ids (default model(ids))."""
     kept = select_positions(positions, batch.shape[0], batch.shape[1] - 1, seed)
     model.eval()
-    rec = Recorder(recorded_modules(model), kept)
+    modules, outputs = sites if sites is not None else (recorded_modules(model), None)
+    rec = Recorder(modules, kept, outputs)
+    run_model = call or model
     try:
         device = next(model.parameters()).device
         for start in range(0, batch.shape[0], chunk):
             rec.start, rec.stop = start, min(start + chunk, batch.shape[0])
-            model(batch[rec.start:rec.stop, :-1].to(device))
+            run_model(batch[rec.start:rec.stop, :-1].to(device))
     finally:
         rec.remove()
     return rec.result(batch)
+
+
+# ----------------------------------------------------------------------------------------
+# Hugging Face checkpoints: transformers' own model class, the checkpoint's own tokenizer
+
+
+def hf_sites(model: torch.nn.Module, family: str, n_heads: int
+             ) -> tuple[dict[str, torch.nn.Module], dict[str, Callable]]:
+    """(modules, outputs) for `Recorder` on a transformers causal LM of an architecture family
+    (dynlab.sources.arch.HF_ACTIVATION_SITES): each decoder block as `layers.<i>` (its output,
+    the residual stream before any final norm) and each block module under dynlab's site
+    names (`layers.<i>.attention.q_proj`, …; a fused Q/K/V projection gives three sites)."""
+    from dynlab.sources.arch import HF_ACTIVATION_SITES, split_output
+
+    where = HF_ACTIVATION_SITES.get(family)
+    if where is None:
+        raise InputError(f"--activations-data: no activation sites known for the {family} "
+                         f"architecture (known: {', '.join(HF_ACTIVATION_SITES)})")
+    blocks = getattr(model.base_model, where.blocks)
+    modules: dict[str, torch.nn.Module] = {}
+    outputs: dict[str, Callable] = {}
+    for i, block in enumerate(blocks):
+        modules[f"layers.{i}"] = block
+        for native, ours in where.modules.items():
+            key = f"layers.{i}.{native}"
+            modules[key] = block.get_submodule(native)
+            names = tuple(f"layers.{i}.{site}" for site in ours)
+            kind = where.split.get(native)
+            outputs[key] = (lambda out, names=names, kind=kind:
+                            dict(zip(names, split_output(kind, out, n_heads), strict=True)))
+    return modules, outputs
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def hf_tokenizer(dirs: Sequence[Path], data: str):
+    """The checkpoint's own tokenizer (transformers' AutoTokenizer, local files only, no remote
+    code) from the first of `dirs` holding tokenizer files; InputError naming what is missing."""
+    for d in dirs:
+        if any((Path(d) / f).is_file() for f in TOKENIZER_FILES):
+            from transformers import AutoTokenizer
+
+            try:
+                return AutoTokenizer.from_pretrained(d, local_files_only=True,
+                                                     trust_remote_code=False)
+            except (OSError, ValueError) as err:
+                raise InputError(f"--activations-data {data}: the tokenizer in {d} cannot be "
+                                 f"loaded ({err})") from None
+    raise InputError(f"--activations-data {data}: the checkpoint has no tokenizer: none of "
+                     f"{', '.join(TOKENIZER_FILES)} in {', '.join(str(d) for d in dirs)}")
+
+
+def hf_data_batch(tokenizer, context: int, data: str, n_seq: int,
+                  seq_len: int | None = None) -> torch.Tensor:
+    """A fixed batch (n_seq, seq_len + 1) of `data` (.txt, .jsonl or `default`) in a
+    transformers tokenizer: the first n_seq windows of [sep] doc_1 [sep] doc_2 …, sep the
+    tokenizer's end-of-sequence token (else its beginning-of-sequence token); seq_len
+    defaults to min(128, the model's context)."""
+    seq_len = int(seq_len or min(128, context))
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else \
+        tokenizer.bos_token_id
+    if sep is None:
+        raise InputError(f"--activations-data {data}: the checkpoint's tokenizer has neither an "
+                         "end- nor a beginning-of-sequence token to separate documents")
+    ids: list[int] = []
+    need = n_seq * (seq_len + 1)
+    for doc in read_documents(data):
+        ids += [sep] + list(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise InputError(f"--activations-data {data}: {len(ids)} tokens in the checkpoint's "
+                         f"tokenizer, fewer than {n_seq} windows of {seq_len + 1}")
+    return torch.tensor(ids[:need], dtype=torch.long).view(n_seq, seq_len + 1)
+
+
+def hf_model(model_dir: Path) -> torch.nn.Module:
+    """transformers' AutoModelForCausalLM from a local checkpoint directory, float32, eval mode
+    (local files only; never remote code)."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise InputError("--activations-data for Hugging Face checkpoints needs transformers: "
+                         "pip install 'dynlab[hf]'") from None
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, local_files_only=True, trust_remote_code=False,
+            dtype=torch.float32).eval()
+    except (OSError, ValueError) as err:
+        raise InputError(f"--activations-data: transformers cannot load {model_dir} as a "
+                         f"causal LM of its own classes ({err})") from None
+
+
+def hf_context(model: torch.nn.Module) -> int:
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    return 128
+
+
+def read_documents(data: str) -> list[str]:
+    """The documents of --activations-data: a .txt / .jsonl file, or `default` (the embedded
+    grammar corpus)."""
+    from dynlab.training.data import default_documents, read_text_documents
+
+    if data == "default":
+        return default_documents(2000, seed=0)
+    path = Path(data)
+    if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
+        raise InputError(f"--activations-data {data}: expected a .txt or .jsonl file, or "
+                         "'default'")
+    return read_text_documents(path)
 
 
 def data_batch(run: Run, data: str, n_seq: int, seq_len: int | None = None) -> torch.Tensor:
@@ -144,12 +281,7 @@ def data_batch(run: Run, data: str, n_seq: int, seq_len: int | None = None) -> t
     embedded grammar corpus) in the run's tokenizer: the first n_seq windows of the stream
     [eot] doc_1 [eot] doc_2 …; seq_len defaults to the run's training seq_len, capped at the
     model's context."""
-    from dynlab.training.data import (
-        default_documents,
-        encode_documents,
-        load_tokenizer,
-        read_text_documents,
-    )
+    from dynlab.training.data import encode_documents, load_tokenizer
 
     train = run.config.get("train", {}) if isinstance(run.config, Mapping) else {}
     model = run.config.get("model", {}) if isinstance(run.config, Mapping) else {}
@@ -158,14 +290,7 @@ def data_batch(run: Run, data: str, n_seq: int, seq_len: int | None = None) -> t
     if seq_len > context:
         raise InputError(f"--activations-seq-len {seq_len} exceeds the model's context "
                          f"{context} ({run.path})")
-    if data == "default":
-        docs = default_documents(2000, seed=0)
-    else:
-        path = Path(data)
-        if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
-            raise InputError(f"--activations-data {data}: expected a .txt or .jsonl file, or "
-                             "'default'")
-        docs = read_text_documents(path)
+    docs = read_documents(data)
     tokens = encode_documents(load_tokenizer(run.path / "tokenizer.json"), docs)
     need = n_seq * (seq_len + 1)
     if tokens.size < need:
@@ -187,6 +312,20 @@ COMPARATIVE: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], str]] = 
               "reductions (Raghu et al. 2017)"),
     "pwcca": (R.pwcca, "projection-weighted CCA (Morcos et al. 2018)"),
 }
+#: under the `pico` convention `cka` and `pwcca` are pico-analyze's (float32, its reference
+#: CCA code); `cka_debiased` and `svcca`, which pico-analyze lacks, stay dynlab's
+PICO_COMPARATIVE: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], str]] = {
+    "cka": (R.pico_linear_cka, "linear CKA, biased HSIC estimator, float32 (pico-analyze's)"),
+    "pwcca": (R.pico_pwcca, "projection-weighted CCA as pico-analyze computes it"),
+}
+
+
+def comparative(convention: str = "dynlab"
+                ) -> dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], str]]:
+    """The comparative indices of a store's convention (dynlab.analysis.conventions): the same
+    variables, with pico-analyze's CKA and PWCCA under `pico`."""
+    return {**COMPARATIVE, **PICO_COMPARATIVE} if convention == "pico" else dict(COMPARATIVE)
+
 #: geometry of one activation matrix
 GEOMETRY: dict[str, tuple[Callable[[np.ndarray], float], str]] = {
     "anisotropy": (R.anisotropy, "mean cosine similarity between samples' representations "
@@ -249,17 +388,18 @@ def geometry_region(acts: Mapping[str, torch.Tensor], n_layers: int, metrics: Se
 
 
 def comparison_region(acts: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
-                      n_layers: int) -> dict[str, np.ndarray]:
+                      n_layers: int, convention: str = "dynlab") -> dict[str, np.ndarray]:
     """CKA (both estimators), SVCCA and PWCCA of every (layer, site) against the same site of
-    the target checkpoint; NaN where either lacks it."""
+    the target checkpoint, under `convention` (`comparative`); NaN where either lacks it."""
     shape = (n_layers, len(SITES))
-    out = {name: np.full(shape, np.nan) for name in COMPARATIVE}
+    indices = comparative(convention)
+    out = {name: np.full(shape, np.nan) for name in indices}
     for layer in range(n_layers):
         for j, site in enumerate(SITES):
             x, y = activation_matrix(acts, layer, site), activation_matrix(target, layer, site)
             if x is None or y is None:
                 continue
-            for name, (fn, _) in COMPARATIVE.items():
+            for name, (fn, _) in indices.items():
                 out[name][layer, j] = fn(x, y)
     return out
 
@@ -301,8 +441,28 @@ def parse_targets(spec: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def source_reader(ckpt: Checkpoint):
+    """The reader of a non-dynlab checkpoint (through a --grads-data wrapper), or None."""
+    reader = getattr(ckpt, "reader", None)
+    inner = getattr(reader, "inner", None)
+    return getattr(inner, "reader", None) if inner is not None else reader
+
+
 def has_saved(ckpt: Checkpoint) -> bool:
+    """Whether a checkpoint carries activations: dynlab's activations.safetensors, or a
+    reader's own (pico-train's learning_dynamics/val_activations.pt)."""
+    reader = source_reader(ckpt)
+    if reader is not None and hasattr(reader, "has_activations"):
+        return reader.has_activations(ckpt)
     return ckpt.has("activations.safetensors")
+
+
+def load_saved(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """A checkpoint's saved activations in the layout of the module docstring."""
+    reader = source_reader(ckpt)
+    if reader is not None and hasattr(reader, "saved_activations"):
+        return reader.saved_activations(ckpt)
+    return load_tensors(ckpt.file("activations.safetensors"))
 
 
 def resolve_target(target: str, run: Run, step: int, runs: Mapping[str, Run],
@@ -333,7 +493,7 @@ def resolve_target(target: str, run: Run, step: int, runs: Mapping[str, Run],
 
 def activation_steps(runs: Sequence[Run]) -> bool:
     """Whether any checkpoint of these runs carries activations."""
-    return any(c.has("activations.safetensors") for r in runs for c in r.checkpoints)
+    return any(has_saved(c) for r in runs for c in r.checkpoints)
 
 
 def act_sv_size(runs: Sequence[Run]) -> int:
@@ -342,7 +502,8 @@ def act_sv_size(runs: Sequence[Run]) -> int:
                    * r.spec.head_dim) for r in runs)
 
 
-def activation_variables(metrics: Sequence[str]) -> dict[str, tuple[tuple[str, ...], str]]:
+def activation_variables(metrics: Sequence[str], convention: str = "dynlab"
+                         ) -> dict[str, tuple[tuple[str, ...], str]]:
     """Variable -> (dims, long name) of the activation tables."""
     base = ("run", "step", "layer", "act_site")
     out: dict[str, tuple[tuple[str, ...], str]] = {
@@ -354,7 +515,7 @@ def activation_variables(metrics: Sequence[str]) -> dict[str, tuple[tuple[str, .
                           "numerical-zero tolerance of metrics recomputed from act_sigma)")
     for name, (_, long_name) in GEOMETRY.items():
         out[name] = (base, long_name)
-    for name, (_, long_name) in COMPARATIVE.items():
+    for name, (_, long_name) in comparative(convention).items():
         out[name] = (("run", "target", "step", "layer", "act_site"), long_name + " against "
                      "the target checkpoint's activations at the same site")
     out["act_analyzed"] = (("run", "step"), "1 once the activation metrics of a checkpoint "
@@ -398,8 +559,9 @@ def ensure_activation_store(path: Path, runs: Sequence[Run], metrics: Sequence[s
                               S.string_coordinate(targets, "target"))
     group = S.open_group_for_update(path)
     with S.quiet_zarr():
+        convention = str(group.attrs.get("convention", "dynlab"))
         for name, (dims, long_name) in activation_variables(spectrum_metrics(
-                metrics)).items():
+                metrics), convention).items():
             if name in group:
                 continue
             shape = tuple(sizes[d] for d in dims)
@@ -409,6 +571,52 @@ def ensure_activation_store(path: Path, runs: Sequence[Run], metrics: Sequence[s
                               dtype="int8" if flag else "float64", fill_value=0 if flag
                               else np.nan, attrs={"long_name": long_name})
     S.consolidate(path)
+
+
+def computed_activations(run: Run, ckpt: Checkpoint, data: str, n_seq: int, positions: str,
+                         batches: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's activations computed now on the run's fixed batch of `data` (made once
+    per run and kept in `batches`): dynlab's PicoDecoder for a dynlab run, transformers' own
+    class and the checkpoint's own tokenizer for a Hugging Face checkpoint."""
+    reader = source_reader(ckpt)
+    if reader is None:
+        from dynlab.model import load_checkpoint_model
+
+        if run.name not in batches:
+            batches[run.name] = data_batch(run, data, n_seq)
+        return forward_activations(load_checkpoint_model(ckpt.path), batches[run.name],
+                                   positions)
+    fmt = getattr(reader, "format", "?")
+    if fmt not in ("hf", "hf-hub"):
+        raise InputError(f"--activations-data: {run.name} is a {fmt} run; activations are "
+                         "computed for dynlab runs and Hugging Face checkpoints only (a "
+                         "pico-train run's own saved activations are read without "
+                         "--activations-data)")
+    from dynlab.sources.arch import ADAPTERS, HF_ACTIVATION_SITES
+
+    family = ADAPTERS[reader.model_type].family
+    if family not in HF_ACTIVATION_SITES:
+        raise InputError(f"--activations-data: {run.name} is a {family} checkpoint in Hugging "
+                         "Face format, which transformers has no class for; activations are "
+                         f"computed for {', '.join(HF_ACTIVATION_SITES)} checkpoints")
+    if fmt == "hf-hub":  # fetched again (the parameter pass released it), released at once
+        model_dir = Path(reader.fetch(ckpt.revision))
+        try:
+            if run.name not in batches:
+                reader.fetch_tokenizer(ckpt.revision)
+            model = hf_model(model_dir)
+            tok = hf_tokenizer([model_dir], data) if run.name not in batches else None
+        finally:
+            reader.release(ckpt)
+    else:
+        model_dir = Path(ckpt.path)
+        model = hf_model(model_dir)
+        tok = hf_tokenizer([model_dir, run.path], data) if run.name not in batches else None
+    if run.name not in batches:
+        batches[run.name] = hf_data_batch(tok, hf_context(model), data, n_seq)
+    sites = hf_sites(model, family, run.spec.n_heads)
+    return forward_activations(model, batches[run.name], positions, sites=sites,
+                               call=lambda ids: model(input_ids=ids))
 
 
 def analyze_activations(runs: Sequence[Run], path: Path, metrics: Sequence[str],
@@ -440,6 +648,7 @@ def analyze_activations(runs: Sequence[Run], path: Path, metrics: Sequence[str],
         raise S.StoreError(f"{path}: its activation metrics come from {stored_source!r}, not "
                            f"{source!r}; use another -o path")
     group.attrs.update({"activations_source": source})
+    convention = str(group.attrs.get("convention", "dynlab"))
     batches: dict[str, torch.Tensor] = {}
 
     def available(ckpt: Checkpoint) -> bool:
@@ -460,15 +669,10 @@ def analyze_activations(runs: Sequence[Run], path: Path, metrics: Sequence[str],
             if len(cache) > 4:
                 cache.pop(next(iter(cache)))
             if data is None:
-                cache[ckpt.path] = load_tensors(ckpt.file("activations.safetensors"))
+                cache[ckpt.path] = load_saved(ckpt)
             else:
-                from dynlab.model import load_checkpoint_model
-
-                run = runs_by_path[ckpt.path]
-                if run.name not in batches:
-                    batches[run.name] = data_batch(run, data, n_seq)
-                model = load_checkpoint_model(ckpt.path)
-                cache[ckpt.path] = forward_activations(model, batches[run.name], positions)
+                cache[ckpt.path] = computed_activations(runs_by_path[ckpt.path], ckpt, data,
+                                                        n_seq, positions, batches)
         return cache[ckpt.path]
 
     written = 0
@@ -492,7 +696,8 @@ def analyze_activations(runs: Sequence[Run], path: Path, metrics: Sequence[str],
                 if other is not None:
                     tacts = load(other)
                     if same_samples(acts, tacts):
-                        for name, arr in comparison_region(acts, tacts, n_layers).items():
+                        for name, arr in comparison_region(acts, tacts, n_layers,
+                                                           convention).items():
                             group[name][i, k, j] = arr
                     else:
                         warnings.warn(f"{ckpt.path}: its activations and those of target "

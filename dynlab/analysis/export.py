@@ -3,21 +3,29 @@
     OUT/step_<N>/<metric_name>_<split>.json     {"<component key>": value, ...}
 
 (with several runs in the store and no run chosen: OUT/<run>/step_<N>/...), so notebooks
-written for pico-analyze's output read dynlab's numbers. Names:
+written for pico-analyze's output read dynlab's numbers. As pico-analyze writes them:
 
-* metric_name: the store's metric for weights (`per`, `cn`, ...), `<metric>_<kind>` for the
-  other kinds (`per_gradients`, `per_updates`, `per_lora`), `<metric>_activations` for the
-  spectral metrics of activations, `anisotropy` / `isoscore`, and the comparative indices
-  under their name against the target `final` (`cka`, `pwcca`, ...) or `<index>_vs_<target>`.
-* component keys: `layers.<i>.<matrix>` (`layers.3.attention.v_proj`, `layers.3.swiglu.w_0`),
-  `layers.<i>.ov_circuit` (whole layer), `layers.<i>.ov_circuit.heads.<h>`,
-  `layers.<i>.qk_circuit[.heads.<h>]`, `embedding_proj`, `de_embedding_proj`; for activations
-  `layers.<i>` (the residual stream) and `layers.<i>.<module>`.
+* one file per metric and split, holding every component and data type of that metric;
+  metric_name is pico-analyze's name where it has the metric (`per`, `condition_number` for
+  `cn`, `gini`, `hoyer`, `cka`, `pwcca`) and dynlab's otherwise (`er`, `frobenius_norm`,
+  `alpha`, `anisotropy`, `isoscore`, `svcca`, `cka_debiased`, ...). A comparative index
+  against a target other than `final` is `<index>_vs_<target>`.
+* component keys `<prefix><layer>.<component>.<data_type>` (prefix `layers.` by default;
+  pico-analyze's own files carry the prefix of pico-train's module names, e.g.
+  `_forward_module.layers.`, which `prefix` reproduces): `layers.3.attention.v_proj.weights`,
+  `layers.3.swiglu.w_2.gradients`, the OV circuit `layers.3.ov_circuit.weights` (whole layer)
+  and `layers.3.ov_circuit.weights.heads.1`, activations `layers.3.swiglu.w_0.activations`.
+  Components pico-analyze lacks follow the same pattern: `layers.3.qk_circuit.weights[.heads.1]`,
+  `layers.3.residual.activations` (the residual stream), `embedding_proj.weights`, and the
+  data types `updates` and `lora`.
+* data types: `weights`; `gradients` = the kind `grads` (the fixed learning-dynamics batch,
+  pico-train's `val_gradients`), or with split `train` the kind `train_grads` where the store
+  has it (pico-train's `train_gradients`); `updates`, `lora`; `activations`.
 * values: floats; +inf as JSON `Infinity` (as Python's json, which pico-analyze uses, writes
   it); cells without a value (NaN: kinds a run lacks, absent heads) are left out.
 
-The numbers are dynlab's (its default convention for the OV circuit, O_h·V_g); the README
-states how they differ from pico-analyze's own.
+The numbers are the store's: dynlab's convention, or pico-analyze's OV matrices, condition
+number, CKA and PWCCA for a store analysed with `--convention pico`.
 """
 
 from __future__ import annotations
@@ -33,7 +41,12 @@ import xarray as xr
 from dynlab.errors import InputError
 
 FORMATS = ("pico-analyze",)
-KIND_NAMES = {"weights": "", "grads": "gradients", "updates": "updates", "lora": "lora"}
+#: dynlab metric -> pico-analyze's metric name (its file name), where they differ
+PICO_METRIC_NAMES = {"cn": "condition_number"}
+#: store kind -> pico-analyze's data type (the last part of a key)
+DATA_TYPES = {"weights": "weights", "grads": "gradients", "train_grads": "gradients",
+              "updates": "updates", "lora": "lora"}
+DEFAULT_PREFIX = "layers."
 
 
 def _value(v: float) -> float | None:
@@ -41,14 +54,26 @@ def _value(v: float) -> float | None:
     return None if math.isnan(v) else v
 
 
-def parameter_entries(ds: xr.Dataset, metric: str, kind: str, run: str, step: int
+def pico_metric_name(metric: str) -> str:
+    return PICO_METRIC_NAMES.get(metric, metric)
+
+
+def exported_kinds(kinds: list[str], split: str) -> dict[str, str]:
+    """Store kind -> data type written for `split`: `gradients` is train_grads for the split
+    `train` when the store has that kind, else grads."""
+    grads = "train_grads" if split == "train" and "train_grads" in kinds else "grads"
+    return {k: DATA_TYPES.get(k, k) for k in kinds
+            if not (DATA_TYPES.get(k) == "gradients" and k != grads)}
+
+
+def parameter_entries(ds: xr.Dataset, metric: str, kind: str, run: str, step: int,
+                      data_type: str | None = None, prefix: str = DEFAULT_PREFIX
                       ) -> dict[str, float]:
     """Component key -> value of one parameter metric at (run, kind, step)."""
     out: dict[str, float] = {}
-    tables = (("", ("layer", "matrix")), ("head_", ("layer", "head")),
-              ("emb_", ("embedding",)), ("qk_", ("layer",)), ("qk_head_", ("layer", "head")))
-    for prefix, _ in tables:
-        name = prefix + metric
+    dt = data_type or DATA_TYPES.get(kind, kind)
+    for table in ("", "head_", "emb_", "qk_", "qk_head_"):
+        name = table + metric
         if name not in ds.data_vars:
             continue
         da = ds[name].sel(run=run, kind=kind, step=step).values
@@ -56,39 +81,40 @@ def parameter_entries(ds: xr.Dataset, metric: str, kind: str, run: str, step: in
             v = _value(da[idx])
             if v is None:
                 continue
-            out[_key(prefix, idx, ds)] = v
+            out[parameter_key(table, idx, ds, dt, prefix)] = v
     return out
 
 
-def _key(prefix: str, idx: tuple[int, ...], ds: xr.Dataset) -> str:
-    if prefix == "":
-        layer, j = idx
-        return f"layers.{int(ds['layer'][layer])}.{str(ds['matrix'].values[j])}"
-    if prefix == "head_":
-        return f"layers.{int(ds['layer'][idx[0]])}.ov_circuit.heads.{int(ds['head'][idx[1]])}"
-    if prefix == "emb_":
-        return str(ds["embedding"].values[idx[0]])
-    if prefix == "qk_":
-        return f"layers.{int(ds['layer'][idx[0]])}.qk_circuit"
-    return f"layers.{int(ds['layer'][idx[0]])}.qk_circuit.heads.{int(ds['head'][idx[1]])}"
+def parameter_key(table: str, idx: tuple[int, ...], ds: xr.Dataset, dt: str,
+                  prefix: str = DEFAULT_PREFIX) -> str:
+    """pico-analyze's key of one cell of a parameter table (module docstring)."""
+    if table == "emb_":
+        return f"{ds['embedding'].values[idx[0]]}.{dt}"
+    layer = f"{prefix}{int(ds['layer'][idx[0]])}"
+    if table == "":
+        return f"{layer}.{ds['matrix'].values[idx[1]]}.{dt}"
+    circuit = "ov_circuit" if table == "head_" else "qk_circuit"
+    if table == "qk_":
+        return f"{layer}.{circuit}.{dt}"
+    return f"{layer}.{circuit}.{dt}.heads.{int(ds['head'][idx[1]])}"
 
 
-def activation_entries(da: xr.DataArray) -> dict[str, float]:
-    """(layer, act_site) values -> `layers.<i>` / `layers.<i>.<module>` keys."""
+def activation_entries(da: xr.DataArray, prefix: str = DEFAULT_PREFIX) -> dict[str, float]:
+    """(layer, act_site) values -> `layers.<i>.<site>.activations` keys (site `residual` for
+    the residual stream)."""
     out: dict[str, float] = {}
     sites = [str(s) for s in da["act_site"].values]
     vals = da.transpose("layer", "act_site").values
     for i, layer in enumerate(da["layer"].values):
         for j, site in enumerate(sites):
             v = _value(vals[i, j])
-            if v is None:
-                continue
-            out[f"layers.{int(layer)}" if site == "residual" else
-                f"layers.{int(layer)}.{site}"] = v
+            if v is not None:
+                out[f"{prefix}{int(layer)}.{site}.activations"] = v
     return out
 
 
-def step_files(ds: xr.Dataset, run: str, step: int, split: str) -> dict[str, dict[str, float]]:
+def step_files(ds: xr.Dataset, run: str, step: int, split: str,
+               prefix: str = DEFAULT_PREFIX) -> dict[str, dict[str, float]]:
     """File name -> {key: value} of everything the store holds for one (run, step)."""
     from dynlab.analysis.activations import COMPARATIVE, GEOMETRY
 
@@ -96,23 +122,24 @@ def step_files(ds: xr.Dataset, run: str, step: int, split: str) -> dict[str, dic
     metrics = list(ds.attrs.get("metrics", []))
     kinds = [str(k) for k in ds["kind"].values] if "kind" in ds.coords else []
     for metric in metrics:
-        for kind in kinds:
-            suffix = KIND_NAMES.get(kind, kind)
-            name = metric if not suffix else f"{metric}_{suffix}"
-            files[f"{name}_{split}.json"] = parameter_entries(ds, metric, kind, run, step)
+        entries: dict[str, float] = {}
+        for kind, dt in exported_kinds(kinds, split).items():
+            entries.update(parameter_entries(ds, metric, kind, run, step, dt, prefix))
         if f"act_{metric}" in ds.data_vars:
-            files[f"{metric}_activations_{split}.json"] = activation_entries(
-                ds[f"act_{metric}"].sel(run=run, step=step))
+            entries.update(activation_entries(ds[f"act_{metric}"].sel(run=run, step=step),
+                                              prefix))
+        files[f"{pico_metric_name(metric)}_{split}.json"] = entries
     for name in GEOMETRY:
         if name in ds.data_vars:
-            files[f"{name}_{split}.json"] = activation_entries(ds[name].sel(run=run, step=step))
+            files[f"{name}_{split}.json"] = activation_entries(
+                ds[name].sel(run=run, step=step), prefix)
     for name in COMPARATIVE:
         if name not in ds.data_vars:
             continue
         for target in (str(t) for t in ds["target"].values):
             label = name if target == "final" else f"{name}_vs_{target}"
             files[f"{label}_{split}.json"] = activation_entries(
-                ds[name].sel(run=run, step=step, target=target))
+                ds[name].sel(run=run, step=step, target=target), prefix)
     return {f: entries for f, entries in files.items() if entries}
 
 
@@ -123,9 +150,12 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def export(store: str | Path, out: str | Path, *, fmt: str = "pico-analyze",
-           run: str | None = None, split: str = "val") -> list[Path]:
+           run: str | None = None, split: str = "val", prefix: str = DEFAULT_PREFIX
+           ) -> list[Path]:
     """Write the store's results in `fmt` under `out`; returns the files written. Existing
-    files of the same names are replaced; nothing else in `out` is touched."""
+    files of the same names are replaced; nothing else in `out` is touched. `prefix` starts
+    every layer's key (`layers.`; `_forward_module.layers.` gives the keys of pico-analyze's
+    files for a pico-train run)."""
     from dynlab.analysis.store import open_store
 
     if fmt not in FORMATS:
@@ -150,7 +180,7 @@ def export(store: str | Path, out: str | Path, *, fmt: str = "pico-analyze",
         for step in (int(s) for s in ds["step"].values):
             if analyzed is not None and not int(analyzed.sel(run=r, step=step)):
                 continue
-            files = step_files(ds, r, step, split)
+            files = step_files(ds, r, step, split, prefix)
             if not files:
                 continue
             folder = root / f"step_{step}"

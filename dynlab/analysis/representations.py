@@ -1,7 +1,9 @@
 """Similarity and geometry of representations (activation matrices, samples × features).
 
 Every function takes activation matrices X (n × p) and Y (n × q) whose rows are the same n
-samples (token positions) seen by two layers, checkpoints or models, and computes in float64.
+samples (token positions) seen by two layers, checkpoints or models, and computes in float64,
+except `pico_linear_cka` and `pico_pwcca`, which keep pico-analyze's float32 steps (the `pico`
+convention; their docstrings list where they differ from the functions above them).
 
 Conventions shared by every function:
 
@@ -328,3 +330,104 @@ def isoscore(x) -> float:
     delta = np.linalg.norm(scaled - 1.0) / math.sqrt(2 * (p - math.sqrt(p)))
     phi = (p - delta**2 * (p - math.sqrt(p))) ** 2 / p**2
     return float((p * phi - 1) / (p - 1))
+
+
+# ----------------------------------------------------------------------------------------
+# pico-analyze's CKA and PWCCA (the `pico` convention, dynlab.analysis.conventions)
+#
+# pico-analyze (pico-lm/pico-analyze, src/metrics/{cka,pwcca}.py) hands each pair of
+# activation matrices, cast to float32, to Kornblith et al.'s feature-space CKA and to the SVCCA
+# authors' PWCCA code (Google's `svcca` repository). The two functions below compute the same
+# formulas with the same precisions, cut-offs and choices, so that a store analysed under
+# `--convention pico` holds pico-analyze's numbers; the differences from dynlab's own
+# `linear_cka` / `pwcca` are listed in each docstring.
+
+#: numpy.linalg.pinv's default relative cut-off, used by pico-analyze's CCA
+PICO_PINV_RCOND = 1e-15
+
+
+def pico_linear_cka(x, y) -> float:
+    """pico-analyze's CKA: the biased linear CKA of `linear_cka`,
+    ‖XᵀY‖_F² / (‖XᵀX‖_F·‖YᵀY‖_F) of the column-centred X, Y, with the inputs rounded to float32
+    and every step (centring, products, norms) in float32, as pico-analyze computes it. It
+    differs from `linear_cka` by float32 rounding only, which depends on the summation order of
+    the BLAS (≈ 1e-6 relative at 256 × 128, up to ≈ 1e-4 at 2048 × 512, in pico-analyze as
+    here). NaN where pico-analyze gets NaN (zero variance: 0/0) and for NaN/Inf entries."""
+    pair = _pair(x, y)
+    if pair is None:
+        return math.nan
+    a, b = pair[0].astype(np.float32), pair[1].astype(np.float32)
+    a = torch.from_numpy(a - a.mean(axis=0, keepdims=True))
+    b = torch.from_numpy(b - b.mean(axis=0, keepdims=True))
+    with _one_thread():
+        num = torch.linalg.matrix_norm(a.T @ b) ** 2
+        den = torch.linalg.matrix_norm(a.T @ a) * torch.linalg.matrix_norm(b.T @ b)
+    value = float(num / den)
+    return value if math.isfinite(value) else math.nan
+
+
+def pico_inverse_sqrt(s: torch.Tensor) -> torch.Tensor:
+    """S^(−1/2) as pico-analyze's CCA forms it: the eigen-decomposition V·diag(w)·Vᵀ of the
+    pseudo-inverse S⁺ (numpy's pinv rule: singular values below 1e-15·σ_max dropped), then
+    V·diag(√w)·Vᵀ. A slightly negative w (rounding, when S is singular or ill-conditioned)
+    gives NaN entries, as in pico-analyze. float64."""
+    w, v = torch.linalg.eigh(torch.linalg.pinv(s, rtol=PICO_PINV_RCOND))
+    return (v * torch.sqrt(w)) @ v.T
+
+
+def pico_pwcca(x, y) -> float:
+    """pico-analyze's PWCCA of the source X (n × p) against the target Y (n × q), float32
+    inputs (Morcos, Raghu & Bengio 2018, through the SVCCA authors' reference code):
+
+    1. Σ = cov([Xᵀ; Yᵀ]) in float64 (ddof 1), each block scaled: Σ_xx/max|Σ_xx|,
+       Σ_yy/max|Σ_yy|, Σ_xy/√(max|Σ_xx|·max|Σ_yy|).
+    2. No regularisation and no feature dropped: pico-analyze passes ε = 1e-6 to a wrapper
+       that keeps it for its retry noise only, so the CCA runs with ε = 0.
+    3. ρ = |singular values| of M = Σ_xx^(−1/2)·Σ_xy·Σ_yy^(−1/2) (`pico_inverse_sqrt`), and U its
+       left singular vectors (p × p).
+    4. "Directions" D = Uᵀ·(Xᵀ − μ) + μ (p × n; μ the features' float32 means): Uᵀ applied to the
+       centred activations *without* Σ_xx^(−1/2) and with the means added back — not the
+       canonical variates of `pwcca`.
+    5. P = the Q factor of the QR decomposition of Dᵀ (n × p), weights
+       α_i ∝ Σ_j |⟨P_i, x_j⟩| over the *uncentred* features x_j of X, normalised to sum 1;
+       PWCCA = Σ_i α_i·ρ_i.
+
+    The weights are always X's (pico-analyze compares a component with the same component of
+    the target, so p = q and the reference code's other branch — Y's coefficients with X's
+    activations, `pwcca`'s docstring — is never taken; with p > q it fails on a boolean-index
+    length mismatch). NaN where pico-analyze cannot give a reproducible number:
+    p ≥ n (it asserts fewer features than samples), p > q, a side without variance, NaN/Inf
+    entries, and a covariance whose inverse square root holds NaN (pico-analyze then retries
+    on randomly perturbed activations). Computed with torch's LAPACK routines in one thread
+    (numpy's are the same algorithms: pico-analyze's values are met to ≈ 1e-12)."""
+    pair = _pair(x, y)
+    if pair is None:
+        return math.nan
+    a32, b32 = pair[0].astype(np.float32).T, pair[1].astype(np.float32).T
+    p, n = a32.shape
+    q = b32.shape[0]
+    if not (p < n and p <= q):
+        return math.nan
+    mu = a32.mean(axis=1, keepdims=True)
+    a = torch.from_numpy(np.ascontiguousarray(a32, dtype=np.float64))
+    with _one_thread():
+        z = torch.cat([a, torch.from_numpy(np.ascontiguousarray(b32, dtype=np.float64))])
+        z = z - z.mean(dim=1, keepdim=True)
+        cov = (z @ z.T) / (n - 1)
+        xmax, ymax = float(cov[:p, :p].abs().max()), float(cov[p:, p:].abs().max())
+        if not (xmax > 0 and ymax > 0):
+            return math.nan
+        sxx, syy = cov[:p, :p] / xmax, cov[p:, p:] / ymax
+        sxy = cov[:p, p:] / math.sqrt(xmax * ymax)
+        m = pico_inverse_sqrt(sxx) @ sxy @ pico_inverse_sqrt(syy)
+        if not bool(torch.isfinite(m).all()):
+            return math.nan
+        u, rho, _ = torch.linalg.svd(m)
+        centred = torch.from_numpy(np.ascontiguousarray(a32 - mu, dtype=np.float64))
+        directions = u.T @ centred + torch.from_numpy(mu.astype(np.float64))
+        basis, _ = torch.linalg.qr(directions.T)
+        weights = (basis.T @ a.T).abs().sum(dim=1)
+        total = float(weights.sum())
+        if not total > 0:
+            return math.nan
+        return float((weights / total * rho.abs()).sum())

@@ -247,3 +247,55 @@ def adapter_for(config: Mapping, path: Path) -> Adapter:
             f"{', '.join(sorted(ADAPTERS))}"
         )
     return ADAPTERS[model_type]
+
+
+# ---- activations: which module of a transformers model gives each of dynlab's sites ---------
+
+
+def split_neox_qkv_output(out: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, ...]:
+    """Q, K, V outputs (each (..., d)) of GPT-NeoX's fused query_key_value output (..., 3·d),
+    interleaved per head as its weight's rows are (`split_neox_qkv`)."""
+    hd = out.shape[-1] // (3 * n_heads)
+    v = out.reshape(*out.shape[:-1], n_heads, 3, hd)
+    return tuple(v[..., j, :].reshape(*out.shape[:-1], n_heads * hd) for j in range(3))
+
+
+def split_gpt2_qkv_output(out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Q, K, V outputs (each (..., d)) of GPT-2's c_attn output (..., 3·d), [Q | K | V]."""
+    d = out.shape[-1] // 3
+    return tuple(out[..., j * d:(j + 1) * d] for j in range(3))
+
+
+@dataclass(frozen=True)
+class ActivationSites:
+    """Where a transformers model of one family computes dynlab's activation sites: `blocks`,
+    the attribute of `model.base_model` holding the decoder blocks (each block's output is the
+    residual stream, site `residual`), and per block module (its name under the block) the
+    sites its output gives: one site, or several from a fused output (`split`)."""
+
+    blocks: str
+    modules: Mapping[str, tuple[str, ...]]
+    split: Mapping[str, str]  # block module -> "neox" | "gpt2" (fused Q, K, V output)
+
+
+HF_ACTIVATION_SITES: dict[str, ActivationSites] = {
+    "llama": ActivationSites("layers", {theirs: (ours,) for ours, theirs in LLAMA_NAMES.items()},
+                             {}),
+    "gpt_neox": ActivationSites("layers", {
+        "attention.query_key_value": ATTN[:3], "attention.dense": ("attention.o_proj",),
+        "mlp.dense_h_to_4h": ("swiglu.w_1",), "mlp.dense_4h_to_h": ("swiglu.w_2",)},
+        {"attention.query_key_value": "neox"}),
+    "gpt2": ActivationSites("h", {
+        "attn.c_attn": ATTN[:3], "attn.c_proj": ("attention.o_proj",),
+        "mlp.c_fc": ("swiglu.w_1",), "mlp.c_proj": ("swiglu.w_2",)},
+        {"attn.c_attn": "gpt2"}),
+}
+
+
+def split_output(kind: str | None, out: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, ...]:
+    """A block module's output as the outputs of its sites (`ActivationSites.split`)."""
+    if kind == "neox":
+        return split_neox_qkv_output(out, n_heads)
+    if kind == "gpt2":
+        return split_gpt2_qkv_output(out)
+    return (out,)

@@ -41,6 +41,9 @@ LD_GRADIENTS = ["learning_dynamics/*_gradients.pt"]
 STEP_BRANCH = re.compile(r"^step\d+$")
 WEIGHTS = ["config.json", "*.safetensors", "*.safetensors.index.json"]
 BIN_WEIGHTS = ["config.json", "*.bin", "*.bin.index.json"]
+#: a checkpoint's own tokenizer (fetched only for --activations-data)
+TOKENIZER = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "vocab.json", "merges.txt", "tokenizer.model"]
 MAX_ON_DISK = 2
 
 
@@ -274,6 +277,10 @@ class HubReader(Reader):
             st.live[revision] = path
             st.max_live = max(st.max_live, len(st.live))
         return path
+
+    def fetch_tokenizer(self, revision: str) -> Path:
+        """The revision's snapshot folder with its tokenizer files added (those it has)."""
+        return snapshot(self.repo_id, revision, self.cache_dir, TOKENIZER)
 
     def weights(self, ckpt: SourceCheckpoint) -> Tensors:
         path = self.fetch(ckpt.revision)

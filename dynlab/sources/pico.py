@@ -217,6 +217,22 @@ class PicoTrainReader(Reader):
         return {k: unscramble_activations(v, int(ld.get("batch_size") or v.shape[0]))
                 for k, v in acts.items()}
 
+    def has_activations(self, ckpt: SourceCheckpoint, split: str = "val") -> bool:
+        return (ckpt.path / LD_DIR / f"{split}_activations.pt").is_file()
+
+    def saved_activations(self, ckpt: SourceCheckpoint, split: str = "val") -> Tensors:
+        """The learning-dynamics activations in dynlab's saved layout
+        (dynlab.analysis.activations): `layers.<i>.<module>` (samples, out) float32 in sample
+        order, and `token_positions` (samples, 2) = (sample, `sequence_idx`): pico-train keeps
+        each sample's output at one position, `learning_dynamics.sequence_idx` (-1: the last)."""
+        acts: Tensors = {k: v.float() for k, v in self.activations(ckpt, split).items()}
+        ld = (self.training_config.get("checkpointing") or {}).get("learning_dynamics") or {}
+        n = next(iter(acts.values())).shape[0] if acts else 0
+        position = int(ld.get("sequence_idx", -1))
+        acts["token_positions"] = torch.stack(
+            [torch.arange(n, dtype=torch.long), torch.full((n,), position, dtype=torch.long)], 1)
+        return acts
+
     def last_step(self) -> int | None:
         steps = (self.training_config.get("training") or {}).get("max_steps")
         return int(steps) if steps is not None else None

@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 import xarray as xr
 from plotly.subplots import make_subplots
 
+from dynlab.analysis.heavytail import MIN_EIGENVALUES
 from dynlab.viz.figures import PALETTE, PANEL_HEIGHT, layer_mean_ci
 
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
@@ -41,20 +42,60 @@ def _values(v: np.ndarray) -> list:
     return [None if not np.isfinite(x) else float(x) for x in v]
 
 
+#: titles' names of the metrics
+METRIC_LABELS = {"cka": "CKA", "cka_debiased": "debiased CKA", "svcca": "SVCCA",
+                 "pwcca": "PWCCA", "anisotropy": "anisotropy", "isoscore": "IsoScore"}
+
+
+def site_label(site: str) -> str:
+    """`residual stream`, or `<module> output`."""
+    return "residual stream" if site == "residual" else f"{site} output"
+
+
+def colour_range(values: np.ndarray, top: float = 1.0, span: float = 0.1) -> tuple[float, float]:
+    """(cmin, cmax) of a similarity heatmap: up to `top` (1, identical representations), from
+    the smallest finite value rounded down to 0.05 and at least `span` below the top, so that
+    indices that stay near 1 keep visible contrast; (0, 1) when nothing is finite."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, top
+    hi = max(top, float(finite.max()))
+    lo = min(np.floor(float(finite.min()) * 20) / 20, hi - span)
+    return float(lo), float(hi)
+
+
+def default_site(ds: xr.Dataset, metric: str) -> str:
+    """The residual stream, or, where the store has no finite `metric` for it (pico-train runs
+    save only some modules' outputs), the first site that has one."""
+    if metric not in ds.data_vars or "act_site" not in ds.coords:
+        return "residual"
+    sites = [str(s) for s in ds["act_site"].values]
+    for site in ["residual"] + [s for s in sites if s != "residual"]:
+        if bool(np.isfinite(ds[metric].sel(act_site=site).values).any()):
+            return site
+    return "residual"
+
+
 def similarity_heatmap(ds: xr.Dataset, metric: str = "cka", target: str = "final",
-                       site: str = "residual") -> go.Figure:
+                       site: str | None = None) -> go.Figure:
     """Layer × step heatmap of a comparative index (cka, cka_debiased, svcca, pwcca) against
-    `target`, one panel per run, colour scale fixed to [0, 1]."""
+    `target` at `site` (default: `default_site`), one panel per run sharing one colour scale:
+    up to 1, from the smallest value rounded down to 0.05 (`colour_range`), so that values
+    near 1 stay distinguishable."""
+    site = site or default_site(ds, metric)
     runs = _runs(ds)
     notes: list[str] = []
     fig = make_subplots(rows=1, cols=max(len(runs), 1), subplot_titles=runs or [""],
                         shared_yaxes=True, horizontal_spacing=0.04)
+    label = METRIC_LABELS.get(metric, metric)
+    cmin, cmax = 0.0, 1.0
     if metric not in ds.data_vars:
         notes.append(f"variable '{metric}' not in store")
     elif target not in [str(t) for t in ds["target"].values]:
         notes.append(f"target '{target}' not in store")
     else:
         da = ds[metric].sel(target=target, act_site=site).sortby("step").load()
+        cmin, cmax = colour_range(da.sel(run=runs).values)
         for j, run in enumerate(runs):
             z = da.sel(run=run).transpose("layer", "step").values
             if not np.isfinite(z).any():
@@ -62,20 +103,22 @@ def similarity_heatmap(ds: xr.Dataset, metric: str = "cka", target: str = "final
             fig.add_trace(go.Heatmap(
                 x=da["step"].values, y=da["layer"].values, z=[_values(r) for r in z],
                 coloraxis="coloraxis", meta={"run": run, "role": "heatmap"},
-                hovertemplate=f"{run}<br>step %{{x}}<br>layer %{{y}}<br>{metric} %{{z:.4g}}"
+                hovertemplate=f"{run}<br>step %{{x}}<br>layer %{{y}}<br>{label} %{{z:.4g}}"
                               "<extra></extra>"), row=1, col=j + 1)
             fig.update_xaxes(title_text="step", row=1, col=j + 1)
-        fig.update_yaxes(title_text="layer", row=1, col=1, dtick=1)
-    fig.update_layout(coloraxis={"colorscale": "Viridis", "cmin": 0, "cmax": 1,
-                                 "colorbar": {"title": {"text": metric}}})
-    return _done(fig, f"{metric.upper()} of the {site} against the {target} checkpoint: "
-                 "layer × step", notes, PANEL_HEIGHT + 140)
+            fig.update_yaxes(dtick=1, row=1, col=j + 1)
+        fig.update_yaxes(title_text="layer", row=1, col=1)
+    fig.update_layout(coloraxis={"colorscale": "Viridis", "cmin": cmin, "cmax": cmax,
+                                 "colorbar": {"title": {"text": label}}})
+    return _done(fig, f"{label} of the {site_label(site)} against the {target} "
+                 "checkpoint: layer × step", notes, PANEL_HEIGHT + 140)
 
 
 def anisotropy_over_steps(ds: xr.Dataset, metric: str = "anisotropy",
-                          site: str = "residual") -> go.Figure:
-    """`metric` (anisotropy or isoscore) of `site` over steps: one panel per layer, one line
-    per run (decoder against relora in the same panel)."""
+                          site: str | None = None) -> go.Figure:
+    """`metric` (anisotropy or isoscore) of `site` (default: `default_site`) over steps: one
+    panel per layer, one line per run (decoder against relora in the same panel)."""
+    site = site or default_site(ds, metric)
     runs = _runs(ds)
     notes: list[str] = []
     layers = [int(v) for v in ds["layer"].values] if "layer" in ds.coords else []
@@ -99,8 +142,9 @@ def anisotropy_over_steps(ds: xr.Dataset, metric: str = "anisotropy",
                     legendgroup=run, showlegend=n == 0, line={"color": _color(ds, run)},
                     meta={"run": run, "role": "series"}), row=r, col=c)
             fig.update_xaxes(title_text="step", row=r, col=c)
-        fig.update_yaxes(title_text=metric, row=1, col=1)
-    return _done(fig, f"{metric} of the {site} over steps, per layer", notes,
+        fig.update_yaxes(title_text=METRIC_LABELS.get(metric, metric), row=1, col=1)
+    return _done(fig, f"{METRIC_LABELS.get(metric, metric)} of the "
+                 f"{site_label(site)} over steps, per layer", notes,
                  PANEL_HEIGHT * rows + 120)
 
 
@@ -169,9 +213,14 @@ def alpha_over_steps(ds: xr.Dataset, kind: str = "weights",
         for j, m in enumerate(matrices):
             da = ds["alpha"].sel(kind=kind, matrix=m).sortby("step").transpose(
                 "run", "step", "layer").load()
+            drawn = False
             for run in runs:
                 if _mean_trace(fig, ds, da, run, 1, j + 1, run not in shown, "alpha"):
                     shown.add(run)
+                    drawn = True
+            if not drawn:
+                notes.append(f"{m}: no finite α (the fit needs at least {MIN_EIGENVALUES} "
+                             "non-zero eigenvalues)")
             fig.update_xaxes(title_text="step", row=1, col=j + 1)
         fig.update_yaxes(title_text="α", row=1, col=1)
     return _done(fig, f"Heavy-tail α of the {kind}' eigenvalue spectra (mean over layers)",
@@ -195,7 +244,8 @@ def representation_sections(ds: xr.Dataset) -> list[tuple[str, str, Callable[[],
             "Representations: CKA against the final checkpoint",
             "Linear CKA (biased HSIC estimator, as pico-analyze) between each layer's residual "
             "stream at each step and at the run's final checkpoint, on the same tokens of the "
-            "learning-dynamics batch: where and when the representations settle.",
+            "learning-dynamics batch: where and when the representations settle. (Runs that "
+            "saved no residual stream, such as pico-train's: the first module it saved.)",
             lambda: similarity_heatmap(ds, "cka", "final")))
     if "pwcca" in ds.data_vars:
         out.append((
