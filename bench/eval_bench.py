@@ -31,11 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dynlab.data.documents import read_text_documents
 from dynlab.data.tokenizer import bos_id, get_tokenizer
 from dynlab.eval import EvalData, evaluate
 from dynlab.eval.blimp import blimp_accuracy, filter_pairs, read_blimp
 from dynlab.model.pico_decoder import PRESETS, PicoDecoder
-from dynlab.training.data import read_text_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

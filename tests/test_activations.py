@@ -44,7 +44,7 @@ def test_positions():
 
 def test_learning_dynamics_activations_are_the_forward_values():
     from dynlab.model import ModelConfig, PicoDecoder
-    from dynlab.training.trainer import learning_dynamics
+    from dynlab.training.dynamics import learning_dynamics
 
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2,

@@ -20,12 +20,13 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from dynlab.data import documents as DOC
 from dynlab.data import pretokenized as P
+from dynlab.data import tokenizer as TK
 from dynlab.errors import InputError
 from dynlab.runs.layout import complete_checkpoints
 from dynlab.runs.metrics import read_metrics
 from dynlab.training import costs
-from dynlab.training import data as D
 from dynlab.training.batching import apply_batch, split_global_batch
 from dynlab.training.config import make_config
 
@@ -56,7 +57,7 @@ def _one_thread(tmp_path, monkeypatch):
 def tokenizer_dir(root: Path) -> tuple[Path, object]:
     """A directory holding a tokenizer.json made by the `tokenizers` library (as a Hugging
     Face model directory holds it)."""
-    tok = D.train_tokenizer(D.default_documents(300), 300)
+    tok = TK.train_tokenizer(DOC.default_documents(300), 300)
     out = root / "tokenizer"
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
@@ -65,7 +66,7 @@ def tokenizer_dir(root: Path) -> tuple[Path, object]:
 
 def token_rows(tok, n_rows: int, width: int) -> np.ndarray:
     """Rows of `width` ids cut from the embedded corpus ([eot] doc [eot] doc ...)."""
-    stream = D.encode_documents(tok, D.default_documents(4000))
+    stream = TK.encode_documents(tok, DOC.default_documents(4000))
     assert len(stream) >= n_rows * width
     return stream[: n_rows * width].reshape(n_rows, width)
 
@@ -309,15 +310,15 @@ def test_missing_row_file_and_missing_tokenizer(dataset, tmp_path):
 
 def test_tokenizer_by_directory(dataset, tmp_path):
     _, tok_dir, tok, _ = dataset
-    by_dir = D.load_tokenizer(tok_dir)
+    by_dir = TK.load_tokenizer(tok_dir)
     assert by_dir.get_vocab() == tok.get_vocab()
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="has no tokenizer.json"):
-        D.load_tokenizer(tmp_path / "empty")
+        TK.load_tokenizer(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="file not found"):
-        D.load_tokenizer(tmp_path / "no" / "such")
+        TK.load_tokenizer(tmp_path / "no" / "such")
     with pytest.raises(FileNotFoundError, match="file not found"):
-        D.load_tokenizer("no/tokenizer.json")
+        TK.load_tokenizer("no/tokenizer.json")
 
 
 def test_streamed_rows_are_the_local_rows(dataset, monkeypatch):

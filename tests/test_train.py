@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import dynlab
+from dynlab.data import documents as DOC
+from dynlab.data import tokenizer as TK
 from dynlab.model import load_checkpoint_model
 from dynlab.runs.config import reset_steps
 from dynlab.runs.files import write_checkpoint
@@ -81,8 +83,8 @@ def test_relora_cli_run_layout(tmp_path):
                              "reset_steps": [5, 10]}  # resets follow updates 5 and 10 of 12
     m = run["model"]
     V = m["vocab_size"]
-    tok = D.load_tokenizer(out / "tokenizer.json")
-    assert V == tok.get_vocab_size() and D.bos_id(tok) == 0
+    tok = TK.load_tokenizer(out / "tokenizer.json")
+    assert V == tok.get_vocab_size() and TK.bos_id(tok) == 0
     assert (m["d_model"], m["n_layers"], m["n_heads"], m["n_kv_heads"]) == (16, 2, 4, 2)
 
     steps = [s for s, _ in complete_checkpoints(out)]
@@ -316,7 +318,7 @@ def test_text_jsonl_npy_bin_sources(tmp_path):
 
     tok_t, data_t = load_data(dataclasses.replace(base, data=str(txt)), None)
     tok_j, data_j = load_data(dataclasses.replace(base, data=str(jsonl)), None)
-    assert D.read_text_documents(txt) == docs == D.read_text_documents(jsonl)
+    assert DOC.read_text_documents(txt) == docs == DOC.read_text_documents(jsonl)
     assert np.array_equal(data_t.train_tokens, data_j.train_tokens)
     # the stream: [eot] doc_1 [eot] doc_2 ...
     stream = np.concatenate([data_t.ld_batch.flatten().numpy(), data_t.train_tokens])
@@ -339,15 +341,15 @@ def test_text_jsonl_npy_bin_sources(tmp_path):
 
 def test_tokenizer_cache_and_vocab(tmp_path):
     docs = ["the cat sat on the mat .", "a dog ran ."] * 20
-    tok = D.get_tokenizer(docs, 280, cache=tmp_path)
+    tok = TK.get_tokenizer(docs, 280, cache=tmp_path)
     cached = list(tmp_path.glob("bpe-*.json"))
     assert len(cached) == 1
-    assert cached[0].name == f"bpe-{D.corpus_hash(docs, 280)}.json"
-    again = D.get_tokenizer(docs, 280, cache=tmp_path)
+    assert cached[0].name == f"bpe-{TK.corpus_hash(docs, 280)}.json"
+    again = TK.get_tokenizer(docs, 280, cache=tmp_path)
     assert again.get_vocab() == tok.get_vocab()
-    assert tok.token_to_id(D.EOT) == 0 and tok.get_vocab_size() <= 280
+    assert tok.token_to_id(TK.EOT) == 0 and tok.get_vocab_size() <= 280
     assert tok.decode(tok.encode("the cat sat").ids) == "the cat sat"
-    assert D.corpus_hash(docs, 280) != D.corpus_hash(docs, 281)
+    assert TK.corpus_hash(docs, 280) != TK.corpus_hash(docs, 281)
 
 
 def test_window_order_covers_each_epoch_and_shards():

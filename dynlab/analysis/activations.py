@@ -265,7 +265,7 @@ def hf_context(model: torch.nn.Module) -> int:
 def read_documents(data: str) -> list[str]:
     """The documents of --activations-data: a .txt / .jsonl file, or `default` (the embedded
     grammar corpus)."""
-    from dynlab.training.data import default_documents, read_text_documents
+    from dynlab.data.documents import default_documents, read_text_documents
 
     if data == "default":
         return default_documents(2000, seed=0)
@@ -281,7 +281,7 @@ def data_batch(run: Run, data: str, n_seq: int, seq_len: int | None = None) -> t
     embedded grammar corpus) in the run's tokenizer: the first n_seq windows of the stream
     [eot] doc_1 [eot] doc_2 …; seq_len defaults to the run's training seq_len, capped at the
     model's context."""
-    from dynlab.training.data import encode_documents, load_tokenizer
+    from dynlab.data.tokenizer import encode_documents, load_tokenizer
 
     train = run.config.get("train", {}) if isinstance(run.config, Mapping) else {}
     model = run.config.get("model", {}) if isinstance(run.config, Mapping) else {}

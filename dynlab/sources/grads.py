@@ -51,14 +51,13 @@ def make_batch(tokens: np.ndarray, batch_size: int, seq_len: int, source: str) -
 
 
 def read_batch(data: GradsData, tokenizer: Path | None) -> torch.Tensor:
-    from dynlab.training.data import (
+    from dynlab.data.documents import (
         TEXT_SUFFIXES,
         TOKEN_SUFFIXES,
-        encode_documents,
-        load_tokenizer,
         read_text_documents,
         read_token_file,
     )
+    from dynlab.data.tokenizer import encode_documents, load_tokenizer
 
     path = Path(data.path)
     if not path.is_file():

@@ -7,10 +7,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from dynlab.data.documents import DEFAULT_DATA
 from dynlab.eval import EvalData, default_eval_data, evaluate, load_eval_data
 from dynlab.model.relora import relora_modules, unwrap
 from dynlab.training.config import TrainConfig
-from dynlab.training.data import DEFAULT_DATA
 from dynlab.training.rng import preserved_rng
 
 
