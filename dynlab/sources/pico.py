@@ -29,13 +29,13 @@ s·B·A.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dynlab.runs.checkpoints import ModelSpec, load_tensors, read_json
+from dynlab.runs.layout import step_of
 from dynlab.sources.arch import pico_convert, pico_spec
 from dynlab.sources.base import (
     FOLLOWING,
@@ -49,7 +49,6 @@ from dynlab.sources.base import (
 )
 from dynlab.sources.tensors import load_torch_tensor_dict, safetensors_complete
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
 LD_DIR = "learning_dynamics"
 GRAD_FILES = {"grads": "val_gradients.pt", "train_grads": "train_gradients.pt"}
 MODULE_PREFIXES = ("_forward_module.module.", "_forward_module.", "module.")
@@ -161,9 +160,9 @@ class PicoTrainReader(Reader):
     def step_dirs(self) -> list[tuple[int, Path]]:
         out = []
         for child in (self.root / "checkpoints").iterdir():
-            m = STEP_DIR.match(child.name)
-            if m and not child.is_symlink() and child.is_dir():
-                out.append((int(m.group(1)), child))
+            step = step_of(child)
+            if step is not None and not child.is_symlink() and child.is_dir():
+                out.append((step, child))
         return sorted(out)
 
     def checkpoints(self, run_name: str) -> list[SourceCheckpoint]:
