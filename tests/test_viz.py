@@ -359,12 +359,12 @@ def test_cli_plot_and_report(store, tmp_path):
     def said(res) -> str:  # the error box's text, without its frame and line breaks
         return " ".join(res.output.replace("│", " ").split())
     out = tmp_path / "fig.html"
-    res = runner.invoke(app, ["plot", str(store), "--metric", "cn", "--matrix", "swiglu.w_2",
-                              "--kind", "updates", "-o", str(out)])
+    res = runner.invoke(app, ["plot", str(store), "--metrics", "cn", "--matrix", "swiglu.w_2",
+                              "--kinds", "updates", "-o", str(out)])
     assert res.exit_code == 0, res.output
     text = out.read_text(encoding="utf-8")
     assert text.count('class="plotly-graph-div"') == 1 and '"type":"log"' in text
-    res = runner.invoke(app, ["plot", str(store), "--metric", "nope", "-o", str(out)])
+    res = runner.invoke(app, ["plot", str(store), "--metrics", "nope", "-o", str(out)])
     assert res.exit_code != 0 and "metric 'nope' is not in the store" in said(res)
     res = runner.invoke(app, ["plot", str(tmp_path / "missing.zarr")])
     assert res.exit_code != 0 and "missing.zarr: no such file" in said(res)
@@ -378,6 +378,36 @@ def test_cli_plot_and_report(store, tmp_path):
     loss = F.summary_table(xr.open_zarr(store)).loc["relora", "final loss"]
     assert f"{loss:.4g}" in res.output
 
+
+
+def test_cli_plot_one_figure_per_metric_and_kind(store, tmp_path):
+    """-m/-k comma lists: one file per (metric, kind), named OUT_<metric>_<kind>; the relora
+    figure puts every metric in one file per kind; a metric for a figure without one is an
+    error naming --metrics."""
+    from dynlab_cli.main import app
+
+    runner = CliRunner()
+    out = tmp_path / "fig.html"
+    res = runner.invoke(app, ["plot", str(store), "-m", "per,cn", "-k", "weights,updates",
+                              "--matrix", "swiglu.w_2", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in tmp_path.glob("*.html"))
+    assert names == ["fig_cn_updates.html", "fig_cn_weights.html", "fig_per_updates.html",
+                     "fig_per_weights.html"]
+    for name in names:
+        text = (tmp_path / name).read_text(encoding="utf-8")
+        assert text.count('class="plotly-graph-div"') == 1
+    rel = tmp_path / "rel" / "r.html"
+    rel.parent.mkdir()
+    res = runner.invoke(app, ["plot", str(store), "-f", "relora", "-m", "per,cn", "-o", str(rel)])
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in rel.parent.iterdir()] == ["r.html"]
+    res = runner.invoke(app, ["plot", str(store), "-f", "training", "-m", "per",
+                              "-o", str(tmp_path / "t.html")])
+    assert res.exit_code == 2 and "--metrics" in res.output
+    assert not (tmp_path / "t.html").exists()
+    res = runner.invoke(app, ["plot", str(store), "-k", "weights,nope", "-o", str(out)])
+    assert res.exit_code == 2 and "nope" in res.output
 
 # ---------------------------------------------------------------- a store from `dynlab analyze`
 
