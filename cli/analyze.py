@@ -14,6 +14,7 @@ from dynlab_cli.options import (
     Precision,
     Progress,
     SourceFormat,
+    choices,
     kinds_option,
     metrics_option,
     resolve,
@@ -73,9 +74,10 @@ def analyze(
         help="What activations are compared with (CKA, SVCCA, PWCCA): final (default), "
         "first, previous, STEP or RUN@STEP; a comma list for several.")] = None,
     # ---- sources (dynlab.sources)
-    fmt: Annotated[SourceFormat | None, typer.Option(
-        "--format", show_default=False,
-        help="Force the source format (default: detected per path).")] = None,
+    fmt: Annotated[str | None, typer.Option(
+        "--format", show_default=False, metavar=choices(SourceFormat),
+        help="Force the source format (default: detected per path; checked by "
+        "dynlab.sources).")] = None,
     revisions: Annotated[str | None, typer.Option(
         "--revisions", show_default=False,
         help="hf:// only: revisions, a comma list and/or ranges stepA:stepB:K (default: every "
@@ -123,7 +125,7 @@ def analyze(
             import torch
 
             torch.set_num_threads(threads)
-        source_options = dict(fmt=value(fmt), revisions=revisions,
+        source_options = dict(fmt=fmt, revisions=revisions,
                               keep_downloads=keep_downloads, cache_dir=hub_cache)
         if grads_data is not None:
             source_options["grads_data"] = dict(path=grads_data, batch_size=grads_batch_size,
@@ -133,7 +135,7 @@ def analyze(
 
             source_options.pop("fmt")
             path = follow_runs(
-                runs, out, until=until, poll=poll, fmt=value(fmt), metrics=metrics,
+                runs, out, until=until, poll=poll, fmt=fmt, metrics=metrics,
                 kinds=kinds, device=dev, precision=value(precision), scheduler=scheduler,
                 progress=progress, wait=wait, **source_options,
             )

@@ -100,6 +100,12 @@ class Gpu(str, Enum):
     a10 = "a10"
 
 
+def choices(enum: type[Enum]) -> str:
+    """'[a|b|c]': the metavar of a string option that the library checks against `enum`'s
+    values with its own message (--format of analyze, --gpu of train)."""
+    return "[" + "|".join(str(e.value) for e in enum) + "]"
+
+
 def value(choice: Enum | None) -> str | None:
     """The string of an enum choice (None stays None), as the library takes it."""
     return None if choice is None else str(choice.value)

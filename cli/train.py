@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
-from dynlab_cli.options import DEVICE_HELP, Gpu, Preset, PruneMethod
+from dynlab_cli.options import DEVICE_HELP, Gpu, Preset, PruneMethod, choices
 
 app = typer.Typer(
     help="Train pico-decoder or pico-relora with learning-dynamics checkpoints. With no "
@@ -146,8 +146,9 @@ class TrainOptions:
     dry_run: Annotated[bool, opt(
         "--dry-run", help="Print parameters, tokens, FLOPs, memory per device, wall-clock and "
         "GPU-hours, and exit without training (with --nproc N: on N devices).")] = False
-    gpu: Annotated[Gpu | None, opt(
-        "--gpu", help="GPU of the --dry-run estimate (default h100).")] = None
+    gpu: Annotated[str | None, opt(
+        "--gpu", metavar=choices(Gpu), help="GPU of the --dry-run estimate (default h100; "
+        "checked by dynlab.training.costs).")] = None
     mfu: Annotated[float | None, opt(
         "--mfu", help="Model FLOPs utilisation assumed by --dry-run (default 0.3).")] = None
 
@@ -212,7 +213,7 @@ def config_options(options: dict[str, Any]) -> dict[str, Any]:
     off (False) and --progress left on as "not given" (None)."""
     out = {}
     for name, value in options.items():
-        if isinstance(value, Preset | Gpu | PruneMethod):
+        if isinstance(value, Preset | PruneMethod):
             value = value.value
         if name in ("resume", "overwrite", "save_activations", "compile") and value is False:
             value = None
