@@ -25,10 +25,10 @@ from dynlab.runs.checkpoints import CheckpointError, ModelSpec
 from dynlab.testing import geometric_spectrum, make_run, matrix_with_spectrum
 
 sys.path.insert(0, str(Path(__file__).parent))
+from builders import TINY_SPEC_ARGS  # noqa: E402
 from references import product_norm  # noqa: E402
 
-SPEC = ModelSpec(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=48,
-                 vocab_size=64)
+SPEC = ModelSpec(**TINY_SPEC_ARGS)
 BIN = Path(sys.executable).parent / "dynlab"
 
 

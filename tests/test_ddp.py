@@ -19,7 +19,8 @@ import dynlab
 from dynlab.training import ddp
 from dynlab.training.checkpointing import complete_checkpoints, read_metrics
 
-pytestmark = pytest.mark.slow  # real torchrun processes
+pytestmark = [pytest.mark.slow,  # real torchrun processes
+              pytest.mark.usefixtures("one_thread", "private_cache")]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,19 +32,6 @@ TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_d
 RELORA = dict(rank=2, alpha=4.0, lora_dropout=0.0, reset_every=3, restart_warmup_steps=1,
               prune_ratio=0.5, prune_method="random")
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DYNLAB_CACHE", str(tmp_path / "cache"))
 
 
 def flags(options: dict) -> list[str]:
