@@ -84,7 +84,9 @@ def exit_code(err: BaseException) -> int:
 
 @contextlib.contextmanager
 def guarded(where: str = "") -> Iterator[None]:
-    """Run a command body under the exit-code policy (module docstring)."""
+    """Run a command body under the exit-code policy (module docstring), with Python warnings
+    shown as console lines (the previous warnings.showwarning is restored on exit)."""
+    previous = warnings.showwarning
     show_warnings()
     try:
         yield
@@ -97,6 +99,8 @@ def guarded(where: str = "") -> Iterator[None]:
         prefix = f"{where} " if where else ""
         error(message(err), prefix)
         raise typer.Exit(exit_code(err)) from None
+    finally:
+        warnings.showwarning = previous
 
 
 def message(err: BaseException) -> str:

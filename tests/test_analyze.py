@@ -17,12 +17,14 @@ import scipy.linalg
 import torch
 import xarray as xr
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 import dynlab
 from dynlab.analysis.metrics import TOL_FACTOR as TOL_C
 from dynlab.analysis.store import StoreError
 from dynlab.runs.checkpoints import CheckpointError, ModelSpec
 from dynlab.testing import geometric_spectrum, make_run, matrix_with_spectrum
+from dynlab_cli.main import app
 
 sys.path.insert(0, str(Path(__file__).parent))
 from builders import TINY_SPEC_ARGS  # noqa: E402
@@ -113,9 +115,9 @@ def runs(tmp_path_factory):
 def store(runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("out") / "a.zarr"
     dec, rel = runs
-    res = subprocess.run([str(BIN), "analyze", str(dec), str(rel), "--metrics", "per,cn,er",
-                          "-o", str(out), "--no-progress"], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    res = CliRunner().invoke(app, ["analyze", str(dec), str(rel), "--metrics", "per,cn,er",
+                                   "-o", str(out), "--no-progress"])  # in-process: no spawn
+    assert res.exit_code == 0, res.stderr
     assert res.stdout.strip() == str(out)
     return xr.open_zarr(out)
 
@@ -357,6 +359,7 @@ def run_cli(*args):
                           capture_output=True, text=True)
 
 
+@pytest.mark.slow  # runs `dynlab analyze` as a process
 def test_nan_weights_give_nan_metrics_and_a_warning(tmp_path):
     def poison(step, w, g):
         w["layers.1.attention.k_proj.weight"][0, 0] = math.inf
