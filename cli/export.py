@@ -13,8 +13,8 @@ from dynlab_cli.options import ExportFormat, Store
 def export(
     store: Store,
     old_out: Annotated[Path | None, typer.Argument(
-        hidden=True, show_default=False, help="Deprecated: the output folder as a second "
-        "argument; use -o/--out.")] = None,
+        hidden=True, show_default=False, metavar="OUT",
+        help="Deprecated: the output folder as a second argument; use -o/--out.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", show_default=False,
                                              help="Output folder (required).")] = None,
     fmt: Annotated[ExportFormat, typer.Option(

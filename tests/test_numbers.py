@@ -379,7 +379,7 @@ def spectral_norm_of(e: torch.Tensor) -> float:
     return float(spectra.svdvals(e, method="gram")[0])
 
 
-@pytest.mark.parametrize("width", [64, 512, 2048])
+@pytest.mark.parametrize("width", [64, 512, pytest.param(2048, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype", list(HALF))
 def test_full_rank_kappa_10_stored_in_half_precision(dtype, width):
     """κ = 10, full rank, stored in bf16 / fp16: full numerical rank and cn equal to the

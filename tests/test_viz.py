@@ -412,6 +412,7 @@ def test_cli_plot_one_figure_per_metric_and_kind(store, tmp_path):
 # ---------------------------------------------------------------- a store from `dynlab analyze`
 
 
+@pytest.mark.slow  # analysis and the whole HTML report, end to end
 def test_report_from_a_real_analysis_store(tmp_path):
     """The lead's pipeline end to end on two generated runs: every figure has data and the
     summary reads what meta.json said."""
