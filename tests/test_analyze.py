@@ -309,6 +309,7 @@ def test_eval_json_overrides_and_new_checkpoints_extend_the_store(tmp_path):
                   ref_metrics(w20[name] - w10[name])["per"], "update across resume")
 
 
+@pytest.mark.slow  # three analyses of two runs
 def test_interrupted_analysis_resumes_to_the_same_store(runs, tmp_path):
     dec, rel = runs
     full = dynlab.analyze([dec, rel], tmp_path / "full.zarr", metrics="per,cn", progress=False)

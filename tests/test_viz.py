@@ -315,6 +315,7 @@ def test_summary_table_values(ds):
                 assert tab.loc[run, f"{col} {kind}"] == pytest.approx(ref, rel=1e-12)
 
 
+@pytest.mark.slow  # the whole HTML report (test_cli_plot_and_report draws it in the fast lane)
 def test_report_is_self_contained_with_all_figures(store, tmp_path):
     out, ds, sections = R.write_report([store], tmp_path / "r" / "report.html")
     text = out.read_text(encoding="utf-8")
