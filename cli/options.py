@@ -14,9 +14,10 @@ command line imports no torch to draw its help.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -116,7 +117,8 @@ def split(spec: str | None) -> list[str]:
     return [] if spec is None else [s.strip() for s in spec.split(",") if s.strip()]
 
 
-def comma_list(flag: str, allowed: type[Enum] | None = None):
+def comma_list(flag: str, allowed: type[Enum] | None = None
+               ) -> Callable[[str | None], str | None]:
     """A typer callback for a comma-list option: checks every item (against `allowed` and
     'all' when given) and returns the list joined by commas, or None when not given."""
 
@@ -152,19 +154,17 @@ Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a
 KIND_NAMES = ", ".join(k.value for k in Kind)
 
 
-def metrics_option(help: str = "Comma list of metrics, or 'all'."):
-    """-m/--metrics: a comma list of metric names (checked by the library)."""
+def metrics_option(help: str = "Comma list of metrics, or 'all'.") -> Any:
+    """-m/--metrics (typer.Option): a comma list of metric names (checked by the library)."""
     return typer.Option("--metrics", "-m", callback=comma_list("--metrics"),
                         show_default=False, help=help)
 
 
-def kinds_option(help: str = f"Comma list of {KIND_NAMES}; or 'all'."):
-    """-k/--kinds: a comma list of Kind values or 'all'."""
+def kinds_option(help: str = f"Comma list of {KIND_NAMES}; or 'all'.") -> Any:
+    """-k/--kinds (typer.Option): a comma list of Kind values or 'all'."""
     return typer.Option("--kinds", "-k", callback=comma_list("--kinds", Kind),
                         show_default=False, help=help)
 
 
-Metrics = Annotated[str | None, metrics_option()]
-Kinds = Annotated[str | None, kinds_option()]
 Store = Annotated[Path, typer.Argument(help="A Zarr store written by `dynlab analyze`.",
                                        show_default=False)]
