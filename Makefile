@@ -21,7 +21,8 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-# the edit loop: every test not marked slow (no spawned processes, no long training)
+# the edit loop: every test not marked slow (no spawned processes, no training beyond a few
+# steps, no Chromium, Dask or Jupyter kernel, no whole HTML report); `make test` runs them all
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 

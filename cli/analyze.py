@@ -3,95 +3,114 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from dynlab_cli.options import (
+    KIND_NAMES,
+    Convention,
+    Device,
+    Precision,
+    Progress,
+    SourceFormat,
+    choices,
+    kinds_option,
+    metrics_option,
+    resolve,
+    value,
+)
+
+METRIC_NAMES = ("er, per, cn, cn_nz, stable_rank, spectral_norm, frobenius_norm, nuclear_norm, "
+                "numerical_rank, rank_deficit, hoyer, gini, alpha, alpha_ks, alpha_n_tail, "
+                "inf_norm")
+
 
 def analyze(
-    runs: list[str] = typer.Argument(
-        ..., help="dynlab runs (RUN, RUN/checkpoints, folders of runs), pico-train / "
-        "relora-pico runs, Hugging Face model directories or directories of stepN / "
-        "checkpoint-N model directories, or hf://ORG/NAME.", show_default=False
-    ),
-    out: Path | None = typer.Option(
-        None, "--out", "-o",
-        help="Zarr store to write (default: analysis.zarr beside the first run).",
-    ),
-    metrics: str | None = typer.Option(
-        None, "--metrics", "-m",
-        help="Comma list of er, per, cn, cn_nz, stable_rank, spectral_norm, frobenius_norm, "
-        "nuclear_norm, numerical_rank, rank_deficit, hoyer, gini, alpha, alpha_ks, "
-        "alpha_n_tail, inf_norm; or 'all'. Default: all (or, for an existing store, the "
-        "store's).",
-    ),
-    kinds: str | None = typer.Option(
-        None, "--kinds", "-k",
-        help="Comma list of weights, grads, updates, lora, train_grads; or 'all'. Default: "
-        "all available (or, for an existing store, the store's).",
-    ),
-    device: str = typer.Option("auto", help="auto (CUDA when available), cpu or cuda[:N]."),
-    precision: str = typer.Option("float64", help="float64 (default) or float32 spectra."),
-    scheduler: str | None = typer.Option(
-        None, help="Dask: 'local:N' (N worker processes here) or 'tcp://HOST:PORT'."
-    ),
-    threads: int | None = typer.Option(
-        None, min=1, help="CPU threads for torch (default: torch's, one per core)."
-    ),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-    activations: bool | None = typer.Option(
-        None, "--activations/--no-activations",
+    runs: Annotated[list[str], typer.Argument(
+        help="dynlab runs (RUN, RUN/checkpoints, folders of runs), pico-train / relora-pico "
+        "runs, Hugging Face model directories or directories of stepN / checkpoint-N model "
+        "directories, or hf://ORG/NAME.", show_default=False)],
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", show_default=False,
+        help="Zarr store to write (default: analysis.zarr beside the first run).")] = None,
+    metrics: Annotated[str | None, metrics_option(
+        help=f"Comma list of {METRIC_NAMES}; or 'all'. Default: all (or, for an existing "
+        "store, the store's).")] = None,
+    kinds: Annotated[str | None, kinds_option(
+        help=f"Comma list of {KIND_NAMES}; or 'all'. Default: all available (or, for an "
+        "existing store, the store's).")] = None,
+    device: Device = "auto",
+    precision: Annotated[Precision, typer.Option(
+        "--precision", help="Floating-point type of the spectra.")] = Precision.float64,
+    scheduler: Annotated[str | None, typer.Option(
+        "--scheduler", help="Dask: 'local:N' (N worker processes here) or 'tcp://HOST:PORT'.",
+        show_default=False)] = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", min=1, show_default=False,
+        help="CPU threads for torch (default: torch's, one per core).")] = None,
+    progress: Progress = True,
+    activations: Annotated[bool | None, typer.Option(
+        "--activations/--no-activations", show_default=False,
         help="Analyse the checkpoints' saved activations (default: when they have them).",
-    ),
-    activations_data: str | None = typer.Option(
-        None, "--activations-data",
+    )] = None,
+    activations_data: Annotated[str | None, typer.Option(
+        "--activations-data", show_default=False,
         help="Compute every checkpoint's activations now on a fixed batch of this data "
         "(.txt/.jsonl, or 'default': the embedded corpus), for runs saved without them.",
-    ),
-    activation_positions: str = typer.Option(
-        "sample:16", "--activation-positions",
-        help="With --activations-data: last, all or sample:N positions per sequence."),
-    activations_batch: int = typer.Option(
-        16, "--activations-batch", min=1, help="With --activations-data: sequences."),
-    convention: str = typer.Option(
-        "dynlab", "--convention",
-        help="dynlab (default) or pico: pico-analyze's OV matrices (V_g·O_h, concatenated "
-        "heads; dense gradient products) and condition number (no tolerance).",
-    ),
-    target: str | None = typer.Option(
-        None, "--target",
+    )] = None,
+    activation_positions: Annotated[str, typer.Option(
+        "--activation-positions",
+        help="With --activations-data: last, all or sample:N positions per sequence.",
+    )] = "sample:16",
+    activations_batch: Annotated[int, typer.Option(
+        "--activations-batch", min=1, help="With --activations-data: sequences.")] = 16,
+    convention: Annotated[Convention, typer.Option(
+        "--convention",
+        help="dynlab or pico: pico-analyze's OV matrices (V_g·O_h, concatenated heads; dense "
+        "gradient products) and condition number (no tolerance).")] = Convention.dynlab,
+    target: Annotated[str | None, typer.Option(
+        "--target", show_default=False,
         help="What activations are compared with (CKA, SVCCA, PWCCA): final (default), "
-        "first, previous, STEP or RUN@STEP; a comma list for several.",
-    ),
+        "first, previous, STEP or RUN@STEP; a comma list for several.")] = None,
     # ---- sources (dynlab.sources)
-    fmt: str | None = typer.Option(
-        None, "--format", help="Force the source format: dynlab, pico-train, relora-pico, hf "
-        "(default: detected per path)."),
-    revisions: str | None = typer.Option(
-        None, help="hf:// only: revisions, a comma list and/or ranges stepA:stepB:K "
-        "(default: every step<N> branch)."),
-    keep_downloads: bool = typer.Option(
-        False, "--keep-downloads", help="hf:// only: keep each downloaded revision in the "
-        "Hugging Face cache (default: delete it once analysed; at most two on disk)."),
-    hub_cache: Path | None = typer.Option(
-        None, "--hub-cache", help="hf:// only: the huggingface_hub cache directory (default "
-        "HF_HUB_CACHE)."),
-    follow: bool = typer.Option(
-        False, "--follow", help="Analyse checkpoints as they complete, until the run's last "
-        "step (or --until) is analysed, or Ctrl-C."),
-    until: int | None = typer.Option(None, min=0, help="--follow: stop once this step is "
-                                     "analysed."),
-    poll: float = typer.Option(2.0, min=0.05, help="--follow: seconds between looks."),
-    grads_data: Path | None = typer.Option(
-        None, "--grads-data", help="Recompute, per checkpoint, the gradient of the mean loss "
-        "on a fixed batch from this text (.txt/.jsonl) or token (.npy) file (kind grads)."),
-    grads_batch_size: int = typer.Option(8, min=1, help="--grads-data: sequences in the batch."),
-    grads_seq_len: int = typer.Option(64, min=2, help="--grads-data: tokens per sequence."),
-    grads_tokenizer: Path | None = typer.Option(
-        None, help="--grads-data: tokenizer.json for text (default: the run's or model's own)."),
-    wait: bool = typer.Option(
-        False, "--wait", help="If another dynlab analyze is writing the store, wait for it to "
-        "finish instead of exiting with an error."
-    ),
+    fmt: Annotated[str | None, typer.Option(
+        "--format", show_default=False, metavar=choices(SourceFormat),
+        help="Force the source format (default: detected per path; checked by "
+        "dynlab.sources).")] = None,
+    revisions: Annotated[str | None, typer.Option(
+        "--revisions", show_default=False,
+        help="hf:// only: revisions, a comma list and/or ranges stepA:stepB:K (default: every "
+        "step<N> branch).")] = None,
+    keep_downloads: Annotated[bool, typer.Option(
+        "--keep-downloads", help="hf:// only: keep each downloaded revision in the Hugging "
+        "Face cache (default: delete it once analysed; at most two on disk).")] = False,
+    hub_cache: Annotated[Path | None, typer.Option(
+        "--hub-cache", show_default=False,
+        help="hf:// only: the huggingface_hub cache directory (default HF_HUB_CACHE).")] = None,
+    follow: Annotated[bool, typer.Option(
+        "--follow", help="Analyse checkpoints as they complete, until the run's last step (or "
+        "--until) is analysed, or Ctrl-C.")] = False,
+    until: Annotated[int | None, typer.Option(
+        "--until", min=0, show_default=False,
+        help="--follow: stop once this step is analysed.")] = None,
+    poll: Annotated[float, typer.Option(
+        "--poll", min=0.05, help="--follow: seconds between looks.")] = 2.0,
+    grads_data: Annotated[Path | None, typer.Option(
+        "--grads-data", show_default=False,
+        help="Recompute, per checkpoint, the gradient of the mean loss on a fixed batch from "
+        "this text (.txt/.jsonl) or token (.npy) file (kind grads).")] = None,
+    grads_batch_size: Annotated[int, typer.Option(
+        "--grads-batch-size", min=1, help="--grads-data: sequences in the batch.")] = 8,
+    grads_seq_len: Annotated[int, typer.Option(
+        "--grads-seq-len", min=2, help="--grads-data: tokens per sequence.")] = 64,
+    grads_tokenizer: Annotated[Path | None, typer.Option(
+        "--grads-tokenizer", show_default=False,
+        help="--grads-data: tokenizer.json for text (default: the run's or model's own).",
+    )] = None,
+    wait: Annotated[bool, typer.Option(
+        "--wait", help="If another dynlab analyze is writing the store, wait for it to finish "
+        "instead of exiting with an error.")] = False,
 ) -> None:
     """Spectral metrics (effective rank, PER, condition number, ...) of every weight matrix,
     gradient, update and LoRA product of each checkpoint, into a Zarr store. Rerunning skips
@@ -101,12 +120,13 @@ def analyze(
     with guarded("analyze"):
         from dynlab.analysis import analyze as run_analysis
 
+        dev = resolve(device)
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        source_options = dict(fmt=fmt, revisions=revisions, keep_downloads=keep_downloads,
-                              cache_dir=hub_cache)
+        source_options = dict(fmt=fmt, revisions=revisions,
+                              keep_downloads=keep_downloads, cache_dir=hub_cache)
         if grads_data is not None:
             source_options["grads_data"] = dict(path=grads_data, batch_size=grads_batch_size,
                                                 seq_len=grads_seq_len, tokenizer=grads_tokenizer)
@@ -115,16 +135,16 @@ def analyze(
 
             source_options.pop("fmt")
             path = follow_runs(
-                runs, out, until=until, poll=poll, fmt=fmt, metrics=metrics, kinds=kinds,
-                device=device, precision=precision, scheduler=scheduler, progress=progress,
-                wait=wait, **source_options,
+                runs, out, until=until, poll=poll, fmt=fmt, metrics=metrics,
+                kinds=kinds, device=dev, precision=value(precision), scheduler=scheduler,
+                progress=progress, wait=wait, **source_options,
             )
         else:
             path = run_analysis(
-                runs, out, metrics=metrics, kinds=kinds, device=device, precision=precision,
-                scheduler=scheduler, progress=progress, activations=activations,
-                target=target, convention=convention, activations_data=activations_data,
-                activation_positions=activation_positions, activations_batch=activations_batch,
-                wait=wait, **source_options,
+                runs, out, metrics=metrics, kinds=kinds, device=dev,
+                precision=value(precision), scheduler=scheduler, progress=progress,
+                activations=activations, target=target, convention=value(convention),
+                activations_data=activations_data, activation_positions=activation_positions,
+                activations_batch=activations_batch, wait=wait, **source_options,
             )
     print(path)

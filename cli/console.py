@@ -18,15 +18,21 @@ from collections.abc import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from dynlab.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     DynlabError,
+    DynlabFailure,
+    InputError,
 )
 
+#: progress, warnings, notes and errors (stderr)
 console = Console(stderr=True, soft_wrap=True, highlight=False)
+#: results: tables and the paths written (stdout)
+stdout = Console()
 
 #: exception types that mean "bad input" (exit 2) when they escape a command
 BAD_INPUT: tuple[type[BaseException], ...] = (
@@ -40,15 +46,18 @@ INTERRUPTED_MESSAGE = "interrupted; rerun the same command to resume"
 
 
 def error(message: object, where: str = "") -> None:
-    console.print(f"[red]{where}error:[/] {message}", markup=True)
+    """One red line on stderr: '<where>error: <message>'."""
+    console.print(f"[red]{escape(where)}error:[/] {escape(str(message))}")
 
 
 def warn(message: object) -> None:
-    console.print(f"[yellow]warning:[/] {message}")
+    """One yellow line on stderr: 'warning: <message>'."""
+    console.print(f"[yellow]warning:[/] {escape(str(message))}")
 
 
 def note(message: object) -> None:
-    console.print(f"note: {message}")
+    """One line on stderr: 'note: <message>'."""
+    console.print(f"note: {escape(str(message))}")
 
 
 def show_warnings() -> None:
@@ -75,7 +84,9 @@ def exit_code(err: BaseException) -> int:
 
 @contextlib.contextmanager
 def guarded(where: str = "") -> Iterator[None]:
-    """Run a command body under the exit-code policy (module docstring)."""
+    """Run a command body under the exit-code policy (module docstring), with Python warnings
+    shown as console lines (the previous warnings.showwarning is restored on exit)."""
+    previous = warnings.showwarning
     show_warnings()
     try:
         yield
@@ -86,15 +97,25 @@ def guarded(where: str = "") -> Iterator[None]:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except (DynlabError, *BAD_INPUT, *FAILURE) as err:
         prefix = f"{where} " if where else ""
-        error(_message(err), prefix)
+        error(message(err), prefix)
         raise typer.Exit(exit_code(err)) from None
+    finally:
+        warnings.showwarning = previous
 
 
-def _message(err: BaseException) -> str:
+def message(err: BaseException) -> str:
+    """The one-line text of an exception for the user."""
     if isinstance(err, KeyError):
         return f"missing key {err}"
     return str(err) or type(err).__name__
 
 
+def checkpoint_error(where: object, err: BaseException) -> DynlabError:
+    """`err` (of BAD_INPUT or FAILURE) prefixed by `where`, with the same exit status."""
+    text = f"{where}: {message(err)}"
+    return InputError(text) if exit_code(err) == EXIT_BAD_INPUT else DynlabFailure(text)
+
+
 __all__ = ["console", "error", "warn", "note", "guarded", "exit_code", "show_warnings",
+           "message", "checkpoint_error", "stdout",
            "EXIT_BAD_INPUT", "EXIT_FAILURE", "EXIT_INTERRUPTED", "INTERRUPTED_MESSAGE"]

@@ -3,88 +3,117 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from dynlab_cli.options import Device, OnError, Progress
+
 
 def evaluate(
-    target: Path = typer.Argument(..., help="RUN directory (all its checkpoints) or "
-                                  "RUN/checkpoints/step_N."),
-    ppl: str | None = typer.Option(
-        None, "--ppl", help="Held-out text: directory (one domain per .txt/.jsonl file), file "
-        "(jsonl may carry a 'source' field) or glob. Default: the embedded grammar's domains; "
-        "'none' skips perplexity."),
-    blimp: str | None = typer.Option(
-        None, "--blimp", help="BLiMP jsonl: directory, file or glob, or 'nyu-mll/blimp' (needs "
-        "`datasets`). Default: the embedded grammar's minimal pairs; 'none' skips BLiMP."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write the results here "
-                                         "(one object for a checkpoint, a list for a run)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps or auto."),
-    tokenizer: Path | None = typer.Option(None, "--tokenizer",
-                                          help="tokenizer.json (default: RUN/tokenizer.json)."),
-    uid: str | None = typer.Option(None, "--uid", help="Comma-separated BLiMP UIDs or glob "
-                                   "patterns, e.g. 'anaphor_*,island*'."),
-    on_error: str = typer.Option("fail", "--on-error", help="skip|fail: malformed input lines, "
-                                 "empty or too long pairs, failing checkpoints."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Sequences per forward pass."),
-    limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many pairs "
-                                     "per BLiMP UID (first in file order)."),
-    stride: int | None = typer.Option(None, "--stride", min=1, help="Overlapping perplexity "
-                                      "windows advancing by this many tokens (default: "
-                                      "non-overlapping windows of the model's context)."),
+    target: Annotated[Path, typer.Argument(
+        help="RUN directory (all its checkpoints) or RUN/checkpoints/step_N.",
+        show_default=False)],
+    ppl: Annotated[str | None, typer.Option(
+        "--ppl", show_default=False,
+        help="Held-out text: directory (one domain per .txt/.jsonl file), file (jsonl may "
+        "carry a 'source' field) or glob. Default: the embedded grammar's domains; 'none' "
+        "skips perplexity.")] = None,
+    blimp: Annotated[str | None, typer.Option(
+        "--blimp", show_default=False,
+        help="BLiMP jsonl: directory, file or glob, or 'nyu-mll/blimp' (needs `datasets`). "
+        "Default: the embedded grammar's minimal pairs; 'none' skips BLiMP.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", show_default=False,
+        help="Also write the results to this JSON file (one object for a checkpoint, a list "
+        "for a run).")] = None,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", hidden=True, help="Deprecated spelling of -o/--out.")] = None,
+    device: Device = "auto",
+    tokenizer: Annotated[Path | None, typer.Option(
+        "--tokenizer", show_default=False,
+        help="tokenizer.json (default: RUN/tokenizer.json).")] = None,
+    uid: Annotated[str | None, typer.Option(
+        "--uid", show_default=False,
+        help="Comma list of BLiMP UIDs or glob patterns, e.g. 'anaphor_*,island*'.")] = None,
+    on_error: Annotated[OnError, typer.Option(
+        "--on-error", help="Malformed input lines, empty or too long pairs, failing "
+        "checkpoints: fail at once, or skip them (exit 1 at the end).")] = OnError.fail,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", min=1, help="Sequences per forward pass.")] = 32,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", min=1, show_default=False,
+        help="At most this many pairs per BLiMP UID (first in file order).")] = None,
+    stride: Annotated[int | None, typer.Option(
+        "--stride", min=1, show_default=False,
+        help="Overlapping perplexity windows advancing by this many tokens (default: "
+        "non-overlapping windows of the model's context).")] = None,
+    progress: Progress = True,
 ) -> None:
     """Perplexity per domain and BLiMP accuracy at checkpoints; writes step_N/eval.json.
 
     Exit status (dynlab_cli.console): 2 for bad input (a missing run, tokenizer or data file,
     a malformed line, a truncated checkpoint under --on-error fail), 1 when --on-error skip
-    skipped a checkpoint (after evaluating the others and writing --json), 130 on Ctrl-C."""
-    from dynlab_cli.console import guarded
+    skipped a checkpoint (after evaluating the others and writing -o), 130 on Ctrl-C."""
+    from dynlab_cli.console import guarded, warn
 
-    if on_error not in ("skip", "fail"):
-        raise typer.BadParameter("expected 'skip' or 'fail'", param_hint="--on-error")
+    if json_out is not None:
+        if out is not None:
+            raise typer.BadParameter("give -o/--out only (--json is its old spelling)",
+                                     param_hint="--json")
+        warn("--json is deprecated; use -o/--out")
+        out = json_out
     with guarded("eval"):
-        _evaluate(target, ppl, blimp, json_out, device, tokenizer, uid, on_error, batch_size,
-                  limit, stride)
+        from dynlab_cli.options import resolve
+
+        results, skipped = evaluate_target(target, ppl=ppl, blimp=blimp, out=out,
+                                           device=resolve(device), tokenizer=tokenizer,
+                                           uid=uid, on_error=on_error.value,
+                                           batch_size=batch_size, limit=limit, stride=stride,
+                                           progress=progress)
+    print_tables(results)
+    if out is not None and results:
+        from dynlab_cli.console import note
+
+        note(f"wrote {out}")
+    if skipped:
+        from dynlab.errors import DynlabFailure
+
+        with guarded("eval"):
+            raise DynlabFailure(f"{len(skipped)} checkpoint(s) skipped: {', '.join(skipped)}")
 
 
-def _evaluate(target: Path, ppl: str | None, blimp: str | None, json_out: Path | None,
-              device: str, tokenizer: Path | None, uid: str | None, on_error: str,
-              batch_size: int, limit: int | None, stride: int | None) -> None:
+
+def evaluate_target(target: Path, *, ppl: str | None, blimp: str | None, out: Path | None,
+                    device: str, tokenizer: Path | None, uid: str | None, on_error: str,
+                    batch_size: int, limit: int | None, stride: int | None,
+                    progress: bool = True) -> tuple[list[dict], list[str]]:
+    """dynlab.eval.evaluate_run with a progress bar and warnings on the console; writes `out`
+    (JSON: an object for a checkpoint, a list for a run) with what was evaluated, also when a
+    checkpoint fails under on_error 'fail' (which then raises). Returns (results, skipped)."""
     import warnings
 
-    from rich.console import Console
-    from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
     from dynlab.eval import CheckpointEvalError, EvalDataWarning, evaluate_run, find_checkpoints
     from dynlab.runs.files import write_json
-    from dynlab_cli.console import error, exit_code
-
-    console = Console(stderr=True, soft_wrap=True)
-
-    def show_warning(message, category, filename, lineno, file=None, line=None):
-        console.print(f"[yellow]warning:[/] {escape(str(message))}", markup=True,
-                      highlight=False)
+    from dynlab_cli.console import checkpoint_error, console, warn
 
     ckpts = find_checkpoints(target)
     single = len(ckpts) == 1 and ckpts[0].resolve() == target.resolve()
 
     def finish(results: list[dict]) -> None:
-        if json_out is not None and results:
-            payload = results[0] if len(results) == 1 and single else results
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            write_json(json_out, payload)
-            console.print(f"wrote {json_out}")
+        if out is not None and results:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_json(out, results[0] if len(results) == 1 and single else results)
 
+    passed_over: list[str] = []
+    tasks: dict[Path, object] = {}
     columns = (TextColumn("{task.description}"), BarColumn(),
                TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
-    failed: list[str] = []
-    tasks: dict[Path, object] = {}
-    with warnings.catch_warnings(), Progress(*columns, console=console,
-                                             transient=False) as bar:
+    with warnings.catch_warnings(), Progress(*columns, console=console, transient=False,
+                                             disable=not progress) as bar:
         warnings.simplefilter("always", EvalDataWarning)
-        warnings.showwarning = show_warning
         run_task = bar.add_task("checkpoints", total=len(ckpts))
 
         def tick(ckpt: Path, done: int, total: int) -> None:
@@ -98,32 +127,31 @@ def _evaluate(target: Path, ppl: str | None, blimp: str | None, json_out: Path |
             bar.advance(run_task)
 
         def skipped(ckpt: Path, err: BaseException) -> None:
-            console.print(f"[yellow]skipped[/] {escape(f'{ckpt}: {err}')}", markup=True,
-                          highlight=False)
-            failed.append(str(ckpt))
+            warn(f"skipped {ckpt}: {err}")
+            passed_over.append(str(ckpt))
 
         try:
-            results = evaluate_run(target, ppl, blimp, tokenizer=tokenizer, uid=uid, limit=limit,
-                                   device=device, batch_size=batch_size, stride=stride,
-                                   on_error=on_error, progress=tick, finished=finished,
-                                   skipped=skipped)
+            results = evaluate_run(target, ppl, blimp, tokenizer=tokenizer, uid=uid,
+                                   limit=limit, device=device, batch_size=batch_size,
+                                   stride=stride, on_error=on_error, progress=tick,
+                                   finished=finished, skipped=skipped)
         except CheckpointEvalError as err:
             bar.stop()
-            error(f"{err.checkpoint}: {err.error}", "eval ")
             finish(err.results)
-            raise typer.Exit(exit_code(err.error)) from None
-
-    _print_tables(Console(), results, Table)
+            raise checkpoint_error(err.checkpoint, err.error) from err.error
     finish(results)
-    if failed:
-        console.print(f"[yellow]{len(failed)} checkpoint(s) skipped[/]: {', '.join(failed)}")
-        raise typer.Exit(1)
+    return results, passed_over
 
 
-def _print_tables(console, results: list[dict], Table) -> None:
-    """A row per step (macro perplexity, BLiMP overall and per field); details of the last."""
+def print_tables(results: list[dict]) -> None:
+    """`dynlab eval`'s tables on stdout: a row per step (macro perplexity, BLiMP overall and
+    per field), then the last step's perplexity by domain and BLiMP by UID (up to 20)."""
+    from rich.table import Table
+
     if not results:
         return
+    from dynlab_cli.console import stdout as out
+
     fields = sorted({f for r in results for f in r.get("blimp", {}).get("by_field", {})})
     summary = Table(title="evaluation")
     for col in ["step", "ppl macro", "BLiMP overall", *fields]:
@@ -134,7 +162,7 @@ def _print_tables(console, results: list[dict], Table) -> None:
         summary.add_row(str(r["step"]), "-" if ppl is None else f"{ppl:.3f}",
                         "-" if "overall" not in bl else f"{bl['overall']:.3f}",
                         *[f"{bl.get('by_field', {}).get(f, float('nan')):.3f}" for f in fields])
-    console.print(summary)
+    out.print(summary)
     last = results[-1]
     if "perplexity" in last:
         table = Table(title=f"perplexity by domain (step {last['step']})")
@@ -142,11 +170,11 @@ def _print_tables(console, results: list[dict], Table) -> None:
         table.add_column("ppl", justify="right")
         for dom, v in last["perplexity"]["by_domain"].items():
             table.add_row(dom, f"{v:.3f}")
-        console.print(table)
+        out.print(table)
     if "blimp" in last and len(last["blimp"]["by_uid"]) <= 20:
         table = Table(title=f"BLiMP by UID (step {last['step']})")
         table.add_column("UID")
         table.add_column("accuracy", justify="right")
         for u, v in last["blimp"]["by_uid"].items():
             table.add_row(u, f"{v:.3f}")
-        console.print(table)
+        out.print(table)

@@ -1,12 +1,26 @@
 """`dynlab train decoder|relora`: train pico-decoder or pico-relora with learning-dynamics
-checkpoints. Thin: parse options, call dynlab.training.trainer.train, print the run directory."""
+checkpoints. Thin: parse options, call dynlab.training.trainer.train, print the run directory.
+
+The options both commands share are written once, as the fields of `TrainOptions`; `relora`
+adds the fields of `ReLoRAOptions`. `command(kind, *blocks)` turns such dataclasses into a
+typer command whose parameters are their fields (name, type and typer.Option from each
+field's Annotated type), so a flag is declared in one place.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any
 
 import typer
+
+from dynlab_cli.options import DEVICE_HELP, Gpu, Preset, PruneMethod, choices
 
 app = typer.Typer(
     help="Train pico-decoder or pico-relora with learning-dynamics checkpoints. With no "
@@ -16,241 +30,276 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+def opt(*flags: str, **kw: Any) -> Any:
+    """typer.Option without a shown default: every value here defaults to "not given", and
+    the preset, a --config file or, on --resume, the stored run supplies it."""
+    return typer.Option(*flags, show_default=False, **kw)
+
+
 # Every option defaults to None ("not given"): the preset, a --config file or, on --resume,
-# the stored run supply the value.
-PRESET = typer.Option(None, "--preset", help="micro (default, CPU), tiny, small, medium, large.")
-STEPS = typer.Option(None, "--steps", min=0, help="Optimizer updates (preset default).")
-BATCH = typer.Option(None, "--batch-size", min=1, help="Sequences per micro-batch, all "
-                     "processes together: with --nproc N (or torchrun) each takes 1/N of it.")
-SEQ = typer.Option(None, "--seq-len", min=1, help="Tokens per training sequence.")
-LR = typer.Option(None, "--lr", help="Peak learning rate (default 3e-4; micro 3e-3).")
-WARMUP = typer.Option(None, "--warmup-steps", min=0, help="Linear warmup steps.")
-DATA = typer.Option(None, "--data", help="'default' (embedded grammar corpus), a .txt/.jsonl/"
-                    ".npy/.bin file or directory, pre-tokenised rows (.parquet/.arrow file or "
-                    "directory with an input_ids column), or a Hugging Face dataset (needs "
-                    "`datasets`).")
-TOKENIZER = typer.Option(None, "--tokenizer", help="A tokenizer.json, a directory holding one, "
-                         "or a Hugging Face model name (default: byte-level BPE trained on the "
-                         "data, cached).")
-VOCAB = typer.Option(None, "--vocab-size", min=1, help="BPE target vocabulary size.")
-OUT = typer.Option(None, "--out", "-o", help="Run directory (default runs/<kind>-<preset>).")
-CKPT = typer.Option(None, "--checkpoint-every", min=1, help="Steps between checkpoints.")
-LD = typer.Option(None, "--ld-batch-size", min=1,
-                  help="Sequences in the fixed learning-dynamics batch.")
-DEVICE = typer.Option(None, "--device", help="auto (CUDA when available), cpu, cuda[:N].")
-THREADS = typer.Option(None, "--threads", min=1, help="CPU threads (default: 1 for micro, "
-                       "else torch's default).")
-SEED = typer.Option(None, "--seed", help="Seed of initialisation, data order and dropout.")
-CONFIG = typer.Option(None, "--config", help="YAML file holding any of these options.")
-RESUME = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint.")
-OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing run in --out.")
-ACTS = typer.Option(False, "--save-activations",
-                    help="Also save each linear module's and each block's outputs "
-                    "(at --activation-positions) on the learning-dynamics batch.")
-POSITIONS = typer.Option(None, "--activation-positions",
-                         help="Token positions kept by --save-activations: last (default), "
-                         "all, or sample:N (N seeded positions per sequence).")
-EVAL_EVERY = typer.Option(None, "--eval-every", min=0,
-                          help="Steps between evaluations (default: checkpoint interval; 0: off).")
-EVAL_PPL = typer.Option(None, "--eval-ppl", help="Held-out text for perplexity (dynlab eval).")
-EVAL_BLIMP = typer.Option(None, "--eval-blimp", help="BLiMP jsonl for accuracy (dynlab eval).")
-ACCUM = typer.Option(None, "--grad-accum", min=1, help="Micro-batches per update.")
-COMPILE = typer.Option(False, "--compile", help="torch.compile the model.")
-LOG_EVERY = typer.Option(None, "--log-every", min=1, help="Steps between metrics.jsonl lines.")
-STOP_AT = typer.Option(None, "--stop-at", min=1, help="Stop after this step without a final "
-                       "checkpoint (as an interruption; continue with --resume).")
-PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")
-NDOCS = typer.Option(None, "--n-documents", min=1,
-                     help="Documents generated (default corpus) or streamed (HF dataset).")
-D_MODEL = typer.Option(None, "--d-model", min=1, help="Override the preset's d_model.")
-N_LAYERS = typer.Option(None, "--n-layers", min=1, help="Override the preset's layers.")
-N_HEADS = typer.Option(None, "--n-heads", min=1, help="Override the preset's heads.")
-N_KV = typer.Option(None, "--n-kv-heads", min=1, help="Override the preset's kv heads.")
-HIDDEN = typer.Option(None, "--hidden-dim", min=1, help="Override activation_hidden_dim.")
-MAX_SEQ = typer.Option(None, "--max-seq-len", min=1, help="Override the preset's max_seq_len.")
-GLOBAL_BATCH = typer.Option(
-    None, "--global-batch-size", min=1, help="Sequences per optimizer update, all processes "
-    "and micro-batches together (the study: 1024); gradient accumulation is derived from it, "
-    "--micro-batch-size and the number of processes. Excludes --batch-size/--grad-accum.")
-MICRO_BATCH = typer.Option(
-    None, "--micro-batch-size", min=1, help="With --global-batch-size: sequences per process "
-    "per forward/backward (default: the largest that fits, by a memory probe on CUDA; the whole "
-    "per-process share on CPU).")
-MODEL_VOCAB = typer.Option(None, "--model-vocab-size", min=1, help="Embedding rows when larger "
-                           "than the tokenizer (pico-train: 50304 for the OLMo tokenizer).")
-HORIZON = typer.Option(None, "--schedule-horizon", min=1, help="Steps over which the learning "
-                       "rate decays (default --steps; pico-train's decoder: its max_steps "
-                       "200000).")
-DRY_RUN = typer.Option(False, "--dry-run", help="Print parameters, tokens, FLOPs, memory per "
-                       "device, wall-clock and GPU-hours, and exit without training (with "
-                       "--nproc N: on N devices).")
-GPU = typer.Option(None, "--gpu", help="GPU of the --dry-run estimate: h100 (default), "
-                   "h100-pcie, h200, a100, a100-40gb, l40s, a10.")
-MFU = typer.Option(None, "--mfu", help="Model FLOPs utilisation assumed by --dry-run "
-                   "(default 0.3).")
-NPROC = typer.Option(None, "--nproc", min=1, help="Train with N processes on this machine "
-                     "(DistributedDataParallel; gloo on CPU, one GPU each with nccl), launched "
-                     "via torchrun. Same training as one process: --batch-size is global.")
+# the stored run supply the value. A switch left off (False) is "not given" as well.
+@dataclass
+class TrainOptions:
+    """The options of `dynlab train decoder` and `dynlab train relora`."""
+
+    preset: Annotated[Preset | None, opt(
+        "--preset", help="Model and training preset (default micro, CPU-sized).")] = None
+    steps: Annotated[int | None, opt(
+        "--steps", min=0, help="Optimizer updates (preset default).")] = None
+    batch_size: Annotated[int | None, opt(
+        "--batch-size", min=1, help="Sequences per micro-batch, all processes together: with "
+        "--nproc N (or torchrun) each takes 1/N of it.")] = None
+    seq_len: Annotated[int | None, opt(
+        "--seq-len", min=1, help="Tokens per training sequence.")] = None
+    lr: Annotated[float | None, opt(
+        "--lr", help="Peak learning rate (default 3e-4; micro 3e-3).")] = None
+    warmup_steps: Annotated[int | None, opt(
+        "--warmup-steps", min=0, help="Linear warmup steps.")] = None
+    data: Annotated[str | None, opt(
+        "--data", help="'default' (embedded grammar corpus), a .txt/.jsonl/.npy/.bin file or "
+        "directory, pre-tokenised rows (.parquet/.arrow file or directory with an input_ids "
+        "column), or a Hugging Face dataset (needs `datasets`).")] = None
+    tokenizer: Annotated[str | None, opt(
+        "--tokenizer", help="A tokenizer.json, a directory holding one, or a Hugging Face "
+        "model name (default: byte-level BPE trained on the data, cached).")] = None
+    vocab_size: Annotated[int | None, opt(
+        "--vocab-size", min=1, help="BPE target vocabulary size.")] = None
+    out: Annotated[str | None, opt(
+        "--out", "-o", help="Run directory (default runs/<kind>-<preset>).")] = None
+    checkpoint_every: Annotated[int | None, opt(
+        "--checkpoint-every", min=1, help="Steps between checkpoints.")] = None
+    ld_batch_size: Annotated[int | None, opt(
+        "--ld-batch-size", min=1, help="Sequences in the fixed learning-dynamics batch.")] = None
+    device: Annotated[str | None, opt(
+        "--device", help=f"{DEVICE_HELP} Default auto (or the --config file's, or the resumed "
+        "run's).")] = None
+    threads: Annotated[int | None, opt(
+        "--threads", min=1, help="CPU threads (default: 1 for micro, else torch's "
+        "default).")] = None
+    seed: Annotated[int | None, opt(
+        "--seed", help="Seed of initialisation, data order and dropout.")] = None
+    config: Annotated[Path | None, opt(
+        "--config", help="YAML file holding any of these options (explicit options "
+        "win).")] = None
+    resume: Annotated[bool, opt(
+        "--resume", help="Continue from the latest complete checkpoint.")] = False
+    overwrite: Annotated[bool, opt(
+        "--overwrite", help="Replace an existing run in --out.")] = False
+    save_activations: Annotated[bool, opt(
+        "--save-activations", help="Also save each linear module's and each block's outputs "
+        "(at --activation-positions) on the learning-dynamics batch.")] = False
+    activation_positions: Annotated[str | None, opt(
+        "--activation-positions", help="Token positions kept by --save-activations: last "
+        "(default), all, or sample:N (N seeded positions per sequence).")] = None
+    eval_every: Annotated[int | None, opt(
+        "--eval-every", min=0, help="Steps between evaluations (default: checkpoint interval; "
+        "0: off).")] = None
+    eval_ppl: Annotated[str | None, opt(
+        "--eval-ppl", help="Held-out text for perplexity (as dynlab eval --ppl).")] = None
+    eval_blimp: Annotated[str | None, opt(
+        "--eval-blimp", help="BLiMP jsonl for accuracy (as dynlab eval --blimp).")] = None
+    grad_accum: Annotated[int | None, opt(
+        "--grad-accum", min=1, help="Micro-batches per update.")] = None
+    compile: Annotated[bool, opt("--compile", help="torch.compile the model.")] = False
+    log_every: Annotated[int | None, opt(
+        "--log-every", min=1, help="Steps between metrics.jsonl lines.")] = None
+    stop_at: Annotated[int | None, opt(
+        "--stop-at", min=1, help="Stop after this step without a final checkpoint (as an "
+        "interruption; continue with --resume).")] = None
+    progress: Annotated[bool, opt(
+        "--progress/--no-progress", help="Show a progress bar (default on).")] = True
+    n_documents: Annotated[int | None, opt(
+        "--n-documents", min=1, help="Documents generated (default corpus) or streamed (HF "
+        "dataset).")] = None
+    d_model: Annotated[int | None, opt(
+        "--d-model", min=1, help="Override the preset's d_model.")] = None
+    n_layers: Annotated[int | None, opt(
+        "--n-layers", min=1, help="Override the preset's layers.")] = None
+    n_heads: Annotated[int | None, opt(
+        "--n-heads", min=1, help="Override the preset's heads.")] = None
+    n_kv_heads: Annotated[int | None, opt(
+        "--n-kv-heads", min=1, help="Override the preset's kv heads.")] = None
+    hidden_dim: Annotated[int | None, opt(
+        "--hidden-dim", min=1, help="Override activation_hidden_dim.")] = None
+    max_seq_len: Annotated[int | None, opt(
+        "--max-seq-len", min=1, help="Override the preset's max_seq_len.")] = None
+    nproc: Annotated[int | None, opt(
+        "--nproc", min=1, help="Train with N processes on this machine "
+        "(DistributedDataParallel; gloo on CPU, one GPU each with nccl), launched via "
+        "torchrun. Same training as one process: --batch-size is global.")] = None
+    global_batch_size: Annotated[int | None, opt(
+        "--global-batch-size", min=1, help="Sequences per optimizer update, all processes and "
+        "micro-batches together (the study: 1024); gradient accumulation is derived from it, "
+        "--micro-batch-size and the number of processes. Excludes --batch-size/"
+        "--grad-accum.")] = None
+    micro_batch_size: Annotated[int | None, opt(
+        "--micro-batch-size", min=1, help="With --global-batch-size: sequences per process per "
+        "forward/backward (default: the largest that fits, by a memory probe on CUDA; the "
+        "whole per-process share on CPU).")] = None
+    model_vocab_size: Annotated[int | None, opt(
+        "--model-vocab-size", min=1, help="Embedding rows when larger than the tokenizer "
+        "(pico-train: 50304 for the OLMo tokenizer).")] = None
+    schedule_horizon: Annotated[int | None, opt(
+        "--schedule-horizon", min=1, help="Steps over which the learning rate decays "
+        "(default --steps; pico-train's decoder: its max_steps 200000).")] = None
+    dry_run: Annotated[bool, opt(
+        "--dry-run", help="Print parameters, tokens, FLOPs, memory per device, wall-clock and "
+        "GPU-hours, and exit without training (with --nproc N: on N devices).")] = False
+    gpu: Annotated[str | None, opt(
+        "--gpu", metavar=choices(Gpu), help="GPU of the --dry-run estimate (default h100; "
+        "checked by dynlab.training.costs).")] = None
+    mfu: Annotated[float | None, opt(
+        "--mfu", help="Model FLOPs utilisation assumed by --dry-run (default 0.3).")] = None
 
 
-def _argv(kind: str, config: Path | None, options: dict) -> list[str]:
+@dataclass
+class ReLoRAOptions:
+    """The options `dynlab train relora` adds to TrainOptions."""
+
+    lora_rank: Annotated[int | None, opt(
+        "--lora-rank", min=1, help="LoRA rank r (default 16).")] = None
+    lora_alpha: Annotated[float | None, opt(
+        "--lora-alpha", help="LoRA alpha; the branch is scaled by alpha / r (default 32).",
+    )] = None
+    lora_dropout: Annotated[float | None, opt(
+        "--lora-dropout", help="Dropout on the LoRA branch (default 0.1).")] = None
+    reset_every: Annotated[int | None, opt(
+        "--reset-every", min=1, help="Steps between merge-and-reset (preset default).")] = None
+    restart_warmup_steps: Annotated[int | None, opt(
+        "--restart-warmup-steps", min=0, help="Linear re-warmup after each reset.")] = None
+    min_lr_ratio: Annotated[float | None, opt(
+        "--min-lr-ratio", help="Floor of the cosine (default 0.1).")] = None
+    prune_ratio: Annotated[float | None, opt(
+        "--prune-ratio", help="Fraction of the LoRA Adam moments zeroed at a reset (default "
+        "0.999).")] = None
+    prune_method: Annotated[PruneMethod | None, opt(
+        "--prune-method", help="How the moments are pruned (default random).")] = None
+    paper_compat: Annotated[bool | None, opt(
+        "--paper-compat/--no-paper-compat", help="Reproduce relora-pico exactly, defects "
+        "included (unscaled merge, A = 0 at wrap, resets at step % reset_every == 1, 200k "
+        "cosine); --no-paper-compat overrides a config file's `paper-compat: true`.")] = None
+    warm_start: Annotated[str | None, opt(
+        "--warm-start", help="Start from a decoder checkpoint (or run's latest).")] = None
+
+
+def command(kind: str, doc: str, *blocks: type) -> Callable[..., None]:
+    """A typer command whose parameters are the fields of the dataclasses `blocks` (each
+    field's Annotated type carries its typer.Option); it trains `kind` with them."""
+    params, hints = [], {}
+    for block in blocks:
+        types = typing.get_type_hints(block, include_extras=True)
+        for f in dataclasses.fields(block):
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                            default=f.default, annotation=types[f.name]))
+            hints[f.name] = types[f.name]
+
+    def run(**options: Any) -> None:
+        _run(kind, options)
+
+    run.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
+    run.__annotations__ = hints
+    run.__doc__ = doc
+    run.__name__ = kind
+    return run
+
+
+#: flag names whose config key differs (TrainConfig field: activation_hidden_dim)
+CONFIG_KEYS = {"hidden_dim": "activation_hidden_dim"}
+
+
+def config_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options as TrainConfig keys and values: enums as their strings, a switch left
+    off (False) and --progress left on as "not given" (None)."""
+    out = {}
+    for name, value in options.items():
+        if isinstance(value, Preset | PruneMethod):
+            value = value.value
+        if name in ("resume", "overwrite", "save_activations", "compile") and value is False:
+            value = None
+        if name == "progress" and value is True:
+            value = None
+        out[CONFIG_KEYS.get(name, name)] = value
+    return out
+
+
+def argv(kind: str, config: Path | None, options: dict[str, Any]) -> list[str]:
     """The command line that reproduces these options (for the torchrun workers)."""
+    flags = {v: k for k, v in CONFIG_KEYS.items()}
     args = [kind] + ([f"--config={config}"] if config is not None else [])
     for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
+        flag = "--" + flags.get(name, name).replace("_", "-")
         if value is True:
             args.append(flag)
         elif value is False:
-            args.append("--no-" + name.replace("_", "-"))
+            args.append("--no-" + flags.get(name, name).replace("_", "-"))
         elif value is not None:
             args.append(f"{flag}={value}")
     return args
 
 
-def _launch(kind: str, config: Path | None, options: dict, nproc: int, console) -> None:
-    """Check the options here, then run `torchrun --nproc-per-node N -m dynlab train ...`."""
-    from dynlab.training.ddp import launch
-    from dynlab.training.trainer import check_launch
-
-    argv = _argv(kind, config, options)
-    opts = dict(options, activation_hidden_dim=options.get("hidden_dim"))
-    opts.pop("hidden_dim", None)
-    cfg = check_launch(kind, nproc, config=config, **opts)
-    code = launch(nproc, ["-m", "dynlab", "train", *argv], threads=cfg.threads)
-    if code:
-        raise typer.Exit(code)
-
-
-def _preview(kind: str, config: Path | None, options: dict, devices: int, gpu: str | None,
-             mfu: float | None, console) -> None:
-    """--dry-run: the cost of these options (dynlab.training.costs), nothing trained."""
-    from dynlab.training import costs
-    from dynlab.training.config import make_config
-
-    opts = dict(options, activation_hidden_dim=options.get("hidden_dim"))
-    opts.pop("hidden_dim", None)
-    try:
-        cfg = make_config(kind, opts, config).resolved()
-        est = costs.estimate(cfg, devices, gpu or costs.DEFAULT_GPU,
-                             costs.DEFAULT_MFU if mfu is None else mfu)
-    except (ValueError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/] {err}")
-        raise typer.Exit(2) from None
-    for line in costs.format_estimate(est):
-        print(line)
-
-
-def _run(kind: str, config: Path | None, options: dict) -> None:
+def _run(kind: str, options: dict[str, Any]) -> None:
     """Train under the exit-code policy of dynlab_cli.console.guarded: 2 bad input, 1
     failure (a diverged run), 130 on Ctrl-C, which leaves a run that the same command (or
     --resume) continues."""
-    from rich.console import Console
-
+    from dynlab.errors import InputError
     from dynlab_cli.console import guarded
 
-    for flag in ("resume", "overwrite", "save_activations", "compile"):
-        if options.get(flag) is False:
-            options[flag] = None  # a switch left off is "not given"
-    if options.get("progress") is True:
-        options["progress"] = None
-    nproc = options.pop("nproc", None)
-    dry_run, gpu, mfu = options.pop("dry_run", False), options.pop("gpu", None), \
-        options.pop("mfu", None)
-    console = Console(stderr=True)
+    opts = config_options(options)
+    config = opts.pop("config")
+    nproc, dry_run = opts.pop("nproc"), opts.pop("dry_run")
+    gpu, mfu = opts.pop("gpu"), opts.pop("mfu")
     world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun in each worker
     rank = int(os.environ.get("RANK", 0))
-    if dry_run:
-        _preview(kind, config, options, nproc or world, gpu, mfu, console)
-        return
-    if nproc is not None and world > 1 and nproc != world:
-        console.print(f"[red]error:[/] --nproc {nproc} inside torchrun's {world} processes")
-        raise typer.Exit(2)
-    if nproc is not None and nproc > 1 and world == 1:
-        with guarded("train"):
-            _launch(kind, config, options, nproc, console)
-        return
-    options["activation_hidden_dim"] = options.pop("hidden_dim", None)
     where = f"train (rank {rank})" if world > 1 else "train"
     with guarded(where):
+        if dry_run:
+            preview(kind, config, opts, nproc or world, gpu, mfu)
+            return
+        if nproc is not None and world > 1 and nproc != world:
+            raise InputError(f"--nproc {nproc} inside torchrun's {world} processes")
+        if opts.get("device") is not None:
+            from dynlab_cli.options import resolve
+
+            resolve(opts["device"])  # a clear message for a device this machine lacks
+        if nproc is not None and nproc > 1 and world == 1:
+            launch(kind, config, opts, nproc)
+            return
         from dynlab.training.trainer import train
 
-        run_dir = train(kind, config=config, **options)
+        run_dir = train(kind, config=config, **opts)
     if rank == 0:
         print(run_dir)
 
 
-@app.command()
-def decoder(
-    preset: str | None = PRESET, steps: int | None = STEPS, batch_size: int | None = BATCH,
-    seq_len: int | None = SEQ, lr: float | None = LR, warmup_steps: int | None = WARMUP,
-    data: str | None = DATA, tokenizer: str | None = TOKENIZER, vocab_size: int | None = VOCAB,
-    out: str | None = OUT, checkpoint_every: int | None = CKPT, ld_batch_size: int | None = LD,
-    device: str | None = DEVICE, threads: int | None = THREADS, seed: int | None = SEED,
-    config: Path | None = CONFIG,
-    resume: bool = RESUME, overwrite: bool = OVERWRITE, save_activations: bool = ACTS,
-    activation_positions: str | None = POSITIONS,
-    eval_every: int | None = EVAL_EVERY, eval_ppl: str | None = EVAL_PPL,
-    eval_blimp: str | None = EVAL_BLIMP, grad_accum: int | None = ACCUM,
-    compile: bool = COMPILE, log_every: int | None = LOG_EVERY, stop_at: int | None = STOP_AT,
-    progress: bool = PROGRESS, n_documents: int | None = NDOCS, d_model: int | None = D_MODEL,
-    n_layers: int | None = N_LAYERS, n_heads: int | None = N_HEADS,
-    n_kv_heads: int | None = N_KV, hidden_dim: int | None = HIDDEN,
-    max_seq_len: int | None = MAX_SEQ, nproc: int | None = NPROC,
-    global_batch_size: int | None = GLOBAL_BATCH, micro_batch_size: int | None = MICRO_BATCH,
-    model_vocab_size: int | None = MODEL_VOCAB, schedule_horizon: int | None = HORIZON,
-    dry_run: bool = DRY_RUN, gpu: str | None = GPU, mfu: float | None = MFU,
-) -> None:
-    """Train a pico-decoder (AdamW, linear warmup then linear decay to 0)."""
-    options = dict(locals())
-    options.pop("config")
-    _run("decoder", config, options)
+def launch(kind: str, config: Path | None, options: dict[str, Any], nproc: int) -> None:
+    """Check the options here, then run `torchrun --nproc-per-node N -m dynlab train ...`."""
+    from dynlab.training.ddp import launch as torchrun
+    from dynlab.training.trainer import check_launch
+
+    cfg = check_launch(kind, nproc, config=config, **options)
+    code = torchrun(nproc, ["-m", "dynlab", "train", *argv(kind, config, options)],
+                    threads=cfg.threads)
+    if code:
+        raise typer.Exit(code)
 
 
-@app.command()
-def relora(
-    preset: str | None = PRESET, steps: int | None = STEPS, batch_size: int | None = BATCH,
-    seq_len: int | None = SEQ, lr: float | None = LR, warmup_steps: int | None = WARMUP,
-    data: str | None = DATA, tokenizer: str | None = TOKENIZER, vocab_size: int | None = VOCAB,
-    out: str | None = OUT, checkpoint_every: int | None = CKPT, ld_batch_size: int | None = LD,
-    device: str | None = DEVICE, threads: int | None = THREADS, seed: int | None = SEED,
-    config: Path | None = CONFIG,
-    resume: bool = RESUME, overwrite: bool = OVERWRITE, save_activations: bool = ACTS,
-    activation_positions: str | None = POSITIONS,
-    eval_every: int | None = EVAL_EVERY, eval_ppl: str | None = EVAL_PPL,
-    eval_blimp: str | None = EVAL_BLIMP, grad_accum: int | None = ACCUM,
-    compile: bool = COMPILE, log_every: int | None = LOG_EVERY, stop_at: int | None = STOP_AT,
-    progress: bool = PROGRESS, n_documents: int | None = NDOCS, d_model: int | None = D_MODEL,
-    n_layers: int | None = N_LAYERS, n_heads: int | None = N_HEADS,
-    n_kv_heads: int | None = N_KV, hidden_dim: int | None = HIDDEN,
-    max_seq_len: int | None = MAX_SEQ, nproc: int | None = NPROC,
-    global_batch_size: int | None = GLOBAL_BATCH, micro_batch_size: int | None = MICRO_BATCH,
-    model_vocab_size: int | None = MODEL_VOCAB, schedule_horizon: int | None = HORIZON,
-    dry_run: bool = DRY_RUN, gpu: str | None = GPU, mfu: float | None = MFU,
-    lora_rank: int | None = typer.Option(None, "--lora-rank", min=1,
-                                         help="LoRA rank r (default 16)."),
-    lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha; "
-                                            "s = alpha / r (default 32)."),
-    lora_dropout: float | None = typer.Option(None, "--lora-dropout",
-                                              help="Dropout on the LoRA branch (default 0.1)."),
-    reset_every: int | None = typer.Option(None, "--reset-every", min=1,
-                                           help="Steps between merge-and-reset (preset default)."),
-    restart_warmup_steps: int | None = typer.Option(
-        None, "--restart-warmup-steps", min=0, help="Linear re-warmup after each reset."),
-    min_lr_ratio: float | None = typer.Option(None, "--min-lr-ratio",
-                                              help="Floor of the cosine (default 0.1)."),
-    prune_ratio: float | None = typer.Option(
-        None, "--prune-ratio", help="Fraction of the LoRA Adam moments zeroed at a reset "
-        "(default 0.999)."),
-    prune_method: str | None = typer.Option(None, "--prune-method",
-                                            help="random (default) or magnitude."),
-    paper_compat: bool | None = typer.Option(
-        None, "--paper-compat/--no-paper-compat", help="Reproduce relora-pico exactly, defects "
-        "included (unscaled merge, A = 0 at wrap, resets at step % reset_every == 1, 200k "
-        "cosine); --no-paper-compat overrides a config file's `paper-compat: true`."),
-    warm_start: str | None = typer.Option(
-        None, "--warm-start", help="Start from a decoder checkpoint (or run's latest)."),
-) -> None:
-    """Train a pico-relora (LoRA on q, k, v, o, w_0, w_1, w_2; merge-and-reset; jagged cosine)."""
-    options = dict(locals())
-    options.pop("config")
-    _run("relora", config, options)
+def preview(kind: str, config: Path | None, options: dict[str, Any], devices: int,
+            gpu: str | None, mfu: float | None) -> None:
+    """--dry-run: the cost of these options (dynlab.training.costs), nothing trained."""
+    from dynlab.training import costs
+    from dynlab.training.config import make_config
+
+    cfg = make_config(kind, options, config).resolved()
+    est = costs.estimate(cfg, devices, gpu or costs.DEFAULT_GPU,
+                         costs.DEFAULT_MFU if mfu is None else mfu)
+    for line in costs.format_estimate(est):
+        print(line)
+
+
+app.command("decoder")(command(
+    "decoder", "Train a pico-decoder (AdamW, linear warmup then linear decay to 0).",
+    TrainOptions))
+app.command("relora")(command(
+    "relora", "Train a pico-relora (LoRA on q, k, v, o, w_0, w_1, w_2; merge-and-reset; jagged "
+    "cosine).", TrainOptions, ReLoRAOptions))

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import Annotated
 
 import typer
+
+from dynlab_cli.options import kinds_option, metrics_option, split
 
 
 class FigureKind(str, Enum):
@@ -18,48 +21,107 @@ class FigureKind(str, Enum):
     relora = "relora"
 
 
+#: the figures that draw a metric, and those that draw a kind of matrix
+USES_METRIC = (FigureKind.trajectory, FigureKind.heatmap, FigureKind.relora)
+USES_KIND = (FigureKind.trajectory, FigureKind.heatmap, FigureKind.relora, FigureKind.spectrum)
+
 SHORT = {"final step": "step", "final loss": "loss", "perplexity": "ppl", "PER weights": "PER w",
          "PER updates": "PER u", "CN weights": "CN w", "CN updates": "CN u"}
 
+OldOutput = Annotated[Path | None, typer.Option("--output", hidden=True,
+                                                help="Deprecated spelling of -o/--out.")]
 
-def _check_choice(what: str, value: str, allowed: list[str]) -> None:
+
+def _check_choice(what: str, value: str, allowed: list[str], flag: str = "") -> None:
     if value not in allowed:
         raise typer.BadParameter(f"{what} '{value}' is not in the store; expected one of: "
-                                 f"{', '.join(allowed)}", param_hint=f"--{what}")
+                                 f"{', '.join(allowed)}", param_hint=flag or f"--{what}")
+
+
+def _one_out(out: Path | None, old: Path | None, default: Path) -> Path:
+    """-o/--out, or its deprecated spelling --output (with a warning), or the default."""
+    if old is None:
+        return default if out is None else out
+    if out is not None:
+        raise typer.BadParameter("give -o/--out only (--output is its old spelling)",
+                                 param_hint="--output")
+    from dynlab_cli.console import warn
+
+    warn("--output is deprecated; use -o/--out")
+    return old
+
+
+def figure_files(out: Path, figure: FigureKind, metrics: list[str], kinds: list[str]
+                 ) -> list[tuple[tuple[str, ...], str | None, Path]]:
+    """(metrics, kind, file) of each figure `dynlab plot` draws: one per metric and kind
+    (the relora figure: one per kind, every metric in it). One figure is written to `out`;
+    several to `out` with _<metric>_<kind> before the suffix."""
+    kinds_: list[str | None] = list(kinds) if figure in USES_KIND else [None]
+    if figure is FigureKind.relora:
+        groups = [tuple(metrics)]
+    elif figure in USES_METRIC:
+        groups = [(m,) for m in metrics]
+    else:
+        groups = [()]
+    plan = [(g, k) for g in groups for k in kinds_]
+    if len(plan) == 1:
+        return [(plan[0][0], plan[0][1], out)]
+    return [(g, k, out.with_name("_".join([out.stem, *g, *([k] if k else [])]) + out.suffix))
+            for g, k in plan]
 
 
 def plot(
-    store: Path = typer.Argument(..., help="Analysis store (Zarr directory)."),
-    figure: FigureKind = typer.Option(FigureKind.trajectory, "--figure", "-f",
-                                      help="Which figure to draw."),
-    metric: str = typer.Option("per", "--metric", "-m", help="Metric variable, e.g. per, cn."),
-    kind: str = typer.Option("weights", "--kind", "-k",
-                             help="weights, grads, updates or lora."),
-    matrix: str = typer.Option("ov_circuit", "--matrix",
-                               help="Matrix, e.g. ov_circuit, attention.o_proj, swiglu.w_2."),
-    layer: int = typer.Option(0, "--layer", help="Layer (spectrum figure)."),
-    run: list[str] | None = typer.Option(None, "--run", "-r",
-                                         help="Run to include (repeatable; default: all)."),
-    output: Path = typer.Option(Path("fig.html"), "--output", "-o",
-                                help="Output .html (offline, plotly.js inlined) or .png."),
+    store: Annotated[Path, typer.Argument(help="Analysis store (Zarr directory).",
+                                          show_default=False)],
+    figure: Annotated[FigureKind, typer.Option(
+        "--figure", "-f", help="Which figure to draw.")] = FigureKind.trajectory,
+    metrics: Annotated[str | None, metrics_option(
+        help="Comma list of metric variables, e.g. per,cn (default per): one figure each "
+        "(the relora figure: all in one). trajectory, heatmap and relora only.")] = None,
+    kinds: Annotated[str | None, kinds_option(
+        help="Comma list of weights, grads, updates, lora, train_grads (default weights): "
+        "one figure each. Every figure but training.")] = None,
+    matrix: Annotated[str, typer.Option(
+        "--matrix", help="Matrix, e.g. ov_circuit, attention.o_proj, swiglu.w_2.",
+    )] = "ov_circuit",
+    layer: Annotated[int, typer.Option("--layer", help="Layer (spectrum figure).")] = 0,
+    run: Annotated[list[str] | None, typer.Option(
+        "--run", "-r", show_default=False,
+        help="Run to include (repeatable; default: all).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", show_default=False,
+        help="Output .html (offline, plotly.js inlined) or .png (default fig.html). With "
+        "several figures: OUT's name with _<metric>_<kind> before the suffix.")] = None,
+    old_output: OldOutput = None,
 ) -> None:
-    """Draw one figure of a store to an HTML (or PNG) file."""
+    """Draw figures of a store to HTML (or PNG) files: one per metric and kind given."""
     from dynlab_cli.console import guarded
 
+    out = _one_out(out, old_output, Path("fig.html"))
+    if metrics is not None and figure not in USES_METRIC:
+        raise typer.BadParameter(f"--figure {figure.value} draws no metric",
+                                 param_hint="--metrics")
+    if kinds is not None and figure not in USES_KIND:
+        raise typer.BadParameter(f"--figure {figure.value} draws no kind of matrix",
+                                 param_hint="--kinds")
+    if "all" in split(metrics) or "all" in split(kinds):
+        raise typer.BadParameter("name the metrics and kinds to draw ('all' is for "
+                                 "dynlab analyze)", param_hint="--metrics/--kinds")
     with guarded("plot"):
-        _plot(store, figure, metric, kind, matrix, layer, run, output)
+        _plot(store, figure, split(metrics) or ["per"], split(kinds) or ["weights"], matrix,
+              layer, run, out)
 
 
-def _plot(store: Path, figure: FigureKind, metric: str, kind: str, matrix: str, layer: int,
-          run: list[str] | None, output: Path) -> None:
+def _plot(store: Path, figure: FigureKind, metrics: list[str], kinds: list[str], matrix: str,
+          layer: int, run: list[str] | None, out: Path) -> None:
+    from dynlab.errors import InputError
     from dynlab.viz import figures as F
     from dynlab.viz.report import open_store, save_figure
+    from dynlab_cli.console import note
 
-    if output.suffix.lower() not in (".html", ".htm", ".png"):
-        raise typer.BadParameter(f"{output}: expected a .html or .png file name",
-                                 param_hint="--output")
-    from dynlab.errors import InputError
-
+    if out.suffix.lower() not in (".html", ".htm", ".png"):
+        raise typer.BadParameter(f"{out}: expected a .html or .png file name",
+                                 param_hint="--out")
     try:
         ds = open_store(store)
     except FileNotFoundError as e:
@@ -69,59 +131,66 @@ def _plot(store: Path, figure: FigureKind, metric: str, kind: str, matrix: str, 
     runs = list(run) if run else None
     for r in runs or []:
         _check_choice("run", r, [str(v) for v in ds["run"].values])
-    if figure in (FigureKind.trajectory, FigureKind.heatmap, FigureKind.relora):
-        _check_choice("metric", metric,
-                      [str(v) for v in ds.data_vars if ds[v].dims[-2:] == ("layer", "matrix")])
-    if figure not in (FigureKind.training,):
-        _check_choice("kind", kind, [str(v) for v in ds["kind"].values])
+    if figure in USES_METRIC:
+        variables = [str(v) for v in ds.data_vars if ds[v].dims[-2:] == ("layer", "matrix")]
+        for metric in metrics:
+            _check_choice("metric", metric, variables, "--metrics")
+    if figure in USES_KIND:
+        for kind in kinds:
+            _check_choice("kind", kind, [str(v) for v in ds["kind"].values], "--kinds")
         _check_choice("matrix", matrix, [str(v) for v in ds["matrix"].values])
-    if figure is FigureKind.trajectory:
-        fig = F.trajectory(ds, metric, kind, matrix, runs)
-    elif figure is FigureKind.heatmap:
-        fig = F.heatmap(ds, metric, kind, matrix, runs)
-    elif figure is FigureKind.spectrum:
-        fig = F.spectrum(ds, kind, matrix, layer, runs)
-    elif figure is FigureKind.training:
-        fig = F.training_curves(ds, runs)
-    else:
-        fig = F.relora_comparison(ds, (metric,), kind, matrix, runs)
-    try:
-        path = save_figure(fig, output)
-    except (RuntimeError, ValueError) as e:
-        raise typer.BadParameter(str(e), param_hint="--output") from e
-    for note in (fig.layout.meta or {}).get("notes", []):
-        print(f"note: {note}")
-    print(f"wrote {path}")
+    for group, kind, path in figure_files(out, figure, metrics, kinds):
+        if figure is FigureKind.trajectory:
+            fig = F.trajectory(ds, group[0], kind, matrix, runs)
+        elif figure is FigureKind.heatmap:
+            fig = F.heatmap(ds, group[0], kind, matrix, runs)
+        elif figure is FigureKind.spectrum:
+            fig = F.spectrum(ds, kind, matrix, layer, runs)
+        elif figure is FigureKind.training:
+            fig = F.training_curves(ds, runs)
+        else:
+            fig = F.relora_comparison(ds, group, kind, matrix, runs)
+        try:
+            written = save_figure(fig, path)
+        except (RuntimeError, ValueError) as e:
+            raise typer.BadParameter(str(e), param_hint="--out") from e
+        for text in (fig.layout.meta or {}).get("notes", []):
+            note(text)
+        print(f"wrote {written}")
 
 
 def report(
-    stores: list[Path] = typer.Argument(..., help="One or more analysis stores (Zarr)."),
-    output: Path = typer.Option(Path("report.html"), "--output", "-o",
-                                help="Output HTML file (self-contained, opens offline)."),
-    title: str = typer.Option("dynlab report", "--title", help="Report title."),
-    screenshot: Path | None = typer.Option(None, "--screenshot",
-                                    help="Also save a PNG of the report's top (needs Chromium)."),
+    stores: Annotated[list[Path], typer.Argument(
+        help="One or more analysis stores (Zarr).", show_default=False)],
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", show_default=False,
+        help="Output HTML file, self-contained, opens offline (default report.html).",
+    )] = None,
+    old_output: OldOutput = None,
+    title: Annotated[str, typer.Option("--title", help="Report title.")] = "dynlab report",
+    screenshot: Annotated[Path | None, typer.Option(
+        "--screenshot", show_default=False,
+        help="Also save a PNG of the report's top (needs Chromium).")] = None,
 ) -> None:
     """Write the study's figures and a per-run summary table into one offline HTML file."""
-    from rich.console import Console
     from rich.table import Table
 
     from dynlab.viz import report as R
     from dynlab.viz.figures import summary_table
-    from dynlab_cli.console import guarded
+    from dynlab_cli.console import guarded, note, stdout, warn
 
+    out = _one_out(out, old_output, Path("report.html"))
     with guarded("report"):
         try:
-            path, ds, sections = R.write_report(stores, output, title)
+            path, ds, sections = R.write_report(stores, out, title)
         except RuntimeError as e:  # zarr's codecs on a damaged chunk file
             from dynlab.errors import DynlabFailure
 
             raise DynlabFailure(f"reading {', '.join(map(str, stores))}: {e} (a damaged data "
                                 "file in the store?)") from None
-    console = Console()
     for sec in sections:
-        for note in sec.notes:
-            console.print(f"note ({sec.title}): {note}")
+        for text in sec.notes:
+            note(f"({sec.title}) {text}")
     # CN_nz is in the HTML report's table; the terminal keeps to 80 columns
     tab = summary_table(ds).drop(columns=["CN_nz updates"]).rename(columns=SHORT)
     table = Table(title="summary (PER: mean, CN: geometric mean of the finite values, over "
@@ -130,10 +199,11 @@ def report(
         table.add_column(col)
     for run, row in zip(tab.index, tab.itertuples(index=False), strict=True):
         table.add_row(str(run), *(R._fmt(v) for v in row))
-    console.print(table)
-    console.print(f"wrote {path} ({R.n_figures(sections)} figures)")
+    stdout.print(table)
+    stdout.print(f"wrote {path} ({R.n_figures(sections)} figures)")
     if screenshot is not None:
-        try:
-            console.print(f"wrote {R.screenshot(path, screenshot)}")
-        except RuntimeError as e:
-            console.print(f"[yellow]no screenshot: {e}[/yellow]")
+        with guarded("report"):
+            try:
+                stdout.print(f"wrote {R.screenshot(path, screenshot)}")
+            except RuntimeError as e:
+                warn(f"no screenshot: {e}")

@@ -9,6 +9,7 @@ import pytest
 import scipy.linalg
 import torch
 import xarray as xr
+from builders import tiny_train_options
 from safetensors.torch import load_file
 
 import dynlab
@@ -16,9 +17,7 @@ from dynlab.analysis import representations as R
 from dynlab.analysis.activations import parse_positions, parse_targets, select_positions
 from dynlab.errors import InputError
 
-SMALL = dict(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=32,
-             seq_len=16, batch_size=2, ld_batch_size=6, vocab_size=300, n_documents=150,
-             eval_every=0, progress=False, log_every=1, threads=1)
+SMALL = tiny_train_options(ld_batch_size=6, threads=1)
 
 
 def test_positions():

@@ -17,18 +17,20 @@ import scipy.linalg
 import torch
 import xarray as xr
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 import dynlab
 from dynlab.analysis.metrics import TOL_FACTOR as TOL_C
 from dynlab.analysis.store import StoreError
 from dynlab.runs.checkpoints import CheckpointError, ModelSpec
 from dynlab.testing import geometric_spectrum, make_run, matrix_with_spectrum
+from dynlab_cli.main import app
 
 sys.path.insert(0, str(Path(__file__).parent))
+from builders import TINY_SPEC_ARGS  # noqa: E402
 from references import product_norm  # noqa: E402
 
-SPEC = ModelSpec(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=48,
-                 vocab_size=64)
+SPEC = ModelSpec(**TINY_SPEC_ARGS)
 BIN = Path(sys.executable).parent / "dynlab"
 
 
@@ -113,9 +115,9 @@ def runs(tmp_path_factory):
 def store(runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("out") / "a.zarr"
     dec, rel = runs
-    res = subprocess.run([str(BIN), "analyze", str(dec), str(rel), "--metrics", "per,cn,er",
-                          "-o", str(out), "--no-progress"], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    res = CliRunner().invoke(app, ["analyze", str(dec), str(rel), "--metrics", "per,cn,er",
+                                   "-o", str(out), "--no-progress"])  # in-process: no spawn
+    assert res.exit_code == 0, res.stderr
     assert res.stdout.strip() == str(out)
     return xr.open_zarr(out)
 
@@ -307,6 +309,7 @@ def test_eval_json_overrides_and_new_checkpoints_extend_the_store(tmp_path):
                   ref_metrics(w20[name] - w10[name])["per"], "update across resume")
 
 
+@pytest.mark.slow  # three analyses of two runs
 def test_interrupted_analysis_resumes_to_the_same_store(runs, tmp_path):
     dec, rel = runs
     full = dynlab.analyze([dec, rel], tmp_path / "full.zarr", metrics="per,cn", progress=False)
@@ -357,6 +360,7 @@ def run_cli(*args):
                           capture_output=True, text=True)
 
 
+@pytest.mark.slow  # runs `dynlab analyze` as a process
 def test_nan_weights_give_nan_metrics_and_a_warning(tmp_path):
     def poison(step, w, g):
         w["layers.1.attention.k_proj.weight"][0, 0] = math.inf

@@ -10,6 +10,7 @@ import pytest
 import scipy.linalg
 import torch
 import xarray as xr
+from builders import TINY_SPEC_ARGS
 from safetensors.torch import load_file
 
 import dynlab
@@ -19,8 +20,7 @@ from dynlab.analysis.store import StoreError
 from dynlab.runs.checkpoints import ModelSpec
 from dynlab.testing import make_run
 
-SPEC = ModelSpec(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=48,
-                 vocab_size=64)
+SPEC = ModelSpec(**TINY_SPEC_ARGS)
 HD, GROUP = 8, 2
 
 

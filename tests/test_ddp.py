@@ -20,7 +20,8 @@ from dynlab.runs.layout import complete_checkpoints
 from dynlab.runs.metrics import read_metrics
 from dynlab.training import ddp
 
-pytestmark = pytest.mark.slow  # real torchrun processes
+pytestmark = [pytest.mark.slow,  # real torchrun processes
+              pytest.mark.usefixtures("one_thread", "private_cache")]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,19 +33,6 @@ TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_d
 RELORA = dict(lora_rank=2, lora_alpha=4.0, lora_dropout=0.0, reset_every=3,
               restart_warmup_steps=1, prune_ratio=0.5, prune_method="random")
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DYNLAB_CACHE", str(tmp_path / "cache"))
 
 
 def flags(options: dict) -> list[str]:

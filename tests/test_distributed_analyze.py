@@ -3,6 +3,7 @@ as a serial run, and resumes like one."""
 
 import pytest
 import xarray as xr
+from builders import TINY_SPEC_ARGS
 
 import dynlab
 from dynlab.analysis.dask import parse_scheduler
@@ -11,8 +12,7 @@ from dynlab.testing import make_run
 
 pytestmark = pytest.mark.slow  # starts a Dask LocalCluster
 
-SPEC = ModelSpec(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=48,
-                 vocab_size=64)
+SPEC = ModelSpec(**TINY_SPEC_ARGS)
 
 
 def test_local_cluster_equals_serial_and_resumes(tmp_path):

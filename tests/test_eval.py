@@ -21,14 +21,7 @@ EOT = "<|endoftext|>"
 CTX = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy shared CPU makes OpenMP threads spin;
-    the previous setting is restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bpe_tokenizer(docs: list[str], vocab_size: int):

@@ -14,16 +14,9 @@ from dynlab.eval import evaluate, load_eval_data
 from dynlab.model import ModelConfig, PicoDecoder
 
 BLIMP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "blimp"
-pytestmark = pytest.mark.skipif(not BLIMP.is_dir(), reason=f"real BLiMP data absent ({BLIMP})")
+pytestmark = [pytest.mark.skipif(not BLIMP.is_dir(), reason=f"real BLiMP data absent ({BLIMP})"),
+              pytest.mark.usefixtures("one_thread")]
 LIMIT = 50
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_real_blimp_all_uids_untrained_near_chance():

@@ -17,21 +17,12 @@ from dynlab.data.grammar import generate_corpus, heldout_domains, minimal_pairs
 from dynlab.eval import EvalData, evaluate
 from dynlab.model import ModelConfig, PicoDecoder
 
-pytestmark = pytest.mark.slow  # trains a micro model for its fixture
+pytestmark = [pytest.mark.slow,  # trains a micro model for its fixture
+              pytest.mark.usefixtures("one_thread")]
 
 EOT = "<|endoftext|>"
 STEPS, BATCH, SEQ, LR = 300, 16, 48, 4e-3
 SNAPSHOTS = (0, 40, STEPS)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy shared CPU makes OpenMP threads spin;
-    the previous setting is restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def bpe_tokenizer(docs: list[str], vocab_size: int):

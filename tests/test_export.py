@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from builders import TINY_SPEC_ARGS
 
 import dynlab
 from dynlab.runs.checkpoints import ModelSpec
 from dynlab.testing import make_run
 
-SPEC = ModelSpec(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=48,
-                 vocab_size=64)
+SPEC = ModelSpec(**TINY_SPEC_ARGS)
 BIN = Path(sys.executable).parent / "dynlab"
 
 

@@ -7,22 +7,15 @@ import math
 
 import pytest
 import torch
+from builders import tiny_model_config
 
 from dynlab.model import PRESETS, ModelConfig, PicoDecoder, load_checkpoint_model
 from dynlab.model.pico_decoder import Attention, RMSNorm, SwiGLU, apply_rope, count_parameters
 
-CFG = ModelConfig(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=24,
-                  vocab_size=37, max_seq_len=12)
+CFG = tiny_model_config(vocab_size=37, max_seq_len=12)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight parallel test workers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 def _model(seed: int = 0) -> PicoDecoder:
     torch.manual_seed(seed)

@@ -28,6 +28,7 @@ from dynlab.viz import figures as F
 from dynlab.viz import report as R
 
 sys.path.insert(0, str(Path(__file__).parent))
+from builders import tiny_train_options  # noqa: E402
 from references import product_norm as hand_product_norm  # noqa: E402
 
 C_TOL = metrics_mod.TOL_FACTOR
@@ -198,9 +199,7 @@ def test_full_rank_float32_kappa_1e5_keeps_an_exact_finite_cn():
 # ---- a real tiny relora run ---------------------------------------------------------------
 
 
-SMALL = dict(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=32,
-             seq_len=16, batch_size=2, ld_batch_size=3, vocab_size=300, n_documents=150,
-             eval_every=0, progress=False, log_every=1)
+SMALL = tiny_train_options()
 R_LORA = 2
 
 
@@ -380,7 +379,7 @@ def spectral_norm_of(e: torch.Tensor) -> float:
     return float(spectra.svdvals(e, method="gram")[0])
 
 
-@pytest.mark.parametrize("width", [64, 512, 2048])
+@pytest.mark.parametrize("width", [64, 512, pytest.param(2048, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype", list(HALF))
 def test_full_rank_kappa_10_stored_in_half_precision(dtype, width):
     """κ = 10, full rank, stored in bf16 / fp16: full numerical rank and cn equal to the

@@ -100,7 +100,7 @@ def test_training_and_evaluation_values_reach_the_store(trained):
 def test_standalone_eval_reaches_the_store_on_the_next_analyze(trained, tmp_path):
     run, _ = trained
     res = subprocess.run([str(BIN), "eval", str(run / "checkpoints" / "step_40"), "--blimp",
-                          "none", "--json", str(tmp_path / "e.json")], capture_output=True,
+                          "none", "-o", str(tmp_path / "e.json")], capture_output=True,
                          text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads((tmp_path / "e.json").read_text())

@@ -10,6 +10,7 @@ import pytest
 import scipy.linalg
 import torch
 import xarray as xr
+from builders import TINY_SPEC_ARGS
 
 import dynlab
 from dynlab.analysis import components as C
@@ -17,8 +18,7 @@ from dynlab.analysis.run import component_spectra
 from dynlab.runs.checkpoints import ModelSpec
 from dynlab.testing import make_run, random_weights
 
-SPEC = ModelSpec(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=48,
-                 vocab_size=64)
+SPEC = ModelSpec(**TINY_SPEC_ARGS)
 
 
 def tensors(seed):

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import tiny_model_config
 
 from dynlab.model import ModelConfig, PicoDecoder
 from dynlab.model.relora import (
@@ -36,17 +37,10 @@ from dynlab.training.schedules import (
     lr_multiplier,
 )
 
-CFG = ModelConfig(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=24,
-                  vocab_size=29, max_seq_len=16)
+CFG = tiny_model_config(vocab_size=29, max_seq_len=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight parallel test workers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(seed: int = 0, **kw) -> tuple[PicoDecoder, PicoDecoder]:

@@ -170,6 +170,7 @@ def test_missing_config_and_missing_shard(tmp_path):
         open_sources([tmp_path / "run" / "step1"])
 
 
+@pytest.mark.slow  # the whole HTML report
 def test_report_from_hf_store(hf_runs, tmp_path):
     """`dynlab report` on a store of Llama, Pythia-style and GPT-2 runs: every spectral figure
     is drawn, with nothing missing but what HF checkpoints do not carry (losses, grads)."""

@@ -259,6 +259,7 @@ def test_incomplete_step_is_skipped(tmp_path):
     assert np.isfinite(run.spec.d_model)
 
 
+@pytest.mark.slow  # the whole HTML report
 def test_report_for_pico_and_relora_pico(pico, tmp_path):
     """One store with a pico-train and a relora-pico run gives the whole report, the ReLoRA
     comparison included, with relora-pico's resets (reset_frequency, its own reset rule)."""

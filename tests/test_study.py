@@ -42,13 +42,7 @@ SMALL = dict(preset="micro", d_model=16, n_layers=2, n_heads=4, n_kv_heads=2,
              eval_every=0, progress=False, log_every=1, threads=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(tmp_path, monkeypatch):
-    monkeypatch.setenv("DYNLAB_CACHE", str(tmp_path / "cache"))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
 
 
 # ------------------------------------------------------------------ local files in the formats

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import tiny_train_options
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -32,23 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = str(Path(sys.executable))
 
 # a model small enough for tests: seconds, not minutes
-SMALL = dict(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=32,
-             seq_len=16, batch_size=2, ld_batch_size=3, vocab_size=300, n_documents=150,
-             eval_every=0, progress=False, log_every=1)
+SMALL = tiny_train_options()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight parallel test workers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DYNLAB_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
 
 
 def losses(run: Path) -> dict[int, float]:

@@ -255,6 +255,7 @@ def test_ctrl_c_during_eval_exits_130_and_the_rerun_completes(copy_run, tmp_path
 # ------------------------------------------------------------------ the training RNG
 
 
+@pytest.mark.slow  # four training runs
 @pytest.mark.parametrize("kind", ["decoder", "relora"])
 def test_loss_curve_independent_of_evaluation_and_activations(kind, reference, tmp_path):
     """Evaluating at every step and saving activations change nothing in training: the loss

@@ -315,6 +315,7 @@ def test_summary_table_values(ds):
                 assert tab.loc[run, f"{col} {kind}"] == pytest.approx(ref, rel=1e-12)
 
 
+@pytest.mark.slow  # the whole HTML report (test_cli_plot_and_report draws it in the fast lane)
 def test_report_is_self_contained_with_all_figures(store, tmp_path):
     out, ds, sections = R.write_report([store], tmp_path / "r" / "report.html")
     text = out.read_text(encoding="utf-8")
@@ -359,12 +360,12 @@ def test_cli_plot_and_report(store, tmp_path):
     def said(res) -> str:  # the error box's text, without its frame and line breaks
         return " ".join(res.output.replace("│", " ").split())
     out = tmp_path / "fig.html"
-    res = runner.invoke(app, ["plot", str(store), "--metric", "cn", "--matrix", "swiglu.w_2",
-                              "--kind", "updates", "-o", str(out)])
+    res = runner.invoke(app, ["plot", str(store), "--metrics", "cn", "--matrix", "swiglu.w_2",
+                              "--kinds", "updates", "-o", str(out)])
     assert res.exit_code == 0, res.output
     text = out.read_text(encoding="utf-8")
     assert text.count('class="plotly-graph-div"') == 1 and '"type":"log"' in text
-    res = runner.invoke(app, ["plot", str(store), "--metric", "nope", "-o", str(out)])
+    res = runner.invoke(app, ["plot", str(store), "--metrics", "nope", "-o", str(out)])
     assert res.exit_code != 0 and "metric 'nope' is not in the store" in said(res)
     res = runner.invoke(app, ["plot", str(tmp_path / "missing.zarr")])
     assert res.exit_code != 0 and "missing.zarr: no such file" in said(res)
@@ -379,9 +380,40 @@ def test_cli_plot_and_report(store, tmp_path):
     assert f"{loss:.4g}" in res.output
 
 
+
+def test_cli_plot_one_figure_per_metric_and_kind(store, tmp_path):
+    """-m/-k comma lists: one file per (metric, kind), named OUT_<metric>_<kind>; the relora
+    figure puts every metric in one file per kind; a metric for a figure without one is an
+    error naming --metrics."""
+    from dynlab_cli.main import app
+
+    runner = CliRunner()
+    out = tmp_path / "fig.html"
+    res = runner.invoke(app, ["plot", str(store), "-m", "per,cn", "-k", "weights,updates",
+                              "--matrix", "swiglu.w_2", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in tmp_path.glob("*.html"))
+    assert names == ["fig_cn_updates.html", "fig_cn_weights.html", "fig_per_updates.html",
+                     "fig_per_weights.html"]
+    for name in names:
+        text = (tmp_path / name).read_text(encoding="utf-8")
+        assert text.count('class="plotly-graph-div"') == 1
+    rel = tmp_path / "rel" / "r.html"
+    rel.parent.mkdir()
+    res = runner.invoke(app, ["plot", str(store), "-f", "relora", "-m", "per,cn", "-o", str(rel)])
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in rel.parent.iterdir()] == ["r.html"]
+    res = runner.invoke(app, ["plot", str(store), "-f", "training", "-m", "per",
+                              "-o", str(tmp_path / "t.html")])
+    assert res.exit_code == 2 and "--metrics" in res.output
+    assert not (tmp_path / "t.html").exists()
+    res = runner.invoke(app, ["plot", str(store), "-k", "weights,nope", "-o", str(out)])
+    assert res.exit_code == 2 and "nope" in res.output
+
 # ---------------------------------------------------------------- a store from `dynlab analyze`
 
 
+@pytest.mark.slow  # analysis and the whole HTML report, end to end
 def test_report_from_a_real_analysis_store(tmp_path):
     """The lead's pipeline end to end on two generated runs: every figure has data and the
     summary reads what meta.json said."""
