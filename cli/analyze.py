@@ -57,7 +57,9 @@ def analyze(
     activations_data: Annotated[str | None, typer.Option(
         "--activations-data", show_default=False,
         help="Compute every checkpoint's activations now on a fixed batch of this data "
-        "(.txt/.jsonl, or 'default': the embedded corpus), for runs saved without them.",
+        "(.txt/.jsonl, or 'default': the embedded corpus), for checkpoints saved without them: "
+        "dynlab runs (dynlab's model) and Hugging Face checkpoints (transformers' model, the "
+        "checkpoint's own tokenizer); pico-train runs use their saved activations.",
     )] = None,
     activation_positions: Annotated[str, typer.Option(
         "--activation-positions",
@@ -68,7 +70,8 @@ def analyze(
     convention: Annotated[Convention, typer.Option(
         "--convention",
         help="dynlab or pico: pico-analyze's OV matrices (V_g·O_h, concatenated heads; dense "
-        "gradient products) and condition number (no tolerance).")] = Convention.dynlab,
+        "gradient products), condition number (no tolerance), and its CKA and PWCCA.",
+    )] = Convention.dynlab,
     target: Annotated[str | None, typer.Option(
         "--target", show_default=False,
         help="What activations are compared with (CKA, SVCCA, PWCCA): final (default), "

@@ -27,8 +27,6 @@ def evaluate(
         "--out", "-o", show_default=False,
         help="Also write the results to this JSON file (one object for a checkpoint, a list "
         "for a run).")] = None,
-    json_out: Annotated[Path | None, typer.Option(
-        "--json", hidden=True, help="Deprecated spelling of -o/--out.")] = None,
     device: Device = "auto",
     tokenizer: Annotated[Path | None, typer.Option(
         "--tokenizer", show_default=False,
@@ -55,14 +53,7 @@ def evaluate(
     Exit status (dynlab_cli.console): 2 for bad input (a missing run, tokenizer or data file,
     a malformed line, a truncated checkpoint under --on-error fail), 1 when --on-error skip
     skipped a checkpoint (after evaluating the others and writing -o), 130 on Ctrl-C."""
-    from dynlab_cli.console import guarded, warn
-
-    if json_out is not None:
-        if out is not None:
-            raise typer.BadParameter("give -o/--out only (--json is its old spelling)",
-                                     param_hint="--json")
-        warn("--json is deprecated; use -o/--out")
-        out = json_out
+    from dynlab_cli.console import guarded
     with guarded("eval"):
         from dynlab_cli.options import resolve
 

@@ -28,27 +28,10 @@ USES_KIND = (FigureKind.trajectory, FigureKind.heatmap, FigureKind.relora, Figur
 SHORT = {"final step": "step", "final loss": "loss", "perplexity": "ppl", "PER weights": "PER w",
          "PER updates": "PER u", "CN weights": "CN w", "CN updates": "CN u"}
 
-OldOutput = Annotated[Path | None, typer.Option("--output", hidden=True,
-                                                help="Deprecated spelling of -o/--out.")]
-
-
 def _check_choice(what: str, value: str, allowed: list[str], flag: str = "") -> None:
     if value not in allowed:
         raise typer.BadParameter(f"{what} '{value}' is not in the store; expected one of: "
                                  f"{', '.join(allowed)}", param_hint=flag or f"--{what}")
-
-
-def _one_out(out: Path | None, old: Path | None, default: Path) -> Path:
-    """-o/--out, or its deprecated spelling --output (with a warning), or the default."""
-    if old is None:
-        return default if out is None else out
-    if out is not None:
-        raise typer.BadParameter("give -o/--out only (--output is its old spelling)",
-                                 param_hint="--output")
-    from dynlab_cli.console import warn
-
-    warn("--output is deprecated; use -o/--out")
-    return old
 
 
 def figure_files(out: Path, figure: FigureKind, metrics: list[str], kinds: list[str]
@@ -92,12 +75,11 @@ def plot(
         "--out", "-o", show_default=False,
         help="Output .html (offline, plotly.js inlined) or .png (default fig.html). With "
         "several figures: OUT's name with _<metric>_<kind> before the suffix.")] = None,
-    old_output: OldOutput = None,
 ) -> None:
     """Draw figures of a store to HTML (or PNG) files: one per metric and kind given."""
     from dynlab_cli.console import guarded
 
-    out = _one_out(out, old_output, Path("fig.html"))
+    out = Path("fig.html") if out is None else out
     if metrics is not None and figure not in USES_METRIC:
         raise typer.BadParameter(f"--figure {figure.value} draws no metric",
                                  param_hint="--metrics")
@@ -166,7 +148,6 @@ def report(
         "--out", "-o", show_default=False,
         help="Output HTML file, self-contained, opens offline (default report.html).",
     )] = None,
-    old_output: OldOutput = None,
     title: Annotated[str, typer.Option("--title", help="Report title.")] = "dynlab report",
     screenshot: Annotated[Path | None, typer.Option(
         "--screenshot", show_default=False,
@@ -179,7 +160,7 @@ def report(
     from dynlab.viz.figures import summary_table
     from dynlab_cli.console import guarded, note, stdout, warn
 
-    out = _one_out(out, old_output, Path("report.html"))
+    out = Path("report.html") if out is None else out
     with guarded("report"):
         try:
             path, ds, sections = R.write_report(stores, out, title)
@@ -198,7 +179,7 @@ def report(
     for col in ["run", *tab.columns]:
         table.add_column(col)
     for run, row in zip(tab.index, tab.itertuples(index=False), strict=True):
-        table.add_row(str(run), *(R._fmt(v) for v in row))
+        table.add_row(str(run), *(R.format_value(v) for v in row))
     stdout.print(table)
     stdout.print(f"wrote {path} ({R.n_figures(sections)} figures)")
     if screenshot is not None:

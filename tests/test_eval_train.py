@@ -136,7 +136,7 @@ def test_cli_evaluates_every_checkpoint(trained, run_dir, tmp_path):
     tok, cfg, _, snaps = trained
     root, data = run_dir
     out = tmp_path / "out.json"
-    res = cli(root, "--ppl", data / "ppl", "--blimp", data / "blimp", "--json", out,
+    res = cli(root, "--ppl", data / "ppl", "--blimp", data / "blimp", "-o", out,
               "--batch-size", "16")
     assert res.exit_code == 0, res.output
     results = json.loads(out.read_text())
@@ -166,7 +166,7 @@ def test_cli_single_checkpoint_merges_eval_json(run_dir, tmp_path):
     ckpt = root / "checkpoints" / "step_40"
     (ckpt / "eval.json").write_text(json.dumps({"blimp": {"overall": 0.123}}))
     out = tmp_path / "one.json"
-    res = cli(ckpt, "--ppl", data / "ppl", "--blimp", "none", "--json", out)
+    res = cli(ckpt, "--ppl", data / "ppl", "--blimp", "none", "-o", out)
     assert res.exit_code == 0, res.output
     one = json.loads(out.read_text())
     assert one["step"] == 40 and set(one) == {"step", "perplexity"}
@@ -218,7 +218,7 @@ def test_cli_bad_input(run_dir, tmp_path, trained):
     assert res.exit_code == 2 and "x.jsonl:4: not valid JSON" in res.output
     out = tmp_path / "skip.json"
     res = cli(root / "checkpoints" / "step_300", "--blimp", bad, "--ppl", "none",
-              "--on-error", "skip", "--json", out)
+              "--on-error", "skip", "-o", out)
     assert res.exit_code == 0 and "x.jsonl:4" in res.output
     assert json.loads(out.read_text())["blimp"]["by_uid"].keys() == {"grammar_anaphor_agreement"}
     res = cli(tmp_path / "nope")

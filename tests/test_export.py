@@ -48,7 +48,7 @@ def store(tmp_path_factory):
 
 def test_layout_keys_and_values(store, tmp_path):
     out = tmp_path / "out"
-    res = cli("export", store, out, "--format", "pico-analyze", "--run", "dec")
+    res = cli("export", store, "-o", out, "--format", "pico-analyze", "--run", "dec")
     assert res.exit_code == 0, res.output
     names = sorted(p.name for p in (out / "step_10").iterdir())
     # pico-analyze's layout: one file per metric (its name: cn is condition_number), every
@@ -107,17 +107,30 @@ def test_several_runs_and_errors(store, tmp_path):
     assert not any(k.endswith(".lora") for k in dec)
     assert (tmp_path / "all" / "dec" / "step_0" / "per_train.json").is_file()
     assert len(files) == len(list((tmp_path / "all").rglob("*.json")))
-    res = cli("export", store, tmp_path / "x", "--format", "csv")
+    res = cli("export", store, "-o", tmp_path / "x", "--format", "csv")
     assert res.exit_code == 2 and "--format" in res.output
-    res = cli("export", store, tmp_path / "x", "--run", "nope")
+    res = cli("export", store, "-o", tmp_path / "x", "--run", "nope")
     assert res.exit_code == 2 and "nope" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
 def test_export_as_a_process(store, tmp_path):
-    res = subprocess.run([str(BIN), "export", str(store), str(tmp_path / "p"), "--run", "rel"],
-                         capture_output=True, text=True)
+    res = subprocess.run([str(BIN), "export", str(store), "-o", str(tmp_path / "p"),
+                          "--run", "rel"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     per = json.loads((tmp_path / "p" / "step_10" / "per_val.json").read_text())
     assert any(k.endswith(".lora") for k in per)
+
+
+def test_prefix_option_names_the_layer_keys(store, tmp_path):
+    """`--prefix` starts every layer key with it (pico-train's module names), other keys kept."""
+    out = tmp_path / "pre"
+    res = cli("export", store, "-o", out, "--run", "dec", "--prefix", "_forward_module.layers.")
+    assert res.exit_code == 0, res.output
+    per = json.loads((out / "step_10" / "per_val.json").read_text())
+    ds = xr.open_zarr(store).sel(run="dec", step=10, kind="weights")
+    assert per["_forward_module.layers.1.attention.v_proj.weights"] == float(
+        ds.per.sel(layer=1, matrix="attention.v_proj"))
+    assert not any(k.startswith("layers.") for k in per)
+    assert "de_embedding_proj.weights" in per

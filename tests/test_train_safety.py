@@ -491,7 +491,7 @@ def test_binary_blimp_file_is_named(copy_run, tmp_path):
 
 def test_eval_with_a_truncated_checkpoint(copy_run, tmp_path):
     """--on-error fail names the checkpoint (exit 2); skip evaluates the others, writes them
-    to --json and exits 1."""
+    to -o and exits 1."""
     run = copy_run()
     ppl = tmp_path / "held_out.txt"
     ppl.write_text("the cat sat on the mat.\n\nthe dog saw the cat.\n")
@@ -501,7 +501,7 @@ def test_eval_with_a_truncated_checkpoint(copy_run, tmp_path):
     assert str(run / "checkpoints" / "step_2" / "weights.safetensors") in res.output
     out = tmp_path / "eval.json"
     res = invoke("eval", run, "--blimp", "none", "--ppl", ppl, "--on-error", "skip",
-                 "--json", out)
+                 "-o", out)
     assert res.exit_code == 1
     assert "skipped" in res.output and "step_2" in res.output
     results = json.loads(out.read_text())
@@ -509,7 +509,7 @@ def test_eval_with_a_truncated_checkpoint(copy_run, tmp_path):
     # each equals a separate evaluation of that checkpoint
     one = tmp_path / "one.json"
     assert invoke("eval", run / "checkpoints" / "step_4", "--blimp", "none", "--ppl", ppl,
-                  "--json", one).exit_code == 0
+                  "-o", one).exit_code == 0
     assert json.loads(one.read_text()) == results[1]
 
 
@@ -517,7 +517,7 @@ def test_plot_of_a_corrupt_store_is_a_message(tmp_path):
     store = tmp_path / "bad.zarr"
     store.mkdir()
     (store / "zarr.json").write_text("{not json")
-    res = invoke("plot", store, "--output", tmp_path / "fig.html")
+    res = invoke("plot", store, "-o", tmp_path / "fig.html")
     assert res.exit_code == 2
     assert f"store {store}: not a readable dynlab store" in res.output
     assert not (tmp_path / "fig.html").exists()

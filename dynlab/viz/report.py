@@ -248,7 +248,9 @@ def _last_layer(ds: xr.Dataset) -> int:
     return int(ds["layer"].values.max()) if "layer" in ds.coords and ds["layer"].size else 0
 
 
-def _fmt(v: object) -> str:
+def format_value(v: object) -> str:
+    """A table cell: strings HTML-escaped, NaN/None as –, integral floats as integers, else 4
+    significant digits."""
     if isinstance(v, str):
         return html.escape(v)
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -264,7 +266,7 @@ def summary_html(ds: xr.Dataset) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["run", *tab.columns])
     body = "".join(
         "<tr>" + f"<td>{html.escape(str(run))}</td>"
-        + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>"
+        + "".join(f"<td>{format_value(v)}</td>" for v in row) + "</tr>"
         for run, row in zip(tab.index, tab.itertuples(index=False), strict=True))
     return f'<table class="summary"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
