@@ -1,4 +1,4 @@
-"""A small synthetic analysis store that follows contracts §5, for the visualisation tests.
+"""A small synthetic analysis store with the schema of `dynlab.analysis.store`, for the visualisation tests.
 
 `make_dataset()` builds it in memory, `write_store(path)` writes it with `ds.to_zarr(path)`.
 Two runs ("decoder", "relora"), kinds weights/grads/updates/lora, 6 steps, 2 layers, the 8
@@ -76,7 +76,7 @@ def _spectrum(rng: np.random.Generator, shape: tuple[int, int], spike: float, n_
 
 
 def _present(run: str, kind: str, step: int, matrix: str) -> bool:
-    """Whether the store holds a value there (contracts §5: missing combinations are NaN)."""
+    """Whether the store holds a value there (missing combinations are NaN in the store)."""
     if kind == "updates" and step == STEPS[0]:
         return False
     if kind == "lora":

@@ -1,4 +1,4 @@
-"""The study's figures: functions that take an analysis store (contracts §5) and return plotly
+"""The study's figures: functions that take an analysis store (`dynlab.analysis.store`) and return plotly
 Figures.
 
 Conventions shared by every figure:
