@@ -1,4 +1,5 @@
-"""A small synthetic analysis store with the schema of `dynlab.analysis.store`, for the visualisation tests.
+"""A small synthetic analysis store with the schema of `dynlab.analysis.store`, for the
+visualisation tests.
 
 `make_dataset()` builds it in memory, `write_store(path)` writes it with `ds.to_zarr(path)`.
 Two runs ("decoder", "relora"), kinds weights/grads/updates/lora, 6 steps, 2 layers, the 8

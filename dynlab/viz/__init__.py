@@ -1,4 +1,5 @@
-"""Figures, the HTML report and screenshots of analysis stores (the schema of `dynlab.analysis.store`)."""
+"""Figures, the HTML report and screenshots of analysis stores (the schema of
+`dynlab.analysis.store`)."""
 
 from dynlab.viz.figures import (
     LOG_METRICS,

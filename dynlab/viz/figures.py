@@ -1,5 +1,5 @@
-"""The study's figures: functions that take an analysis store (`dynlab.analysis.store`) and return plotly
-Figures.
+"""The study's figures: functions that take an analysis store (`dynlab.analysis.store`)
+and return plotly Figures.
 
 Conventions shared by every figure:
 - `step` may be unsorted in the input; every function sorts it.
