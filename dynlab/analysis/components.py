@@ -44,7 +44,7 @@ changed by the merge) the update is the dense difference.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -299,69 +299,79 @@ def qk_whole_factors(
     return q_sum.mT, k_proj.double()
 
 
-def qk_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
-    """QK circuits of the weights: the layer's Q_sumᵀ·k_proj and each head's Q_hᵀ·K_g(h)."""
+@dataclass(frozen=True)
+class Circuit:
+    """A bilinear circuit of two projections of a layer, L·R: OV (L from o_proj, R from
+    v_proj) or QK (L from q_proj transposed, R from k_proj), per head and for the whole
+    layer. `head_factors(first, second, spec)` gives (L_h (H, d, hd), R_h (H, hd, d));
+    `whole_factors(first, second, spec)` the layer's (L_sum, R) in float64; `layer_site` and
+    `head_site` where their components go."""
+
+    first: str
+    second: str
+    head_factors: Callable[[torch.Tensor, torch.Tensor, ModelSpec],
+                           tuple[torch.Tensor, torch.Tensor]]
+    whole_factors: Callable[[torch.Tensor, torch.Tensor, ModelSpec],
+                            tuple[torch.Tensor, torch.Tensor]]
+    layer_site: Callable[[int], Site]
+    head_table: str
+
+
+OV = Circuit("attention.o_proj", "attention.v_proj", ov_head_factors, ov_whole_factors,
+             lambda layer: Site("layer", (layer, MATRICES.index("ov_circuit"))), "head")
+QK = Circuit("attention.q_proj", "attention.k_proj", qk_head_factors, qk_whole_factors,
+             lambda layer: Site("qk", (layer,)), "qk_head")
+
+#: a sum of products Σ_j sign_j·L_j·R_j: per term, the tensors that L_j's projection comes
+#: from, those that R_j's comes from, and the sign
+Terms = Sequence[tuple[Tensors, Tensors, float]]
+
+
+def circuit_components(circuit: Circuit, spec: ModelSpec, terms: Terms) -> dict[Site, Component]:
+    """The circuit's components (layer and heads) of the sum of products Σ_j sign_j·L_j·R_j,
+    L_j built from `circuit.first` of terms[j][0] and R_j from `circuit.second` of
+    terms[j][1]: the concatenated product [sign_1·L_1, …]·[R_1; …] (rank ≤ Σ_j inner dims).
+    One term: the weights' circuit L·R, S from the factors (`LowRank`); several: S =
+    `sum_of_products_norm` of the terms. Layers missing a projection in any term are
+    skipped.
+
+    weights: [(w, w, 1)]; gradient by the product rule d(L·R) = L·dR + dL·R:
+    [(w, g, 1), (g, w, 1)]; update L_t·R_t − L_prev·R_prev: [(w, w, 1), (w_prev, w_prev, −1)].
+    """
     out: dict[Site, Component] = {}
+    pair = (circuit.first, circuit.second)
     for layer in range(spec.n_layers):
-        if not has(w, layer, "attention.q_proj", "attention.k_proj"):
+        if not all(has(t, layer, *pair) for lt, rt, _ in terms for t in (lt, rt)):
             continue
-        q, k = weight(w, layer, "attention.q_proj"), weight(w, layer, "attention.k_proj")
-        stored = coarsest(q.dtype, k.dtype)
-        out[Site("qk", (layer,))] = LowRank(*qk_whole_factors(q, k, spec), stored)
-        q_h, k_h = qk_head_factors(q.double(), k.double(), spec)
-        for head, comp in enumerate(_head_lowrank(q_h, k_h, stored)):
-            out[Site("qk_head", (layer, head))] = comp
+        lefts = [weight(lt, layer, circuit.first) for lt, _, _ in terms]
+        rights = [weight(rt, layer, circuit.second) for _, rt, _ in terms]
+        stored = coarsest(*(x.dtype for pair_ in zip(lefts, rights, strict=True)
+                            for x in pair_))
+        whole = [circuit.whole_factors(lm, rm, spec) for lm, rm in zip(lefts, rights,
+                                                                         strict=True)]
+        heads = [circuit.head_factors(lm.double(), rm.double(), spec)
+                 for lm, rm in zip(lefts, rights, strict=True)]
+        signs = [sign for _, _, sign in terms]
+        if len(terms) == 1:
+            out[circuit.layer_site(layer)] = LowRank(*whole[0], stored)
+            head_comps = _head_lowrank(*heads[0], stored)
+        else:
+            out[circuit.layer_site(layer)] = LowRank(
+                torch.cat([_signed(lw, sign) for (lw, _), sign in zip(whole, signs,
+                                                                       strict=True)], dim=1),
+                torch.cat([rw for _, rw in whole], dim=0), stored,
+                norm=float(sum_of_products_norm(*whole)))
+            left = torch.cat([_signed(lh, sign) for (lh, _), sign in zip(heads, signs,
+                                                                         strict=True)], dim=2)
+            right = torch.cat([rh for _, rh in heads], dim=1)
+            head_comps = _head_lowrank(left, right, stored, sum_of_products_norm(*heads))
+        for head, comp in enumerate(head_comps):
+            out[Site(circuit.head_table, (layer, head))] = comp
     return out
 
 
-def qk_grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
-    """d(QᵀK) = Qᵀ·dK + dQᵀ·K: per head [Q_hᵀ, dQ_hᵀ]·[dK_g; K_g] (rank ≤ 2hd), for the
-    layer [Q_sumᵀ, dQ_sumᵀ]·[dK; K]."""
-    out: dict[Site, Component] = {}
-    for layer in range(spec.n_layers):
-        if not (has(g, layer, "attention.q_proj", "attention.k_proj")
-                and has(w, layer, "attention.q_proj", "attention.k_proj")):
-            continue
-        q, k = weight(w, layer, "attention.q_proj"), weight(w, layer, "attention.k_proj")
-        dq, dk = weight(g, layer, "attention.q_proj"), weight(g, layer, "attention.k_proj")
-        stored = coarsest(q.dtype, k.dtype, dq.dtype, dk.dtype)
-        qs, k64 = qk_whole_factors(q, k, spec)
-        dqs, dk64 = qk_whole_factors(dq, dk, spec)
-        out[Site("qk", (layer,))] = LowRank(
-            torch.cat([qs, dqs], dim=1), torch.cat([dk64, k64], dim=0), stored,
-            norm=float(sum_of_products_norm((qs, dk64), (dqs, k64))))
-        q_h, k_h = qk_head_factors(q.double(), k.double(), spec)
-        dq_h, dk_h = qk_head_factors(dq.double(), dk.double(), spec)
-        left, right = torch.cat([q_h, dq_h], dim=2), torch.cat([dk_h, k_h], dim=1)
-        norms = sum_of_products_norm((q_h, dk_h), (dq_h, k_h))
-        for head, comp in enumerate(_head_lowrank(left, right, stored, norms)):
-            out[Site("qk_head", (layer, head))] = comp
-    return out
-
-
-def qk_update_components(w: Tensors, w_prev: Tensors, spec: ModelSpec) -> dict[Site, Component]:
-    """QK_t − QK_prev as [Q^tᵀ, −Q^prevᵀ]·[K^t; K^prev] (per head and for the layer)."""
-    out: dict[Site, Component] = {}
-    for layer in range(spec.n_layers):
-        if not (has(w, layer, "attention.q_proj", "attention.k_proj")
-                and has(w_prev, layer, "attention.q_proj", "attention.k_proj")):
-            continue
-        q, k = weight(w, layer, "attention.q_proj"), weight(w, layer, "attention.k_proj")
-        pq = weight(w_prev, layer, "attention.q_proj")
-        pk = weight(w_prev, layer, "attention.k_proj")
-        stored = coarsest(q.dtype, k.dtype, pq.dtype, pk.dtype)
-        qs, k64 = qk_whole_factors(q, k, spec)
-        pqs, pk64 = qk_whole_factors(pq, pk, spec)
-        out[Site("qk", (layer,))] = LowRank(
-            torch.cat([qs, -pqs], dim=1), torch.cat([k64, pk64], dim=0), stored,
-            norm=float(sum_of_products_norm((qs, k64), (pqs, pk64))))
-        q_h, k_h = qk_head_factors(q.double(), k.double(), spec)
-        pq_h, pk_h = qk_head_factors(pq.double(), pk.double(), spec)
-        left, right = torch.cat([q_h, -pq_h], dim=2), torch.cat([k_h, pk_h], dim=1)
-        norms = sum_of_products_norm((q_h, k_h), (pq_h, pk_h))
-        for head, comp in enumerate(_head_lowrank(left, right, stored, norms)):
-            out[Site("qk_head", (layer, head))] = comp
-    return out
+def _signed(x: torch.Tensor, sign: float) -> torch.Tensor:
+    return x if sign > 0 else -x
 
 
 def sum_of_products_norm(*terms: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -407,23 +417,16 @@ def weight_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
     """Each layer's projections, its whole-layer OV circuit (rank ≤ n_kv·hd), each head's
     OV_h (rank ≤ hd), the embeddings, and the QK circuits (layer and heads)."""
     out: dict[Site, Component] = {}
-    ov_idx = MATRICES.index("ov_circuit")
+    ov = circuit_components(OV, spec, [(w, w, 1.0)])
     for layer in range(spec.n_layers):
         for j, name in enumerate(LAYER_MATRICES):
             if has(w, layer, name):
                 out[Site("layer", (layer, j))] = dense(weight(w, layer, name))
-        if not has(w, layer, "attention.o_proj", "attention.v_proj"):
-            continue
-        o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
-        stored = coarsest(o.dtype, v.dtype)
-        out[Site("layer", (layer, ov_idx))] = LowRank(*ov_whole_factors(o, v, spec), stored)
-        o_heads, v_heads = ov_head_factors(o.double(), v.double(), spec)
-        for head, comp in enumerate(_head_lowrank(o_heads, v_heads, stored)):
-            out[Site("head", (layer, head))] = comp
+        out.update(_layer_items(ov, layer))
     for e, name in enumerate(EMBEDDINGS):
         if f"{name}.weight" in w:
             out[Site("emb", (e,))] = drop_zero_rows(w[f"{name}.weight"])
-    out.update(qk_components(w, spec))
+    out.update(circuit_components(QK, spec, [(w, w, 1.0)]))
     return out
 
 
@@ -431,33 +434,17 @@ def grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Compo
     """Gradients of every matrix; OV by the product rule d(O·V) = O·dV + dO·V: per head the
     rank-≤2hd product [O_h, dO_h]·[dV_g; V_g], for the layer [O_sum, dO_sum]·[dV; V]."""
     out: dict[Site, Component] = {}
-    ov_idx = MATRICES.index("ov_circuit")
+    product_rule = [(w, g, 1.0), (g, w, 1.0)]
+    ov = circuit_components(OV, spec, product_rule)
     for layer in range(spec.n_layers):
         for j, name in enumerate(LAYER_MATRICES):
             if has(g, layer, name):
                 out[Site("layer", (layer, j))] = dense(weight(g, layer, name))
-        if not (has(g, layer, "attention.o_proj", "attention.v_proj")
-                and has(w, layer, "attention.o_proj", "attention.v_proj")):
-            continue
-        o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
-        do, dv = weight(g, layer, "attention.o_proj"), weight(g, layer, "attention.v_proj")
-        stored = coarsest(o.dtype, v.dtype, do.dtype, dv.dtype)
-        o_h, v_h = ov_head_factors(o.double(), v.double(), spec)
-        do_h, dv_h = ov_head_factors(do.double(), dv.double(), spec)
-        o_sum, v64 = ov_whole_factors(o, v, spec)
-        do_sum, dv64 = ov_whole_factors(do, dv, spec)
-        out[Site("layer", (layer, ov_idx))] = LowRank(
-            torch.cat([o_sum, do_sum], dim=1), torch.cat([dv64, v64], dim=0), stored,
-            norm=float(sum_of_products_norm((o_sum, dv64), (do_sum, v64))))
-        left = torch.cat([o_h, do_h], dim=2)
-        right = torch.cat([dv_h, v_h], dim=1)
-        norms = sum_of_products_norm((o_h, dv_h), (do_h, v_h))
-        for head, comp in enumerate(_head_lowrank(left, right, stored, norms)):
-            out[Site("head", (layer, head))] = comp
+        out.update(_layer_items(ov, layer))
     for e, name in enumerate(EMBEDDINGS):
         if f"{name}.weight" in g:
             out[Site("emb", (e,))] = drop_zero_rows(g[f"{name}.weight"])
-    out.update(qk_grad_components(g, w, spec))
+    out.update(circuit_components(QK, spec, product_rule))
     return out
 
 
@@ -522,7 +509,8 @@ def update_components(
     tensors, whose zero tolerance counts the rounding of both (S = √(‖W_t‖_F² + ‖W_prev‖_F²)).
     """
     out: dict[Site, Component] = {}
-    ov_idx = MATRICES.index("ov_circuit")
+    difference_terms = [(w, w, 1.0), (w_prev, w_prev, -1.0)]
+    ov = circuit_components(OV, spec, difference_terms)
     for layer in range(spec.n_layers):
         for j, name in enumerate(LAYER_MATRICES):
             if not (has(w, layer, name) and has(w_prev, layer, name)):
@@ -531,32 +519,19 @@ def update_components(
             if comp is None:
                 comp = difference(weight(w, layer, name), weight(w_prev, layer, name))
             out[Site("layer", (layer, j))] = comp
-        if not (has(w, layer, "attention.o_proj", "attention.v_proj")
-                and has(w_prev, layer, "attention.o_proj", "attention.v_proj")):
-            continue
-        o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
-        po = weight(w_prev, layer, "attention.o_proj")
-        pv = weight(w_prev, layer, "attention.v_proj")
-        stored = coarsest(o.dtype, v.dtype, po.dtype, pv.dtype)
-        o_sum, v64 = ov_whole_factors(o, v, spec)
-        po_sum, pv64 = ov_whole_factors(po, pv, spec)
-        out[Site("layer", (layer, ov_idx))] = LowRank(
-            torch.cat([o_sum, -po_sum], dim=1), torch.cat([v64, pv64], dim=0), stored,
-            norm=float(sum_of_products_norm((o_sum, v64), (po_sum, pv64))))
-        o_h, v_h = ov_head_factors(o.double(), v.double(), spec)
-        po_h, pv_h = ov_head_factors(po.double(), pv.double(), spec)
-        left = torch.cat([o_h, -po_h], dim=2)
-        right = torch.cat([v_h, pv_h], dim=1)
-        norms = sum_of_products_norm((o_h, v_h), (po_h, pv_h))
-        for head, comp in enumerate(_head_lowrank(left, right, stored, norms)):
-            out[Site("head", (layer, head))] = comp
+        out.update(_layer_items(ov, layer))
     for e, name in enumerate(EMBEDDINGS):
         key = f"{name}.weight"
         if key not in w or key not in w_prev:
             continue
         out[Site("emb", (e,))] = difference(w[key], w_prev[key])
-    out.update(qk_update_components(w, w_prev, spec))
+    out.update(circuit_components(QK, spec, difference_terms))
     return out
+
+
+def _layer_items(comps: Mapping[Site, Component], layer: int) -> dict[Site, Component]:
+    """The components of one layer (insertion order kept: the layer's OV, then its heads)."""
+    return {site: c for site, c in comps.items() if site.index[0] == layer}
 
 
 def lora_components(w: Tensors, spec: ModelSpec, scale: float) -> dict[Site, Component]:
