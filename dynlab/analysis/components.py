@@ -47,6 +47,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dynlab.runs.checkpoints import ModelSpec
@@ -96,8 +97,9 @@ def coarsest(*dtypes: torch.dtype) -> torch.dtype:
 @dataclass(frozen=True)
 class Dense:
     """A matrix given by its entries: x, or x − minus when `minus` is given (a difference of
-    two stored tensors, formed in float64 only where it is used: `entries`, or when it is
-    stacked for its spectrum, so an analysis never holds every update at once). `shape` is the
+    two stored tensors, formed in float64 only where it is used: `entries`, or block by block
+    for its spectrum (`spectra.svdvals_of`), so an analysis never holds every update at
+    once). `shape` is the
     true shape when `x` holds only its non-zero rows (singular values are then padded with
     zeros up to min(shape)). `stored`: the precision its entries (or the tensors they were
     formed from) were stored in; None means x's own dtype. `norm`: S, the Frobenius norm of
@@ -139,14 +141,6 @@ class Dense:
         if self.minus is None:
             return self.x
         return self.x.double() - self.minus.double()
-
-    def copy_into(self, out: torch.Tensor) -> None:
-        """Write the entries into `out` (same shape, any dtype and device) with no other
-        temporary: x, then minus subtracted in out's dtype (for float64 out and float32 or
-        bf16 inputs, bitwise equal to x.double() − minus.double())."""
-        out.copy_(self.x)
-        if self.minus is not None:
-            out.sub_(self.minus.to(out.device, non_blocking=True))
 
 
 @dataclass(frozen=True)
@@ -207,9 +201,21 @@ class LowRank:
 Component = Dense | LowRank
 
 
+#: elements per block of `frobenius` (converted to float64 one block at a time, in the cache)
+NORM_BLOCK = 1 << 16
+
+
 def frobenius(x: torch.Tensor) -> float:
-    """‖x‖_F, in float64."""
-    return float(torch.linalg.vector_norm(x, dtype=torch.float64))
+    """‖x‖_F, accumulated in float64 (on the CPU, float32 and float64 through numpy one
+    block at a time: no float64 copy of x)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return float(torch.linalg.vector_norm(x, dtype=torch.float64))
+    v = x.detach().reshape(-1).numpy()
+    total = 0.0
+    for a in range(0, v.shape[0], NORM_BLOCK):
+        b = v[a:a + NORM_BLOCK].astype(np.float64)
+        total += float(np.dot(b, b))
+    return math.sqrt(total)
 
 
 def difference_norm(cur: torch.Tensor, prev: torch.Tensor) -> float:
@@ -218,9 +224,20 @@ def difference_norm(cur: torch.Tensor, prev: torch.Tensor) -> float:
     return math.hypot(frobenius(cur), frobenius(prev))
 
 
+def rows_where(x: torch.Tensor, other: torch.Tensor | float) -> torch.Tensor:
+    """Boolean mask of the rows of x with an entry that differs from `other` (a tensor of
+    x's shape, or a number) or is not finite."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        a = x.detach().numpy()
+        b = other.detach().numpy() if isinstance(other, torch.Tensor) else other
+        return torch.from_numpy((a != b).any(axis=1) | ~np.isfinite(a).all(axis=1))
+    return (x.ne(other) | ~torch.isfinite(x)).any(dim=1)
+
+
 def dense(x: torch.Tensor, stored: torch.dtype | None = None, norm: float | None = None) -> Dense:
-    """A Dense component; `norm` (S of the zero tolerance) defaults to ‖x‖_F."""
-    return Dense(x, (x.shape[0], x.shape[1]), stored, frobenius(x) if norm is None else norm)
+    """A Dense component; `norm` (S of the zero tolerance) None means ‖x‖_F (which the
+    analysis takes from the spectrum: ‖x‖_F² = Σσ_i²)."""
+    return Dense(x, (x.shape[0], x.shape[1]), stored, norm)
 
 
 def drop_zero_rows(
@@ -228,11 +245,10 @@ def drop_zero_rows(
 ) -> Dense:
     """The same singular values from fewer rows: all-zero rows (e.g. the embedding gradient
     of tokens absent from the batch) contribute nothing to σ (nor to ‖x‖_F)."""
-    nonzero = x.ne(0).any(dim=1)
+    nonzero = rows_where(x, 0.0)
     if bool(nonzero.all()):
         return dense(x, stored, norm)
-    return Dense(x[nonzero], (x.shape[0], x.shape[1]), stored,
-                 frobenius(x) if norm is None else norm)
+    return Dense(x[nonzero], (x.shape[0], x.shape[1]), stored, norm)
 
 
 def difference(cur: torch.Tensor, prev: torch.Tensor) -> Dense:
@@ -240,7 +256,7 @@ def difference(cur: torch.Tensor, prev: torch.Tensor) -> Dense:
     dropped (they contribute nothing to σ): stored precision the coarser of the two, S =
     `difference_norm`."""
     stored, norm = coarsest(cur.dtype, prev.dtype), difference_norm(cur, prev)
-    changed = (cur.ne(prev) | ~torch.isfinite(cur)).any(dim=1)
+    changed = rows_where(cur, prev)
     changed[0] = True  # at least one row: an unchanged matrix is the zero matrix, σ = 0
     if bool(changed.all()):
         return Dense(cur, (cur.shape[0], cur.shape[1]), stored, norm, prev)
@@ -340,33 +356,38 @@ def circuit_components(circuit: Circuit, spec: ModelSpec, terms: Terms) -> dict[
     """
     out: dict[Site, Component] = {}
     pair = (circuit.first, circuit.second)
-    for layer in range(spec.n_layers):
-        if not all(has(t, layer, *pair) for lt, rt, _ in terms for t in (lt, rt)):
-            continue
-        lefts = [weight(lt, layer, circuit.first) for lt, _, _ in terms]
-        rights = [weight(rt, layer, circuit.second) for _, rt, _ in terms]
-        stored = coarsest(*(x.dtype for pair_ in zip(lefts, rights, strict=True)
-                            for x in pair_))
-        whole = [circuit.whole_factors(lm, rm, spec) for lm, rm in zip(lefts, rights,
-                                                                         strict=True)]
-        heads = [circuit.head_factors(lm.double(), rm.double(), spec)
-                 for lm, rm in zip(lefts, rights, strict=True)]
-        signs = [sign for _, _, sign in terms]
-        if len(terms) == 1:
-            out[circuit.layer_site(layer)] = LowRank(*whole[0], stored)
-            head_comps = _head_lowrank(*heads[0], stored)
-        else:
-            out[circuit.layer_site(layer)] = LowRank(
-                torch.cat([_signed(lw, sign) for (lw, _), sign in zip(whole, signs,
-                                                                       strict=True)], dim=1),
-                torch.cat([rw for _, rw in whole], dim=0), stored,
-                norm=float(sum_of_products_norm(*whole)))
-            left = torch.cat([_signed(lh, sign) for (lh, _), sign in zip(heads, signs,
-                                                                         strict=True)], dim=2)
-            right = torch.cat([rh for _, rh in heads], dim=1)
-            head_comps = _head_lowrank(left, right, stored, sum_of_products_norm(*heads))
-        for head, comp in enumerate(head_comps):
-            out[Site(circuit.head_table, (layer, head))] = comp
+    layers = [layer for layer in range(spec.n_layers)
+              if all(has(t, layer, *pair) for lt, rt, _ in terms for t in (lt, rt))]
+    if not layers:
+        return out
+    # per term, every layer's factors stacked: (layers, …) whole-layer and (layers, H, …) heads
+    whole, heads = [], []
+    for lt, rt, _ in terms:
+        firsts = [weight(lt, layer, circuit.first) for layer in layers]
+        seconds = [weight(rt, layer, circuit.second) for layer in layers]
+        w_pairs = [circuit.whole_factors(f, s, spec) for f, s in zip(firsts, seconds,
+                                                                      strict=True)]
+        h_pairs = [circuit.head_factors(f.double(), s.double(), spec)
+                   for f, s in zip(firsts, seconds, strict=True)]
+        whole.append((torch.stack([p[0] for p in w_pairs]), torch.stack([p[1] for p in w_pairs])))
+        heads.append((torch.stack([p[0] for p in h_pairs]), torch.stack([p[1] for p in h_pairs])))
+    whole_norms = sum_of_products_norm(*whole)  # (layers,)
+    head_norms = sum_of_products_norm(*heads)  # (layers, H)
+    signs = [sign for _, _, sign in terms]
+    w_left = torch.cat([_signed(lw, sign) for (lw, _), sign in zip(whole, signs, strict=True)],
+                       dim=-1)
+    w_right = torch.cat([rw for _, rw in whole], dim=-2)
+    h_left = torch.cat([_signed(lh, sign) for (lh, _), sign in zip(heads, signs, strict=True)],
+                       dim=-1)
+    h_right = torch.cat([rh for _, rh in heads], dim=-2)
+    for li, layer in enumerate(layers):
+        stored = coarsest(*(weight(t, layer, name).dtype for lt, rt, _ in terms
+                            for t, name in ((lt, circuit.first), (rt, circuit.second))))
+        out[circuit.layer_site(layer)] = LowRank(w_left[li], w_right[li], stored,
+                                                 norm=float(whole_norms[li]))
+        for head in range(h_left.shape[1]):
+            out[Site(circuit.head_table, (layer, head))] = LowRank(
+                h_left[li, head], h_right[li, head], stored, norm=float(head_norms[li, head]))
     return out
 
 
@@ -403,14 +424,6 @@ def spectral_norms(x: torch.Tensor) -> torch.Tensor:
     gram = x @ x.mT if x.shape[-2] <= x.shape[-1] else x.mT @ x
     norms = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
     return torch.where(finite, norms, torch.full((), math.nan, dtype=norms.dtype)).cpu()
-
-
-def _head_lowrank(
-    left: torch.Tensor, right: torch.Tensor, stored: torch.dtype, norms: torch.Tensor | None = None
-) -> list[LowRank]:
-    return [LowRank(left[i], right[i], stored,
-                    norm=None if norms is None else float(norms[i]))
-            for i in range(left.shape[0])]
 
 
 def weight_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:

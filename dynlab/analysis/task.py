@@ -53,23 +53,14 @@ def component_spectra(
             right = stack_as([c.right for _, c in items], dtype, device)
             sig = spectra.lowrank_svdvals(left, right, dtype=dtype)
         else:
-            sig = spectra.svdvals(stack_dense([c for _, c in items], dtype, device),
-                                  dtype=dtype)
+            sig = spectra.svdvals_of([c.x for _, c in items], [c.minus for _, c in items],
+                                     dtype=dtype)
         sig = sig.cpu()
         for (site, comp), s in zip(items, sig, strict=True):
             k = comp.rank_bound
             if s.shape[0] < k:  # rows dropped because they were zero: σ = 0 there
                 s = torch.cat([s, s.new_zeros(k - s.shape[0])])
             out[site] = s[:k]
-    return out
-
-
-def stack_dense(comps: Sequence[C.Dense], dtype: torch.dtype, device: str) -> torch.Tensor:
-    """Stack equal-shaped dense components into one batch of `dtype` on `device`, forming
-    each difference in place (`Dense.copy_into`): one copy, no float64 temporaries."""
-    out = torch.empty((len(comps), *comps[0].x.shape), dtype=dtype, device=device)
-    for i, comp in enumerate(comps):
-        comp.copy_into(out[i])
     return out
 
 
@@ -174,7 +165,7 @@ def checkpoint_region(
             sigma[site.table][cell][: s.shape[0]] = s.to(torch.float64)
             max_dim[site.table][cell] = comps[site].max_dim
             min_dim[site.table][cell] = comps[site].min_dim
-            norm[site.table][cell] = comps[site].storage_norm
+            norm[site.table][cell] = storage_norm(comps[site], s)
             eps[site.table][cell] = comps[site].eps
             max_rank[site.table][cell] = comps[site].max_rank
             if torch.isnan(s).all() and site.table not in ("qk", "qk_head"):  # q/k report it
@@ -202,6 +193,14 @@ def checkpoint_region(
                                          eps[table], **tol_args)
             out[prefix + m] = values.numpy()
     return out, bad
+
+
+def storage_norm(comp: C.Component, sigma: torch.Tensor) -> float:
+    """S of a component's zero tolerance: its `storage_norm`, where that is ‖x‖_F of a stored
+    matrix taken from its spectrum (‖x‖_F = √Σσ_i², no pass over the entries)."""
+    if isinstance(comp, C.Dense) and comp.norm is None and comp.minus is None:
+        return float(metrics_mod.frobenius_norm(sigma.to(torch.float64)))
+    return comp.storage_norm
 
 
 def site_name(site: C.Site) -> str:
@@ -256,6 +255,7 @@ def run_task(
     options: Options,
 ) -> list[str]:
     """Compute and write one checkpoint; returns the matrices that held NaN/Inf."""
-    values, bad = checkpoint_region(task.run, loaded, prev_weights, layout, options)
+    with spectra.pooled_threads():
+        values, bad = checkpoint_region(task.run, loaded, prev_weights, layout, options)
     write_task(writer, task, values)
     return bad
