@@ -16,10 +16,12 @@ matrices.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -123,8 +125,8 @@ def svdvals_of(
     return s
 
 
-#: entries per block of a Gram accumulation (8 MiB in float64: a block stays in the cache)
-GRAM_BLOCK = 1 << 20
+#: entries per block of a Gram accumulation (2 MiB in float64: a block stays in the cache)
+GRAM_BLOCK = 1 << 18
 #: entries of the matrices copied at once for the SVD fallback (64 MiB in float64)
 SVD_BLOCK = 1 << 23
 
@@ -155,15 +157,9 @@ def _grams(xs: Sequence[torch.Tensor], minus: Sequence[torch.Tensor | None] | No
         e = _entries(x, sub, dtype)
         return _syrk(e.mT if tall else e)
 
-    parts = _parallel(part, blocks)
-    out = torch.empty((len(xs), k, k), dtype=dtype, device=xs[0].device)
-    j = 0
-    for i in range(len(xs)):  # a fixed order of summation
-        out[i] = parts[j]
-        j += 1
-        while j < len(blocks) and blocks[j][0] == i:
-            out[i] += parts[j]
-            j += 1
+    out = torch.zeros((len(xs), k, k), dtype=dtype, device=xs[0].device)
+    for (i, _, _), g in zip(blocks, _parallel(part, blocks, ordered=True), strict=True):
+        out[i] += g  # blocks in a fixed order: the sum does not depend on the threads
     return out
 
 
@@ -229,7 +225,8 @@ _BLAS_LOCAL = _openblas_local()
 
 
 def _one_thread(fn: Callable[[T], R]) -> Callable[[T], R]:
-    """fn with numpy's BLAS single-threaded in the calling thread."""
+    """fn with numpy's BLAS single-threaded in the calling thread (torch is single-threaded
+    in the pool's threads from their start)."""
 
     def wrapped(arg: T) -> R:
         if _BLAS_LOCAL is not None:
@@ -239,22 +236,40 @@ def _one_thread(fn: Callable[[T], R]) -> Callable[[T], R]:
     return wrapped
 
 
-def _parallel(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-    """[fn(item) for item in items], on the CPU spread over torch's thread count, each call
-    single-threaded (torch and numpy's BLAS): small LAPACK and BLAS calls parallelise
-    poorly inside one call (and, with threads spinning, collapse when other processes
-    share the cores), and a single-threaded call gives the same bits whatever the thread
-    count, so serial and Dask runs write identical stores."""
+def _parallel(fn: Callable[[T], R], items: Sequence[T], *, ordered: bool = False
+              ) -> Iterable[R]:
+    """fn(item) for every item, in order, on the CPU spread over torch's thread count (or
+    `pooled_threads`'), each call single-threaded (torch and numpy's BLAS): small LAPACK and
+    BLAS calls parallelise poorly inside one call (and, with threads spinning, collapse when
+    other processes share the cores), and a single-threaded call gives the same bits whatever
+    the thread count, so serial and Dask runs write identical stores. A list; with `ordered`,
+    an iterator that holds only a few results not yet taken (bounded memory)."""
+    results = _run_parallel(fn, items)
+    return results if ordered else list(results)
+
+
+def _run_parallel(fn: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
     global _POOL
     threads = _POOL_THREADS or torch.get_num_threads()
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         if len(items) < 2 or threads < 2:
-            return [_one_thread(fn)(item) for item in items]
+            for item in items:
+                yield _one_thread(fn)(item)
+            return
         if _POOL is None or _POOL._max_workers != threads:
-            _POOL = ThreadPoolExecutor(threads, thread_name_prefix="dynlab-lapack")
-        return list(_POOL.map(_one_thread(fn), items))
+            _POOL = ThreadPoolExecutor(threads, thread_name_prefix="dynlab-lapack",
+                                       initializer=torch.set_num_threads, initargs=(1,))
+        pending: collections.deque = collections.deque()
+        it = iter(items)
+        for item in itertools.islice(it, 2 * threads):
+            pending.append(_POOL.submit(_one_thread(fn), item))
+        while pending:
+            result = pending.popleft().result()
+            for item in itertools.islice(it, 1):
+                pending.append(_POOL.submit(_one_thread(fn), item))
+            yield result
     finally:
         torch.set_num_threads(before)
 
@@ -266,8 +281,8 @@ def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tor
         return fn(x)
     threads = _POOL_THREADS or torch.get_num_threads()
     if x.shape[0] < 2 or threads < 2:
-        return _parallel(fn, [x])[0]
-    return torch.cat(_parallel(fn, list(x.tensor_split(min(threads, x.shape[0])))))
+        return list(_parallel(fn, [x]))[0]
+    return torch.cat(list(_parallel(fn, list(x.tensor_split(min(threads, x.shape[0]))))))
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -295,10 +310,12 @@ def lowrank_svdvals(
     left = left.to(dtype).reshape(-1, *left.shape[-2:])  # a batch (of one for a 2-D input)
     right = right.to(dtype).reshape(-1, *right.shape[-2:])
     finite = torch.isfinite(left).flatten(-2).all(-1) & torch.isfinite(right).flatten(-2).all(-1)
-    safe_l = torch.where(finite[..., None, None], left, torch.zeros((), dtype=dtype))
-    safe_r = torch.where(finite[..., None, None], right, torch.zeros((), dtype=dtype))
+    safe_l, safe_r = left, right
+    if not bool(finite.all()):
+        safe_l = torch.where(finite[..., None, None], left, torch.zeros((), dtype=dtype))
+        safe_r = torch.where(finite[..., None, None], right, torch.zeros((), dtype=dtype))
     if left.device.type == "cpu":
-        core = torch.stack(_parallel(_core, list(zip(safe_l, safe_r, strict=True))))
+        core = torch.stack(list(_parallel(_core, list(zip(safe_l, safe_r, strict=True)))))
     else:  # one batched call per step on a GPU
         core = _core((safe_l, safe_r))
     s = svdvals(core, dtype=dtype, gram_max_cond=gram_max_cond)

@@ -9,9 +9,11 @@ the padded spectra.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -153,6 +155,10 @@ def checkpoint_region(
     entrywise = [m for m in options.metrics if metrics_mod.METRICS[m].entrywise]
     entry_values = {(t, m): cells(math.nan)[t] for t in tables for m in entrywise}
     bad: list[str] = []
+    # the previous weights were resident as the last checkpoint's: out until `updates` needs
+    # them, so that at most two checkpoint files (weights and grads, or weights and previous
+    # weights) are resident at once
+    release_pages(prev_weights)
     for k_index, kind in enumerate(layout.kinds):
         comps = kind_components(kind, run, ckpt, prev_weights)
         comps = apply_convention(options.convention, kind, comps, run.spec, ckpt.weights,
@@ -175,6 +181,13 @@ def checkpoint_region(
             for site, comp in comps.items():
                 entry_values[(site.table, m)][(k_index, *site.index)] = fn(comp.entries()).cpu()
         del comps, sigmas
+        if kind == "grads":  # their pages are not needed again: out of the resident set
+            release_pages(ckpt.grads)
+        elif kind == "train_grads":
+            release_pages(ckpt.train_grads)
+        elif kind == "updates":
+            release_pages(prev_weights)
+        trim_heap()
     out: dict[str, np.ndarray] = {}
     for table, var in tables.items():
         prefix = C.TABLES[table][1]
@@ -193,6 +206,67 @@ def checkpoint_region(
                                          eps[table], **tol_args)
             out[prefix + m] = values.numpy()
     return out, bad
+
+
+def _libc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim), so that the
+    temporaries of one kind do not stay in the resident set while the next is computed."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's memory mappings of regular files (/proc/self/maps)."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/") and "(deleted)" not in fields[5]:
+                    start, end = (int(v, 16) for v in fields[0].split("-"))
+                    out.append((start, end))
+    except OSError:
+        return []
+    return out
+
+
+def release_pages(tensors: Tensors | None) -> int:
+    """Take the pages of tensors that are mapped from checkpoint files (safetensors maps the
+    file) out of this process's resident set: madvise(MADV_DONTNEED) on the whole pages
+    inside each such tensor. The pages stay in the page cache and a later read faults them
+    back in unchanged (the tensors are never written: a private file mapping then reads as
+    the file). Tensors in anonymous memory are left alone. Returns the bytes released."""
+    if not tensors or _MALLOC_TRIM is None:  # glibc/Linux only
+        return 0
+    maps = _file_mappings()
+    libc = ctypes.CDLL("libc.so.6")
+    released = 0
+    for t in tensors.values():
+        if t.device.type != "cpu" or t.numel() == 0:
+            continue
+        a = t.data_ptr()
+        b = a + t.numel() * t.element_size()
+        if not any(start <= a and b <= end for start, end in maps):
+            continue
+        lo, hi = -(-a // _PAGE) * _PAGE, b // _PAGE * _PAGE
+        if hi > lo and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo),
+                                    _MADV_DONTNEED) == 0:
+            released += hi - lo
+    return released
 
 
 def storage_norm(comp: C.Component, sigma: torch.Tensor) -> float:
