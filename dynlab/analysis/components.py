@@ -418,11 +418,14 @@ def spectral_norms(x: torch.Tensor) -> torch.Tensor:
     """‖x‖_2 of each matrix of a batch (…, a, b), in float64 on the CPU: √λ_max of the Gram
     matrix of the shorter side (σ_1 is accurate on the Gram route whatever κ). NaN for a
     matrix holding NaN/Inf (its metrics are NaN)."""
+    from dynlab.analysis.spectra import eigvalsh, finite_matrices
+
     x = x.to(torch.float64)
-    finite = torch.isfinite(x).flatten(-2).all(-1)
-    x = torch.where(finite[..., None, None], x, torch.zeros((), dtype=x.dtype))
+    finite = finite_matrices(x)
+    if not bool(finite.all()):
+        x = torch.where(finite[..., None, None], x, torch.zeros((), dtype=x.dtype))
     gram = x @ x.mT if x.shape[-2] <= x.shape[-1] else x.mT @ x
-    norms = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
+    norms = eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
     return torch.where(finite, norms, torch.full((), math.nan, dtype=norms.dtype)).cpu()
 
 

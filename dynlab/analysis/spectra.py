@@ -100,7 +100,9 @@ def svdvals_of(
     # A NaN/Inf entry in row i makes G_ii non-finite, so the Gram diagonal tells which
     # matrices to check (no extra pass over the entries).
     suspect = ~torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all(-1)
-    lam = _batched(torch.linalg.eigvalsh, torch.where(suspect[:, None, None], 0.0, gram))
+    if bool(suspect.any()):
+        gram = torch.where(suspect[:, None, None], 0.0, gram)
+    lam = _batched(eigvalsh, gram)
     del gram
     s = lam.clamp_min(0).sqrt().flip(-1)  # eigvalsh is ascending
     finite = torch.ones(len(xs), dtype=torch.bool)
@@ -129,6 +131,24 @@ def svdvals_of(
 GRAM_BLOCK = 1 << 18
 #: entries of the matrices copied at once for the SVD fallback (64 MiB in float64)
 SVD_BLOCK = 1 << 23
+
+
+def finite_matrices(x: torch.Tensor) -> torch.Tensor:
+    """Whether each matrix of a batch (…, m, n) holds only finite entries, (…) bool (on the
+    CPU through numpy: a single pass without temporaries of x's size)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float64, torch.float32):
+        a = x.detach().numpy()
+        return torch.from_numpy(np.isfinite(a).all(axis=(-2, -1)))
+    return torch.isfinite(x).flatten(-2).all(-1)
+
+
+def eigvalsh(x: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues, ascending, of each symmetric matrix of a batch (lower triangle used).
+    On the CPU through numpy's LAPACK (faster here than torch's for these small matrices,
+    and single-threaded inside `_parallel`)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float64, torch.float32):
+        return torch.from_numpy(np.linalg.eigvalsh(x.detach().numpy()))
+    return torch.linalg.eigvalsh(x)
 
 
 def _entries(x: torch.Tensor, minus: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -197,10 +217,13 @@ def pooled_threads(threads: int | None = None) -> Iterator[int]:
     before, outer = torch.get_num_threads(), _POOL_THREADS
     _POOL_THREADS = threads or outer or before
     torch.set_num_threads(1)
+    blas_before = _BLAS_LOCAL(1) if _BLAS_LOCAL is not None else None
     try:
         yield _POOL_THREADS
     finally:
         torch.set_num_threads(before)
+        if _BLAS_LOCAL is not None and blas_before is not None:
+            _BLAS_LOCAL(blas_before)
         _POOL_THREADS = outer
 
 
@@ -309,7 +332,7 @@ def lowrank_svdvals(
     batch_shape = left.shape[:-2]
     left = left.to(dtype).reshape(-1, *left.shape[-2:])  # a batch (of one for a 2-D input)
     right = right.to(dtype).reshape(-1, *right.shape[-2:])
-    finite = torch.isfinite(left).flatten(-2).all(-1) & torch.isfinite(right).flatten(-2).all(-1)
+    finite = finite_matrices(left) & finite_matrices(right)
     safe_l, safe_r = left, right
     if not bool(finite.all()):
         safe_l = torch.where(finite[..., None, None], left, torch.zeros((), dtype=dtype))
