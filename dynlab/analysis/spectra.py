@@ -12,6 +12,13 @@ own condition estimate, and recomputes with the SVD the matrices whose κ estima
 `GRAM_MAX_COND` (and every matrix whose Gram result is not trustworthy). Tests prove the
 answers equal scipy's float64 SVD to 1e-6 relative for κ up to 1e8, rank-deficient and zero
 matrices.
+
+On the CPU (`svdvals_of`), each Gram matrix is accumulated from blocks of the long side, each
+converted to float64 only as it is used (no float64 copy of a whole matrix), and every BLAS and
+LAPACK call is single-threaded, the calls spread over a pool of threads (`pooled_threads`):
+small calls parallelise poorly inside one call, OpenMP threads that wait at barriers collapse
+when other processes share the cores, and a single-threaded call gives the same bits whatever
+the thread count.
 """
 
 from __future__ import annotations
@@ -138,7 +145,7 @@ def finite_matrices(x: torch.Tensor) -> torch.Tensor:
     CPU through numpy: a single pass without temporaries of x's size)."""
     if x.device.type == "cpu" and x.dtype in (torch.float64, torch.float32):
         a = x.detach().numpy()
-        return torch.from_numpy(np.isfinite(a).all(axis=(-2, -1)))
+        return torch.from_numpy(np.asarray(np.isfinite(a).all(axis=(-2, -1))))
     return torch.isfinite(x).flatten(-2).all(-1)
 
 
