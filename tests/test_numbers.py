@@ -20,8 +20,8 @@ from scipy import stats
 import dynlab
 from dynlab.analysis import components as C
 from dynlab.analysis import metrics as metrics_mod
-from dynlab.analysis import run as A
 from dynlab.analysis import spectra
+from dynlab.analysis import task as A
 from dynlab.runs.checkpoints import find_runs
 from dynlab.testing import geometric_spectrum, matrix_with_spectrum
 from dynlab.viz import figures as F

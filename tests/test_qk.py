@@ -14,7 +14,7 @@ from builders import TINY_SPEC_ARGS
 
 import dynlab
 from dynlab.analysis import components as C
-from dynlab.analysis.run import component_spectra
+from dynlab.analysis.task import component_spectra
 from dynlab.runs.checkpoints import ModelSpec
 from dynlab.testing import make_run, random_weights
 

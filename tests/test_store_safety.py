@@ -26,7 +26,9 @@ from typer.testing import CliRunner
 
 import dynlab
 import dynlab.analysis
+import dynlab.analysis.serial
 import dynlab.analysis.store
+import dynlab.analysis.task
 from dynlab.analysis.storelock import StoreAccess, StoreBusy, lock_path
 from dynlab.runs.checkpoints import CheckpointError, ModelSpec
 from dynlab.testing import make_run
@@ -596,7 +598,8 @@ def test_any_sequence_of_analyses_and_interruptions_ends_in_the_one_go_store(
             raise Interrupted(phase)
 
     monkeypatch.setattr(dynlab.analysis.store, "fault_point", fault)
-    monkeypatch.setattr(dynlab.analysis.run, "fault_point", fault)
+    monkeypatch.setattr(dynlab.analysis.task, "fault_point", fault)  # analyze.write
+    monkeypatch.setattr(dynlab.analysis.serial, "fault_point", fault)  # analyze.checkpoint
 
     first = ("analyze", "a", None)
     late = [first, ("add", "a", 5)]  # a checkpoint before analysed ones: rebuild and swap

@@ -44,9 +44,10 @@ changed by the merge) the update is the dense difference.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dynlab.runs.checkpoints import ModelSpec
@@ -96,8 +97,9 @@ def coarsest(*dtypes: torch.dtype) -> torch.dtype:
 @dataclass(frozen=True)
 class Dense:
     """A matrix given by its entries: x, or x − minus when `minus` is given (a difference of
-    two stored tensors, formed in float64 only where it is used: `entries`, or when it is
-    stacked for its spectrum, so an analysis never holds every update at once). `shape` is the
+    two stored tensors, formed in float64 only where it is used: `entries`, or block by block
+    for its spectrum (`spectra.svdvals_of`), so an analysis never holds every update at
+    once). `shape` is the
     true shape when `x` holds only its non-zero rows (singular values are then padded with
     zeros up to min(shape)). `stored`: the precision its entries (or the tensors they were
     formed from) were stored in; None means x's own dtype. `norm`: S, the Frobenius norm of
@@ -139,14 +141,6 @@ class Dense:
         if self.minus is None:
             return self.x
         return self.x.double() - self.minus.double()
-
-    def copy_into(self, out: torch.Tensor) -> None:
-        """Write the entries into `out` (same shape, any dtype and device) with no other
-        temporary: x, then minus subtracted in out's dtype (for float64 out and float32 or
-        bf16 inputs, bitwise equal to x.double() − minus.double())."""
-        out.copy_(self.x)
-        if self.minus is not None:
-            out.sub_(self.minus.to(out.device, non_blocking=True))
 
 
 @dataclass(frozen=True)
@@ -207,9 +201,21 @@ class LowRank:
 Component = Dense | LowRank
 
 
+#: elements per block of `frobenius` (converted to float64 one block at a time, in the cache)
+NORM_BLOCK = 1 << 16
+
+
 def frobenius(x: torch.Tensor) -> float:
-    """‖x‖_F, in float64."""
-    return float(torch.linalg.vector_norm(x, dtype=torch.float64))
+    """‖x‖_F, accumulated in float64 (on the CPU, float32 and float64 through numpy one
+    block at a time: no float64 copy of x)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return float(torch.linalg.vector_norm(x, dtype=torch.float64))
+    v = x.detach().reshape(-1).numpy()
+    total = 0.0
+    for a in range(0, v.shape[0], NORM_BLOCK):
+        b = v[a:a + NORM_BLOCK].astype(np.float64)
+        total += float(np.dot(b, b))
+    return math.sqrt(total)
 
 
 def difference_norm(cur: torch.Tensor, prev: torch.Tensor) -> float:
@@ -218,9 +224,20 @@ def difference_norm(cur: torch.Tensor, prev: torch.Tensor) -> float:
     return math.hypot(frobenius(cur), frobenius(prev))
 
 
+def rows_where(x: torch.Tensor, other: torch.Tensor | float) -> torch.Tensor:
+    """Boolean mask of the rows of x with an entry that differs from `other` (a tensor of
+    x's shape, or a number) or is not finite."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        a = x.detach().numpy()
+        b = other.detach().numpy() if isinstance(other, torch.Tensor) else other
+        return torch.from_numpy((a != b).any(axis=1) | ~np.isfinite(a).all(axis=1))
+    return (x.ne(other) | ~torch.isfinite(x)).any(dim=1)
+
+
 def dense(x: torch.Tensor, stored: torch.dtype | None = None, norm: float | None = None) -> Dense:
-    """A Dense component; `norm` (S of the zero tolerance) defaults to ‖x‖_F."""
-    return Dense(x, (x.shape[0], x.shape[1]), stored, frobenius(x) if norm is None else norm)
+    """A Dense component; `norm` (S of the zero tolerance) None means ‖x‖_F (which the
+    analysis takes from the spectrum: ‖x‖_F² = Σσ_i²)."""
+    return Dense(x, (x.shape[0], x.shape[1]), stored, norm)
 
 
 def drop_zero_rows(
@@ -228,11 +245,10 @@ def drop_zero_rows(
 ) -> Dense:
     """The same singular values from fewer rows: all-zero rows (e.g. the embedding gradient
     of tokens absent from the batch) contribute nothing to σ (nor to ‖x‖_F)."""
-    nonzero = x.ne(0).any(dim=1)
+    nonzero = rows_where(x, 0.0)
     if bool(nonzero.all()):
         return dense(x, stored, norm)
-    return Dense(x[nonzero], (x.shape[0], x.shape[1]), stored,
-                 frobenius(x) if norm is None else norm)
+    return Dense(x[nonzero], (x.shape[0], x.shape[1]), stored, norm)
 
 
 def difference(cur: torch.Tensor, prev: torch.Tensor) -> Dense:
@@ -240,7 +256,7 @@ def difference(cur: torch.Tensor, prev: torch.Tensor) -> Dense:
     dropped (they contribute nothing to σ): stored precision the coarser of the two, S =
     `difference_norm`."""
     stored, norm = coarsest(cur.dtype, prev.dtype), difference_norm(cur, prev)
-    changed = (cur.ne(prev) | ~torch.isfinite(cur)).any(dim=1)
+    changed = rows_where(cur, prev)
     changed[0] = True  # at least one row: an unchanged matrix is the zero matrix, σ = 0
     if bool(changed.all()):
         return Dense(cur, (cur.shape[0], cur.shape[1]), stored, norm, prev)
@@ -299,69 +315,84 @@ def qk_whole_factors(
     return q_sum.mT, k_proj.double()
 
 
-def qk_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
-    """QK circuits of the weights: the layer's Q_sumᵀ·k_proj and each head's Q_hᵀ·K_g(h)."""
+@dataclass(frozen=True)
+class Circuit:
+    """A bilinear circuit of two projections of a layer, L·R: OV (L from o_proj, R from
+    v_proj) or QK (L from q_proj transposed, R from k_proj), per head and for the whole
+    layer. `head_factors(first, second, spec)` gives (L_h (H, d, hd), R_h (H, hd, d));
+    `whole_factors(first, second, spec)` the layer's (L_sum, R) in float64; `layer_site` and
+    `head_site` where their components go."""
+
+    first: str
+    second: str
+    head_factors: Callable[[torch.Tensor, torch.Tensor, ModelSpec],
+                           tuple[torch.Tensor, torch.Tensor]]
+    whole_factors: Callable[[torch.Tensor, torch.Tensor, ModelSpec],
+                            tuple[torch.Tensor, torch.Tensor]]
+    layer_site: Callable[[int], Site]
+    head_table: str
+
+
+OV = Circuit("attention.o_proj", "attention.v_proj", ov_head_factors, ov_whole_factors,
+             lambda layer: Site("layer", (layer, MATRICES.index("ov_circuit"))), "head")
+QK = Circuit("attention.q_proj", "attention.k_proj", qk_head_factors, qk_whole_factors,
+             lambda layer: Site("qk", (layer,)), "qk_head")
+
+#: a sum of products Σ_j sign_j·L_j·R_j: per term, the tensors that L_j's projection comes
+#: from, those that R_j's comes from, and the sign
+Terms = Sequence[tuple[Tensors, Tensors, float]]
+
+
+def circuit_components(circuit: Circuit, spec: ModelSpec, terms: Terms) -> dict[Site, Component]:
+    """The circuit's components (layer and heads) of the sum of products Σ_j sign_j·L_j·R_j,
+    L_j built from `circuit.first` of terms[j][0] and R_j from `circuit.second` of
+    terms[j][1]: the concatenated product [sign_1·L_1, …]·[R_1; …] (rank ≤ Σ_j inner dims).
+    One term: the weights' circuit L·R, S from the factors (`LowRank`); several: S =
+    `sum_of_products_norm` of the terms. Layers missing a projection in any term are
+    skipped.
+
+    weights: [(w, w, 1)]; gradient by the product rule d(L·R) = L·dR + dL·R:
+    [(w, g, 1), (g, w, 1)]; update L_t·R_t − L_prev·R_prev: [(w, w, 1), (w_prev, w_prev, −1)].
+    """
     out: dict[Site, Component] = {}
-    for layer in range(spec.n_layers):
-        if not has(w, layer, "attention.q_proj", "attention.k_proj"):
-            continue
-        q, k = weight(w, layer, "attention.q_proj"), weight(w, layer, "attention.k_proj")
-        stored = coarsest(q.dtype, k.dtype)
-        out[Site("qk", (layer,))] = LowRank(*qk_whole_factors(q, k, spec), stored)
-        q_h, k_h = qk_head_factors(q.double(), k.double(), spec)
-        for head, comp in enumerate(_head_lowrank(q_h, k_h, stored)):
-            out[Site("qk_head", (layer, head))] = comp
+    pair = (circuit.first, circuit.second)
+    layers = [layer for layer in range(spec.n_layers)
+              if all(has(t, layer, *pair) for lt, rt, _ in terms for t in (lt, rt))]
+    if not layers:
+        return out
+    # per term, every layer's factors stacked: (layers, …) whole-layer and (layers, H, …) heads
+    whole, heads = [], []
+    for lt, rt, _ in terms:
+        firsts = [weight(lt, layer, circuit.first) for layer in layers]
+        seconds = [weight(rt, layer, circuit.second) for layer in layers]
+        w_pairs = [circuit.whole_factors(f, s, spec) for f, s in zip(firsts, seconds,
+                                                                      strict=True)]
+        h_pairs = [circuit.head_factors(f.double(), s.double(), spec)
+                   for f, s in zip(firsts, seconds, strict=True)]
+        whole.append((torch.stack([p[0] for p in w_pairs]), torch.stack([p[1] for p in w_pairs])))
+        heads.append((torch.stack([p[0] for p in h_pairs]), torch.stack([p[1] for p in h_pairs])))
+    whole_norms = sum_of_products_norm(*whole)  # (layers,)
+    head_norms = sum_of_products_norm(*heads)  # (layers, H)
+    signs = [sign for _, _, sign in terms]
+    w_left = torch.cat([_signed(lw, sign) for (lw, _), sign in zip(whole, signs, strict=True)],
+                       dim=-1)
+    w_right = torch.cat([rw for _, rw in whole], dim=-2)
+    h_left = torch.cat([_signed(lh, sign) for (lh, _), sign in zip(heads, signs, strict=True)],
+                       dim=-1)
+    h_right = torch.cat([rh for _, rh in heads], dim=-2)
+    for li, layer in enumerate(layers):
+        stored = coarsest(*(weight(t, layer, name).dtype for lt, rt, _ in terms
+                            for t, name in ((lt, circuit.first), (rt, circuit.second))))
+        out[circuit.layer_site(layer)] = LowRank(w_left[li], w_right[li], stored,
+                                                 norm=float(whole_norms[li]))
+        for head in range(h_left.shape[1]):
+            out[Site(circuit.head_table, (layer, head))] = LowRank(
+                h_left[li, head], h_right[li, head], stored, norm=float(head_norms[li, head]))
     return out
 
 
-def qk_grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
-    """d(QᵀK) = Qᵀ·dK + dQᵀ·K: per head [Q_hᵀ, dQ_hᵀ]·[dK_g; K_g] (rank ≤ 2hd), for the
-    layer [Q_sumᵀ, dQ_sumᵀ]·[dK; K]."""
-    out: dict[Site, Component] = {}
-    for layer in range(spec.n_layers):
-        if not (has(g, layer, "attention.q_proj", "attention.k_proj")
-                and has(w, layer, "attention.q_proj", "attention.k_proj")):
-            continue
-        q, k = weight(w, layer, "attention.q_proj"), weight(w, layer, "attention.k_proj")
-        dq, dk = weight(g, layer, "attention.q_proj"), weight(g, layer, "attention.k_proj")
-        stored = coarsest(q.dtype, k.dtype, dq.dtype, dk.dtype)
-        qs, k64 = qk_whole_factors(q, k, spec)
-        dqs, dk64 = qk_whole_factors(dq, dk, spec)
-        out[Site("qk", (layer,))] = LowRank(
-            torch.cat([qs, dqs], dim=1), torch.cat([dk64, k64], dim=0), stored,
-            norm=float(sum_of_products_norm((qs, dk64), (dqs, k64))))
-        q_h, k_h = qk_head_factors(q.double(), k.double(), spec)
-        dq_h, dk_h = qk_head_factors(dq.double(), dk.double(), spec)
-        left, right = torch.cat([q_h, dq_h], dim=2), torch.cat([dk_h, k_h], dim=1)
-        norms = sum_of_products_norm((q_h, dk_h), (dq_h, k_h))
-        for head, comp in enumerate(_head_lowrank(left, right, stored, norms)):
-            out[Site("qk_head", (layer, head))] = comp
-    return out
-
-
-def qk_update_components(w: Tensors, w_prev: Tensors, spec: ModelSpec) -> dict[Site, Component]:
-    """QK_t − QK_prev as [Q^tᵀ, −Q^prevᵀ]·[K^t; K^prev] (per head and for the layer)."""
-    out: dict[Site, Component] = {}
-    for layer in range(spec.n_layers):
-        if not (has(w, layer, "attention.q_proj", "attention.k_proj")
-                and has(w_prev, layer, "attention.q_proj", "attention.k_proj")):
-            continue
-        q, k = weight(w, layer, "attention.q_proj"), weight(w, layer, "attention.k_proj")
-        pq = weight(w_prev, layer, "attention.q_proj")
-        pk = weight(w_prev, layer, "attention.k_proj")
-        stored = coarsest(q.dtype, k.dtype, pq.dtype, pk.dtype)
-        qs, k64 = qk_whole_factors(q, k, spec)
-        pqs, pk64 = qk_whole_factors(pq, pk, spec)
-        out[Site("qk", (layer,))] = LowRank(
-            torch.cat([qs, -pqs], dim=1), torch.cat([k64, pk64], dim=0), stored,
-            norm=float(sum_of_products_norm((qs, k64), (pqs, pk64))))
-        q_h, k_h = qk_head_factors(q.double(), k.double(), spec)
-        pq_h, pk_h = qk_head_factors(pq.double(), pk.double(), spec)
-        left, right = torch.cat([q_h, -pq_h], dim=2), torch.cat([k_h, pk_h], dim=1)
-        norms = sum_of_products_norm((q_h, k_h), (pq_h, pk_h))
-        for head, comp in enumerate(_head_lowrank(left, right, stored, norms)):
-            out[Site("qk_head", (layer, head))] = comp
-    return out
+def _signed(x: torch.Tensor, sign: float) -> torch.Tensor:
+    return x if sign > 0 else -x
 
 
 def sum_of_products_norm(*terms: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -387,43 +418,31 @@ def spectral_norms(x: torch.Tensor) -> torch.Tensor:
     """‖x‖_2 of each matrix of a batch (…, a, b), in float64 on the CPU: √λ_max of the Gram
     matrix of the shorter side (σ_1 is accurate on the Gram route whatever κ). NaN for a
     matrix holding NaN/Inf (its metrics are NaN)."""
+    from dynlab.analysis.spectra import eigvalsh, finite_matrices
+
     x = x.to(torch.float64)
-    finite = torch.isfinite(x).flatten(-2).all(-1)
-    x = torch.where(finite[..., None, None], x, torch.zeros((), dtype=x.dtype))
+    finite = finite_matrices(x)
+    if not bool(finite.all()):
+        x = torch.where(finite[..., None, None], x, torch.zeros((), dtype=x.dtype))
     gram = x @ x.mT if x.shape[-2] <= x.shape[-1] else x.mT @ x
-    norms = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
+    norms = eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
     return torch.where(finite, norms, torch.full((), math.nan, dtype=norms.dtype)).cpu()
-
-
-def _head_lowrank(
-    left: torch.Tensor, right: torch.Tensor, stored: torch.dtype, norms: torch.Tensor | None = None
-) -> list[LowRank]:
-    return [LowRank(left[i], right[i], stored,
-                    norm=None if norms is None else float(norms[i]))
-            for i in range(left.shape[0])]
 
 
 def weight_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
     """Each layer's projections, its whole-layer OV circuit (rank ≤ n_kv·hd), each head's
     OV_h (rank ≤ hd), the embeddings, and the QK circuits (layer and heads)."""
     out: dict[Site, Component] = {}
-    ov_idx = MATRICES.index("ov_circuit")
+    ov = circuit_components(OV, spec, [(w, w, 1.0)])
     for layer in range(spec.n_layers):
         for j, name in enumerate(LAYER_MATRICES):
             if has(w, layer, name):
                 out[Site("layer", (layer, j))] = dense(weight(w, layer, name))
-        if not has(w, layer, "attention.o_proj", "attention.v_proj"):
-            continue
-        o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
-        stored = coarsest(o.dtype, v.dtype)
-        out[Site("layer", (layer, ov_idx))] = LowRank(*ov_whole_factors(o, v, spec), stored)
-        o_heads, v_heads = ov_head_factors(o.double(), v.double(), spec)
-        for head, comp in enumerate(_head_lowrank(o_heads, v_heads, stored)):
-            out[Site("head", (layer, head))] = comp
+        out.update(_layer_items(ov, layer))
     for e, name in enumerate(EMBEDDINGS):
         if f"{name}.weight" in w:
             out[Site("emb", (e,))] = drop_zero_rows(w[f"{name}.weight"])
-    out.update(qk_components(w, spec))
+    out.update(circuit_components(QK, spec, [(w, w, 1.0)]))
     return out
 
 
@@ -431,33 +450,17 @@ def grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Compo
     """Gradients of every matrix; OV by the product rule d(O·V) = O·dV + dO·V: per head the
     rank-≤2hd product [O_h, dO_h]·[dV_g; V_g], for the layer [O_sum, dO_sum]·[dV; V]."""
     out: dict[Site, Component] = {}
-    ov_idx = MATRICES.index("ov_circuit")
+    product_rule = [(w, g, 1.0), (g, w, 1.0)]
+    ov = circuit_components(OV, spec, product_rule)
     for layer in range(spec.n_layers):
         for j, name in enumerate(LAYER_MATRICES):
             if has(g, layer, name):
                 out[Site("layer", (layer, j))] = dense(weight(g, layer, name))
-        if not (has(g, layer, "attention.o_proj", "attention.v_proj")
-                and has(w, layer, "attention.o_proj", "attention.v_proj")):
-            continue
-        o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
-        do, dv = weight(g, layer, "attention.o_proj"), weight(g, layer, "attention.v_proj")
-        stored = coarsest(o.dtype, v.dtype, do.dtype, dv.dtype)
-        o_h, v_h = ov_head_factors(o.double(), v.double(), spec)
-        do_h, dv_h = ov_head_factors(do.double(), dv.double(), spec)
-        o_sum, v64 = ov_whole_factors(o, v, spec)
-        do_sum, dv64 = ov_whole_factors(do, dv, spec)
-        out[Site("layer", (layer, ov_idx))] = LowRank(
-            torch.cat([o_sum, do_sum], dim=1), torch.cat([dv64, v64], dim=0), stored,
-            norm=float(sum_of_products_norm((o_sum, dv64), (do_sum, v64))))
-        left = torch.cat([o_h, do_h], dim=2)
-        right = torch.cat([dv_h, v_h], dim=1)
-        norms = sum_of_products_norm((o_h, dv_h), (do_h, v_h))
-        for head, comp in enumerate(_head_lowrank(left, right, stored, norms)):
-            out[Site("head", (layer, head))] = comp
+        out.update(_layer_items(ov, layer))
     for e, name in enumerate(EMBEDDINGS):
         if f"{name}.weight" in g:
             out[Site("emb", (e,))] = drop_zero_rows(g[f"{name}.weight"])
-    out.update(qk_grad_components(g, w, spec))
+    out.update(circuit_components(QK, spec, product_rule))
     return out
 
 
@@ -522,7 +525,8 @@ def update_components(
     tensors, whose zero tolerance counts the rounding of both (S = √(‖W_t‖_F² + ‖W_prev‖_F²)).
     """
     out: dict[Site, Component] = {}
-    ov_idx = MATRICES.index("ov_circuit")
+    difference_terms = [(w, w, 1.0), (w_prev, w_prev, -1.0)]
+    ov = circuit_components(OV, spec, difference_terms)
     for layer in range(spec.n_layers):
         for j, name in enumerate(LAYER_MATRICES):
             if not (has(w, layer, name) and has(w_prev, layer, name)):
@@ -531,32 +535,19 @@ def update_components(
             if comp is None:
                 comp = difference(weight(w, layer, name), weight(w_prev, layer, name))
             out[Site("layer", (layer, j))] = comp
-        if not (has(w, layer, "attention.o_proj", "attention.v_proj")
-                and has(w_prev, layer, "attention.o_proj", "attention.v_proj")):
-            continue
-        o, v = weight(w, layer, "attention.o_proj"), weight(w, layer, "attention.v_proj")
-        po = weight(w_prev, layer, "attention.o_proj")
-        pv = weight(w_prev, layer, "attention.v_proj")
-        stored = coarsest(o.dtype, v.dtype, po.dtype, pv.dtype)
-        o_sum, v64 = ov_whole_factors(o, v, spec)
-        po_sum, pv64 = ov_whole_factors(po, pv, spec)
-        out[Site("layer", (layer, ov_idx))] = LowRank(
-            torch.cat([o_sum, -po_sum], dim=1), torch.cat([v64, pv64], dim=0), stored,
-            norm=float(sum_of_products_norm((o_sum, v64), (po_sum, pv64))))
-        o_h, v_h = ov_head_factors(o.double(), v.double(), spec)
-        po_h, pv_h = ov_head_factors(po.double(), pv.double(), spec)
-        left = torch.cat([o_h, -po_h], dim=2)
-        right = torch.cat([v_h, pv_h], dim=1)
-        norms = sum_of_products_norm((o_h, v_h), (po_h, pv_h))
-        for head, comp in enumerate(_head_lowrank(left, right, stored, norms)):
-            out[Site("head", (layer, head))] = comp
+        out.update(_layer_items(ov, layer))
     for e, name in enumerate(EMBEDDINGS):
         key = f"{name}.weight"
         if key not in w or key not in w_prev:
             continue
         out[Site("emb", (e,))] = difference(w[key], w_prev[key])
-    out.update(qk_update_components(w, w_prev, spec))
+    out.update(circuit_components(QK, spec, difference_terms))
     return out
+
+
+def _layer_items(comps: Mapping[Site, Component], layer: int) -> dict[Site, Component]:
+    """The components of one layer (insertion order kept: the layer's OV, then its heads)."""
+    return {site: c for site, c in comps.items() if site.index[0] == layer}
 
 
 def lora_components(w: Tensors, spec: ModelSpec, scale: float) -> dict[Site, Component]:

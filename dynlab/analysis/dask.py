@@ -1,12 +1,13 @@
-"""Analysis on a Dask cluster: one task per checkpoint, each writing its own store chunks.
+"""The Dask executor: one task per checkpoint, each writing its own store chunks.
 
 The store's template (every variable's metadata, all data reading as NaN) is written by the
 client before any task runs; a task reads its checkpoint (and the previous analysed one of its
-run, for updates), computes every kind, writes its (run, step) chunks through zarr and sets its
-`analyzed` flag last. Chunks are one (run, step) each, so writers never share a chunk and the
-result is identical to a serial run's; a rerun skips flagged checkpoints as in serial. The
-client holds the store's writer lock (`analysis.storelock`) while the tasks run; the workers take
-no lock: writing disjoint chunks, they are the one legitimate set of concurrent writers.
+run, for updates), computes every kind, writes its (run, step) region through zarr and sets its
+`analyzed` flag last (`dynlab.analysis.task`, the same code as the serial executor). Chunks are
+one (run, step) each, so writers never share a chunk and the result is identical to a serial
+run's; a rerun skips flagged checkpoints as in serial. The client holds the store's writer lock
+(`analysis.storelock`) while the tasks run; the workers take no lock: writing disjoint chunks,
+they are the one legitimate set of concurrent writers.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from dynlab.analysis.store import Layout
+from dynlab.analysis.plan import Options, Task
+from dynlab.analysis.progress import Progress, warn_nonfinite
+from dynlab.analysis.store import Layout, RegionWriter
+from dynlab.analysis.task import load_task, run_task
 
 
 def parse_scheduler(scheduler: str) -> tuple[str, int | str]:
@@ -37,33 +41,29 @@ def parse_scheduler(scheduler: str) -> tuple[str, int | str]:
     )
 
 
-def analyze_one(task, path: str, layout: Layout, options, threads: int | None = None) -> list:
-    """Run on a worker: analyse one checkpoint into the store at `path`."""
+def analyze_one(task: Task, path: str, layout: Layout, options: Options,
+                threads: int | None = None) -> list[str]:
+    """Run on a worker: analyse one checkpoint into the store at `path`; returns the matrices
+    that held NaN/Inf."""
     import torch
-
-    from dynlab.analysis.run import analyze_task, load_task
-    from dynlab.analysis.store import RegionWriter
 
     if threads:
         torch.set_num_threads(threads)
     loaded, prev = load_task(task, options)
-    writer = RegionWriter(Path(path))
-    return analyze_task(task, loaded, prev, writer, layout, options)
+    return run_task(task, loaded, prev, RegionWriter(Path(path)), layout, options)
 
 
 def run_tasks_on_dask(
-    tasks: Sequence,
+    tasks: Sequence[Task],
     path: Path,
     layout: Layout,
-    options,
+    options: Options,
     scheduler: str,
     *,
     progress: bool = True,
 ) -> None:
     """Submit one task per checkpoint to a Dask cluster and wait for all of them."""
     from dask.distributed import Client, LocalCluster, as_completed
-
-    from dynlab.analysis.run import _progress, _warn_nonfinite
 
     how, arg = parse_scheduler(scheduler)
     cluster = None
@@ -80,15 +80,15 @@ def run_tasks_on_dask(
             client.submit(analyze_one, task, str(path), layout, options, threads, pure=False): task
             for task in tasks
         }
-        with _progress(progress, len(futures)) as advance:
+        with Progress(progress, len(futures)) as advance:
             for fut in as_completed(futures):
                 task = futures[fut]
                 bad = fut.result()
                 if bad:
                     with warnings.catch_warnings():
                         warnings.simplefilter("always")
-                        _warn_nonfinite(task, bad)
-                advance(f"{task.run.name} step {task.checkpoint.step}")
+                        warn_nonfinite(task.checkpoint.path, bad)
+                advance(task.label)
     finally:
         client.close()
         if cluster is not None:

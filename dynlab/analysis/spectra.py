@@ -12,16 +12,31 @@ own condition estimate, and recomputes with the SVD the matrices whose κ estima
 `GRAM_MAX_COND` (and every matrix whose Gram result is not trustworthy). Tests prove the
 answers equal scipy's float64 SVD to 1e-6 relative for κ up to 1e8, rank-deficient and zero
 matrices.
+
+On the CPU (`svdvals_of`), each Gram matrix is accumulated from blocks of the long side, each
+converted to float64 only as it is used (no float64 copy of a whole matrix), and every BLAS and
+LAPACK call is single-threaded, the calls spread over a pool of threads (`pooled_threads`):
+small calls parallelise poorly inside one call, OpenMP threads that wait at barriers collapse
+when other processes share the cores, and a single-threaded call gives the same bits whatever
+the thread count.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 #: Largest κ estimate for which the Gram route's answer is kept. The Gram route's relative
 #: error on σ_k grows like c·eps·κ² with c ≈ 3 measured on 128–1536-sized float64 matrices
@@ -50,81 +65,254 @@ def svdvals(
     """
     if method not in ("auto", "gram", "svd"):
         raise ValueError(f"method must be 'auto', 'gram' or 'svd', not {method!r}")
-    if gram_max_cond is None:
-        gram_max_cond = GRAM_MAX_COND_BY_DTYPE.get(dtype, 1.0)
     m, n = x.shape[-2], x.shape[-1]
     batch_shape = x.shape[:-2]
-    x = x.to(dtype)
-    if m > n:
-        x = x.mT
-    k, wide = min(m, n), max(m, n)
-    x = x.reshape(-1, k, wide)
+    k = min(m, n)
+    x = x.reshape(-1, m, n)
     if k == 0 or x.shape[0] == 0:
         return torch.full((x.shape[0], k), math.nan, dtype=dtype).reshape(*batch_shape, k)
     if method == "svd":
-        finite = torch.isfinite(x).all(dim=(-2, -1))
+        xt = x.to(dtype)
+        xt = xt.mT if m > n else xt
+        finite = torch.isfinite(xt).all(dim=(-2, -1))
         s = torch.full((x.shape[0], k), math.nan, dtype=dtype, device=x.device)
         if bool(finite.any()):
-            s[finite] = _batched(torch.linalg.svdvals, x[finite])
+            s[finite] = _batched(torch.linalg.svdvals, xt[finite])
         return s.reshape(*batch_shape, k)
-    gram = _gram(x)
-    # A NaN/Inf entry in row i makes G_ii non-finite, so the Gram diagonal tells which
-    # matrices to check (no extra pass over the entries).
-    suspect = ~torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all(-1)
-    lam = _batched(torch.linalg.eigvalsh, torch.where(suspect[:, None, None], 0.0, gram))
-    s = lam.clamp_min(0).sqrt().flip(-1)  # eigvalsh is ascending
-    if method == "auto":
-        # κ estimate from the Gram route itself; a zero matrix (all σ = 0) is exact as it is
-        redo = ~(s[:, -1] * gram_max_cond >= s[:, 0])
-        if bool(suspect.any()):  # overflowed Gram of finite entries: SVD; else NaN below
-            redo |= suspect & torch.isfinite(x).all(dim=(-2, -1))
-        if bool(redo.any()):
-            s[redo] = _batched(torch.linalg.svdvals, x[redo])
-    if bool(suspect.any()):
-        bad = suspect & ~torch.isfinite(x).all(dim=(-2, -1))
-        s[bad] = math.nan
+    s = svdvals_of(list(x), dtype=dtype, gram_max_cond=gram_max_cond,
+                   fallback=method == "auto")
     return s.reshape(*batch_shape, k)
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    """X·Xᵀ of each matrix of a (B, k, n) batch (x may be a transposed view of tall
-    matrices: no copy is made). On the CPU through numpy, whose `a @ a.T` calls BLAS syrk
-    (half the flops of a general product, 1.4–1.8× faster here)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float64, torch.float32):
-        return x @ x.mT
-    a = x.detach().numpy()  # a strided view, transposed or not
-    out = np.empty((a.shape[0], a.shape[1], a.shape[1]), dtype=a.dtype)
-    for i in range(a.shape[0]):
-        np.matmul(a[i], a[i].T, out=out[i])
-    return torch.from_numpy(out)
+def svdvals_of(
+    xs: Sequence[torch.Tensor],
+    minus: Sequence[torch.Tensor | None] | None = None,
+    *,
+    dtype: torch.dtype = torch.float64,
+    gram_max_cond: float | None = None,
+    fallback: bool = True,
+) -> torch.Tensor:
+    """Singular values of equal-shaped matrices X_i (or X_i − minus_i), (B, k) in `dtype`:
+    `svdvals`'s "auto" route (its "gram" route with fallback=False) without a stacked copy.
+
+    Each Gram matrix is accumulated from blocks of ≈ GRAM_BLOCK entries along the long side,
+    each converted to `dtype` (and the difference formed) only as it is used: no matrix is
+    ever held whole in `dtype`, except the few whose κ estimate sends them to the SVD. On the
+    CPU the blocks are computed in parallel by single-threaded BLAS calls and summed in a fixed
+    order, so the result does not depend on the number of threads."""
+    if gram_max_cond is None:
+        gram_max_cond = GRAM_MAX_COND_BY_DTYPE.get(dtype, 1.0)
+    m, n = xs[0].shape
+    gram = _grams(xs, minus, dtype)
+    # A NaN/Inf entry in row i makes G_ii non-finite, so the Gram diagonal tells which
+    # matrices to check (no extra pass over the entries).
+    suspect = ~torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all(-1)
+    if bool(suspect.any()):
+        gram = torch.where(suspect[:, None, None], 0.0, gram)
+    lam = _batched(eigvalsh, gram)
+    del gram
+    s = lam.clamp_min(0).sqrt().flip(-1)  # eigvalsh is ascending
+    finite = torch.ones(len(xs), dtype=torch.bool)
+    for i in suspect.nonzero().flatten().tolist():
+        finite[i] = bool(torch.isfinite(xs[i]).all()) and (
+            minus is None or minus[i] is None or bool(torch.isfinite(minus[i]).all()))
+    redo = torch.zeros(len(xs), dtype=torch.bool)
+    if fallback:
+        # κ estimate from the Gram route itself; a zero matrix (all σ = 0) is exact as it is
+        redo = ~(s[:, -1].cpu() * gram_max_cond >= s[:, 0].cpu())
+        redo |= suspect.cpu() & finite  # an overflowed Gram of finite entries
+    redo &= finite
+    index = redo.nonzero().flatten().tolist()
+    per_call = max(1, SVD_BLOCK // (m * n))  # bounds the float64 copies held at once
+    for start in range(0, len(index), per_call):
+        part = index[start:start + per_call]
+        block = torch.stack([_entries(xs[i], None if minus is None else minus[i], dtype)
+                             for i in part])
+        s[part] = _batched(torch.linalg.svdvals, block.mT if m > n else block)
+        del block
+    s[~finite.to(s.device)] = math.nan
+    return s
 
 
-def _qr_r(x: torch.Tensor) -> torch.Tensor:
-    """R of the thin QR of each matrix."""
-    return torch.linalg.qr(x, mode="r").R
+#: entries per block of a Gram accumulation (2 MiB in float64: a block stays in the cache)
+GRAM_BLOCK = 1 << 18
+#: entries of the matrices copied at once for the SVD fallback (64 MiB in float64)
+SVD_BLOCK = 1 << 23
+
+
+def finite_matrices(x: torch.Tensor) -> torch.Tensor:
+    """Whether each matrix of a batch (…, m, n) holds only finite entries, (…) bool (on the
+    CPU through numpy: a single pass without temporaries of x's size)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float64, torch.float32):
+        a = x.detach().numpy()
+        return torch.from_numpy(np.asarray(np.isfinite(a).all(axis=(-2, -1))))
+    return torch.isfinite(x).flatten(-2).all(-1)
+
+
+def eigvalsh(x: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues, ascending, of each symmetric matrix of a batch (lower triangle used).
+    On the CPU through numpy's LAPACK (faster here than torch's for these small matrices,
+    and single-threaded inside `_parallel`)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float64, torch.float32):
+        return torch.from_numpy(np.linalg.eigvalsh(x.detach().numpy()))
+    return torch.linalg.eigvalsh(x)
+
+
+def _entries(x: torch.Tensor, minus: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """x (− minus) in `dtype`, one copy (bitwise x.to(dtype) − minus.to(dtype))."""
+    out = x.to(dtype, copy=True)
+    if minus is not None:
+        out.sub_(minus.to(out.device, non_blocking=True))
+    return out
+
+
+def _grams(xs: Sequence[torch.Tensor], minus: Sequence[torch.Tensor | None] | None,
+           dtype: torch.dtype) -> torch.Tensor:
+    """The Gram matrix of the short side of each X_i (− minus_i), (B, k, k) in `dtype`:
+    X·Xᵀ for a wide X, Xᵀ·X for a tall one, summed over blocks of the long side in order."""
+    m, n = xs[0].shape
+    tall = m > n
+    k, wide = min(m, n), max(m, n)
+    step = max(1, GRAM_BLOCK // k) if xs[0].device.type == "cpu" else wide
+    blocks = [(i, a, min(a + step, wide)) for i in range(len(xs)) for a in range(0, wide, step)]
+
+    def part(job: tuple[int, int, int]) -> torch.Tensor:
+        i, a, b = job
+        x = xs[i][a:b] if tall else xs[i][:, a:b]
+        sub = None if minus is None or minus[i] is None else (
+            minus[i][a:b] if tall else minus[i][:, a:b])
+        e = _entries(x, sub, dtype)
+        return _syrk(e.mT if tall else e)
+
+    out = torch.zeros((len(xs), k, k), dtype=dtype, device=xs[0].device)
+    for (i, _, _), g in zip(blocks, _parallel(part, blocks, ordered=True), strict=True):
+        out[i] += g  # blocks in a fixed order: the sum does not depend on the threads
+    return out
+
+
+def _syrk(a: torch.Tensor) -> torch.Tensor:
+    """a·aᵀ of one matrix. On the CPU through numpy, whose `a @ a.T` calls BLAS syrk (half the
+    flops of a general product); in float32/float64 only (others through torch)."""
+    if a.device.type != "cpu" or a.dtype not in (torch.float64, torch.float32):
+        return a @ a.mT
+    x = a.numpy()
+    return torch.from_numpy(x @ x.T)
+
+
+def _core(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """R_L·R_Rᵀ of left = Q_L·R_L and rightᵀ = Q_R·R_R (thin QR): the r × r core of the
+    product left·right, which has its singular values."""
+    left, right = pair
+    r_left = torch.linalg.qr(left, mode="r").R
+    r_right = torch.linalg.qr(right.mT, mode="r").R
+    return matmul(r_left, r_right.mT)
 
 
 _POOL: ThreadPoolExecutor | None = None
+#: the pool's thread count inside `pooled_threads` (None: torch's thread count)
+_POOL_THREADS: int | None = None
+
+
+@contextlib.contextmanager
+def pooled_threads(threads: int | None = None) -> Iterator[int]:
+    """Within: torch runs single-threaded in the calling thread and the heavy calls of this
+    module (Gram blocks, LAPACK) run on a pool of `threads` threads (default: torch's
+    thread count on entry), each call single-threaded. Elementwise passes (norms, finiteness
+    checks, conversions) are memory-bound and gain little from threads, while OpenMP
+    threads waiting at barriers lose much when other processes share the cores."""
+    global _POOL_THREADS
+    before, outer = torch.get_num_threads(), _POOL_THREADS
+    _POOL_THREADS = threads or outer or before
+    torch.set_num_threads(1)
+    blas_before = _BLAS_LOCAL(1) if _BLAS_LOCAL is not None else None
+    try:
+        yield _POOL_THREADS
+    finally:
+        torch.set_num_threads(before)
+        if _BLAS_LOCAL is not None and blas_before is not None:
+            _BLAS_LOCAL(blas_before)
+        _POOL_THREADS = outer
+
+
+def _openblas_local() -> Callable[[int], int] | None:
+    """numpy's OpenBLAS `openblas_set_num_threads_local` (the calling thread's BLAS thread
+    count; returns the previous one), or None where numpy has another BLAS."""
+    import ctypes
+    import glob
+
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "*openblas*.so*"))
+    for lib in libs:
+        try:
+            fn = ctypes.CDLL(lib).openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+        return fn
+    return None
+
+
+_BLAS_LOCAL = _openblas_local()
+
+
+def _one_thread(fn: Callable[[T], R]) -> Callable[[T], R]:
+    """fn with numpy's BLAS single-threaded in the calling thread (torch is single-threaded
+    in the pool's threads from their start)."""
+
+    def wrapped(arg: T) -> R:
+        if _BLAS_LOCAL is not None:
+            _BLAS_LOCAL(1)
+        return fn(arg)
+
+    return wrapped
+
+
+def _parallel(fn: Callable[[T], R], items: Sequence[T], *, ordered: bool = False
+              ) -> Iterable[R]:
+    """fn(item) for every item, in order, on the CPU spread over torch's thread count (or
+    `pooled_threads`'), each call single-threaded (torch and numpy's BLAS): small LAPACK and
+    BLAS calls parallelise poorly inside one call (and, with threads spinning, collapse when
+    other processes share the cores), and a single-threaded call gives the same bits whatever
+    the thread count, so serial and Dask runs write identical stores. A list; with `ordered`,
+    an iterator that holds only a few results not yet taken (bounded memory)."""
+    results = _run_parallel(fn, items)
+    return results if ordered else list(results)
+
+
+def _run_parallel(fn: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
+    global _POOL
+    threads = _POOL_THREADS or torch.get_num_threads()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if len(items) < 2 or threads < 2:
+            for item in items:
+                yield _one_thread(fn)(item)
+            return
+        if _POOL is None or _POOL._max_workers != threads:
+            _POOL = ThreadPoolExecutor(threads, thread_name_prefix="dynlab-lapack",
+                                       initializer=torch.set_num_threads, initargs=(1,))
+        pending: collections.deque = collections.deque()
+        it = iter(items)
+        for item in itertools.islice(it, 2 * threads):
+            pending.append(_POOL.submit(_one_thread(fn), item))
+        while pending:
+            result = pending.popleft().result()
+            for item in itertools.islice(it, 1):
+                pending.append(_POOL.submit(_one_thread(fn), item))
+            yield result
+    finally:
+        torch.set_num_threads(before)
 
 
 def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """fn over a batch. On the CPU every call is single-threaded and the batch is split
-    across torch's threads: LAPACK parallelises poorly on one small matrix (this is 1.8×
-    faster for 384×384 eigvalsh on 2 cores), and a single-threaded LAPACK call gives the same
-    bits whatever the thread count, so serial and Dask runs write identical stores."""
-    global _POOL
+    across torch's threads (`_parallel`)."""
     if x.device.type != "cpu":
         return fn(x)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        if x.shape[0] < 2 or threads < 2:
-            return fn(x)
-        if _POOL is None or _POOL._max_workers != threads:
-            _POOL = ThreadPoolExecutor(threads, thread_name_prefix="dynlab-lapack")
-        return torch.cat(list(_POOL.map(fn, x.tensor_split(min(threads, x.shape[0])))))
-    finally:
-        torch.set_num_threads(threads)
+    threads = _POOL_THREADS or torch.get_num_threads()
+    if x.shape[0] < 2 or threads < 2:
+        return list(_parallel(fn, [x]))[0]
+    return torch.cat(list(_parallel(fn, list(x.tensor_split(min(threads, x.shape[0]))))))
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -151,12 +339,15 @@ def lowrank_svdvals(
     batch_shape = left.shape[:-2]
     left = left.to(dtype).reshape(-1, *left.shape[-2:])  # a batch (of one for a 2-D input)
     right = right.to(dtype).reshape(-1, *right.shape[-2:])
-    finite = torch.isfinite(left).flatten(-2).all(-1) & torch.isfinite(right).flatten(-2).all(-1)
-    safe_l = torch.where(finite[..., None, None], left, torch.zeros((), dtype=dtype))
-    safe_r = torch.where(finite[..., None, None], right, torch.zeros((), dtype=dtype))
-    r_left = _batched(_qr_r, safe_l)
-    r_right = _batched(_qr_r, safe_r.mT)
-    core = matmul(r_left, r_right.mT)
+    finite = finite_matrices(left) & finite_matrices(right)
+    safe_l, safe_r = left, right
+    if not bool(finite.all()):
+        safe_l = torch.where(finite[..., None, None], left, torch.zeros((), dtype=dtype))
+        safe_r = torch.where(finite[..., None, None], right, torch.zeros((), dtype=dtype))
+    if left.device.type == "cpu":
+        core = torch.stack(list(_parallel(_core, list(zip(safe_l, safe_r, strict=True)))))
+    else:  # one batched call per step on a GPU
+        core = _core((safe_l, safe_r))
     s = svdvals(core, dtype=dtype, gram_max_cond=gram_max_cond)
     s = torch.where(finite[..., None], s, torch.full((), math.nan, dtype=dtype))
     return s.reshape(*batch_shape, s.shape[-1])

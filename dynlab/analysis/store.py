@@ -830,8 +830,16 @@ def consolidate(path: Path) -> None:
     _consolidate(path)
 
 
+#: cells of a store by dimension name: an index, a slice or an array of indices per dim
+Region = Mapping[str, "int | slice | np.ndarray"]
+
+
 class RegionWriter:
-    """Writes one checkpoint's results into its (run, step) chunks, straight through zarr."""
+    """Region writes into an existing store, by dimension name (xarray's
+    `to_zarr(region=...)` pattern for parallel writers): `write({"run": i, "step": j},
+    {name: array})` writes each array into the cells of its variable where run = i and
+    step = j, the array holding the variable's other dims in order. The store's template
+    (every array and its metadata) exists already; only data chunks are written."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -843,23 +851,36 @@ class RegionWriter:
             self._arrays[name] = self.group[name]
         return self._arrays[name]
 
-    def write(self, run_index: int, step_index: int, values: Mapping[str, np.ndarray]) -> None:
-        """values: variable -> array of the variable's shape without its run and step dims."""
+    def selection(self, name: str, region: Region) -> tuple:
+        """The index of `region` in variable `name` (its other dims whole)."""
+        dims = self.array(name).metadata.dimension_names or ()
+        unknown = set(region) - set(dims)
+        if unknown:
+            raise ValueError(f"{self.path}: {name} has no dim {', '.join(sorted(unknown))}")
+        return tuple(region.get(d, slice(None)) for d in dims)
+
+    def write(self, region: Region, values: Mapping[str, np.ndarray]) -> None:
+        """values: variable -> array of the variable's shape without the region's integer
+        dims (a dim given as an index array keeps its place: orthogonal indexing)."""
         for name, arr in values.items():
-            self.array(name)[run_index, :, step_index] = arr
+            sel = self.selection(name, region)
+            if any(isinstance(k, np.ndarray) for k in sel):
+                self.array(name).set_orthogonal_selection(sel, arr)
+            else:
+                self.array(name)[sel] = arr
 
-    def write_cell(self, name: str, run_index: int, step_index: int, value) -> None:
-        """One cell of a (run, step) variable."""
-        self.array(name)[run_index, step_index] = value
-
-    def mark_analyzed(self, run_index: int, step_index: int, done: bool = True) -> None:
-        self.array("analyzed")[run_index, step_index] = 1 if done else 0
+    def read(self, name: str, region: Region | None = None) -> np.ndarray:
+        """The values of variable `name` in `region` (all of it by default)."""
+        sel = self.selection(name, region or {})
+        if any(isinstance(k, np.ndarray) for k in sel):
+            return np.asarray(self.array(name).get_orthogonal_selection(sel))
+        return np.asarray(self.array(name)[sel])
 
     def analyzed(self) -> np.ndarray:
-        return np.asarray(self.array("analyzed")[...])
+        return self.read("analyzed")
 
     def prev_steps(self) -> np.ndarray:
-        return np.asarray(self.array("prev_step")[...])
+        return self.read("prev_step")
 
 
 def _number(value) -> float:
@@ -901,15 +922,17 @@ def meta_labels(metas: Mapping[tuple[str, int], Mapping]) -> dict[str, list[str]
 
 def write_meta_regions(path: Path, layout: Layout, metas: Mapping[tuple[str, int], Mapping],
                        access: StoreAccess) -> int:
-    """Write the training/evaluation variables of the checkpoints in `metas` (their (run,
-    step) cells only; other runs' cells are never touched). Only cells whose value differs
-    from the stored one are written. Returns the number of cells written."""
+    """Write the training/evaluation variables of the checkpoints in `metas` as region writes
+    (run i, the steps of its checkpoints); other runs' cells are never touched. A region is
+    read first and only the checkpoints whose values differ from the stored ones are written
+    (an eval.json added since the last analysis updates its checkpoint; an unchanged store
+    is not written at all). Returns the number of cells written."""
     r_index = {r: i for i, r in enumerate(layout.runs)}
     s_index = {s: j for j, s in enumerate(layout.steps)}
     by_run: dict[int, list[tuple[int, Mapping]]] = {}
     for (run, step), meta in metas.items():
         by_run.setdefault(r_index[run], []).append((s_index[step], meta))
-    group = _open_group(path)
+    writer = RegionWriter(path)
     written = 0
     with quiet_zarr():
         for i, cells in sorted(by_run.items()):
@@ -917,29 +940,30 @@ def write_meta_regions(path: Path, layout: Layout, metas: Mapping[tuple[str, int
             values = [meta_values(meta) for _, meta in cells]
             for name in META_VARIABLES:
                 new = np.asarray([v[0][name] for v in values])
-                written += _write_changed(group[name], i, cols, new, access)
+                written += _write_changed(writer, name, i, cols, new, access)
                 fault_point("store.meta")  # acts after the first (or N-th) variable
             for var, (dim, _) in EVAL_VARIABLES.items():
-                if var not in group:
+                if var not in writer.group:
                     continue
                 col = {k: c for c, k in enumerate(layout.labels.get(dim, []))}
                 new = np.full((len(cells), len(col)), np.nan)
                 for row, (_, tables) in enumerate(values):
                     for k, v in (tables.get(dim) or {}).items():
                         new[row, col[str(k)]] = _number(v)
-                written += _write_changed(group[var], i, cols, new, access)
+                written += _write_changed(writer, var, i, cols, new, access)
     return written
 
 
-def _write_changed(arr, i: int, cols: np.ndarray, new: np.ndarray, access: StoreAccess) -> int:
-    old = np.asarray(arr.get_orthogonal_selection((i, cols)))
+def _write_changed(writer: RegionWriter, name: str, i: int, cols: np.ndarray, new: np.ndarray,
+                   access: StoreAccess) -> int:
+    old = writer.read(name, {"run": i, "step": cols})
     differ = ~((old == new) | (np.isnan(old) & np.isnan(new)))
     if differ.ndim > 1:
         differ = differ.any(axis=tuple(range(1, differ.ndim)))
     if not differ.any():
         return 0
-    access.need(f"write {arr.basename} of {int(differ.sum())} checkpoints")
-    arr.set_orthogonal_selection((i, cols[differ]), new[differ])
+    access.need(f"write {name} of {int(differ.sum())} checkpoints")
+    writer.write({"run": i, "step": cols[differ]}, {name: new[differ]})
     return int(differ.sum())
 
 

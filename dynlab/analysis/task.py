@@ -1,0 +1,335 @@
+"""One checkpoint of an analysis: load -> components -> batched spectra -> metrics -> its
+region of the store. Both executors (`analysis.serial`, `analysis.dask`) run these functions;
+this is the one copy of the per-checkpoint code.
+
+Per checkpoint, every matrix of every kind is grouped by shape and each group goes through one
+batched singular-value call (`dynlab.analysis.spectra`); metrics are then computed at once on
+the padded spectra.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from dynlab.analysis import components as C
+from dynlab.analysis import metrics as metrics_mod
+from dynlab.analysis import spectra
+from dynlab.analysis.conventions import apply as apply_convention
+from dynlab.analysis.plan import Options, Task
+from dynlab.analysis.recompute import spectrum_metric
+from dynlab.analysis.store import Layout, RegionWriter, spectral_variables
+from dynlab.faults import fault_point
+from dynlab.runs.checkpoints import LoadedCheckpoint, Run
+from dynlab.sources import load_source_checkpoint, load_source_weights
+
+Tensors = Mapping[str, torch.Tensor]
+
+# ----------------------------------------------------------------------------------------
+# Spectra of many components, batched by shape
+
+
+def component_spectra(
+    comps: Mapping[C.Site, C.Component], *, device: str = "cpu", dtype: torch.dtype = torch.float64
+) -> dict[C.Site, torch.Tensor]:
+    """Singular values (length = rank bound) of every component, one batched call per shape."""
+    groups: dict[tuple, list[tuple[C.Site, C.Component]]] = defaultdict(list)
+    for site, comp in comps.items():
+        if isinstance(comp, C.LowRank) and comp.left.shape[1] < min(comp.shape):
+            key = ("lowrank", tuple(comp.left.shape), tuple(comp.right.shape))
+        else:
+            x = comp.entries() if isinstance(comp, C.LowRank) else comp.x
+            comp = C.Dense(x, comp.shape) if isinstance(comp, C.LowRank) else comp
+            key = ("dense", tuple(x.shape))  # as stored: no transposed copies
+        groups[key].append((site, comp))
+    out: dict[C.Site, torch.Tensor] = {}
+    for key, items in groups.items():
+        if key[0] == "lowrank":
+            left = stack_as([c.left for _, c in items], dtype, device)
+            right = stack_as([c.right for _, c in items], dtype, device)
+            sig = spectra.lowrank_svdvals(left, right, dtype=dtype)
+        else:
+            sig = spectra.svdvals_of([c.x for _, c in items], [c.minus for _, c in items],
+                                     dtype=dtype)
+        sig = sig.cpu()
+        for (site, comp), s in zip(items, sig, strict=True):
+            k = comp.rank_bound
+            if s.shape[0] < k:  # rows dropped because they were zero: σ = 0 there
+                s = torch.cat([s, s.new_zeros(k - s.shape[0])])
+            out[site] = s[:k]
+    return out
+
+
+def stack_as(mats: Sequence[torch.Tensor], dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Stack equal-shaped matrices into one contiguous batch of `dtype` on `device`, in a
+    single copy (conversion and transposition included)."""
+    out = torch.empty((len(mats), *mats[0].shape), dtype=dtype, device=device)
+    for i, m in enumerate(mats):
+        out[i].copy_(m)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# One checkpoint -> the arrays of its (run, step) region
+
+
+def kind_components(
+    kind: str,
+    run: Run,
+    ckpt: LoadedCheckpoint,
+    prev_weights: Tensors | None,
+) -> dict[C.Site, C.Component]:
+    """The components of one kind, or {} where that kind does not exist for this checkpoint.
+    Each carries its storage precision (`stored`, which sets its zero tolerance)."""
+    spec = run.spec
+    if kind == "weights":
+        return C.weight_components(ckpt.weights, spec)
+    if kind == "grads":
+        return C.grad_components(ckpt.grads, ckpt.weights, spec) if ckpt.grads else {}
+    if kind == "train_grads":
+        g = ckpt.train_grads
+        return C.grad_components(g, ckpt.weights, spec) if g else {}
+    if kind == "updates":  # relora: within-cycle updates from the factors (rank ≤ 2r)
+        if not prev_weights:
+            return {}
+        return C.update_components(ckpt.weights, prev_weights, spec, run.lora_scale)
+    if kind == "lora":
+        scale = run.lora_scale
+        return C.lora_components(ckpt.weights, spec, scale) if scale is not None else {}
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def region_shapes(layout: Layout) -> dict[str, tuple[int, ...]]:
+    """Each spectral variable's shape without its run and step dims."""
+    dims = layout.dims()
+    return {
+        name: tuple(dims[d] for d in var_dims if d not in ("run", "step"))
+        for name, var_dims in spectral_variables(layout.metrics).items()
+    }
+
+
+def on_device(tensors: Tensors | None, device: str) -> dict[str, torch.Tensor] | None:
+    """The tensors on `device` (asynchronous copies from pinned memory)."""
+    if tensors is None:
+        return None
+    return {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+
+
+def checkpoint_region(
+    run: Run,
+    ckpt: LoadedCheckpoint,
+    prev_weights: Tensors | None,
+    layout: Layout,
+    options: Options,
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """All spectral variables of one checkpoint (without run/step dims), and the names of the
+    matrices that held NaN/Inf.
+
+    Every matrix's numerical-zero tolerance (`metrics_mod.zero_tolerance`) is the larger of the
+    rounding noise of its storage precision, c·eps·S·(1/√m + 1/√n) with the component's `eps`
+    and `storage_norm` S, and the SVD's error max(m, n)·eps_c·σ_1 in the computation's
+    precision (`options.precision`); it is written as `tol` (and `head_tol`, `emb_tol`)
+    beside `max_rank`, the rank bound by construction."""
+    if options.device != "cpu":  # one transfer; components are then built on the device
+        ckpt = LoadedCheckpoint(ckpt.checkpoint, on_device(ckpt.weights, options.device),
+                                on_device(ckpt.grads, options.device), ckpt.meta,
+                                on_device(ckpt.train_grads, options.device))
+        prev_weights = on_device(prev_weights, options.device)
+    shapes = region_shapes(layout)
+    tables = {t: sig for t, (sig, _, _, _) in C.TABLES.items()}
+
+    def cells(fill: float) -> dict[str, torch.Tensor]:
+        return {t: torch.full(shapes[v][:-1], fill, dtype=torch.float64)
+                for t, v in tables.items()}
+
+    sigma = {t: torch.full(shapes[v], math.nan, dtype=torch.float64) for t, v in tables.items()}
+    max_dim, min_dim = cells(1.0), cells(1.0)
+    norm, eps, max_rank = cells(math.nan), cells(math.nan), cells(math.nan)
+    compute_eps = torch.finfo(options.dtype).eps
+    entrywise = [m for m in options.metrics if metrics_mod.METRICS[m].entrywise]
+    entry_values = {(t, m): cells(math.nan)[t] for t in tables for m in entrywise}
+    bad: list[str] = []
+    # the previous weights were resident as the last checkpoint's: out until `updates` needs
+    # them, so that at most two checkpoint files (weights and grads, or weights and previous
+    # weights) are resident at once
+    release_pages(prev_weights)
+    for k_index, kind in enumerate(layout.kinds):
+        comps = kind_components(kind, run, ckpt, prev_weights)
+        comps = apply_convention(options.convention, kind, comps, run.spec, ckpt.weights,
+                                 ckpt.grads, prev_weights)
+        if not comps:
+            continue
+        sigmas = component_spectra(comps, device=options.device, dtype=options.dtype)
+        for site, s in sigmas.items():
+            cell = (k_index, *site.index)
+            sigma[site.table][cell][: s.shape[0]] = s.to(torch.float64)
+            max_dim[site.table][cell] = comps[site].max_dim
+            min_dim[site.table][cell] = comps[site].min_dim
+            norm[site.table][cell] = storage_norm(comps[site], s)
+            eps[site.table][cell] = comps[site].eps
+            max_rank[site.table][cell] = comps[site].max_rank
+            if torch.isnan(s).all() and site.table not in ("qk", "qk_head"):  # q/k report it
+                bad.append(f"{kind}:{site_name(site)}")
+        for m in entrywise:
+            fn = metrics_mod.METRICS[m].from_entries
+            for site, comp in comps.items():
+                entry_values[(site.table, m)][(k_index, *site.index)] = fn(comp.entries()).cpu()
+        del comps, sigmas
+        if kind == "grads":  # their pages are not needed again: out of the resident set
+            release_pages(ckpt.grads)
+        elif kind == "train_grads":
+            release_pages(ckpt.train_grads)
+        elif kind == "updates":
+            release_pages(prev_weights)
+        trim_heap()
+    out: dict[str, np.ndarray] = {}
+    for table, var in tables.items():
+        prefix = C.TABLES[table][1]
+        s = sigma[table]
+        out[var] = s.numpy()
+        tol_args = dict(min_dim=min_dim[table], norm=norm[table], compute_eps=compute_eps)
+        out[prefix + "tol"] = metrics_mod.zero_tolerance(s, max_dim[table], eps[table],
+                                                         **tol_args).numpy()
+        out[prefix + "max_rank"] = max_rank[table].numpy()
+        for m in options.metrics:
+            metric = metrics_mod.METRICS[m]
+            if metric.entrywise:
+                values = entry_values[(table, m)]
+            else:
+                values = spectrum_metric(m, s, max_dim[table], options.convention,
+                                         eps[table], **tol_args)
+            out[prefix + m] = values.numpy()
+    return out, bad
+
+
+def _libc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim), so that the
+    temporaries of one kind do not stay in the resident set while the next is computed."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's memory mappings of regular files (/proc/self/maps)."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/") and "(deleted)" not in fields[5]:
+                    start, end = (int(v, 16) for v in fields[0].split("-"))
+                    out.append((start, end))
+    except OSError:
+        return []
+    return out
+
+
+def release_pages(tensors: Tensors | None) -> int:
+    """Take the pages of tensors that are mapped from checkpoint files (safetensors maps the
+    file) out of this process's resident set: madvise(MADV_DONTNEED) on the whole pages
+    inside each such tensor. The pages stay in the page cache and a later read faults them
+    back in unchanged (the tensors are never written: a private file mapping then reads as
+    the file). Tensors in anonymous memory are left alone. Returns the bytes released."""
+    if not tensors or _MALLOC_TRIM is None:  # glibc/Linux only
+        return 0
+    maps = _file_mappings()
+    libc = ctypes.CDLL("libc.so.6")
+    released = 0
+    for t in tensors.values():
+        if t.device.type != "cpu" or t.numel() == 0:
+            continue
+        a = t.data_ptr()
+        b = a + t.numel() * t.element_size()
+        if not any(start <= a and b <= end for start, end in maps):
+            continue
+        lo, hi = -(-a // _PAGE) * _PAGE, b // _PAGE * _PAGE
+        if hi > lo and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo),
+                                    _MADV_DONTNEED) == 0:
+            released += hi - lo
+    return released
+
+
+def storage_norm(comp: C.Component, sigma: torch.Tensor) -> float:
+    """S of a component's zero tolerance: its `storage_norm`, where that is ‖x‖_F of a stored
+    matrix taken from its spectrum (‖x‖_F = √Σσ_i², no pass over the entries)."""
+    if isinstance(comp, C.Dense) and comp.norm is None and comp.minus is None:
+        return float(metrics_mod.frobenius_norm(sigma.to(torch.float64)))
+    return comp.storage_norm
+
+
+def site_name(site: C.Site) -> str:
+    """The matrix a site stands for, as a warning names it."""
+    if site.table == "layer":
+        return f"layers.{site.index[0]}.{C.MATRICES[site.index[1]]}"
+    if site.table == "head":
+        return f"layers.{site.index[0]}.ov_circuit.head{site.index[1]}"
+    if site.table == "qk":
+        return f"layers.{site.index[0]}.qk_circuit"
+    if site.table == "qk_head":
+        return f"layers.{site.index[0]}.qk_circuit.head{site.index[1]}"
+    return C.EMBEDDINGS[site.index[0]]
+
+
+# ----------------------------------------------------------------------------------------
+# Load and write
+
+
+def load_task(
+    task: Task, options: Options, previous_weights: Tensors | None = None
+) -> tuple[LoadedCheckpoint, Tensors | None]:
+    """Read a task's checkpoint, and its predecessor's weights when updates are wanted
+    (`previous_weights` where the caller still holds them, else read)."""
+    ckpt = load_source_checkpoint(task.run, task.checkpoint, grads=options.wants_grads,
+                                  kinds=options.kinds)
+    prev = None
+    if options.wants_updates and task.previous is not None:
+        prev = previous_weights
+        if prev is None:
+            prev = load_source_weights(task.run, task.previous)
+    return ckpt, prev
+
+
+def write_task(writer: RegionWriter, task: Task, values: Mapping[str, np.ndarray]) -> None:
+    """Write one checkpoint's region, its predecessor and, last, its `analyzed` flag (a
+    recomputed checkpoint is unflagged first, so a kill in between recomputes it again)."""
+    if task.recompute:
+        writer.write(task.region, {"analyzed": np.int8(0)})
+    prev_step = task.previous.step if task.previous else -1
+    writer.write(task.region, {**values, "prev_step": np.int64(prev_step)})
+    fault_point("analyze.write")
+    writer.write(task.region, {"analyzed": np.int8(1)})
+
+
+def run_task(
+    task: Task,
+    loaded: LoadedCheckpoint,
+    prev_weights: Tensors | None,
+    writer: RegionWriter,
+    layout: Layout,
+    options: Options,
+) -> list[str]:
+    """Compute and write one checkpoint; returns the matrices that held NaN/Inf."""
+    with spectra.pooled_threads():
+        values, bad = checkpoint_region(task.run, loaded, prev_weights, layout, options)
+    write_task(writer, task, values)
+    return bad
