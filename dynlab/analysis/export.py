@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
+from dynlab.atomic import write_text_atomically
 from dynlab.errors import InputError
 
 FORMATS = ("pico-analyze",)
@@ -144,9 +144,7 @@ def step_files(ds: xr.Dataset, run: str, step: int, split: str,
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=None))
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(data, indent=None))
 
 
 def export(store: str | Path, out: str | Path, *, fmt: str = "pico-analyze",

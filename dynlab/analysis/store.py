@@ -63,6 +63,7 @@ import numpy as np
 from dynlab import __version__
 from dynlab.analysis.components import EMBEDDINGS, MATRICES, TABLES
 from dynlab.analysis.storelock import StoreAccess
+from dynlab.atomic import write_text_atomically
 from dynlab.errors import InputError
 from dynlab.faults import fault_point
 
@@ -456,12 +457,8 @@ def _swap_in(path: Path, new: Path, old: Path) -> None:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.partial")
-    try:
-        tmp.write_text(json.dumps(data, sort_keys=True))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomically(path, json.dumps(data, sort_keys=True),
+                          path.name + f".{os.getpid()}.partial")
 
 
 def _spec_json(spec: ArraySpec) -> dict:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dynlab.atomic import replace_atomically
+
 EOT = "<|endoftext|>"
 
 
@@ -114,9 +116,8 @@ def get_tokenizer(documents: list[str], vocab_size: int, cache: Path | None = No
     tok = train_tokenizer(documents, vocab_size)
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tok.save(str(tmp))
-        os.replace(tmp, path)
+        replace_atomically(path, lambda tmp: tok.save(str(tmp)),
+                           path.with_suffix(f".tmp{os.getpid()}").name)
     except OSError:  # a read-only cache is not an error, only a slower next run
         pass
     return tok

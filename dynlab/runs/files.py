@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from dynlab.atomic import replace_atomically, write_text_atomically
 from dynlab.errors import InputError
 from dynlab.faults import fault_point
 from dynlab.runs.layout import TMP_PREFIX, CheckpointError, checkpoint_dir
@@ -41,12 +42,8 @@ def json_safe(obj: Any) -> Any:
 def write_json(path: str | Path, obj: Any) -> None:
     """Write `obj` as indented strict JSON via a temporary sibling and an atomic rename."""
     path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(json_safe(obj), indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomically(path, json.dumps(json_safe(obj), indent=2) + "\n",
+                          f"{TMP_PREFIX}{path.name}-{os.getpid()}")
 
 
 def read_json(path: str | Path) -> dict:
@@ -194,10 +191,6 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def write_tokenizer(run_dir: str | Path, tokenizer) -> Path:
     """Save a `tokenizers` tokenizer as RUN/tokenizer.json, atomically."""
     path = Path(run_dir) / "tokenizer.json"
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
-    try:
-        tokenizer.save(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    replace_atomically(path, lambda tmp: tokenizer.save(str(tmp)),
+                       f"{TMP_PREFIX}{path.name}-{os.getpid()}")
     return path
