@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from dynlab.runs.checkpoints import ModelSpec
-from dynlab.runs.files import write_checkpoint, write_json
+from dynlab.runs.files import write_checkpoint, write_run_json
 
 
 def matrix_with_spectrum(
@@ -79,7 +79,7 @@ def make_run(
     if relora:
         config["relora"] = {"r": relora["r"], "alpha": relora["alpha"],
                             "reset_every": relora.get("reset_every", 100)}
-    write_json(run_dir / "run.json", config)
+    write_run_json(run_dir, config)
     g = torch.Generator().manual_seed(seed)
     w = random_weights(spec, g, torch.float32)
     for step in steps:

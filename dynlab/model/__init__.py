@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dynlab.errors import InputError
 from dynlab.model.pico_decoder import PRESETS, ModelConfig, PicoDecoder
+from dynlab.runs.files import RUN_JSON, read_run_json
+from dynlab.runs.layout import CheckpointError
 
 __all__ = ["ModelConfig", "PicoDecoder", "PRESETS", "load_checkpoint_model", "read_model_config"]
 
 def read_model_config(run_dir: str | Path) -> ModelConfig:
     """The ModelConfig stored in RUN/run.json["model"]."""
-    path = Path(run_dir) / "run.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no run.json (expected a dynlab run directory)")
+    path = Path(run_dir) / RUN_JSON
     try:
-        run = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(run, dict) or not isinstance(run.get("model"), dict):
+        run = read_run_json(run_dir)
+    except CheckpointError as err:
+        raise InputError(str(err)) from err
+    if not isinstance(run.get("model"), dict):
         raise InputError(f"{path}: missing the 'model' section")
     try:
         return ModelConfig.from_dict(run["model"]).check_decoder()

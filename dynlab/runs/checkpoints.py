@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dynlab.runs.config import ModelConfig
-from dynlab.runs.files import read_json, read_meta
+from dynlab.runs.files import read_json, read_meta, read_run_json
 from dynlab.runs.layout import CheckpointError, complete_checkpoints
 
 __all__ = ["Checkpoint", "CheckpointError", "LoadedCheckpoint", "ModelSpec", "Run", "check_shapes",
@@ -104,7 +104,7 @@ def load_run(root: Path, name: str | None = None) -> Run:
     config_path = root / "run.json"
     if not config_path.exists():
         raise CheckpointError(f"{config_path}: missing (every run directory needs run.json)")
-    config = read_json(config_path)
+    config = read_run_json(root)
     spec = ModelSpec.from_run_config(config, config_path)
     name = name or root.name
     ckpt_dir = root / "checkpoints"

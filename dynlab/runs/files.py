@@ -46,6 +46,26 @@ def write_json(path: str | Path, obj: Any) -> None:
                           f"{TMP_PREFIX}{path.name}-{os.getpid()}")
 
 
+RUN_JSON = "run.json"
+
+
+def read_run_json(run_dir: str | Path) -> dict:
+    """RUN/run.json (the run's kind, model, options and data; the trainer writes it with
+    `write_run_json`): FileNotFoundError when absent, CheckpointError naming the file when it
+    is not a JSON object."""
+    path = Path(run_dir) / RUN_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no run.json (not a dynlab run directory)")
+    return read_json(path)
+
+
+def write_run_json(run_dir: str | Path, record: dict) -> Path:
+    """Write RUN/run.json atomically; returns its path."""
+    path = Path(run_dir) / RUN_JSON
+    write_json(path, record)
+    return path
+
+
 def read_json(path: str | Path) -> dict:
     """A JSON object from `path`; CheckpointError naming it when missing, invalid or not an
     object."""

@@ -22,7 +22,7 @@ from torch import nn
 from dynlab.errors import InputError
 from dynlab.model.relora import effective_state_dict
 from dynlab.runs.config import ModelConfig, planned_reset_steps
-from dynlab.runs.files import write_checkpoint, write_json, write_tokenizer
+from dynlab.runs.files import write_checkpoint, write_run_json, write_tokenizer
 from dynlab.runs.layout import clean_incomplete, remove_run_files, step_of
 from dynlab.training import ddp
 from dynlab.training.config import TrainConfig, relora_config
@@ -99,7 +99,7 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume_ckpt: Path | None, r
                       stacklevel=3)
         clean_incomplete(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "run.json", record)
+    write_run_json(run_dir, record)
     write_tokenizer(run_dir, tokenizer)
 
 

@@ -10,7 +10,6 @@ checkpoint a run continues from, and what a checkpoint restores.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ from torch import nn
 
 from dynlab.errors import InputError
 from dynlab.model.relora import relora_modules
-from dynlab.runs.files import read_trainer_state, read_weights
-from dynlab.runs.layout import complete_checkpoints
+from dynlab.runs.files import read_run_json, read_trainer_state, read_weights
+from dynlab.runs.layout import CheckpointError, complete_checkpoints
 from dynlab.training import ddp
 from dynlab.training.config import MODEL_FIELDS, TrainConfig
 from dynlab.training.rng import restore_rng
@@ -54,10 +53,10 @@ def resume_config(cfg: TrainConfig, explicit: set[str], run_dir: Path) -> TrainC
     if not path.is_file():
         raise FileNotFoundError(f"--resume: {run_dir} has no run.json (nothing to resume)")
     try:
-        stored = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise InputError(f"--resume: {path} is not valid JSON ({err})") from err
-    if not isinstance(stored, dict) or not isinstance(stored.get("train", {}), dict):
+        stored = read_run_json(run_dir)
+    except CheckpointError as err:
+        raise InputError(f"--resume: {err}") from err
+    if not isinstance(stored.get("train", {}), dict):
         raise InputError(f"--resume: {path}: expected an object with a 'train' object")
     base = TrainConfig.from_stored(stored.get("train", {}))
     try:
@@ -105,7 +104,7 @@ def interrupted_run(cfg: TrainConfig) -> bool:
         return False
     out = Path(cfg.out).expanduser()
     try:
-        stored = json.loads((out / "run.json").read_text())["train"]
+        stored = read_run_json(out)["train"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
     if not isinstance(stored, dict):

@@ -43,7 +43,7 @@ from dynlab.faults import fault_point
 from dynlab.model.pico_decoder import ModelConfig, PicoDecoder
 from dynlab.model.relora import wrap_relora
 from dynlab.runs.config import planned_reset_steps
-from dynlab.runs.files import write_json
+from dynlab.runs.files import write_run_json
 from dynlab.runs.layout import complete_checkpoints
 from dynlab.runs.metrics import MetricsLog, metrics_record
 from dynlab.training import batching, ddp
@@ -177,7 +177,7 @@ def fit_micro_batch(s: Session, say) -> TrainConfig:
     say(f"micro-batch {micro} per process (memory probe), {cfg.grad_accum} accumulation "
         f"steps: {cfg.global_batch_size} sequences per update")
     if s.rank == 0 and s.resume_ckpt is None:
-        write_json(s.run_dir / "run.json", run_record(cfg, s.mcfg, s.model, s.data, s.world,
+        write_run_json(s.run_dir, run_record(cfg, s.mcfg, s.model, s.data, s.world,
                                                       ddp.backend(s.device)))
     return cfg
 
