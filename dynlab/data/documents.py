@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,25 +22,38 @@ def default_documents(n_documents: int = DEFAULT_N_DOCUMENTS, seed: int = 0) -> 
     return list(generate_corpus(n_documents, seed))
 
 
-def read_text_documents(path: Path) -> list[str]:
-    """`.txt`: documents separated by blank lines; `.jsonl`: the `text` field of each line."""
-    if path.suffix == ".jsonl":
-        docs = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f"{path}:{lineno}: expected an object with a 'text' string")
-                docs.append(record["text"])
-        return [d for d in docs if d.strip()]
-    text = path.read_text(encoding="utf-8")
+def blank_line_documents(text: str) -> list[str]:
+    """The documents of a `.txt`: blocks separated by blank lines, stripped, empty ones left
+    out (CRLF line ends read as LF)."""
     blocks = [b.strip() for b in text.replace("\r\n", "\n").split("\n\n")]
     return [b for b in blocks if b]
+
+
+def jsonl_lines(lines: Iterable[str], path: Path | str) -> Iterator[tuple[int, object, str]]:
+    """(line number, the parsed value, '') for each non-blank line of a JSON-lines file, or
+    (line number, None, 'PATH:N: not valid JSON (why)') for a line that does not parse."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line), ""
+        except json.JSONDecodeError as err:
+            yield lineno, None, f"{path}:{lineno}: not valid JSON ({err.msg})"
+
+
+def read_text_documents(path: Path) -> list[str]:
+    """`.txt`: documents separated by blank lines; `.jsonl`: the `text` field of each line."""
+    if path.suffix != ".jsonl":
+        return blank_line_documents(path.read_text(encoding="utf-8"))
+    docs = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, record, problem in jsonl_lines(fh, path):
+            if problem:
+                raise ValueError(problem)
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{lineno}: expected an object with a 'text' string")
+            docs.append(record["text"])
+    return [d for d in docs if d.strip()]
 
 
 def read_token_file(path: Path) -> np.ndarray:

@@ -14,13 +14,13 @@ dataset `nyu-mll/blimp` (needs the optional `datasets` package and network acces
 from __future__ import annotations
 
 import fnmatch
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dynlab.data.documents import jsonl_lines
 from dynlab.eval.perplexity import NOT_TEXT, open_text, report_problem, resolve_files
 from dynlab.eval.scoring import sequence_logprobs
 
@@ -48,13 +48,9 @@ def read_blimp_file(path: Path, on_error: str = "fail") -> list[dict]:
 def _read_blimp_records(path: Path, on_error: str) -> list[dict]:
     records = []
     with open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                report_problem(f"{path}:{lineno}: not valid JSON ({err.msg})", on_error)
+        for lineno, rec, problem in jsonl_lines(fh, path):
+            if problem:
+                report_problem(problem, on_error)
                 continue
             if not isinstance(rec, dict):
                 report_problem(f"{path}:{lineno}: expected a JSON object", on_error)

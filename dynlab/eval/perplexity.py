@@ -25,7 +25,6 @@ scored once, in windows of `context` tokens as above.
 from __future__ import annotations
 
 import gzip
-import json
 import math
 import warnings
 import zlib
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dynlab.data.documents import blank_line_documents, jsonl_lines
 from dynlab.eval.scoring import sequence_logprobs, windows
 
 PPL_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
@@ -92,18 +92,12 @@ def read_ppl_file(path: Path, on_error: str = "fail") -> dict[str, list[str]]:
 def _read_ppl_documents(path: Path, on_error: str) -> dict[str, list[str]]:
     domains: dict[str, list[str]] = {}
     if path.name.endswith(".txt"):
-        text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
-        docs = [b.strip() for b in text.split("\n\n")]
-        domains[_stem(path)] = [d for d in docs if d]
+        domains[_stem(path)] = blank_line_documents(path.read_text(encoding="utf-8"))
         return domains
     with open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                report_problem(f"{path}:{lineno}: not valid JSON ({err.msg})", on_error)
+        for lineno, record, problem in jsonl_lines(fh, path):
+            if problem:
+                report_problem(problem, on_error)
                 continue
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 report_problem(f"{path}:{lineno}: expected an object with a 'text' string",
