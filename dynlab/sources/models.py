@@ -93,6 +93,25 @@ class TextTokenizer:
     def get_vocab_size(self) -> int:
         return self.vocab_size
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of token ids (special tokens kept as text)."""
+        if hasattr(self.native, "backend_tokenizer"):
+            return self.native.decode(list(ids), skip_special_tokens=False,
+                                      clean_up_tokenization_spaces=False)
+        return self.native.decode(list(ids), skip_special_tokens=False)
+
+    def fingerprint(self) -> str:
+        """A digest of the tokenizer's full definition (equal tokenizers, equal digests), for
+        caching tokenised data once per tokenizer."""
+        import hashlib
+
+        backend = getattr(self.native, "backend_tokenizer", self.native)
+        try:
+            text = backend.to_str()
+        except AttributeError:  # a slow transformers tokenizer: its vocabulary
+            text = repr(sorted(self.native.get_vocab().items()))
+        return hashlib.sha1(f"{text}|{self.bos_id}".encode()).hexdigest()
+
     def token_to_id(self, token: str) -> int | None:
         if hasattr(self.native, "token_to_id"):
             return self.native.token_to_id(token)
