@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from dynlab_cli.options import Device, OnError, Progress, SourceFormat, choices
+from dynlab_cli.options import (
+    Device,
+    OnError,
+    Progress,
+    SourceFormat,
+    choices,
+    metrics_option,
+)
 
 
 def evaluate(
@@ -58,6 +65,9 @@ def evaluate(
         help="Write the evaluation into this analysis store (a Zarr store of `dynlab "
         "analyze`, created if missing) as variables over (run, step[, domain/uid/field]); "
         "resumable.")] = None,
+    metrics: Annotated[str | None, metrics_option(
+        "--store: the spectral metrics of a store created here (default all), as the "
+        "`dynlab analyze -m` that will share it.")] = None,
     max_length: Annotated[int | None, typer.Option(
         "--max-length", min=1, show_default=False,
         help="Perplexity window in tokens (default and maximum: the model's context); longer "
@@ -99,8 +109,8 @@ def evaluate(
     a malformed line, a truncated checkpoint under --on-error fail), 1 when --on-error skip
     skipped a checkpoint (after evaluating the others and writing -o), 130 on Ctrl-C."""
     from dynlab_cli.console import guarded
-    source_options = dict(store=store, max_length=max_length, split=split, autocast=autocast,
-                          dtype=dtype, fmt=fmt, revisions=revisions,
+    source_options = dict(store=store, metrics=metrics, max_length=max_length, split=split,
+                          autocast=autocast, dtype=dtype, fmt=fmt, revisions=revisions,
                           keep_downloads=keep_downloads, hub_cache=hub_cache, follow=follow,
                           until=until, poll=poll, wait=wait)
     if not plain_dynlab_target(targets, source_options):
@@ -146,7 +156,7 @@ def evaluate(
 def plain_dynlab_target(targets: list[str], source_options: dict) -> bool:
     """One local target, no store nor source option: the run (or checkpoint) evaluation that
     writes step_N/eval.json (a dynlab run, or a path whose error message it gives)."""
-    defaults = dict(store=None, max_length=None, split="val", autocast="none",
+    defaults = dict(store=None, metrics=None, max_length=None, split="val", autocast="none",
                     dtype="float32", fmt=None, revisions=None, keep_downloads=False,
                     hub_cache=None, follow=False, until=None, poll=2.0, wait=False)
     if len(targets) != 1 or targets[0].startswith("hf://") or source_options != defaults:
@@ -169,8 +179,9 @@ def plain_dynlab_target(targets: list[str], source_options: dict) -> bool:
 def evaluate_any(targets: list[str], *, ppl: str | None, blimp: str | None, out: Path | None,
                  device: str, tokenizer: Path | None, uid: str | None, on_error: str,
                  batch_size: int, limit: int | None, stride: int | None, progress: bool,
-                 store: Path | None, max_length: int | None, split: str, autocast: str,
-                 dtype: str, fmt: str | None, revisions: str | None, keep_downloads: bool,
+                 store: Path | None, metrics: str | None, max_length: int | None,
+                 split: str, autocast: str, dtype: str, fmt: str | None,
+                 revisions: str | None, keep_downloads: bool,
                  hub_cache: Path | None, follow: bool, until: int | None, poll: float,
                  wait: bool) -> dict[str, list[dict]]:
     """dynlab.eval.sources.evaluate_sources with a progress bar; writes `out` (JSON: {run:
@@ -207,7 +218,8 @@ def evaluate_any(targets: list[str], *, ppl: str | None, blimp: str | None, out:
         results = evaluate_sources(targets, data, options, spec=spec, store=store, fmt=fmt,
                                    revisions=revisions, keep_downloads=keep_downloads,
                                    cache_dir=hub_cache, follow=follow, until=until,
-                                   poll=poll, wait=wait, progress=tick, started=started)
+                                   poll=poll, wait=wait, metrics=metrics, progress=tick,
+                                   started=started)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, result_json(results))

@@ -153,7 +153,7 @@ def evaluate_sources(paths: Sequence[str | Path], data: EvalData, options: EvalO
                      fmt: str | None = None, revisions: str | None = None,
                      keep_downloads: bool = False, cache_dir: str | Path | None = None,
                      follow: bool = False, until: int | None = None, poll: float = 2.0,
-                     wait: bool | float = False,
+                     wait: bool | float = False, metrics: str | Sequence[str] | None = None,
                      progress: Callable[[str, int, int, int], None] | None = None,
                      started: Callable[[Run, Checkpoint], None] | None = None,
                      sleep: Callable[[float], None] = time.sleep) -> dict[str, list[dict]]:
@@ -161,6 +161,8 @@ def evaluate_sources(paths: Sequence[str | Path], data: EvalData, options: EvalO
     `dynlab.sources.open_sources` for fmt / revisions / keep_downloads / cache_dir), in step
     order; into `store` when given (module docstring). follow: keep evaluating checkpoints as
     they complete until every run's last step (or `until`) is done (local runs only).
+    metrics: the spectral metrics of a store created here (default all; a store's own are
+    kept), so that a later `dynlab analyze -m ...` finds the store it would make.
     Returns {run name: [result per checkpoint evaluated now]}. `progress(run, step, done,
     total)` counts scored sequences; `started(run, ckpt)` precedes each checkpoint."""
     from dynlab.sources import open_sources
@@ -190,7 +192,7 @@ def evaluate_sources(paths: Sequence[str | Path], data: EvalData, options: EvalO
             else:
                 for name, res in evaluate_into_store(
                         Path(store), runs, data, options, spec, cache=cache, wait=wait,
-                        progress=progress, started=started).items():
+                        metrics=metrics, progress=progress, started=started).items():
                     results.setdefault(name, []).extend(res)
             if not follow or all(_finished(r, until) for r in runs):
                 return results
@@ -231,6 +233,7 @@ def store_record(data: EvalData, options: EvalOptions, spec: DataSpec) -> dict[s
 
 def evaluate_into_store(path: Path, runs: Sequence[Run], data: EvalData, options: EvalOptions,
                         spec: DataSpec, *, cache: dict | None = None, wait: bool | float = False,
+                        metrics: str | Sequence[str] | None = None,
                         progress: Callable[[str, int, int, int], None] | None = None,
                         started: Callable[[Run, Checkpoint], None] | None = None
                         ) -> dict[str, list[dict]]:
@@ -244,12 +247,13 @@ def evaluate_into_store(path: Path, runs: Sequence[Run], data: EvalData, options
     record = store_record(data, options, spec)
     if not record:
         raise InputError("eval: no data to evaluate (both --ppl and --blimp are 'none')")
-    wanted = plan_layout(runs, metrics_mod.parse_metrics(None), parse_kinds(None, runs),
+    wanted = plan_layout(runs, metrics_mod.parse_metrics(metrics), parse_kinds(None, runs),
                          "dynlab")
+    validate_first(runs, data, options)
     done: dict[str, list[dict]] = {}
     with StoreAccess(path, wait=wait) as access:
-        layout = S.ensure_store(path, wanted, metrics_given=False, kinds_given=False,
-                                access=access)
+        layout = S.ensure_store(path, wanted, metrics_given=metrics is not None,
+                                kinds_given=False, access=access)
         layout = ensure_flags(path, layout, record, access)
         writer = S.RegionWriter(path)
         run_index = {r: i for i, r in enumerate(layout.runs)}
@@ -271,6 +275,28 @@ def evaluate_into_store(path: Path, runs: Sequence[Run], data: EvalData, options
                 done.setdefault(run.name, []).append(result)
                 fault_point("eval.checkpoint")
     return done
+
+
+def validate_first(runs: Sequence[Run], data: EvalData, options: EvalOptions) -> None:
+    """Load the first checkpoint of each run as evaluation will (its tokenizer, the window),
+    so that an evaluation that cannot run is refused before the store is created or
+    changed."""
+    from dynlab.eval.perplexity import PretokenizedDocs
+    from dynlab.sources import release
+    from dynlab.sources.models import load_causal_lm
+
+    pretokenized = bool(data.ppl_domains) and not data.blimp_pairs and all(
+        isinstance(d, PretokenizedDocs) for d in data.ppl_domains.values())
+    for run in runs:
+        ckpt = run.checkpoints[0]
+        try:
+            lm = load_causal_lm(run, ckpt, dtype=DTYPES[options.dtype],
+                                tokenizer=options.tokenizer, what="eval",
+                                need_tokenizer=not pretokenized)
+        finally:
+            release(run, ckpt)
+        window(lm.context_length, options, str(ckpt.path))
+        del lm
 
 
 def ensure_flags(path: Path, layout, record: dict[str, dict], access) -> object:
