@@ -352,3 +352,26 @@ def test_evaluation_waits_for_a_concurrent_analysis_and_both_land(tmp_path):
                             "--no-progress"], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     xr.testing.assert_identical(xr.open_zarr(out).load(), xr.open_zarr(ref).load())
+
+
+def test_report_figures_for_a_foreign_run(hf, tmp_path):
+    """The training curves and the PER-against-loss figure of a Hugging Face run: the
+    plotted points are the store's eval_loss and the layer mean of its PER."""
+    from dynlab.eval import load_eval_data
+    from dynlab.viz import report as R
+
+    text = fx.write_text(tmp_path / "docs.txt")
+    store = tmp_path / "s.zarr"
+    evaluate_sources([hf / "gpt2"], load_eval_data(text, "none"), EvalOptions(), store=store,
+                     metrics="per")
+    dynlab.analyze([hf / "gpt2"], store, metrics="per", progress=False)
+    ds = dynlab.open_store(store).load()
+    sections = {s.title: s for s in R.report_sections(ds)}
+    fig = sections["PER against loss"].figure
+    (trace,) = [t for t in fig.data if (t.meta or {}).get("role") == "series"]
+    assert list(trace.x) == ds.eval_loss.sel(run="gpt2").values.tolist()
+    per = ds.per.sel(run="gpt2", kind="weights", matrix="ov_circuit").mean("layer")
+    np.testing.assert_allclose(trace.y, per.values, rtol=1e-12)
+    curves = sections["Training curves"].figure
+    ppl = [t for t in curves.data if (t.meta or {}).get("variable") == "ppl_macro"]
+    assert ppl and list(ppl[0].y) == ds.ppl_macro.sel(run="gpt2").values.tolist()
