@@ -375,3 +375,26 @@ def test_report_figures_for_a_foreign_run(hf, tmp_path):
     curves = sections["Training curves"].figure
     ppl = [t for t in curves.data if (t.meta or {}).get("variable") == "ppl_macro"]
     assert ppl and list(ppl[0].y) == ds.ppl_macro.sel(run="gpt2").values.tolist()
+
+
+def test_hub_revisions_evaluate_as_the_local_directories(tmp_path, monkeypatch):
+    """hf://ORG/NAME with --revisions from huggingface_hub's offline cache: the revision's
+    weights and its own tokenizer, the same numbers as the local model directories; a
+    revision cached before is never deleted."""
+    from test_sources_hub import files_in, lay_out_cache
+
+    fx.train_and_save("gpt_neox", tmp_path / "dirs", (0, 2), "step{}")
+    for s in (0, 2):
+        fx.save_tokenizer(tmp_path / "dirs" / f"step{s}")
+    cache = tmp_path / "cache"
+    lay_out_cache(cache, "tiny-org/ev", {f"step{s}": tmp_path / "dirs" / f"step{s}"
+                                         for s in (0, 2)})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = EvalData({"d": docs(3, 2)}, [])
+    before = files_in(cache)
+    hub = evaluate_sources(["hf://tiny-org/ev"], data, EvalOptions(), revisions="step2",
+                           cache_dir=cache)
+    local = evaluate_sources([tmp_path / "dirs"], data, EvalOptions())
+    assert files_in(cache) == before
+    assert [r["step"] for r in hub["tiny-org/ev"]] == [2]
+    assert hub["tiny-org/ev"][0]["perplexity"] == local["dirs"][1]["perplexity"]
