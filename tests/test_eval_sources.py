@@ -398,3 +398,27 @@ def test_hub_revisions_evaluate_as_the_local_directories(tmp_path, monkeypatch):
     assert files_in(cache) == before
     assert [r["step"] for r in hub["tiny-org/ev"]] == [2]
     assert hub["tiny-org/ev"][0]["perplexity"] == local["dirs"][1]["perplexity"]
+
+
+def test_follow_evaluates_checkpoints_as_they_complete(tmp_path):
+    """--follow: a pass sees step 0 only; the next step appears while it waits; the
+    evaluation ends once the run's last step (training.max_steps) is evaluated."""
+    import shutil
+
+    src = tmp_path / "src"
+    write_pico_run(src, steps=(0, 5))
+    live = tmp_path / "live"
+    shutil.copytree(src, live, symlinks=True)
+    shutil.rmtree(live / "checkpoints" / "step_5")
+    (live / "checkpoints" / "latest").unlink()
+    gen = torch.Generator().manual_seed(2)
+    data = EvalData({"d": PretokenizedDocs([torch.randint(0, SPEC.vocab_size, (8,),
+                                                          generator=gen).tolist()])}, [])
+    sleeps = []
+
+    def arrive(_poll):
+        sleeps.append(_poll)
+        shutil.copytree(src / "checkpoints" / "step_5", live / "checkpoints" / "step_5")
+
+    got = evaluate_sources([live], data, EvalOptions(), follow=True, poll=0.1, sleep=arrive)
+    assert [r["step"] for r in got["live"]] == [0, 5] and sleeps == [0.1]

@@ -37,10 +37,13 @@ import torch
 from dynlab.errors import InputError
 from dynlab.eval.core import EvalData, evaluate
 from dynlab.faults import fault_point
-from dynlab.runs.checkpoints import Checkpoint, Run
+from dynlab.runs.checkpoints import Checkpoint, CheckpointError, Run
 
 #: the (run, step) flags of the evaluation parts, set once a checkpoint's part is written
 FLAGS = {"perplexity": "ppl_evaluated", "blimp": "blimp_evaluated"}
+#: what open_sources says of a run that has no complete checkpoint yet (--follow waits)
+NOT_YET = ("no complete", "no such directory", "no step_<N>", "no run.json here",
+           "run.json: missing")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTOCAST = ("none", "bf16", "fp16")
 
@@ -178,8 +181,14 @@ def evaluate_sources(paths: Sequence[str | Path], data: EvalData, options: EvalO
     token = FOLLOWING.set({"until": until}) if follow else None
     try:
         while True:
-            runs = open_sources(paths, fmt, revisions=revisions, keep_downloads=keep_downloads,
-                                cache_dir=cache_dir)
+            try:
+                runs = open_sources(paths, fmt, revisions=revisions,
+                                    keep_downloads=keep_downloads, cache_dir=cache_dir)
+            except CheckpointError as err:  # a live run with no complete checkpoint yet
+                if not (follow and any(s in str(err) for s in NOT_YET)):
+                    raise
+                sleep(poll)
+                continue
             if store is None:
                 todo = [(r, c) for r in runs for c in r.checkpoints
                         if c.step not in {x["step"] for x in results.get(r.name, [])}]
@@ -249,6 +258,8 @@ def evaluate_into_store(path: Path, runs: Sequence[Run], data: EvalData, options
         raise InputError("eval: no data to evaluate (both --ppl and --blimp are 'none')")
     wanted = plan_layout(runs, metrics_mod.parse_metrics(metrics), parse_kinds(None, runs),
                          "dynlab")
+    if not pending(path, runs, record):
+        return {}  # everything evaluated: nothing loaded, nothing locked
     validate_first(runs, data, options)
     done: dict[str, list[dict]] = {}
     with StoreAccess(path, wait=wait) as access:
@@ -275,6 +286,32 @@ def evaluate_into_store(path: Path, runs: Sequence[Run], data: EvalData, options
                 done.setdefault(run.name, []).append(result)
                 fault_point("eval.checkpoint")
     return done
+
+
+def pending(path: Path, runs: Sequence[Run], record: dict[str, dict]) -> bool:
+    """Whether some checkpoint of `runs` lacks a flag of a part in `record` (read without
+    the lock: a hint; the locked pass decides). True when the store cannot tell."""
+    from dynlab.analysis import store as S
+
+    try:
+        ds = S.open_store(path)
+    except S.StoreError:
+        return True
+    if any(FLAGS[p] not in ds.data_vars for p in record):
+        return True
+    stored = json.loads(ds.attrs.get("evaluation", "{}"))
+    if any(stored.get(p) != rec for p, rec in record.items()):
+        return True  # the locked pass refuses or records it
+    runs_in = {str(r) for r in ds["run"].values}
+    steps_in = {int(s) for s in ds["step"].values}
+    for run in runs:
+        if run.name not in runs_in or any(c.step not in steps_in for c in run.checkpoints):
+            return True
+        for p in record:
+            flags = ds[FLAGS[p]].sel(run=run.name, step=[c.step for c in run.checkpoints])
+            if not bool((flags.values == 1).all()):
+                return True
+    return False
 
 
 def validate_first(runs: Sequence[Run], data: EvalData, options: EvalOptions) -> None:
