@@ -36,7 +36,8 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", show_default=False,
         help="Also write the results to this JSON file (one object for a checkpoint, a list "
-        "for a run).")] = None,
+        "for a dynlab run; {run: [result per step]} for other sources, several sources or "
+        "--store).")] = None,
     device: Device = "auto",
     tokenizer: Annotated[Path | None, typer.Option(
         "--tokenizer", show_default=False,
@@ -103,7 +104,9 @@ def evaluate(
         "--wait", help="--store: if another dynlab command is writing the store, wait for it "
         "instead of exiting with an error.")] = False,
 ) -> None:
-    """Perplexity per domain and BLiMP accuracy at checkpoints; writes step_N/eval.json.
+    """Perplexity, mean token loss and bits per byte per domain, and BLiMP accuracy, at the
+    checkpoints of any source; a dynlab run's results go to step_N/eval.json, and with
+    --store every source's go into an analysis store (resumable).
 
     Exit status (dynlab_cli.console): 2 for bad input (a missing run, tokenizer or data file,
     a malformed line, a truncated checkpoint under --on-error fail), 1 when --on-error skip
