@@ -13,7 +13,9 @@ before a GPU is lent. Sections:
   train     bench/train_bench.py on the device: pico-small, bf16 autocast, eager and
             `torch.compile`: tokens/s, MFU, relora against decoder, peak memory
   eval      bench/eval_bench.py: BLiMP on a pico-small-shaped model (skipped with a note
-            when the BLiMP files are absent)
+            when the BLiMP files are absent); then bench/eval_sources_bench.py: perplexity of
+            a Hugging Face (GPT-NeoX, Pythia-160M-shaped) checkpoint with bf16 autocast,
+            target >= 100k scored tokens/s on an H100 (skipped without transformers)
 
     python bench/gpu_bench.py [--dry-run] [--checkpoints 20] [--workdir /tmp/dynlab-gpu]
 """
@@ -127,6 +129,22 @@ def section_eval(args, device: str) -> None:
         argv += ["--limit", "2", "--vocab-size", "512"]
     print(f"[eval] bench/eval_bench.py {' '.join(argv)}", flush=True)
     eval_bench.main(argv)
+    try:
+        import eval_sources_bench
+        import transformers  # noqa: F401
+    except ImportError:
+        print("[eval] Hugging Face checkpoint skipped: transformers is not installed")
+        return
+    hf = ["--device", device, "--text", str(args.text), "--rounds", "1" if args.dry_run
+          else "2"]
+    hf += (["--docs", "40", "--layers", "1", "--d-model", "64", "--context", "64",
+            "--vocab-size", "512"] if args.dry_run else
+           ["--docs", "4000", "--layers", "12", "--d-model", "768", "--context", "2048",
+            "--vocab-size", "8192", "--batch-size", "64", "--plain-batch", "64",
+            "--autocast", "bf16"])
+    print(f"[eval] bench/eval_sources_bench.py {' '.join(hf)} (GPU target: >= 100k "
+          "tokens/s)", flush=True)
+    eval_sources_bench.main(hf)
 
 
 def main(argv: list[str] | None = None) -> None:
