@@ -422,3 +422,24 @@ def test_follow_evaluates_checkpoints_as_they_complete(tmp_path):
 
     got = evaluate_sources([live], data, EvalOptions(), follow=True, poll=0.1, sleep=arrive)
     assert [r["step"] for r in got["live"]] == [0, 5] and sleeps == [0.1]
+
+
+def test_blimp_through_a_hf_checkpoint_is_transformers_comparison(hf):
+    """BLiMP on a Hugging Face checkpoint: a pair is correct when transformers' own
+    log-probability of the good sentence (after the start token) beats the bad one's."""
+    (run,) = open_sources([hf / "gpt_neox"])
+    ckpt = run.checkpoints[-1]
+    sents = docs(6, 8, length=12)
+    pairs = [{"sentence_good": sents[2 * k], "sentence_bad": sents[2 * k + 1],
+              "UID": f"u{k % 2}", "field": "f", "pairID": str(k)} for k in range(4)]
+    res = evaluate_checkpoint(run, ckpt, EvalData({}, pairs), EvalOptions())["blimp"]
+
+    def logp(s: str) -> float:
+        ids = [0, *encode(ckpt.path, s)]
+        return -hf_loss(ckpt.path, ids) * (len(ids) - 1)
+
+    correct = [logp(p["sentence_good"]) > logp(p["sentence_bad"]) for p in pairs]
+    want = {u: float(np.mean([c for c, p in zip(correct, pairs, strict=True)
+                              if p["UID"] == u])) for u in ("u0", "u1")}
+    assert res["by_uid"] == want
+    assert res["overall"] == pytest.approx(np.mean(list(want.values())), abs=1e-12)
