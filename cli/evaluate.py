@@ -120,11 +120,12 @@ def evaluate(
         with guarded("eval"):
             from dynlab_cli.options import resolve
 
-            results = evaluate_any(targets, ppl=ppl, blimp=blimp, out=out,
-                                   device=resolve(device), tokenizer=tokenizer, uid=uid,
-                                   on_error=on_error.value, batch_size=batch_size,
-                                   limit=limit, stride=stride, progress=progress,
-                                   **source_options)
+            results, skipped = evaluate_any(targets, ppl=ppl, blimp=blimp, out=out,
+                                            device=resolve(device), tokenizer=tokenizer,
+                                            uid=uid, on_error=on_error.value,
+                                            batch_size=batch_size, limit=limit,
+                                            stride=stride, progress=progress,
+                                            **source_options)
         for name, res in results.items():
             if res:
                 from dynlab_cli.console import note
@@ -133,6 +134,12 @@ def evaluate(
                 print_tables(res)
         if store is not None:
             print(store)
+        if skipped:
+            from dynlab.errors import DynlabFailure
+
+            with guarded("eval"):
+                raise DynlabFailure(f"{len(skipped)} checkpoint(s) skipped: "
+                                    f"{', '.join(skipped)}")
         return
     target = Path(targets[0])
     with guarded("eval"):
@@ -186,9 +193,9 @@ def evaluate_any(targets: list[str], *, ppl: str | None, blimp: str | None, out:
                  split: str, autocast: str, dtype: str, fmt: str | None,
                  revisions: str | None, keep_downloads: bool,
                  hub_cache: Path | None, follow: bool, until: int | None, poll: float,
-                 wait: bool) -> dict[str, list[dict]]:
+                 wait: bool) -> tuple[dict[str, list[dict]], list[str]]:
     """dynlab.eval.sources.evaluate_sources with a progress bar; writes `out` (JSON: {run:
-    [result per checkpoint]})."""
+    [result per checkpoint]}). Returns (results, checkpoints skipped under --on-error skip)."""
     import warnings
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -196,8 +203,9 @@ def evaluate_any(targets: list[str], *, ppl: str | None, blimp: str | None, out:
     from dynlab.eval import EvalDataWarning, load_eval_data
     from dynlab.eval.sources import DataSpec, EvalOptions, evaluate_sources, result_json
     from dynlab.runs.files import write_json
-    from dynlab_cli.console import console
+    from dynlab_cli.console import console, warn
 
+    passed_over: list[str] = []
     options = EvalOptions(device=device, batch_size=batch_size, max_length=max_length,
                           stride=stride, autocast=autocast, dtype=dtype, tokenizer=tokenizer,
                           on_error=on_error).check()
@@ -218,15 +226,19 @@ def evaluate_any(targets: list[str], *, ppl: str | None, blimp: str | None, out:
         def tick(run: str, step: int, done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
+        def skipped(run, ckpt, err: BaseException) -> None:
+            warn(f"skipped {run.name} step {ckpt.step} ({ckpt.path}): {err}")
+            passed_over.append(f"{run.name}@{ckpt.step}")
+
         results = evaluate_sources(targets, data, options, spec=spec, store=store, fmt=fmt,
                                    revisions=revisions, keep_downloads=keep_downloads,
                                    cache_dir=hub_cache, follow=follow, until=until,
                                    poll=poll, wait=wait, metrics=metrics, progress=tick,
-                                   started=started)
+                                   started=started, skipped=skipped)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, result_json(results))
-    return results
+    return results, passed_over
 
 
 def evaluate_target(target: Path, *, ppl: str | None, blimp: str | None, out: Path | None,

@@ -443,3 +443,32 @@ def test_blimp_through_a_hf_checkpoint_is_transformers_comparison(hf):
                               if p["UID"] == u])) for u in ("u0", "u1")}
     assert res["by_uid"] == want
     assert res["overall"] == pytest.approx(np.mean(list(want.values())), abs=1e-12)
+
+
+def test_a_broken_checkpoint_fails_or_is_skipped(tmp_path):
+    """--on-error fail: exit 2 naming the checkpoint, the steps before it kept in the store;
+    --on-error skip: the others evaluated, exit 1; once repaired, a rerun fills the gap."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    pico = tmp_path / "pico"
+    write_pico_run(pico, steps=(0, 5, 10))
+    data = pico_data(tmp_path)
+    f = pico / "checkpoints" / "step_5" / "model.safetensors"
+    shutil.copy(f, tmp_path / "good.safetensors")
+    w = load_file(str(f))
+    w["pico_decoder.layers.0.attention.q_proj.weight"] = torch.zeros(3, 3)
+    save_file(w, str(f))
+    store = tmp_path / "s.zarr"
+    base = [pico, "--ppl", data, "--blimp", "none", "-m", "per", "--store", store]
+    code, out = cli(*base)
+    assert code == 2 and "step_5" in out and "q_proj" in out, out
+    assert dynlab.open_store(store).ppl_evaluated.values.tolist() == [[1, 0, 0]]
+    code, out = cli(*base, "--on-error", "skip")
+    assert code == 1 and "skipped pico step 5" in out and "pico@5" in out, out
+    assert dynlab.open_store(store).ppl_evaluated.values.tolist() == [[1, 0, 1]]
+    shutil.copy(tmp_path / "good.safetensors", f)
+    code, out = cli(*base)
+    assert code == 0, out
+    assert dynlab.open_store(store).ppl_evaluated.values.tolist() == [[1, 1, 1]]

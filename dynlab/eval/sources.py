@@ -159,6 +159,7 @@ def evaluate_sources(paths: Sequence[str | Path], data: EvalData, options: EvalO
                      wait: bool | float = False, metrics: str | Sequence[str] | None = None,
                      progress: Callable[[str, int, int, int], None] | None = None,
                      started: Callable[[Run, Checkpoint], None] | None = None,
+                     skipped: Callable[[Run, Checkpoint, BaseException], None] | None = None,
                      sleep: Callable[[float], None] = time.sleep) -> dict[str, list[dict]]:
     """Evaluate every complete checkpoint of the runs named by `paths` (any source; see
     `dynlab.sources.open_sources` for fmt / revisions / keep_downloads / cache_dir), in step
@@ -166,6 +167,9 @@ def evaluate_sources(paths: Sequence[str | Path], data: EvalData, options: EvalO
     they complete until every run's last step (or `until`) is done (local runs only).
     metrics: the spectral metrics of a store created here (default all; a store's own are
     kept), so that a later `dynlab analyze -m ...` finds the store it would make.
+    A checkpoint that cannot be evaluated (dynlab.eval.runs.CHECKPOINT_ERRORS, e.g. truncated
+    weights) raises under options.on_error "fail"; under "skip" it is reported to
+    `skipped(run, ckpt, error)` and passed over (left unflagged in a store).
     Returns {run name: [result per checkpoint evaluated now]}. `progress(run, step, done,
     total)` counts scored sequences; `started(run, ckpt)` precedes each checkpoint."""
     from dynlab.sources import open_sources
@@ -177,6 +181,7 @@ def evaluate_sources(paths: Sequence[str | Path], data: EvalData, options: EvalO
         raise SourceError("--follow applies to local runs; hf:// revisions are already "
                           "complete")
     results: dict[str, list[dict]] = {}
+    passed: set[tuple[str, int]] = set()  # skipped checkpoints (on_error "skip")
     cache: dict = {}
     token = FOLLOWING.set({"until": until}) if follow else None
     try:
@@ -191,17 +196,21 @@ def evaluate_sources(paths: Sequence[str | Path], data: EvalData, options: EvalO
                 continue
             if store is None:
                 todo = [(r, c) for r in runs for c in r.checkpoints
-                        if c.step not in {x["step"] for x in results.get(r.name, [])}]
+                        if c.step not in {x["step"] for x in results.get(r.name, [])}
+                        and (r.name, c.step) not in passed]
                 for run, ckpt in todo:
                     if started:
                         started(run, ckpt)
-                    results.setdefault(run.name, []).append(
-                        evaluate_checkpoint(run, ckpt, data, options, cache=cache,
-                                            progress=_tick(progress, run, ckpt)))
+                    result = guarded(run, ckpt, data, options, cache, progress, skipped)
+                    if result is None:
+                        passed.add((run.name, ckpt.step))
+                    else:
+                        results.setdefault(run.name, []).append(result)
             else:
                 for name, res in evaluate_into_store(
                         Path(store), runs, data, options, spec, cache=cache, wait=wait,
-                        metrics=metrics, progress=progress, started=started).items():
+                        metrics=metrics, progress=progress, started=started,
+                        skipped=skipped, passed=passed).items():
                     results.setdefault(name, []).extend(res)
             if not follow or all(_finished(r, until) for r in runs):
                 return results
@@ -209,6 +218,23 @@ def evaluate_sources(paths: Sequence[str | Path], data: EvalData, options: EvalO
     finally:
         if token is not None:
             FOLLOWING.reset(token)
+
+
+def guarded(run: Run, ckpt: Checkpoint, data: EvalData, options: EvalOptions, cache: dict | None,
+            progress, skipped) -> dict | None:
+    """evaluate_checkpoint, or None for a checkpoint that failed under on_error "skip"
+    (reported to `skipped`)."""
+    from dynlab.eval.runs import CHECKPOINT_ERRORS
+
+    try:
+        return evaluate_checkpoint(run, ckpt, data, options, cache=cache,
+                                   progress=_tick(progress, run, ckpt))
+    except CHECKPOINT_ERRORS as err:
+        if options.on_error != "skip":
+            raise
+        if skipped is not None:
+            skipped(run, ckpt, err)
+        return None
 
 
 def _finished(run: Run, until: int | None) -> bool:
@@ -243,6 +269,8 @@ def store_record(data: EvalData, options: EvalOptions, spec: DataSpec) -> dict[s
 def evaluate_into_store(path: Path, runs: Sequence[Run], data: EvalData, options: EvalOptions,
                         spec: DataSpec, *, cache: dict | None = None, wait: bool | float = False,
                         metrics: str | Sequence[str] | None = None,
+                        skipped: Callable[[Run, Checkpoint, BaseException], None] | None = None,
+                        passed: set[tuple[str, int]] | None = None,
                         progress: Callable[[str, int, int, int], None] | None = None,
                         started: Callable[[Run, Checkpoint], None] | None = None
                         ) -> dict[str, list[dict]]:
@@ -275,13 +303,17 @@ def evaluate_into_store(path: Path, runs: Sequence[Run], data: EvalData, options
             i = run_index[run.name]
             for ckpt in run.checkpoints:
                 j = step_index[ckpt.step]
-                if all(flags[part][i, j] for part in record):
+                if all(flags[part][i, j] for part in record) or (
+                        passed is not None and (run.name, ckpt.step) in passed):
                     continue
                 access.need(f"write the evaluation of {run.name} step {ckpt.step}")
                 if started:
                     started(run, ckpt)
-                result = evaluate_checkpoint(run, ckpt, data, options, cache=cache,
-                                             progress=_tick(progress, run, ckpt))
+                result = guarded(run, ckpt, data, options, cache, progress, skipped)
+                if result is None:
+                    if passed is not None:
+                        passed.add((run.name, ckpt.step))
+                    continue
                 layout = write_result(path, layout, run, ckpt, result, access)
                 done.setdefault(run.name, []).append(result)
                 fault_point("eval.checkpoint")
