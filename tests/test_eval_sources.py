@@ -445,6 +445,7 @@ def test_blimp_through_a_hf_checkpoint_is_transformers_comparison(hf):
     assert res["overall"] == pytest.approx(np.mean(list(want.values())), abs=1e-12)
 
 
+@pytest.mark.slow  # three evaluations into a store
 def test_a_broken_checkpoint_fails_or_is_skipped(tmp_path):
     """--on-error fail: exit 2 naming the checkpoint, the steps before it kept in the store;
     --on-error skip: the others evaluated, exit 1; once repaired, a rerun fills the gap."""
