@@ -17,8 +17,9 @@ Contract (stable; evaluation and function-space analyses build on it):
     vocab_size      logits width (the model's embedding rows; a tokenizer never has more ids).
     context_length  the longest input the model takes (its position table / max_seq_len).
     family          "pico" (PicoDecoder: dynlab, pico-train, relora-pico runs and pico models
-                    in Hugging Face format) or the transformers family ("llama", "gpt_neox",
-                    "gpt2").
+                    in Hugging Face format) or the architecture family of a transformers
+                    checkpoint (dynlab.sources.arch: "llama" for Llama, Mistral, Qwen2 and
+                    OLMo; "gpt_neox" for Pythia; "gpt2").
     source          where it was loaded from (a checkpoint path or hf://ORG/NAME@REVISION).
     bos_id          the document-start token: a dynlab tokenizer's `<|endoftext|>`; for a
                     Hugging Face tokenizer its BOS token, else its EOS token (as
@@ -63,8 +64,6 @@ from dynlab.sources.base import SourceError, SourceRun
 
 #: files whose presence marks a directory as holding a Hugging Face tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-#: transformers families run by AutoModelForCausalLM
-HF_FAMILIES = ("llama", "gpt_neox", "gpt2")
 
 
 class TextTokenizer:
