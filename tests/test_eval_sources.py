@@ -473,3 +473,30 @@ def test_a_broken_checkpoint_fails_or_is_skipped(tmp_path):
     code, out = cli(*base)
     assert code == 0, out
     assert dynlab.open_store(store).ppl_evaluated.values.tolist() == [[1, 1, 1]]
+
+
+def test_pico_train_run_with_its_own_tokenizer(tmp_path):
+    """A pico-train run whose folder holds a Hugging Face tokenizer: text is encoded with
+    it, conditioned on its EOS, and scored by the step's weights (forward by hand)."""
+    from tokenizers import Tokenizer, models
+
+    root = tmp_path / "run"
+    written = write_pico_run(root, steps=(0, 5))
+    letters = "abcdefghijklmnopqr"
+    vocab = {"<|endoftext|>": 0, "<unk>": 1} | {c: i + 2 for i, c in enumerate(letters)}
+    assert len(vocab) == SPEC.vocab_size
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+        eos_token="<|endoftext|>", unk_token="<unk>")
+    fast.save_pretrained(root)
+    text = "abcabqrponmlk"
+    got = evaluate_sources([root], EvalData({"t": [text]}, []), EvalOptions())["run"][1]
+    w = {k.removeprefix("pico_decoder."): v for k, v in written[5]["stored"].items()}
+    ids = [0, *(vocab[c] for c in text)]
+    logits = by_hand_pico_logits(w, torch.tensor([ids[:-1]]))[0]
+    nll = -float(torch.log_softmax(logits, -1)[torch.arange(len(text)),
+                                               torch.tensor(ids[1:])].sum())
+    p = got["perplexity"]
+    assert p["tokens_by_domain"]["t"] == len(text) and p["bytes_by_domain"]["t"] == len(text)
+    assert p["loss"] == pytest.approx(nll / len(text), rel=1e-5)
+    assert p["bpb"] == pytest.approx(nll / (LN2 * len(text)), rel=1e-5)
