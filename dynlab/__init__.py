@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from dynlab.version import __version__
+
+__all__ = ["__version__", "analyze", "open_store", "train"]
 
 if TYPE_CHECKING:
     import xarray as xr

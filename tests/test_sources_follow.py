@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import dynlab
-from dynlab.sources.follow import follow
+from dynlab.analysis.follow import follow
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]
