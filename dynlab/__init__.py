@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from dynlab.version import __version__
 
-__all__ = ["__version__", "analyze", "open_store", "train"]
+__all__ = ["__version__", "analyze", "notebook", "open_store", "train"]
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -36,3 +36,9 @@ def train(kind: str = "decoder", **options: Any) -> Path:
     from dynlab.training.trainer import train as run_training
 
     return run_training(kind, **options)
+
+
+def notebook() -> Path:
+    """The path of the exploration notebook shipped inside the package (`explore.ipynb`):
+    copy it beside your store and open it in Jupyter."""
+    return Path(__file__).resolve().parent / "notebooks" / "explore.ipynb"
