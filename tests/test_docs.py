@@ -54,7 +54,8 @@ def env() -> dict:
 def test_every_marker_opens_a_bash_block():
     for page in DOCS.rglob("*.md"):
         text = page.read_text()
-        assert text.count(MARKER) == len(runnable_blocks(page)), (
+        markers = re.findall(rf"^{re.escape(MARKER)}$", text, re.M)
+        assert len(markers) == len(runnable_blocks(page)), (
             f"{page}: a '{MARKER}' line must be followed by a ```bash fence")
 
 
