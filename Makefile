@@ -4,7 +4,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install test test-fast lint demo bench clean docs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,3 +37,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
+
+# the documentation site into site/ (broken links and missing references fail the build)
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict

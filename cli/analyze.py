@@ -134,7 +134,7 @@ def analyze(
             source_options["grads_data"] = dict(path=grads_data, batch_size=grads_batch_size,
                                                 seq_len=grads_seq_len, tokenizer=grads_tokenizer)
         if follow:
-            from dynlab.sources.follow import follow as follow_runs
+            from dynlab.analysis.follow import follow as follow_runs
 
             source_options.pop("fmt")
             path = follow_runs(

@@ -15,7 +15,9 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", show_default=False,
                                       help="Output folder (required).")],
     fmt: Annotated[ExportFormat, typer.Option(
-        "--format", help="pico-analyze: per-step JSON files.")] = ExportFormat.pico_analyze,
+        "--format", help="pico-analyze: per-step JSON files; tensorboard: event files, "
+        "OUT/RUN/; wandb: an offline W&B run, OUT/RUN/wandb/ (extras tensorboard, wandb).",
+    )] = ExportFormat.pico_analyze,
     run: Annotated[str | None, typer.Option(
         "--run", show_default=False,
         help="Only this run (default: every run; with several, one sub-folder each).")] = None,
@@ -27,10 +29,12 @@ def export(
         "--prefix", help="What each layer key starts with: pico-analyze's own files for a "
         "pico-train run use '_forward_module.layers.'.")] = "layers.",
 ) -> None:
-    """Write STORE's metrics as pico-analyze's OUT/step_N/{metric}_{split}.json files."""
+    """Write STORE's metrics in another tool's layout: pico-analyze's
+    OUT/step_N/{metric}_{split}.json files, TensorBoard event files or offline W&B runs."""
     from dynlab_cli.console import guarded
     with guarded("export"):
         from dynlab.analysis.export import export as run_export
 
         files = run_export(store, out, fmt=fmt.value, run=run, split=split, prefix=prefix)
-    print(f"{out}: {len(files)} files")
+    what = "runs" if fmt.value in ("tensorboard", "wandb") else "files"
+    print(f"{out}: {len(files)} {what}")

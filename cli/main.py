@@ -6,6 +6,8 @@ command body, so `dynlab --help` stays fast.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from dynlab_cli import analyze as _analyze
@@ -21,6 +23,26 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+
+def print_version(value: bool) -> None:
+    """`dynlab --version`: print dynlab's version (dynlab.version) and exit."""
+    if value:
+        from dynlab.version import __version__
+
+        print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=print_version, is_eager=True,
+        help="Print dynlab's version and exit.")] = False,
+) -> None:
+    pass
+
 
 app.command("analyze")(_analyze.analyze)
 app.add_typer(_train.app, name="train")

@@ -53,6 +53,8 @@ class ExportFormat(str, Enum):
     """Layouts `dynlab export` writes (dynlab.analysis.export.FORMATS)."""
 
     pico_analyze = "pico-analyze"
+    tensorboard = "tensorboard"
+    wandb = "wandb"
 
 
 class Kind(str, Enum):
@@ -168,3 +170,10 @@ def kinds_option(help: str = f"Comma list of {KIND_NAMES}; or 'all'.") -> Any:
 
 Store = Annotated[Path, typer.Argument(help="A Zarr store written by `dynlab analyze`.",
                                        show_default=False)]
+
+
+class LiveLog(str, Enum):
+    """Where `dynlab train --log` logs live (dynlab.training.livelog)."""
+
+    tensorboard = "tensorboard"
+    wandb = "wandb"

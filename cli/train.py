@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
-from dynlab_cli.options import DEVICE_HELP, Gpu, Preset, PruneMethod, choices
+from dynlab_cli.options import DEVICE_HELP, Gpu, LiveLog, Preset, PruneMethod, choices
 
 app = typer.Typer(
     help="Train pico-decoder or pico-relora with learning-dynamics checkpoints. With no "
@@ -109,6 +109,10 @@ class TrainOptions:
         "interruption; continue with --resume).")] = None
     progress: Annotated[bool, opt(
         "--progress/--no-progress", help="Show a progress bar (default on).")] = True
+    log: Annotated[LiveLog | None, opt(
+        "--log", help="Also log loss, lr, tokens/s and evaluation live to TensorBoard "
+        "(RUN/tensorboard/) or an offline W&B run (RUN/wandb/); needs the extra of the same "
+        "name.")] = None
     n_documents: Annotated[int | None, opt(
         "--n-documents", min=1, help="Documents generated (default corpus) or streamed (HF "
         "dataset).")] = None
@@ -213,7 +217,7 @@ def config_options(options: dict[str, Any]) -> dict[str, Any]:
     off (False) and --progress left on as "not given" (None)."""
     out = {}
     for name, value in options.items():
-        if isinstance(value, Preset | PruneMethod):
+        if isinstance(value, Preset | PruneMethod | LiveLog):
             value = value.value
         if name in ("resume", "overwrite", "save_activations", "compile") and value is False:
             value = None

@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from dynlab.version import __version__
+
+__all__ = ["__version__", "analyze", "notebook", "open_store", "train"]
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -34,3 +36,9 @@ def train(kind: str = "decoder", **options: Any) -> Path:
     from dynlab.training.trainer import train as run_training
 
     return run_training(kind, **options)
+
+
+def notebook() -> Path:
+    """The path of the exploration notebook shipped inside the package (`explore.ipynb`):
+    copy it beside your store and open it in Jupyter."""
+    return Path(__file__).resolve().parent / "notebooks" / "explore.ipynb"

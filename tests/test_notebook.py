@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,13 @@ print("PROBE" + _json.dumps({
     "runs": runs, "base": base, "max_abs_diff": max_abs_diff,
     "head_final": {r: [s, v.tolist()] for r, (s, v) in head_final.items()},
     "diff_relora_weights": diff.sel(run="relora", kind="weights").values.tolist(),
+    "differ_per_updates": runs_differ["per_updates"].values.tolist(),
+    "most": {r: int(most.sel(run=r)) for r in runs},
+    "by_block": {b: by_block.sel(block=b).values.tolist() for b in ("attention", "swiglu")},
+    "reset": reset, "resets": resets, "before": before.values.tolist(),
+    "after": after.values.tolist(),
+    "per_cycle": {str(int(k)): float(v) for k, v in zip(per_cycle["cycle"].values,
+                                                          per_cycle.values)},
 }))
 """
 
@@ -70,6 +78,33 @@ def test_notebook_executes_against_a_store(tmp_path, monkeypatch):
     # relora minus decoder, mean PER of weights over layers and matrices, at every step
     mean = np.nanmean(ds["per"].sel(kind="weights").values, axis=(2, 3))  # run, step
     np.testing.assert_allclose(probe["diff_relora_weights"], mean[1] - mean[0], rtol=1e-12)
+    # 1. how the runs differ: mean PER of updates over layers and matrices at the last step
+    upd = ds["per"].sel(kind="updates").values  # run, step, layer, matrix
+    np.testing.assert_allclose(probe["differ_per_updates"],
+                               np.nanmean(upd[:, -1], axis=(1, 2)), rtol=1e-12)
+    # 2. which layer changes most: sum over steps of |PER(t) - PER(t-1)| of the seven
+    # matrices, mean over matrices, argmax over layers; and the attention / MLP means
+    w = ds["per"].sel(kind="weights").values[:, :, :, :7]  # run, step, layer, 7 matrices
+    moved = np.nansum(np.abs(np.diff(w, axis=1)), axis=1)  # run, layer, matrix
+    assert probe["most"] == {r: int(np.argmax(moved[i].mean(axis=1)))
+                             for i, r in enumerate(fx.RUNS)}
+    np.testing.assert_allclose(probe["by_block"]["attention"], moved[:, :, :4].mean(axis=2),
+                               rtol=1e-12)
+    np.testing.assert_allclose(probe["by_block"]["swiglu"], moved[:, :, 4:].mean(axis=2),
+                               rtol=1e-12)
+    # 3. a ReLoRA reset: the fixture's relora run resets after steps 40 and 80 (its cycle
+    # rises between checkpoints 40 and 60, 80 and 100); PER of updates around them
+    assert probe["reset"] == "relora" and probe["resets"] == [40, 80]
+    steps = list(fx.STEPS)
+    with warnings.catch_warnings():  # step 0 has no update: an all-NaN slice, NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean_upd = np.nanmean(upd[1], axis=(1, 2))  # relora, per step
+    assert probe["before"] == [mean_upd[steps.index(40)], mean_upd[steps.index(80)]]
+    assert probe["after"] == [mean_upd[steps.index(60)], mean_upd[steps.index(100)]]
+    cyc = ds["relora_cycle"].sel(run="relora").values
+    for c in (0, 1, 2):
+        sel = mean_upd[(cyc == c) & np.isfinite(mean_upd)]
+        assert probe["per_cycle"][str(c)] == pytest.approx(sel.mean(), rel=1e-12)
     # the plotly figures were displayed
     shown = [o for c in nb.cells for o in c.get("outputs", [])
              if "application/vnd.plotly.v1+json" in o.get("data", {})

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import dynlab
-from dynlab.sources.follow import follow
+from dynlab.analysis.follow import follow
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,8 @@ TRAIN = ["--d-model", "16", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads",
 
 
 def env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
 
 
 def analyzed(store: Path) -> int:

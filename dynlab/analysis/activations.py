@@ -39,8 +39,7 @@ from dynlab.runs.checkpoints import Checkpoint, Run, load_tensors
 from dynlab.sources.models import hf_context, hf_model, hf_tokenizer
 
 POSITION_MODES = ("last", "all", "sample:N")
-#: activations are kept in float32: the eps of their numerical-zero tolerance
-ACT_EPS = float(torch.finfo(torch.float32).eps)
+ACT_EPS = metrics_mod.ACT_EPS  # float32 eps (dynlab.analysis.metrics)
 
 
 def parse_positions(spec: str) -> tuple[str, int]:

@@ -40,7 +40,7 @@ import xarray as xr
 from dynlab.atomic import write_text_atomically
 from dynlab.errors import InputError
 
-FORMATS = ("pico-analyze",)
+FORMATS = ("pico-analyze", "tensorboard", "wandb")
 #: dynlab metric -> pico-analyze's metric name (its file name), where they differ
 PICO_METRIC_NAMES = {"cn": "condition_number"}
 #: store kind -> pico-analyze's data type (the last part of a key)
@@ -171,6 +171,8 @@ def export(store: str | Path, out: str | Path, *, fmt: str = "pico-analyze",
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")
+    if fmt in ("tensorboard", "wandb"):
+        return export_logs(ds, out, fmt, chosen, split, prefix)
     analyzed = ds["analyzed"].load() if "analyzed" in ds.data_vars else None
     written: list[Path] = []
     for r in chosen:
@@ -190,3 +192,194 @@ def export(store: str | Path, out: str | Path, *, fmt: str = "pico-analyze",
 
 
 
+
+
+# --- TensorBoard and Weights & Biases -------------------------------------------------------
+#
+# Both take the same series from a store: for each run and each analysed step, one scalar per
+# tag and one histogram of singular values per matrix.
+#
+#   scalars     "<metric>/<key>": dynlab's metric name (`cn`, not `condition_number`) and
+#               the keys above (`per/layers.3.attention.v_proj.weights`,
+#               `cn/layers.0.ov_circuit.updates.heads.1`, `anisotropy/layers.2.residual.
+#               activations`, ...), one per run/kind/layer/matrix/metric;
+#               "training/<name>" for every per-checkpoint value (train_loss, lr, tokens,
+#               wall_seconds, gpu_hours, relora_cycle, ppl_macro, blimp_overall) and
+#               "training/<name>/<label>" for those per domain, UID or field (ppl, blimp, ...)
+#   histograms  "sigma/<key>": the singular values of each layer matrix and embedding (the
+#               `sigma` and `emb_sigma` variables, their finite entries)
+#
+# against the step. TensorBoard: one event-file folder per run, OUT/<run>/ (TensorBoard's own
+# notion of a run). W&B: one offline run per dynlab run under OUT/<run>/wandb/ (wandb's
+# offline mode: nothing is sent; `wandb sync OUT/<run>/wandb/offline-run-*` uploads it later).
+
+#: per-checkpoint variables that are bookkeeping, not results
+BOOKKEEPING = ("analyzed", "prev_step", "act_analyzed", "cmp_analyzed")
+#: (run, step, label) variables: their label dimension
+LABELLED = ("domain", "uid", "field")
+
+
+def scalar_series(ds: xr.Dataset, run: str, step: int, split: str = "val",
+                  prefix: str = DEFAULT_PREFIX) -> dict[str, float]:
+    """Tag -> value of every scalar the store holds for one (run, step) (see above)."""
+    out: dict[str, float] = {}
+    suffix = f"_{split}.json"
+    dynlab_names = {v: k for k, v in PICO_METRIC_NAMES.items()}
+    for name, entries in step_files(ds, run, step, split, prefix).items():
+        label = dynlab_names.get(name[:-len(suffix)], name[:-len(suffix)])
+        out.update({f"{label}/{key}": v for key, v in entries.items()})
+    for name, da in ds.data_vars.items():
+        if name in BOOKKEEPING or "run" not in da.dims or "step" not in da.dims:
+            continue
+        rest = [d for d in da.dims if d not in ("run", "step")]
+        if not rest:
+            v = _value(da.sel(run=run, step=step).values)
+            if v is not None:
+                out[f"training/{name}"] = v
+        elif len(rest) == 1 and rest[0] in LABELLED:
+            vals = da.sel(run=run, step=step).values
+            for label, v in zip(da[rest[0]].values, vals, strict=True):
+                v = _value(v)
+                if v is not None:
+                    out[f"training/{name}/{label}"] = v
+    return out
+
+
+def spectra_series(ds: xr.Dataset, run: str, step: int, prefix: str = DEFAULT_PREFIX
+                   ) -> dict[str, np.ndarray]:
+    """Tag `sigma/<key>` -> the finite singular values of each layer matrix and embedding of
+    every kind at (run, step)."""
+    out: dict[str, np.ndarray] = {}
+    kinds = [str(k) for k in ds["kind"].values] if "kind" in ds.coords else []
+    for table, name in (("", "sigma"), ("emb_", "emb_sigma")):
+        if name not in ds.data_vars:
+            continue
+        for kind in kinds:
+            da = ds[name].sel(run=run, kind=kind, step=step).values
+            for idx in np.ndindex(da.shape[:-1]):
+                s = np.asarray(da[idx], dtype=np.float64)
+                s = s[np.isfinite(s)]
+                if s.size:
+                    key = parameter_key(table, idx, ds, DATA_TYPES.get(kind, kind), prefix)
+                    out[f"sigma/{key}"] = s
+    return out
+
+
+def histogram_proto(values: np.ndarray, bins: int = 30):
+    """TensorBoard's HistogramProto of `values`: min, max, count, sum, sum of squares, and
+    `bins` equal-width buckets over [min, max] (bucket_limit: each bucket's right edge)."""
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto
+
+    v = np.asarray(values, dtype=np.float64)
+    counts, edges = np.histogram(v, bins=bins if v.max() > v.min() else 1)
+    return HistogramProto(min=float(v.min()), max=float(v.max()), num=float(v.size),
+                          sum=float(v.sum()), sum_squares=float(np.square(v).sum()),
+                          bucket_limit=[float(e) for e in edges[1:]],
+                          bucket=[float(c) for c in counts])
+
+
+class TensorBoardWriter:
+    """Event files of one TensorBoard run (a folder), written with tensorboard's own
+    EventFileWriter: `scalars(step, {tag: value})`, `histograms(step, {tag: values})`,
+    `close()`. No torch, no TensorFlow."""
+
+    def __init__(self, logdir: str | Path) -> None:
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        Path(logdir).mkdir(parents=True, exist_ok=True)
+        self.writer = EventFileWriter(str(logdir))
+
+    def _add(self, step: int, values: list, wall_time: float | None = None) -> None:
+        import time
+
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        self.writer.add_event(Event(wall_time=wall_time or time.time(), step=int(step),
+                                    summary=Summary(value=values)))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        self._add(step, [Summary.Value(tag=t, simple_value=float(v)) for t, v in values.items()])
+
+    def histograms(self, step: int, values: dict[str, np.ndarray]) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        self._add(step, [Summary.Value(tag=t, histo=histogram_proto(v))
+                         for t, v in values.items()])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbWriter:
+    """One offline W&B run (wandb's offline mode: nothing leaves the machine) under
+    `<dir>/wandb/`: `scalars(step, {tag: value})`, `histograms(step, {tag: values})`,
+    `close()`. `wandb sync <dir>/wandb/offline-run-*` uploads it later."""
+
+    def __init__(self, directory: str | Path, name: str, config: dict | None = None,
+                 project: str = "dynlab") -> None:
+        import os
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        settings = wandb.Settings(mode="offline", console="off", x_disable_stats=True,
+                                  x_disable_machine_info=True, save_code=False,
+                                  disable_git=True)
+        self.wandb = wandb
+        self.run = wandb.init(dir=str(directory), project=project, name=name,
+                              config=config or {}, settings=settings, reinit="create_new")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(dict(values), step=int(step))
+
+    def histograms(self, step: int, values: dict[str, np.ndarray]) -> None:
+        self.run.log({t: self.wandb.Histogram(np.asarray(v)) for t, v in values.items()},
+                     step=int(step))
+
+    def close(self) -> None:
+        """Finish the run and stop wandb's service process, which writes the run's .wandb file
+        asynchronously: once this returns, the file is complete on disk."""
+        self.run.finish()
+        self.wandb.teardown()
+
+
+def open_logger(fmt: str, directory: str | Path, name: str, config: dict | None = None):
+    """A TensorBoardWriter (`tensorboard`) or WandbWriter (`wandb`) writing under `directory`;
+    a missing package is an InputError that says how to install it."""
+    extra = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    if fmt not in extra:
+        raise InputError(f"expected tensorboard or wandb, got {fmt!r}")
+    try:
+        if fmt == "tensorboard":
+            return TensorBoardWriter(directory)
+        return WandbWriter(directory, name, config)
+    except ImportError as err:
+        raise InputError(f"{fmt} is not installed: pip install 'dynlab[{extra[fmt]}]' "
+                         f"({err})") from err
+
+
+def export_logs(ds: xr.Dataset, out: Path, fmt: str, runs: list[str], split: str = "val",
+                prefix: str = DEFAULT_PREFIX) -> list[Path]:
+    """Write every run's scalars and spectra as TensorBoard event files or an offline W&B run,
+    always in OUT/<run>/ (section comment above); returns the folder of each run."""
+    analyzed = ds["analyzed"].load() if "analyzed" in ds.data_vars else None
+    configs = json.loads(ds.attrs.get("run_configs", "{}") or "{}")
+    written = []
+    for r in runs:
+        steps = [int(s) for s in ds["step"].values
+                 if analyzed is None or int(analyzed.sel(run=r, step=int(s)))]
+        folder = out / r
+        one = ds.sel(run=[r]).load()  # one run in memory: cell reads without dask
+        logger = open_logger(fmt, folder, r, configs.get(r))
+        try:
+            for step in steps:
+                logger.scalars(step, scalar_series(one, r, step, split, prefix))
+                logger.histograms(step, spectra_series(one, r, step, prefix))
+        finally:
+            logger.close()
+        written.append(folder)
+    return written

@@ -68,6 +68,8 @@ def proportional_effective_rank(sigma: torch.Tensor) -> torch.Tensor:
 
 #: c in the storage term of the zero tolerance (see `zero_tolerance`).
 TOL_FACTOR = 2.0
+#: activations are kept in float32: the eps of their numerical-zero tolerance
+ACT_EPS = float(torch.finfo(torch.float32).eps)
 
 
 def storage_eps(*dtypes: torch.dtype) -> float:

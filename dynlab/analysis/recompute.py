@@ -203,7 +203,6 @@ def add_missing_variables(path: Path, layout) -> list[str]:
 
 def _recompute_activations(path: Path, names: Sequence[str]) -> list[str]:
     """The same for the activation table: act_<metric> from act_sigma and act_max_dim."""
-    from dynlab.analysis.activations import ACT_EPS
     from dynlab.analysis.store import create_variable, open_group_for_update, quiet_zarr
 
     group = open_group_for_update(path)
@@ -223,7 +222,7 @@ def _recompute_activations(path: Path, names: Sequence[str]) -> list[str]:
                                                  nan=1.0))
         for name in names:
             group[f"act_{name}"][i, j] = spectrum_metric(name, sig, max_dim,
-                                                         eps=ACT_EPS).numpy()
+                                                         eps=metrics_mod.ACT_EPS).numpy()
     return [f"act_{name}" for name in names]
 
 

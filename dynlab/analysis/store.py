@@ -60,12 +60,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dynlab import __version__
 from dynlab.analysis.components import EMBEDDINGS, MATRICES, TABLES
 from dynlab.analysis.storelock import StoreAccess
 from dynlab.atomic import write_text_atomically
 from dynlab.errors import InputError
 from dynlab.faults import fault_point
+from dynlab.version import __version__
 
 SCHEMA_VERSION = 2
 

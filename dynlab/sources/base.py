@@ -25,7 +25,7 @@ from dynlab.runs.checkpoints import Checkpoint, CheckpointError, LoadedCheckpoin
 Tensors = dict[str, torch.Tensor]
 
 
-#: set while `dynlab.sources.follow` analyses live runs: None, or {"until": STEP or None}.
+#: set while `dynlab.analysis.follow` analyses live runs: None, or {"until": STEP or None}.
 #: Readers whose files are not written atomically then list a checkpoint only once it can no
 #: longer change (pico-train: once a later step exists, or it is the last step).
 FOLLOWING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("dynlab_following",

@@ -1,23 +1,20 @@
-"""Follow live runs: analyse each checkpoint as soon as it is complete.
+"""Live runs, as a source sees them: which checkpoints are complete, and where a run ends.
 
-`follow(paths, out, ...)` repeats the ordinary, resumable analysis (`dynlab.analyze`) whenever
-a run has a new complete checkpoint (dynlab: `meta.json` written; pico-train: config.json and a
-whole model.safetensors; HF: config.json and whole weights) and stops once every run's last
-step is analysed: `until`, or else the run's own last step (dynlab: run.json's train.steps;
-pico-train: training_config.yaml's training.max_steps). A run with no known last step is
-followed until interrupted (Ctrl-C: the store keeps every finished checkpoint, and rerunning
-resumes). The first pass waits for two complete checkpoints (or the last one), so that the
-store is made with the `updates` kind.
+A run being written is read like any other (dynlab: a checkpoint is complete once `meta.json`
+is written; pico-train: config.json and a whole model.safetensors; HF: config.json and whole
+weights). `open_ready` opens the runs, or says they are not there yet; `last_step` is a run's
+final step where its configuration says it (dynlab: run.json's train.steps; pico-train:
+training_config.yaml's training.max_steps); `finished` says whether a run has reached it.
+Analysing them as they grow is the pipeline's job (`dynlab.analysis.follow`).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from dynlab.runs.checkpoints import CheckpointError, Run
-from dynlab.sources.base import FOLLOWING, SourceError, SourceRun
+from dynlab.sources.base import SourceRun
 
 
 def last_step(run: Run) -> int | None:
@@ -29,7 +26,7 @@ def last_step(run: Run) -> int | None:
     return int(steps) if steps is not None else None
 
 
-def _open(paths: Sequence[str | Path], fmt: str | None) -> list[Run] | None:
+def open_ready(paths: Sequence[str | Path], fmt: str | None) -> list[Run] | None:
     """The runs, or None while one has no complete checkpoint yet (or does not exist yet)."""
     from dynlab.sources import open_sources
 
@@ -43,53 +40,6 @@ def _open(paths: Sequence[str | Path], fmt: str | None) -> list[Run] | None:
         raise
 
 
-def follow(
-    paths: Sequence[str | Path],
-    out: str | Path | None = None,
-    *,
-    until: int | None = None,
-    poll: float = 2.0,
-    fmt: str | None = None,
-    on_pass: Callable[[Path], None] | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-    **analyze_kwargs,
-) -> Path | None:
-    """Analyse `paths` into `out` as their checkpoints complete (see the module docstring);
-    returns the store's path once every run's last step (or `until`) is analysed."""
-    if any(str(p).startswith("hf://") for p in paths):
-        raise SourceError("--follow applies to local runs; hf:// revisions are already complete")
-    store: Path | None = None
-    token = FOLLOWING.set({"until": until})
-    try:
-        while True:
-            store = _one_pass(paths, out, until, fmt, on_pass, analyze_kwargs)
-            if store is not None:
-                return store
-            sleep(poll)
-    finally:
-        FOLLOWING.reset(token)
-
-
-def _finished(run: Run, target: int | None) -> bool:
+def finished(run: Run, target: int | None) -> bool:
+    """Whether `run` holds a checkpoint at or past `target` (never, for an unknown target)."""
     return target is not None and bool(run.checkpoints) and run.checkpoints[-1].step >= target
-
-
-def _one_pass(paths, out, until, fmt, on_pass, analyze_kwargs) -> Path | None:
-    """Analyse what is complete when it is worth it; the store's path once every run is done,
-    else None."""
-    from dynlab.analysis import analyze
-
-    runs = _open(paths, fmt)
-    if runs is None:
-        return None
-    targets = [until if until is not None else last_step(r) for r in runs]
-    ready = all(len(r.checkpoints) >= 2 or _finished(r, t)
-                for r, t in zip(runs, targets, strict=True))
-    if not ready:
-        return None
-    store = analyze(paths, out, fmt=fmt, **analyze_kwargs)
-    if on_pass is not None:
-        on_pass(store)
-    if all(_finished(r, t) for r, t in zip(runs, targets, strict=True)):
-        return store
-    return None

@@ -118,7 +118,7 @@ def pico_model(weights: Tensors, run: Run, seq_len: int) -> nn.Module:
 
 def gradients(model: nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
     """The trainer's learning-dynamics gradient of `model` on `batch` (name -> gradient)."""
-    from dynlab.training.dynamics import learning_dynamics
+    from dynlab.model.dynamics import learning_dynamics
 
     grads, _, _ = learning_dynamics(model, batch, torch.device("cpu"))
     return grads

@@ -62,7 +62,7 @@ def run_record(cfg: TrainConfig, mcfg: ModelConfig, model: nn.Module, data: Toke
                world_size: int = 1, backend: str | None = None) -> dict:
     """run.json: kind, model, relora (with the updates a reset follows), train options, data,
     parameters, distributed (the processes the run started with), dynlab_version."""
-    import dynlab
+    from dynlab.version import __version__
 
     rec = {"kind": cfg.kind, "model": mcfg.to_dict()}
     if cfg.kind == "relora":
@@ -79,7 +79,7 @@ def run_record(cfg: TrainConfig, mcfg: ModelConfig, model: nn.Module, data: Toke
     rec["distributed"] = {"world_size": world_size,
                           "backend": backend if world_size > 1 else None,
                           "batch_size_per_process": cfg.batch_size // world_size}
-    rec["dynlab_version"] = dynlab.__version__
+    rec["dynlab_version"] = __version__
     return rec
 
 

@@ -102,6 +102,7 @@ class TrainConfig:
     threads: int | None = None  # CPU threads (torch.set_num_threads); micro 1, else torch's
     compile: bool = False
     progress: bool = True
+    log: str | None = None  # live logging: "tensorboard" or "wandb" (dynlab.training.livelog)
     # relora
     lora_rank: int = 16  # the LoRA rank r (run.json: "rank")
     lora_alpha: float = 32.0  # s = lora_alpha / lora_rank (run.json: "alpha")
@@ -169,7 +170,7 @@ def option_name(key: str) -> str:
 
 
 _TEXT = ("kind", "preset", "data", "device", "prune_method")
-_OPTIONAL_TEXT = ("tokenizer", "out", "eval_ppl", "eval_blimp", "warm_start")
+_OPTIONAL_TEXT = ("tokenizer", "out", "eval_ppl", "eval_blimp", "warm_start", "log")
 _SWITCHES = ("save_activations", "resume", "overwrite", "compile", "progress", "paper_compat")
 
 
@@ -207,6 +208,8 @@ def validate(cfg: TrainConfig) -> None:
         _positive(cfg, name)
     for name in ("warmup_steps", "eval_every"):
         _positive(cfg, name, allow_zero=True)
+    if cfg.log not in (None, "tensorboard", "wandb"):
+        raise ValueError(f"--log: expected tensorboard or wandb, got {cfg.log!r}")
     for name in ("lr", "min_lr_ratio", "weight_decay", "lora_alpha", "lora_dropout",
                  "prune_ratio"):
         value = getattr(cfg, name)

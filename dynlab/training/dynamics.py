@@ -22,78 +22,32 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dynlab.model.relora import relora_modules, unwrap
-from dynlab.training.rng import preserved_rng
-from dynlab.training.step import lm_loss
+from dynlab.model import dynamics
+from dynlab.model.dynamics import factor_grads
 
-
-def factor_grads(grad_w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(∂L/∂A, ∂L/∂B) from G = ∂L/∂W_eff for W_eff = W + scale·(B A): (Bᵀ (s G), (s G) Aᵀ)."""
-    sg = grad_w * scale
-    return lora_B.detach().t().mm(sg), sg.mm(lora_A.detach().t())
+__all__ = ["factor_grads", "learning_dynamics"]
 
 
 def learning_dynamics(model: nn.Module, ld_batch: torch.Tensor, device: torch.device, *,
                       activations: bool = False, chunk_tokens: int = 16_384,
                       positions: str = "last", seed: int = 0,
                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, float]:
-    """Gradients of the mean next-token loss on the fixed batch (module docstring).
+    """The trainer's capture: `dynlab.model.dynamics.learning_dynamics`, recording activations
+    when asked.
 
-    Returns (grads, activations or None, mean loss). grads: every trainable parameter of
-    `model` (for relora the factors `<module>.lora_A` / `.lora_B`, by the chain rule) plus,
-    for relora, `<module>.weight` = ∂L/∂W_eff. activations hold, at the kept token
+    Returns (grads, activations or None, mean loss). activations hold, at the kept token
     `positions` (`last`, `all` or `sample:N` drawn with `seed`), each linear module's output
     and each block's output (the residual stream, `layers.<i>`), plus `token_positions` and
     `batch_tokens` (dynlab.analysis.activations).
     """
-    from dynlab.analysis.activations import Recorder, recorded_modules, select_positions
-
-    wrapped = relora_modules(model)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    was_training = model.training
-    model.eval()
-    plain = unwrap(model).eval() if wrapped else model  # no RNG drawn (unwrap forks it)
-    params = dict(plain.named_parameters())
-    # what autograd differentiates on `plain`: its counterparts of the trainable parameters
-    # (the factors excepted) and the effective weight of every wrapped module
-    factors = {n for n in trainable if n.endswith((".lora_A", ".lora_B"))}
-    inputs = [n for n in trainable if n not in factors] + [f"{n}.weight" for n in wrapped]
-    grads = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in inputs}
-    for name, m in wrapped.items():
-        grads[f"{name}.lora_A"] = torch.zeros_like(m.lora_A, dtype=torch.float32)
-        grads[f"{name}.lora_B"] = torch.zeros_like(m.lora_B, dtype=torch.float32)
-    grads = {n: grads[n] for n in [*trainable, *(f"{n}.weight" for n in wrapped)]}
-    recorder = None
+    record = None
     if activations:
+        from dynlab.analysis.activations import Recorder, recorded_modules, select_positions
+
         kept = select_positions(positions, ld_batch.shape[0], ld_batch.shape[1] - 1, seed)
-        recorder = Recorder(recorded_modules(plain, (nn.Linear,)), kept)
-    n_seq, width = ld_batch.shape
-    total_tokens = n_seq * (width - 1)
-    chunk = max(1, chunk_tokens // max(1, width - 1))
-    loss_sum = 0.0
-    try:
-        with preserved_rng(device):
-            for start in range(0, n_seq, chunk):
-                batch = ld_batch[start:start + chunk].to(device)
-                if recorder is not None:
-                    recorder.start, recorder.stop = start, start + batch.shape[0]
-                logits = plain(batch[:, :-1])
-                loss = lm_loss(logits, batch[:, 1:], reduction="sum") / total_tokens
-                got = torch.autograd.grad(loss, [params[n] for n in inputs], allow_unused=True)
-                for name, g in zip(inputs, got, strict=True):
-                    if g is not None:
-                        grads[name] += g.float()
-                for name, m in wrapped.items():
-                    g = got[inputs.index(f"{name}.weight")]
-                    if g is not None:
-                        g_a, g_b = factor_grads(g, m.lora_A, m.lora_B, m.scale)
-                        grads[f"{name}.lora_A"] += g_a.float()
-                        grads[f"{name}.lora_B"] += g_b.float()
-                loss_sum += loss.item()
-    finally:
-        if recorder is not None:
-            recorder.remove()
-        model.train(was_training)
-    out_acts = recorder.result(ld_batch) if recorder is not None else None
-    return grads, out_acts, loss_sum
+
+        def record(plain: nn.Module) -> Recorder:
+            return Recorder(recorded_modules(plain, (nn.Linear,)), kept)
+
+    return dynamics.learning_dynamics(model, ld_batch, device, record=record,
+                                      chunk_tokens=chunk_tokens)

@@ -29,7 +29,7 @@ from dynlab.training.rng import restore_rng
 RESUME_MUTABLE = {"resume", "overwrite", "stop_at", "device", "threads", "progress", "compile",
                   "eval_every", "eval_ppl", "eval_blimp", "eval_batch_size", "save_activations",
                   "activation_positions",
-                  "log_every", "out", "micro_batch_size"}
+                  "log_every", "out", "micro_batch_size", "log"}
 MODEL_DEFINING = {"kind", "preset", "lora_rank", "lora_alpha", "paper_compat", "vocab_size",
                   "tokenizer", *MODEL_FIELDS}
 

@@ -3,10 +3,11 @@ still while evaluation and learning-dynamics passes run."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
+
+from dynlab.model.dynamics import preserved_rng
+
+__all__ = ["capture_rng", "preserved_rng", "restore_rng"]
 
 
 def capture_rng(device: torch.device) -> dict:
@@ -22,11 +23,3 @@ def restore_rng(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-@contextlib.contextmanager
-def preserved_rng(device: torch.device) -> Iterator[None]:
-    """Run a block without disturbing the training RNG streams."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        yield

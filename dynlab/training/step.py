@@ -12,11 +12,13 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from dynlab.model.dynamics import lm_loss
 from dynlab.training import ddp
 from dynlab.training.rng import preserved_rng
+
+__all__ = ["autocast", "batch_loss", "lm_loss", "set_lr", "train_step"]
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -24,13 +26,6 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
-            ) -> torch.Tensor:
-    """Next-token cross-entropy: -mean_t log softmax(logits_t)[target_t]."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           reduction=reduction)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -59,6 +59,7 @@ from dynlab.training.config import (
 )
 from dynlab.training.dynamics import learning_dynamics
 from dynlab.training.evalhook import EvalHook
+from dynlab.training.livelog import LiveLog
 from dynlab.training.resume import (
     TrainState,
     check_out_dir,
@@ -232,7 +233,7 @@ def summary(s: Session) -> str:
 
 
 def record_step(step: int, last: bool, ckpt: Checkpointer, evaluator: EvalHook,
-                metrics: MetricsLog | None) -> None:
+                metrics: MetricsLog | None, live: LiveLog | None = None) -> None:
     """The evaluation (rank 0), checkpoint and metrics.jsonl line due after update `step`."""
     cfg, state, clock = ckpt.cfg, ckpt.state, ckpt.clock
     result = evaluator(ckpt.model) if ckpt.rank == 0 and evaluator.due(step, last) else None
@@ -240,11 +241,14 @@ def record_step(step: int, last: bool, ckpt: Checkpointer, evaluator: EvalHook,
     if metrics is None or not (step % cfg.log_every == 0 or result is not None
                                or ckpt.due(step, last)):
         return
-    metrics.write(metrics_record(
+    record = metrics_record(
         step, loss=state.train_loss, lr=learning_rate(cfg, step), tokens=state.tokens,
         wall_seconds=clock.wall(), tokens_per_second=clock.tokens_per_second(state.tokens),
         relora_cycle=state.relora_cycle if cfg.kind == "relora" else None,
-        gpu_hours=clock.gpu_hours(step), eval_result=result))
+        gpu_hours=clock.gpu_hours(step), eval_result=result)
+    metrics.write(record)
+    if live is not None:
+        live.write(record)
 
 
 # ---------------------------------------------------------------- the training loop
@@ -280,6 +284,9 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
                          run_dir=s.run_dir) if rank == 0 else None
     if metrics is not None:
         stack.callback(metrics.close)
+    live = LiveLog(cfg.log, s.run_dir, cfg.to_dict()) if cfg.log and rank == 0 else None
+    if live is not None:
+        stack.callback(live.close)
     console.print(summary(s))
     # -- the model that trains: DDP-wrapped, compiled; evaluation; ReLoRA resets
     ddp_model = ddp.wrap(model, device) if world > 1 else model
@@ -296,7 +303,7 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
     if s.resume_ckpt is None:
         first = D.first_batch(s.data, cfg.batch_size, cfg.seed, rank, world)
         state.train_loss = ddp.mean_over_ranks(batch_loss(model, first, device), device)
-        record_step(0, cfg.steps == 0, ckpt, evaluator, metrics)
+        record_step(0, cfg.steps == 0, ckpt, evaluator, metrics, live)
     with progress_bar(cfg.progress and rank == 0, console) as bar:
         task = bar.add_task(cfg.kind, total=cfg.steps, completed=state.step,
                             loss=state.train_loss, lr=learning_rate(cfg, state.step + 1),
@@ -329,7 +336,7 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
             last = state.step == cfg.steps
             if ckpt.due(state.step, last) or evaluator.due(state.step, last) or (
                     state.step % cfg.log_every == 0):
-                record_step(state.step, last, ckpt, evaluator, metrics)
+                record_step(state.step, last, ckpt, evaluator, metrics, live)
             bar.update(task, advance=1, loss=loss, lr=learning_rate(cfg, state.step),
                        tps=ckpt.clock.tokens_per_second(state.tokens))
             if cfg.stop_at is not None and state.step >= cfg.stop_at:

@@ -534,7 +534,7 @@ def reset_steps(ds: xr.Dataset, run: str) -> list[int]:
     c between checkpoints s0 < s1 is placed at the config's reset steps inside (s0, s1] (or
     [s0, s1) when the checkpoint was written before its reset) when their number is exactly c;
     otherwise at s1, the first checkpoint that shows it. Without `relora_cycle`, the reset
-    steps come from run_configs[run]["relora"] (see config_reset_steps)."""
+    steps come from `run_configs[run]["relora"]` (see config_reset_steps)."""
     cfg = run_configs(ds).get(run, {})
     from_cfg = config_reset_steps(cfg, _last_step(ds, run))
     if "relora_cycle" not in ds.data_vars:
