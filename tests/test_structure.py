@@ -106,7 +106,8 @@ LAYERS = [
                "dynlab.analysis.representations"]),
     ("data", ["dynlab.data", "dynlab.model", "dynlab.runs"]),
     ("sources", ["dynlab.sources", "dynlab.eval"]),
-    ("pipeline", ["dynlab.analysis"]),
+    # evaluation of any source into the store is pipeline work, like analysis
+    ("pipeline", ["dynlab.analysis", "dynlab.eval.sources"]),
     ("figures", ["dynlab.viz"]),
     ("trainer", ["dynlab.training"]),
     ("entry", ["dynlab", "dynlab.demo", "dynlab.testing", "dynlab.__main__", "dynlab_cli"]),
