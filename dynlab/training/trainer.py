@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +41,13 @@ from dynlab.data import pretokenized as P
 from dynlab.devices import resolve_device
 from dynlab.errors import DynlabFailure
 from dynlab.faults import fault_point
+from dynlab.locking import holder_text
 from dynlab.model.pico_decoder import ModelConfig, PicoDecoder
 from dynlab.model.relora import wrap_relora
 from dynlab.runs.config import planned_reset_steps
 from dynlab.runs.files import write_run_json
 from dynlab.runs.layout import complete_checkpoints
+from dynlab.runs.lock import run_lock
 from dynlab.runs.metrics import MetricsLog, metrics_record
 from dynlab.training import batching, ddp
 from dynlab.training import data as D
@@ -183,7 +186,14 @@ def fit_micro_batch(s: Session, say) -> TrainConfig:
 
 
 def setup(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitStack) -> Session:
-    """Options, process group (entered on `stack`), device, threads, data and model."""
+    """Options, process group (entered on `stack`), device, threads, data and model. The
+    process that writes (rank 0) first takes the run directory's lock (dynlab.runs.lock), so
+    a second trainer on the same --out is refused before it reads or writes anything."""
+    if ddp.world()[0] == 0:
+        taken = stack.enter_context(run_lock(cfg.resolved().out))
+        if taken.took_over:
+            warnings.warn(f"{taken.target}: took over the lock of a trainer that ended "
+                          f"without releasing it ({holder_text(taken.took_over)})", stacklevel=2)
     cfg, run_dir, resume_ckpt = resolve_options(cfg, explicit)
     world = ddp.world()[1]
     cfg = batching.apply_batch(cfg, world)  # the global batch over W processes
