@@ -333,7 +333,7 @@ GEOMETRY: dict[str, tuple[Callable[[np.ndarray], float], str]] = {
     "isoscore": (R.isoscore, "IsoScore of the representations, independent of the mean "
                  "(Rudman et al. 2022)"),
 }
-TARGET_HELP = "final, first, previous, STEP or RUN@STEP (comma list for several)"
+TARGET_HELP = "final (or latest), first, previous, STEP or RUN@STEP (comma list for several)"
 
 
 def site_key(layer: int, site: str) -> str:
@@ -423,12 +423,12 @@ def same_samples(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -
 
 
 def parse_targets(spec: str | Sequence[str] | None) -> list[str]:
-    """'final,previous' -> ['final', 'previous']; each final, first, previous, an integer
-    STEP or RUN@STEP. InputError otherwise."""
+    """'final,previous' -> ['final', 'previous']; each final (or its synonym latest), first,
+    previous, an integer STEP or RUN@STEP. InputError otherwise."""
     if spec is None:
         return ["final"]
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
-    items = [s for s in items if s]
+    items = ["final" if s == "latest" else s for s in items if s]
     if not items:
         raise InputError(f"--target: expected {TARGET_HELP}, got nothing")
     for item in items:
@@ -439,6 +439,25 @@ def parse_targets(spec: str | Sequence[str] | None) -> list[str]:
             continue
         raise InputError(f"--target: expected {TARGET_HELP}, got {item!r}")
     return list(dict.fromkeys(items))
+
+
+def check_targets(targets: Sequence[str], runs: Sequence[Run]) -> None:
+    """InputError unless every STEP / RUN@STEP target names a checkpoint that exists: a bare
+    STEP in every run, RUN@STEP in that run. The message lists the steps there are."""
+    by_name = {r.name: r for r in runs}
+    for target in targets:
+        if target in ("final", "first", "previous"):
+            continue
+        name, _, at = target.rpartition("@")
+        if name and name not in by_name:
+            raise InputError(f"--target {target}: run {name!r} is not among the analysed runs "
+                             f"({', '.join(by_name)})")
+        for run in [by_name[name]] if name else runs:
+            steps = [c.step for c in run.checkpoints]
+            if int(at) not in steps:
+                raise InputError(f"--target {target}: run {run.name!r} has no checkpoint at "
+                                 f"step {int(at)} (steps: {', '.join(map(str, steps))}; or "
+                                 "final, first, previous)")
 
 
 def source_reader(ckpt: Checkpoint):
@@ -637,6 +656,7 @@ def analyze_activations(runs: Sequence[Run], path: Path, metrics: Sequence[str],
     from dynlab.analysis import store as S
 
     names = parse_targets(targets)
+    check_targets(names, runs)
     metrics = spectrum_metrics(metrics)
     source = "saved" if data is None else f"computed: {data}, {n_seq} sequences, {positions}"
     if data is not None:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from dynlab.runs.checkpoints import ModelSpec, load_tensors, read_json
-from dynlab.runs.layout import step_of
+from dynlab.runs.layout import step_of, unique_steps
 from dynlab.sources.arch import pico_convert, pico_spec
 from dynlab.sources.base import (
     FOLLOWING,
@@ -163,7 +163,7 @@ class PicoTrainReader(Reader):
             step = step_of(child)
             if step is not None and not child.is_symlink() and child.is_dir():
                 out.append((step, child))
-        return sorted(out)
+        return unique_steps(out)
 
     def checkpoints(self, run_name: str) -> list[SourceCheckpoint]:
         """Complete steps. While following a live run (`FOLLOWING` set) a step also needs a
