@@ -158,7 +158,7 @@ def report(
 
     from dynlab.viz import report as R
     from dynlab.viz.figures import summary_table
-    from dynlab_cli.console import guarded, note, stdout, warn
+    from dynlab_cli.console import guarded, note, plain, stdout, warn
 
     out = Path("report.html") if out is None else out
     with guarded("report"):
@@ -177,14 +177,14 @@ def report(
     table = Table(title="summary (PER: mean, CN: geometric mean of the finite values, over "
                         "layers and matrices at the last step)")
     for col in ["run", *tab.columns]:
-        table.add_column(col)
+        table.add_column(plain(col))
     for run, row in zip(tab.index, tab.itertuples(index=False), strict=True):
-        table.add_row(str(run), *(R.format_value(v) for v in row))
+        table.add_row(plain(run), *(R.format_value(v) for v in row))
     stdout.print(table)
-    stdout.print(f"wrote {path} ({R.n_figures(sections)} figures)")
+    stdout.print(f"wrote {plain(path)} ({R.n_figures(sections)} figures)")
     if screenshot is not None:
         with guarded("report"):
             try:
-                stdout.print(f"wrote {R.screenshot(path, screenshot)}")
+                stdout.print(f"wrote {plain(R.screenshot(path, screenshot))}")
             except RuntimeError as e:
                 warn(f"no screenshot: {e}")

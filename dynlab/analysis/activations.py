@@ -592,6 +592,19 @@ def ensure_activation_store(path: Path, runs: Sequence[Run], metrics: Sequence[s
     S.consolidate(path)
 
 
+def check_token_ids(batch: torch.Tensor, model: torch.nn.Module, data: str,
+                    where: object) -> None:
+    """InputError unless every token id of `batch` has a row in the model's input embedding
+    (a tokenizer with more ids than the model's vocabulary does not belong to it)."""
+    rows = model.get_input_embeddings().num_embeddings if hasattr(
+        model, "get_input_embeddings") else model.embedding_proj.num_embeddings
+    top = int(batch.max()) if batch.numel() else -1
+    if top >= rows:
+        raise InputError(f"--activations-data {data}: the tokenizer gives token id {top}, but "
+                         f"the model at {where} has {rows} embedding rows; its tokenizer does "
+                         "not belong to this model")
+
+
 def computed_activations(run: Run, ckpt: Checkpoint, data: str, n_seq: int, positions: str,
                          batches: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A checkpoint's activations computed now on the run's fixed batch of `data` (made once
@@ -603,8 +616,9 @@ def computed_activations(run: Run, ckpt: Checkpoint, data: str, n_seq: int, posi
 
         if run.name not in batches:
             batches[run.name] = data_batch(run, data, n_seq)
-        return forward_activations(load_checkpoint_model(ckpt.path), batches[run.name],
-                                   positions)
+        model = load_checkpoint_model(ckpt.path)
+        check_token_ids(batches[run.name], model, data, ckpt.path)
+        return forward_activations(model, batches[run.name], positions)
     fmt = getattr(reader, "format", "?")
     if fmt not in ("hf", "hf-hub"):
         raise InputError(f"--activations-data: {run.name} is a {fmt} run; activations are "
@@ -633,6 +647,7 @@ def computed_activations(run: Run, ckpt: Checkpoint, data: str, n_seq: int, posi
         tok = hf_tokenizer([model_dir, run.path], data) if run.name not in batches else None
     if run.name not in batches:
         batches[run.name] = hf_data_batch(tok, hf_context(model), data, n_seq)
+    check_token_ids(batches[run.name], model, data, ckpt.path)
     sites = hf_sites(model, family, run.spec.n_heads)
     return forward_activations(model, batches[run.name], positions, sites=sites,
                                call=lambda ids: model(input_ids=ids))

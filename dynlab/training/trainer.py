@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch import nn
 
 from dynlab.data import pretokenized as P
@@ -238,7 +239,7 @@ def summary(s: Session) -> str:
     return (f"[bold]{cfg.kind}[/] preset {cfg.preset}: {n_params:,} parameters "
             f"({n_trainable:,} trainable), vocab {s.mcfg.vocab_size}, "
             f"{'streamed' if n_tokens is None else f'{n_tokens:,}'} training tokens, "
-            f"device {s.device}{procs}, out {s.run_dir}")
+            f"device {s.device}{procs}, out {escape(str(s.run_dir))}")
 
 
 def record_step(step: int, last: bool, ckpt: Checkpointer, evaluator: EvalHook,
@@ -284,7 +285,7 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
     # -- resume: model, optimizer, counters and RNG from the latest complete checkpoint
     if s.resume_ckpt is not None:
         ckpt.load(s.resume_ckpt)
-        console.print(f"resuming {s.run_dir} from step {state.step}")
+        console.print(f"resuming {escape(str(s.run_dir))} from step {state.step}")
     metrics = MetricsLog(s.run_dir / "metrics.jsonl",
                          truncate_after=state.step if s.resume_ckpt is not None else -1,
                          run_dir=s.run_dir) if rank == 0 else None
@@ -346,7 +347,7 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
                 break
     ddp.barrier()  # the run is complete on disk when any rank returns
     console.print(f"done: step {state.step}, loss {state.train_loss:.4f}, "
-                  f"{ckpt.clock.wall():.1f} s -> {s.run_dir}")
+                  f"{ckpt.clock.wall():.1f} s -> {escape(str(s.run_dir))}")
     return s.run_dir
 
 
