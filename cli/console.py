@@ -13,6 +13,7 @@ traceback. Warnings are printed as one yellow line each.
 from __future__ import annotations
 
 import contextlib
+import errno
 import warnings
 from collections.abc import Iterator
 
@@ -115,6 +116,9 @@ def message(err: BaseException) -> str:
     """The one-line text of an exception for the user."""
     if isinstance(err, KeyError):
         return f"missing key {err}"
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" while writing {err.filename}" if err.filename else ""
+        return f"disk full: no space left on the device{where}"
     return str(err) or type(err).__name__
 
 

@@ -123,7 +123,7 @@ def _shards(index: Path) -> list[Path]:
                                   f"{index.parent} (after following links); refused, nothing "
                                   "was read from it")
         shards.append(index.parent / name)
-    missing = [quoted(str(s.relative_to(index.parent))) for s in shards if not s.is_file()]
+    missing = [printable(s.relative_to(index.parent)) for s in shards if not s.is_file()]
     if missing:
         raise CheckpointError(f"{index}: names shard(s) {', '.join(missing)} that are missing")
     return shards
