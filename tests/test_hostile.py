@@ -72,3 +72,129 @@ def test_second_trainer_on_a_run_directory_is_refused_and_a_stale_lock_is_taken_
     assert "took over the lock" in res.stderr and f"pid {a.pid}" in res.stderr
     assert not (tmp_path / "run.lock").exists()
     assert_same_run(reference["decoder"], out)
+
+
+# ------------------------------------------------------------------ a real full disk
+
+
+def _can_mount_tmpfs() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    try:
+        res = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs "
+                              "/mnt 2>/dev/null || mount -t tmpfs -o size=1m tmpfs /tmp"],
+                             capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return res.returncode == 0
+
+
+needs_tmpfs = pytest.mark.skipif(not _can_mount_tmpfs(), reason="cannot mount a tmpfs in a "
+                                 "private mount namespace here (unshare -rm)")
+
+FILL = textwrap.dedent("""
+    import os, sys
+    path, leave = sys.argv[1], int(sys.argv[2])
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\\0" * 65536)
+        except OSError:
+            pass
+    os.truncate(path, max(0, os.path.getsize(path) - leave))
+""")
+
+
+def in_tmpfs(tmp_path: Path, size: str, script: str, timeout: float = 600) -> Path:
+    """Run the shell `script` in a private mount namespace where $MNT is a fresh tmpfs of
+    `size` (a real file system that runs full), with `dynlab` ($DYN), a filler that leaves
+    N bytes free ($FILL FILE N) and $OUT (tmp_path/out, outside the tmpfs) for what the test
+    reads afterwards. Returns $OUT."""
+    out, mnt = tmp_path / "out", tmp_path / "mnt"
+    out.mkdir()
+    mnt.mkdir()
+    (tmp_path / "fill.py").write_text(FILL)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MNT=str(mnt),
+               OUT=str(out), DYN=f"{sys.executable} -m dynlab_cli.main",
+               FILL=f"{sys.executable} {tmp_path / 'fill.py'}")
+    env.pop("DYNLAB_FAULT", None)
+    res = subprocess.run(["unshare", "-rm", "sh", "-c",
+                          f'mount -t tmpfs -o size={size} tmpfs "$MNT" || exit 99\n{script}'],
+                         env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return out
+
+
+def store_with_runs(path: Path, names: list[str]) -> Path:
+    """The synthetic store of the figure tests (tests/viz_fixtures.py), its two runs renamed."""
+    import viz_fixtures as vf
+
+    ds = vf.make_dataset().assign_coords(run=names)
+    return vf.write_dataset(ds, path)
+
+
+@pytest.mark.slow
+@needs_tmpfs
+def test_full_disk_keeps_the_previous_report_and_figure_byte_for_byte(tmp_path):
+    """`dynlab report` and `dynlab plot` into a real tmpfs: the first writes fit; the tmpfs is
+    then filled, and the second writes (another title) fail with exit 1 and 'disk full': the
+    previous report and figure are byte for byte what they were, no temporary file is left."""
+    store = store_with_runs(tmp_path / "s.zarr", ["decoder", "relora"])
+    out = in_tmpfs(tmp_path, "40m", f"""
+        $DYN report {store} -o "$MNT/report.html" --title first >/dev/null 2>"$OUT/err1"
+        echo $? > "$OUT/rc1"
+        $DYN plot {store} -o "$MNT/fig.html" >/dev/null 2>>"$OUT/err1"
+        echo $? >> "$OUT/rc1"
+        cp "$MNT/report.html" "$OUT/first.html"; cp "$MNT/fig.html" "$OUT/first-fig.html"
+        $FILL "$MNT/filler" 4096
+        $DYN report {store} -o "$MNT/report.html" --title second >/dev/null 2>"$OUT/err2"
+        echo $? > "$OUT/rc2"
+        $DYN plot {store} -o "$MNT/fig.html" --metrics er >/dev/null 2>>"$OUT/err2"
+        echo $? >> "$OUT/rc2"
+        cp "$MNT/report.html" "$OUT/after.html"; cp "$MNT/fig.html" "$OUT/after-fig.html"
+        ls -a "$MNT" > "$OUT/listing"
+    """)
+    assert (out / "rc1").read_text().split() == ["0", "0"], (out / "err1").read_text()
+    err = (out / "err2").read_text()
+    assert (out / "rc2").read_text().split() == ["1", "1"], err
+    assert err.count("disk full: no space left on the device while writing") == 2, err
+    assert "Traceback" not in err
+    assert b"first" in (out / "first.html").read_bytes()
+    assert (out / "after.html").read_bytes() == (out / "first.html").read_bytes()
+    assert (out / "after-fig.html").read_bytes() == (out / "first-fig.html").read_bytes()
+    assert sorted((out / "listing").read_text().split()) == [".", "..", "fig.html", "filler",
+                                                             "report.html"]
+
+
+@pytest.mark.slow
+@needs_tmpfs
+def test_full_disk_during_train_says_where_and_how_much_and_resumes_exactly(
+        reference, tmp_path):
+    """A run on a real tmpfs stops after step_2; the tmpfs is filled to 16 KiB free; the
+    resumed run fails writing step_4 with exit 1 and a message naming the disk, the
+    checkpoint and its size (not torch's 'enforce fail'); the partial checkpoint is gone and
+    step_0/step_2 are intact. With space freed, --resume ends equal to an uninterrupted run."""
+    args = " ".join(cli_args("decoder", Path("$MNT/run"), DECODER))
+    out = in_tmpfs(tmp_path, "64m", f"""
+        $DYN {args} --stop-at 2 >/dev/null 2>"$OUT/err1"; echo $? > "$OUT/rc1"
+        $FILL "$MNT/filler" 16384
+        $DYN {args} --resume >/dev/null 2>"$OUT/err2"; echo $? > "$OUT/rc2"
+        cp -a "$MNT/run" "$OUT/full"
+        rm "$MNT/filler"
+        $DYN {args} --resume >/dev/null 2>"$OUT/err3"; echo $? > "$OUT/rc3"
+        cp -a "$MNT/run" "$OUT/run"
+    """)
+    assert (out / "rc1").read_text().strip() == "0", (out / "err1").read_text()
+    err = (out / "err2").read_text()
+    assert (out / "rc2").read_text().strip() == "1", err
+    assert "Traceback" not in err and "enforce fail" not in err
+    mnt = tmp_path / "mnt"
+    assert f"disk full: checkpoint {mnt}/run/checkpoints/step_4 needs about" in err
+    assert f"file system holding {mnt}/run/checkpoints ran out of space" in err
+    need = float(err.split("needs about ")[1].split(" MB")[0])
+    size = sum(f.stat().st_size for f in (out / "full/checkpoints/step_2").iterdir())
+    assert 0.5 * size / 1e6 < need <= size / 1e6  # the tensors' bytes: most of the folder
+    assert [s for s, _ in complete_checkpoints(out / "full")] == [0, 2]
+    assert not list((out / "full/checkpoints").glob(".tmp-*"))
+    assert (out / "rc3").read_text().strip() == "0", (out / "err3").read_text()
+    assert_same_run(reference["decoder"], out / "run")
