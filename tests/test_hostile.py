@@ -16,20 +16,34 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_train_safety import (  # noqa: F401  (fixtures used by name)
+import torch
+from test_train_safety import (
     DECODER,
     assert_same_run,
-    cache,
     cli_args,
     dynlab_cmd,
-    reference,
     run_dynlab,
     wait_for,
 )
 
+import dynlab
 from dynlab.runs.layout import complete_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted tiny decoder run ({"decoder": RUN}), trained in this process, with a
+    tokenizer cache shared by the processes the tests start."""
+    root = tmp_path_factory.mktemp("reference")
+    before = os.environ.get("DYNLAB_CACHE")
+    os.environ["DYNLAB_CACHE"] = str(root / "cache")
+    yield {"decoder": dynlab.train("decoder", out=str(root / "decoder"), **DECODER)}
+    if before is None:
+        os.environ.pop("DYNLAB_CACHE", None)
+    else:
+        os.environ["DYNLAB_CACHE"] = before
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -198,3 +212,153 @@ def test_full_disk_during_train_says_where_and_how_much_and_resumes_exactly(
     assert not list((out / "full/checkpoints").glob(".tmp-*"))
     assert (out / "rc3").read_text().strip() == "0", (out / "err3").read_text()
     assert_same_run(reference["decoder"], out / "run")
+
+
+# ------------------------------------------------------------------ 4. run names as paths
+
+
+def tree_of(root: Path) -> dict[str, bytes | None]:
+    """Every entry under `root`: files with their bytes, folders as None."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("names", [["../r", "/r"], ["x/r", "[/x]"], ["..", "."]])
+def test_export_writes_every_run_inside_out_under_a_mapped_name(tmp_path, names):
+    """Runs named `../r`, `/r`, `x/r`, `..`, `.` (as folder names and `analyze r x/r` make
+    them) are exported each to one folder directly inside --out, percent-encoded; the marker
+    folder `r` beside --out and the filesystem root are untouched; the mapping is stated."""
+    from typer.testing import CliRunner
+
+    from dynlab.analysis.export import run_folder
+    from dynlab_cli.main import app
+
+    box = tmp_path / "box"
+    (box / "r").mkdir(parents=True)
+    (box / "r" / "marker").write_text("not dynlab's")
+    store = store_with_runs(tmp_path / "s.zarr", names)
+    before = tree_of(box)
+    res = CliRunner().invoke(app, ["export", str(store), "-o", str(box / "exp")])
+    assert res.exit_code == 0, res.output
+    for name in names:
+        assert f"run {name!r} is not a plain folder name; it is exported to " \
+               f"{box / 'exp' / run_folder(name)}" in res.output
+    folders = sorted(p.name for p in (box / "exp").iterdir())
+    assert folders == sorted(run_folder(n) for n in names)
+    assert all("/" not in f and f not in (".", "..") and not f.startswith(".") for f in folders)
+    assert {k: v for k, v in tree_of(box).items() if not k.startswith("exp")} == before
+    assert not Path("/r").exists()
+    # every file of each run is under its own folder, with the values of that run
+    for name in names:
+        files = list((box / "exp" / run_folder(name)).rglob("*.json"))
+        assert files and all(f.resolve().is_relative_to((box / "exp").resolve())
+                             for f in files)
+
+
+def test_run_folder_is_one_to_one_and_keeps_plain_names():
+    from dynlab.analysis.export import run_folder
+
+    names = ["r", "run-1.b", "../r", "x/r", "/r", "x%2Fr", ".", "..", ".hidden", "a b", "é"]
+    assert run_folder("r") == "r" and run_folder("run-1.b") == "run-1.b"
+    assert run_folder("x/r") == "x%2Fr" and run_folder("../r") == "%2E.%2Fr"
+    folders = [run_folder(n) for n in names]
+    assert len(set(folders)) == len(names)  # x/r and a run literally named x%2Fr differ
+    from urllib.parse import unquote
+
+    assert [unquote(f) for f in folders] == names
+
+
+# ------------------------------------------------------------------ 7, 8, 10 on dynlab runs
+
+
+@pytest.fixture
+def run_copy(reference, tmp_path):
+    run = tmp_path / "decoder"
+    shutil.copytree(reference["decoder"], run)
+    return run
+
+
+def cli(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """A real `dynlab` process; its stdout and stderr as bytes-decoded text."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("DYNLAB_FAULT", None)
+    return subprocess.run([sys.executable, "-m", "dynlab_cli.main", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=cwd, check=False)
+
+
+def one_line_error(res: subprocess.CompletedProcess, code: int = 2) -> str:
+    assert res.returncode == code, res.stderr
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().count("\n") == 0, res.stderr
+    return res.stderr
+
+
+@pytest.mark.slow
+def test_duplicate_steps_unknown_target_and_integer_weights_are_errors(run_copy, tmp_path):
+    """step_2 and step_02 (other weights) in one run: exit 2 naming both; --target 999: exit
+    2 listing the steps there are, before any store is made; weights stored as int64: exit 2
+    naming the file and tensor. None of them writes a store."""
+    ckpts = run_copy / "checkpoints"
+    shutil.copytree(ckpts / "step_4", ckpts / "step_02")
+    meta = json.loads((ckpts / "step_02/meta.json").read_text())
+    (ckpts / "step_02/meta.json").write_text(json.dumps(meta | {"step": 2}))
+    err = one_line_error(cli("analyze", run_copy, "-o", tmp_path / "a.zarr"))
+    assert f"{ckpts / 'step_02'} and {ckpts / 'step_2'} both claim step 2" in err
+    shutil.rmtree(ckpts / "step_02")
+
+    err = one_line_error(cli("analyze", run_copy, "-o", tmp_path / "a.zarr", "--target", "999"))
+    assert "--target 999: run 'decoder' has no checkpoint at step 999 (steps: 0, 2, 4, 6" in err
+    err = one_line_error(cli("analyze", run_copy, "-o", tmp_path / "a.zarr", "--target",
+                             "decoder@5"))
+    assert "no checkpoint at step 5 (steps: 0, 2, 4, 6" in err
+    assert not (tmp_path / "a.zarr").exists()
+
+    from safetensors.torch import load_file, save_file
+
+    path = ckpts / "step_4" / "weights.safetensors"
+    tensors = load_file(path)
+    name = next(k for k in tensors if k.endswith("attention.q_proj.weight"))
+    tensors[name] = (tensors[name] * 1000).to(torch.int64)
+    save_file(tensors, str(path))
+    err = one_line_error(cli("analyze", run_copy, "-o", tmp_path / "a.zarr"))
+    assert f"{path}: {name} is stored as int64; expected floating-point weights" in err
+    assert not (tmp_path / "a.zarr").exists()
+
+
+def test_latest_is_final():
+    from dynlab.analysis.activations import parse_targets
+
+    assert parse_targets("latest") == ["final"]
+    assert parse_targets("latest,first,final") == ["final", "first"]
+
+
+@pytest.mark.slow
+def test_activations_data_with_a_tokenizer_larger_than_the_model(run_copy, tmp_path):
+    """A run whose tokenizer.json has more ids than the model's 300 embedding rows:
+    --activations-data is exit 2 naming the id and the rows, not torch's IndexError."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from dynlab.data.grammar import generate_corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(generate_corpus(300), trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    assert tok.get_vocab_size() > 300
+    tok.save(str(run_copy / "tokenizer.json"))
+    err = one_line_error(cli("analyze", run_copy, "-o", tmp_path / "a.zarr",
+                             "--activations-data", "default"))
+    assert "--activations-data default: the tokenizer gives token id" in err
+    assert "has 300 embedding rows; its tokenizer does not belong to this model" in err
+
+
+@pytest.mark.slow
+def test_report_of_runs_named_with_markup_and_control_characters(tmp_path):
+    """Runs named `[/x]` and `r\\x1b]0;owned\\x07`: `dynlab report` exits 0 (no MarkupError),
+    shows `[/x]` as it is, and writes no ESC byte to the terminal."""
+    store = store_with_runs(tmp_path / "s.zarr", ["[/x]", "r\x1b]0;owned\x07"])
+    res = cli("report", store, "-o", tmp_path / "report.html")
+    assert res.returncode == 0, res.stderr
+    assert "[/x]" in res.stdout and "r\\x1b]0;owned\\x07" in res.stdout
+    assert "\x1b" not in res.stdout + res.stderr and "\x07" not in res.stdout + res.stderr
