@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from dynlab.errors import printable
 from dynlab_cli.options import kinds_option, metrics_option, split
 
 
@@ -30,8 +31,9 @@ SHORT = {"final step": "step", "final loss": "loss", "perplexity": "ppl", "PER w
 
 def _check_choice(what: str, value: str, allowed: list[str], flag: str = "") -> None:
     if value not in allowed:
-        raise typer.BadParameter(f"{what} '{value}' is not in the store; expected one of: "
-                                 f"{', '.join(allowed)}", param_hint=flag or f"--{what}")
+        raise typer.BadParameter(printable(f"{what} '{value}' is not in the store; expected "
+                                           f"one of: {', '.join(allowed)}"),
+                                 param_hint=flag or f"--{what}")
 
 
 def figure_files(out: Path, figure: FigureKind, metrics: list[str], kinds: list[str]
