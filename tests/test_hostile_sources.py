@@ -299,3 +299,31 @@ def test_revision_ranges_are_matched_not_listed():
         select_revisions("step0,step3", known, "here")
     assert select_steps("0:10**9".replace("10**9", "1000000000") + ":2", [0, 2, 3, 4], "w") \
         == [0, 2, 4]
+
+
+def test_sharded_snapshot_in_a_hub_cache_reads_its_blobs_but_nothing_else(llama, tmp_path):
+    """A sharded model laid out as huggingface_hub's cache (snapshot files are links into the
+    repository's blobs/) opens and reads its shards; a snapshot link to a file outside blobs/
+    is refused, and that file is never read."""
+    pytest.importorskip("huggingface_hub")
+    from test_sources_hub import lay_out_cache
+
+    cache = tmp_path / "cache"
+    lay_out_cache(cache, "org/sharded", {"step2": llama / "step2"})
+    (snap,) = (cache / "models--org--sharded/snapshots").iterdir()
+    (run,) = open_sources([snap])
+    direct = dynlab.open_store(dynlab.analyze([llama / "step2"], tmp_path / "a.zarr",
+                                              metrics="per", device="cpu", progress=False))
+    cached = dynlab.open_store(dynlab.analyze([snap], tmp_path / "b.zarr", metrics="per",
+                                              device="cpu", progress=False))
+    np.testing.assert_array_equal(cached.per.values, direct.per.values)
+    private = tmp_path / "private.safetensors"
+    index = json.loads((snap / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    shutil.copy(snap / shard, private)
+    os.utime(private, (OLD, OLD))
+    (snap / shard).unlink()
+    (snap / shard).symlink_to(private)
+    with pytest.raises(CheckpointError, match=f"shard '{shard}' lies outside the model folder"):
+        open_sources([snap])
+    assert private.stat().st_atime == OLD or not reads_move_atime(tmp_path)

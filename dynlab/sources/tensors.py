@@ -8,6 +8,7 @@ strings) and must then be a plain `dict[str, Tensor]`, anything else is refused.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,10 +99,22 @@ def weight_files(model_dir: Path) -> tuple[str, list[Path]]:
     )
 
 
+def shard_roots(model_dir: Path) -> list[Path]:
+    """Where the shards of `model_dir` may resolve to: the folder itself and, when it is a
+    snapshot in huggingface_hub's cache (`models--ORG--NAME/snapshots/<commit>`, whose files
+    are links into the repository's `blobs/`), that repository's blobs folder."""
+    roots = [model_dir.resolve()]
+    if model_dir.parent.name == "snapshots" and model_dir.parent.parent.name.startswith(
+            "models--"):
+        roots.append((model_dir.parent.parent / "blobs").resolve())
+    return roots
+
+
 def _shards(index: Path) -> list[Path]:
     """The shard files a `*.index.json` names in its `weight_map` (tensor name -> file name).
-    Every file must resolve inside the model folder, symbolic links followed: a name such as
-    `../../elsewhere/x.safetensors` or an absolute path is refused and never opened."""
+    Every name must be a relative path inside the model folder, and resolve inside it with
+    symbolic links followed (`shard_roots`): a name such as `../../elsewhere/x.safetensors`,
+    an absolute path or a link that leads out is refused and never opened."""
     try:
         data = json.loads(index.read_text())
     except (OSError, ValueError) as e:
@@ -114,11 +127,14 @@ def _shards(index: Path) -> list[Path]:
     if bad is not None:
         raise CheckpointError(f"{index}: weight_map[{quoted(bad[0])}] is {quoted(bad[1])}; "
                               "expected the file name of a shard")
-    folder = index.parent.resolve()
+    roots = shard_roots(index.parent)
+    folder = Path(os.path.normpath(index.parent))
     shards = []
     for name in sorted(set(weight_map.values())):
+        lexical = os.path.normpath(folder / name)
         shard = (index.parent / name).resolve()
-        if Path(name).is_absolute() or not shard.is_relative_to(folder):
+        if (Path(name).is_absolute() or not Path(lexical).is_relative_to(folder)
+                or not any(shard.is_relative_to(r) for r in roots)):
             raise UnsafeShard(f"{index}: shard {quoted(name)} lies outside the model folder "
                                   f"{index.parent} (after following links); refused, nothing "
                                   "was read from it")
