@@ -88,6 +88,25 @@ def test_second_trainer_on_a_run_directory_is_refused_and_a_stale_lock_is_taken_
     assert_same_run(reference["decoder"], out)
 
 
+def test_run_lock_is_the_store_lock_mechanism(tmp_path):
+    """The run directory's lock and the store's are one WriterLock: a second holder is
+    refused naming the first (its own error type), the file is beside the target and gone
+    on release, and folders made only for the lock are removed when nothing was written."""
+    from dynlab.analysis.storelock import StoreAccess, StoreBusy
+    from dynlab.locking import Busy, WriterLock
+    from dynlab.runs.lock import RunBusy, run_lock
+
+    run = tmp_path / "new" / "deeper" / "run"
+    with run_lock(run) as held:
+        assert isinstance(held, WriterLock) and (tmp_path / "new/deeper/run.lock").is_file()
+        with pytest.raises(RunBusy, match=rf"{run}: another dynlab train is writing this run "
+                           rf"directory \(pid {os.getpid()} on .*, since .*\); wait for it"):
+            run_lock(run).acquire()
+    assert not (tmp_path / "new").exists()  # nothing was trained: no folder left behind
+    assert issubclass(RunBusy, Busy) and issubclass(StoreBusy, Busy)
+    assert issubclass(StoreAccess, WriterLock)
+
+
 # ------------------------------------------------------------------ a real full disk
 
 
