@@ -17,19 +17,45 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_safety import (
-    DECODER,
-    assert_same_run,
-    cli_args,
-    dynlab_cmd,
-    run_dynlab,
-    wait_for,
-)
+from test_train_safety import DECODER, assert_same_run, cli_args, wait_for
 
 import dynlab
 from dynlab.runs.layout import complete_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a dynlab process started by a test: this tree first on the path
+    (then what the test runner had), one thread, no fault injection."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", **extra)
+    if "DYNLAB_FAULT" not in extra:
+        env.pop("DYNLAB_FAULT", None)
+    return env
+
+
+def dynlab_cmd(args: list[str], fault: str | None = None, mark: Path | None = None
+               ) -> subprocess.Popen:
+    """A real `dynlab` process, running; `fault` and `mark` as dynlab.faults reads them."""
+    extra = {"DYNLAB_FAULT": fault} if fault else {}
+    if mark:
+        extra["DYNLAB_FAULT_MARK"] = str(mark)
+    return subprocess.Popen([sys.executable, "-m", "dynlab_cli.main", *map(str, args)],
+                            env=child_env(**extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def run_dynlab(args: list[str]) -> subprocess.CompletedProcess:
+    """A real `dynlab` process, run to its end (killed after 300 s)."""
+    proc = dynlab_cmd(args)
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -147,10 +173,8 @@ def in_tmpfs(tmp_path: Path, size: str, script: str, timeout: float = 600) -> Pa
     out.mkdir()
     mnt.mkdir()
     (tmp_path / "fill.py").write_text(FILL)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MNT=str(mnt),
-               OUT=str(out), DYN=f"{sys.executable} -m dynlab_cli.main",
-               FILL=f"{sys.executable} {tmp_path / 'fill.py'}")
-    env.pop("DYNLAB_FAULT", None)
+    env = child_env(MNT=str(mnt), OUT=str(out), DYN=f"{sys.executable} -m dynlab_cli.main",
+                    FILL=f"{sys.executable} {tmp_path / 'fill.py'}")
     res = subprocess.run(["unshare", "-rm", "sh", "-c",
                           f'mount -t tmpfs -o size={size} tmpfs "$MNT" || exit 99\n{script}'],
                          env=env, capture_output=True, text=True, timeout=timeout, check=False)
@@ -298,10 +322,9 @@ def run_copy(reference, tmp_path):
 
 
 def cli(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """A real `dynlab` process; its stdout and stderr as bytes-decoded text."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    env.pop("DYNLAB_FAULT", None)
-    return subprocess.run([sys.executable, "-m", "dynlab_cli.main", *map(str, args)], env=env,
+    """A real `dynlab` process run to its end; its stdout and stderr as text."""
+    return subprocess.run([sys.executable, "-m", "dynlab_cli.main", *map(str, args)],
+                          env=child_env(),
                           capture_output=True, text=True, timeout=300, cwd=cwd, check=False)
 
 

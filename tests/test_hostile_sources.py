@@ -57,11 +57,18 @@ def model(llama, tmp_path):
     return box / "model"
 
 
-def cli(*args) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a process started by a test: this tree first on the path."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", **extra)
     env.pop("DYNLAB_FAULT", None)
-    return subprocess.run([sys.executable, "-m", "dynlab_cli.main", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    return env
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dynlab_cli.main", *map(str, args)],
+                          env=child_env(), capture_output=True, text=True, timeout=300,
+                          check=False)
 
 
 def edit_index(model: Path, change) -> None:
@@ -273,7 +280,7 @@ except SourceError as e:
     print(e)
 print(time.perf_counter() - t)
 """
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = child_env(HF_HUB_OFFLINE="1")
     start = time.perf_counter()
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300, check=False)
