@@ -143,6 +143,14 @@ def checkpoint_bytes(weights, grads=None, activations=None, trainer_state=None,
             + tensor_bytes(trainer_state))
 
 
+def size_text(n: int) -> str:
+    """A byte count for a message, in decimal units: '950 B', '183.4 kB', '12.3 MB', '1.2 GB'."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def disk_full(err: BaseException, folder: Path, need: int) -> bool:
     """Whether a failed write failed for want of space: ENOSPC or EDQUOT, or (torch.save and
     safetensors report a short write as a RuntimeError, e.g. "unexpected pos") a file system
@@ -200,10 +208,10 @@ def write_checkpoint(run_dir: str | Path, step: int, weights: Mapping[str, torch
             raise
         free = shutil.disk_usage(final.parent).free
         raise DiskFull(
-            f"disk full: checkpoint {final} needs about {need / 1e6:.2f} MB and the file "
-            f"system holding {final.parent} ran out of space ({free / 1e6:.2f} MB free "
-            "after removing the partial checkpoint); the checkpoints already written are "
-            "intact: free some space, then rerun with --resume") from None
+            f"disk full: checkpoint {final} needs about {size_text(need)} and the file "
+            f"system holding {final.parent} ran out of space ({size_text(free)} free after "
+            "removing the partial checkpoint); the checkpoints already written are intact: "
+            "free some space, then rerun with --resume") from None
     fault_point("checkpoint.before-rename")
     old = None
     if final.exists():
