@@ -152,10 +152,13 @@ def size_text(n: int) -> str:
 
 
 def disk_full(err: BaseException, folder: Path, need: int) -> bool:
-    """Whether a failed write failed for want of space: ENOSPC or EDQUOT, or (torch.save and
-    safetensors report a short write as a RuntimeError, e.g. "unexpected pos") a file system
-    with less free space than the write needed."""
+    """Whether a failed write failed for want of space: ENOSPC or EDQUOT (safetensors reports
+    it as "os error 28" in a SafetensorError), or (torch.save reports a short write as a
+    RuntimeError, e.g. "unexpected pos") a file system with less free space than the write
+    needed."""
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if f"os error {errno.ENOSPC}" in str(err) or "No space left on device" in str(err):
         return True
     try:
         return shutil.disk_usage(folder).free < need
@@ -200,7 +203,7 @@ def write_checkpoint(run_dir: str | Path, step: int, weights: Mapping[str, torch
         if trainer_state is not None:
             torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "meta.json").write_text(json.dumps(json_safe(dict(meta or {})), indent=2) + "\n")
-    except (OSError, RuntimeError) as err:
+    except Exception as err:  # OSError, torch's RuntimeError, safetensors' SafetensorError
         need = checkpoint_bytes(weights, grads, activations, trainer_state, dtype)
         full = disk_full(err, final.parent, need)
         shutil.rmtree(tmp, ignore_errors=True)  # frees what the partial checkpoint took
