@@ -336,7 +336,20 @@ def one_line_error(res: subprocess.CompletedProcess, code: int = 2) -> str:
     return res.stderr
 
 
-@pytest.mark.slow
+def invoke_error(*args, code: int = 2) -> str:
+    """`dynlab ARGS` in this process (typer's runner): exit `code`, one line, no traceback;
+    returns what it printed."""
+    from typer.testing import CliRunner
+
+    from dynlab_cli.main import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == code, res.output
+    assert isinstance(res.exception, SystemExit | None), res.exception
+    assert "Traceback" not in res.output and res.output.strip().count("\n") == 0, res.output
+    return res.output
+
+
 def test_duplicate_steps_unknown_target_and_integer_weights_are_errors(run_copy, tmp_path):
     """step_2 and step_02 (other weights) in one run: exit 2 naming both; --target 999: exit
     2 listing the steps there are, before any store is made; weights stored as int64: exit 2
@@ -345,25 +358,24 @@ def test_duplicate_steps_unknown_target_and_integer_weights_are_errors(run_copy,
     shutil.copytree(ckpts / "step_4", ckpts / "step_02")
     meta = json.loads((ckpts / "step_02/meta.json").read_text())
     (ckpts / "step_02/meta.json").write_text(json.dumps(meta | {"step": 2}))
-    err = one_line_error(cli("analyze", run_copy, "-o", tmp_path / "a.zarr"))
+    err = invoke_error("analyze", run_copy, "-o", tmp_path / "a.zarr")
     assert f"{ckpts / 'step_02'} and {ckpts / 'step_2'} both claim step 2" in err
     shutil.rmtree(ckpts / "step_02")
 
-    err = one_line_error(cli("analyze", run_copy, "-o", tmp_path / "a.zarr", "--target", "999"))
+    err = invoke_error("analyze", run_copy, "-o", tmp_path / "a.zarr", "--target", "999")
     assert "--target 999: run 'decoder' has no checkpoint at step 999 (steps: 0, 2, 4, 6" in err
-    err = one_line_error(cli("analyze", run_copy, "-o", tmp_path / "a.zarr", "--target",
-                             "decoder@5"))
+    err = invoke_error("analyze", run_copy, "-o", tmp_path / "a.zarr", "--target", "decoder@5")
     assert "no checkpoint at step 5 (steps: 0, 2, 4, 6" in err
     assert not (tmp_path / "a.zarr").exists()
 
     from safetensors.torch import load_file, save_file
 
-    path = ckpts / "step_4" / "weights.safetensors"
+    path = ckpts / "step_0" / "weights.safetensors"
     tensors = load_file(path)
     name = next(k for k in tensors if k.endswith("attention.q_proj.weight"))
     tensors[name] = (tensors[name] * 1000).to(torch.int64)
     save_file(tensors, str(path))
-    err = one_line_error(cli("analyze", run_copy, "-o", tmp_path / "a.zarr"))
+    err = invoke_error("analyze", run_copy, "-o", tmp_path / "a.zarr")
     assert f"{path}: {name} is stored as int64; expected floating-point weights" in err
 
 
