@@ -74,7 +74,8 @@ def analyze(
     )] = Convention.dynlab,
     target: Annotated[str | None, typer.Option(
         "--target", show_default=False,
-        help="What activations are compared with (CKA, SVCCA, PWCCA): final (default), "
+        help="What activations are compared with (CKA, SVCCA, PWCCA): final (default; "
+        "also latest), "
         "first, previous, STEP or RUN@STEP; a comma list for several.")] = None,
     # ---- sources (dynlab.sources)
     fmt: Annotated[str | None, typer.Option(

@@ -13,6 +13,7 @@ traceback. Warnings are printed as one yellow line each.
 from __future__ import annotations
 
 import contextlib
+import errno
 import warnings
 from collections.abc import Iterator
 
@@ -27,6 +28,7 @@ from dynlab.errors import (
     DynlabError,
     DynlabFailure,
     InputError,
+    printable,
 )
 
 #: progress, warnings, notes and errors (stderr)
@@ -45,19 +47,26 @@ FAILURE: tuple[type[BaseException], ...] = (RuntimeError, OSError, ImportError)
 INTERRUPTED_MESSAGE = "interrupted; rerun the same command to resume"
 
 
+def plain(text: object) -> str:
+    """Text for a rich console that prints as it is: control characters escaped
+    (dynlab.errors.printable) and rich markup escaped, so file content, run names and paths
+    (`[/x]`, ESC sequences) can neither break nor drive the terminal."""
+    return escape(printable(text))
+
+
 def error(message: object, where: str = "") -> None:
     """One red line on stderr: '<where>error: <message>'."""
-    console.print(f"[red]{escape(where)}error:[/] {escape(str(message))}")
+    console.print(f"[red]{plain(where)}error:[/] {plain(message)}")
 
 
 def warn(message: object) -> None:
     """One yellow line on stderr: 'warning: <message>'."""
-    console.print(f"[yellow]warning:[/] {escape(str(message))}")
+    console.print(f"[yellow]warning:[/] {plain(message)}")
 
 
 def note(message: object) -> None:
     """One line on stderr: 'note: <message>'."""
-    console.print(f"note: {escape(str(message))}")
+    console.print(f"note: {plain(message)}")
 
 
 def show_warnings() -> None:
@@ -107,6 +116,9 @@ def message(err: BaseException) -> str:
     """The one-line text of an exception for the user."""
     if isinstance(err, KeyError):
         return f"missing key {err}"
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" while writing {err.filename}" if err.filename else ""
+        return f"disk full: no space left on the device{where}"
     return str(err) or type(err).__name__
 
 
@@ -116,6 +128,6 @@ def checkpoint_error(where: object, err: BaseException) -> DynlabError:
     return InputError(text) if exit_code(err) == EXIT_BAD_INPUT else DynlabFailure(text)
 
 
-__all__ = ["console", "error", "warn", "note", "guarded", "exit_code", "show_warnings",
+__all__ = ["console", "error", "warn", "note", "plain", "guarded", "exit_code", "show_warnings",
            "message", "checkpoint_error", "stdout",
            "EXIT_BAD_INPUT", "EXIT_FAILURE", "EXIT_INTERRUPTED", "INTERRUPTED_MESSAGE"]

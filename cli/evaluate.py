@@ -307,12 +307,13 @@ def print_tables(results: list[dict]) -> None:
 
     if not results:
         return
+    from dynlab_cli.console import plain
     from dynlab_cli.console import stdout as out
 
     fields = sorted({f for r in results for f in r.get("blimp", {}).get("by_field", {})})
     summary = Table(title="evaluation")
     for col in ["step", "ppl macro", "BLiMP overall", *fields]:
-        summary.add_column(col, justify="right")
+        summary.add_column(plain(col), justify="right")
     for r in results:
         ppl = r.get("perplexity", {}).get("macro")
         bl = r.get("blimp", {})
@@ -326,12 +327,12 @@ def print_tables(results: list[dict]) -> None:
         table.add_column("domain")
         table.add_column("ppl", justify="right")
         for dom, v in last["perplexity"]["by_domain"].items():
-            table.add_row(dom, f"{v:.3f}")
+            table.add_row(plain(dom), f"{v:.3f}")
         out.print(table)
     if "blimp" in last and len(last["blimp"]["by_uid"]) <= 20:
         table = Table(title=f"BLiMP by UID (step {last['step']})")
         table.add_column("UID")
         table.add_column("accuracy", justify="right")
         for u, v in last["blimp"]["by_uid"].items():
-            table.add_row(u, f"{v:.3f}")
+            table.add_row(plain(u), f"{v:.3f}")
         out.print(table)

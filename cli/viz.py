@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from dynlab.errors import printable
 from dynlab_cli.options import kinds_option, metrics_option, split
 
 
@@ -30,8 +31,9 @@ SHORT = {"final step": "step", "final loss": "loss", "perplexity": "ppl", "PER w
 
 def _check_choice(what: str, value: str, allowed: list[str], flag: str = "") -> None:
     if value not in allowed:
-        raise typer.BadParameter(f"{what} '{value}' is not in the store; expected one of: "
-                                 f"{', '.join(allowed)}", param_hint=flag or f"--{what}")
+        raise typer.BadParameter(printable(f"{what} '{value}' is not in the store; expected "
+                                           f"one of: {', '.join(allowed)}"),
+                                 param_hint=flag or f"--{what}")
 
 
 def figure_files(out: Path, figure: FigureKind, metrics: list[str], kinds: list[str]
@@ -158,7 +160,7 @@ def report(
 
     from dynlab.viz import report as R
     from dynlab.viz.figures import summary_table
-    from dynlab_cli.console import guarded, note, stdout, warn
+    from dynlab_cli.console import guarded, note, plain, stdout, warn
 
     out = Path("report.html") if out is None else out
     with guarded("report"):
@@ -177,14 +179,14 @@ def report(
     table = Table(title="summary (PER: mean, CN: geometric mean of the finite values, over "
                         "layers and matrices at the last step)")
     for col in ["run", *tab.columns]:
-        table.add_column(col)
+        table.add_column(plain(col))
     for run, row in zip(tab.index, tab.itertuples(index=False), strict=True):
-        table.add_row(str(run), *(R.format_value(v) for v in row))
+        table.add_row(plain(run), *(R.format_value(v) for v in row))
     stdout.print(table)
-    stdout.print(f"wrote {path} ({R.n_figures(sections)} figures)")
+    stdout.print(f"wrote {plain(path)} ({R.n_figures(sections)} figures)")
     if screenshot is not None:
         with guarded("report"):
             try:
-                stdout.print(f"wrote {R.screenshot(path, screenshot)}")
+                stdout.print(f"wrote {plain(R.screenshot(path, screenshot))}")
             except RuntimeError as e:
                 warn(f"no screenshot: {e}")

@@ -36,3 +36,27 @@ class DynlabFailure(DynlabError, RuntimeError):
     """The input is valid but the work could not be done (exit 1)."""
 
     exit_code = EXIT_FAILURE
+
+
+# ---------------------------------------------------------------- quoting untrusted text
+
+#: characters a terminal acts on: C0 controls but newline and tab, DEL, C1 controls (0x9b is
+#: a one-byte CSI), and the bidirectional overrides that reorder what is shown
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]
+            if c not in (0x09, 0x0A)}
+_CONTROL |= {c: f"\\u{c:04x}" for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
+
+
+def printable(text: object) -> str:
+    """`str(text)` with every character a terminal would act on written as an escape
+    (`\\x1b`, `\\x07`, `\\u202e`, ...): ESC can retitle a window (OSC) or clear the screen
+    (CSI), carriage return can overwrite what was printed. Newline and tab are kept. Every
+    message dynlab prints passes through it (dynlab_cli.console)."""
+    return str(text).translate(_CONTROL)
+
+
+def quoted(value: object, limit: int = 200) -> str:
+    """A value read from an untrusted file, for an error message: `repr(value)` (quotes, and
+    control characters escaped), cut to `limit` characters with '...'."""
+    text = printable(repr(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."

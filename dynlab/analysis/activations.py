@@ -288,7 +288,7 @@ GEOMETRY: dict[str, tuple[Callable[[np.ndarray], float], str]] = {
     "isoscore": (R.isoscore, "IsoScore of the representations, independent of the mean "
                  "(Rudman et al. 2022)"),
 }
-TARGET_HELP = "final, first, previous, STEP or RUN@STEP (comma list for several)"
+TARGET_HELP = "final (or latest), first, previous, STEP or RUN@STEP (comma list for several)"
 
 
 def site_key(layer: int, site: str) -> str:
@@ -378,12 +378,12 @@ def same_samples(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -
 
 
 def parse_targets(spec: str | Sequence[str] | None) -> list[str]:
-    """'final,previous' -> ['final', 'previous']; each final, first, previous, an integer
-    STEP or RUN@STEP. InputError otherwise."""
+    """'final,previous' -> ['final', 'previous']; each final (or its synonym latest), first,
+    previous, an integer STEP or RUN@STEP. InputError otherwise."""
     if spec is None:
         return ["final"]
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
-    items = [s for s in items if s]
+    items = ["final" if s == "latest" else s for s in items if s]
     if not items:
         raise InputError(f"--target: expected {TARGET_HELP}, got nothing")
     for item in items:
@@ -394,6 +394,25 @@ def parse_targets(spec: str | Sequence[str] | None) -> list[str]:
             continue
         raise InputError(f"--target: expected {TARGET_HELP}, got {item!r}")
     return list(dict.fromkeys(items))
+
+
+def check_targets(targets: Sequence[str], runs: Sequence[Run]) -> None:
+    """InputError unless every STEP / RUN@STEP target names a checkpoint that exists: a bare
+    STEP in every run, RUN@STEP in that run. The message lists the steps there are."""
+    by_name = {r.name: r for r in runs}
+    for target in targets:
+        if target in ("final", "first", "previous"):
+            continue
+        name, _, at = target.rpartition("@")
+        if name and name not in by_name:
+            raise InputError(f"--target {target}: run {name!r} is not among the analysed runs "
+                             f"({', '.join(by_name)})")
+        for run in [by_name[name]] if name else runs:
+            steps = [c.step for c in run.checkpoints]
+            if int(at) not in steps:
+                raise InputError(f"--target {target}: run {run.name!r} has no checkpoint at "
+                                 f"step {int(at)} (steps: {', '.join(map(str, steps))}; or "
+                                 "final, first, previous)")
 
 
 def source_reader(ckpt: Checkpoint):
@@ -528,6 +547,19 @@ def ensure_activation_store(path: Path, runs: Sequence[Run], metrics: Sequence[s
     S.consolidate(path)
 
 
+def check_token_ids(batch: torch.Tensor, model: torch.nn.Module, data: str,
+                    where: object) -> None:
+    """InputError unless every token id of `batch` has a row in the model's input embedding
+    (a tokenizer with more ids than the model's vocabulary does not belong to it)."""
+    rows = model.get_input_embeddings().num_embeddings if hasattr(
+        model, "get_input_embeddings") else model.embedding_proj.num_embeddings
+    top = int(batch.max()) if batch.numel() else -1
+    if top >= rows:
+        raise InputError(f"--activations-data {data}: the tokenizer gives token id {top}, but "
+                         f"the model at {where} has {rows} embedding rows; its tokenizer does "
+                         "not belong to this model")
+
+
 def computed_activations(run: Run, ckpt: Checkpoint, data: str, n_seq: int, positions: str,
                          batches: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A checkpoint's activations computed now on the run's fixed batch of `data` (made once
@@ -539,8 +571,9 @@ def computed_activations(run: Run, ckpt: Checkpoint, data: str, n_seq: int, posi
 
         if run.name not in batches:
             batches[run.name] = data_batch(run, data, n_seq)
-        return forward_activations(load_checkpoint_model(ckpt.path), batches[run.name],
-                                   positions)
+        model = load_checkpoint_model(ckpt.path)
+        check_token_ids(batches[run.name], model, data, ckpt.path)
+        return forward_activations(model, batches[run.name], positions)
     fmt = getattr(reader, "format", "?")
     if fmt not in ("hf", "hf-hub"):
         raise InputError(f"--activations-data: {run.name} is a {fmt} run; activations are "
@@ -571,6 +604,7 @@ def computed_activations(run: Run, ckpt: Checkpoint, data: str, n_seq: int, posi
                if run.name not in batches else None)
     if run.name not in batches:
         batches[run.name] = hf_data_batch(tok, hf_context(model), data, n_seq)
+    check_token_ids(batches[run.name], model, data, ckpt.path)
     sites = hf_sites(model, family, run.spec.n_heads)
     return forward_activations(model, batches[run.name], positions, sites=sites,
                                call=lambda ids: model(input_ids=ids))
@@ -594,6 +628,7 @@ def analyze_activations(runs: Sequence[Run], path: Path, metrics: Sequence[str],
     from dynlab.analysis import store as S
 
     names = parse_targets(targets)
+    check_targets(names, runs)
     metrics = spectrum_metrics(metrics)
     source = "saved" if data is None else f"computed: {data}, {n_seq} sequences, {positions}"
     if data is not None:

@@ -2,7 +2,8 @@
 
     OUT/step_<N>/<metric_name>_<split>.json     {"<component key>": value, ...}
 
-(with several runs in the store and no run chosen: OUT/<run>/step_<N>/...), so notebooks
+(with several runs in the store and no run chosen: OUT/<run>/step_<N>/..., where <run> is
+the run's name percent-encoded when it is not a plain folder name, `run_folder`), so notebooks
 written for pico-analyze's output read dynlab's numbers. As pico-analyze writes them:
 
 * one file per metric and split, holding every component and data type of that metric;
@@ -32,13 +33,15 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import xarray as xr
 
 from dynlab.atomic import write_text_atomically
-from dynlab.errors import InputError
+from dynlab.errors import InputError, quoted
 
 FORMATS = ("pico-analyze", "tensorboard", "wandb")
 #: dynlab metric -> pico-analyze's metric name (its file name), where they differ
@@ -143,6 +146,18 @@ def step_files(ds: xr.Dataset, run: str, step: int, split: str,
     return {f: entries for f, entries in files.items() if entries}
 
 
+def run_folder(name: str) -> str:
+    """The folder name of run `name` under --out: the name itself when it is a plain name
+    (letters, digits, `-_.+@=,`, not starting with a dot), else its percent-encoding
+    (`x/r` -> `x%2Fr`, `../r` -> `%2E.%2Fr`, `.hidden` -> `%2Ehidden`): one folder per run,
+    always inside --out, never a path of several components and never `.` or `..`. Two
+    different names never share a folder (percent-encoding is one-to-one)."""
+    if not name:
+        raise InputError("a run in the store has an empty name; it cannot be exported")
+    folder = quote(name, safe="-_.+@=,")
+    return "%2E" + folder[1:] if folder.startswith(".") else folder
+
+
 def _write_json(path: Path, data: dict) -> None:
     write_text_atomically(path, json.dumps(data, indent=None))
 
@@ -176,7 +191,11 @@ def export(store: str | Path, out: str | Path, *, fmt: str = "pico-analyze",
     analyzed = ds["analyzed"].load() if "analyzed" in ds.data_vars else None
     written: list[Path] = []
     for r in chosen:
-        root = out / r if len(chosen) > 1 else out
+        folder = run_folder(r)
+        if len(chosen) > 1 and folder != r:
+            warnings.warn(f"run {quoted(r)} is not a plain folder name; it is exported to "
+                          f"{out / folder}", stacklevel=2)
+        root = out / folder if len(chosen) > 1 else out
         for step in (int(s) for s in ds["step"].values):
             if analyzed is not None and not int(analyzed.sel(run=r, step=step)):
                 continue

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from dynlab.errors import printable
+
 
 def warn_nonfinite(checkpoint: Path, bad: Sequence[str], stacklevel: int = 3) -> None:
     """Warn that matrices of `checkpoint` held NaN/Inf (their metrics are NaN)."""
@@ -42,12 +44,14 @@ class Progress:
 
         self.bar = Bar(
             TextColumn("[bold]analyze[/]"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            transient=not os.environ.get("CI"),
+            TextColumn("{task.description}", markup=False), TimeElapsedColumn(),
+            TimeRemainingColumn(), transient=not os.environ.get("CI"),
         )
         self.bar.__enter__()
         self.task = self.bar.add_task("", total=self.total)
-        return lambda description: self.bar.update(self.task, advance=1, description=description)
+        # run names are shown as they are: no markup, control characters escaped
+        return lambda description: self.bar.update(self.task, advance=1,
+                                                   description=printable(description))
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> bool:

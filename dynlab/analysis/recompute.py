@@ -8,9 +8,10 @@ calls it on freshly computed spectra, and `recompute` on the stored ones, so a m
 later can be filled into an existing store without the checkpoints and gives the same numbers
 as an analysis that computed it from the start.
 
-max(m, n) is not stored; it follows from the run's model shape (run.json's "model", kept in
-the store's `run_configs`): for each cell of each table, the shape of the matrix it holds
-(`site_max_dims`).
+max(m, n) is not stored; it follows from the run's model shape (the store's `run_configs`
+record of the run: run.json's "model", or the config.json of a Hugging Face, pico-train or
+relora-pico source, `recorded_spec`): for each cell of each table, the shape of the matrix it
+holds (`site_max_dims`).
 """
 
 from __future__ import annotations
@@ -80,6 +81,24 @@ def site_max_dims(spec: ModelSpec, table: str, n_layers: int, n_heads: int,
     raise ValueError(f"unknown table {table!r}")
 
 
+def recorded_spec(config: dict, where: str) -> ModelSpec:
+    """The model shape of a run from the store's record of it (`run_configs`): a dynlab
+    run's run.json; a Hugging Face run's config.json (its architecture's adapter,
+    dynlab.sources.arch); a pico-train or relora-pico run's config.json (pico's names)."""
+    from dynlab.sources.arch import adapter_for, pico_spec
+
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise InputError(f"{where}: the store's record of the run holds no model object")
+    source = config.get("source") if isinstance(config.get("source"), dict) else {}
+    fmt = source.get("format")
+    model = config["model"]
+    if config.get("kind") == "hf" or fmt in ("hf", "hf-hub"):
+        return adapter_for(model, Path(where)).spec(model, Path(where))
+    if fmt in ("pico-train", "relora-pico"):
+        return pico_spec(model, Path(where))
+    return ModelSpec.from_run_config(config, where)
+
+
 def spectrum_metric_names(spec: str | Sequence[str]) -> tuple[str, ...]:
     """Parse --metrics for recompute: only metrics computable from σ are accepted."""
     try:
@@ -139,7 +158,7 @@ def _recompute(
     for run in runs:
         if run not in configs:
             raise StoreError(f"{path}: run {run!r} has no model config in the store")
-        specs[run] = ModelSpec.from_run_config(configs[run], path)
+        specs[run] = recorded_spec(configs[run], f"{path} (run {run!r})")
     stored = list(attrs["metrics"])
     new = [n for n in names if n not in stored]
     layout = Layout(runs, [int(s) for s in group["step"][...]], list(attrs["kinds"]),

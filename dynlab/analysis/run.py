@@ -81,7 +81,7 @@ def analyze(
     The store is locked for the whole analysis (`dynlab.analysis.storelock`): another writer raises
     StoreBusy, or waits `wait` seconds (True: for ever) for it.
     """
-    from dynlab.analysis.activations import parse_targets
+    from dynlab.analysis.activations import check_targets, parse_targets
 
     targets = parse_targets(target)
     check_convention(convention)
@@ -92,6 +92,8 @@ def analyze(
         raise ValueError("hf:// sources are streamed in this process; leave out --scheduler")
     found = open_sources(runs, fmt, revisions=revisions, keep_downloads=keep_downloads,
                          cache_dir=cache_dir)
+    if target is not None:
+        check_targets(targets, found)
     if grads_data is not None:
         from dynlab.sources.grads import GradsData, with_recomputed_grads
 

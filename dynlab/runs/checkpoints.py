@@ -20,6 +20,7 @@ from dynlab.runs.files import read_json, read_meta, read_run_json
 from dynlab.runs.layout import CheckpointError, complete_checkpoints
 
 __all__ = ["Checkpoint", "CheckpointError", "LoadedCheckpoint", "ModelSpec", "Run", "check_shapes",
+           "check_floating",
            "find_runs", "load_checkpoint", "load_run", "load_tensors", "prefetch", "read_ahead",
            "read_json"]
 
@@ -158,11 +159,22 @@ def read_ahead(path: Path, chunk: int = 16 << 20) -> int:
     return total
 
 
+def check_floating(name: str, tensor: torch.Tensor, path: object) -> None:
+    """CheckpointError naming `path` and `name` unless the tensor holds floating-point
+    numbers (fp32, fp16, bf16, fp64, ...): weights stored as integers or booleans are not a
+    model's parameters."""
+    if not tensor.dtype.is_floating_point:
+        raise CheckpointError(f"{path}: {name} is stored as {str(tensor.dtype).split('.')[-1]}; "
+                              "expected floating-point weights (float32, float16 or bfloat16)")
+
+
 def check_shapes(tensors: Mapping[str, torch.Tensor], spec: ModelSpec, path: Path) -> None:
-    """Every expected parameter is present with the shape run.json implies."""
+    """Every expected parameter is present, floating point, with the shape run.json
+    implies."""
     for name, shape in spec.expected_shapes().items():
         if name not in tensors:
             raise CheckpointError(f"{path}: missing parameter {name} (run.json implies it)")
+        check_floating(name, tensors[name], path)
         if tuple(tensors[name].shape) != shape:
             raise CheckpointError(
                 f"{path}: {name} has shape {tuple(tensors[name].shape)}, but run.json "

@@ -12,6 +12,7 @@ lost and one rule decides which result a reader sees.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from dynlab.atomic import replace_atomically, write_text_atomically
-from dynlab.errors import InputError
+from dynlab.errors import DynlabFailure, InputError
 from dynlab.faults import fault_point
 from dynlab.runs.layout import TMP_PREFIX, CheckpointError, checkpoint_dir
 
@@ -118,6 +119,53 @@ def store_eval(ckpt: str | Path, result: Mapping) -> Path:
     return path
 
 
+class DiskFull(DynlabFailure):
+    """A write failed because its file system is full; the message says where and how much
+    was needed (exit 1)."""
+
+
+def tensor_bytes(obj: Any, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the tensors in `obj` (nested dicts, lists, tuples), each in `dtype` or its
+    own."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * (dtype or obj.dtype).itemsize
+    if isinstance(obj, Mapping):
+        return sum(tensor_bytes(v, dtype) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v, dtype) for v in obj)
+    return 0
+
+
+def checkpoint_bytes(weights, grads=None, activations=None, trainer_state=None,
+                     dtype: torch.dtype | None = None) -> int:
+    """The size a checkpoint's tensors take on disk (file headers not counted)."""
+    return (sum(tensor_bytes(t, dtype) for t in (weights, grads, activations) if t is not None)
+            + tensor_bytes(trainer_state))
+
+
+def size_text(n: int) -> str:
+    """A byte count for a message, in decimal units: '950 B', '183.4 kB', '12.3 MB', '1.2 GB'."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def disk_full(err: BaseException, folder: Path, need: int) -> bool:
+    """Whether a failed write failed for want of space: ENOSPC or EDQUOT (safetensors reports
+    it as "os error 28" in a SafetensorError), or (torch.save reports a short write as a
+    RuntimeError, e.g. "unexpected pos") a file system with less free space than the write
+    needed."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if f"os error {errno.ENOSPC}" in str(err) or "No space left on device" in str(err):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < need
+    except OSError:
+        return False
+
+
 def write_checkpoint(run_dir: str | Path, step: int, weights: Mapping[str, torch.Tensor],
                      grads: Mapping[str, torch.Tensor] | None = None,
                      meta: Mapping | None = None, *,
@@ -129,7 +177,9 @@ def write_checkpoint(run_dir: str | Path, step: int, weights: Mapping[str, torch
     The folder is assembled as `.tmp-step_<step>-<pid>`: weights, grads and activations
     (safetensors, on the CPU, in `dtype` or each tensor's own), trainer_state.pt, then
     meta.json last; it is then renamed into place. An older copy of the step is moved aside
-    before the rename and deleted after it, so it is never lost before the new one is whole."""
+    before the rename and deleted after it, so it is never lost before the new one is whole.
+    A file system that runs full raises DiskFull (how much was needed, how much is free)
+    after removing the partial folder."""
     from safetensors.torch import save_file
 
     final = checkpoint_dir(run_dir, step)
@@ -144,14 +194,27 @@ def write_checkpoint(run_dir: str | Path, step: int, weights: Mapping[str, torch
                 for k, v in tensors.items()}
         save_file(flat, str(tmp / name), metadata={"step": str(step)})
 
-    save(weights, "weights.safetensors")
-    if grads is not None:
-        save(grads, "grads.safetensors")
-    if activations is not None:
-        save(activations, "activations.safetensors")
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-    (tmp / "meta.json").write_text(json.dumps(json_safe(dict(meta or {})), indent=2) + "\n")
+    try:
+        save(weights, "weights.safetensors")
+        if grads is not None:
+            save(grads, "grads.safetensors")
+        if activations is not None:
+            save(activations, "activations.safetensors")
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+        (tmp / "meta.json").write_text(json.dumps(json_safe(dict(meta or {})), indent=2) + "\n")
+    except Exception as err:  # OSError, torch's RuntimeError, safetensors' SafetensorError
+        need = checkpoint_bytes(weights, grads, activations, trainer_state, dtype)
+        full = disk_full(err, final.parent, need)
+        shutil.rmtree(tmp, ignore_errors=True)  # frees what the partial checkpoint took
+        if not full:
+            raise
+        free = shutil.disk_usage(final.parent).free
+        raise DiskFull(
+            f"disk full: checkpoint {final} needs about {size_text(need)} and the file "
+            f"system holding {final.parent} ran out of space ({size_text(free)} free after "
+            "removing the partial checkpoint); the checkpoints already written are intact: "
+            "free some space, then rerun with --resume") from None
     fault_point("checkpoint.before-rename")
     old = None
     if final.exists():

@@ -38,12 +38,25 @@ def is_complete(path: str | Path) -> bool:
     return step_of(path) is not None and path.is_dir() and (path / "meta.json").is_file()
 
 
+def unique_steps(found: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
+    """`found` ((step, folder) pairs) sorted by step; CheckpointError naming both folders
+    when two claim one step (`step_10` and `step_010`): which one holds the step's weights
+    cannot be told, and keeping either silently would give a wrong answer."""
+    found = sorted(found)
+    for (a, pa), (b, pb) in zip(found, found[1:], strict=False):
+        if a == b:
+            raise CheckpointError(f"{pa} and {pb} both claim step {a}; keep one of them "
+                                  "(move the other out of the run)")
+    return found
+
+
 def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint of a run, sorted by step ([] when none)."""
+    """(step, path) of every complete checkpoint of a run, sorted by step ([] when none);
+    CheckpointError when two folders claim one step (`unique_steps`)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted((step_of(p), p) for p in root.iterdir() if is_complete(p))
+    return unique_steps([(step_of(p), p) for p in root.iterdir() if is_complete(p)])
 
 
 def checkpoints_of(target: str | Path) -> list[Path]:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from dynlab.errors import quoted
 from dynlab.runs.checkpoints import ModelSpec
 from dynlab.sources.base import SourceError, Tensors
 
@@ -241,9 +242,9 @@ def adapter_for(config: Mapping, path: Path) -> Adapter:
     model_type = config.get("model_type")
     if model_type is None and "d_model" in config and "attention_n_heads" in config:
         model_type = "pico_decoder"  # pico-train's own config.json may carry no model_type
-    if model_type not in ADAPTERS:
+    if not isinstance(model_type, str) or model_type not in ADAPTERS:
         raise SourceError(
-            f"{path}: model_type {model_type!r} is not supported; supported: "
+            f"{path}: model_type {quoted(model_type)} is not supported; supported: "
             f"{', '.join(sorted(ADAPTERS))}"
         )
     return ADAPTERS[model_type]

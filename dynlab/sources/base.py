@@ -20,7 +20,14 @@ from dataclasses import dataclass
 import torch
 
 from dynlab.errors import InputError
-from dynlab.runs.checkpoints import Checkpoint, CheckpointError, LoadedCheckpoint, ModelSpec, Run
+from dynlab.runs.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    LoadedCheckpoint,
+    ModelSpec,
+    Run,
+    check_floating,
+)
 
 Tensors = dict[str, torch.Tensor]
 
@@ -159,6 +166,10 @@ def check_named_shapes(tensors: Tensors, spec: ModelSpec, path: object, *,
             shape = (tensors[name].shape[0], spec.d_model) if name in tensors else shape
         if name not in tensors:
             raise SourceError(f"{path}: missing parameter for {name} ({what} implies it)")
+        try:
+            check_floating(name, tensors[name], path)
+        except CheckpointError as e:
+            raise SourceError(str(e)) from None
         if tuple(tensors[name].shape) != tuple(shape):
             raise SourceError(
                 f"{path}: {name} has shape {tuple(tensors[name].shape)}, but {what} implies "

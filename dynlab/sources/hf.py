@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from dynlab.errors import printable
 from dynlab.runs.checkpoints import ModelSpec, read_json
+from dynlab.runs.layout import CheckpointError, unique_steps
 from dynlab.sources.arch import Adapter, adapter_for
 from dynlab.sources.base import (
     Reader,
@@ -57,12 +60,17 @@ def looks_like_model_dir(path: Path) -> bool:
 
 
 def step_children(path: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the step folders of a run, sorted; SourceError naming both when two
+    folders claim one step (`step10`, `step_010`, `checkpoint-10`)."""
     out = []
     for child in path.iterdir():
         step = step_of(child.name)
         if step is not None and child.is_dir() and not child.is_symlink():
             out.append((step, child))
-    return sorted(out)
+    try:
+        return unique_steps(out)
+    except CheckpointError as e:
+        raise SourceError(str(e)) from None
 
 
 def is_hf_run(path: Path) -> bool:
@@ -70,21 +78,30 @@ def is_hf_run(path: Path) -> bool:
 
 
 def trainer_meta(model_dir: Path, step: int) -> dict:
-    """train_loss / lr at `step` from an HF Trainer checkpoint's trainer_state.json."""
+    """train_loss / lr at `step` from an HF Trainer checkpoint's trainer_state.json. A file
+    that is not a JSON object with a `log_history` list is left out with a warning naming
+    it (the weights are still analysed)."""
     f = model_dir / "trainer_state.json"
     meta: dict = {"step": step}
     if not f.is_file():
         return meta
     try:
         state = json.loads(f.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:
+        warnings.warn(f"{f}: unreadable ({printable(e)}); its losses are left out",
+                      stacklevel=2)
         return meta
-    for entry in state.get("log_history") or []:
+    history = state.get("log_history", []) if isinstance(state, dict) else None
+    if not isinstance(history, list):
+        warnings.warn(f"{f}: expected a JSON object whose 'log_history' is a list; its losses "
+                      "are left out", stacklevel=2)
+        return meta
+    for entry in history:
         if isinstance(entry, dict) and entry.get("step") == step:
-            if "loss" in entry:
-                meta["train_loss"] = entry["loss"]
-            if "learning_rate" in entry:
-                meta["lr"] = entry["learning_rate"]
+            for key, name in (("loss", "train_loss"), ("learning_rate", "lr")):
+                value = entry.get(key)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    meta[name] = float(value)
     return meta
 
 

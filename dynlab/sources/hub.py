@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,10 +89,31 @@ def pico_commits(repo_id: str, branch: str) -> tuple[dict[int, str], dict[int, s
     return models, ld
 
 
-def parse_revisions(spec: str) -> list[str]:
-    """'step0,step1000:step3000:1000' -> [step0, step1000, step2000, step3000] (ranges are
-    inclusive of their end when it lies on the grid; duplicates removed, order kept)."""
-    out: list[str] = []
+@dataclass(frozen=True)
+class RevisionRange:
+    """`stepA:stepB:K` of --revisions: the revisions `<prefix>N` with A <= N <= B and N - A
+    a multiple of K. It is never expanded into its members (a range may span 10^9 steps):
+    it is matched against the revisions that exist (`select_revisions`)."""
+
+    text: str
+    prefix: str
+    start: int
+    stop: int
+    every: int
+
+    def __contains__(self, step: object) -> bool:
+        return (isinstance(step, int) and self.start <= step <= self.stop
+                and (step - self.start) % self.every == 0)
+
+    def count(self) -> int:
+        """How many steps the range spans."""
+        return (self.stop - self.start) // self.every + 1
+
+
+def revision_items(spec: str) -> list[str | RevisionRange]:
+    """The items of a --revisions comma list: revision names, and ranges `stepA:stepB:K`
+    (RevisionRange). SourceError for a malformed range or an empty list."""
+    out: list[str | RevisionRange] = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
@@ -106,10 +128,81 @@ def parse_revisions(spec: str) -> list[str]:
         if k <= 0 or b < a:
             raise SourceError(f"--revisions {item!r}: needs A <= B and a step K > 0")
         prefix = re.match(r"^(\D*)", parts[0]).group(1) or "step"
-        out.extend(f"{prefix}{n}" for n in range(a, b + 1, k))
+        out.append(RevisionRange(item, prefix, a, b, k))
     if not out:
         raise SourceError(f"--revisions {spec!r}: no revision named")
+    return out
+
+
+#: the most revisions `parse_revisions` writes out
+MAX_LISTED = 100_000
+
+
+def parse_revisions(spec: str) -> list[str]:
+    """'step0,step1000:step3000:1000' -> [step0, step1000, step2000, step3000] (ranges are
+    inclusive of their end when it lies on the grid; duplicates removed, order kept). A list
+    of more than MAX_LISTED revisions is refused; the analysis itself never writes a range
+    out (`select_revisions`)."""
+    items = revision_items(spec)
+    total = sum(i.count() if isinstance(i, RevisionRange) else 1 for i in items)
+    if total > MAX_LISTED:
+        raise SourceError(f"--revisions {spec!r}: names {total:,} revisions, more than "
+                          f"{MAX_LISTED:,} can be listed")
+    out: list[str] = []
+    for item in items:
+        if isinstance(item, RevisionRange):
+            out.extend(f"{item.prefix}{n}" for n in range(item.start, item.stop + 1, item.every))
+        else:
+            out.append(item)
     return list(dict.fromkeys(out))
+
+
+def select_revisions(spec: str, known: Sequence[str], where: str) -> list[str]:
+    """The revisions of `known` (those that exist) that --revisions `spec` names, in the
+    order named: every listed name must exist, and every range must match at least one
+    (SourceError naming what does not, `where` saying where it was looked for). Time and
+    memory grow with len(known), not with the width of a range."""
+    out: list[str] = []
+    missing: list[str] = []
+    known_set = set(known)
+    for item in revision_items(spec):
+        if isinstance(item, str):
+            (out if item in known_set else missing).append(item)
+            continue
+        hits = sorted((r for r in known if step_of(r) in item
+                       and r == f"{item.prefix}{step_of(r)}"), key=step_of)
+        if not hits:
+            steps = sorted(r for r in known if step_of(r) is not None)
+            shown = ", ".join(steps[:5]) + (" …" if len(steps) > 5 else "")
+            raise SourceError(f"--revisions {item.text!r}: no revision in this range exists "
+                              f"{where} (there are: {shown or 'none'})")
+        out.extend(hits)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+        raise SourceError(f"revision(s) {shown} do not exist {where}")
+    return list(dict.fromkeys(out))
+
+
+def select_steps(spec: str, steps: Sequence[int], where: str) -> list[int]:
+    """The steps of `steps` (those a pico run's branch has commits for) that --revisions
+    `spec` names (stepN or N, and ranges), sorted; SourceError for a named step without a
+    commit or a range that matches none."""
+    keep: set[int] = set()
+    missing: list[int] = []
+    for item in revision_items(spec):
+        if isinstance(item, RevisionRange):
+            hits = [s for s in steps if s in item]
+            if not hits:
+                raise SourceError(f"{where}: --revisions {item.text!r}: no 'Saving HF Model' "
+                                  "commit in this range")
+            keep.update(hits)
+            continue
+        step = step_of(item) if step_of(item) is not None else _int(item, item)
+        (keep.add(step) if step in steps else missing.append(step))
+    if missing:
+        raise SourceError(f"{where}: no 'Saving HF Model' commit for step(s) "
+                          f"{', '.join(map(str, sorted(missing)[:5]))}")
+    return sorted(keep)
 
 
 def _int(text: str, item: str) -> int:
@@ -188,11 +281,10 @@ def resolve_revisions(repo_id: str, spec: str | None, cache_dir: Path) -> list[s
         if not wanted:
             raise SourceError(f"hf://{repo_id}: no step<N> branch {where}; pass --revisions")
     else:
-        wanted = parse_revisions(spec)
-        missing = [r for r in wanted if r not in known]
-        if missing:
-            shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
-            raise SourceError(f"hf://{repo_id}: revision(s) {shown} do not exist {where}")
+        try:
+            wanted = select_revisions(spec, known, where)
+        except SourceError as e:
+            raise SourceError(f"hf://{repo_id}: {e}") from None
     bad = [r for r in wanted if step_of(r) is None]
     if bad:
         raise SourceError(f"hf://{repo_id}: revision(s) {', '.join(bad)} do not name a step "
@@ -352,13 +444,7 @@ def open_hub_run(url: str, revisions: str | None, *, keep_downloads: bool = Fals
         models, ld_map = pico_commits(repo_id, branch)
         chosen = sorted(models)
         if revisions is not None:
-            keep = {step_of(r) if step_of(r) is not None else _int(r, r)
-                    for r in parse_revisions(revisions)}
-            missing = sorted(keep - set(models))
-            if missing:
-                raise SourceError(f"hf://{repo_id}@{branch}: no 'Saving HF Model' commit for "
-                                  f"step(s) {', '.join(map(str, missing[:5]))}")
-            chosen = [s for s in chosen if s in keep]
+            chosen = select_steps(revisions, chosen, f"hf://{repo_id}@{branch}")
         wanted = [models[s] for s in chosen]
         steps = tuple(chosen)
         ld = tuple((s, ld_map[s]) for s in chosen if s in ld_map)

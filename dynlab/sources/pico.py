@@ -34,8 +34,9 @@ from pathlib import Path
 
 import torch
 
+from dynlab.errors import quoted
 from dynlab.runs.checkpoints import ModelSpec, load_tensors, read_json
-from dynlab.runs.layout import step_of
+from dynlab.runs.layout import step_of, unique_steps
 from dynlab.sources.arch import pico_convert, pico_spec
 from dynlab.sources.base import (
     FOLLOWING,
@@ -69,6 +70,32 @@ def read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise SourceError(f"{path}: expected a mapping at the top level")
     return data
+
+
+#: the sections of training_config.yaml dynlab reads, each a mapping when present
+YAML_SECTIONS = ("training", "training.fabric", "training.optimization", "model",
+                 "model.relora")
+#: the whole numbers dynlab reads from it
+YAML_INTEGERS = ("training.max_steps", "training.fabric.num_nodes",
+                 "training.fabric.num_devices", "training.optimization.lr_warmup_steps")
+
+
+def check_training_config(config: dict, path: Path) -> None:
+    """SourceError naming `path` and the key unless every section dynlab reads is a mapping
+    and every count a whole number (when present; null counts as absent)."""
+    def get(dotted: str):
+        node = config
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    for key in YAML_SECTIONS:
+        if get(key) is not None and not isinstance(get(key), dict):
+            raise SourceError(f"{path}: '{key}' is {quoted(get(key))}; expected a mapping")
+    for key in YAML_INTEGERS:
+        value = get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise SourceError(f"{path}: '{key}' is {quoted(value)}; expected a whole number")
 
 
 def step_complete(step_dir: Path, live: bool = False) -> bool:
@@ -163,7 +190,7 @@ class PicoTrainReader(Reader):
             step = step_of(child)
             if step is not None and not child.is_symlink() and child.is_dir():
                 out.append((step, child))
-        return sorted(out)
+        return unique_steps(out)
 
     def checkpoints(self, run_name: str) -> list[SourceCheckpoint]:
         """Complete steps. While following a live run (`FOLLOWING` set) a step also needs a
@@ -263,6 +290,7 @@ def open_pico_run(root: Path, name: str | None = None, fmt: str | None = None) -
     """A pico-train or relora-pico run (detected from config.json's model_type / relora block;
     `fmt` forces one)."""
     training_config = read_yaml(root / "training_config.yaml")
+    check_training_config(training_config, root / "training_config.yaml")
     steps = [d for _, d in PicoTrainReader(root, {}, {}, None).step_dirs()]
     if not steps:
         raise SourceError(f"{root / 'checkpoints'}: no step_<N>/ folders")
@@ -274,6 +302,10 @@ def open_pico_run(root: Path, name: str | None = None, fmt: str | None = None) -
                           "block (r, lora_alpha)")
     if fmt is not None:
         is_relora = fmt == "relora-pico"
+    if is_relora and not isinstance(model_config.get("relora"), dict):
+        raise SourceError(f"{steps[0] / 'config.json'}: 'relora' is "
+                          f"{quoted(model_config.get('relora'))}; expected an object (r, "
+                          "lora_alpha)")
     relora = dict(model_config["relora"]) if is_relora else None
     reader = PicoTrainReader(root, training_config, model_config, spec, relora)
     name = name or root.name

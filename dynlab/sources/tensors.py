@@ -8,12 +8,14 @@ strings) and must then be a plain `dict[str, Tensor]`, anything else is refused.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from dynlab.errors import printable, quoted
 from dynlab.runs.checkpoints import load_tensors
 from dynlab.sources.base import SourceError as CheckpointError
 
@@ -74,6 +76,10 @@ def load_torch_tensor_dict(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
+class UnsafeShard(CheckpointError):
+    """A shard index names a file outside its model folder; never skipped silently."""
+
+
 def weight_files(model_dir: Path) -> tuple[str, list[Path]]:
     """("safetensors" | "torch", the files holding a Hugging Face model directory's weights).
 
@@ -93,15 +99,47 @@ def weight_files(model_dir: Path) -> tuple[str, list[Path]]:
     )
 
 
+def shard_roots(model_dir: Path) -> list[Path]:
+    """Where the shards of `model_dir` may resolve to: the folder itself and, when it is a
+    snapshot in huggingface_hub's cache (`models--ORG--NAME/snapshots/<commit>`, whose files
+    are links into the repository's `blobs/`), that repository's blobs folder."""
+    roots = [model_dir.resolve()]
+    if model_dir.parent.name == "snapshots" and model_dir.parent.parent.name.startswith(
+            "models--"):
+        roots.append((model_dir.parent.parent / "blobs").resolve())
+    return roots
+
+
 def _shards(index: Path) -> list[Path]:
+    """The shard files a `*.index.json` names in its `weight_map` (tensor name -> file name).
+    Every name must be a relative path inside the model folder, and resolve inside it with
+    symbolic links followed (`shard_roots`): a name such as `../../elsewhere/x.safetensors`,
+    an absolute path or a link that leads out is refused and never opened."""
     try:
         data = json.loads(index.read_text())
-        weight_map = data["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
-    shards = [index.parent / n for n in names]
-    missing = [s.name for s in shards if not s.is_file()]
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{index}: not a valid shard index ({printable(e)})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: not a valid shard index (expected an object with a "
+                              "'weight_map' object of tensor name -> shard file name)")
+    bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+    if bad is not None:
+        raise CheckpointError(f"{index}: weight_map[{quoted(bad[0])}] is {quoted(bad[1])}; "
+                              "expected the file name of a shard")
+    roots = shard_roots(index.parent)
+    folder = Path(os.path.normpath(index.parent))
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        lexical = os.path.normpath(folder / name)
+        shard = (index.parent / name).resolve()
+        if (Path(name).is_absolute() or not Path(lexical).is_relative_to(folder)
+                or not any(shard.is_relative_to(r) for r in roots)):
+            raise UnsafeShard(f"{index}: shard {quoted(name)} lies outside the model folder "
+                                  f"{index.parent} (after following links); refused, nothing "
+                                  "was read from it")
+        shards.append(index.parent / name)
+    missing = [printable(s.relative_to(index.parent)) for s in shards if not s.is_file()]
     if missing:
         raise CheckpointError(f"{index}: names shard(s) {', '.join(missing)} that are missing")
     return shards
@@ -111,6 +149,8 @@ def weights_complete(model_dir: Path) -> bool:
     """Every weight file is present and whole (safetensors: by its header; torch: present)."""
     try:
         fmt, files = weight_files(model_dir)
+    except UnsafeShard:
+        raise
     except CheckpointError:
         return False
     if fmt == "safetensors":

@@ -29,22 +29,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch import nn
 
 from dynlab.data import pretokenized as P
 from dynlab.devices import resolve_device
 from dynlab.errors import DynlabFailure
 from dynlab.faults import fault_point
+from dynlab.locking import holder_text
 from dynlab.model.pico_decoder import ModelConfig, PicoDecoder
 from dynlab.model.relora import wrap_relora
 from dynlab.runs.config import planned_reset_steps
 from dynlab.runs.files import write_run_json
 from dynlab.runs.layout import complete_checkpoints
+from dynlab.runs.lock import run_lock
 from dynlab.runs.metrics import MetricsLog, metrics_record
 from dynlab.training import batching, ddp
 from dynlab.training import data as D
@@ -184,7 +188,14 @@ def fit_micro_batch(s: Session, say) -> TrainConfig:
 
 
 def setup(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitStack) -> Session:
-    """Options, process group (entered on `stack`), device, threads, data and model."""
+    """Options, process group (entered on `stack`), device, threads, data and model. The
+    process that writes (rank 0) first takes the run directory's lock (dynlab.runs.lock), so
+    a second trainer on the same --out is refused before it reads or writes anything."""
+    if ddp.world()[0] == 0:
+        taken = stack.enter_context(run_lock(cfg.resolved().out))
+        if taken.took_over:
+            warnings.warn(f"{taken.target}: took over the lock of a trainer that ended "
+                          f"without releasing it ({holder_text(taken.took_over)})", stacklevel=2)
     cfg, run_dir, resume_ckpt = resolve_options(cfg, explicit)
     world = ddp.world()[1]
     cfg = batching.apply_batch(cfg, world)  # the global batch over W processes
@@ -229,7 +240,7 @@ def summary(s: Session) -> str:
     return (f"[bold]{cfg.kind}[/] preset {cfg.preset}: {n_params:,} parameters "
             f"({n_trainable:,} trainable), vocab {s.mcfg.vocab_size}, "
             f"{'streamed' if n_tokens is None else f'{n_tokens:,}'} training tokens, "
-            f"device {s.device}{procs}, out {s.run_dir}")
+            f"device {s.device}{procs}, out {escape(str(s.run_dir))}")
 
 
 def record_step(step: int, last: bool, ckpt: Checkpointer, evaluator: EvalHook,
@@ -278,7 +289,7 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
     # -- resume: model, optimizer, counters and RNG from the latest complete checkpoint
     if s.resume_ckpt is not None:
         ckpt.load(s.resume_ckpt)
-        console.print(f"resuming {s.run_dir} from step {state.step}")
+        console.print(f"resuming {escape(str(s.run_dir))} from step {state.step}")
     metrics = MetricsLog(s.run_dir / "metrics.jsonl",
                          truncate_after=state.step if s.resume_ckpt is not None else -1,
                          run_dir=s.run_dir) if rank == 0 else None
@@ -343,7 +354,7 @@ def _run_training(cfg: TrainConfig, explicit: set[str], stack: contextlib.ExitSt
                 break
     ddp.barrier()  # the run is complete on disk when any rank returns
     console.print(f"done: step {state.step}, loss {state.train_loss:.4f}, "
-                  f"{ckpt.clock.wall():.1f} s -> {s.run_dir}")
+                  f"{ckpt.clock.wall():.1f} s -> {escape(str(s.run_dir))}")
     return s.run_dir
 
 

@@ -21,6 +21,7 @@ import plotly.io as pio
 import xarray as xr
 from plotly.offline import get_plotlyjs
 
+from dynlab.atomic import replace_atomically, write_text_atomically
 from dynlab.viz import figures as F
 
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
@@ -337,7 +338,7 @@ def write_report(stores: Sequence[str | Path], out: str | Path = "report.html",
     text, sections = build_report(ds, title, [str(s) for s in stores])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    write_text_atomically(out, text)  # a full disk leaves the previous report whole
     return out, ds, sections
 
 
@@ -364,14 +365,15 @@ def find_chromium() -> str | None:
 def screenshot(html_path: str | Path, png_path: str | Path, width: int = 1280,
                height: int = 1600, timeout: float = 120.0) -> Path:
     """Render an HTML file in headless Chromium (network disabled by flags) and save the
-    top width × height pixels as PNG. Raises RuntimeError when no Chromium is found or it
-    fails."""
+    top width × height pixels as PNG (written beside `png_path` and renamed into place when
+    complete). Raises RuntimeError when no Chromium is found or it fails."""
     exe = find_chromium()
     if exe is None:
         raise RuntimeError("no Chromium found (install Debian's `chromium` or set "
                            "DYNLAB_CHROMIUM to the executable)")
     html_path, png_path = Path(html_path).resolve(), Path(png_path).resolve()
     png_path.parent.mkdir(parents=True, exist_ok=True)
+    final, png_path = png_path, png_path.with_name(f".tmp-{os.getpid()}-{png_path.name}")
     with tempfile.TemporaryDirectory(prefix="dynlab-chromium-") as profile:
         cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                "--no-first-run", "--disable-background-networking", "--disable-sync",
@@ -382,9 +384,11 @@ def screenshot(html_path: str | Path, png_path: str | Path, width: int = 1280,
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               check=False)
     if proc.returncode != 0 or not png_path.exists():
+        png_path.unlink(missing_ok=True)
         raise RuntimeError(f"chromium screenshot of {html_path} failed (exit "
                            f"{proc.returncode}): {proc.stderr[-500:]}")
-    return png_path
+    os.replace(png_path, final)
+    return final
 
 
 def save_figure(fig: go.Figure, out: str | Path, width: int = 1100,
@@ -395,14 +399,15 @@ def save_figure(fig: go.Figure, out: str | Path, width: int = 1100,
     out.parent.mkdir(parents=True, exist_ok=True)
     suffix = out.suffix.lower()
     if suffix in (".html", ".htm"):
-        fig.write_html(out, include_plotlyjs=True, full_html=True, config=PLOT_CONFIG)
-        return out
+        return replace_atomically(out, lambda tmp: fig.write_html(
+            tmp, include_plotlyjs=True, full_html=True, config=PLOT_CONFIG))
     if suffix != ".png":
         raise ValueError(f"output {out}: expected a .html or .png file name")
     height = height or int(fig.layout.height or 500)
-    try:
-        fig.write_image(out, width=width, height=height)
-        return out
+    try:  # the temporary file keeps the suffix: plotly picks the format from it
+        return replace_atomically(out, lambda tmp: fig.write_image(tmp, width=width,
+                                                                   height=height),
+                                  f".tmp-{os.getpid()}-{out.name}")
     except Exception as kaleido_error:  # kaleido missing or unusable: try Chromium
         if find_chromium() is None:
             raise RuntimeError(
