@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from dynlab.errors import InputError
+from dynlab.faults import fault_point
 from dynlab.function_space import attention as A
 from dynlab.function_space import curvature as C
 from dynlab.function_space import landscape as L
@@ -217,7 +218,7 @@ def dynamics_variables(k: int, n_alpha: int) -> dict[str, tuple[tuple[str, ...],
                               "preconditioner (1 − β₁^(t+1))·(√v̂ + ε) (Cohen et al. 2022)"),
         "eos_threshold": (rs, "sharpness", "adaptive edge-of-stability threshold "
                           "(2 + 2β₁)/((1 − β₁)·η) of the checkpoint's learning rate"),
-        "line_loss": (rs + ("alpha",), "barrier", "loss along (1 − α)·θ_prev + α·θ from the "
+        "line_loss": (rs + ("line_alpha",), "barrier", "loss along (1 − α)·θ_prev + α·θ from the "
                       "previous checkpoint (α = 0) to this one (α = 1)"),
         "barrier": (rs, "barrier", "max_α L(θ(α)) − ((1 − α)·L_prev + α·L) on the α grid"),
         "barrier_prev_step": (rs, "barrier", "the step the line starts from (−1: none)"),
@@ -252,28 +253,30 @@ INT_VARIABLES = {"dyn_analyzed": 0, "reset_pair": 0, "barrier_prev_step": -1}
 
 
 def ensure_dynamics_store(path: Path, opt: DynamicsOptions) -> None:
-    """Create the dynamics variables (and the hess_k, alpha, dynamics coordinates) in an
+    """Create the dynamics variables (and the hess_k, line_alpha, dynamics coordinates) in an
     analysis store; a store made with another k or α grid is refused."""
     from dynlab.analysis import store as S
 
     group = S.open_group_for_update(path)
     alphas = L.alpha_grid(opt.alphas)
     if "dynamics" in group:
-        if group["hess_k"].shape[0] != opt.k or not np.allclose(group["alpha"][...], alphas):
+        if group["hess_k"].shape[0] != opt.k or group["line_alpha"].shape != alphas.shape or \
+                not np.allclose(group["line_alpha"][...], alphas):
             raise S.StoreError(f"{path}: its dynamics were computed with k = "
-                               f"{group['hess_k'].shape[0]} and {group['alpha'].shape[0]} α "
+                               f"{group['hess_k'].shape[0]} and {group['line_alpha'].shape[0]} α "
                                f"points, not k = {opt.k} and {opt.alphas}; use another -o or "
                                "the same --dynamics-k / --dynamics-alphas")
         return
     sizes = {"run": group["run"].shape[0], "step": group["step"].shape[0],
              "layer": group["layer"].shape[0], "head": group["head"].shape[0],
-             "hess_k": opt.k, "alpha": opt.alphas, "dynamics": len(DYNAMICS)}
-    with S.quiet_zarr():
-        S.create_variable(group, "hess_k", ("hess_k",), np.arange(opt.k))
-        S.create_variable(group, "alpha", ("alpha",), alphas)
-        S.create_variable(group, "dynamics", ("dynamics",),
-                          S.string_coordinate(DYNAMICS, "dynamics"))
+             "hess_k": opt.k, "line_alpha": opt.alphas, "dynamics": len(DYNAMICS)}
+    with S.quiet_zarr():  # the `dynamics` coordinate last: it marks the set complete
+        for name, values in (("hess_k", np.arange(opt.k)), ("line_alpha", alphas)):
+            if name not in group:  # (one an interrupted creation made is kept)
+                S.create_variable(group, name, (name,), values)
         for name, (dims, _, long_name) in dynamics_variables(opt.k, opt.alphas).items():
+            if name in group:
+                continue
             shape = tuple(sizes[d] for d in dims)
             chunks = tuple(1 if d in ("run", "step") else sizes[d] for d in dims)
             fill = INT_VARIABLES.get(name)
@@ -281,6 +284,8 @@ def ensure_dynamics_store(path: Path, opt: DynamicsOptions) -> None:
                               dtype="float64" if fill is None else "int64" if fill < 0
                               else "int8", fill_value=np.nan if fill is None else fill,
                               attrs={"long_name": long_name})
+        S.create_variable(group, "dynamics", ("dynamics",),
+                          S.string_coordinate(DYNAMICS, "dynamics"))
     S.consolidate(path)
 
 
@@ -413,7 +418,8 @@ def checkpoint_dynamics(run: Run, ckpt: Checkpoint, prev: Checkpoint | None,
                         n_layers: int) -> dict[str, np.ndarray]:
     """Every requested item of one checkpoint, as arrays shaped as its store cells."""
     model = model_of(ckpt)
-    out: dict[str, np.ndarray] = {"dyn_loss": np.float64(float(lm_loss(model, batch)))}
+    with torch.no_grad():
+        out: dict[str, np.ndarray] = {"dyn_loss": np.float64(float(lm_loss(model, batch)))}
     if "sharpness" in items:
         precond, beta1 = adam_state(run, ckpt, model)
         out.update(sharpness(model, batch[: opt.hessian_seq], opt, precond))
@@ -501,9 +507,9 @@ def analyze_dynamics(runs: Sequence[Run], path: Path, opt: DynamicsOptions, *,
         i = run_index[run.name]
         for n, ckpt in enumerate(run.checkpoints):
             j = step_index[ckpt.step]
-            need = [d for d in items if not done[i, j, item_index[d]]]
-            if need:
-                todo.append((run, ckpt, run.checkpoints[n - 1] if n else None, need))
+            wanted = [d for d in items if not done[i, j, item_index[d]]]
+            if wanted:
+                todo.append((run, ckpt, run.checkpoints[n - 1] if n else None, wanted))
     if todo:
         need(f"write the dynamics of {len(todo)} checkpoints")
     models: dict[Path, torch.nn.Module] = {}
@@ -518,9 +524,9 @@ def analyze_dynamics(runs: Sequence[Run], path: Path, opt: DynamicsOptions, *,
 
     written = 0
     with Progress(progress, len(todo)) as advance:
-        for run, ckpt, prev, need in todo:
+        for run, ckpt, prev, wanted in todo:
             i, j = run_index[run.name], step_index[ckpt.step]
-            values = checkpoint_dynamics(run, ckpt, prev, batches[run.name], need, opt,
+            values = checkpoint_dynamics(run, ckpt, prev, batches[run.name], wanted, opt,
                                          model_of, run.spec.n_layers)
             for name, value in values.items():
                 dims = specs[name][0]
@@ -528,7 +534,8 @@ def analyze_dynamics(runs: Sequence[Run], path: Path, opt: DynamicsOptions, *,
                 cell = tuple(arr.shape[len(("run", "step")):]) if len(dims) > 2 else ()
                 fill = INT_VARIABLES.get(name, np.nan)
                 group[name][i, j] = pad(value, cell, fill) if cell else value
-            for d in need:
+            fault_point("dynamics.write")  # cells written, flags not yet
+            for d in wanted:
                 group["dyn_analyzed"][i, j, item_index[d]] = 1
             written += 1
             advance(f"dynamics {run.name} step {ckpt.step}")
