@@ -7,18 +7,28 @@ from typing import Annotated
 
 import typer
 
-from dynlab_cli.options import Device, OnError, Progress
+from dynlab_cli.options import (
+    Device,
+    OnError,
+    Progress,
+    SourceFormat,
+    choices,
+    metrics_option,
+)
 
 
 def evaluate(
-    target: Annotated[Path, typer.Argument(
-        help="RUN directory (all its checkpoints) or RUN/checkpoints/step_N.",
-        show_default=False)],
+    targets: Annotated[list[str], typer.Argument(
+        help="RUN directory (all its checkpoints) or RUN/checkpoints/step_N; or any source "
+        "`dynlab analyze` reads: pico-train / relora-pico runs, Hugging Face model "
+        "directories or runs of them, folders of runs, hf://ORG/NAME.",
+        show_default=False, metavar="SOURCE...")],
     ppl: Annotated[str | None, typer.Option(
         "--ppl", show_default=False,
-        help="Held-out text: directory (one domain per .txt/.jsonl file), file (jsonl may "
-        "carry a 'source' field) or glob. Default: the embedded grammar's domains; 'none' "
-        "skips perplexity.")] = None,
+        help="Held-out text: directory (one domain per .txt/.jsonl/.jsonl.gz file), a folder "
+        "in Paloma's layout (DOMAIN/val|test/*.jsonl.gz with 'text' or 'input_ids'), file "
+        "(jsonl may carry a 'source' field), glob, or pre-tokenised .parquet/.arrow. Default: "
+        "the embedded grammar's domains; 'none' skips perplexity.")] = None,
     blimp: Annotated[str | None, typer.Option(
         "--blimp", show_default=False,
         help="BLiMP jsonl: directory, file or glob, or 'nyu-mll/blimp' (needs `datasets`). "
@@ -30,7 +40,9 @@ def evaluate(
     device: Device = "auto",
     tokenizer: Annotated[Path | None, typer.Option(
         "--tokenizer", show_default=False,
-        help="tokenizer.json (default: RUN/tokenizer.json).")] = None,
+        help="tokenizer.json, or a directory of Hugging Face tokenizer files (default: the "
+        "checkpoint's own: RUN/tokenizer.json, or the files beside a Hugging Face "
+        "checkpoint).")] = None,
     uid: Annotated[str | None, typer.Option(
         "--uid", show_default=False,
         help="Comma list of BLiMP UIDs or glob patterns, e.g. 'anaphor_*,island*'.")] = None,
@@ -47,6 +59,49 @@ def evaluate(
         help="Overlapping perplexity windows advancing by this many tokens (default: "
         "non-overlapping windows of the model's context).")] = None,
     progress: Progress = True,
+    # ---- any source, into a store (dynlab.eval.sources)
+    store: Annotated[Path | None, typer.Option(
+        "--store", show_default=False,
+        help="Write the evaluation into this analysis store (a Zarr store of `dynlab "
+        "analyze`, created if missing) as variables over (run, step[, domain/uid/field]); "
+        "resumable.")] = None,
+    metrics: Annotated[str | None, metrics_option(
+        "--store: the spectral metrics of a store created here (default all), as the "
+        "`dynlab analyze -m` that will share it.")] = None,
+    max_length: Annotated[int | None, typer.Option(
+        "--max-length", min=1, show_default=False,
+        help="Perplexity window in tokens (default and maximum: the model's context); longer "
+        "documents are scored in strided windows.")] = None,
+    split: Annotated[str, typer.Option(
+        "--split", help="Paloma layout: the split folder scored (val or test).")] = "val",
+    autocast: Annotated[str, typer.Option(
+        "--autocast", help="none, bf16 or fp16: autocast the forward passes on CUDA.")] = "none",
+    dtype: Annotated[str, typer.Option(
+        "--dtype", help="Model parameters: float32, bfloat16 or float16.")] = "float32",
+    fmt: Annotated[str | None, typer.Option(
+        "--format", show_default=False, metavar=choices(SourceFormat),
+        help="Force the source format (default: detected per path).")] = None,
+    revisions: Annotated[str | None, typer.Option(
+        "--revisions", show_default=False,
+        help="hf:// only: revisions, a comma list and/or ranges stepA:stepB:K (default: every "
+        "step<N> branch).")] = None,
+    keep_downloads: Annotated[bool, typer.Option(
+        "--keep-downloads", help="hf:// only: keep each downloaded revision in the Hugging "
+        "Face cache (default: delete it once loaded; at most two on disk).")] = False,
+    hub_cache: Annotated[Path | None, typer.Option(
+        "--hub-cache", show_default=False,
+        help="hf:// only: the huggingface_hub cache directory (default HF_HUB_CACHE).")] = None,
+    follow: Annotated[bool, typer.Option(
+        "--follow", help="Evaluate checkpoints as they complete, until the run's last step (or "
+        "--until) is evaluated, or Ctrl-C.")] = False,
+    until: Annotated[int | None, typer.Option(
+        "--until", min=0, show_default=False,
+        help="--follow: stop once this step is evaluated.")] = None,
+    poll: Annotated[float, typer.Option(
+        "--poll", min=0.05, help="--follow: seconds between looks.")] = 2.0,
+    wait: Annotated[bool, typer.Option(
+        "--wait", help="--store: if another dynlab command is writing the store, wait for it "
+        "instead of exiting with an error.")] = False,
 ) -> None:
     """Perplexity per domain and BLiMP accuracy at checkpoints; writes step_N/eval.json.
 
@@ -54,6 +109,29 @@ def evaluate(
     a malformed line, a truncated checkpoint under --on-error fail), 1 when --on-error skip
     skipped a checkpoint (after evaluating the others and writing -o), 130 on Ctrl-C."""
     from dynlab_cli.console import guarded
+    source_options = dict(store=store, metrics=metrics, max_length=max_length, split=split,
+                          autocast=autocast, dtype=dtype, fmt=fmt, revisions=revisions,
+                          keep_downloads=keep_downloads, hub_cache=hub_cache, follow=follow,
+                          until=until, poll=poll, wait=wait)
+    if not plain_dynlab_target(targets, source_options):
+        with guarded("eval"):
+            from dynlab_cli.options import resolve
+
+            results = evaluate_any(targets, ppl=ppl, blimp=blimp, out=out,
+                                   device=resolve(device), tokenizer=tokenizer, uid=uid,
+                                   on_error=on_error.value, batch_size=batch_size,
+                                   limit=limit, stride=stride, progress=progress,
+                                   **source_options)
+        for name, res in results.items():
+            if res:
+                from dynlab_cli.console import note
+
+                note(f"run {name}")
+                print_tables(res)
+        if store is not None:
+            print(store)
+        return
+    target = Path(targets[0])
     with guarded("eval"):
         from dynlab_cli.options import resolve
 
@@ -73,6 +151,79 @@ def evaluate(
         with guarded("eval"):
             raise DynlabFailure(f"{len(skipped)} checkpoint(s) skipped: {', '.join(skipped)}")
 
+
+
+def plain_dynlab_target(targets: list[str], source_options: dict) -> bool:
+    """One local target, no store nor source option: the run (or checkpoint) evaluation that
+    writes step_N/eval.json (a dynlab run, or a path whose error message it gives)."""
+    defaults = dict(store=None, metrics=None, max_length=None, split="val", autocast="none",
+                    dtype="float32", fmt=None, revisions=None, keep_downloads=False,
+                    hub_cache=None, follow=False, until=None, poll=2.0, wait=False)
+    if len(targets) != 1 or targets[0].startswith("hf://") or source_options != defaults:
+        return False
+    path = Path(targets[0])
+    if not path.is_dir():
+        return True
+    from dynlab.sources import detect_format
+
+    kind = detect_format(path)
+    if kind == "dynlab" or (path / "weights.safetensors").is_file() or (
+            path.parent.name == "checkpoints" and (path.parent.parent / "run.json").is_file()):
+        return True
+    if kind is not None:
+        return False
+    return not any(detect_format(c) not in (None, "dynlab") for c in path.iterdir()
+                   if c.is_dir())
+
+
+def evaluate_any(targets: list[str], *, ppl: str | None, blimp: str | None, out: Path | None,
+                 device: str, tokenizer: Path | None, uid: str | None, on_error: str,
+                 batch_size: int, limit: int | None, stride: int | None, progress: bool,
+                 store: Path | None, metrics: str | None, max_length: int | None,
+                 split: str, autocast: str, dtype: str, fmt: str | None,
+                 revisions: str | None, keep_downloads: bool,
+                 hub_cache: Path | None, follow: bool, until: int | None, poll: float,
+                 wait: bool) -> dict[str, list[dict]]:
+    """dynlab.eval.sources.evaluate_sources with a progress bar; writes `out` (JSON: {run:
+    [result per checkpoint]})."""
+    import warnings
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dynlab.eval import EvalDataWarning, load_eval_data
+    from dynlab.eval.sources import DataSpec, EvalOptions, evaluate_sources, result_json
+    from dynlab.runs.files import write_json
+    from dynlab_cli.console import console
+
+    options = EvalOptions(device=device, batch_size=batch_size, max_length=max_length,
+                          stride=stride, autocast=autocast, dtype=dtype, tokenizer=tokenizer,
+                          on_error=on_error).check()
+    data = load_eval_data(ppl, blimp, uid_filter=uid, limit_per_uid=limit, on_error=on_error,
+                          split=split)
+    spec = DataSpec(ppl=ppl, blimp=blimp, split=split, uid=uid, limit=limit)
+    columns = (TextColumn("{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+    with warnings.catch_warnings(), Progress(*columns, console=console, transient=True,
+                                             disable=not progress) as bar:
+        warnings.simplefilter("always", EvalDataWarning)
+        task = bar.add_task("evaluating", total=None)
+
+        def started(run, ckpt) -> None:
+            bar.update(task, description=f"{run.name} step {ckpt.step}", completed=0,
+                       total=None)
+
+        def tick(run: str, step: int, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        results = evaluate_sources(targets, data, options, spec=spec, store=store, fmt=fmt,
+                                   revisions=revisions, keep_downloads=keep_downloads,
+                                   cache_dir=hub_cache, follow=follow, until=until,
+                                   poll=poll, wait=wait, metrics=metrics, progress=tick,
+                                   started=started)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, result_json(results))
+    return results
 
 
 def evaluate_target(target: Path, *, ppl: str | None, blimp: str | None, out: Path | None,

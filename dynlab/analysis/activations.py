@@ -36,6 +36,7 @@ from dynlab.analysis import spectra
 from dynlab.analysis.components import LAYER_MATRICES
 from dynlab.errors import InputError
 from dynlab.runs.checkpoints import Checkpoint, Run, load_tensors
+from dynlab.sources.models import hf_context, hf_model, hf_tokenizer
 
 POSITION_MODES = ("last", "all", "sample:N")
 #: activations are kept in float32: the eps of their numerical-zero tolerance
@@ -193,26 +194,6 @@ def hf_sites(model: torch.nn.Module, family: str, n_heads: int
     return modules, outputs
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
-def hf_tokenizer(dirs: Sequence[Path], data: str):
-    """The checkpoint's own tokenizer (transformers' AutoTokenizer, local files only, no remote
-    code) from the first of `dirs` holding tokenizer files; InputError naming what is missing."""
-    for d in dirs:
-        if any((Path(d) / f).is_file() for f in TOKENIZER_FILES):
-            from transformers import AutoTokenizer
-
-            try:
-                return AutoTokenizer.from_pretrained(d, local_files_only=True,
-                                                     trust_remote_code=False)
-            except (OSError, ValueError) as err:
-                raise InputError(f"--activations-data {data}: the tokenizer in {d} cannot be "
-                                 f"loaded ({err})") from None
-    raise InputError(f"--activations-data {data}: the checkpoint has no tokenizer: none of "
-                     f"{', '.join(TOKENIZER_FILES)} in {', '.join(str(d) for d in dirs)}")
-
-
 def hf_data_batch(tokenizer, context: int, data: str, n_seq: int,
                   seq_len: int | None = None) -> torch.Tensor:
     """A fixed batch (n_seq, seq_len + 1) of `data` (.txt, .jsonl or `default`) in a
@@ -235,31 +216,6 @@ def hf_data_batch(tokenizer, context: int, data: str, n_seq: int,
         raise InputError(f"--activations-data {data}: {len(ids)} tokens in the checkpoint's "
                          f"tokenizer, fewer than {n_seq} windows of {seq_len + 1}")
     return torch.tensor(ids[:need], dtype=torch.long).view(n_seq, seq_len + 1)
-
-
-def hf_model(model_dir: Path) -> torch.nn.Module:
-    """transformers' AutoModelForCausalLM from a local checkpoint directory, float32, eval mode
-    (local files only; never remote code)."""
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise InputError("--activations-data for Hugging Face checkpoints needs transformers: "
-                         "pip install 'dynlab[hf]'") from None
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            model_dir, local_files_only=True, trust_remote_code=False,
-            dtype=torch.float32).eval()
-    except (OSError, ValueError) as err:
-        raise InputError(f"--activations-data: transformers cannot load {model_dir} as a "
-                         f"causal LM of its own classes ({err})") from None
-
-
-def hf_context(model: torch.nn.Module) -> int:
-    cfg = model.config
-    for key in ("max_position_embeddings", "n_positions"):
-        if getattr(cfg, key, None):
-            return int(getattr(cfg, key))
-    return 128
 
 
 def read_documents(data: str) -> list[str]:
@@ -604,14 +560,16 @@ def computed_activations(run: Run, ckpt: Checkpoint, data: str, n_seq: int, posi
         try:
             if run.name not in batches:
                 reader.fetch_tokenizer(ckpt.revision)
-            model = hf_model(model_dir)
-            tok = hf_tokenizer([model_dir], data) if run.name not in batches else None
+            model = hf_model(model_dir, f"--activations-data {data}")
+            tok = (hf_tokenizer([model_dir], f"--activations-data {data}")
+                   if run.name not in batches else None)
         finally:
             reader.release(ckpt)
     else:
         model_dir = Path(ckpt.path)
-        model = hf_model(model_dir)
-        tok = hf_tokenizer([model_dir, run.path], data) if run.name not in batches else None
+        model = hf_model(model_dir, f"--activations-data {data}")
+        tok = (hf_tokenizer([model_dir, run.path], f"--activations-data {data}")
+               if run.name not in batches else None)
     if run.name not in batches:
         batches[run.name] = hf_data_batch(tok, hf_context(model), data, n_seq)
     sites = hf_sites(model, family, run.spec.n_heads)

@@ -79,11 +79,27 @@ META_VARIABLES: dict[str, str] = {
     "relora_cycle": "ReLoRA cycle (number of merge-and-resets so far)",
     "ppl_macro": "perplexity, macro average over domains",
     "blimp_overall": "BLiMP accuracy, mean over UIDs",
+    "eval_loss": "mean token loss (nats) over every scored token of every domain",
+    "eval_loss_macro": "mean token loss (nats), macro average over domains",
+    "bpb_pooled": "bits per byte over every scored byte: total NLL / (ln 2 · total UTF-8 bytes)",
+    "bpb_macro": "bits per byte, macro average over domains",
 }
 EVAL_VARIABLES: dict[str, tuple[str, str]] = {
     "ppl": ("domain", "perplexity per domain: exp(total NLL / total tokens)"),
     "blimp": ("uid", "BLiMP accuracy per UID"),
     "blimp_field": ("field", "BLiMP accuracy per field (mean over its UIDs)"),
+    "eval_loss_domain": ("domain", "mean token loss per domain (nats): total NLL / tokens"),
+    "bpb": ("domain", "bits per byte per domain: total NLL / (ln 2 · UTF-8 bytes)"),
+    "eval_tokens": ("domain", "tokens scored per domain (in the model's tokenizer)"),
+    "eval_bytes": ("domain", "UTF-8 bytes of the scored text per domain"),
+}
+#: the evaluation part each evaluation variable comes from: a checkpoint's meta whose "eval"
+#: lacks that part leaves the stored values as they are (`write_meta_regions`)
+EVAL_PARTS: dict[str, str] = {
+    **{v: "perplexity" for v in ("ppl_macro", "eval_loss", "eval_loss_macro", "bpb_pooled",
+                                 "bpb_macro", "ppl", "eval_loss_domain", "bpb", "eval_tokens",
+                                 "eval_bytes")},
+    **{v: "blimp" for v in ("blimp_overall", "blimp", "blimp_field")},
 }
 LABEL_DIMS = ("domain", "uid", "field")
 #: dims whose coordinate grows as runs, checkpoints and evaluation labels are added
@@ -900,12 +916,26 @@ def meta_values(meta: Mapping) -> tuple[dict[str, float], dict[str, Mapping]]:
     blimp = blimp if isinstance(blimp, Mapping) else {}
     scalars["ppl_macro"] = _number(ppl.get("macro"))
     scalars["blimp_overall"] = _number(blimp.get("overall"))
+    for name, key in (("eval_loss", "loss"), ("eval_loss_macro", "loss_macro"),
+                      ("bpb_pooled", "bpb"), ("bpb_macro", "bpb_macro")):
+        scalars[name] = _number(ppl.get(key))
     tables = {}
     for dim, table in (("domain", ppl.get("by_domain")), ("uid", blimp.get("by_uid")),
                        ("field", blimp.get("by_field"))):
         if isinstance(table, Mapping):
             tables[dim] = table
+    for var, key in (("eval_loss_domain", "loss_by_domain"), ("bpb", "bpb_by_domain"),
+                     ("eval_tokens", "tokens_by_domain"), ("eval_bytes", "bytes_by_domain")):
+        if isinstance(ppl.get(key), Mapping):
+            tables[var] = ppl[key]
     return scalars, tables
+
+
+def eval_parts(meta: Mapping) -> set[str]:
+    """The evaluation parts ("perplexity", "blimp") a checkpoint's meta holds."""
+    ev = meta.get("eval")
+    return {p for p in ("perplexity", "blimp")
+            if isinstance(ev, Mapping) and isinstance(ev.get(p), Mapping)}
 
 
 def meta_labels(metas: Mapping[tuple[str, int], Mapping]) -> dict[str, list[str]]:
@@ -913,7 +943,8 @@ def meta_labels(metas: Mapping[tuple[str, int], Mapping]) -> dict[str, list[str]
     labels: dict[str, set[str]] = {dim: set() for dim in LABEL_DIMS}
     for meta in metas.values():
         for dim, table in meta_values(meta)[1].items():
-            labels[dim].update(str(k) for k in table)
+            if dim in labels:  # the per-domain unit tables share the domain labels
+                labels[dim].update(str(k) for k in table)
     return {dim: sorted(v) for dim, v in labels.items() if v}
 
 
@@ -935,25 +966,38 @@ def write_meta_regions(path: Path, layout: Layout, metas: Mapping[tuple[str, int
         for i, cells in sorted(by_run.items()):
             cols = np.asarray([j for j, _ in cells], dtype=np.int64)
             values = [meta_values(meta) for _, meta in cells]
+            parts = [eval_parts(meta) for _, meta in cells]
+
+            def kept(name: str, parts: list[set[str]] = parts) -> np.ndarray | None:
+                part = EVAL_PARTS.get(name)
+                return None if part is None else np.asarray([part not in p for p in parts])
+
             for name in META_VARIABLES:
+                if name not in writer.group:
+                    continue
                 new = np.asarray([v[0][name] for v in values])
-                written += _write_changed(writer, name, i, cols, new, access)
+                written += _write_changed(writer, name, i, cols, new, access, kept(name))
                 fault_point("store.meta")  # acts after the first (or N-th) variable
             for var, (dim, _) in EVAL_VARIABLES.items():
                 if var not in writer.group:
                     continue
                 col = {k: c for c, k in enumerate(layout.labels.get(dim, []))}
                 new = np.full((len(cells), len(col)), np.nan)
+                table_key = var if var not in ("ppl", "blimp", "blimp_field") else dim
                 for row, (_, tables) in enumerate(values):
-                    for k, v in (tables.get(dim) or {}).items():
+                    for k, v in (tables.get(table_key) or {}).items():
                         new[row, col[str(k)]] = _number(v)
-                written += _write_changed(writer, var, i, cols, new, access)
+                written += _write_changed(writer, var, i, cols, new, access, kept(var))
     return written
 
 
 def _write_changed(writer: RegionWriter, name: str, i: int, cols: np.ndarray, new: np.ndarray,
-                   access: StoreAccess) -> int:
+                   access: StoreAccess, keep: np.ndarray | None = None) -> int:
+    """Write the rows of `new` that differ from the stored ones; rows where `keep` is True
+    keep their stored values."""
     old = writer.read(name, {"run": i, "step": cols})
+    if keep is not None and keep.any():
+        new = np.where(keep.reshape((-1,) + (1,) * (new.ndim - 1)), old, new)
     differ = ~((old == new) | (np.isnan(old) & np.isnan(new)))
     if differ.ndim > 1:
         differ = differ.any(axis=tuple(range(1, differ.ndim)))

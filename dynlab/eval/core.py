@@ -16,6 +16,7 @@ from dynlab.eval.blimp import (
 )
 from dynlab.eval.perplexity import (
     count_windows,
+    domain_bytes,
     encode_domains,
     perplexity,
     read_ppl_domains,
@@ -46,10 +47,12 @@ def default_eval_data(n_ppl_docs: int | None = 200, n_pairs_per_uid: int | None 
 
 def load_eval_data(ppl: str | Path | None = None, blimp: str | Path | None = None, *,
                    uid_filter: str | list[str] | None = None,
-                   limit_per_uid: int | None = None, on_error: str = "fail") -> EvalData:
+                   limit_per_uid: int | None = None, on_error: str = "fail",
+                   split: str = "val") -> EvalData:
     """Evaluation data from files; a part left None comes from default_eval_data(), a part
     given as "none" is skipped. ppl: directory / file / glob (see dynlab.eval.perplexity);
-    blimp: directory / file / glob of BLiMP jsonl, or "nyu-mll/blimp"."""
+    blimp: directory / file / glob of BLiMP jsonl, or "nyu-mll/blimp". split: the split folder
+    of data in Paloma's layout."""
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
     default = default_eval_data() if ppl is None or blimp is None else None
@@ -58,7 +61,7 @@ def load_eval_data(ppl: str | Path | None = None, blimp: str | Path | None = Non
     elif str(ppl).lower() == NONE:
         domains = {}
     else:
-        domains = read_ppl_domains(ppl, on_error)
+        domains = read_ppl_domains(ppl, on_error, split)
     if blimp is None:
         pairs = default.blimp_pairs
     elif str(blimp).lower() == NONE:
@@ -84,10 +87,25 @@ def context_length(model: torch.nn.Module, max_seq_len: int | None = None) -> in
     return int(max_seq_len)
 
 
+def cache_key(tokenizer) -> str:
+    """The identity of a tokenizer's definition: TextTokenizer.fingerprint, a `tokenizers`
+    Tokenizer's JSON digest, else the object's id."""
+    import hashlib
+
+    fp = getattr(tokenizer, "fingerprint", None)
+    if fp is not None:
+        return fp()
+    to_str = getattr(tokenizer, "to_str", None)
+    if to_str is not None:
+        return hashlib.sha1(to_str().encode()).hexdigest()
+    return str(id(tokenizer))
+
+
 def evaluate(model: torch.nn.Module, tokenizer, data: EvalData, *, device: str | None = "cpu",
              batch_size: int = 32, max_seq_len: int | None = None, stride: int | None = None,
              on_error: str = "skip",
-             progress: Callable[[int, int], None] | None = None) -> dict:
+             progress: Callable[[int, int], None] | None = None, bos: int | None = None,
+             autocast: torch.dtype | None = None, cache: dict | None = None) -> dict:
     """{"perplexity": {"by_domain", "macro"}, "blimp": {"by_uid", "by_field", "overall"}}.
 
     Parts whose data is empty (or, with on_error="skip", has nothing scorable) are left
@@ -96,10 +114,17 @@ def evaluate(model: torch.nn.Module, tokenizer, data: EvalData, *, device: str |
     Pairs that cannot be scored (empty, longer than the context) are skipped with an
     EvalDataWarning (on_error="skip") or raise ValueError ("fail").
     `progress(done, total)` counts scored sequences.
+    bos: the document-start token (default the tokenizer's `<|endoftext|>`). autocast: run the
+    forward passes under torch.autocast in this dtype (bf16 / fp16; CUDA only, ignored on CPU;
+    losses are still taken in float32 and summed in float64). cache: a dict kept across calls
+    holding the tokenised data per (tokenizer, context) key (`cache_key`), so that every
+    checkpoint of a run shares one tokenisation.
     """
+    import contextlib
+
     from dynlab.data.tokenizer import bos_id
 
-    bos = bos_id(tokenizer)
+    bos = bos_id(tokenizer) if bos is None else int(bos)
     context = context_length(model, max_seq_len)
     home = model_device(model)
     target = home if device is None else torch.device(device)
@@ -107,9 +132,16 @@ def evaluate(model: torch.nn.Module, tokenizer, data: EvalData, *, device: str |
     result: dict = {}
     try:
         model.to(target).eval()
-        encoded = encode_domains(tokenizer, data.ppl_domains) if data.ppl_domains else {}
-        kept, good, bad = (encode_pairs(tokenizer, data.blimp_pairs, context, on_error)
-                           if data.blimp_pairs else ([], [], []))
+        key = (cache_key(tokenizer), context, id(data))
+        if cache is not None and key in cache:
+            encoded, n_bytes, (kept, good, bad) = cache[key]
+        else:
+            encoded = encode_domains(tokenizer, data.ppl_domains) if data.ppl_domains else {}
+            n_bytes = domain_bytes(data.ppl_domains, tokenizer) if data.ppl_domains else {}
+            kept, good, bad = (encode_pairs(tokenizer, data.blimp_pairs, context, on_error)
+                               if data.blimp_pairs else ([], [], []))
+            if cache is not None:
+                cache[key] = (encoded, n_bytes, (kept, good, bad))
         total = count_windows(encoded, context, stride) + 2 * len(kept)
         done = 0
 
@@ -119,19 +151,22 @@ def evaluate(model: torch.nn.Module, tokenizer, data: EvalData, *, device: str |
             if progress:
                 progress(done, total)
 
-        if encoded:
-            ppl = perplexity(model, tokenizer, data.ppl_domains, bos, context, stride=stride,
-                             batch_size=batch_size, progress=tick, encoded=encoded,
-                             on_error=on_error)
-            if ppl is not None:
-                result["perplexity"] = ppl
-        if data.blimp_pairs and not kept:
-            report_problem(f"BLiMP: none of the {len(data.blimp_pairs)} pairs can be scored "
-                           f"(context {context}); BLiMP left out", on_error)
-        elif data.blimp_pairs:
-            result["blimp"] = blimp(model, tokenizer, data.blimp_pairs, bos, context,
-                                    batch_size=batch_size, progress=tick,
-                                    encoded=(kept, good, bad))
+        amp = (torch.autocast(target.type, dtype=autocast)
+               if autocast is not None and target.type == "cuda" else contextlib.nullcontext())
+        with amp:
+            if encoded:
+                ppl = perplexity(model, tokenizer, data.ppl_domains, bos, context,
+                                 stride=stride, batch_size=batch_size, progress=tick,
+                                 encoded=encoded, on_error=on_error, n_bytes=n_bytes)
+                if ppl is not None:
+                    result["perplexity"] = ppl
+            if data.blimp_pairs and not kept:
+                report_problem(f"BLiMP: none of the {len(data.blimp_pairs)} pairs can be "
+                               f"scored (context {context}); BLiMP left out", on_error)
+            elif data.blimp_pairs:
+                result["blimp"] = blimp(model, tokenizer, data.blimp_pairs, bos, context,
+                                        batch_size=batch_size, progress=tick,
+                                        encoded=(kept, good, bad))
     finally:
         model.to(home)
         model.train(was_training)

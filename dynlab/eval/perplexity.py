@@ -13,6 +13,17 @@ Held-out text is grouped by domain: a directory with one domain per file (`*.txt
 separated by blank lines; `*.jsonl` / `*.jsonl.gz`: a `text` field per line, domain = file
 stem unless a line has a `source` field), a single such file, or a glob.
 
+Paloma's published layout is read as well: a folder of domains, each holding split folders
+(`val/`, `test/`) of `*.jsonl.gz` (or `*.jsonl`) files whose records carry a `text` field, or,
+in the pre-tokenised variant, an `input_ids` list (scored as below). The domain is the domain
+folder's name; `split` picks the split folder (default `val`) and every domain must have it.
+
+Units (`perplexity`): per domain the mean token loss L_d = NLL_d / tokens_d (nats), the
+perplexity exp(L_d), and bits per byte NLL_d / (ln 2 · bytes_d), bytes_d the UTF-8 bytes of
+the scored text (of the decoded ids for pre-tokenised data); macro averages over domains and
+the pooled mean token loss and bits per byte over every scored token. Bits per byte does not
+depend on the tokenizer, so it compares models with different tokenizers.
+
 Pre-tokenised held-out data (pico's pre-tokenised Paloma) is scored as it is, in the ids it
 was tokenised with: `.parquet` / `.arrow` files (a file, or a directory searched recursively)
 or a Hugging Face dataset name (split `val`, streamed with `datasets`), with an `input_ids`
@@ -99,12 +110,29 @@ def _read_ppl_documents(path: Path, on_error: str) -> dict[str, list[str]]:
             if problem:
                 report_problem(problem, on_error)
                 continue
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                report_problem(f"{path}:{lineno}: expected an object with a 'text' string",
-                               on_error)
+            ids = record.get("input_ids") if isinstance(record, dict) else None
+            if isinstance(ids, list) and "text" not in record:
+                if not all(isinstance(t, int) and t >= 0 for t in ids):
+                    report_problem(f"{path}:{lineno}: 'input_ids' must be a list of "
+                                   "non-negative integers", on_error)
+                    continue
+                source = str(record.get("source", _stem(path)))
+                docs = domains.setdefault(source, PretokenizedDocs())
+                if not isinstance(docs, PretokenizedDocs):
+                    raise ValueError(f"{path}:{lineno}: domain {source!r} mixes text and "
+                                     "input_ids records")
+                docs.append(list(ids))
                 continue
-            source = record.get("source", _stem(path))
-            domains.setdefault(str(source), []).append(record["text"])
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                report_problem(f"{path}:{lineno}: expected an object with a 'text' string "
+                               "(or an 'input_ids' list)", on_error)
+                continue
+            source = str(record.get("source", _stem(path)))
+            docs = domains.setdefault(source, [])
+            if isinstance(docs, PretokenizedDocs):
+                raise ValueError(f"{path}:{lineno}: domain {source!r} mixes text and "
+                                 "input_ids records")
+            docs.append(record["text"])
     return domains
 
 
@@ -214,17 +242,77 @@ def _is_arrow_file(path: Path) -> bool:
         return fh.read(6) == b"ARROW1"
 
 
-def read_ppl_domains(spec: str | Path, on_error: str = "fail") -> dict[str, list[str]]:
-    """Held-out documents by domain from a directory, file or glob (see module docstring);
-    pre-tokenised data gives PretokenizedDocs per domain."""
-    pretokenized = read_pretokenized_domains(spec)
-    if pretokenized is not None:
-        return pretokenized
-    domains: dict[str, list[str]] = {}
-    for path in resolve_files(spec, PPL_SUFFIXES, "--ppl"):
-        for dom, docs in read_ppl_file(path, on_error).items():
-            domains.setdefault(dom, []).extend(docs)
-    empty = [d for d, docs in domains.items() if not any(x.strip() for x in docs)]
+PALOMA_SPLITS = ("val", "test")
+
+
+def is_paloma_layout(path: Path) -> bool:
+    """A folder whose sub-folders (domains) hold `val/` or `test/` split folders."""
+    return path.is_dir() and any((d / s).is_dir() for d in path.iterdir() if d.is_dir()
+                                 for s in PALOMA_SPLITS)
+
+
+def paloma_files(root: Path, split: str = "val") -> dict[str, list[Path]]:
+    """Paloma's layout: {domain folder name: its `split` folder's .jsonl(.gz) files}.
+    ValueError naming the folder for a domain without that split or with no files in it."""
+    if split not in PALOMA_SPLITS:
+        raise ValueError(f"--split must be one of {', '.join(PALOMA_SPLITS)}, not {split!r}")
+    out: dict[str, list[Path]] = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        folder = d / split
+        if not folder.is_dir():
+            have = [s for s in PALOMA_SPLITS if (d / s).is_dir()]
+            raise ValueError(f"--ppl {root}: domain folder {d.name}/ has no {split}/ split "
+                             f"(it has {', '.join(have) or 'no split folder'}); expected "
+                             f"{d.name}/{split}/*.jsonl.gz")
+        files = sorted(f for f in folder.iterdir() if f.name.endswith((".jsonl", ".jsonl.gz")))
+        if not files:
+            raise ValueError(f"--ppl {folder}: no .jsonl.gz or .jsonl files")
+        out[d.name] = files
+    return out
+
+
+def read_paloma(root: Path, split: str = "val",
+                on_error: str = "fail") -> dict[str, list[str]]:
+    """Documents (or PretokenizedDocs) by domain of a folder in Paloma's layout (module
+    docstring); the domain is the folder's name, whatever `source` its records carry."""
+    domains: dict[str, list] = {}
+    for dom, files in paloma_files(root, split).items():
+        docs: list = []
+        for f in files:
+            for part in read_ppl_file(f, on_error).values():
+                if docs and isinstance(part, PretokenizedDocs) != isinstance(docs,
+                                                                          PretokenizedDocs):
+                    raise ValueError(f"--ppl {f}: domain {dom!r} mixes text and input_ids "
+                                     "records")
+                if not docs and isinstance(part, PretokenizedDocs):
+                    docs = PretokenizedDocs()
+                docs.extend(part)
+        domains[dom] = docs
+    return domains
+
+
+def read_ppl_domains(spec: str | Path, on_error: str = "fail",
+                     split: str = "val") -> dict[str, list[str]]:
+    """Held-out documents by domain from a directory, file or glob, or a folder in Paloma's
+    layout (`split` folder of each domain; see module docstring); pre-tokenised data gives
+    PretokenizedDocs per domain."""
+    if is_paloma_layout(Path(spec)):
+        domains = read_paloma(Path(spec), split, on_error)
+    else:
+        pretokenized = read_pretokenized_domains(spec)
+        if pretokenized is not None:
+            return pretokenized
+        domains = {}
+        for path in resolve_files(spec, PPL_SUFFIXES, "--ppl"):
+            for dom, docs in read_ppl_file(path, on_error).items():
+                if dom in domains and isinstance(docs, PretokenizedDocs) != isinstance(
+                        domains[dom], PretokenizedDocs):
+                    raise ValueError(f"--ppl {path}: domain {dom!r} mixes text and "
+                                     "input_ids records")
+                domains.setdefault(dom, docs.__class__()).extend(docs)
+    empty = [d for d, docs in domains.items()
+             if not any((len(x) > 1) if isinstance(docs, PretokenizedDocs) else x.strip()
+                        for x in docs)]
     for dom in empty:
         report_problem(f"--ppl {spec}: domain {dom!r} has no non-empty documents", on_error)
         del domains[dom]
@@ -238,6 +326,40 @@ def perplexity_from_sums(nll: float, tokens: int) -> float:
     if tokens <= 0:
         raise ValueError("perplexity of zero tokens is undefined")
     return math.exp(nll / tokens)
+
+
+def mean_token_loss(nll: float, tokens: int) -> float:
+    """L = total NLL (nats) / total scored tokens (the log of the perplexity)."""
+    if tokens <= 0:
+        raise ValueError("the mean loss of zero tokens is undefined")
+    return nll / tokens
+
+
+def bits_per_byte(nll: float, n_bytes: int) -> float:
+    """bpb = total NLL (nats) / (ln 2 · UTF-8 bytes of the scored text): the code length in
+    bits per byte (lm-evaluation-harness's `bits_per_byte`; Gao et al. 2020, The Pile, §4.1);
+    NaN when the byte count is unknown (0)."""
+    return nll / (math.log(2) * n_bytes) if n_bytes > 0 else math.nan
+
+
+def utf8_bytes(text: str) -> int:
+    """The UTF-8 byte count of a text."""
+    return len(text.encode("utf-8"))
+
+
+def domain_bytes(domains: dict[str, list], tokenizer=None) -> dict[str, int]:
+    """UTF-8 bytes of the scored text per domain: of each text document, and of the decoded
+    scored ids (all but the first) of each pre-tokenised sequence (0 without a tokenizer able
+    to decode: bits per byte is then NaN)."""
+    out = {}
+    for dom, docs in domains.items():
+        if isinstance(docs, PretokenizedDocs):
+            decode = getattr(tokenizer, "decode", None)
+            out[dom] = (sum(utf8_bytes(decode(ids[1:])) for ids in docs if len(ids) > 1)
+                        if decode is not None else 0)
+        else:
+            out[dom] = sum(utf8_bytes(d) for d in docs)
+    return out
 
 
 def macro_average(values: dict[str, float]) -> float:
@@ -297,18 +419,37 @@ def perplexity(model: torch.nn.Module, tokenizer, domains: dict[str, list[str]],
                context: int, *, stride: int | None = None, batch_size: int = 32,
                progress: Callable[[int], None] | None = None,
                encoded: dict[str, list[list[int]]] | None = None,
-               on_error: str = "fail") -> dict | None:
-    """{"by_domain": {domain: ppl}, "macro": mean ppl over domains}, ppl = exp(NLL / tokens).
+               on_error: str = "fail", n_bytes: dict[str, int] | None = None) -> dict | None:
+    """{"by_domain": {domain: ppl}, "macro": mean ppl over domains}, ppl = exp(NLL / tokens),
+    with the other units (module docstring): "loss_by_domain", "loss_macro", "loss" (pooled
+    over every token), "bpb_by_domain", "bpb_macro", "bpb" (pooled), "tokens_by_domain",
+    "bytes_by_domain", and the window "max_length" (context) and "stride" scored with.
 
     A domain with no token to score raises ValueError (on_error="fail") or is left out with
     an EvalDataWarning ("skip"); None when no domain is left. `encoded`: the domains already
-    tokenised (encode_domains)."""
+    tokenised (encode_domains); `n_bytes`: domain_bytes of the domains (computed if None)."""
     sums = domain_nll(model, tokenizer, domains, bos, context, stride=stride,
                       batch_size=batch_size, progress=progress, encoded=encoded)
-    by_domain = {}
+    n_bytes = domain_bytes(domains, tokenizer) if n_bytes is None else n_bytes
+    by_domain, kept = {}, {}
     for dom, (nll, n) in sums.items():
         if n == 0:
             report_problem(f"perplexity domain {dom!r}: no tokens to score", on_error)
             continue
         by_domain[dom] = perplexity_from_sums(nll, n)
-    return {"by_domain": by_domain, "macro": macro_average(by_domain)} if by_domain else None
+        kept[dom] = (nll, n, int(n_bytes.get(dom, 0)))
+    if not by_domain:
+        return None
+    loss = {d: mean_token_loss(nll, n) for d, (nll, n, _) in kept.items()}
+    bpb = {d: bits_per_byte(nll, b) for d, (nll, _, b) in kept.items()}
+    total_nll = sum(v[0] for v in kept.values())
+    total_bytes = sum(v[2] for v in kept.values())
+    return {"by_domain": by_domain, "macro": macro_average(by_domain),
+            "loss_by_domain": loss, "loss_macro": macro_average(loss),
+            "loss": mean_token_loss(total_nll, sum(v[1] for v in kept.values())),
+            "bpb_by_domain": bpb, "bpb_macro": macro_average(bpb),
+            "bpb": (bits_per_byte(total_nll, total_bytes)
+                    if all(v[2] > 0 for v in kept.values()) else math.nan),
+            "tokens_by_domain": {d: v[1] for d, v in kept.items()},
+            "bytes_by_domain": {d: v[2] for d, v in kept.items()},
+            "max_length": int(context), "stride": int(stride or context)}

@@ -664,3 +664,54 @@ def summary_table(ds: xr.Dataset, runs: Sequence[str] | None = None) -> pd.DataF
     cols = ["run", "type", "final step", "final loss", "perplexity", "BLiMP", "PER weights",
             "PER updates", "CN weights", "CN updates", "CN_nz updates"]
     return pd.DataFrame(rows, columns=cols).set_index("run")
+
+
+# ---------------------------------------------------------------- metric against loss
+
+#: the loss on the x axis of `metric_against_loss`, in order of preference with "auto"
+LOSSES = {"eval_loss": "held-out mean token loss (nats)",
+          "bpb_pooled": "held-out bits per byte",
+          "train_loss": "training loss (nats)"}
+
+
+def metric_against_loss(ds: xr.Dataset, metric: str = "per", kind: str = "weights",
+                        matrix: str = "ov_circuit", loss: str = "auto",
+                        runs: Sequence[str] | None = None) -> go.Figure:
+    """A spectral metric (mean over layers) against a loss, one line per run through its
+    checkpoints in step order: how conditioning moves as the model learns. loss: eval_loss
+    (held-out mean token loss, written by `dynlab eval --store`), bpb_pooled (bits per
+    byte, comparable across tokenizers), train_loss, or "auto" (the first of these the
+    store holds). Works for any source: the loss comes from the evaluation, not training."""
+    if loss != "auto" and loss not in LOSSES:
+        raise ValueError(f"loss {loss!r}: expected auto, {', '.join(LOSSES)}")
+    choice = next((n for n in LOSSES if _has(ds, n)), None) if loss == "auto" else loss
+    title = f"{_label(metric)} of {kind} · {matrix} against loss"
+    if choice is None or not _has(ds, choice):
+        return _finish(go.Figure(), title, [f"no {loss if loss != 'auto' else 'loss'} in "
+                                            "store: run `dynlab eval SOURCE --store STORE`"],
+                       200)
+    da = select_metric(ds, metric, kind, matrix)
+    if isinstance(da, str):
+        return _finish(go.Figure(), title, [da], 200)
+    y_all = da.mean("layer", skipna=True)
+    x_all = ds[choice].sortby("step")
+    fig = go.Figure()
+    notes = []
+    for run in _runs(ds, runs):
+        x = x_all.sel(run=run).values.astype(float)
+        y = y_all.sel(run=run).values.astype(float)
+        steps = da["step"].values
+        ok = np.isfinite(x) & np.isfinite(y)
+        if not ok.any():
+            notes.append(f"{run}: no checkpoint with both {choice} and {metric}")
+            continue
+        color = _color(ds, run)
+        fig.add_trace(go.Scatter(
+            x=x[ok], y=y[ok], mode="lines+markers", name=run, line={"color": color},
+            marker={"color": color, "size": 7}, customdata=steps[ok],
+            hovertemplate=(f"{run}<br>step %{{customdata}}<br>{choice} %{{x:.4g}}"
+                           f"<br>{metric} %{{y:.4g}}<extra></extra>"),
+            meta={"run": run, "role": "series", "variable": metric, "x": choice}))
+    fig.update_xaxes(title_text=LOSSES[choice], autorange="reversed")
+    fig.update_yaxes(title_text=f"{_label(metric)} (mean over layers)")
+    return _finish(fig, title + " (loss falls to the right)", notes, PANEL_HEIGHT + 140)

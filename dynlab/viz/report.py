@@ -142,6 +142,14 @@ def report_sections(ds: xr.Dataset) -> list[Section]:
          "ReLoRA merge-and-reset steps as dotted lines.",
          lambda: F.relora_comparison(ds, ("per",), "weights", "ov_circuit")),
     ]
+    if "eval_loss" in ds.data_vars and bool(np.isfinite(ds["eval_loss"].values).any()):
+        specs.append((
+            "PER against loss",
+            "Proportional effective rank of the OV circuit (mean over layers) against the "
+            "held-out mean token loss written by `dynlab eval --store`, one line per run in "
+            "step order: conditioning against how well the model has learned, for any source "
+            "(dynlab, pico-train, relora-pico and Hugging Face runs alike).",
+            lambda: F.metric_against_loss(ds, "per", "weights", "ov_circuit", "eval_loss")))
     from dynlab.viz.representations import representation_sections
 
     specs += representation_sections(ds)
