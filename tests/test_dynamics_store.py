@@ -161,3 +161,34 @@ def test_killed_dynamics_resume_to_the_same_store(runs, store, tmp_path):
     a, b = dynlab.open_store(store).load(), dynlab.open_store(out).load()
     for name in ("hess_top", "line_loss", "gns_b_simple", "attn_entropy", "dyn_analyzed"):
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_hugging_face_checkpoints(tmp_path, arch):
+    hf = pytest.importorskip("hf_fixtures")
+    run_dir = tmp_path / "hfrun"
+    hf.train_and_save(arch, run_dir, steps=(0, 2))
+    for d in run_dir.iterdir():
+        hf.save_tokenizer(d)
+    text = hf.write_text(tmp_path / "docs.txt")
+    out = tmp_path / "hf.zarr"
+    with pytest.raises(InputError, match="pass --dynamics-data"):
+        dynlab.analyze([run_dir], out=out, progress=False, dynamics="attention")
+    dynlab.analyze([run_dir], out=out, progress=False, dynamics="all",
+                   dynamics_options=dict(OPTS, data=str(text)))
+    ds = dynlab.open_store(out).load()
+    cell = ds.isel(run=0).sel(step=2)
+    assert np.isfinite(cell.hess_top.values).all() and np.isfinite(cell.barrier.item())
+    assert np.isfinite(cell.layer_gns_b_simple.values).all()
+    assert np.isnan(cell.precond_sharpness.item())  # no optimizer state in an HF checkpoint
+    # attention from transformers' own output_attentions on the recorded batch
+    batch = torch.tensor(json.loads(ds.attrs["dynamics"])["runs"][str(ds.run.values[0])]
+                         ["tokens"])
+    model = hf.load(run_dir / "step2").eval()
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        att = model(input_ids=batch[:, :-1], output_attentions=True).attentions
+    for layer, a in enumerate(att):
+        p = a.double().numpy()
+        np.testing.assert_allclose(cell.sink_score.sel(layer=layer).values[:p.shape[1]],
+                                   p[:, :, 1:, 0].mean(axis=(0, 2)), rtol=1e-5)

@@ -143,11 +143,12 @@ def sharpness(model: torch.nn.Module, batch: torch.Tensor, opt: DynamicsOptions,
     return out
 
 
-def layer_groups(names: Sequence[str], n_layers: int) -> dict[str, list[str]]:
-    """Parameter names of the whole model ('model') and of each block ('layers.<i>')."""
+def layer_groups(names: Sequence[str], prefixes: Sequence[str]) -> dict[str, list[str]]:
+    """Parameter names of the whole model ('model') and of each block ('layers.<i>', the
+    names starting with prefixes[i])."""
     groups = {"model": list(names)}
-    for i in range(n_layers):
-        groups[f"layers.{i}"] = [n for n in names if n.startswith(f"layers.{i}.")]
+    for i, prefix in enumerate(prefixes):
+        groups[f"layers.{i}"] = [n for n in names if n.startswith(prefix)]
     return groups
 
 
@@ -163,14 +164,15 @@ def gradient_noise(model: torch.nn.Module, batch: torch.Tensor, n_layers: int
         loss = lm_loss(model, row[None].to(device))
         grads = torch.autograd.grad(loss, [p for _, p in named])
         micro.append({n: g.detach() for (n, _), g in zip(named, grads, strict=True)})
-    groups = layer_groups([n for n, _ in named], n_layers)
+    prefixes = block_prefixes(model)[:n_layers]
+    groups = layer_groups([n for n, _ in named], prefixes)
     res = N.micro_batch_noise(micro, 1, groups)
     model_ns = res["model"]
     return {"gns_b_simple": np.float64(model_ns.b_simple),
             "gns_trace_sigma": np.float64(model_ns.trace_sigma),
             "gns_grad_sq": np.float64(model_ns.grad_sq),
             "layer_gns_b_simple": np.array([res[f"layers.{i}"].b_simple
-                                            for i in range(n_layers)])}
+                                            for i in range(len(prefixes))])}
 
 
 @torch.no_grad()
@@ -195,8 +197,19 @@ def line(model: torch.nn.Module, batch: torch.Tensor, a: Mapping[str, torch.Tens
 
 def attention_stats(model: torch.nn.Module, batch: torch.Tensor, eps: float
                     ) -> dict[str, np.ndarray]:
-    """attn_entropy, sink_score (layer, head), sink_rate, massive_ratio, massive_max (layer)."""
-    res = A.pico_attention_stats(model, batch[:, :-1], eps=eps)
+    """attn_entropy, sink_score (layer, head), sink_rate, massive_ratio, massive_max (layer):
+    a PicoDecoder's weights recomputed from its projections, a transformers model's own
+    output_attentions (eager attention, switched on for the call)."""
+    hf = hf_inner(model)
+    if hf is None:
+        res = A.pico_attention_stats(model, batch[:, :-1], eps=eps)
+    else:
+        before = hf.config._attn_implementation
+        hf.config._attn_implementation = "eager"
+        try:
+            res = A.hf_attention_stats(hf, batch[:, :-1], eps=eps)
+        finally:
+            hf.config._attn_implementation = before
     return {k: v.numpy() for k, v in res.items()}
 
 
@@ -300,16 +313,35 @@ def source_reader(ckpt: Checkpoint):
 
 
 def runnable_model(run: Run, ckpt: Checkpoint, device: str) -> torch.nn.Module:
-    """A float32 model computing the checkpoint's function: dynlab's PicoDecoder for a dynlab
-    run (a relora run's effective weights). Other sources: InputError naming the source."""
-    reader = source_reader(ckpt)
-    if reader is None:
-        from dynlab.model import load_checkpoint_model
+    """A float32 model computing the checkpoint's function (dynlab.sources.models: dynlab's
+    PicoDecoder for dynlab, pico-train and relora-pico runs, with a relora run's effective
+    weights; transformers' own class for Hugging Face checkpoints, wrapped as forward(ids) ->
+    logits). A source without a runnable model: InputError naming it."""
+    from dynlab.sources import release
+    from dynlab.sources.models import load_causal_lm
 
-        return load_checkpoint_model(ckpt.path, device=device).float()
-    fmt = getattr(reader, "format", "?")
-    raise InputError(f"--dynamics: {run.name} is a {fmt} source; function-space dynamics run "
-                     "a model for dynlab runs only in this version")
+    try:
+        lm = load_causal_lm(run, ckpt, device=device, dtype=torch.float32,
+                            need_tokenizer=False, what="--dynamics")
+    finally:
+        if source_reader(ckpt) is not None:
+            release(run, ckpt)
+    return lm.model
+
+
+def block_prefixes(model: torch.nn.Module) -> list[str]:
+    """The parameter-name prefix of each transformer block ('layers.3.' for a PicoDecoder,
+    'hf.model.layers.3.' for a wrapped transformers Llama): the longest ModuleList."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        return []
+    name, blocks = max(lists, key=lambda nm: len(nm[1]))
+    return [f"{name}.{i}." for i in range(len(blocks))]
+
+
+def hf_inner(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The transformers model inside a dynlab.sources.models.HFLogits wrapper, or None."""
+    return getattr(model, "hf", None)
 
 
 def learning_dynamics_batch(run: Run) -> torch.Tensor:
@@ -341,7 +373,9 @@ def learning_dynamics_batch(run: Run) -> torch.Tensor:
 def dynamics_batch(run: Run, opt: DynamicsOptions) -> torch.Tensor:
     """(n_seq, seq_len + 1) token ids: the first sequences and tokens of the learning-dynamics
     batch, or of `opt.data` in the run's tokenizer."""
-    if opt.data is None:
+    if source_reader(run.checkpoints[0]) is not None:
+        full = source_batch(run, opt)
+    elif opt.data is None:
         full = learning_dynamics_batch(run)
     else:
         from dynlab.analysis.activations import data_batch
@@ -351,6 +385,37 @@ def dynamics_batch(run: Run, opt: DynamicsOptions) -> torch.Tensor:
         raise InputError(f"--dynamics-batch {opt.n_seq}: {run.name}'s batch has only "
                          f"{full.shape[0]} sequences")
     return full[: opt.n_seq, : opt.seq_len + 1].clone()
+
+
+def source_batch(run: Run, opt: DynamicsOptions) -> torch.Tensor:
+    """The batch of a pico-train, relora-pico or Hugging Face run: `opt.data` in the first
+    checkpoint's own tokenizer (dynlab.sources.models), documents joined as
+    [bos] doc_1 [bos] doc_2 …; InputError without --dynamics-data or a tokenizer."""
+    from dynlab.analysis.activations import read_documents
+    from dynlab.sources import release
+    from dynlab.sources.models import load_causal_lm
+
+    if opt.data is None:
+        raise InputError(f"--dynamics: {run.name} has no learning-dynamics batch dynlab can "
+                         "read; pass --dynamics-data (a .txt/.jsonl file or 'default')")
+    ckpt = run.checkpoints[0]
+    try:
+        lm = load_causal_lm(run, ckpt, what="--dynamics-data")
+    finally:
+        release(run, ckpt)
+    sep = lm.bos_id
+    if sep is None:
+        raise InputError(f"--dynamics-data: {run.name}'s tokenizer has no document-start token")
+    need = opt.n_seq * (opt.seq_len + 1)
+    ids: list[int] = []
+    for doc in read_documents(opt.data):
+        ids += [sep] + list(lm.tokenizer.encode([doc])[0])
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise InputError(f"--dynamics-data {opt.data}: {len(ids)} tokens in {run.name}'s "
+                         f"tokenizer, fewer than {opt.n_seq} windows of {opt.seq_len + 1}")
+    return torch.tensor(ids[:need], dtype=torch.long).view(opt.n_seq, opt.seq_len + 1)
 
 
 def batch_record(batch: torch.Tensor, source: str) -> dict:
