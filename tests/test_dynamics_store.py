@@ -192,3 +192,27 @@ def test_hugging_face_checkpoints(tmp_path, arch):
         p = a.double().numpy()
         np.testing.assert_allclose(cell.sink_score.sel(layer=layer).values[:p.shape[1]],
                                    p[:, :, 1:, 0].mean(axis=(0, 2)), rtol=1e-5)
+
+
+def test_dynamics_figures_and_report(runs, store, tmp_path):
+    from dynlab.viz import dynamics as V
+    from dynlab.viz import report as R
+
+    ds = dynlab.open_store(store).load()
+    titles = [t for t, _, _ in V.dynamics_sections(ds)]
+    assert titles == ["Update-to-weight ratio", "Sharpness and the edge of stability",
+                      "Loss barriers between checkpoints", "Gradient noise scale",
+                      "Attention entropy and sinks"]
+    fig = V.barrier_figure(ds)
+    diamonds = [t for t in fig.data if t.name == "rel: reset pairs"]
+    assert len(diamonds) == 1 and list(diamonds[0].x) == [4]
+    assert list(diamonds[0].y) == [ds.barrier.sel(run="rel", step=4).item()]
+    sharp = V.sharpness_figure(ds)
+    thr = [t for t in sharp.data if t.name == "dec threshold"][0]
+    np.testing.assert_allclose(thr.y, ds.eos_threshold.sel(run="dec").values[1:])
+    assert any("rel: no Adam state" in n for n in sharp.layout.meta["notes"])
+    _, _, sections = R.write_report([store], tmp_path / "r.html")
+    assert {s.title for s in sections} >= set(titles)
+    assert all(s.figure is not None for s in sections if s.title in titles)
+    empty = ds.drop_vars([v for v in ds.data_vars if v not in ("per", "train_loss")])
+    assert V.dynamics_sections(empty) == []
