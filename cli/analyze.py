@@ -138,6 +138,13 @@ def analyze(
         "--dynamics-alphas", min=2, help="--dynamics barrier: points of the α grid.")] = 11,
     dynamics_seed: Annotated[int, typer.Option(
         "--dynamics-seed", help="--dynamics: seed of the probe vectors.")] = 0,
+    dynamics_layers: Annotated[bool, typer.Option(
+        "--dynamics-layers", help="--dynamics sharpness: also the top eigenvalue of each "
+        "block's Hessian block (n_layers times the cost).")] = False,
+    between: Annotated[str | None, typer.Option(
+        "--between", show_default=False,
+        help="The loss along the straight line between two runs' checkpoints, "
+        "RUN@STEP,RUN@STEP, and its barrier (on the first run's batch).")] = None,
 ) -> None:
     """Spectral metrics (effective rank, PER, condition number, ...) of every weight matrix,
     gradient, update and LoRA product of each checkpoint, into a Zarr store. Rerunning skips
@@ -175,17 +182,20 @@ def analyze(
                 activations_batch=activations_batch, wait=wait, **source_options,
                 **dynamics_arguments(dynamics, dynamics_data, dynamics_batch, dynamics_seq_len,
                                      dynamics_k, dynamics_probes, dynamics_alphas,
-                                     dynamics_seed),
+                                     dynamics_seed, between, dynamics_layers),
             )
     print(path)
 
 
 def dynamics_arguments(dynamics: str | None, data: str | None, n_seq: int, seq_len: int,
-                       k: int, probes: int, alphas: int, seed: int) -> dict:
+                       k: int, probes: int, alphas: int, seed: int,
+                       between: str | None = None, layers: bool = False) -> dict:
     """The `dynamics` / `dynamics_options` arguments of dynlab.analyze (none without
-    --dynamics)."""
-    if dynamics is None:
+    --dynamics or --between)."""
+    if dynamics is None and between is None:
         return {}
-    return {"dynamics": dynamics,
-            "dynamics_options": dict(data=data, n_seq=n_seq, seq_len=seq_len, k=k,
-                                     probes=probes, alphas=alphas, seed=seed)}
+    options = dict(data=data, n_seq=n_seq, seq_len=seq_len, k=k, probes=probes,
+                   alphas=alphas, seed=seed, layer_sharpness=layers)
+    if between is not None:
+        options["between"] = between
+    return {"dynamics": dynamics, "dynamics_options": options}

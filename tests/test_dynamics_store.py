@@ -142,6 +142,18 @@ def test_refusals(runs, store, tmp_path):
         f.write_text("a b c\n")
         dynlab.analyze([dec], out=tmp_path / "y.zarr", dynamics="gns",
                        dynamics_options={**OPTS, "data": str(f)})
+    assert not (tmp_path / "y.zarr").exists()  # refused before the store was made
+    (tmp_path / "notok").mkdir()
+    import shutil
+
+    shutil.copytree(dec, tmp_path / "notok" / "dec")
+    (tmp_path / "notok" / "dec" / "tokenizer.json").unlink()
+    for ckpt in (tmp_path / "notok" / "dec" / "checkpoints").iterdir():
+        (ckpt / "activations.safetensors").unlink()
+    with pytest.raises(InputError, match="tokenizer.json is missing"):
+        dynlab.analyze([tmp_path / "notok" / "dec"], out=tmp_path / "z.zarr",
+                       dynamics="barrier", dynamics_options=OPTS)
+    assert not (tmp_path / "z.zarr").exists()
     assert dynlab.open_store(store).load().dyn_analyzed.sum().item() == 32
 
 
@@ -163,6 +175,7 @@ def test_killed_dynamics_resume_to_the_same_store(runs, store, tmp_path):
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama"])
 def test_hugging_face_checkpoints(tmp_path, arch):
     hf = pytest.importorskip("hf_fixtures")
@@ -216,3 +229,44 @@ def test_dynamics_figures_and_report(runs, store, tmp_path):
     assert all(s.figure is not None for s in sections if s.title in titles)
     empty = ds.drop_vars([v for v in ds.data_vars if v not in ("per", "train_loss")])
     assert V.dynamics_sections(empty) == []
+
+
+@pytest.mark.slow
+def test_between_two_runs(runs, store, tmp_path):
+    root, dec, rel = runs
+    out = tmp_path / "btw.zarr"
+    import shutil
+
+    shutil.copytree(store, out)
+    dynlab.analyze([dec, rel], out=out, progress=False,
+                   dynamics_options={**OPTS, "between": "dec@6,rel@6"})
+    ds = dynlab.open_store(out).load()
+    assert [str(v) for v in ds.between.values] == ["dec@6,rel@6"]
+    a = load_checkpoint_model(dec / "checkpoints/step_6")
+    b = load_checkpoint_model(rel / "checkpoints/step_6")
+    batch = D.dynamics_batch(find_runs([dec])[0], D.DynamicsOptions(**OPTS))
+    sa, sb = a.state_dict(), b.state_dict()
+    a.load_state_dict({k: 0.75 * sa[k] + 0.25 * sb[k] for k in sa})
+    with torch.no_grad():
+        want = float(D.lm_loss(a, batch))
+    assert ds.between_loss.values[0, 1] == pytest.approx(want, rel=1e-5)
+    assert ds.between_barrier.item() == pytest.approx(
+        L.barrier(ds.between_loss.values[0], L.alpha_grid(5)))
+    with pytest.raises(InputError, match="no complete checkpoint at step 5"):
+        dynlab.analyze([dec, rel], out=out, progress=False,
+                       dynamics_options={**OPTS, "between": "dec@5,rel@6"})
+    with pytest.raises(InputError, match="expected RUN@STEP,RUN@STEP"):
+        dynlab.analyze([dec, rel], out=out, progress=False,
+                       dynamics_options={**OPTS, "between": "dec@5"})
+
+
+def test_cli_bad_dynamics_is_exit_2(runs, tmp_path):
+    from typer.testing import CliRunner
+
+    from dynlab_cli.main import app
+
+    root, dec, rel = runs
+    res = CliRunner().invoke(app, ["analyze", str(dec), "-o", str(tmp_path / "c.zarr"),
+                                   "--dynamics", "sharpness,curvature"])
+    assert res.exit_code == 2 and "--dynamics: unknown 'curvature'" in res.output
+    assert not (tmp_path / "c.zarr").exists()

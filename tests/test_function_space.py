@@ -110,6 +110,20 @@ def test_lanczos_on_a_model_hessian_equals_dense_eigvalsh(hessian_case):
     np.testing.assert_allclose(res.eigenvalues.numpy(), want, rtol=1e-5)
 
 
+def test_layer_sharpness_equals_dense_block(hessian_case):
+    model, batch, h = hessian_case
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    cols = np.concatenate([[n.startswith("layers.0.")] * s for n, s in zip(names, sizes,
+                                                                          strict=True)])
+    block = h[np.ix_(cols, cols)]
+    opt = D.DynamicsOptions(iters=int(cols.sum()), layer_sharpness=True)
+    with D.math_attention():
+        got = D.layer_sharpness(model, batch, opt)
+    assert got.shape == (1,)
+    assert got[0] == pytest.approx(np.linalg.eigvalsh((block + block.T) / 2)[-1], rel=1e-6)
+
+
 def test_preconditioned_sharpness_equals_dense(hessian_case):
     model, batch, h = hessian_case
     params = list(model.parameters())

@@ -71,7 +71,9 @@ class DynamicsOptions:
     .jsonl file or `default` (dynlab.analysis.activations.read_documents). n_seq × seq_len:
     the batch (cropped from the learning-dynamics batch); hessian_seq: its first sequences
     used for the Hessian; k: Hessian eigenvalues; iters: Lanczos steps (default max(2k, 10));
-    probes: Hutchinson probes; alphas: points of the α grid; seed: of the probe vectors."""
+    probes: Hutchinson probes; alphas: points of the α grid; seed: of the probe vectors;
+    layer_sharpness: also the top eigenvalue of each block's diagonal Hessian block (one
+    Lanczos per block: n_layers times the cost of the whole-model top-k)."""
 
     items: tuple[str, ...] = DYNAMICS
     data: str | None = None
@@ -84,6 +86,7 @@ class DynamicsOptions:
     alphas: int = 11
     seed: int = 0
     sink_eps: float = A.SINK_EPS
+    layer_sharpness: bool = False
     extra: dict = field(default_factory=dict)
 
     def lanczos_iters(self) -> int:
@@ -140,7 +143,25 @@ def sharpness(model: torch.nn.Module, batch: torch.Tensor, opt: DynamicsOptions,
             pm = C.preconditioned(mv, precond.to(device))
             ps = C.lanczos(pm, dim, 1, opt.lanczos_iters(), seed=opt.seed, device=device)
             out["precond_sharpness"] = np.float64(ps.eigenvalues[0])
+        if opt.layer_sharpness:
+            out["layer_hess_top"] = layer_sharpness(model, batch, opt)
     return out
+
+
+def layer_sharpness(model: torch.nn.Module, batch: torch.Tensor, opt: DynamicsOptions
+                    ) -> np.ndarray:
+    """λ_max of each block's diagonal Hessian block ∂²L/∂θ_l² (the parameters of block l,
+    every other parameter fixed), by Lanczos; (n_layers,)."""
+    named = dict(model.named_parameters())
+    device = next(model.parameters()).device
+    out = []
+    for prefix in block_prefixes(model):
+        params = [p for n, p in named.items() if n.startswith(prefix)]
+        mv = C.hvp_operator(lambda: lm_loss(model, batch.to(device)), params)
+        res = C.lanczos(mv, sum(p.numel() for p in params), 1, opt.lanczos_iters(),
+                        seed=opt.seed, device=device, dtype=params[0].dtype)
+        out.append(float(res.eigenvalues[0]))
+    return np.asarray(out)
 
 
 def layer_groups(names: Sequence[str], prefixes: Sequence[str]) -> dict[str, list[str]]:
@@ -224,6 +245,8 @@ def dynamics_variables(k: int, n_alpha: int) -> dict[str, tuple[tuple[str, ...],
         "dyn_loss": (rs, "", "mean next-token loss on the dynamics batch"),
         "hess_top": (rs + ("hess_k",), "sharpness", "top eigenvalues of the loss Hessian, "
                      "descending (Lanczos on Hessian-vector products)"),
+        "layer_hess_top": (rs + ("layer",), "sharpness", "top eigenvalue of each block's "
+                           "diagonal Hessian block (with layer_sharpness)"),
         "hess_trace": (rs, "sharpness", "trace of the loss Hessian (Hutchinson, Rademacher "
                        "probes)"),
         "hess_trace_se": (rs, "sharpness", "standard error of hess_trace"),
@@ -518,9 +541,19 @@ def pad(value: np.ndarray, shape: tuple[int, ...], fill: float) -> np.ndarray:
     return out
 
 
+def prepare_dynamics(runs: Sequence[Run], opt: DynamicsOptions) -> dict[str, torch.Tensor]:
+    """Check, before anything is written, that every run has a runnable model and a batch;
+    returns each run's batch (InputError naming what is missing)."""
+    opt.check()
+    for run in runs:
+        runnable_model(run, run.checkpoints[0], "cpu")
+    return {run.name: dynamics_batch(run, opt) for run in runs}
+
+
 def analyze_dynamics(runs: Sequence[Run], path: Path, opt: DynamicsOptions, *,
                      device: str = "cpu", progress: bool = False,
-                     need: Callable[[str], None] | None = None) -> int:
+                     need: Callable[[str], None] | None = None,
+                     batches: Mapping[str, torch.Tensor] | None = None) -> int:
     """The function-space dynamics of every checkpoint of `runs` into the store at `path`
     (made by dynlab analyze for these runs, whose lock the caller holds). Resumable: (run,
     step, item) cells already flagged are skipped. `need(what)` is called before the first
@@ -528,13 +561,10 @@ def analyze_dynamics(runs: Sequence[Run], path: Path, opt: DynamicsOptions, *,
     from dynlab.analysis import store as S
     from dynlab.analysis.progress import Progress
 
-    opt.check()
     items = tuple(opt.items)
     if not items:
         return 0
-    for run in runs:  # refuse a source that cannot be run before anything is written
-        runnable_model(run, run.checkpoints[0], "cpu")
-    batches = {run.name: dynamics_batch(run, opt) for run in runs}
+    batches = batches if batches is not None else prepare_dynamics(runs, opt)
     need = need or (lambda what: None)
     if "dynamics" not in S.open_group_for_update(path):
         need("create the dynamics variables")
@@ -591,8 +621,15 @@ def analyze_dynamics(runs: Sequence[Run], path: Path, opt: DynamicsOptions, *,
     with Progress(progress, len(todo)) as advance:
         for run, ckpt, prev, wanted in todo:
             i, j = run_index[run.name], step_index[ckpt.step]
-            values = checkpoint_dynamics(run, ckpt, prev, batches[run.name], wanted, opt,
-                                         model_of, run.spec.n_layers)
+            try:
+                values = checkpoint_dynamics(run, ckpt, prev, batches[run.name], wanted, opt,
+                                             model_of, run.spec.n_layers)
+            except (torch.OutOfMemoryError, MemoryError) as err:
+                raise InputError(f"--dynamics: {ckpt.path}: the batch of {opt.n_seq} × "
+                                 f"{opt.seq_len} tokens (Hessian on {opt.hessian_seq}) does not "
+                                 f"fit in memory on {device} ({type(err).__name__}); lower "
+                                 "--dynamics-batch / --dynamics-seq-len. The store keeps every "
+                                 "checkpoint written so far") from None
             for name, value in values.items():
                 dims = specs[name][0]
                 arr = group[name]
@@ -650,4 +687,85 @@ def write_update_ratio(path: Path, runs: Sequence[str] | None = None) -> bool:
             old = np.asarray(arr[i, j])
             if not np.array_equal(old, new, equal_nan=True):
                 arr[i, j] = new
+    return True
+
+
+# ----------------------------------------------------------------------------------------
+# The line between two runs at one step each (--between RUN@STEP,RUN@STEP)
+
+
+def parse_between(spec: str) -> tuple[tuple[str, int], tuple[str, int]]:
+    """'a@100,b@100' -> (('a', 100), ('b', 100)); InputError otherwise."""
+    parts = [p.strip() for p in str(spec).split(",")]
+    out = []
+    for part in parts:
+        name, _, step = part.rpartition("@")
+        if not name or not step.isdigit():
+            break
+        out.append((name, int(step)))
+    if len(parts) != 2 or len(out) != 2:
+        raise InputError(f"--between: expected RUN@STEP,RUN@STEP, got {spec!r}")
+    return out[0], out[1]
+
+
+def analyze_between(runs: Sequence[Run], path: Path, spec: str, opt: DynamicsOptions, *,
+                    device: str = "cpu", need: Callable[[str], None] | None = None) -> bool:
+    """The loss along the straight line from RUN_A@STEP_A (α = 0) to RUN_B@STEP_B (α = 1) on
+    RUN_A's batch, and its barrier, into `between_loss` (between, line_alpha) and
+    `between_barrier` (between), the `between` coordinate naming the pair as given. The two
+    checkpoints must hold parameters of the same names and shapes. Skipped (False) when the
+    store holds the pair already."""
+    from dynlab.analysis import store as S
+
+    (ra, sa), (rb, sb) = parse_between(spec)
+    by_name = {r.name: r for r in runs}
+    ends = []
+    for name, step in ((ra, sa), (rb, sb)):
+        run = by_name.get(name)
+        if run is None:
+            raise InputError(f"--between {spec}: run {name!r} is not among the analysed runs "
+                             f"({', '.join(by_name)})")
+        found = [c for c in run.checkpoints if c.step == step]
+        if not found:
+            raise InputError(f"--between {spec}: {name} has no complete checkpoint at step "
+                             f"{step}")
+        ends.append((run, found[0]))
+    label = f"{ra}@{sa},{rb}@{sb}"
+    need = need or (lambda what: None)
+    ensure_dynamics_store(path, opt)
+    group = S.open_group_for_update(path)
+    if "between" in group and label in [str(v) for v in group["between"][...]]:
+        k = [str(v) for v in group["between"][...]].index(label)
+        if np.isfinite(np.asarray(group["between_barrier"][k])):
+            return False
+    need(f"write the line {label}")
+    if "between" not in group:
+        with S.quiet_zarr():
+            S.create_variable(group, "between_loss", ("between", "line_alpha"),
+                              shape=(0, opt.alphas), chunks=(1, opt.alphas),
+                              attrs={"long_name": "loss along (1 − α)·θ_A + α·θ_B between "
+                                     "two runs' checkpoints (RUN@STEP,RUN@STEP)"})
+            S.create_variable(group, "between_barrier", ("between",), shape=(0,), chunks=(1,),
+                              attrs={"long_name": "barrier of the line between_loss"})
+            S.create_variable(group, "between", ("between",),
+                              S.string_coordinate([], "between"), chunks=(1024,))
+        S.consolidate(path)
+        group = S.open_group_for_update(path)
+    labels = [str(v) for v in group["between"][...]]
+    if label not in labels:
+        S.grow_dimension(path, "between", S.string_coordinate([label], "between"))
+        group = S.open_group_for_update(path)
+        labels.append(label)
+    k = labels.index(label)
+    (run_a, ck_a), (run_b, ck_b) = ends
+    model = runnable_model(run_a, ck_a, device)
+    other = runnable_model(run_b, ck_b, device)
+    a, b = dict(model.state_dict()), dict(other.state_dict())
+    if {n: tuple(t.shape) for n, t in a.items()} != {n: tuple(t.shape) for n, t in b.items()}:
+        raise InputError(f"--between {spec}: the two checkpoints have different parameters "
+                         "(not one architecture and shape)")
+    res = line(model, dynamics_batch(run_a, opt), a, b, opt.alphas)
+    group["between_loss"][k] = res["line_loss"]
+    group["between_barrier"][k] = res["barrier"]
+    S.consolidate(path)
     return True

@@ -84,7 +84,8 @@ def analyze(
     StoreBusy, or waits `wait` seconds (True: for ever) for it.
     dynamics: function-space dynamics of every checkpoint (dynlab.analysis.dynamics: a comma
     list of sharpness, barrier, gns, attention, or all) with `dynamics_options` (the fields of
-    DynamicsOptions: data, n_seq, seq_len, k, probes, alphas, seed, ...). The update-to-weight
+    DynamicsOptions: data, n_seq, seq_len, k, probes, alphas, seed, ...; and between:
+    "RUN@STEP,RUN@STEP", the loss line between two runs' checkpoints). The update-to-weight
     ratio is written in every analysis whose store has frobenius_norm of weights and updates.
     """
     from dynlab.analysis.activations import parse_targets
@@ -105,6 +106,11 @@ def analyze(
         data = GradsData(**grads_data)
         found = [with_recomputed_grads(r, data) for r in found]
     kind_names = parse_kinds(kinds, found)
+    dyn_batches = None
+    if dyn_options.items or dyn_options.extra.get("between"):
+        from dynlab.analysis.dynamics import prepare_dynamics
+
+        dyn_batches = prepare_dynamics(found, dyn_options)  # refused before any write
     options = Options(metric_names, kind_names, str(resolve_device(device)), precision)
     path = Path(out) if out is not None else default_store_path(found)
     wanted = plan_layout(found, metric_names, kind_names, convention)
@@ -138,7 +144,7 @@ def analyze(
                                     data=activations_data, positions=activation_positions,
                                     n_seq=activations_batch)
         analyze_dynamics_hook(found, path, access, dyn_options, device=options.device,
-                              progress=progress)
+                              progress=progress, batches=dyn_batches)
     return path
 
 
@@ -148,15 +154,23 @@ def dynamics_settings(dynamics: str | Sequence[str] | None, options: Mapping | N
     from dynlab.analysis.dynamics import DynamicsOptions, parse_dynamics
     from dynlab.errors import InputError
 
+    options = dict(options or {})
+    between = options.pop("between", None)
     try:
-        opt = DynamicsOptions(items=parse_dynamics(dynamics), **dict(options or {}))
+        opt = DynamicsOptions(items=parse_dynamics(dynamics), **options)
     except TypeError as err:
         raise InputError(f"dynamics_options: {err}") from None
-    return opt.check() if opt.items else opt
+    if between:
+        from dynlab.analysis.dynamics import parse_between
+
+        parse_between(between)
+        opt.extra["between"] = between
+    return opt.check() if opt.items or between else opt
 
 
 def analyze_dynamics_hook(runs: Sequence[Run], path: Path, access: StoreAccess, opt,
-                          *, device: str, progress: bool) -> None:
+                          *, device: str, progress: bool, batches: Mapping | None = None
+                          ) -> None:
     """After the other analyses: the update-to-weight ratio from the store (when it can be
     written) and the requested function-space dynamics (dynlab.analysis.dynamics)."""
     from dynlab.analysis.dynamics import analyze_dynamics, write_update_ratio
@@ -164,7 +178,13 @@ def analyze_dynamics_hook(runs: Sequence[Run], path: Path, access: StoreAccess, 
     if access.writable:
         write_update_ratio(path, [r.name for r in runs])
     if opt.items:
-        analyze_dynamics(runs, path, opt, device=device, progress=progress, need=access.need)
+        analyze_dynamics(runs, path, opt, device=device, progress=progress, need=access.need,
+                         batches=batches)
+    if opt.extra.get("between"):
+        from dynlab.analysis.dynamics import analyze_between
+
+        analyze_between(runs, path, opt.extra["between"], opt, device=device,
+                        need=access.need)
 
 
 def releasing(on_checkpoint: Callable[[Task], None] | None) -> Callable[[Task], None]:
