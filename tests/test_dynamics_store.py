@@ -23,7 +23,8 @@ from dynlab.function_space import landscape as L
 from dynlab.model import load_checkpoint_model
 from dynlab.runs.checkpoints import find_runs
 
-OPTS = dict(n_seq=3, seq_len=8, hessian_seq=2, k=2, probes=4, alphas=5)
+# hessian_seq 4 (the CLI default): the whole 3-sequence batch, as the CLI test computes it
+OPTS = dict(n_seq=3, seq_len=8, hessian_seq=4, k=2, probes=4, alphas=5)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_dynamics_values(runs, store):
         # the top Hessian eigenvalue: Lanczos run to the full dimension on the same batch
         params = list(m.parameters())
         with D.math_attention():
-            mv = C.hvp_operator(lambda m=m: D.lm_loss(m, batch[:2]), params)
+            mv = C.hvp_operator(lambda m=m: D.lm_loss(m, batch), params)
             ref = C.lanczos(mv, sum(p.numel() for p in params), k=1, iters=60)
         assert cell.hess_top.values[0] == pytest.approx(ref.eigenvalues[0].item(), rel=1e-3)
         # the threshold from the checkpoint's learning rate and torch's β₁
@@ -229,6 +230,11 @@ def test_dynamics_figures_and_report(runs, store, tmp_path):
     assert all(s.figure is not None for s in sections if s.title in titles)
     empty = ds.drop_vars([v for v in ds.data_vars if v not in ("per", "train_loss")])
     assert V.dynamics_sections(empty) == []
+    # a store with the update ratio but no --dynamics results: the report is as before
+    assert V.dynamics_sections(ds[["per", "update_ratio"]]) == []
+    fig = V.update_ratio_figure(ds)
+    med = np.nanmedian(ds.update_ratio.sel(run="dec", step=2).values)
+    assert [t for t in fig.data if t.name == "dec"][0].y[0] == pytest.approx(med)
 
 
 @pytest.mark.slow

@@ -191,8 +191,12 @@ def has_values(ds: xr.Dataset, name: str) -> bool:
 
 def dynamics_sections(ds: xr.Dataset) -> list[tuple[str, str, Callable[[], go.Figure]]]:
     """(title, caption, figure maker) of the report's function-space figures the store has
-    data for (none for a store without them)."""
+    data for (none for a store without --dynamics results, so such reports are as before);
+    the update-to-weight ratio joins them when the store has dynamics."""
     out: list[tuple[str, str, Callable[[], go.Figure]]] = []
+    if not any(has_values(ds, n) for n in ("hess_top", "barrier", "gns_b_simple",
+                                           "attn_entropy")):
+        return out
     if has_values(ds, "update_ratio"):
         out.append(("Update-to-weight ratio",
                     "‖W_t − W_prev‖_F / ‖W_prev‖_F of every matrix between consecutive "
