@@ -70,8 +70,9 @@ class DynamicsOptions:
     items: the --dynamics items. data: None (the run's learning-dynamics batch) or a .txt /
     .jsonl file or `default` (dynlab.analysis.activations.read_documents). n_seq × seq_len:
     the batch (cropped from the learning-dynamics batch); hessian_seq: its first sequences
-    used for the Hessian; k: Hessian eigenvalues; iters: Lanczos steps (default max(2k, 10));
-    probes: Hutchinson probes; alphas: points of the α grid; seed: of the probe vectors;
+    used for the Hessian (at most n_seq); k: Hessian eigenvalues; iters: Lanczos steps
+    (default max(2k, 10)); probes: Hutchinson probes; alphas: points of the α grid; seed:
+    of the probe vectors;
     layer_sharpness: also the top eigenvalue of each block's diagonal Hessian block (one
     Lanczos per block: n_layers times the cost of the whole-model top-k)."""
 
@@ -93,9 +94,13 @@ class DynamicsOptions:
         return int(self.iters or max(2 * self.k, 10))
 
     def check(self) -> DynamicsOptions:
-        for name in ("n_seq", "seq_len", "hessian_seq", "k", "probes"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"--dynamics-{name.replace('_', '-')}: must be ≥ 1")
+        flags = {"n_seq": "--dynamics-batch", "seq_len": "--dynamics-seq-len",
+                 "hessian_seq": "hessian_seq", "k": "--dynamics-k",
+                 "probes": "--dynamics-probes"}
+        for name, flag in flags.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InputError(f"{flag}: expected an integer ≥ 1, got {value!r}")
         if self.alphas < 2:
             raise InputError("--dynamics-alphas: the α grid needs at least 2 points")
         if "gns" in self.items and self.n_seq < 2:
