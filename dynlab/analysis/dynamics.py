@@ -601,13 +601,18 @@ def analyze_dynamics(runs: Sequence[Run], path: Path, opt: DynamicsOptions, *,
     step_index = {int(s): j for j, s in enumerate(group["step"][...])}
     item_index = {str(d): k for k, d in enumerate(group["dynamics"][...])}
     done = np.asarray(group["dyn_analyzed"][...])
+    pair_prev = np.asarray(group["barrier_prev_step"][...])
     specs = dynamics_variables(opt.k, opt.alphas)
     todo = []
     for run in runs:
         i = run_index[run.name]
         for n, ckpt in enumerate(run.checkpoints):
             j = step_index[ckpt.step]
-            wanted = [d for d in items if not done[i, j, item_index[d]]]
+            # a barrier taken against another previous checkpoint (one that completed later
+            # was sorted in between) is stale: computed again
+            expected = run.checkpoints[n - 1].step if n else -1
+            wanted = [d for d in items if not done[i, j, item_index[d]] or
+                      (d == "barrier" and int(pair_prev[i, j]) != expected)]
             if wanted:
                 todo.append((run, ckpt, run.checkpoints[n - 1] if n else None, wanted))
     if todo:
