@@ -276,3 +276,32 @@ def test_cli_bad_dynamics_is_exit_2(runs, tmp_path):
                                    "--dynamics", "sharpness,curvature"])
     assert res.exit_code == 2 and "--dynamics: unknown 'curvature'" in res.output
     assert not (tmp_path / "c.zarr").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("relora", [None, {"r": 2, "lora_alpha": 4, "trainable_scaling": False}])
+def test_pico_train_and_relora_pico_runs(tmp_path, relora):
+    transformers = pytest.importorskip("transformers")
+    from test_sources_pico import write_pico_run
+    from tokenizers import Tokenizer, models
+
+    root = tmp_path / ("relora-run" if relora else "pico-run")
+    written = write_pico_run(root, relora=relora)
+    letters = "abcdefghijklmnopq"  # 17 letters + 2 specials: within the model's 20 ids
+    vocab = {"<|endoftext|>": 0, "<unk>": 1} | {c: i + 2 for i, c in enumerate(letters)}
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+        eos_token="<|endoftext|>", unk_token="<unk>")
+    fast.save_pretrained(root)
+    text = tmp_path / "docs.txt"
+    gen = np.random.default_rng(0)
+    text.write_text("\n\n".join("".join(gen.choice(list(letters), 20)) for _ in range(10)))
+    out = tmp_path / "p.zarr"
+    dynlab.analyze([root], out=out, progress=False, metrics="per", dynamics="all",
+                   dynamics_options=dict(OPTS, data=str(text)))
+    ds = dynlab.open_store(out).load().isel(run=0)
+    steps = sorted(written)
+    assert np.isfinite(ds.hess_top.sel(step=steps[-1]).values).all()
+    assert np.isfinite(ds.barrier.sel(step=steps[1]).item())
+    assert np.isfinite(ds.attn_entropy.sel(step=steps[0]).values).all()
+    assert ds.dyn_analyzed.values.all()
