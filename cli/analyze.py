@@ -115,6 +115,37 @@ def analyze(
     wait: Annotated[bool, typer.Option(
         "--wait", help="If another dynlab analyze is writing the store, wait for it to finish "
         "instead of exiting with an error.")] = False,
+    # ---- function-space dynamics (dynlab.analysis.dynamics)
+    dynamics: Annotated[str | None, typer.Option(
+        "--dynamics", show_default=False,
+        help="Function-space dynamics of every checkpoint: a comma list of sharpness (Hessian "
+        "top-k, trace, Adam-preconditioned sharpness vs the edge-of-stability threshold), "
+        "barrier (loss along the line from the previous checkpoint), gns (gradient noise "
+        "scale), attention (entropy, sinks, massive activations); or all. dynlab runs.",
+    )] = None,
+    dynamics_data: Annotated[str | None, typer.Option(
+        "--dynamics-data", show_default=False,
+        help="--dynamics: the batch from this data (.txt/.jsonl or 'default') in the run's "
+        "tokenizer (default: the run's learning-dynamics batch).")] = None,
+    dynamics_batch: Annotated[int, typer.Option(
+        "--dynamics-batch", min=2, help="--dynamics: sequences in the batch.")] = 8,
+    dynamics_seq_len: Annotated[int, typer.Option(
+        "--dynamics-seq-len", min=1, help="--dynamics: tokens per sequence.")] = 64,
+    dynamics_k: Annotated[int, typer.Option(
+        "--dynamics-k", min=1, help="--dynamics sharpness: Hessian eigenvalues (Lanczos).")] = 4,
+    dynamics_probes: Annotated[int, typer.Option(
+        "--dynamics-probes", min=1, help="--dynamics sharpness: Hutchinson probes.")] = 8,
+    dynamics_alphas: Annotated[int, typer.Option(
+        "--dynamics-alphas", min=2, help="--dynamics barrier: points of the α grid.")] = 11,
+    dynamics_seed: Annotated[int, typer.Option(
+        "--dynamics-seed", help="--dynamics: seed of the probe vectors.")] = 0,
+    dynamics_layers: Annotated[bool, typer.Option(
+        "--dynamics-layers", help="--dynamics sharpness: also the top eigenvalue of each "
+        "block's Hessian block (n_layers times the cost).")] = False,
+    between: Annotated[str | None, typer.Option(
+        "--between", show_default=False,
+        help="The loss along the straight line between two runs' checkpoints, "
+        "RUN@STEP,RUN@STEP, and its barrier (on the first run's batch).")] = None,
 ) -> None:
     """Spectral metrics (effective rank, PER, condition number, ...) of every weight matrix,
     gradient, update and LoRA product of each checkpoint, into a Zarr store. Rerunning skips
@@ -150,5 +181,22 @@ def analyze(
                 activations=activations, target=target, convention=value(convention),
                 activations_data=activations_data, activation_positions=activation_positions,
                 activations_batch=activations_batch, wait=wait, **source_options,
+                **dynamics_arguments(dynamics, dynamics_data, dynamics_batch, dynamics_seq_len,
+                                     dynamics_k, dynamics_probes, dynamics_alphas,
+                                     dynamics_seed, between, dynamics_layers),
             )
     print(path)
+
+
+def dynamics_arguments(dynamics: str | None, data: str | None, n_seq: int, seq_len: int,
+                       k: int, probes: int, alphas: int, seed: int,
+                       between: str | None = None, layers: bool = False) -> dict:
+    """The `dynamics` / `dynamics_options` arguments of dynlab.analyze (none without
+    --dynamics or --between)."""
+    if dynamics is None and between is None:
+        return {}
+    options = dict(data=data, n_seq=n_seq, seq_len=seq_len, k=k, probes=probes,
+                   alphas=alphas, seed=seed, layer_sharpness=layers)
+    if between is not None:
+        options["between"] = between
+    return {"dynamics": dynamics, "dynamics_options": options}

@@ -19,6 +19,11 @@ from pathlib import Path
 
 DEFAULTS = {"steps": 600, "checkpoint_every": 50, "reset_every": 100, "restart_warmup_steps": 10,
             "warmup_steps": 25, "seed": 0}
+#: the function-space dynamics of the demo (dynlab.analysis.dynamics.DynamicsOptions): the
+#: learning-dynamics batch cropped to 8 × 32 tokens (the Hessian on 4 of them), 8 Lanczos
+#: steps, 4 Hutchinson probes — sized so that every checkpoint of both runs costs about as
+#: much as the demo's analysis (bench/dynamics_bench.py)
+DEMO_DYNAMICS = {"n_seq": 8, "seq_len": 32, "hessian_seq": 4, "iters": 8, "probes": 4}
 
 
 def _fmt(v: float, digits: int = 4) -> str:
@@ -59,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=value,
                         help=f"default {value}")
     ap.add_argument("--no-screenshot", action="store_true", help="skip report.png")
+    ap.add_argument("--no-dynamics", action="store_true",
+                    help="skip the function-space dynamics (sharpness, barriers, gradient "
+                    "noise, attention)")
     args = ap.parse_args(argv)
 
     import dynlab
@@ -93,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     dynlab.analyze([runs["decoder"], runs["relora"]], out=store)
     timings["analyze"] = time.perf_counter() - t
+    if not args.no_dynamics:
+        print(f"\n== function-space dynamics of both runs -> {store}")
+        t = time.perf_counter()
+        dynlab.analyze([runs["decoder"], runs["relora"]], out=store, dynamics="all",
+                       dynamics_options=DEMO_DYNAMICS)
+        timings["dynamics"] = time.perf_counter() - t
 
     print(f"\n== report -> {html}")
     t = time.perf_counter()

@@ -58,6 +58,8 @@ def analyze(
     activation_positions: str = "sample:16",
     activations_batch: int = 16,
     wait: bool | float = False,
+    dynamics: str | Sequence[str] | None = None,
+    dynamics_options: Mapping | None = None,
 ) -> Path:
     """Analyse every complete checkpoint of `runs` into the Zarr store `out` and return its path.
 
@@ -80,6 +82,11 @@ def analyze(
     saved without them (dynlab.analysis.activations.analyze_activations).
     The store is locked for the whole analysis (`dynlab.analysis.storelock`): another writer raises
     StoreBusy, or waits `wait` seconds (True: for ever) for it.
+    dynamics: function-space dynamics of every checkpoint (dynlab.analysis.dynamics: a comma
+    list of sharpness, barrier, gns, attention, or all) with `dynamics_options` (the fields of
+    DynamicsOptions: data, n_seq, seq_len, k, probes, alphas, seed, ...; and between:
+    "RUN@STEP,RUN@STEP", the loss line between two runs' checkpoints). The update-to-weight
+    ratio is written in every analysis whose store has frobenius_norm of weights and updates.
     """
     from dynlab.analysis.activations import check_targets, parse_targets
 
@@ -90,6 +97,7 @@ def analyze(
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if scheduler and any(str(r).startswith("hf://") for r in runs):
         raise ValueError("hf:// sources are streamed in this process; leave out --scheduler")
+    dyn_options = dynamics_settings(dynamics, dynamics_options)
     found = open_sources(runs, fmt, revisions=revisions, keep_downloads=keep_downloads,
                          cache_dir=cache_dir)
     if target is not None:
@@ -100,6 +108,11 @@ def analyze(
         data = GradsData(**grads_data)
         found = [with_recomputed_grads(r, data) for r in found]
     kind_names = parse_kinds(kinds, found)
+    dyn_batches = None
+    if dyn_options.items or dyn_options.extra.get("between"):
+        from dynlab.analysis.dynamics import prepare_dynamics
+
+        dyn_batches = prepare_dynamics(found, dyn_options)  # refused before any write
     options = Options(metric_names, kind_names, str(resolve_device(device)), precision)
     path = Path(out) if out is not None else default_store_path(found)
     wanted = plan_layout(found, metric_names, kind_names, convention)
@@ -132,7 +145,48 @@ def analyze(
             analyze_activation_hook(found, path, layout, targets, required=bool(activations),
                                     data=activations_data, positions=activation_positions,
                                     n_seq=activations_batch)
+        analyze_dynamics_hook(found, path, access, dyn_options, device=options.device,
+                              progress=progress, batches=dyn_batches)
     return path
+
+
+def dynamics_settings(dynamics: str | Sequence[str] | None, options: Mapping | None):
+    """The DynamicsOptions of `analyze(dynamics=..., dynamics_options=...)`, checked before
+    anything is read or written."""
+    from dynlab.analysis.dynamics import DynamicsOptions, parse_dynamics
+    from dynlab.errors import InputError
+
+    options = dict(options or {})
+    between = options.pop("between", None)
+    try:
+        opt = DynamicsOptions(items=parse_dynamics(dynamics), **options)
+    except TypeError as err:
+        raise InputError(f"dynamics_options: {err}") from None
+    if between:
+        from dynlab.analysis.dynamics import parse_between
+
+        parse_between(between)
+        opt.extra["between"] = between
+    return opt.check() if opt.items or between else opt
+
+
+def analyze_dynamics_hook(runs: Sequence[Run], path: Path, access: StoreAccess, opt,
+                          *, device: str, progress: bool, batches: Mapping | None = None
+                          ) -> None:
+    """After the other analyses: the update-to-weight ratio from the store (when it can be
+    written) and the requested function-space dynamics (dynlab.analysis.dynamics)."""
+    from dynlab.analysis.dynamics import analyze_dynamics, write_update_ratio
+
+    if access.writable:
+        write_update_ratio(path, [r.name for r in runs])
+    if opt.items:
+        analyze_dynamics(runs, path, opt, device=device, progress=progress, need=access.need,
+                         batches=batches)
+    if opt.extra.get("between"):
+        from dynlab.analysis.dynamics import analyze_between
+
+        analyze_between(runs, path, opt.extra["between"], opt, device=device,
+                        need=access.need)
 
 
 def releasing(on_checkpoint: Callable[[Task], None] | None) -> Callable[[Task], None]:
