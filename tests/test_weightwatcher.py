@@ -202,3 +202,154 @@ def test_recompute_reproduces_the_spectral_family(store, tmp_path):
     for prefix in ("", "head_", "qk_", "emb_"):
         for m in WW_SPECTRAL:
             xr.testing.assert_identical(after[prefix + m].load(), before[prefix + m].load())
+
+
+# ----------------------------------------------------------------------------------------
+# Against weightwatcher's own analyze() (test-only dependency, pinned in the `dev` extra)
+
+
+def ww_analyze(model, **kw):
+    """weightwatcher's details rows, its global numpy generator seeded as dynlab seeds."""
+    import logging
+
+    ww = pytest.importorskip("weightwatcher")
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    np.random.seed(H.RAND_SEED)
+    return ww.WeightWatcher(model=model).analyze(randomize=True, mp_fit=True, **kw)
+
+
+def ww_small_n_alpha(lam):
+    """weightwatcher's small-N rule (WWFit with fewer than 20 eigenvalues above 1e-5),
+    transcribed: over tails of ≥ 8 points the bias-corrected α = 1 + (n − 1)/Σ ln(x/x_min)
+    and its KS distance D (other candidates: D = 1); WWFit.__init__ then takes the α of the
+    smallest D (fit_powerlaw_smallN's own choice by D − 0.868/√n is overwritten)."""
+    x = np.sort(lam[lam > 1e-5])
+    alphas, ds = np.zeros(x.size - 1), np.ones(x.size - 1)
+    for i in range(x.size - 1):
+        n = x.size - i
+        s = np.sum(np.log(x[i:])) - n * np.log(x[i])
+        if n < 8 or s <= 1e-12:
+            continue
+        alphas[i] = 1 + (n - 1) / s
+        if alphas[i] > 1:
+            ds[i] = np.max(np.abs(np.arange(n) / n - (1 - (x[i:] / x[i]) ** (1 - alphas[i]))))
+    return alphas[int(np.argmin(ds))]
+
+
+def dynlab_row(w):
+    """Every metric of matrix w (float32 values) as dynlab computes it."""
+    w = np.asarray(w, dtype=np.float64)
+    lam = evals(w)
+    fit = H.fit_spectrum(np.sqrt(lam[::-1]), eps=np.finfo(np.float32).eps, c=2.0)
+    a = fit.alpha
+    mp = H.mp_fit(lam, max(w.shape), min(w.shape))
+    rnd = H.randomised_esd(w)
+    return {"alpha": a, "xmin": fit.xmin, "D": fit.ks, "log_norm": H.log_norm(lam),
+            "log_spectral_norm": H.log_spectral_norm(lam),
+            "alpha_weighted": H.alpha_weighted(a, lam), "log_alpha_norm": H.log_alpha_norm(a, lam),
+            "sigma_mp": mp.sigma, "bulk_max": mp.bulk_max, "num_spikes": mp.num_spikes,
+            "mp_softrank": mp.softrank, "rand_distance": rnd.rand_distance,
+            "max_rand_eval": rnd.max_rand_eval, "rand_num_spikes": rnd.num_rand_spikes}
+
+
+DETERMINISTIC = ("log_norm", "log_spectral_norm", "sigma_mp", "bulk_max", "num_spikes",
+                 "mp_softrank")
+FIT = ("alpha", "xmin", "D", "alpha_weighted", "log_alpha_norm")
+RANDOM = ("rand_distance", "max_rand_eval", "rand_num_spikes")
+
+
+def assert_row(ww_row, ours, names, label):
+    for k in names:
+        assert ours[k] == pytest.approx(float(ww_row[k]), rel=1e-6, abs=1e-12), (label, k)
+
+
+@pytest.mark.slow
+def test_every_metric_equals_weightwatchers_analyze(tmp_path):
+    rng = np.random.default_rng(11)
+    gauss = rng.standard_normal((128, 64)).astype(np.float32)
+    tail = torch.tensor(np.sort(rng.pareto(1.2, 60))[::-1] + 1.0)
+    heavy = matrix_with_spectrum(100, 60, tail, torch.Generator().manual_seed(0)).float()
+    run = make_run(tmp_path / "dec", SPEC, [0, 10])  # weights written by dynlab.testing
+    trained = load_file(str(run / "checkpoints" / "step_10" / "weights.safetensors"))[
+        "layers.0.swiglu.w_2.weight"]
+    mats = [torch.as_tensor(gauss), heavy, trained]
+    model = torch.nn.Sequential(*[torch.nn.Linear(m.shape[1], m.shape[0], bias=False)
+                                  for m in mats])
+    with torch.no_grad():
+        for lin, m in zip(model, mats, strict=True):
+            lin.weight.copy_(m)
+    rows = ww_analyze(model)
+    assert len(rows) == 3
+    for i, (label, m) in enumerate(zip(("gaussian", "heavy", "dynlab"), mats, strict=True)):
+        ours = dynlab_row(m.numpy())
+        assert_row(rows.iloc[i], ours, DETERMINISTIC + FIT, label)
+        assert (float(rows.iloc[i]["alpha"]) < 2) == (rows.iloc[i]["warning"] == "over-trained")
+    assert_row(rows.iloc[0], dynlab_row(mats[0].numpy()), RANDOM, "gaussian")  # fresh generator
+    assert float(rows.iloc[1]["alpha"]) < 2  # the planted tail
+    # later layers continue weightwatcher's generator: agreement in distribution only
+    for i in (1, 2):
+        ours = dynlab_row(mats[i].numpy())
+        assert ours["rand_distance"] == pytest.approx(float(rows.iloc[i]["rand_distance"]),
+                                                      rel=0.5)
+    # the store of that run holds the same values (the metric registry, not the functions)
+    path = dynlab.analyze([run], tmp_path / "a.zarr", progress=False, device="cpu",
+                          metrics="alpha,alpha_ks," + ",".join(WW_SPECTRAL))
+    cell = xr.open_zarr(path).sel(run="dec", step=10, kind="weights", layer=0,
+                                  matrix="swiglu.w_2")
+    for ours, theirs in [("alpha", "alpha"), ("alpha_ks", "D"), ("log_norm", "log_norm"),
+                         ("alpha_weighted", "alpha_weighted"), ("mp_sigma", "sigma_mp"),
+                         ("mp_bulk_max", "bulk_max"), ("num_spikes", "num_spikes"),
+                         ("mp_softrank", "mp_softrank"), ("log_alpha_norm", "log_alpha_norm")]:
+        assert float(cell[ours]) == pytest.approx(float(rows.iloc[2][theirs]), rel=1e-6), ours
+
+
+@pytest.mark.slow
+def test_hf_llama_against_weightwatcher_and_its_small_n_rule(tmp_path):
+    """A Llama written by transformers with GQA k/v of 16 eigenvalues: weightwatcher takes its
+    small-N branch there (another α rule), which dynlab does not follow (its α is the
+    Clauset–Shalizi–Newman fit everywhere); every other value agrees."""
+    transformers = pytest.importorskip("transformers")
+    import hf_fixtures as fx
+
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=1, num_attention_heads=8,
+                                   num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    for step in range(3):
+        ids = fx.batch(step)
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(tmp_path / "llama" / "step3")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama" / "step3")
+    names = [n for n, _ in loaded.named_modules()]
+    ids = [names.index("model.layers.0.self_attn.k_proj"),
+           names.index("model.layers.0.mlp.down_proj")]
+    rows = ww_analyze(loaded, layers=ids)
+    assert list(rows["longname"]) == ["model.layers.0.self_attn.k_proj",
+                                      "model.layers.0.mlp.down_proj"]
+    sd = loaded.state_dict()
+    k = sd["model.layers.0.self_attn.k_proj.weight"].numpy()
+    down = sd["model.layers.0.mlp.down_proj.weight"].numpy()
+    assert k.shape == (16, 64)
+    ours_k, ours_down = dynlab_row(k), dynlab_row(down)
+    assert_row(rows.iloc[0], ours_k, DETERMINISTIC + RANDOM, "k_proj")
+    assert_row(rows.iloc[1], ours_down, DETERMINISTIC + FIT, "down_proj")
+    # k_proj: weightwatcher's α is its small-N rule's; dynlab keeps its own fit
+    assert float(rows.iloc[0]["alpha"]) == pytest.approx(ww_small_n_alpha(evals(k)), rel=1e-9)
+    assert ours_k["alpha"] == pytest.approx(H.fit_power_law(evals(k)).alpha, rel=1e-12)
+    assert ours_k["alpha"] != pytest.approx(float(rows.iloc[0]["alpha"]), rel=1e-3)
+    # the dynlab store of the saved checkpoint agrees with the module's values
+    path = dynlab.analyze([tmp_path / "llama"], tmp_path / "a.zarr", progress=False,
+                          device="cpu", metrics="alpha," + ",".join(WW_SPECTRAL))
+    ds = xr.open_zarr(path).sel(step=3, kind="weights", layer=0)
+    assert float(ds.num_spikes.sel(matrix="attention.k_proj").squeeze()) == float(
+        rows.iloc[0]["num_spikes"])
+    assert float(ds.mp_sigma.sel(matrix="swiglu.w_2").squeeze()) == pytest.approx(
+        float(rows.iloc[1]["sigma_mp"]), rel=1e-6)
+    assert float(ds.alpha.sel(matrix="swiglu.w_2").squeeze()) == pytest.approx(
+        float(rows.iloc[1]["alpha"]), rel=1e-6)
