@@ -25,6 +25,9 @@ from dynlab.runs.checkpoints import ModelSpec
 from dynlab.testing import make_run, matrix_with_spectrum
 
 SPEC = ModelSpec(**TINY_SPEC_ARGS)
+#: one layer, d 24: a store of every kind small enough for the fast lane
+SMALL = ModelSpec(d_model=24, n_layers=1, n_heads=4, n_kv_heads=2, activation_hidden_dim=32,
+                  vocab_size=40)
 WW_SPECTRAL = ("log_norm", "log_spectral_norm", "alpha_weighted", "log_alpha_norm", "mp_sigma",
                "mp_sigma2", "mp_bulk_max", "num_spikes", "mp_softrank", "over_trained",
                "under_trained")
@@ -147,13 +150,13 @@ def test_registry_defaults_and_opt_in():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("ww")
-    tail = torch.tensor(np.random.default_rng(5).pareto(1.5, 32) + 1.0).sort(descending=True)
+    tail = torch.tensor(np.random.default_rng(5).pareto(1.5, 24) + 1.0).sort(descending=True)
 
-    def plant(step, w, g):  # a heavy-tailed q_proj in layer 1
-        w["layers.1.attention.q_proj.weight"] = 0.05 * matrix_with_spectrum(
-            32, 32, tail.values, torch.Generator().manual_seed(step)).float()
+    def plant(step, w, g):  # a heavy-tailed q_proj
+        w["layers.0.attention.q_proj.weight"] = 0.05 * matrix_with_spectrum(
+            24, 24, tail.values, torch.Generator().manual_seed(step)).float()
 
-    run = make_run(root / "dec", SPEC, [0, 10], edit=plant)
+    run = make_run(root / "dec", SMALL, [0, 10], edit=plant)
     metrics = "alpha," + ",".join(WW_SPECTRAL + WW_RAND)
     path = dynlab.analyze([run], root / "a.zarr", metrics=metrics, progress=False, device="cpu")
     return run, root, path
@@ -164,7 +167,7 @@ def test_store_values_equal_the_functions_on_numpy_spectra(store):
     ds = xr.open_zarr(path).sel(run="dec", step=10)
     assert ds.attrs["rand_seed"] == H.RAND_SEED
     w = load_file(str(run / "checkpoints" / "step_10" / "weights.safetensors"))
-    for layer, name in [(0, "swiglu.w_2"), (1, "attention.q_proj"), (0, "attention.k_proj")]:
+    for layer, name in [(0, "swiglu.w_2"), (0, "attention.q_proj"), (0, "attention.k_proj")]:
         mat = w[f"layers.{layer}.{name}.weight"].double().numpy()
         lam = evals(mat)
         cell = ds.sel(kind="weights", layer=layer, matrix=name)
@@ -183,8 +186,8 @@ def test_store_values_equal_the_functions_on_numpy_spectra(store):
         for k, v in want.items():
             assert float(cell[k]) == pytest.approx(v, rel=1e-6, abs=1e-12), (name, k)
     # the planted heavy tail: a small α, flagged over-trained
-    assert float(ds.alpha.sel(kind="weights", layer=1, matrix="attention.q_proj")) < 2
-    assert float(ds.over_trained.sel(kind="weights", layer=1, matrix="attention.q_proj")) == 1
+    assert float(ds.alpha.sel(kind="weights", layer=0, matrix="attention.q_proj")) < 2
+    assert float(ds.over_trained.sel(kind="weights", layer=0, matrix="attention.q_proj")) == 1
     # every kind and table holds them (grads, updates, circuits, heads)
     for var in ("num_spikes", "head_num_spikes", "qk_num_spikes", "head_rand_distance"):
         for kind in ("weights", "grads", "updates"):
@@ -293,7 +296,7 @@ def test_every_metric_equals_weightwatchers_analyze(tmp_path):
                                                       rel=0.5)
     # the store of that run holds the same values (the metric registry, not the functions)
     path = dynlab.analyze([run], tmp_path / "a.zarr", progress=False, device="cpu",
-                          metrics="alpha,alpha_ks," + ",".join(WW_SPECTRAL))
+                          metrics="alpha,alpha_ks," + ",".join(WW_SPECTRAL), kinds="weights")
     cell = xr.open_zarr(path).sel(run="dec", step=10, kind="weights", layer=0,
                                   matrix="swiglu.w_2")
     for ours, theirs in [("alpha", "alpha"), ("alpha_ks", "D"), ("log_norm", "log_norm"),
@@ -345,7 +348,8 @@ def test_hf_llama_against_weightwatcher_and_its_small_n_rule(tmp_path):
     assert ours_k["alpha"] != pytest.approx(float(rows.iloc[0]["alpha"]), rel=1e-3)
     # the dynlab store of the saved checkpoint agrees with the module's values
     path = dynlab.analyze([tmp_path / "llama"], tmp_path / "a.zarr", progress=False,
-                          device="cpu", metrics="alpha," + ",".join(WW_SPECTRAL))
+                          device="cpu", metrics="alpha," + ",".join(WW_SPECTRAL),
+                          kinds="weights")
     ds = xr.open_zarr(path).sel(step=3, kind="weights", layer=0)
     assert float(ds.num_spikes.sel(matrix="attention.k_proj").squeeze()) == float(
         rows.iloc[0]["num_spikes"])
