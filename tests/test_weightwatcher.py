@@ -157,7 +157,7 @@ def store(tmp_path_factory):
             24, 24, tail.values, torch.Generator().manual_seed(step)).float()
 
     run = make_run(root / "dec", SMALL, [0, 10], edit=plant)
-    metrics = "alpha," + ",".join(WW_SPECTRAL + WW_RAND)
+    metrics = "alpha,alpha_n_tail," + ",".join(WW_SPECTRAL + WW_RAND)
     path = dynlab.analyze([run], root / "a.zarr", metrics=metrics, progress=False, device="cpu")
     return run, root, path
 
@@ -357,3 +357,64 @@ def test_hf_llama_against_weightwatcher_and_its_small_n_rule(tmp_path):
         float(rows.iloc[1]["sigma_mp"]), rel=1e-6)
     assert float(ds.alpha.sel(matrix="swiglu.w_2").squeeze()) == pytest.approx(
         float(rows.iloc[1]["alpha"]), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# Figures and the report table (dynlab.viz.heavytail)
+
+
+def test_mp_density_in_lambda_units_integrates_to_one():
+    from scipy.integrate import quad
+
+    from dynlab.viz.heavytail import mp_density_lambda, power_law_density
+
+    for q in (1.0, 2.0, 4.0):  # λ = x / 0.5: support [λ₋, λ₊] / 0.5
+        lo, hi = 2 * (1 - 1 / math.sqrt(q)) ** 2, 2 * (1 + 1 / math.sqrt(q)) ** 2
+        total, _ = quad(lambda x, q=q: float(mp_density_lambda(np.array([x]), q, 1.0, 0.5)[0]),
+                        lo, hi, limit=200)
+        assert total == pytest.approx(1.0, abs=1e-6), q
+    lam = np.logspace(0, 8, 200001)
+    assert np.trapezoid(power_law_density(lam, 2.5, 1.0, 0.3), lam) == pytest.approx(
+        0.3, rel=1e-3)
+
+
+def test_esd_trajectory_and_flags_figures(store):
+    from dynlab.viz import heavytail as V
+
+    _, _, path = store
+    ds = dynlab.open_store(path)
+    fig = V.esd(ds, "weights", "attention.q_proj", 0)
+    steps = [t.meta["step"] for t in fig.data if t.meta["role"] == "spectrum"]
+    assert steps == [0, 10]
+    fits = {(t.meta["fit"], t.meta["step"]): t for t in fig.data if t.meta["role"] == "fit"}
+    a = float(ds.alpha.sel(run="dec", kind="weights", step=10, layer=0,
+                           matrix="attention.q_proj"))
+    pl = fits[("power_law", 10)]
+    assert pl.meta["alpha"] == a
+    lam = np.sort(ds.sigma.sel(run="dec", kind="weights", step=10, layer=0,
+                               matrix="attention.q_proj").values[:24] ** 2)
+    n_tail = int(ds.alpha_n_tail.sel(run="dec", kind="weights", step=10, layer=0,
+                                     matrix="attention.q_proj"))
+    assert pl.meta["xmin"] == pytest.approx(lam[-n_tail], rel=1e-12)
+    assert min(pl.x) >= pl.meta["xmin"]
+    assert ("mp", 10) in fits and max(fits[("mp", 10)].y) > 0
+    assert V.esd(ds, "weights", "nope", 0).layout.meta["notes"] == ["weights · nope not in store"]
+    tr = V.over_steps(ds, "weights", "swiglu.w_2")
+    series = [t for t in tr.data if t.meta["role"] == "series"]
+    assert {t.meta["metric"] for t in series} == {"alpha", "num_spikes", "rand_distance"}
+    t = next(t for t in series if t.meta["metric"] == "num_spikes")
+    np.testing.assert_array_equal(t.y, ds.num_spikes.sel(run="dec", kind="weights", layer=0,
+                                                         matrix="swiglu.w_2").values)
+    rows = V.trained_flags(ds)
+    flagged = [(r["layer"], r["matrix"], r["flag"]) for r in rows if r["flag"]]
+    assert (0, "attention.q_proj", "over-trained") in flagged
+    for r in rows:
+        want = "over-trained" if r["alpha"] < 2 else "under-trained" if r["alpha"] > 6 else ""
+        assert r["flag"] == want and r["step"] == 10
+    table = V.flags_table(ds)
+    assert table.data[0].meta["n_flagged"] == len(flagged)
+    from dynlab.viz import report as REP
+
+    titles = [s.title for s in REP.report_sections(ds)]
+    assert titles[-3:] == ["Heavy tails: ESD of the weights", "Heavy tails over steps",
+                           "Heavy tails: under-/over-trained flags"]
