@@ -140,10 +140,13 @@ def test_randomised_esd_edges():
 
 
 def test_registry_defaults_and_opt_in():
+    mp = ("mp_sigma", "mp_sigma2", "mp_bulk_max", "num_spikes", "mp_softrank")
     for name in WW_SPECTRAL:
-        assert METRICS[name].from_spectrum is not None and name in DEFAULT_METRICS
+        assert METRICS[name].from_spectrum is not None
+        assert (name in DEFAULT_METRICS) == (name not in mp)
     for name in WW_RAND:
         assert METRICS[name].entrywise and name not in DEFAULT_METRICS
+    for name in WW_SPECTRAL + WW_RAND:
         assert name in parse_metrics("all")
 
 

@@ -238,15 +238,9 @@ def mp_density(x: np.ndarray, q: float, sigma: float) -> np.ndarray:
         y = 1 / q
         b = np.power(sigma * (1 + np.sqrt(1 / q)), 2)
         a = np.power(sigma * (1 - np.sqrt(1 / q)), 2)
-        inside = (x > 0) & ((b - x) * (x - a) >= 0)  # elsewhere NaN, which it sets to 0
-        out = np.zeros(inside.shape)
-        if np.ndim(sigma) == 0:
-            xs = x[inside]
-            out[inside] = (1 / (2 * np.pi * sigma * sigma * xs * y)) * np.sqrt((b - xs) * (xs - a))
-            return out
-        xs, sg, bs, as_ = (np.broadcast_to(v, out.shape)[inside] for v in (x, sigma, b, a))
-        out[inside] = (1 / (2 * np.pi * sg * sg * xs * y)) * np.sqrt((bs - xs) * (xs - as_))
-        return out
+        prod = (b - x) * (x - a)
+        val = (1 / (2 * np.pi * sigma * sigma * x * y)) * np.sqrt(prod)
+        return np.where((x > 0) & (prod >= 0), val, 0.0)  # NaN elsewhere, which it sets to 0
 
 
 def mp_residuals(sigmas: np.ndarray, xde: np.ndarray, yde: np.ndarray, q: float) -> np.ndarray:
@@ -254,12 +248,14 @@ def mp_residuals(sigmas: np.ndarray, xde: np.ndarray, yde: np.ndarray, q: float)
     estimate exceeds 0.01; 1000² per point where the MP bulk [λ₋, λ₊] misses the density's
     peak or the grid (WeightWatcher's `resid_mp`, allresid=False)."""
     sg = np.asarray(sigmas, dtype=np.float64).reshape(-1, 1)
-    out = np.sum((mp_density(xde[None, :], q, sg) - yde[None, :]) ** 2, axis=1)
+    out = np.full(sg.shape[0], 1000.0 ** 2 * yde.size)
+    good = np.ones(sg.shape[0], dtype=bool)
     if q != 1:
         b = np.power(sg[:, 0] * (1 + np.sqrt(1 / q)), 2)
         a = np.power(sg[:, 0] * (1 - np.sqrt(1 / q)), 2)
         peak = xde[np.argmax(yde)]
-        out = np.where((b < peak) | (b > xde.max()) | (a > peak), 1000.0 ** 2 * yde.size, out)
+        good = ~((b < peak) | (b > xde.max()) | (a > peak))
+    out[good] = np.sum((mp_density(xde[None, :], q, sg[good]) - yde[None, :]) ** 2, axis=1)
     return out
 
 

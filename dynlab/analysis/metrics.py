@@ -437,9 +437,11 @@ def _weightwatcher_metrics() -> list[Metric]:
 
 METRICS.update({m.name: m for m in _weightwatcher_metrics()})
 
-#: Metrics computed only when named (or with 'all'): the correlation traps cost six SVDs
-#: and an MP fit per matrix.
-OPT_IN_METRICS: tuple[str, ...] = ("rand_distance", "max_rand_eval", "num_rand_spikes")
+#: Metrics computed only when named (or with 'all'): the Marchenko–Pastur fit (a density fit
+#: per spectrum) and the correlation traps (six SVDs and an MP fit per matrix).
+OPT_IN_METRICS: tuple[str, ...] = ("mp_sigma", "mp_sigma2", "mp_bulk_max", "num_spikes",
+                                   "mp_softrank", "rand_distance", "max_rand_eval",
+                                   "num_rand_spikes")
 
 DEFAULT_METRICS: tuple[str, ...] = tuple(m for m in METRICS if m not in OPT_IN_METRICS)
 

@@ -251,19 +251,20 @@ def htsr_sections(ds: xr.Dataset) -> list[tuple[str, str, Callable[[], go.Figure
     matrix = _default_matrix(ds)
     last = int(ds["layer"].values[-1]) if "layer" in ds.coords and ds["layer"].size else 0
     out: list[tuple[str, str, Callable[[], go.Figure]]] = []
-    if "mp_sigma" in ds.data_vars:
+    if "alpha_n_tail" in ds.data_vars or "mp_sigma" in ds.data_vars:
         out.append((
             "Heavy tails: ESD of the weights",
             f"Eigenvalues σ² of {matrix} in the last layer at up to four steps, on log-log "
             "axes: the histogram, the power-law tail fitted from x_min (dashed, α as "
             "WeightWatcher's), and the Marchenko–Pastur bulk fitted to the ESD (solid) with its "
-            "edge λ₊ (dotted); eigenvalues right of λ₊ are spikes (learned correlations).",
+            "edge λ₊ (dotted; with -m num_spikes,mp_sigma,mp_bulk_max or -m all); eigenvalues "
+            "right of λ₊ are spikes (learned correlations).",
             lambda: esd(ds, "weights", matrix, last)))
     out.append((
         "Heavy tails over steps",
         f"α (dotted lines at 2 and 6), MP spikes and the Jensen–Shannon distance to the "
-        f"element-wise shuffled matrix (correlation traps; computed with -m rand_distance) of "
-        f"{matrix}, one line per layer.",
+        f"element-wise shuffled matrix (correlation traps; these two opt-in: -m num_spikes,"
+        f"rand_distance or -m all) of {matrix}, one line per layer.",
         lambda: over_steps(ds, "weights", matrix)))
     out.append((
         "Heavy tails: under-/over-trained flags",
