@@ -421,3 +421,25 @@ def test_esd_trajectory_and_flags_figures(store):
     titles = [s.title for s in REP.report_sections(ds)]
     assert titles[-3:] == ["Heavy tails: ESD of the weights", "Heavy tails over steps",
                            "Heavy tails: under-/over-trained flags"]
+
+
+def test_batched_family_edges():
+    """The registry's batched functions: NaN for a matrix that held NaN/Inf (all-NaN row) and
+    for a zero matrix; a NaN-padded product spectrum uses its k values (M = k)."""
+    good = np.sort(np.random.default_rng(0).uniform(0.5, 3.0, 12))[::-1]
+    rows = np.full((3, 16), math.nan)
+    rows[0, :12] = good
+    rows[2, :16] = 0.0
+    sig = torch.tensor(rows)
+    norms = H.ww_norms(sig, 0.0)
+    lam = np.sort(good ** 2)
+    a = H.fit_power_law(lam).alpha
+    np.testing.assert_allclose(norms[0], [math.log10(lam.sum()), math.log10(lam.max()),
+                                          a * math.log10(lam.max()),
+                                          math.log10(np.sum(lam ** a))], rtol=1e-12)
+    assert np.isnan(norms[1:]).all()
+    mp = H.mp_fits(sig, torch.tensor([20.0, 20.0, 20.0]))
+    want = H.mp_fit(lam, 20, 12)
+    np.testing.assert_allclose(mp[0], [want.sigma, want.sigma2, want.bulk_max, want.num_spikes,
+                                       want.softrank], rtol=1e-12)
+    assert np.isnan(mp[1:]).all()
