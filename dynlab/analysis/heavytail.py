@@ -21,6 +21,13 @@ Eigenvalues at or below the square of the matrix's numerical-zero tolerance
 (`dynlab.analysis.metrics.zero_tolerance`: its storage precision's rounding noise) are dropped
 (`powerlaw` drops exact zeros; numerically zero ones would be fitted as data). A spectrum
 with fewer than `MIN_EIGENVALUES` remaining eigenvalues gives NaN for every output.
+
+The second part of the module holds the rest of WeightWatcher's heavy-tailed
+self-regularisation family (weightwatcher 0.7.7's `analyze()` columns): the norms of the
+eigenvalues, `alpha_weighted`, the Marchenko–Pastur bulk fit (`mp_fit`), the under-/over-trained
+flags and the correlation traps of the element-wise randomised matrix (`randomised_esd`). Where
+dynlab's α differs from WeightWatcher's (its small-N rule, its absolute 1e-5 eigenvalue floor)
+is said in docs/concepts/heavy-tails.md.
 """
 
 from __future__ import annotations
