@@ -35,8 +35,10 @@ def analyze(
         "--out", "-o", show_default=False,
         help="Zarr store to write (default: analysis.zarr beside the first run).")] = None,
     metrics: Annotated[str | None, metrics_option(
-        help=f"Comma list of {METRIC_NAMES}; or 'all'. Default: all (or, for an existing "
-        "store, the store's).")] = None,
+        help=f"Comma list of {METRIC_NAMES}; or 'all'. Default: all but the opt-in MP fit "
+        "(mp_sigma, mp_sigma2, mp_bulk_max, num_spikes, mp_softrank) and correlation traps "
+        "(rand_distance, max_rand_eval, num_rand_spikes) (or, for an existing store, the "
+        "store's).")] = None,
     kinds: Annotated[str | None, kinds_option(
         help=f"Comma list of {KIND_NAMES}; or 'all'. Default: all available (or, for an "
         "existing store, the store's).")] = None,

@@ -197,7 +197,7 @@ def test_representation_figures_and_report(two_runs):
     titles = [s.title for s in sections]
     assert "Representations: CKA against the final checkpoint" in titles
     assert "QK circuit beside OV circuit" in titles and "Heavy-tail α" in titles
-    assert len(sections) == 7 + 5
+    assert len(sections) == 7 + 5 + 3  # + the heavy-tail figures (dynlab.viz.heavytail)
     assert all(s.figure is not None for s in sections[7:])
     assert "Representations: anisotropy" in text
     # a figure asked for something the store lacks says so instead of failing

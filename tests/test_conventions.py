@@ -142,3 +142,84 @@ def test_store_keeps_one_convention_and_recompute_follows_it(stores, tmp_path):
     for prefix in ("", "head_", "qk_"):
         for m in ("cn", "numerical_rank", "per"):
             xr.testing.assert_identical(after[prefix + m].load(), before[prefix + m].load())
+
+
+# ----------------------------------------------------------------------------------------
+# pico-train runs: both gradient splits (val_gradients -> grads, train_gradients ->
+# train_grads) against a numpy transcription of pico-analyze's OV component and metrics.
+
+
+def pico_analyze_ov_gradients(dv, do, v, o, n_heads, n_kv_heads):
+    """pico-analyze's OVComponent.compute_ov_gradients, transcribed: per head
+    O_h·dV_g + dO_h·V_g, and the heads concatenated along columns."""
+    hd = o.shape[0] // n_heads
+    heads = []
+    for h in range(n_heads):
+        g = h // (n_heads // n_kv_heads)
+        heads.append(o[:, h * hd:(h + 1) * hd] @ dv[g * hd:(g + 1) * hd, :]
+                     + do[:, h * hd:(h + 1) * hd] @ v[g * hd:(g + 1) * hd, :])
+    return heads, np.concatenate(heads, axis=1)
+
+
+def pico_analyze_metrics(x):
+    """pico-analyze's per, condition_number, norm (frobenius, nuclear, inf), hoyer and gini
+    of one matrix, transcribed into numpy float64."""
+    s = np.linalg.svd(x, compute_uv=False)
+    p = s / s.sum()
+    flat = np.abs(x.ravel())
+    n = flat.size
+    srt = np.sort(flat)
+    idx = np.arange(1, n + 1)
+    return {"per": math.exp(-np.sum(p * np.log(p))) / len(s), "cn": s.max() / s.min(),
+            "frobenius_norm": math.sqrt(np.sum(x * x)), "nuclear_norm": s.sum(),
+            "inf_norm": flat.max(),
+            "hoyer": (math.sqrt(n) - flat.sum() / math.sqrt(np.sum(x * x))) / (math.sqrt(n) - 1),
+            "gini": np.sum((2 * idx - n - 1) * srt) / (n * srt.sum())}
+
+
+PICO_METRICS = "per,cn,frobenius_norm,nuclear_norm,inf_norm,hoyer,gini"
+
+
+@pytest.fixture(scope="module")
+def pico_train_store(tmp_path_factory):
+    from test_sources_pico import write_pico_run
+
+    root = tmp_path_factory.mktemp("pico-conv") / "pico-run"
+    written = write_pico_run(root)
+    store = dynlab.analyze([root], root.parent / "p.zarr", metrics=PICO_METRICS,
+                           convention="pico", progress=False, device="cpu")
+    return written, xr.open_zarr(store)
+
+
+@pytest.mark.parametrize("split,kind", [("val", "grads"), ("train", "train_grads")])
+def test_pico_train_gradient_splits_match_pico_analyze(pico_train_store, split, kind):
+    from test_sources_pico import SPEC as PSPEC
+
+    written, ds = pico_train_store
+    steps = [s for s in written if f"{split}_grads" in written[s]]
+    assert steps and kind in ds.kind.values
+    prefix = "_forward_module."
+    for step in steps:
+        w = {k: v.double().numpy() for k, v in written[step]["weights"].items()}
+        g = {k: v.double().numpy() for k, v in written[step][f"{split}_grads"].items()}
+        for layer in range(PSPEC.n_layers):
+            base = f"layers.{layer}.attention."
+            heads, whole = pico_analyze_ov_gradients(
+                g[f"{prefix}{base}v_proj"], g[f"{prefix}{base}o_proj"],
+                w[f"{base}v_proj.weight"], w[f"{base}o_proj.weight"],
+                PSPEC.n_heads, PSPEC.n_kv_heads)
+            assert whole.shape == (PSPEC.d_model, PSPEC.n_heads * PSPEC.d_model)
+            cell = ds.sel(run="pico-run", step=step, kind=kind, layer=layer)
+            ref = pico_analyze_metrics(whole)
+            for m, value in ref.items():
+                got = float(cell[m].sel(matrix="ov_circuit"))
+                assert got == pytest.approx(value, rel=1e-6), (kind, step, layer, m)
+            for h, hm in enumerate(heads):
+                ref = pico_analyze_metrics(hm)
+                hc = cell.sel(head=h)
+                for m, value in ref.items():
+                    got = float(hc["head_" + m])
+                    if m == "cn":  # rank 2·hd of d: σ_min is rounding noise in both SVDs
+                        assert math.isfinite(got) and got > 1e10 and value > 1e10
+                    else:
+                        assert got == pytest.approx(value, rel=1e-6), (kind, step, layer, h, m)

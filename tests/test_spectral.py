@@ -181,6 +181,9 @@ def test_metrics_from_svdvals_match_numpy_reference():
 def test_parse_metrics():
     assert metrics_mod.parse_metrics("per, cn") == ("per", "cn")
     assert metrics_mod.parse_metrics(None) == metrics_mod.DEFAULT_METRICS
-    assert metrics_mod.parse_metrics("all") == metrics_mod.DEFAULT_METRICS
+    # 'all' adds the opt-in metrics (the correlation traps) to the defaults
+    assert metrics_mod.parse_metrics("all") == tuple(metrics_mod.METRICS)
+    assert set(metrics_mod.parse_metrics("all")) - set(metrics_mod.DEFAULT_METRICS) == set(
+        metrics_mod.OPT_IN_METRICS)
     with pytest.raises(ValueError, match="unknown metric.*bogus.*valid: er, per, cn"):
         metrics_mod.parse_metrics("per,bogus")

@@ -11,7 +11,10 @@ OV figures) can be put beside dynlab's:
   products concatenated along columns, [V_g(0)·O_0 | … | V_g(H−1)·O_{H−1}] (hd × H·hd).
 * OV of gradients, per head: O_h·dV_g + dO_h·V_g as a dense d × d matrix, so PER is
   normalised by d and CN runs over all d singular values; the layer: the heads' gradient
-  products concatenated along columns (d × H·d).
+  products concatenated along columns (d × H·d). Every gradient kind (`GRADIENT_KINDS`: the
+  fixed batch's `grads`, pico-train's `val_gradients`, and the training batch's
+  `train_grads`, its `train_gradients`) is built so: pico-analyze's OV component reads both
+  splits with one code path.
 * OV of updates (pico-analyze has none): the weights' convention at both steps,
   V^t_g·O^t_h − V^p_g·O^p_h per head and the concatenation of those for the layer.
 * condition number: σ_max / σ_min over all min(m, n) singular values, with no tolerance
@@ -32,6 +35,9 @@ from dynlab.errors import InputError
 from dynlab.runs.checkpoints import ModelSpec
 
 CONVENTIONS: tuple[str, ...] = ("dynlab", "pico")
+
+#: The kinds holding gradients, whose OV circuit is the product rule's O·dV + dO·V.
+GRADIENT_KINDS: tuple[str, ...] = ("grads", "train_grads")
 
 
 def check_convention(name: str) -> str:
@@ -77,14 +83,16 @@ def pico_ov_grads(o, v, do, dv, spec: ModelSpec) -> tuple[torch.Tensor, torch.Te
 def apply(convention: str, kind: str, comps: dict[C.Site, C.Component], spec: ModelSpec,
           weights, grads=None, prev=None) -> dict[C.Site, C.Component]:
     """The components of `kind` under `convention`: for `pico`, the OV entries (table "head"
-    and the layer's `ov_circuit` cell) are replaced as the module docstring says."""
-    if convention == "dynlab" or kind not in ("weights", "grads", "updates") or not comps:
+    and the layer's `ov_circuit` cell) are replaced as the module docstring says. `grads`:
+    the gradients of `kind` (for a gradient kind, `GRADIENT_KINDS`)."""
+    if (convention == "dynlab" or kind not in ("weights", "updates", *GRADIENT_KINDS)
+            or not comps):
         return comps
     out = dict(comps)
     ov = C.MATRICES.index("ov_circuit")
     ov_keys = ("attention.o_proj", "attention.v_proj")
     for layer in range(spec.n_layers):
-        other = grads if kind == "grads" else prev if kind == "updates" else weights
+        other = grads if kind in GRADIENT_KINDS else prev if kind == "updates" else weights
         if not (C.has(weights, layer, *ov_keys) and other is not None
                 and C.has(other, layer, *ov_keys)):
             continue  # a source without these matrices: no OV cell, as in the default
@@ -93,7 +101,7 @@ def apply(convention: str, kind: str, comps: dict[C.Site, C.Component], spec: Mo
         stored = C.coarsest(o.dtype, v.dtype)
         if kind == "weights":
             heads, whole = pico_ov_weights(o, v, spec)
-        elif kind == "grads":
+        elif kind in GRADIENT_KINDS:
             heads, whole = pico_ov_grads(o, v, C.weight(grads, layer, "attention.o_proj"),
                                          C.weight(grads, layer, "attention.v_proj"), spec)
         else:

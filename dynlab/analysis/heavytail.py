@@ -21,6 +21,13 @@ Eigenvalues at or below the square of the matrix's numerical-zero tolerance
 (`dynlab.analysis.metrics.zero_tolerance`: its storage precision's rounding noise) are dropped
 (`powerlaw` drops exact zeros; numerically zero ones would be fitted as data). A spectrum
 with fewer than `MIN_EIGENVALUES` remaining eigenvalues gives NaN for every output.
+
+The second part of the module holds the rest of WeightWatcher's heavy-tailed
+self-regularisation family (weightwatcher 0.7.7's `analyze()` columns): the norms of the
+eigenvalues, `alpha_weighted`, the Marchenko–Pastur bulk fit (`mp_fit`), the under-/over-trained
+flags and the correlation traps of the element-wise randomised matrix (`randomised_esd`). Where
+dynlab's α differs from WeightWatcher's (its small-N rule, its absolute 1e-5 eigenvalue floor)
+is said in docs/concepts/heavy-tails.md.
 """
 
 from __future__ import annotations
@@ -171,3 +178,297 @@ def alpha_ks(sigma: torch.Tensor, tol: torch.Tensor | float) -> torch.Tensor:
 def alpha_n_tail(sigma: torch.Tensor, tol: torch.Tensor | float) -> torch.Tensor:
     """The number of eigenvalues in each fitted tail (NaN where α is NaN)."""
     return torch.from_numpy(np.ascontiguousarray(_fits(sigma, tol)[..., 2]))
+
+
+# ----------------------------------------------------------------------------------------
+# WeightWatcher's heavy-tailed self-regularisation family (weightwatcher 0.7.7,
+# `WeightWatcher.analyze`; Martin & Mahoney 2021, JMLR 22(165)). Eigenvalues λ_i = σ_i² of
+# WᵀW for the N × M matrix W (N ≥ M) — WeightWatcher's `evals`, not divided by N — all
+# min(m, n) of them (zeros included: they add nothing to the sums below).
+
+#: α below which WeightWatcher flags a layer 'over-trained' (its OVER_TRAINED_THRESH).
+OVER_TRAINED_ALPHA = 2.0
+#: α above which WeightWatcher flags a layer 'under-trained' (its UNDER_TRAINED_THRESH).
+UNDER_TRAINED_ALPHA = 6.0
+#: The seed of the element-wise randomisation (`randomised_esd`), written to store attrs.
+RAND_SEED = 0
+#: Bandwidth of the linear-kernel density WeightWatcher fits the MP law to (`mp_fit`'s bw).
+MP_BANDWIDTH = 0.1
+
+
+def log_norm(lam: np.ndarray) -> float:
+    """log₁₀ Σ_i λ_i = log₁₀ ‖W‖_F² (WeightWatcher's `log_norm`)."""
+    return float(np.log10(np.sum(lam)))
+
+
+def log_spectral_norm(lam: np.ndarray) -> float:
+    """log₁₀ λ_max = log₁₀ ‖W‖_2² (WeightWatcher's `log_spectral_norm`)."""
+    return float(np.log10(np.max(lam)))
+
+
+def alpha_weighted(alpha: float, lam: np.ndarray) -> float:
+    """α̂ = α · log₁₀ λ_max (WeightWatcher's `alpha_weighted`; Martin, Peng & Mahoney 2021,
+    Nature Communications 12:4122, eq. 6)."""
+    return float(alpha * np.log10(np.max(lam)))
+
+
+def log_alpha_norm(alpha: float, lam: np.ndarray) -> float:
+    """log₁₀ Σ_i λ_i^α, the Schatten α-norm to the power α (WeightWatcher's `log_alpha_norm`)."""
+    return float(np.log10(np.sum(lam ** alpha)))
+
+
+def trained_flags(alpha: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """(over_trained, under_trained): 1.0 where α < 2, resp. α > 6, 0.0 elsewhere, NaN where α
+    is NaN (WeightWatcher's `warning` column; it also flags a failed fit, α = −1, as
+    over-trained — dynlab leaves that NaN)."""
+    a = np.asarray(alpha, dtype=np.float64)
+    over = np.where(np.isnan(a), np.nan, (a < OVER_TRAINED_ALPHA).astype(np.float64))
+    under = np.where(np.isnan(a), np.nan, (a > UNDER_TRAINED_ALPHA).astype(np.float64))
+    return over, under
+
+
+def linear_kde(x: np.ndarray, data: np.ndarray, bw: float) -> np.ndarray:
+    """Linear-kernel density of `data` at `x`: (1/(n·h)) Σ_j max(0, 1 − |x − x_j|/h), as
+    scikit-learn's KernelDensity(kernel='linear', bandwidth=h), which WeightWatcher uses."""
+    u = np.abs(x[:, None] - data[None, :]) / bw
+    return np.maximum(0.0, 1.0 - u).sum(1) / (data.size * bw)
+
+
+def mp_density(x: np.ndarray, q: float, sigma: float) -> np.ndarray:
+    """Marchenko–Pastur density of the eigenvalues of XᵀX/N, X N × M of entry variance σ²,
+    Q = N/M: ρ(x) = √((λ₊ − x)(x − λ₋)) / (2π σ² x / Q), λ± = σ²(1 ± 1/√Q)², 0 outside
+    (Marchenko & Pastur 1967; WeightWatcher's `marchenko_pastur_fun`). For Q = 1 its quarter
+    circle of singular values, √(4 − x²) / (π σ²) (`quarter_circle_fun`)."""
+    with np.errstate(invalid="ignore", divide="ignore"):  # (its order of operations)
+        if q == 1:
+            return np.nan_to_num((1 / (np.pi * sigma * sigma)) * np.sqrt(4 - x ** 2))
+        y = 1 / q
+        b = np.power(sigma * (1 + np.sqrt(1 / q)), 2)
+        a = np.power(sigma * (1 - np.sqrt(1 / q)), 2)
+        prod = (b - x) * (x - a)
+        val = (1 / (2 * np.pi * sigma * sigma * x * y)) * np.sqrt(prod)
+        return np.where((x > 0) & (prod >= 0), val, 0.0)  # NaN elsewhere, which it sets to 0
+
+
+def mp_residuals(sigmas: np.ndarray, xde: np.ndarray, yde: np.ndarray, q: float) -> np.ndarray:
+    """For each σ of `sigmas`: Σ (ρ_MP(x) − ρ_KDE(x))² over the grid points where the density
+    estimate exceeds 0.01; 1000² per point where the MP bulk [λ₋, λ₊] misses the density's
+    peak or the grid (WeightWatcher's `resid_mp`, allresid=False)."""
+    sg = np.asarray(sigmas, dtype=np.float64).reshape(-1, 1)
+    out = np.full(sg.shape[0], 1000.0 ** 2 * yde.size)
+    good = np.ones(sg.shape[0], dtype=bool)
+    if q != 1:
+        b = np.power(sg[:, 0] * (1 + np.sqrt(1 / q)), 2)
+        a = np.power(sg[:, 0] * (1 - np.sqrt(1 / q)), 2)
+        peak = xde[np.argmax(yde)]
+        good = ~((b < peak) | (b > xde.max()) | (a > peak))
+    out[good] = np.sum((mp_density(xde[None, :], q, sg[good]) - yde[None, :]) ** 2, axis=1)
+    return out
+
+
+def mp_residual(sigma: np.ndarray | float, xde: np.ndarray, yde: np.ndarray, q: float) -> float:
+    """`mp_residuals` of one σ (the objective Nelder–Mead polishes)."""
+    sg = float(np.asarray(sigma).ravel()[0])
+    if q != 1:
+        b = np.power(sg * (1 + np.sqrt(1 / q)), 2)
+        a = np.power(sg * (1 - np.sqrt(1 / q)), 2)
+        peak = xde[np.argmax(yde)]
+        if b < peak or b > xde.max() or a > peak:
+            return float(1000.0 ** 2 * yde.size)
+    return float(np.sum((mp_density(xde, q, sg) - yde) ** 2))
+
+
+@dataclass(frozen=True)
+class MPFit:
+    """WeightWatcher's MP fit of one ESD. sigma: its `sigma_mp` (the ESD rescaled to mean 1);
+    sigma2: σ²_MP, the entry variance of the N × M matrix the bulk stands for, on WᵀW/N's
+    scale (`bulk_variance`: dynlab's, WeightWatcher has none); bulk_max: λ₊ on the
+    eigenvalues' scale (its `bulk_max`); num_spikes: eigenvalues above λ₊ plus the Tracy–Widom
+    margin; softrank: λ₊ / λ_max (its `mp_softrank`)."""
+
+    sigma: float
+    sigma2: float
+    bulk_max: float
+    num_spikes: float
+    softrank: float
+
+
+NAN_MP = MPFit(math.nan, math.nan, math.nan, math.nan, math.nan)
+
+
+def mp_fit(lam: np.ndarray, n: int, m: int) -> MPFit:
+    """The Marchenko–Pastur bulk fit of eigenvalues `lam` of an n × m matrix (n ≥ m), as
+    WeightWatcher's `mp_fit` (rescale=True): the eigenvalues are scaled by
+    s² = len(λ)/Σλ to mean 1; σ is the minimiser of `mp_residual` against their linear-kernel
+    density (`linear_kde`, h = 0.1, on 1000 points of [0, max + 0.5]; for Q = n/m = 1 of the
+    singular values √λ) as scipy.optimize.brute over [0.05·σ₀, 2·σ₀) in steps of 0.01·σ₀,
+    σ₀ = √(λ_max/(1 + 1/√Q)²), polished by Nelder–Mead (brute's default finish);
+    λ₊ = (σ(1 + 1/√Q))²; spikes: scaled eigenvalues above λ₊ + √TW, TW = λ₊^(2/3)/(√Q·m^(2/3));
+    softrank = λ₊ / max scaled λ. NaN for fewer than 2 eigenvalues or a zero spectrum."""
+    from scipy import optimize
+
+    lam = np.sort(np.asarray(lam, dtype=np.float64))
+    total = float(np.sum(lam))
+    if lam.size < 2 or not np.isfinite(total) or total <= 0 or m < 1:
+        return NAN_MP
+    q = n / m
+    w_scale = np.sqrt(lam.size) / np.sqrt(total)
+    scale2 = w_scale * w_scale
+    x = scale2 * lam
+    s0 = float(np.sqrt(np.max(x) / np.square(1 + 1.0 / np.sqrt(q))))
+    to_fit = np.sqrt(x) if q == 1 else x
+    xde = np.linspace(0, to_fit.max() + 0.5, 1000)
+    yde = linear_kde(xde, to_fit, MP_BANDWIDTH)
+    keep = yde > 0.01
+    args = (xde[keep], yde[keep], q)
+    # scipy.optimize.brute's grid, argmin and fmin finish, the grid evaluated at once
+    grid = np.mgrid[slice(0.05 * s0, 2.0 * s0, 0.01 * s0)]
+    with np.errstate(all="ignore"):
+        start = grid[int(np.argmin(mp_residuals(grid, *args)))]
+        best = optimize.fmin(mp_residual, np.array([start]), args=args, full_output=1,
+                             disp=False)
+    sigma = float(np.asarray(best[0]).ravel()[0])
+    bulk_max = (sigma * (1 + 1 / math.sqrt(q))) ** 2
+    tw = bulk_max ** (2 / 3) / (math.sqrt(q) * m ** (2 / 3))
+    bulk = x <= bulk_max + math.sqrt(tw)
+    spikes = float(np.sum(~bulk))
+    return MPFit(sigma, bulk_variance(lam[bulk], n), bulk_max / scale2, spikes,
+                 bulk_max / x.max())
+
+
+def bulk_variance(bulk: np.ndarray, n: int) -> float:
+    """σ²_MP = mean(λ_bulk) / N: the MP law's first moment is σ² (E[λ] of XᵀX/N for entries
+    of variance σ², Marchenko & Pastur 1967), so the mean of the bulk eigenvalues (spikes
+    removed) over N estimates the bulk's entry variance without the bias of a density fit."""
+    return float(np.mean(bulk) / n) if bulk.size else math.nan
+
+
+def shuffled_eigenvalues(w: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
+    """σ² of W with its entries permuted at random (rng's `shuffle` of the row-major entries),
+    ascending: the ESD of a matrix with W's entry distribution and no correlations
+    (WeightWatcher's `random_eigenvalues`, one replica)."""
+    flat = np.array(w, dtype=np.float64).ravel()
+    rng.shuffle(flat)
+    import scipy.linalg
+
+    return np.sort(scipy.linalg.svd(flat.reshape(w.shape), compute_uv=False) ** 2)
+
+
+def jensen_shannon_distance(p: np.ndarray, q: np.ndarray) -> float:
+    """√((KL(p‖m) + KL(q‖m))/2), m = (p + q)/2, natural log, p and q normalised to sum 1
+    (scipy.stats.entropy): WeightWatcher's `jensen_shannon_distance`, which it applies to the
+    two sorted eigenvalue vectors themselves (not to histograms)."""
+    from scipy import stats
+
+    mid = (p + q) / 2
+    return float(np.sqrt((stats.entropy(p, mid) + stats.entropy(q, mid)) / 2))
+
+
+@dataclass(frozen=True)
+class RandomisedESD:
+    """Correlation traps (WeightWatcher's `randomize=True`): rand_distance: Jensen–Shannon
+    distance between W's eigenvalues and one randomised replica's; max_rand_eval: the largest
+    eigenvalue over the replicas; num_rand_spikes: spikes of the replicas' MP fit (its
+    `rand_num_spikes`, alias `num_traps`)."""
+
+    rand_distance: float
+    max_rand_eval: float
+    num_rand_spikes: float
+
+
+NAN_RAND = RandomisedESD(math.nan, math.nan, math.nan)
+
+
+def randomised_esd(w: np.ndarray, seed: int = RAND_SEED) -> RandomisedESD:
+    """The correlation-trap metrics of matrix `w` (as stored, rows × columns), as
+    WeightWatcher's `apply_random_esd` + `apply_mp_fit(random=True)` compute them with numpy's
+    global generator seeded by `seed`: with RandomState(seed), 5 shuffled replicas (1 when
+    min(m, n) ≥ 100) give max_rand_eval and the MP fit of their pooled eigenvalues (n, m of
+    W), then one more replica is compared with W's own eigenvalues by
+    `jensen_shannon_distance`. NaN for a matrix holding NaN/Inf or all zeros."""
+    w = np.asarray(w, dtype=np.float64)
+    if w.ndim != 2 or w.size == 0 or not np.isfinite(w).all() or not np.any(w):
+        return NAN_RAND
+    import scipy.linalg
+
+    n, m = max(w.shape), min(w.shape)
+    rng = np.random.RandomState(seed)
+    replicas = np.concatenate([shuffled_eigenvalues(w, rng) for _ in range(5 if m < 100 else 1)])
+    one = shuffled_eigenvalues(w, rng)
+    lam = np.sort(scipy.linalg.svd(w, compute_uv=False) ** 2)
+    return RandomisedESD(jensen_shannon_distance(lam, one), float(replicas.max()),
+                         mp_fit(np.sort(replicas), n, m).num_spikes)
+
+
+# Batched, for the metric registry.
+
+def _spectrum_rows(sigma: torch.Tensor) -> tuple[np.ndarray, tuple[int, ...]]:
+    s = sigma.detach().cpu().to(torch.float64).numpy()
+    return s.reshape(-1, s.shape[-1]), s.shape[:-1]
+
+
+def _eigen(row: np.ndarray) -> np.ndarray | None:
+    """λ = σ² of a NaN-padded spectrum row, all of them (zeros kept); None for an invalid row."""
+    row = row[~np.isnan(row)]
+    if row.size == 0 or not np.isfinite(row).all() or not np.any(row > 0):
+        return None
+    return np.sort(row ** 2)
+
+
+def ww_norms(sigma: torch.Tensor, tol: torch.Tensor | float) -> np.ndarray:
+    """(..., 4): log_norm, log_spectral_norm, alpha_weighted, log_alpha_norm of every spectrum
+    (α: `alpha`'s fit with the tolerance `tol`); NaN for zero or invalid spectra."""
+    flat, shape = _spectrum_rows(sigma)
+    alphas = _fits(sigma, tol)[..., 0].reshape(-1)
+    out = np.full((flat.shape[0], 4), math.nan)
+    for i, row in enumerate(flat):
+        lam = _eigen(row)
+        if lam is None:
+            continue
+        a = alphas[i]
+        out[i] = (log_norm(lam), log_spectral_norm(lam), alpha_weighted(a, lam),
+                  log_alpha_norm(a, lam) if np.isfinite(a) else math.nan)
+    return out.reshape(*shape, 4)
+
+
+_MP_CACHE: dict[bytes, np.ndarray] = {}
+
+
+def mp_fits(sigma: torch.Tensor, max_dim: torch.Tensor | float) -> np.ndarray:
+    """(..., 5): sigma_mp, σ²_MP, λ₊, num_spikes, mp_softrank of every spectrum (`mp_fit`,
+    N = max_dim, M = the spectrum's length k: min(m, n), or a product's inner dimension). The
+    last batch is cached, so the five metrics of one batch cost one fit."""
+    flat, shape = _spectrum_rows(sigma)
+    dims = np.broadcast_to(np.asarray(torch.as_tensor(max_dim).cpu(), dtype=np.float64),
+                           shape).reshape(-1)
+    key = hashlib.sha1(flat.tobytes() + dims.tobytes() + str(flat.shape).encode()).digest()
+    if key in _MP_CACHE:
+        return _MP_CACHE[key].reshape(*shape, 5)
+    out = np.full((flat.shape[0], 5), math.nan)
+    for i, row in enumerate(flat):
+        lam = _eigen(row)
+        if lam is None:
+            continue
+        fit = mp_fit(lam, int(max(dims[i], lam.size)), lam.size)
+        out[i] = (fit.sigma, fit.sigma2, fit.bulk_max, fit.num_spikes, fit.softrank)
+    _MP_CACHE.clear()
+    _MP_CACHE[key] = out
+    return out.reshape(*shape, 5)
+
+
+_RAND_CACHE: dict[bytes, np.ndarray] = {}
+
+
+def randomised_batch(x: torch.Tensor, seed: int = RAND_SEED) -> np.ndarray:
+    """(..., 3): rand_distance, max_rand_eval, num_rand_spikes of every matrix (..., m, n)
+    (`randomised_esd` with `seed`); cached for the last batch."""
+    w = x.detach().cpu().to(torch.float64).numpy()
+    key = hashlib.sha1(w.tobytes() + str(w.shape).encode() + str(seed).encode()).digest()
+    if key in _RAND_CACHE:
+        return _RAND_CACHE[key]
+    flat = w.reshape(-1, *w.shape[-2:])
+    out = np.array([tuple(vars(randomised_esd(mat, seed)).values()) for mat in flat],
+                   dtype=np.float64).reshape(*w.shape[:-2], 3)
+    _RAND_CACHE.clear()
+    _RAND_CACHE[key] = out
+    return out

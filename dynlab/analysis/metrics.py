@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # ----------------------------------------------------------------------------------------
@@ -382,18 +383,81 @@ def max_abs_entry(x: torch.Tensor) -> torch.Tensor:
 
 METRICS.update({m.name: m for m in _heavy_tail_metrics()})
 
-DEFAULT_METRICS: tuple[str, ...] = tuple(METRICS)
+
+def _weightwatcher_metrics() -> list[Metric]:
+    """WeightWatcher's heavy-tailed self-regularisation family (dynlab.analysis.heavytail):
+    norms of the eigenvalues σ², the Marchenko–Pastur bulk fit, the trained flags (all from
+    the spectrum) and the correlation traps of the element-wise randomised matrix (entries)."""
+    from dynlab.analysis import heavytail as H
+
+    def norms(i):
+        return lambda s, d, eps=None, **kw: torch.from_numpy(np.ascontiguousarray(
+            H.ww_norms(s, zero_tolerance(s, d, eps, **kw))[..., i]))
+
+    def mp(i):
+        return lambda s, d, eps=None, **kw: torch.from_numpy(np.ascontiguousarray(
+            H.mp_fits(s, d)[..., i]))
+
+    def flag(i):
+        return lambda s, d, eps=None, **kw: torch.from_numpy(np.ascontiguousarray(
+            H.trained_flags(H.alpha(s, zero_tolerance(s, d, eps, **kw)).numpy())[i]))
+
+    def rand(i):
+        return lambda x: torch.from_numpy(np.ascontiguousarray(H.randomised_batch(x)[..., i]))
+
+    return [
+        Metric("log_norm", "log10 squared Frobenius norm", "log10 sum_i sigma_i^2", norms(0)),
+        Metric("log_spectral_norm", "log10 squared spectral norm", "log10 sigma_1^2", norms(1)),
+        Metric("alpha_weighted", "alpha-weighted log spectral norm",
+               "alpha * log10 sigma_1^2 (Martin, Peng & Mahoney 2021)", norms(2)),
+        Metric("log_alpha_norm", "log10 Schatten alpha-norm",
+               "log10 sum_i (sigma_i^2)^alpha", norms(3)),
+        Metric("mp_sigma", "Marchenko-Pastur sigma of the rescaled ESD",
+               "WeightWatcher's sigma_mp: KDE fit of the MP law to sigma^2 scaled to mean 1",
+               mp(0)),
+        Metric("mp_sigma2", "Marchenko-Pastur bulk variance",
+               "mean of the eigenvalues sigma^2 <= lambda_+ (the bulk) / N: MP's first "
+               "moment, the bulk's entry variance on the scale of W^T W / N", mp(1)),
+        Metric("mp_bulk_max", "Marchenko-Pastur bulk edge lambda_+",
+               "(sigma_mp (1 + 1/sqrt(Q)))^2 on the scale of sigma^2, Q = N/M", mp(2)),
+        Metric("num_spikes", "eigenvalues above the MP bulk",
+               "#{lambda > lambda_+ + sqrt(TW)} (WeightWatcher's Tracy-Widom margin)", mp(3)),
+        Metric("mp_softrank", "MP soft rank", "lambda_+ / lambda_max", mp(4)),
+        Metric("over_trained", "WeightWatcher's over-trained flag", "1 if alpha < 2 else 0",
+               flag(0)),
+        Metric("under_trained", "WeightWatcher's under-trained flag", "1 if alpha > 6 else 0",
+               flag(1)),
+        Metric("rand_distance", "Jensen-Shannon distance to the randomised ESD",
+               "JS distance of sorted sigma^2 of W and of W with shuffled entries (seeded)",
+               from_entries=rand(0)),
+        Metric("max_rand_eval", "largest eigenvalue of the randomised matrix",
+               "max sigma^2 over 5 shuffles (1 if min(m,n) >= 100)", from_entries=rand(1)),
+        Metric("num_rand_spikes", "MP spikes of the randomised matrix (correlation traps)",
+               "num_spikes of the shuffled replicas' ESD", from_entries=rand(2)),
+    ]
+
+
+METRICS.update({m.name: m for m in _weightwatcher_metrics()})
+
+#: Metrics computed only when named (or with 'all'): the Marchenko–Pastur fit (a density fit
+#: per spectrum) and the correlation traps (six SVDs and an MP fit per matrix).
+OPT_IN_METRICS: tuple[str, ...] = ("mp_sigma", "mp_sigma2", "mp_bulk_max", "num_spikes",
+                                   "mp_softrank", "rand_distance", "max_rand_eval",
+                                   "num_rand_spikes")
+
+DEFAULT_METRICS: tuple[str, ...] = tuple(m for m in METRICS if m not in OPT_IN_METRICS)
 
 
 def parse_metrics(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
-    """'per,cn' -> ('per', 'cn'). None or 'all' -> every metric. Unknown names raise
+    """'per,cn' -> ('per', 'cn'). None -> the defaults (all but `OPT_IN_METRICS`); 'all' ->
+    every metric. Unknown names raise
     ValueError listing the valid ones."""
     if spec is None:
         return DEFAULT_METRICS
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     names = [n for n in names if n]
     if names == ["all"]:
-        return DEFAULT_METRICS
+        return tuple(METRICS)
     unknown = [n for n in names if n not in METRICS]
     if unknown or not names:
         raise ValueError(

@@ -55,21 +55,22 @@ def site_max_dims(spec: ModelSpec, table: str, n_layers: int, n_heads: int,
     matrix's shape; only pico's OV matrices (dynlab.analysis.conventions) depend on the kind."""
     shapes = spec.expected_shapes()
     d, hd, h = spec.d_model, spec.head_dim, spec.n_heads
-    pico = convention == "pico" and kind in ("weights", "grads", "updates")
+    grads = kind in ("grads", "train_grads")  # conventions.GRADIENT_KINDS
+    pico = convention == "pico" and (grads or kind in ("weights", "updates"))
     if table == "layer":
         out = np.ones((n_layers, len(C.MATRICES)))
         for j, name in enumerate(C.MATRICES):
             if name != "ov_circuit":
                 dim = max(shapes[f"layers.0.{name}.weight"])
             elif pico:
-                dim = h * d if kind == "grads" else h * hd
+                dim = h * d if grads else h * hd
             else:
                 dim = d
             out[: spec.n_layers, j] = dim
         return out
     if table in ("head", "qk_head"):
         out = np.ones((n_layers, n_heads))
-        small = pico and table == "head" and kind != "grads"
+        small = pico and table == "head" and not grads
         out[: spec.n_layers, : spec.n_heads] = hd if small else d
         return out
     if table == "qk":

@@ -284,8 +284,15 @@ def _attrs(layout: Layout) -> dict:
         "kinds": list(layout.kinds),
         "run_configs": json.dumps(layout.run_configs, sort_keys=True),
         "convention": layout.convention,
+        "rand_seed": _rand_seed(),  # seed of the randomised ESDs (analysis.heavytail)
         "description": "dynlab spectral analysis of checkpoints; see the README's store schema",
     }
+
+
+def _rand_seed() -> int:
+    from dynlab.analysis.heavytail import RAND_SEED
+
+    return RAND_SEED
 
 
 def _open_group(path: Path, mode: str = "r+"):

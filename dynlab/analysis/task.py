@@ -162,7 +162,8 @@ def checkpoint_region(
     for k_index, kind in enumerate(layout.kinds):
         comps = kind_components(kind, run, ckpt, prev_weights)
         comps = apply_convention(options.convention, kind, comps, run.spec, ckpt.weights,
-                                 ckpt.grads, prev_weights)
+                                 ckpt.train_grads if kind == "train_grads" else ckpt.grads,
+                                 prev_weights)
         if not comps:
             continue
         sigmas = component_spectra(comps, device=options.device, dtype=options.dtype)

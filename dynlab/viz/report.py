@@ -26,6 +26,7 @@ from dynlab.viz import figures as F
 
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 DATA_ROLES = ("mean", "series", "heatmap", "spectrum")
+DATA_ROLES += ("table",)  # table figures (dynlab.viz.heavytail.flags_table)
 
 
 @dataclass
@@ -157,6 +158,9 @@ def report_sections(ds: xr.Dataset) -> list[Section]:
     from dynlab.viz.dynamics import dynamics_sections
 
     specs += dynamics_sections(ds)
+    from dynlab.viz.heavytail import htsr_sections
+
+    specs += htsr_sections(ds)
     out = []
     for title, caption, make in specs:
         fig = make()
