@@ -99,12 +99,6 @@ GAP = ClaimSpec("loss_gap_grows", "the loss gap R − D grows with model size", 
 # ---------------------------------------------------------------- observations (I/O)
 
 
-def _last(values: np.ndarray) -> float:
-    v = np.asarray(values, dtype=np.float64)
-    ok = np.flatnonzero(np.isfinite(v))
-    return float(v[ok[-1]]) if ok.size else math.nan
-
-
 def _mean_finite(values) -> float:
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
@@ -115,6 +109,25 @@ def _has(ds, name: str, kind: str | None = None) -> bool:
     if name not in ds.data_vars:
         return False
     return kind is None or kind in [str(k) for k in ds["kind"].values]
+
+
+def last_finite(values: np.ndarray) -> np.ndarray:
+    """The last finite value of each row of a (runs, steps) array (NaN for a row without)."""
+    v = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(v)
+    idx = v.shape[1] - 1 - np.argmax(ok[:, ::-1], axis=1)
+    out = v[np.arange(v.shape[0]), idx]
+    return np.where(ok.any(axis=1), out, np.nan)
+
+
+def finite_mean(values: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """The mean of the finite values over `axes` (NaN where there are none)."""
+    v = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(v)
+    n = ok.sum(axis=axes)
+    total = np.where(ok, v, 0.0).sum(axis=axes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, total / np.maximum(n, 1), np.nan)
 
 
 def loss_around(records: Sequence[Mapping], steps: Sequence[int], window: int,
@@ -153,58 +166,67 @@ def reset_windows(run_config: Mapping) -> tuple[list[int], list[int], int]:
 def observe(ds, design: Mapping, run_dirs: Mapping[str, Path] | None = None
             ) -> dict[str, dict[str, float]]:
     """{run: {observation: value}} for every run of `design` (OUT/study.json) in the store
-    `ds` (module docstring). A value the store cannot give is NaN. run_dirs: where each run's
-    metrics.jsonl is (for jump/recovery); without it those are NaN."""
+    `ds` (module docstring), computed for all runs at once. A value the store cannot give is
+    NaN. run_dirs: where each run's metrics.jsonl is (for jump/recovery); without it those
+    are NaN."""
     from dynlab.runs.metrics import read_metrics
     from dynlab.viz.figures import run_configs
 
     have = [str(r) for r in ds["run"].values]
-    configs = run_configs(ds)
-    rows: dict[str, dict[str, float]] = {}
+    runs = [r for r in design["runs"] if r in have]
+    ds = ds.sortby("step")
+    sub = ds.sel(run=runs) if runs else None
     steps = ds["step"].values.astype(np.float64)
-    for run in design["runs"]:
-        row = dict.fromkeys(OBSERVATIONS, math.nan)
-        rows[run] = row
-        if run not in have:
-            continue
-        r = ds.sel(run=run)
+    cols: dict[str, np.ndarray] = {}
+    nan = np.full(len(runs), np.nan)
+    if sub is not None:
         for obs, var in (("final_loss", "train_loss"), ("ppl", "ppl_macro"),
                          ("blimp", "blimp_overall")):
             if var in ds.data_vars:
-                row[obs] = _last(r[var].values)
+                cols[obs] = last_finite(sub[var].transpose("run", "step").values)
         if _has(ds, "per", "weights"):
-            per_w = r["per"].sel(kind="weights").mean(("layer", "matrix"), skipna=True).values
-            row["per_weights"] = _last(per_w)
+            w = sub["per"].sel(kind="weights").transpose("run", "step", ...).values
+            cols["per_weights"] = last_finite(finite_mean(w, (2, 3)))
         for obs, kind in (("per_updates", "updates"), ("per_grads", "grads")):
             if _has(ds, "per", kind):
-                row[obs] = _mean_finite(r["per"].sel(kind=kind).values)
+                cols[obs] = finite_mean(sub["per"].sel(kind=kind).values, (1, 2, 3))
         if _has(ds, "cn_nz", "updates"):
-            c = np.asarray(r["cn_nz"].sel(kind="updates").transpose("step", ...).values,
-                           dtype=np.float64)
-            logs = np.where(np.isfinite(c) & (c > 0), np.log10(np.where(c > 0, c, 1)), np.nan)
-            flat = logs.reshape(logs.shape[0], -1)
-            ok = np.isfinite(flat).any(axis=1)
-            per_step = np.full(flat.shape[0], np.nan)
-            per_step[ok] = np.nanmean(flat[ok], axis=1)
-            if np.isfinite(per_step).any():
-                i = int(np.nanargmax(per_step))
-                row["digits_lost"] = float(per_step[i])
-                last = steps[np.flatnonzero(ok)[-1]]
-                row["worst_at"] = float(steps[i] / last) if last > 0 else math.nan
+            c = np.asarray(sub["cn_nz"].sel(kind="updates").transpose("run", "step", ...)
+                           .values, dtype=np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                logs = np.where(np.isfinite(c) & (c > 0), np.log10(np.abs(c)), np.nan)
+            per_step = finite_mean(logs, (2, 3))  # (run, step)
+            has = np.isfinite(per_step)
+            best = np.argmax(np.where(has, per_step, -np.inf), axis=1)
+            last_idx = per_step.shape[1] - 1 - np.argmax(has[:, ::-1], axis=1)
+            any_ = has.any(axis=1)
+            cols["digits_lost"] = np.where(any_, per_step[np.arange(len(runs)), best], np.nan)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                frac = steps[best] / steps[last_idx]
+            cols["worst_at"] = np.where(any_ & (steps[last_idx] > 0), frac, np.nan)
         if _has(ds, "cn", "updates"):
-            c = np.asarray(r["cn"].sel(kind="updates").values, dtype=np.float64)
-            present = ~np.isnan(c)
-            if present.any():
-                row["rank_deficient"] = float(np.isinf(c[present]).mean())
-        if "anisotropy" in ds.data_vars and "residual" in [str(s) for s in
+            c = np.asarray(sub["cn"].sel(kind="updates").values, dtype=np.float64)
+            present = (~np.isnan(c)).reshape(len(runs), -1)
+            inf = np.isinf(c).reshape(len(runs), -1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cols["rank_deficient"] = np.where(present.any(axis=1),
+                                                  inf.sum(axis=1) / present.sum(axis=1), np.nan)
+        if "anisotropy" in ds.data_vars and "residual" in [str(a) for a in
                                                          ds["act_site"].values]:
-            a = r["anisotropy"].sel(act_site="residual").mean("layer", skipna=True).values
-            row["anisotropy"] = _last(a)
-        cfg = configs.get(run) or {}
+            a = sub["anisotropy"].sel(act_site="residual").transpose("run", "step", "layer")
+            cols["anisotropy"] = last_finite(finite_mean(a.values, (2,)))
+    rows: dict[str, dict[str, float]] = {}
+    for run in design["runs"]:
+        rows[run] = dict.fromkeys(OBSERVATIONS, math.nan)
+    for i, run in enumerate(runs):
+        for obs, values in cols.items():
+            rows[run][obs] = float(values[i] if values is not None else nan[i])
+    configs = run_configs(ds)
+    for run in runs:
         run_dir = (run_dirs or {}).get(run)
         if run_dir is not None and (Path(run_dir) / "metrics.jsonl").is_file():
-            row["_records"] = read_metrics(run_dir)  # type: ignore[assignment]
-        row["_config"] = cfg  # type: ignore[assignment]
+            rows[run]["_records"] = read_metrics(run_dir)  # type: ignore[assignment]
+            rows[run]["_config"] = configs.get(run) or {}  # type: ignore[assignment]
     _add_reset_observations(rows, design)
     for row in rows.values():
         row.pop("_records", None)
