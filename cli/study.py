@@ -87,9 +87,11 @@ def print_claims(results: list, design: dict) -> None:
 
     colours = {"supported": "green", "contradicted": "red", "inconclusive": "yellow"}
     level = results[0].verdict_level if results else 0.95
-    table = Table(caption="method: paired t (ReLoRA − decoder by seed), t (one sample), "
-                  "bootstrap percentile (median), Welch t (between scales)", title=f"claims of study {design.get('name')} (95% CI across seeds; "
-                  f"verdict at the family level {level:.4g})")
+    table = Table(
+        title=f"claims of study {design.get('name')} (95% CI across seeds; verdict at the "
+        f"family level {level:.4g})",
+        caption="method: paired t (ReLoRA − decoder by seed), t (one sample), bootstrap "
+        "percentile (median), Welch t (between scales)")
     for col in ("claim", "scale", "effect", "95% CI", "n", "method", "verdict"):
         table.add_column(col, justify="right" if col in ("effect", "n") else "left")
     for r in results:
