@@ -27,7 +27,7 @@ def test_units_options_and_design(tmp_path):
     study = load_study(write(tmp_path, BASE))
     assert study.name == "s" and study.seeds == (0, 1)
     units = study.units()
-    assert [u.run for u in units] == ["dec-s0", "dec-s1", "rel-s0", "rel-s1"]
+    assert [u.run for u in units] == ["dec-s0", "rel-s0", "dec-s1", "rel-s1"]  # seed by seed
     assert units[3].options == {"steps": 4, "checkpoint_every": 2, "reset_every": 2, "seed": 1}
     assert study.condition("rel").scale == "micro"  # the preset, when not given
     design = study.design()

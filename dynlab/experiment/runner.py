@@ -330,7 +330,8 @@ def run_study(study: Study, out: str | Path, *, jobs: int = 1, scheduler: str | 
         raise InputError(f"--slurm: {study.path} has no `slurm:` section (submitit "
                          "parameters, e.g. partition, timeout_min, gpus_per_node)")
     write_design(study, out)
-    cores = os.cpu_count() or 1
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
     share = None
     if jobs > 1:
         share = max(1, cores // jobs)

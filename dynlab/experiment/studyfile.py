@@ -87,9 +87,10 @@ class Study:
     slurm: dict[str, Any] | None = None
 
     def units(self) -> list[Unit]:
-        """Every (condition, seed), conditions in file order, then seeds."""
+        """Every (condition, seed), seed by seed (conditions in file order within a seed), so
+        that a study stopped early has whole seeds: every condition of its first seeds."""
         return [Unit(c.name, s, c.kind, run_name(c.name, s), {**c.options, "seed": s}, c.config)
-                for c in self.conditions for s in self.seeds]
+                for s in self.seeds for c in self.conditions]
 
     def condition(self, name: str) -> Condition:
         return next(c for c in self.conditions if c.name == name)
