@@ -14,8 +14,8 @@ import sys
 import pytest
 import xarray as xr
 import yaml
-
 from builders import tiny_train_options
+
 from dynlab import faults
 from dynlab.errors import DynlabFailure, InputError
 from dynlab.experiment.runner import read_design, run_study
