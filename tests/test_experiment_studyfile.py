@@ -90,3 +90,24 @@ def test_cli_exit_2_with_one_line(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written for a refused study
     res = CliRunner().invoke(app, ["study", "report", str(tmp_path)])
     assert res.exit_code == 2 and "no study.json" in res.output
+
+
+def test_nproc_runs_are_the_train_command_line(tmp_path):
+    """A unit with `nproc: N` trains as `dynlab train KIND ... --nproc`-style torchrun
+    workers: the command line carries every option of the unit and the CLI parses it."""
+    from dynlab.experiment.runner import train_argv
+    from dynlab_cli.train import app as train_app
+
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data["common"].update({"nproc": 2, "hidden-dim": 32, "paper-compat": False,
+                           "save-activations": True})
+    unit = load_study(write(tmp_path, data)).units()[1]  # rel-s0
+    argv = train_argv(unit, tmp_path / "r")
+    assert argv[:3] == ["relora", f"--out={tmp_path / 'r'}", "--no-progress"]
+    assert {"--steps=4", "--checkpoint-every=2", "--reset-every=2", "--seed=0",
+            "--hidden-dim=32", "--no-paper-compat", "--save-activations"} <= set(argv)
+    assert not any(a.startswith("--nproc") for a in argv)
+    # the real command line parses it (checked without training: --dry-run)
+    res = CliRunner().invoke(train_app, [*argv, "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("relora (preset micro)") and "4 steps" in res.output
