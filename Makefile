@@ -4,7 +4,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: install test test-fast lint demo bench clean docs
+.PHONY: install test test-fast lint demo bench clean docs study-mini
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,11 +32,17 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m dynlab.demo
 
+# the study's grid at CPU scale (configs/study/mini.yaml: micro decoder and relora × 5 seeds) on
+# 2 processes, then its claims table and report; rerun to resume after an interruption
+study-mini: $(STAMP)
+	$(BIN)/dynlab study run configs/study/mini.yaml --out study_mini --jobs 2 --no-progress
+	$(BIN)/dynlab study report study_mini --html study_mini/report.html
+
 bench: $(STAMP)
 	$(BIN)/python bench/analyze_bench.py
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out study_mini .pytest_cache
 
 # the documentation site into site/ (broken links and missing references fail the build)
 docs: $(STAMP)

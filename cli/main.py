@@ -14,6 +14,7 @@ from dynlab_cli import analyze as _analyze
 from dynlab_cli import evaluate as _evaluate
 from dynlab_cli import export as _export
 from dynlab_cli import recompute as _recompute
+from dynlab_cli import study as _study
 from dynlab_cli import train as _train
 from dynlab_cli import viz as _viz
 
@@ -51,6 +52,7 @@ app.command("plot")(_viz.plot)
 app.command("report")(_viz.report)
 app.command("recompute")(_recompute.recompute)
 app.command("export")(_export.export)
+app.add_typer(_study.app, name="study")
 
 
 @app.command()

@@ -104,7 +104,13 @@ def load_stores(paths: Sequence[str | Path]) -> xr.Dataset:
 
 
 def report_sections(ds: xr.Dataset) -> list[Section]:
-    """The study's figures, in reading order."""
+    """The study's figures, in reading order. Runs with sibling seeds (dynlab.viz.seeds)
+    are drawn per condition, banded across seeds, in the trajectory figures."""
+    from dynlab.viz.seeds import band_caption, seed_view, sibling_groups
+
+    groups = sibling_groups(ds) if "run" in ds.coords else {}
+    by_seed = seed_view(ds, groups) if groups else ds
+    seeds_note = band_caption(groups) if groups else ""
     specs = [
         ("Training curves",
          "Training loss, perplexity on the held-out domains (macro mean solid, each domain "
@@ -114,13 +120,14 @@ def report_sections(ds: xr.Dataset) -> list[Section]:
         ("PER of weights",
          "Proportional effective rank of the OV circuit and of the MLP down-projection "
          "(swiglu.w_2), averaged over layers with a 95% t-interval: falling PER means the "
-         "weights concentrate their energy in fewer directions.",
-         lambda: F.trajectory_grid(ds, "per", ["weights"], ["ov_circuit", "swiglu.w_2"])),
+         "weights concentrate their energy in fewer directions." + seeds_note,
+         lambda: F.trajectory_grid(by_seed, "per", ["weights"], ["ov_circuit", "swiglu.w_2"])),
         ("PER of updates and gradients",
          "Proportional effective rank of the parameter updates between checkpoints (top) and "
          "of the gradients on the fixed batch (bottom) for attention.o_proj, attention.v_proj "
-         "and swiglu.w_2: low PER means learning happens in a low-dimensional subspace.",
-         lambda: F.trajectory_grid(ds, "per", ["updates", "grads"],
+         "and swiglu.w_2: low PER means learning happens in a low-dimensional subspace."
+         + seeds_note,
+         lambda: F.trajectory_grid(by_seed, "per", ["updates", "grads"],
                                    ["attention.o_proj", "attention.v_proj", "swiglu.w_2"])),
         ("Condition number of weights and updates",
          "Condition number σ₁/σ_k (log axis; k the rank bound, n_kv·hd for the OV circuit) of "
@@ -128,8 +135,9 @@ def report_sections(ds: xr.Dataset) -> list[Section]:
          "attention.v_proj and swiglu.w_2, and the condition number of the updates' non-zero "
          "part σ₁/σ_r, r the numerical rank (bottom): geometric mean over layers with a 95% "
          "t-interval of the log values; infinite values (rank-deficient matrices) are left "
-         "out of the mean and make the marker hollow. " + conditioning_explanation(ds),
-         lambda: F.conditioning_grid(ds, ["ov_circuit", "attention.o_proj",
+         "out of the mean and make the marker hollow. " + conditioning_explanation(ds)
+         + seeds_note,
+         lambda: F.conditioning_grid(by_seed, ["ov_circuit", "attention.o_proj",
                                           "attention.v_proj", "swiglu.w_2"])),
         ("PER of weights, layer by layer",
          "PER of the OV circuit in every layer at every step, one panel per run: where in "
@@ -141,8 +149,8 @@ def report_sections(ds: xr.Dataset) -> list[Section]:
          lambda: F.spectrum(ds, "weights", "ov_circuit", layer=_last_layer(ds))),
         ("ReLoRA against decoder",
          "The same PER trajectory and training loss side by side for each run, with the "
-         "ReLoRA merge-and-reset steps as dotted lines.",
-         lambda: F.relora_comparison(ds, ("per",), "weights", "ov_circuit")),
+         "ReLoRA merge-and-reset steps as dotted lines." + seeds_note,
+         lambda: F.relora_comparison(by_seed, ("per",), "weights", "ov_circuit")),
     ]
     if "eval_loss" in ds.data_vars and bool(np.isfinite(ds["eval_loss"].values).any()):
         specs.append((
@@ -164,6 +172,9 @@ def report_sections(ds: xr.Dataset) -> list[Section]:
     out = []
     for title, caption, make in specs:
         fig = make()
+        if seeds_note and caption.endswith(seeds_note) and fig.layout.title.text:
+            fig.layout.title.text = (fig.layout.title.text.replace("over layers", "over seeds")
+                                     .replace("some layers", "some seeds"))
         notes = list((fig.layout.meta or {}).get("notes", []))
         has_data = any((t.meta or {}).get("role") in DATA_ROLES for t in fig.data)
         out.append(Section(title, caption, fig if has_data else None, notes))
@@ -300,8 +311,12 @@ table.summary th{background:#f3f3f3}
 
 
 def build_report(ds: xr.Dataset, title: str = "dynlab report",
-                 sources: Sequence[str] = ()) -> tuple[str, list[Section]]:
-    """The report as one HTML string (plotly.js inlined once) and its sections."""
+                 sources: Sequence[str] = (), claims: Sequence[dict] | None = None
+                 ) -> tuple[str, list[Section]]:
+    """The report as one HTML string (plotly.js inlined once) and its sections; `claims`
+    (dynlab.experiment.claims results as dicts) adds the Claims section first."""
+    from dynlab.viz.claims import claims_html
+
     sections = report_sections(ds)
     runs = ", ".join(html.escape(str(r)) for r in ds["run"].values)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -313,6 +328,7 @@ def build_report(ds: xr.Dataset, title: str = "dynlab report",
         f'<p class="meta">runs: {runs} · stores: '
         f'{html.escape(", ".join(map(str, sources))) or "in memory"} · '
         f'dynlab {html.escape(str(ds.attrs.get("dynlab_version", "?")))} · {when}</p>',
+        claims_html(claims or []),
         "<h2>Summary</h2>",
         '<p class="caption">Final train loss, macro perplexity and BLiMP accuracy at the last '
         "step where each was measured; PER (arithmetic mean), CN and CN_nz (geometric means of "
@@ -339,10 +355,12 @@ def build_report(ds: xr.Dataset, title: str = "dynlab report",
 
 
 def write_report(stores: Sequence[str | Path], out: str | Path = "report.html",
-                 title: str = "dynlab report") -> tuple[Path, xr.Dataset, list[Section]]:
-    """Open the stores, write the report to `out`; return (path, combined dataset, sections)."""
+                 title: str = "dynlab report", claims: Sequence[dict] | None = None
+                 ) -> tuple[Path, xr.Dataset, list[Section]]:
+    """Open the stores, write the report to `out` (with a Claims section first when
+    `claims` is given); return (path, combined dataset, sections)."""
     ds = load_stores(stores)
-    text, sections = build_report(ds, title, [str(s) for s in stores])
+    text, sections = build_report(ds, title, [str(s) for s in stores], claims)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out, text)  # a full disk leaves the previous report whole
