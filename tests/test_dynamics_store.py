@@ -58,8 +58,11 @@ def test_dynamics_values(runs, store):
     batch = D.dynamics_batch(find_runs([dec])[0], D.DynamicsOptions(**OPTS))
     saved = load_file(f"{dec}/checkpoints/step_0/activations.safetensors")["batch_tokens"]
     np.testing.assert_array_equal(batch.numpy(), saved[:3, :9].numpy())
-    # the relora run saved no activations: its batch is rebuilt from run.json's data options,
-    # and is the same learning-dynamics batch (same data, tokenizer and options)
+    # the relora run saved no activations: its batch is the trainer's ld_batch.safetensors,
+    # the same learning-dynamics batch (same data, tokenizer and options)
+    assert not (rel / "checkpoints/step_0/activations.safetensors").exists()
+    ld = load_file(f"{rel}/ld_batch.safetensors")["batch_tokens"]
+    np.testing.assert_array_equal(ld.numpy(), saved.numpy())
     rebuilt = D.dynamics_batch(find_runs([rel])[0], D.DynamicsOptions(**OPTS))
     np.testing.assert_array_equal(rebuilt.numpy(), batch.numpy())
     for step in (2, 6):

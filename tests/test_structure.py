@@ -105,6 +105,8 @@ LAYERS = [
     ("maths", ["dynlab.analysis.metrics", "dynlab.analysis.spectra", "dynlab.analysis.heavytail",
                "dynlab.analysis.representations"]),
     ("data", ["dynlab.data", "dynlab.model", "dynlab.runs"]),
+    # maths on a runnable model (Hessian, loss line, gradient noise, attention)
+    ("function space", ["dynlab.function_space"]),
     ("sources", ["dynlab.sources", "dynlab.eval"]),
     # evaluation of any source into the store is pipeline work, like analysis
     ("pipeline", ["dynlab.analysis", "dynlab.eval.sources"]),

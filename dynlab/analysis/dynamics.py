@@ -373,8 +373,13 @@ def hf_inner(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 def learning_dynamics_batch(run: Run) -> torch.Tensor:
-    """The run's fixed learning-dynamics batch: `batch_tokens` of a checkpoint's saved
-    activations, else rebuilt from run.json's data options and the run's tokenizer."""
+    """The run's fixed learning-dynamics batch: RUN/ld_batch.safetensors (written by the trainer
+    at the start of a run), else `batch_tokens` of a checkpoint's saved activations."""
+    from dynlab.runs.files import read_ld_batch
+
+    batch = read_ld_batch(run.path)
+    if batch is not None:
+        return batch
     for ckpt in run.checkpoints:
         if ckpt.has("activations.safetensors"):
             from safetensors import safe_open
@@ -382,20 +387,9 @@ def learning_dynamics_batch(run: Run) -> torch.Tensor:
             with safe_open(str(ckpt.file("activations.safetensors")), "pt") as f:
                 if "batch_tokens" in f.keys():
                     return f.get_tensor("batch_tokens").to(torch.long)
-    from dynlab.training.config import TrainConfig
-    from dynlab.training.data import load_data
-
-    tok = run.path / "tokenizer.json"
-    if not tok.is_file():
-        raise InputError(f"--dynamics: {tok} is missing (the run's tokenizer, needed to rebuild "
-                         "its learning-dynamics batch); pass --dynamics-data")
-    try:
-        cfg = TrainConfig.from_stored(dict(run.config.get("train", {})))
-        _, data = load_data(cfg, tok)
-    except (OSError, ValueError, TypeError) as err:
-        raise InputError(f"--dynamics: the learning-dynamics batch of {run.path} cannot be "
-                         f"rebuilt from run.json ({err}); pass --dynamics-data") from None
-    return data.ld_batch
+    raise InputError(f"--dynamics: {run.path} holds no learning-dynamics batch (neither "
+                     "ld_batch.safetensors, which dynlab's trainer writes at the start of a run, "
+                     "nor saved activations with batch_tokens); pass --dynamics-data")
 
 
 def dynamics_batch(run: Run, opt: DynamicsOptions) -> torch.Tensor:

@@ -277,3 +277,36 @@ def write_tokenizer(run_dir: str | Path, tokenizer) -> Path:
     replace_atomically(path, lambda tmp: tokenizer.save(str(tmp)),
                        f"{TMP_PREFIX}{path.name}-{os.getpid()}")
     return path
+
+
+LD_BATCH_FILE = "ld_batch.safetensors"
+
+
+def write_ld_batch(run_dir: str | Path, batch: torch.Tensor) -> Path:
+    """Save the run's fixed learning-dynamics batch (token ids, (sequences, seq_len + 1)) as
+    RUN/ld_batch.safetensors (key `batch_tokens`), atomically, so that analyses that run the
+    model on it (`dynlab analyze --dynamics`) read it instead of rebuilding the data."""
+    from safetensors.torch import save_file
+
+    path = Path(run_dir) / LD_BATCH_FILE
+    tokens = batch.detach().cpu().to(torch.int64).contiguous()
+    replace_atomically(path, lambda tmp: save_file({"batch_tokens": tokens}, str(tmp)),
+                       f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+    return path
+
+
+def read_ld_batch(run_dir: str | Path) -> torch.Tensor | None:
+    """RUN/ld_batch.safetensors's `batch_tokens` (int64), or None where the run has none
+    (runs written before the file existed)."""
+    from safetensors import safe_open
+
+    path = Path(run_dir) / LD_BATCH_FILE
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.get_tensor("batch_tokens").to(torch.int64) if "batch_tokens" in f.keys() \
+                else None
+    except Exception as err:  # safetensors raises its own error types
+        raise InputError(f"{path}: not a readable safetensors file with `batch_tokens` "
+                         f"({err})") from None

@@ -14,7 +14,7 @@ from pathlib import Path
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
 #: the files the trainer writes at the top of a run, in the order `remove_run_files` deletes them
-RUN_FILES = ("metrics.jsonl", "tokenizer.json", "run.json")
+RUN_FILES = ("metrics.jsonl", "ld_batch.safetensors", "tokenizer.json", "run.json")
 
 
 class CheckpointError(ValueError):
@@ -97,7 +97,7 @@ def clean_incomplete(run_dir: str | Path, after_step: int | None = None) -> None
 def remove_run_files(run_dir: str | Path) -> None:
     """Delete what the trainer wrote in `run_dir` and nothing else: checkpoints/step_<N> and
     temporary `.tmp-*` entries (checkpoints/ itself once empty), then metrics.jsonl,
-    tokenizer.json and run.json last (an interrupted removal still looks like a dynlab run).
+    ld_batch.safetensors, tokenizer.json and run.json last (an interrupted removal still looks like a dynlab run).
     Other files and directories, an analysis store for instance, are kept."""
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"

@@ -22,7 +22,7 @@ from torch import nn
 from dynlab.errors import InputError
 from dynlab.model.relora import effective_state_dict
 from dynlab.runs.config import ModelConfig, planned_reset_steps
-from dynlab.runs.files import write_checkpoint, write_run_json, write_tokenizer
+from dynlab.runs.files import write_checkpoint, write_ld_batch, write_run_json, write_tokenizer
 from dynlab.runs.layout import clean_incomplete, remove_run_files, step_of
 from dynlab.training import ddp
 from dynlab.training.config import TrainConfig, relora_config
@@ -84,10 +84,10 @@ def run_record(cfg: TrainConfig, mcfg: ModelConfig, model: nn.Module, data: Toke
 
 
 def prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume_ckpt: Path | None, record: dict,
-                    tokenizer) -> None:
+                    tokenizer, ld_batch: torch.Tensor | None = None) -> None:
     """Rank 0's setup of --out: on resume, delete what lies beyond the checkpoint resumed
-    from; else (after --overwrite's removal of the old run's files) write run.json and
-    tokenizer.json."""
+    from; else (after --overwrite's removal of the old run's files) write run.json,
+    tokenizer.json and the learning-dynamics batch (ld_batch.safetensors)."""
     if resume_ckpt is not None:
         clean_incomplete(run_dir, after_step=step_of(resume_ckpt))
         return
@@ -101,6 +101,8 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume_ckpt: Path | None, r
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_json(run_dir, record)
     write_tokenizer(run_dir, tokenizer)
+    if ld_batch is not None:
+        write_ld_batch(run_dir, ld_batch)
 
 
 class Checkpointer:

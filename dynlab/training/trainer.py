@@ -160,7 +160,7 @@ def prepare_data_and_model(cfg: TrainConfig, run_dir: Path, resume_ckpt: Path | 
     model = build_model(cfg, mcfg, warm_ckpt).to(device)
     if rank == 0:
         record = run_record(cfg, mcfg, model, data, world, ddp.backend(device))
-        prepare_run_dir(run_dir, cfg, resume_ckpt, record, tokenizer)
+        prepare_run_dir(run_dir, cfg, resume_ckpt, record, tokenizer, data.ld_batch)
         ddp.barrier()
     else:
         # rank 0 keeps the single-process RNG stream; the others draw their own dropout
