@@ -97,8 +97,8 @@ def clean_incomplete(run_dir: str | Path, after_step: int | None = None) -> None
 def remove_run_files(run_dir: str | Path) -> None:
     """Delete what the trainer wrote in `run_dir` and nothing else: checkpoints/step_<N> and
     temporary `.tmp-*` entries (checkpoints/ itself once empty), then metrics.jsonl,
-    ld_batch.safetensors, tokenizer.json and run.json last (an interrupted removal still looks like a dynlab run).
-    Other files and directories, an analysis store for instance, are kept."""
+    ld_batch.safetensors, tokenizer.json and run.json last (an interrupted removal still looks
+    like a dynlab run). Other files and directories, an analysis store for instance, are kept."""
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"
     if root.is_dir():
