@@ -151,10 +151,10 @@ def test_refusals(runs, store, tmp_path):
     import shutil
 
     shutil.copytree(dec, tmp_path / "notok" / "dec")
-    (tmp_path / "notok" / "dec" / "tokenizer.json").unlink()
+    (tmp_path / "notok" / "dec" / "ld_batch.safetensors").unlink()
     for ckpt in (tmp_path / "notok" / "dec" / "checkpoints").iterdir():
         (ckpt / "activations.safetensors").unlink()
-    with pytest.raises(InputError, match="tokenizer.json is missing"):
+    with pytest.raises(InputError, match="holds no learning-dynamics batch"):
         dynlab.analyze([tmp_path / "notok" / "dec"], out=tmp_path / "z.zarr",
                        dynamics="barrier", dynamics_options=OPTS)
     assert not (tmp_path / "z.zarr").exists()

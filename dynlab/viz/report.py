@@ -163,12 +163,12 @@ def report_sections(ds: xr.Dataset) -> list[Section]:
     from dynlab.viz.representations import representation_sections
 
     specs += representation_sections(ds)
-    from dynlab.viz.dynamics import dynamics_sections
-
-    specs += dynamics_sections(ds)
     from dynlab.viz.heavytail import htsr_sections
 
     specs += htsr_sections(ds)
+    from dynlab.viz.dynamics import dynamics_sections
+
+    specs += dynamics_sections(ds)
     out = []
     for title, caption, make in specs:
         fig = make()
