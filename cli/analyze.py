@@ -16,8 +16,11 @@ from dynlab_cli.options import (
     SourceFormat,
     choices,
     kinds_option,
+    layers_option,
+    matrices_option,
     metrics_option,
     resolve,
+    steps_option,
     value,
 )
 
@@ -114,6 +117,9 @@ def analyze(
     wait: Annotated[bool, typer.Option(
         "--wait", help="If another dynlab analyze is writing the store, wait for it to finish "
         "instead of exiting with an error.")] = False,
+    steps: Annotated[str | None, steps_option()] = None,
+    layers: Annotated[str | None, layers_option()] = None,
+    matrices: Annotated[str | None, matrices_option()] = None,
 ) -> None:
     """Spectral metrics (effective rank, PER, condition number, ...) of every weight matrix,
     gradient, update and LoRA product of each checkpoint, into a Zarr store. Rerunning skips
@@ -140,7 +146,8 @@ def analyze(
             path = follow_runs(
                 runs, out, until=until, poll=poll, fmt=fmt, metrics=metrics,
                 kinds=kinds, device=dev, precision=value(precision), scheduler=scheduler,
-                progress=progress, wait=wait, **source_options,
+                progress=progress, wait=wait, steps=steps, layers=layers,
+                matrices=matrices, **source_options,
             )
         else:
             path = run_analysis(
@@ -148,6 +155,7 @@ def analyze(
                 precision=value(precision), scheduler=scheduler, progress=progress,
                 activations=activations, target=target, convention=value(convention),
                 activations_data=activations_data, activation_positions=activation_positions,
-                activations_batch=activations_batch, wait=wait, **source_options,
+                activations_batch=activations_batch, wait=wait, steps=steps, layers=layers,
+                matrices=matrices, **source_options,
             )
     print(path)
