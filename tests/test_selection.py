@@ -158,10 +158,20 @@ def check_source(paths, tmp: Path, *, steps, layers, matrices, n_layers, **kwarg
 
 
 def test_dynlab_run(tmp_path):
+    from dynlab.viz import trajectory
+
     run = make_run(tmp_path / "r", SPEC, [0, 5, 10])
-    check_source([run], tmp_path, steps="5,last", layers="1:2",
-                 matrices="attention.v_proj,attention.o_proj,ov_circuit,de_embedding_proj",
-                 n_layers=3)
+    matrices = "attention.v_proj,attention.o_proj,ov_circuit,de_embedding_proj"
+    check_source([run], tmp_path, steps="5,last", layers="1:2", matrices=matrices, n_layers=3)
+    # a figure of a matrix the selection left out says so; one it holds draws it
+    path = dynlab.analyze([run], tmp_path / "fig.zarr", metrics="per", device="cpu",
+                          progress=False, matrices=matrices)
+    ds = dynlab.open_store(path)
+    notes = trajectory(ds, "per", "weights", "swiglu.w_0").layout.meta["notes"]
+    assert any("matrix 'swiglu.w_0' not analysed" in n for n in notes), notes
+    fig = trajectory(ds, "per", "weights", "ov_circuit")
+    assert not any("not analysed" in n for n in fig.layout.meta["notes"])
+    assert len(fig.data) > 0
 
 
 def test_relora_run(tmp_path):

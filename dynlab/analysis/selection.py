@@ -269,3 +269,27 @@ def stored_cells(analyzed: int, flags: Cells, n_layers: int) -> Cells:
     if analyzed == 2:
         return flags
     return Cells.none(n_layers)
+
+
+def held_matrix(ds, matrix: str):
+    """Where a store (an xarray Dataset from dynlab.open_store) holds layer matrix `matrix`
+    (a MATRICES name): boolean (run, step, layer), from `analyzed` (1: every cell) and the
+    `done` flags (analyzed 2). Stores without flags: wherever `analyzed` is set."""
+    analyzed = ds["analyzed"]
+    held = (analyzed == 1).broadcast_like(ds["layer"])
+    if "done" in ds.data_vars:
+        held = held | ((analyzed == 2) & (ds["done"].sel(matrix=matrix) != 0))
+    else:
+        held = held | (analyzed != 0)
+    return held
+
+
+def not_analysed(ds, matrix: str) -> str | None:
+    """A note for a figure of `matrix` that the store does not hold at any (run, step,
+    layer) because a selection left it out, or None."""
+    if "analyzed" not in ds.data_vars or not bool((ds["analyzed"] != 0).any()):
+        return None
+    if bool(held_matrix(ds, matrix).any()):
+        return None
+    return (f"matrix '{matrix}' not analysed (the analysis selected other matrices; rerun "
+            f"dynlab analyze with --matrices {matrix} to add it)")
