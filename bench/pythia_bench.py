@@ -225,7 +225,7 @@ def main() -> None:
     sizes = ["quick"] if args.quick else args.sizes.split(",")
     work = args.workdir or Path(tempfile.gettempdir()) / "dynlab-pythia"
     rows = {}
-    print(f"load before: {os.getloadavg()}")
+    print(f"load before: {os.getloadavg()}", flush=True)
     for size in sizes:
         run = work / f"pythia-{size}"
         write_run(run, size)
@@ -234,6 +234,9 @@ def main() -> None:
         if p.returncode != 0:
             sys.exit(f"{size}: the measuring process failed:\n{p.stderr[-3000:]}")
         rows[size] = json.loads(p.stdout.strip().splitlines()[-1])
+        print(f"{size}: {json.dumps(rows[size])}", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
     print(f"\n{'size':6s} {'file MB':>8s} {'s/ckpt':>8s} {'floor s/ckpt':>13s} "
           f"{'analysis/floor':>15s} {'peak RSS (files)':>17s}")
     for size, r in rows.items():
