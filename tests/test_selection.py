@@ -119,9 +119,11 @@ def assert_selection_equals_full(sel, full, steps, cells: S.Cells):
     assert (flags.emb == cells.emb).all()
 
 
-def check_source(paths, tmp: Path, *, steps, layers, matrices, n_layers, **kwargs):
+def check_source(paths, tmp: Path, *, steps, layers, matrices, n_layers, on_selected=None,
+                 **kwargs):
     """Full store, selected store, then the selected store widened to everything: the same
-    values, and the widening computes only the cells that were missing."""
+    values, and the widening computes only the cells that were missing. `on_selected(ds)`
+    sees the selected store before it is widened."""
     kw = dict(metrics=METRICS, device="cpu", progress=False, **kwargs)
     full = dynlab.open_store(dynlab.analyze(paths, tmp / "full.zarr", **kw))
     runs = list(full.run.values)
@@ -135,6 +137,8 @@ def check_source(paths, tmp: Path, *, steps, layers, matrices, n_layers, **kwarg
     assert_selection_equals_full(sel, full, chosen, cells)
     assert (sel.analyzed.values == 2).all()  # a part of each selected checkpoint
     assert {t.checkpoint.step for t in seen} == set(chosen)
+    if on_selected is not None:
+        on_selected(sel)
     # the same selection again: nothing to do
     again = []
     dynlab.analyze(paths, path, steps=steps, layers=layers, matrices=matrices,
@@ -160,18 +164,17 @@ def check_source(paths, tmp: Path, *, steps, layers, matrices, n_layers, **kwarg
 def test_dynlab_run(tmp_path):
     from dynlab.viz import trajectory
 
+    def figures(ds):  # a figure of a matrix the selection left out says so
+        notes = trajectory(ds, "per", "weights", "swiglu.w_0").layout.meta["notes"]
+        assert any("matrix 'swiglu.w_0' not analysed" in n for n in notes), notes
+        fig = trajectory(ds, "per", "weights", "ov_circuit")
+        assert not any("not analysed" in n for n in fig.layout.meta["notes"])
+        assert len(fig.data) > 0
+
     run = make_run(tmp_path / "r", SPEC, [0, 5, 10])
     matrices = "attention.v_proj,attention.o_proj,ov_circuit,de_embedding_proj"
-    check_source([run], tmp_path, steps="5,last", layers="1:2", matrices=matrices, n_layers=3)
-    # a figure of a matrix the selection left out says so; one it holds draws it
-    path = dynlab.analyze([run], tmp_path / "fig.zarr", metrics="per", device="cpu",
-                          progress=False, matrices=matrices)
-    ds = dynlab.open_store(path)
-    notes = trajectory(ds, "per", "weights", "swiglu.w_0").layout.meta["notes"]
-    assert any("matrix 'swiglu.w_0' not analysed" in n for n in notes), notes
-    fig = trajectory(ds, "per", "weights", "ov_circuit")
-    assert not any("not analysed" in n for n in fig.layout.meta["notes"])
-    assert len(fig.data) > 0
+    check_source([run], tmp_path, steps="5,last", layers="1:2", matrices=matrices, n_layers=3,
+                 on_selected=figures)
 
 
 def test_relora_run(tmp_path):
