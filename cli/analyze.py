@@ -16,8 +16,11 @@ from dynlab_cli.options import (
     SourceFormat,
     choices,
     kinds_option,
+    layers_option,
+    matrices_option,
     metrics_option,
     resolve,
+    steps_option,
     value,
 )
 
@@ -148,6 +151,9 @@ def analyze(
         "--between", show_default=False,
         help="The loss along the straight line between two runs' checkpoints, "
         "RUN@STEP,RUN@STEP, and its barrier (on the first run's batch).")] = None,
+    steps: Annotated[str | None, steps_option()] = None,
+    layers: Annotated[str | None, layers_option()] = None,
+    matrices: Annotated[str | None, matrices_option()] = None,
 ) -> None:
     """Spectral metrics (effective rank, PER, condition number, ...) of every weight matrix,
     gradient, update and LoRA product of each checkpoint, into a Zarr store. Rerunning skips
@@ -174,7 +180,8 @@ def analyze(
             path = follow_runs(
                 runs, out, until=until, poll=poll, fmt=fmt, metrics=metrics,
                 kinds=kinds, device=dev, precision=value(precision), scheduler=scheduler,
-                progress=progress, wait=wait, **source_options,
+                progress=progress, wait=wait, steps=steps, layers=layers,
+                matrices=matrices, **source_options,
             )
         else:
             path = run_analysis(
@@ -182,7 +189,8 @@ def analyze(
                 precision=value(precision), scheduler=scheduler, progress=progress,
                 activations=activations, target=target, convention=value(convention),
                 activations_data=activations_data, activation_positions=activation_positions,
-                activations_batch=activations_batch, wait=wait, **source_options,
+                activations_batch=activations_batch, wait=wait, steps=steps, layers=layers,
+                matrices=matrices, **source_options,
                 **dynamics_arguments(dynamics, dynamics_data, dynamics_batch, dynamics_seq_len,
                                      dynamics_k, dynamics_probes, dynamics_alphas,
                                      dynamics_seed, between, dynamics_layers),

@@ -177,3 +177,35 @@ class LiveLog(str, Enum):
 
     tensorboard = "tensorboard"
     wandb = "wandb"
+# ------------------------------------------------------------------ selections
+# What to analyse (dynlab.analysis.selection checks each list and names what exists); the
+# same three options serve every command that reads checkpoints matrix by matrix.
+
+STEPS_HELP = ("Checkpoints to analyse: a comma list of steps N, ranges A:B (every checkpoint "
+              "from A to B) or A:B:K (A, A+K, ... up to B), and 'last' (each run's last "
+              "checkpoint). Default: every checkpoint.")
+LAYERS_HELP = ("Layers to analyse: a comma list of N, A:B, A:B:K (inclusive) and 'last'. "
+               "Default: every layer. The embeddings belong to no layer: select them with "
+               "--matrices.")
+MATRICES_HELP = ("Matrices to analyse: a comma list of names or globs over attention.q_proj, "
+                 "attention.k_proj, attention.v_proj, attention.o_proj, swiglu.w_0, "
+                 "swiglu.w_1, swiglu.w_2, ov_circuit, qk_circuit (each with its heads), "
+                 "embedding_proj, de_embedding_proj. Default: all.")
+
+
+def steps_option(help: str = STEPS_HELP) -> Any:
+    """--steps (typer.Option): a comma list of steps, ranges A:B[:K] and 'last'."""
+    return typer.Option("--steps", callback=comma_list("--steps"), show_default=False,
+                        help=help)
+
+
+def layers_option(help: str = LAYERS_HELP) -> Any:
+    """--layers (typer.Option): a comma list of layers, ranges A:B[:K] and 'last'."""
+    return typer.Option("--layers", callback=comma_list("--layers"), show_default=False,
+                        help=help)
+
+
+def matrices_option(help: str = MATRICES_HELP) -> Any:
+    """--matrices (typer.Option): a comma list of matrix names or globs."""
+    return typer.Option("--matrices", callback=comma_list("--matrices"), show_default=False,
+                        help=help)

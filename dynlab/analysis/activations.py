@@ -613,7 +613,8 @@ def computed_activations(run: Run, ckpt: Checkpoint, data: str, n_seq: int, posi
 def analyze_activations(runs: Sequence[Run], path: Path, metrics: Sequence[str],
                         targets: str | Sequence[str] | None = None, *,
                         progress: bool = False, data: str | None = None,
-                        positions: str = "sample:16", n_seq: int = 16) -> int:
+                        positions: str = "sample:16", n_seq: int = 16,
+                        steps: Mapping[str, Sequence[int]] | None = None) -> int:
     """Activation metrics of every checkpoint with activations into the store at `path` (made
     by dynlab analyze for these runs), against each target. Resumable: (run, step) cells and
     (run, target, step) comparisons already flagged are skipped. Returns the checkpoints
@@ -622,7 +623,8 @@ def analyze_activations(runs: Sequence[Run], path: Path, metrics: Sequence[str],
     data: compute every checkpoint's activations now, on a fixed batch of n_seq sequences of
     this data (`data_batch`) at `positions` (seeded with 0), instead of reading saved ones —
     for runs saved without activations. The store records the source (`activations_source`
-    attribute) and refuses another one later."""
+    attribute) and refuses another one later. steps: run -> the steps to analyse (default
+    every checkpoint); targets are found among all of a run's checkpoints."""
     import warnings
 
     from dynlab.analysis import store as S
@@ -671,7 +673,8 @@ def analyze_activations(runs: Sequence[Run], path: Path, metrics: Sequence[str],
     for run in runs:
         i = run_index[run.name]
         for ckpt in run.checkpoints:
-            if not available(ckpt):
+            if not available(ckpt) or (steps is not None and
+                                       ckpt.step not in set(steps.get(run.name, ()))):
                 continue
             j = step_index[ckpt.step]
             todo = [t for t in names if not cmp_done[i, target_index[t], j]]

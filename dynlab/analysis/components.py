@@ -343,21 +343,32 @@ QK = Circuit("attention.q_proj", "attention.k_proj", qk_head_factors, qk_whole_f
 Terms = Sequence[tuple[Tensors, Tensors, float]]
 
 
-def circuit_components(circuit: Circuit, spec: ModelSpec, terms: Terms) -> dict[Site, Component]:
+#: which components to build: a predicate on sites (dynlab.analysis.selection.Cells.wants);
+#: None builds every one
+Select = Callable[[Site], bool] | None
+
+
+def _every(site: Site) -> bool:
+    return True
+
+
+def circuit_components(circuit: Circuit, spec: ModelSpec, terms: Terms,
+                       select: Select = None) -> dict[Site, Component]:
     """The circuit's components (layer and heads) of the sum of products Σ_j sign_j·L_j·R_j,
     L_j built from `circuit.first` of terms[j][0] and R_j from `circuit.second` of
     terms[j][1]: the concatenated product [sign_1·L_1, …]·[R_1; …] (rank ≤ Σ_j inner dims).
     One term: the weights' circuit L·R, S from the factors (`LowRank`); several: S =
     `sum_of_products_norm` of the terms. Layers missing a projection in any term are
-    skipped.
+    skipped, and so are layers whose circuit `select` leaves out.
 
     weights: [(w, w, 1)]; gradient by the product rule d(L·R) = L·dR + dL·R:
     [(w, g, 1), (g, w, 1)]; update L_t·R_t − L_prev·R_prev: [(w, w, 1), (w_prev, w_prev, −1)].
     """
     out: dict[Site, Component] = {}
     pair = (circuit.first, circuit.second)
-    layers = [layer for layer in range(spec.n_layers)
-              if all(has(t, layer, *pair) for lt, rt, _ in terms for t in (lt, rt))]
+    want = select or _every
+    layers = [layer for layer in range(spec.n_layers) if want(circuit.layer_site(layer))
+              and all(has(t, layer, *pair) for lt, rt, _ in terms for t in (lt, rt))]
     if not layers:
         return out
     # per term, every layer's factors stacked: (layers, …) whole-layer and (layers, H, …) heads
@@ -429,38 +440,43 @@ def spectral_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, norms, torch.full((), math.nan, dtype=norms.dtype)).cpu()
 
 
-def weight_components(w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
+def weight_components(w: Tensors, spec: ModelSpec, select: Select = None
+                      ) -> dict[Site, Component]:
     """Each layer's projections, its whole-layer OV circuit (rank ≤ n_kv·hd), each head's
-    OV_h (rank ≤ hd), the embeddings, and the QK circuits (layer and heads)."""
+    OV_h (rank ≤ hd), the embeddings, and the QK circuits (layer and heads); only the sites
+    `select` keeps."""
     out: dict[Site, Component] = {}
-    ov = circuit_components(OV, spec, [(w, w, 1.0)])
+    want = select or _every
+    ov = circuit_components(OV, spec, [(w, w, 1.0)], want)
     for layer in range(spec.n_layers):
         for j, name in enumerate(LAYER_MATRICES):
-            if has(w, layer, name):
+            if has(w, layer, name) and want(Site("layer", (layer, j))):
                 out[Site("layer", (layer, j))] = dense(weight(w, layer, name))
         out.update(_layer_items(ov, layer))
     for e, name in enumerate(EMBEDDINGS):
-        if f"{name}.weight" in w:
+        if f"{name}.weight" in w and want(Site("emb", (e,))):
             out[Site("emb", (e,))] = drop_zero_rows(w[f"{name}.weight"])
-    out.update(circuit_components(QK, spec, [(w, w, 1.0)]))
+    out.update(circuit_components(QK, spec, [(w, w, 1.0)], want))
     return out
 
 
-def grad_components(g: Tensors, w: Tensors, spec: ModelSpec) -> dict[Site, Component]:
+def grad_components(g: Tensors, w: Tensors, spec: ModelSpec, select: Select = None
+                    ) -> dict[Site, Component]:
     """Gradients of every matrix; OV by the product rule d(O·V) = O·dV + dO·V: per head the
     rank-≤2hd product [O_h, dO_h]·[dV_g; V_g], for the layer [O_sum, dO_sum]·[dV; V]."""
     out: dict[Site, Component] = {}
+    want = select or _every
     product_rule = [(w, g, 1.0), (g, w, 1.0)]
-    ov = circuit_components(OV, spec, product_rule)
+    ov = circuit_components(OV, spec, product_rule, want)
     for layer in range(spec.n_layers):
         for j, name in enumerate(LAYER_MATRICES):
-            if has(g, layer, name):
+            if has(g, layer, name) and want(Site("layer", (layer, j))):
                 out[Site("layer", (layer, j))] = dense(weight(g, layer, name))
         out.update(_layer_items(ov, layer))
     for e, name in enumerate(EMBEDDINGS):
-        if f"{name}.weight" in g:
+        if f"{name}.weight" in g and want(Site("emb", (e,))):
             out[Site("emb", (e,))] = drop_zero_rows(g[f"{name}.weight"])
-    out.update(circuit_components(QK, spec, product_rule))
+    out.update(circuit_components(QK, spec, product_rule, want))
     return out
 
 
@@ -516,7 +532,8 @@ def relora_update(
 
 
 def update_components(
-    w: Tensors, w_prev: Tensors, spec: ModelSpec, scale: float | None = None
+    w: Tensors, w_prev: Tensors, spec: ModelSpec, scale: float | None = None,
+    select: Select = None,
 ) -> dict[Site, Component]:
     """Updates W_t − W_prev; OV_t − OV_prev as [O^t, −O^prev]·[V^t; V^prev] (per head and for
     the layer). With `scale` (a relora run's s = alpha/r), a wrapped matrix whose base W is
@@ -525,11 +542,13 @@ def update_components(
     tensors, whose zero tolerance counts the rounding of both (S = √(‖W_t‖_F² + ‖W_prev‖_F²)).
     """
     out: dict[Site, Component] = {}
+    want = select or _every
     difference_terms = [(w, w, 1.0), (w_prev, w_prev, -1.0)]
-    ov = circuit_components(OV, spec, difference_terms)
+    ov = circuit_components(OV, spec, difference_terms, want)
     for layer in range(spec.n_layers):
         for j, name in enumerate(LAYER_MATRICES):
-            if not (has(w, layer, name) and has(w_prev, layer, name)):
+            if not (has(w, layer, name) and has(w_prev, layer, name)
+                    and want(Site("layer", (layer, j)))):
                 continue
             comp = relora_update(w, w_prev, layer, name, scale) if scale is not None else None
             if comp is None:
@@ -538,10 +557,10 @@ def update_components(
         out.update(_layer_items(ov, layer))
     for e, name in enumerate(EMBEDDINGS):
         key = f"{name}.weight"
-        if key not in w or key not in w_prev:
+        if key not in w or key not in w_prev or not want(Site("emb", (e,))):
             continue
         out[Site("emb", (e,))] = difference(w[key], w_prev[key])
-    out.update(circuit_components(QK, spec, difference_terms))
+    out.update(circuit_components(QK, spec, difference_terms, want))
     return out
 
 
@@ -550,13 +569,15 @@ def _layer_items(comps: Mapping[Site, Component], layer: int) -> dict[Site, Comp
     return {site: c for site, c in comps.items() if site.index[0] == layer}
 
 
-def lora_components(w: Tensors, spec: ModelSpec, scale: float) -> dict[Site, Component]:
+def lora_components(w: Tensors, spec: ModelSpec, scale: float, select: Select = None
+                    ) -> dict[Site, Component]:
     """s·B·A of every wrapped module (relora runs), as the product (s·B)·A (rank ≤ r)."""
     out: dict[Site, Component] = {}
+    want = select or _every
     for layer in range(spec.n_layers):
         for j, name in enumerate(LAYER_MATRICES):
             a_key, b_key = lora_keys(layer, name)
-            if a_key in w and b_key in w:
+            if a_key in w and b_key in w and want(Site("layer", (layer, j))):
                 stored = coarsest(w[a_key].dtype, w[b_key].dtype)
                 out[Site("layer", (layer, j))] = LowRank(scale * w[b_key].double(), w[a_key],
                                                          stored)

@@ -552,10 +552,12 @@ def prepare_dynamics(runs: Sequence[Run], opt: DynamicsOptions) -> dict[str, tor
 def analyze_dynamics(runs: Sequence[Run], path: Path, opt: DynamicsOptions, *,
                      device: str = "cpu", progress: bool = False,
                      need: Callable[[str], None] | None = None,
-                     batches: Mapping[str, torch.Tensor] | None = None) -> int:
-    """The function-space dynamics of every checkpoint of `runs` into the store at `path`
-    (made by dynlab analyze for these runs, whose lock the caller holds). Resumable: (run,
-    step, item) cells already flagged are skipped. `need(what)` is called before the first
+                     batches: Mapping[str, torch.Tensor] | None = None,
+                     steps: Mapping[str, Sequence[int]] | None = None) -> int:
+    """The function-space dynamics of every checkpoint of `runs` (only the selected `steps`
+    where given: run -> steps) into the store at `path` (made by dynlab analyze for these runs,
+    whose lock the caller holds). Resumable: (run, step, item) cells already flagged are
+    skipped; a barrier is always taken against the previous checkpoint on disk. `need(what)` is called before the first
     write (it raises where the store is read-only). Returns the checkpoints written."""
     from dynlab.analysis import store as S
     from dynlab.analysis.progress import Progress
@@ -600,7 +602,10 @@ def analyze_dynamics(runs: Sequence[Run], path: Path, opt: DynamicsOptions, *,
     todo = []
     for run in runs:
         i = run_index[run.name]
+        chosen = None if steps is None else set(steps.get(run.name, ()))
         for n, ckpt in enumerate(run.checkpoints):
+            if chosen is not None and ckpt.step not in chosen:
+                continue
             j = step_index[ckpt.step]
             # a barrier taken against another previous checkpoint (one that completed later
             # was sorted in between) is stale: computed again

@@ -54,6 +54,7 @@ def _one_pass(paths, out, until, fmt, on_pass, analyze_kwargs) -> Path | None:
     """Analyse what is complete when it is worth it; the store's path once every run is done,
     else None."""
     from dynlab.analysis.run import analyze
+    from dynlab.analysis.selection import SelectionError
 
     runs = open_ready(paths, fmt)
     if runs is None:
@@ -63,7 +64,12 @@ def _one_pass(paths, out, until, fmt, on_pass, analyze_kwargs) -> Path | None:
                 for r, t in zip(runs, targets, strict=True))
     if not ready:
         return None
-    store = analyze(paths, out, fmt=fmt, **analyze_kwargs)
+    try:
+        store = analyze(paths, out, fmt=fmt, **analyze_kwargs)
+    except SelectionError:  # --steps naming checkpoints not written yet: wait for them
+        if all(finished(r, t) for r, t in zip(runs, targets, strict=True)):
+            raise
+        return None
     if on_pass is not None:
         on_pass(store)
     if all(finished(r, t) for r, t in zip(runs, targets, strict=True)):

@@ -6,7 +6,7 @@ the runs found on disk (and of the store's `analyzed` / `prev_step` flags for a 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import torch
 
 from dynlab.analysis import components as C
 from dynlab.analysis.conventions import head_sv_size
+from dynlab.analysis.selection import Cells, stored_cells
 from dynlab.analysis.store import Layout
 from dynlab.runs.checkpoints import Checkpoint, Run
 from dynlab.sources import run_grad_kinds
@@ -59,6 +60,11 @@ class Task:
     run_index: int
     step_index: int
     recompute: bool = False
+    #: the cells to compute (dynlab.analysis.selection; None: every cell), the cells the store
+    #: holds already and keeps (None: none), and whether the checkpoint is then complete
+    cells: Cells | None = None
+    keep: Cells | None = None
+    completes: bool = True
 
     @property
     def region(self) -> dict[str, int]:
@@ -106,10 +112,14 @@ def parse_kinds(spec: str | Sequence[str] | None, runs: Sequence[Run]) -> tuple[
 
 
 def plan_layout(runs: Sequence[Run], metrics: Sequence[str], kinds: Sequence[str],
-                convention: str = "dynlab") -> Layout:
-    """The store layout that holds every checkpoint of `runs`."""
+                convention: str = "dynlab",
+                steps: Mapping[str, Sequence[int]] | None = None) -> Layout:
+    """The store layout that holds every checkpoint of `runs` (of `steps`: run -> its
+    selected steps, when given)."""
     specs = [r.spec for r in runs]
-    steps = sorted({c.step for r in runs for c in r.checkpoints})
+    if steps is None:
+        steps = {r.name: [c.step for c in r.checkpoints] for r in runs}
+    steps = sorted({s for r in runs for s in steps.get(r.name, ())})
     return Layout(
         runs=[r.name for r in runs],
         steps=steps,
@@ -127,24 +137,53 @@ def plan_layout(runs: Sequence[Run], metrics: Sequence[str], kinds: Sequence[str
 
 def plan_tasks(
     runs: Sequence[Run], layout: Layout, analyzed: np.ndarray,
-    prev_steps: np.ndarray | None = None,
+    prev_steps: np.ndarray | None = None, *,
+    steps: Mapping[str, Sequence[int]] | None = None,
+    select: Cells | None = None,
+    flags: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> list[Task]:
-    """Every checkpoint the store lacks, and (when the store has the updates kind) every
-    analysed one whose recorded predecessor (`prev_step`) is older than its predecessor on
-    disk. A recorded predecessor newer than the one on disk (a checkpoint deleted since)
-    keeps its result."""
+    """Every selected checkpoint whose selected cells the store lacks, and (when the store has
+    the updates kind) every analysed one whose recorded predecessor (`prev_step`) is older
+    than its predecessor on disk. A recorded predecessor newer than the one on disk (a
+    checkpoint deleted since) keeps its result.
+
+    steps: run -> the selected steps (default: every checkpoint); select: the selected cells
+    (`selection.Cells` over the store's layers; default every cell); flags: the store's
+    (done, qk_done, emb_done) arrays, dims (run, step, ...). A checkpoint partly in the
+    store gets a task for the missing cells only, keeping the others (`Task.keep`); a
+    recomputed one recomputes every cell it holds and every selected one. The predecessor
+    of a checkpoint is always the previous complete checkpoint on disk, selected or not, so
+    a selected store holds the same `updates` as a full analysis."""
     r_index = {r: i for i, r in enumerate(layout.runs)}
     s_index = {s: j for j, s in enumerate(layout.steps)}
     check_prev = prev_steps is not None and "updates" in layout.kinds
+    n = layout.n_layers
     tasks = []
     for run in runs:
         prev = None
+        chosen = None if steps is None else set(steps.get(run.name, ()))
+        every = Cells.every(run.spec.n_layers, n)
+        want = every if select is None else select & every
         for ckpt in run.checkpoints:
+            if chosen is not None and ckpt.step not in chosen:
+                prev = ckpt
+                continue
             i, j = r_index[run.name], s_index[ckpt.step]
+            held = Cells.none(n) if flags is None else Cells.from_flags(
+                *(f[i, j] for f in flags))
+            have = stored_cells(int(analyzed[i, j]), held, n)
             if not analyzed[i, j]:
-                tasks.append(Task(run, ckpt, prev, i, j))
+                if want.any():
+                    tasks.append(Task(run, ckpt, prev, i, j, cells=want,
+                                      completes=want.covers(every)))
             elif check_prev and prev is not None and prev_steps[i, j] < prev.step:
-                tasks.append(Task(run, ckpt, prev, i, j, recompute=True))
+                cells = have | want
+                tasks.append(Task(run, ckpt, prev, i, j, recompute=True, cells=cells,
+                                  completes=cells.covers(every)))
+            elif (want - have).any():
+                missing = want - have
+                tasks.append(Task(run, ckpt, prev, i, j, cells=missing, keep=have,
+                                  completes=(have | missing).covers(every)))
             prev = ckpt
     return tasks
 

@@ -21,6 +21,13 @@ from dynlab.analysis.plan import (
     plan_layout,
     plan_tasks,
 )
+from dynlab.analysis.selection import (
+    CELL_VARIABLES,
+    Cells,
+    select_layers,
+    select_matrices,
+    select_steps,
+)
 from dynlab.analysis.serial import run_tasks_serial
 from dynlab.analysis.store import (
     Layout,
@@ -60,6 +67,9 @@ def analyze(
     wait: bool | float = False,
     dynamics: str | Sequence[str] | None = None,
     dynamics_options: Mapping | None = None,
+    steps: str | Sequence[int] | int | None = None,
+    layers: str | Sequence[int] | int | None = None,
+    matrices: str | Sequence[str] | None = None,
 ) -> Path:
     """Analyse every complete checkpoint of `runs` into the Zarr store `out` and return its path.
 
@@ -87,6 +97,11 @@ def analyze(
     DynamicsOptions: data, n_seq, seq_len, k, probes, alphas, seed, ...; and between:
     "RUN@STEP,RUN@STEP", the loss line between two runs' checkpoints). The update-to-weight
     ratio is written in every analysis whose store has frobenius_norm of weights and updates.
+    steps, layers, matrices: analyse only these (dynlab.analysis.selection: `"0:1000:100,last"`,
+    `"0,5:11"`, `"attention.v_proj,attention.o_proj,ov_circuit"`, names or globs; default
+    everything). The store records which cells it holds; a rerun with a wider selection
+    computes only what is missing, and the values equal those of a full analysis (updates
+    are always taken against the previous checkpoint on disk).
     """
     from dynlab.analysis.activations import check_targets, parse_targets
 
@@ -115,8 +130,12 @@ def analyze(
         dyn_batches = prepare_dynamics(found, dyn_options)  # refused before any write
     options = Options(metric_names, kind_names, str(resolve_device(device)), precision)
     path = Path(out) if out is not None else default_store_path(found)
-    wanted = plan_layout(found, metric_names, kind_names, convention)
-    metas = {(r.name, c.step): c.meta() for r in found for c in r.checkpoints}
+    chosen = select_steps(steps, {r.name: [c.step for c in r.checkpoints] for r in found})
+    n_layers = max(r.spec.n_layers for r in found)
+    chosen_layers, chosen_matrices = select_layers(layers, n_layers), select_matrices(matrices)
+    wanted = plan_layout(found, metric_names, kind_names, convention, chosen)
+    metas = {(r.name, c.step): c.meta() for r in found for c in r.checkpoints
+             if c.step in set(chosen[r.name])}
     wanted.labels = meta_labels(metas)
     with StoreAccess(path, wait=wait) as access:
         if access.took_over:
@@ -126,12 +145,15 @@ def analyze(
         layout = ensure_store(path, wanted, metrics_given=metrics is not None,
                               kinds_given=kinds is not None, access=access,
                               validate=lambda names: validate_first(
-                                  [r for r in found if r.name in names], kind_names))
+                                  [r for r in found if r.name in names], kind_names, chosen))
         options = Options(tuple(layout.metrics), tuple(layout.kinds), options.device, precision,
                           convention)
         write_meta_regions(path, layout, metas, access)
         writer = RegionWriter(path)
-        tasks = plan_tasks(found, layout, writer.analyzed(), writer.prev_steps())
+        flags = tuple(writer.read(name) for name in CELL_VARIABLES)
+        tasks = plan_tasks(found, layout, writer.analyzed(), writer.prev_steps(),
+                           steps=chosen, flags=flags,
+                           select=Cells.of(chosen_layers, chosen_matrices, layout.n_layers))
         if tasks:
             access.need(f"write {len(tasks)} checkpoints")
         if scheduler:
@@ -144,9 +166,11 @@ def analyze(
         if activations is not False:
             analyze_activation_hook(found, path, layout, targets, required=bool(activations),
                                     data=activations_data, positions=activation_positions,
-                                    n_seq=activations_batch)
+                                    n_seq=activations_batch,
+                                    steps=None if steps is None else chosen)
         analyze_dynamics_hook(found, path, access, dyn_options, device=options.device,
-                              progress=progress, batches=dyn_batches)
+                              progress=progress, batches=dyn_batches,
+                              steps=None if steps is None else chosen)
     return path
 
 
@@ -171,8 +195,8 @@ def dynamics_settings(dynamics: str | Sequence[str] | None, options: Mapping | N
 
 
 def analyze_dynamics_hook(runs: Sequence[Run], path: Path, access: StoreAccess, opt,
-                          *, device: str, progress: bool, batches: Mapping | None = None
-                          ) -> None:
+                          *, device: str, progress: bool, batches: Mapping | None = None,
+                          steps: Mapping[str, Sequence[int]] | None = None) -> None:
     """After the other analyses: the update-to-weight ratio from the store (when it can be
     written) and the requested function-space dynamics (dynlab.analysis.dynamics)."""
     from dynlab.analysis.dynamics import analyze_dynamics, write_update_ratio
@@ -181,7 +205,7 @@ def analyze_dynamics_hook(runs: Sequence[Run], path: Path, access: StoreAccess, 
         write_update_ratio(path, [r.name for r in runs])
     if opt.items:
         analyze_dynamics(runs, path, opt, device=device, progress=progress, need=access.need,
-                         batches=batches)
+                         batches=batches, steps=steps)
     if opt.extra.get("between"):
         from dynlab.analysis.dynamics import analyze_between
 
@@ -205,21 +229,27 @@ def releasing(on_checkpoint: Callable[[Task], None] | None) -> Callable[[Task], 
 
 def analyze_activation_hook(runs: Sequence[Run], path: Path, layout: Layout,
                             targets: Sequence[str], *, required: bool, data: str | None = None,
-                            positions: str = "sample:16", n_seq: int = 16) -> None:
-    """The activation analysis (dynlab.analysis.activations) after the parameter analysis."""
+                            positions: str = "sample:16", n_seq: int = 16,
+                            steps: Mapping[str, Sequence[int]] | None = None) -> None:
+    """The activation analysis (dynlab.analysis.activations) after the parameter analysis
+    (of the selected `steps` only, when given: run -> steps)."""
     from dynlab.analysis.activations import activation_steps, analyze_activations
     from dynlab.errors import InputError
 
     if data is not None or activation_steps(runs):
         analyze_activations(runs, path, layout.metrics, targets, data=data,
-                            positions=positions, n_seq=n_seq)
+                            positions=positions, n_seq=n_seq, steps=steps)
     elif required:
         raise InputError("--activations: no checkpoint of these runs has "
                          "activations.safetensors (train with --save-activations)")
 
 
-def validate_first(runs: Sequence[Run], kinds: Sequence[str]) -> None:
-    """Read the first checkpoint of each run (shapes against run.json), so that a store is
-    created, or a run added to it, only for runs that can be analysed."""
+def validate_first(runs: Sequence[Run], kinds: Sequence[str],
+                   steps: Mapping[str, Sequence[int]] | None = None) -> None:
+    """Read the first (selected) checkpoint of each run (shapes against run.json), so that a
+    store is created, or a run added to it, only for runs that can be analysed."""
     for run in runs:
-        load_source_checkpoint(run, run.checkpoints[0], grads="grads" in kinds, kinds=kinds)
+        chosen = set(steps.get(run.name, ())) if steps is not None else None
+        first = next((c for c in run.checkpoints if chosen is None or c.step in chosen),
+                     run.checkpoints[0])
+        load_source_checkpoint(run, first, grads="grads" in kinds, kinds=kinds)

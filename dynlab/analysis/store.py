@@ -8,7 +8,9 @@ Layout (see README "Store schema"):
     qk_head_<metric> (run, kind, step, layer, head)         per-head QK circuit
     sigma / head_sigma / emb_sigma / qk_sigma / qk_head_sigma   the same with a last dim
                     sv / head_sv / emb_sv / sv / head_sv
-    analyzed        (run, step) int8, 1 once a checkpoint is fully written
+    analyzed        (run, step) int8, 1 once a checkpoint is fully written, 2 once the
+                    selection flagged in done (run, step, layer, matrix), qk_done (run, step,
+                    layer) and emb_done (run, step, embedding) is (dynlab.analysis.selection)
     prev_step       (run, step) int64, the step its `updates` were taken against (-1: none)
     train_loss, lr, tokens, wall_seconds, gpu_hours, relora_cycle, ppl_macro, blimp_overall
                     (run, step)
@@ -61,6 +63,7 @@ from pathlib import Path
 import numpy as np
 
 from dynlab.analysis.components import EMBEDDINGS, MATRICES, TABLES
+from dynlab.analysis.selection import CELL_VARIABLES
 from dynlab.analysis.storelock import StoreAccess
 from dynlab.atomic import write_text_atomically
 from dynlab.errors import InputError
@@ -231,7 +234,11 @@ def template(metrics: Sequence[str], labels: Mapping[str, Sequence[str]]) -> dic
     out = {name: ArraySpec(dims, attrs=_variable_attrs(name))
            for name, dims in spectral_variables(metrics).items()}
     out["analyzed"] = ArraySpec(("run", "step"), "int8", 0,
-                                {"long_name": "1 once every kind of this checkpoint is written"})
+                                {"long_name": "1 once every kind of this checkpoint is written; "
+                                              "2 once a selection of its matrices is (those "
+                                              "flagged in done, qk_done, emb_done)"})
+    for name, (dims, long_name) in CELL_VARIABLES.items():
+        out[name] = ArraySpec(("run", "step", *dims), "int8", 0, {"long_name": long_name})
     out["prev_step"] = ArraySpec(
         ("run", "step"), "int64", -1,
         {"long_name": "step of the checkpoint this checkpoint's updates are taken from "

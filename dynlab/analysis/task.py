@@ -24,6 +24,7 @@ from dynlab.analysis import spectra
 from dynlab.analysis.conventions import apply as apply_convention
 from dynlab.analysis.plan import Options, Task
 from dynlab.analysis.recompute import spectrum_metric
+from dynlab.analysis.selection import Cells
 from dynlab.analysis.store import Layout, RegionWriter, spectral_variables
 from dynlab.faults import fault_point
 from dynlab.runs.checkpoints import LoadedCheckpoint, Run
@@ -84,24 +85,27 @@ def kind_components(
     run: Run,
     ckpt: LoadedCheckpoint,
     prev_weights: Tensors | None,
+    select: C.Select = None,
 ) -> dict[C.Site, C.Component]:
-    """The components of one kind, or {} where that kind does not exist for this checkpoint.
-    Each carries its storage precision (`stored`, which sets its zero tolerance)."""
+    """The components of one kind, or {} where that kind does not exist for this checkpoint
+    (only the sites `select` keeps, when given). Each carries its storage precision
+    (`stored`, which sets its zero tolerance)."""
     spec = run.spec
     if kind == "weights":
-        return C.weight_components(ckpt.weights, spec)
+        return C.weight_components(ckpt.weights, spec, select)
     if kind == "grads":
-        return C.grad_components(ckpt.grads, ckpt.weights, spec) if ckpt.grads else {}
+        return C.grad_components(ckpt.grads, ckpt.weights, spec, select) if ckpt.grads else {}
     if kind == "train_grads":
         g = ckpt.train_grads
-        return C.grad_components(g, ckpt.weights, spec) if g else {}
+        return C.grad_components(g, ckpt.weights, spec, select) if g else {}
     if kind == "updates":  # relora: within-cycle updates from the factors (rank ≤ 2r)
         if not prev_weights:
             return {}
-        return C.update_components(ckpt.weights, prev_weights, spec, run.lora_scale)
+        return C.update_components(ckpt.weights, prev_weights, spec, run.lora_scale, select)
     if kind == "lora":
         scale = run.lora_scale
-        return C.lora_components(ckpt.weights, spec, scale) if scale is not None else {}
+        return (C.lora_components(ckpt.weights, spec, scale, select) if scale is not None
+                else {})
     raise ValueError(f"unknown kind {kind!r}")
 
 
@@ -127,9 +131,11 @@ def checkpoint_region(
     prev_weights: Tensors | None,
     layout: Layout,
     options: Options,
+    selected: Cells | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """All spectral variables of one checkpoint (without run/step dims), and the names of the
-    matrices that held NaN/Inf.
+    matrices that held NaN/Inf. Only the components of `selected` (dynlab.analysis.selection;
+    None: every one) are computed; the others are NaN.
 
     Every matrix's numerical-zero tolerance (`metrics_mod.zero_tolerance`) is the larger of the
     rounding noise of its storage precision, c·eps·S·(1/√m + 1/√n) with the component's `eps`
@@ -160,10 +166,13 @@ def checkpoint_region(
     # weights) are resident at once
     release_pages(prev_weights)
     for k_index, kind in enumerate(layout.kinds):
-        comps = kind_components(kind, run, ckpt, prev_weights)
+        select = None if selected is None else selected.wants
+        comps = kind_components(kind, run, ckpt, prev_weights, select)
         comps = apply_convention(options.convention, kind, comps, run.spec, ckpt.weights,
                                  ckpt.train_grads if kind == "train_grads" else ckpt.grads,
                                  prev_weights)
+        if selected is not None:  # the pico convention adds OV entries of its own
+            comps = {site: c for site, c in comps.items() if selected.wants(site)}
         if not comps:
             continue
         sigmas = component_spectra(comps, device=options.device, dtype=options.dtype)
@@ -311,14 +320,45 @@ def load_task(
 
 
 def write_task(writer: RegionWriter, task: Task, values: Mapping[str, np.ndarray]) -> None:
-    """Write one checkpoint's region, its predecessor and, last, its `analyzed` flag (a
-    recomputed checkpoint is unflagged first, so a kill in between recomputes it again)."""
+    """Write one checkpoint's region, its predecessor, its cells' flags (`done`, `qk_done`,
+    `emb_done`) and, last, its `analyzed` flag: 1 when every cell is then in the store, 2 when
+    a selection is (a recomputed checkpoint is unflagged first, so a kill in between
+    recomputes it again). A task that fills in cells (`task.keep`) merges its values into
+    the stored region: the cells it keeps are written back unchanged."""
     if task.recompute:
         writer.write(task.region, {"analyzed": np.int8(0)})
+    if task.keep is not None and task.keep.any() and task.cells is not None:
+        values = merged(writer, task.region, values, task.cells)
     prev_step = task.previous.step if task.previous else -1
     writer.write(task.region, {**values, "prev_step": np.int64(prev_step)})
     fault_point("analyze.write")
-    writer.write(task.region, {"analyzed": np.int8(1)})
+    if task.cells is not None:
+        held = task.cells if task.keep is None else task.cells | task.keep
+        writer.write(task.region, held.flags())
+    writer.write(task.region, {"analyzed": np.int8(1 if task.completes else 2)})
+
+
+def merged(writer: RegionWriter, region: Mapping[str, int], values: Mapping[str, np.ndarray],
+           cells: Cells) -> dict[str, np.ndarray]:
+    """`values` where `cells` were computed, the store's region elsewhere. Every spectral
+    variable's dims after (run, step) are (kind, <table dims>[, sv]) (store.spectral_variables),
+    so a table's cell mask broadcasts over kind and the singular values."""
+    out = {}
+    for name, new in values.items():
+        mask = cells.mask(owner_table(name))
+        m = mask[None, ...] if new.ndim == 1 + mask.ndim else mask[None, ..., None]
+        out[name] = np.where(m, new, writer.read(name, region))
+    return out
+
+
+def owner_table(name: str) -> str:
+    """The result table (components.TABLES) a spectral variable belongs to: by its sigma
+    name, else by the longest prefix it starts with (qk_head_ before qk_ before '')."""
+    for table, (sigma, _, _, _) in C.TABLES.items():
+        if name == sigma:
+            return table
+    return max(C.TABLES, key=lambda t: len(C.TABLES[t][1]) if name.startswith(C.TABLES[t][1])
+               else -1)
 
 
 def run_task(
@@ -331,6 +371,7 @@ def run_task(
 ) -> list[str]:
     """Compute and write one checkpoint; returns the matrices that held NaN/Inf."""
     with spectra.pooled_threads():
-        values, bad = checkpoint_region(task.run, loaded, prev_weights, layout, options)
+        values, bad = checkpoint_region(task.run, loaded, prev_weights, layout, options,
+                                        task.cells)
     write_task(writer, task, values)
     return bad

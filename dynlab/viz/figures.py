@@ -155,7 +155,9 @@ def missing(ds: xr.Dataset, name: str, kind: str, matrix: str) -> str | None:
     for dim, val in (("kind", kind), ("matrix", matrix)):
         if dim not in ds[name].dims or val not in [str(v) for v in ds[dim].values]:
             return f"{dim} '{val}' not in store"
-    return None
+    from dynlab.analysis.selection import not_analysed
+
+    return not_analysed(ds, matrix)
 
 
 def select_metric(ds: xr.Dataset, metric: str, kind: str, matrix: str) -> xr.DataArray | str:
