@@ -557,8 +557,8 @@ def analyze_dynamics(runs: Sequence[Run], path: Path, opt: DynamicsOptions, *,
     """The function-space dynamics of every checkpoint of `runs` (only the selected `steps`
     where given: run -> steps) into the store at `path` (made by dynlab analyze for these runs,
     whose lock the caller holds). Resumable: (run, step, item) cells already flagged are
-    skipped; a barrier is always taken against the previous checkpoint on disk. `need(what)` is called before the first
-    write (it raises where the store is read-only). Returns the checkpoints written."""
+    skipped; a barrier is always taken against the previous checkpoint on disk. `need(what)`
+    is called before the first write (it raises where the store is read-only). Returns the checkpoints written."""
     from dynlab.analysis import store as S
     from dynlab.analysis.progress import Progress
 
