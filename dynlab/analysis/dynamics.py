@@ -558,7 +558,8 @@ def analyze_dynamics(runs: Sequence[Run], path: Path, opt: DynamicsOptions, *,
     where given: run -> steps) into the store at `path` (made by dynlab analyze for these runs,
     whose lock the caller holds). Resumable: (run, step, item) cells already flagged are
     skipped; a barrier is always taken against the previous checkpoint on disk. `need(what)`
-    is called before the first write (it raises where the store is read-only). Returns the checkpoints written."""
+    is called before the first write (it raises where the store is read-only). Returns the
+    checkpoints written."""
     from dynlab.analysis import store as S
     from dynlab.analysis.progress import Progress
 
