@@ -4,7 +4,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: install test test-fast lint demo bench clean docs study-mini
+.PHONY: install test test-all test-fast lint demo bench clean docs study-mini
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,7 +18,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# the suite CI runs: every test but the soak lane (the longest real-process proofs)
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not soak" tests
+
+# everything, the soak lane included (about twice as long)
+test-all: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 # the edit loop: every test not marked slow (no spawned processes, no training beyond a few

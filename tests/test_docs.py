@@ -73,6 +73,7 @@ def test_the_readme_links_to_files_that_exist():
     assert local and all((ROOT / link).exists() for link in local), local
 
 
+@pytest.mark.soak
 @pytest.mark.slow
 def test_runnable_blocks_run_as_written(tmp_path):
     ran = []

@@ -161,6 +161,7 @@ def test_refusals(runs, store, tmp_path):
     assert dynlab.open_store(store).load().dyn_analyzed.sum().item() == 32
 
 
+@pytest.mark.soak
 @pytest.mark.slow
 def test_killed_dynamics_resume_to_the_same_store(runs, store, tmp_path):
     root, dec, rel = runs

@@ -298,6 +298,7 @@ def test_store_holds_the_results_and_survives_analysis(hf, tmp_path):
         evaluate_sources([pico], loaded, EvalOptions(stride=3), store=store)
 
 
+@pytest.mark.soak
 @pytest.mark.slow  # real processes killed at the fault points
 @pytest.mark.parametrize("fault", ["eval.write:kill", "eval.checkpoint:kill@2",
                                    "store.meta:kill@3"])
@@ -318,6 +319,7 @@ def test_killed_evaluation_resumes_to_the_one_go_store(tmp_path, fault):
     xr.testing.assert_identical(xr.open_zarr(out).load(), xr.open_zarr(ref).load())
 
 
+@pytest.mark.soak
 @pytest.mark.slow  # real processes: an analysis holding the store while eval waits
 def test_evaluation_waits_for_a_concurrent_analysis_and_both_land(tmp_path):
     import time

@@ -21,7 +21,7 @@ from dynlab.errors import DynlabFailure, InputError
 from dynlab.experiment.runner import read_design, run_study
 from dynlab.experiment.studyfile import load_study
 
-pytestmark = pytest.mark.slow  # trains runs, spawns processes
+pytestmark = [pytest.mark.slow, pytest.mark.soak]  # trains runs, spawns processes
 TIMING = ("wall_seconds", "gpu_hours")  # wall-clock measures differ between any two runs
 
 

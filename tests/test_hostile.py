@@ -190,6 +190,7 @@ def store_with_runs(path: Path, names: list[str]) -> Path:
     return vf.write_dataset(ds, path)
 
 
+@pytest.mark.soak
 @pytest.mark.slow
 @needs_tmpfs
 def test_full_disk_keeps_the_previous_report_and_figure_byte_for_byte(tmp_path):
@@ -223,6 +224,7 @@ def test_full_disk_keeps_the_previous_report_and_figure_byte_for_byte(tmp_path):
                                                              "report.html"]
 
 
+@pytest.mark.soak
 @pytest.mark.slow
 @needs_tmpfs
 def test_full_disk_during_train_says_where_and_how_much_and_resumes_exactly(

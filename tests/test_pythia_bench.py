@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "pythia_bench.py"
 
 
+@pytest.mark.soak
 @pytest.mark.slow
 def test_quick_size(tmp_path):
     out = tmp_path / "figures.json"

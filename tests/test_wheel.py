@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCH = "torch==2.13.0"  # the Makefile's pin
 SOURCES = ("dynlab", "cli", "pyproject.toml", "README.md", "CHANGELOG.md")
 
-pytestmark = pytest.mark.slow  # builds, makes a virtual environment, installs, trains
+pytestmark = [pytest.mark.slow, pytest.mark.soak]  # builds, makes a venv, installs, trains
 
 CHECK_REQUIREMENTS = """
 from importlib.metadata import distribution, version, PackageNotFoundError
