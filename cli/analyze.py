@@ -15,12 +15,18 @@ from dynlab_cli.options import (
     Progress,
     SourceFormat,
     choices,
+    follow_option,
+    hub_cache_option,
+    keep_downloads_option,
     kinds_option,
     layers_option,
     matrices_option,
     metrics_option,
+    poll_option,
     resolve,
+    revisions_option,
     steps_option,
+    until_option,
     value,
 )
 
@@ -87,24 +93,12 @@ def analyze(
         "--format", show_default=False, metavar=choices(SourceFormat),
         help="Force the source format (default: detected per path; checked by "
         "dynlab.sources).")] = None,
-    revisions: Annotated[str | None, typer.Option(
-        "--revisions", show_default=False,
-        help="hf:// only: revisions, a comma list and/or ranges stepA:stepB:K (default: every "
-        "step<N> branch).")] = None,
-    keep_downloads: Annotated[bool, typer.Option(
-        "--keep-downloads", help="hf:// only: keep each downloaded revision in the Hugging "
-        "Face cache (default: delete it once analysed; at most two on disk).")] = False,
-    hub_cache: Annotated[Path | None, typer.Option(
-        "--hub-cache", show_default=False,
-        help="hf:// only: the huggingface_hub cache directory (default HF_HUB_CACHE).")] = None,
-    follow: Annotated[bool, typer.Option(
-        "--follow", help="Analyse checkpoints as they complete, until the run's last step (or "
-        "--until) is analysed, or Ctrl-C.")] = False,
-    until: Annotated[int | None, typer.Option(
-        "--until", min=0, show_default=False,
-        help="--follow: stop once this step is analysed.")] = None,
-    poll: Annotated[float, typer.Option(
-        "--poll", min=0.05, help="--follow: seconds between looks.")] = 2.0,
+    revisions: Annotated[str | None, revisions_option()] = None,
+    keep_downloads: Annotated[bool, keep_downloads_option("analysed")] = False,
+    hub_cache: Annotated[Path | None, hub_cache_option()] = None,
+    follow: Annotated[bool, follow_option("Analyse", "analysed")] = False,
+    until: Annotated[int | None, until_option("analysed")] = None,
+    poll: Annotated[float, poll_option()] = 2.0,
     grads_data: Annotated[Path | None, typer.Option(
         "--grads-data", show_default=False,
         help="Recompute, per checkpoint, the gradient of the mean loss on a fixed batch from "

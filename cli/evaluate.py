@@ -13,7 +13,13 @@ from dynlab_cli.options import (
     Progress,
     SourceFormat,
     choices,
+    follow_option,
+    hub_cache_option,
+    keep_downloads_option,
     metrics_option,
+    poll_option,
+    revisions_option,
+    until_option,
 )
 
 
@@ -82,24 +88,12 @@ def evaluate(
     fmt: Annotated[str | None, typer.Option(
         "--format", show_default=False, metavar=choices(SourceFormat),
         help="Force the source format (default: detected per path).")] = None,
-    revisions: Annotated[str | None, typer.Option(
-        "--revisions", show_default=False,
-        help="hf:// only: revisions, a comma list and/or ranges stepA:stepB:K (default: every "
-        "step<N> branch).")] = None,
-    keep_downloads: Annotated[bool, typer.Option(
-        "--keep-downloads", help="hf:// only: keep each downloaded revision in the Hugging "
-        "Face cache (default: delete it once loaded; at most two on disk).")] = False,
-    hub_cache: Annotated[Path | None, typer.Option(
-        "--hub-cache", show_default=False,
-        help="hf:// only: the huggingface_hub cache directory (default HF_HUB_CACHE).")] = None,
-    follow: Annotated[bool, typer.Option(
-        "--follow", help="Evaluate checkpoints as they complete, until the run's last step (or "
-        "--until) is evaluated, or Ctrl-C.")] = False,
-    until: Annotated[int | None, typer.Option(
-        "--until", min=0, show_default=False,
-        help="--follow: stop once this step is evaluated.")] = None,
-    poll: Annotated[float, typer.Option(
-        "--poll", min=0.05, help="--follow: seconds between looks.")] = 2.0,
+    revisions: Annotated[str | None, revisions_option()] = None,
+    keep_downloads: Annotated[bool, keep_downloads_option("loaded")] = False,
+    hub_cache: Annotated[Path | None, hub_cache_option()] = None,
+    follow: Annotated[bool, follow_option("Evaluate", "evaluated")] = False,
+    until: Annotated[int | None, until_option("evaluated")] = None,
+    poll: Annotated[float, poll_option()] = 2.0,
     wait: Annotated[bool, typer.Option(
         "--wait", help="--store: if another dynlab command is writing the store, wait for it "
         "instead of exiting with an error.")] = False,

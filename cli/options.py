@@ -209,3 +209,46 @@ def matrices_option(help: str = MATRICES_HELP) -> Any:
     """--matrices (typer.Option): a comma list of matrix names or globs."""
     return typer.Option("--matrices", callback=comma_list("--matrices"), show_default=False,
                         help=help)
+
+
+# ------------------------------------------------------------------ hf:// and --follow
+# The options every command that reads checkpoints of any source shares (analyze, eval);
+# `done` is the command's past participle ("analysed", "evaluated").
+
+
+def revisions_option() -> Any:
+    """--revisions (typer.Option): hf:// revisions, a comma list and/or ranges."""
+    return typer.Option("--revisions", show_default=False,
+                        help="hf:// only: revisions, a comma list and/or ranges stepA:stepB:K "
+                        "(default: every step<N> branch).")
+
+
+def keep_downloads_option(done: str) -> Any:
+    """--keep-downloads (typer.Option)."""
+    return typer.Option("--keep-downloads",
+                        help="hf:// only: keep each downloaded revision in the Hugging Face "
+                        f"cache (default: delete it once {done}; at most two on disk).")
+
+
+def hub_cache_option() -> Any:
+    """--hub-cache (typer.Option)."""
+    return typer.Option("--hub-cache", show_default=False,
+                        help="hf:// only: the huggingface_hub cache directory (default "
+                        "HF_HUB_CACHE).")
+
+
+def follow_option(verb: str, done: str) -> Any:
+    """--follow (typer.Option): `verb` checkpoints as they complete."""
+    return typer.Option("--follow", help=f"{verb} checkpoints as they complete, until the "
+                        f"run's last step (or --until) is {done}, or Ctrl-C.")
+
+
+def until_option(done: str) -> Any:
+    """--until (typer.Option)."""
+    return typer.Option("--until", min=0, show_default=False,
+                        help=f"--follow: stop once this step is {done}.")
+
+
+def poll_option() -> Any:
+    """--poll (typer.Option)."""
+    return typer.Option("--poll", min=0.05, help="--follow: seconds between looks.")

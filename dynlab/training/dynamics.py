@@ -1,20 +1,7 @@
-"""Learning-dynamics capture: the gradient of a fixed batch's loss at a checkpoint.
-
-    G_W = ∂L/∂W,   L = (1 / N) Σ_{sequences, positions} -log softmax(logits_t)[target_t]
-
-on the run's fixed learning-dynamics batch (N tokens), apart from training: the model runs
-in eval mode (no dropout) and float32, the batch in chunks, gradients come from
-torch.autograd.grad (parameters' .grad, the optimizer and the RNG are untouched).
-
-A relora model is evaluated as the plain decoder it computes (`dynlab.model.relora.unwrap`:
-each wrapped weight replaced by W_eff = W + s·B A), so `<module>.weight` holds
-G = ∂L/∂W_eff, the gradient an unwrapped model holding W_eff gets. The factors' gradients
-follow by the chain rule through W_eff = W + s·(B A):
-
-    ∂L/∂A = Bᵀ (s G),   ∂L/∂B = (s G) Aᵀ
-
-computed per chunk in the order autograd would (scale first, then the product), so they
-equal what autograd through the wrapped model gives.
+"""The trainer's learning-dynamics capture: `dynlab.model.dynamics.learning_dynamics` (the
+gradient of the fixed learning-dynamics batch's loss at a checkpoint, relora factors by the
+chain rule; the formulas are in that module's docstring), plus the activations the trainer
+records with `--save-activations`.
 """
 
 from __future__ import annotations

@@ -13,25 +13,8 @@ import plotly.graph_objects as go
 import xarray as xr
 from plotly.subplots import make_subplots
 
-from dynlab.viz.figures import PALETTE, PANEL_HEIGHT
-
-
-def run_names(ds: xr.Dataset) -> list[str]:
-    return [str(r) for r in ds["run"].values] if "run" in ds.coords else []
-
-
-def run_color(ds: xr.Dataset, run: str) -> str:
-    runs = run_names(ds)
-    return PALETTE[runs.index(run) % len(PALETTE)] if run in runs else PALETTE[0]
-
-
-def finish(fig: go.Figure, title: str, notes: list[str], height: int) -> go.Figure:
-    sub = "; ".join(notes)
-    fig.update_layout(
-        title={"text": title, "subtitle": {"text": f"note: {sub}" if sub else ""}},
-        height=height, meta={"notes": list(notes)}, template="plotly_white",
-        margin={"t": 110 if sub else 90}, legend={"title": {"text": "run"}})
-    return fig
+from dynlab.viz.figures import PANEL_HEIGHT
+from dynlab.viz.representations import finish, run_color, run_names
 
 
 def series(fig: go.Figure, ds: xr.Dataset, run: str, x: np.ndarray, y: np.ndarray, *,

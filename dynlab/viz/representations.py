@@ -20,16 +20,19 @@ from dynlab.viz.figures import PALETTE, PANEL_HEIGHT, layer_mean_ci
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 
 
-def _runs(ds: xr.Dataset) -> list[str]:
+def run_names(ds: xr.Dataset) -> list[str]:
+    """The store's runs, in store order (none for a store without runs)."""
     return [str(r) for r in ds["run"].values] if "run" in ds.coords else []
 
 
-def _color(ds: xr.Dataset, run: str) -> str:
-    runs = _runs(ds)
+def run_color(ds: xr.Dataset, run: str) -> str:
+    """One colour per run, the same in every figure of a store."""
+    runs = run_names(ds)
     return PALETTE[runs.index(run) % len(PALETTE)] if run in runs else PALETTE[0]
 
 
-def _done(fig: go.Figure, title: str, notes: list[str], height: int) -> go.Figure:
+def finish(fig: go.Figure, title: str, notes: list[str], height: int) -> go.Figure:
+    """Title, notes (as a subtitle and in `layout.meta["notes"]`), height and style."""
     sub = "; ".join(notes)
     fig.update_layout(
         title={"text": title, "subtitle": {"text": f"note: {sub}" if sub else ""}},
@@ -83,7 +86,7 @@ def similarity_heatmap(ds: xr.Dataset, metric: str = "cka", target: str = "final
     up to 1, from the smallest value rounded down to 0.05 (`colour_range`), so that values
     near 1 stay distinguishable."""
     site = site or default_site(ds, metric)
-    runs = _runs(ds)
+    runs = run_names(ds)
     notes: list[str] = []
     fig = make_subplots(rows=1, cols=max(len(runs), 1), subplot_titles=runs or [""],
                         shared_yaxes=True, horizontal_spacing=0.04)
@@ -110,7 +113,7 @@ def similarity_heatmap(ds: xr.Dataset, metric: str = "cka", target: str = "final
         fig.update_yaxes(title_text="layer", row=1, col=1)
     fig.update_layout(coloraxis={"colorscale": "Viridis", "cmin": cmin, "cmax": cmax,
                                  "colorbar": {"title": {"text": label}}})
-    return _done(fig, f"{label} of the {site_label(site)} against the {target} "
+    return finish(fig, f"{label} of the {site_label(site)} against the {target} "
                  "checkpoint: layer × step", notes, PANEL_HEIGHT + 140)
 
 
@@ -119,7 +122,7 @@ def anisotropy_over_steps(ds: xr.Dataset, metric: str = "anisotropy",
     """`metric` (anisotropy or isoscore) of `site` (default: `default_site`) over steps: one
     panel per layer, one line per run (decoder against relora in the same panel)."""
     site = site or default_site(ds, metric)
-    runs = _runs(ds)
+    runs = run_names(ds)
     notes: list[str] = []
     layers = [int(v) for v in ds["layer"].values] if "layer" in ds.coords else []
     cols = max(1, min(4, len(layers)))
@@ -139,11 +142,11 @@ def anisotropy_over_steps(ds: xr.Dataset, metric: str = "anisotropy",
                     continue
                 fig.add_trace(go.Scatter(
                     x=da["step"].values[keep], y=y[keep], mode="lines+markers", name=run,
-                    legendgroup=run, showlegend=n == 0, line={"color": _color(ds, run)},
+                    legendgroup=run, showlegend=n == 0, line={"color": run_color(ds, run)},
                     meta={"run": run, "role": "series"}), row=r, col=c)
             fig.update_xaxes(title_text="step", row=r, col=c)
         fig.update_yaxes(title_text=METRIC_LABELS.get(metric, metric), row=1, col=1)
-    return _done(fig, f"{METRIC_LABELS.get(metric, metric)} of the "
+    return finish(fig, f"{METRIC_LABELS.get(metric, metric)} of the "
                  f"{site_label(site)} over steps, per layer", notes,
                  PANEL_HEIGHT * rows + 120)
 
@@ -157,7 +160,7 @@ def _mean_trace(fig, ds, da: xr.DataArray, run: str, row: int, col: int, show: b
         return False
     fig.add_trace(go.Scatter(
         x=r["step"].values[keep], y=r["mean"].values[keep], mode="lines+markers", name=run,
-        legendgroup=run, showlegend=show, line={"color": _color(ds, run)},
+        legendgroup=run, showlegend=show, line={"color": run_color(ds, run)},
         hovertemplate=f"{run}<br>step %{{x}}<br>{label} %{{y:.4g}}<extra></extra>",
         meta={"run": run, "role": "mean"}), row=row, col=col)
     return True
@@ -167,7 +170,7 @@ def qk_beside_ov(ds: xr.Dataset, metric: str = "per", kinds: Sequence[str] = ("w
                  "updates")) -> go.Figure:
     """The whole-layer QK circuit's metric beside the OV circuit's, mean over layers, one row
     per kind."""
-    runs = _runs(ds)
+    runs = run_names(ds)
     have_kinds = [str(k) for k in ds["kind"].values] if "kind" in ds.coords else []
     kinds = [k for k in kinds if k in have_kinds]
     notes: list[str] = []
@@ -191,7 +194,7 @@ def qk_beside_ov(ds: xr.Dataset, metric: str = "per", kinds: Sequence[str] = ("w
             fig.update_yaxes(title_text=metric.upper(), row=i + 1, col=j + 1)
         fig.update_xaxes(title_text="step", row=len(kinds), col=1)
         fig.update_xaxes(title_text="step", row=len(kinds), col=2)
-    return _done(fig, f"{metric.upper()} of the QK circuit beside the OV circuit (mean over "
+    return finish(fig, f"{metric.upper()} of the QK circuit beside the OV circuit (mean over "
                  "layers)", notes, PANEL_HEIGHT * max(1, len(kinds)) + 120)
 
 
@@ -199,7 +202,7 @@ def alpha_over_steps(ds: xr.Dataset, kind: str = "weights",
                      matrices: Sequence[str] = ("attention.q_proj", "attention.v_proj",
                                                 "swiglu.w_0", "swiglu.w_2")) -> go.Figure:
     """Heavy-tail α of the eigenvalues σ² over steps, mean over layers, one panel per matrix."""
-    runs = _runs(ds)
+    runs = run_names(ds)
     notes: list[str] = []
     fig = make_subplots(rows=1, cols=len(matrices), subplot_titles=[f"{kind} · {m}"
                                                                     for m in matrices],
@@ -223,7 +226,7 @@ def alpha_over_steps(ds: xr.Dataset, kind: str = "weights",
                              "non-zero eigenvalues)")
             fig.update_xaxes(title_text="step", row=1, col=j + 1)
         fig.update_yaxes(title_text="α", row=1, col=1)
-    return _done(fig, f"Heavy-tail α of the {kind}' eigenvalue spectra (mean over layers)",
+    return finish(fig, f"Heavy-tail α of the {kind}' eigenvalue spectra (mean over layers)",
                  notes, PANEL_HEIGHT + 140)
 
 
