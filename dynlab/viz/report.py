@@ -25,8 +25,8 @@ from dynlab.atomic import replace_atomically, write_text_atomically
 from dynlab.viz import figures as F
 
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
-DATA_ROLES = ("mean", "series", "heatmap", "spectrum")
-DATA_ROLES += ("table",)  # table figures (dynlab.viz.heavytail.flags_table)
+#: trace roles that count as data ("table": dynlab.viz.heavytail.flags_table)
+DATA_ROLES = ("mean", "series", "heatmap", "spectrum", "table")
 
 
 @dataclass
