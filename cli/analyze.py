@@ -47,7 +47,9 @@ def analyze(
         help=f"Comma list of {METRIC_NAMES}; or 'all'. Default: all but the opt-in MP fit "
         "(mp_sigma, mp_sigma2, mp_bulk_max, num_spikes, mp_softrank) and correlation traps "
         "(rand_distance, max_rand_eval, num_rand_spikes) (or, for an existing store, the "
-        "store's).")] = None,
+        "store's); also opt-in: alpha with WeightWatcher's xmin_peak rule (alpha_peak, "
+        "alpha_peak_ks, alpha_peak_n_tail) and the truncated power law (tpl_alpha, tpl_lambda, "
+        "tpl_llr, tpl_p).")] = None,
     kinds: Annotated[str | None, kinds_option(
         help=f"Comma list of {KIND_NAMES}; or 'all'. Default: all available (or, for an "
         "existing store, the store's).")] = None,

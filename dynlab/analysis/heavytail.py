@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,13 +90,16 @@ def eigenvalues(sigma: np.ndarray, max_dim: float | None = None, eps: float | No
     return np.sort(lam)
 
 
-def candidate_fits(lam: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x_min, α, D, n_tail) for every candidate x_min of positive eigenvalues `lam` (the
-    distinct values except the two largest), vectorised: O(n²) memory and time."""
+def candidate_fits(lam: np.ndarray, candidates: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_min, α, D, n_tail) for every candidate x_min of positive eigenvalues `lam` (by
+    default the distinct values except the two largest; else `candidates`, values of `lam`),
+    vectorised: O(n²) memory and time."""
     x = np.sort(np.asarray(lam, dtype=np.float64))
     x = x[x > 0]
     n = x.size
-    candidates = np.unique(x)[:-2]
+    if candidates is None:
+        candidates = np.unique(x)[:-2]
     start = np.searchsorted(x, candidates, side="left")  # first tail index per candidate
     n_tail = n - start
     logs = np.log(x)
@@ -472,3 +476,255 @@ def randomised_batch(x: torch.Tensor, seed: int = RAND_SEED) -> np.ndarray:
     _RAND_CACHE.clear()
     _RAND_CACHE[key] = out
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# WeightWatcher's `fix_fingers='xmin_peak'`: x_min searched near the peak of the ESD
+# (weightwatcher 0.7.7 `WeightWatcher.fit_powerlaw`, through the `powerlaw` package's
+# `Fit(data, xmin=(low, high))`).
+
+#: Number of bins of the histogram of log₁₀ λ whose fullest bin is the ESD's peak.
+PEAK_BINS = 100
+
+
+def esd_peak(lam: np.ndarray) -> float:
+    """The peak of the ESD as WeightWatcher's xmin_peak finds it: 10 to the left edge of the
+    fullest of `PEAK_BINS` equal bins of log₁₀ λ (numpy.histogram; the first on a tie)."""
+    counts, edges = np.histogram(np.log10(lam), bins=PEAK_BINS)
+    return float(10 ** edges[int(np.argmax(counts))])
+
+
+def peak_xmin_range(peak: float) -> tuple[float, float]:
+    """WeightWatcher's x_min search range for xmin_peak, (log₁₀(0.95·peak), 1.5·peak): its
+    lower end is a logarithm although the upper one and the eigenvalues are not (transcribed
+    as written: it only loosens the lower bound, since log₁₀ y < y for every y > 0)."""
+    return float(np.log10(0.95 * peak)), 1.5 * peak
+
+
+@dataclass(frozen=True)
+class PeakFit:
+    """The power-law fit with x_min searched near the ESD's peak. fit: as `fit_power_law`'s;
+    peak: the ESD's peak (`esd_peak`); reason: why the fit is NaN ('' when it is not)."""
+
+    fit: PowerLawFit
+    peak: float
+    reason: str
+
+
+def fit_power_law_peak(lam: np.ndarray) -> PeakFit:
+    """The continuous power-law fit of positive eigenvalues `lam` with x_min the KS-minimal
+    candidate among the distinct eigenvalues inside `peak_xmin_range(esd_peak(lam))` (both
+    ends included), the largest of those excluded — `powerlaw` 1.x's `Fit(data,
+    xmin=(low, high)).find_xmin`, which WeightWatcher's `fix_fingers='xmin_peak'` calls — with
+    the same closed-form α and KS distance as `fit_power_law`. NaN below MIN_EIGENVALUES
+    positive values or with no candidate in the range."""
+    x = np.sort(np.asarray(lam, dtype=np.float64))
+    x = x[np.isfinite(x) & (x > 0)]
+    if x.size < MIN_EIGENVALUES:
+        return PeakFit(NAN_FIT, math.nan, f"fewer than {MIN_EIGENVALUES} positive eigenvalues")
+    peak = esd_peak(x)
+    low, high = peak_xmin_range(peak)
+    distinct = np.unique(x)
+    inside = distinct[(distinct >= low) & (distinct <= high)][:-1]
+    if inside.size == 0:
+        return PeakFit(NAN_FIT, peak, "no candidate x_min near the ESD's peak")
+    candidates, alphas, dists, n_tail = candidate_fits(x, inside)
+    if not np.isfinite(dists).any():
+        return PeakFit(NAN_FIT, peak, "no finite fit near the ESD's peak")
+    best = int(np.argmin(dists))
+    return PeakFit(PowerLawFit(float(alphas[best]), float(candidates[best]), float(dists[best]),
+                               int(n_tail[best])), peak, "")
+
+
+# ----------------------------------------------------------------------------------------
+# The truncated power law p(λ) ∝ λ^(−α) e^(−Λλ), λ ≥ x_min (Clauset, Shalizi & Newman 2009,
+# table 1; WeightWatcher's `fit='TPL'`), fitted as the `powerlaw` package's
+# `Fit(λ, xmin=x_min).truncated_power_law` (2.0.0) at the x_min of the plain power-law fit.
+
+#: Parameter ranges of the TPL fit: powerlaw's `DEFAULT_PARAMETER_RANGES` with α's upper
+#: bound (3) lifted, as `powerlaw` 1.x had none (weight matrices reach α of 2–6).
+TPL_RANGES = {"alpha": (0.0, None), "Lambda": (0.0, None)}
+#: powerlaw's floor for a zero likelihood (and the likelihood of out-of-range parameters).
+TINY_LIKELIHOOD = 10.0 ** sys.float_info.min_10_exp
+
+
+def upper_gamma(s: float, x: float) -> float:
+    """Γ(s, x) = ∫_x^∞ t^(s−1) e^(−t) dt for real s and x > 0 (DLMF 8.2.2). For s > 0
+    scipy's regularised Q(s, x)·Γ(s); for s ≤ 0 at least 1e-3 from an integer and x ≤ 2 the
+    recurrence Γ(s, x) = (Γ(s + 1, x) − x^s e^(−x)) / s (DLMF 8.8.2) down from
+    s + ⌈−s⌉ ∈ (0, 1) (within 1e-12 relative of mpmath there); elsewhere, where the recurrence
+    cancels, mpmath.gammainc, which powerlaw calls (~100× slower)."""
+    from scipy import special
+
+    if not (math.isfinite(s) and math.isfinite(x)) or x <= 0:
+        return math.nan
+    if s > 0:
+        return float(special.gammaincc(s, x) * special.gamma(s))
+    if abs(s - round(s)) < 1e-3 or x > 2:
+        from mpmath import gammainc
+
+        return float(gammainc(s, x))
+    k = math.ceil(-s)
+    top = s + k
+    g = float(special.gammaincc(top, x) * special.gamma(top))
+    for j in range(k - 1, -1, -1):
+        a = s + j
+        g = (g - math.exp(a * math.log(x) - x)) / a
+    return g
+
+
+def tpl_normaliser(alpha: float, lam_: float, xmin: float) -> float:
+    """C = Λ^(1−α) / Γ(1−α, Λ·x_min), the normalisation of λ^(−α) e^(−Λλ) on [x_min, ∞)
+    (`upper_gamma`; powerlaw's `Truncated_Power_Law._pdf_continuous_normalizer`)."""
+    return lam_ ** (1 - alpha) / upper_gamma(1 - alpha, lam_ * xmin)
+
+
+def tpl_in_range(alpha: float, lam_: float) -> bool:
+    """Whether (α, Λ) lies strictly inside `TPL_RANGES` (powerlaw's `in_range`)."""
+    ok = True
+    for value, (lo, hi) in ((alpha, TPL_RANGES["alpha"]), (lam_, TPL_RANGES["Lambda"])):
+        ok = ok and (lo is None or value > lo) and (hi is None or value < hi)
+    return bool(ok)
+
+
+def tpl_loglikelihoods(tail: np.ndarray, xmin: float, alpha: float, lam_: float) -> np.ndarray:
+    """ln p(x) = ln(C · x^(−α) e^(−Λx)) of each tail value (C: `tpl_normaliser`); as powerlaw,
+    a zero likelihood, and every likelihood at parameters outside `TPL_RANGES`, is
+    `TINY_LIKELIHOOD`."""
+    if not tpl_in_range(alpha, lam_):
+        return np.log(np.full(tail.size, TINY_LIKELIHOOD))
+    with np.errstate(all="ignore"):
+        like = tail ** (-alpha) * np.exp(-lam_ * tail) * tpl_normaliser(alpha, lam_, xmin)
+    like[like == 0] = TINY_LIKELIHOOD
+    return np.log(like.astype(np.float64))
+
+
+def pl_loglikelihoods(tail: np.ndarray, xmin: float, alpha: float) -> np.ndarray:
+    """ln p(x) = ln((α − 1) x_min^(α−1) x^(−α)) of each tail value: the continuous power law
+    on [x_min, ∞) (Clauset et al. 2009 eq. 2.2; powerlaw's `Power_Law`), zero likelihoods
+    floored at `TINY_LIKELIHOOD`."""
+    with np.errstate(all="ignore"):
+        like = tail ** (-alpha) * ((alpha - 1) * xmin ** (alpha - 1))
+    like[like == 0] = TINY_LIKELIHOOD
+    return np.log(like)
+
+
+def nested_loglikelihood_ratio(ll1: np.ndarray, ll2: np.ndarray) -> tuple[float, float]:
+    """(R, p) of two nested fits: R = Σ (ln p₁ − ln p₂), p = 1 − χ²₁(|2R|) (Wilks' theorem;
+    Clauset et al. 2009 §5.1 and appendix C; powerlaw's `loglikelihood_ratio(nested=True)`),
+    −∞ log-likelihoods replaced by ln `TINY_LIKELIHOOD` first."""
+    from scipy import special
+
+    floor = math.log(TINY_LIKELIHOOD)
+    a, b = np.where(ll1 == -np.inf, floor, ll1), np.where(ll2 == -np.inf, floor, ll2)
+    r = float(np.sum(a - b))
+    return r, float(1 - special.chdtr(1, abs(2 * r)))  # scipy.stats.chi2(1).cdf
+
+
+@dataclass(frozen=True)
+class TPLFit:
+    """The truncated power-law fit of one tail. alpha, Lambda: its exponent and exponential
+    cut-off rate (powerlaw's and WeightWatcher's `Lambda`); llr: R = ℓ_PL − ℓ_TPL, the
+    log-likelihood ratio of the plain power law (closed-form α) to the TPL on the same tail
+    (negative: the TPL fits better); p: its significance; reason: why the fit is NaN."""
+
+    alpha: float
+    Lambda: float
+    llr: float
+    p: float
+    reason: str = ""
+
+
+def nan_tpl(reason: str) -> TPLFit:
+    return TPLFit(math.nan, math.nan, math.nan, math.nan, reason)
+
+
+def fit_truncated_power_law(lam: np.ndarray, xmin: float) -> TPLFit:
+    """The TPL maximum-likelihood fit of the positive eigenvalues `lam` ≥ x_min, as powerlaw
+    2.0.0's `Distribution.fit`: starting from α₀ = 1 + n/Σ ln(x/x_min) (Clauset et al. eq. 3.1)
+    and Λ₀ = 1/mean(x), scipy.optimize.minimize(−Σ ln p, method='Nelder-Mead', bounds=
+    `TPL_RANGES`, tol=1e-4) — so α and Λ are resolved to about 1e-4 absolute, the tolerance
+    powerlaw uses — then `nested_loglikelihood_ratio` of the plain power law with α₀ (the
+    fit's own α) to it. NaN (with a reason) for a NaN x_min, a tail of fewer than 2 values,
+    a tail all at x_min, or a non-finite optimum."""
+    from scipy import optimize
+
+    if not np.isfinite(xmin):
+        return nan_tpl("no power-law fit (alpha is NaN)")
+    x = np.sort(np.asarray(lam, dtype=np.float64))
+    tail = x[np.isfinite(x) & (x >= xmin)]
+    if tail.size < 2:
+        return nan_tpl("fewer than 2 eigenvalues in the tail")
+    with np.errstate(divide="ignore"):
+        a0 = 1 + tail.size / np.sum(np.log(tail / xmin))
+    l0 = 1 / np.mean(tail)
+    if not (np.isfinite(a0) and np.isfinite(l0)):
+        return nan_tpl("every tail eigenvalue equals x_min (no exponent)")
+
+    def cost(params: np.ndarray) -> float:
+        return -np.sum(tpl_loglikelihoods(tail, xmin, params[0], params[1]))
+
+    with np.errstate(all="ignore"):
+        res = optimize.minimize(cost, x0=[a0, l0], bounds=list(TPL_RANGES.values()),
+                                method="Nelder-Mead", tol=1e-4)
+    a, lam_ = (float(v) for v in res.x)
+    if not (np.isfinite(a) and np.isfinite(lam_) and np.isfinite(res.fun)):
+        return nan_tpl("the TPL likelihood has no finite optimum")
+    r, p = nested_loglikelihood_ratio(pl_loglikelihoods(tail, xmin, a0),
+                                      tpl_loglikelihoods(tail, xmin, a, lam_))
+    return TPLFit(a, lam_, r, p)
+
+
+# Batched, for the metric registry.
+
+def _rows_with_tolerance(sigma: torch.Tensor, tol: torch.Tensor | float
+                         ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...], bytes]:
+    s = sigma.detach().cpu().to(torch.float64).numpy()
+    tl = np.broadcast_to(np.asarray(torch.as_tensor(tol).cpu(), dtype=np.float64),
+                         s.shape[:-1])
+    key = hashlib.sha1(s.tobytes() + tl.tobytes() + str(s.shape).encode()).digest()
+    return s.reshape(-1, s.shape[-1]), tl.reshape(-1), s.shape[:-1], key
+
+
+def _fitted_eigenvalues(row: np.ndarray, tol: float) -> np.ndarray:
+    """The eigenvalues `alpha`'s fit uses: σ² of the finite σ above `tol`, ascending; empty for
+    a row holding an infinite value."""
+    row = row[~np.isnan(row)]
+    return np.sort(row[row > tol] ** 2) if np.isfinite(row).all() else np.empty(0)
+
+
+_PEAK_CACHE: dict[bytes, np.ndarray] = {}
+
+
+def peak_fits(sigma: torch.Tensor, tol: torch.Tensor | float) -> np.ndarray:
+    """(..., 3): α, KS distance and n_tail of `fit_power_law_peak` for every spectrum of a
+    batch (eigenvalues as `alpha`'s); cached for the last batch."""
+    flat, tols, shape, key = _rows_with_tolerance(sigma, tol)
+    if key not in _PEAK_CACHE:
+        out = np.full((flat.shape[0], 3), math.nan)
+        for i, row in enumerate(flat):
+            fit = fit_power_law_peak(_fitted_eigenvalues(row, tols[i])).fit
+            out[i] = (fit.alpha, fit.ks, fit.n_tail if fit.n_tail else math.nan)
+        _PEAK_CACHE.clear()
+        _PEAK_CACHE[key] = out
+    return _PEAK_CACHE[key].reshape(*shape, 3)
+
+
+_TPL_CACHE: dict[bytes, np.ndarray] = {}
+
+
+def tpl_fits(sigma: torch.Tensor, tol: torch.Tensor | float) -> np.ndarray:
+    """(..., 4): α, Λ, R, p of `fit_truncated_power_law` at the x_min of `alpha`'s fit for
+    every spectrum of a batch; cached for the last batch."""
+    flat, tols, shape, key = _rows_with_tolerance(sigma, tol)
+    if key not in _TPL_CACHE:
+        out = np.full((flat.shape[0], 4), math.nan)
+        for i, row in enumerate(flat):
+            lam = _fitted_eigenvalues(row, tols[i])
+            fit = fit_power_law(lam)
+            if np.isfinite(fit.alpha):
+                t = fit_truncated_power_law(lam, fit.xmin)
+                out[i] = (t.alpha, t.Lambda, t.llr, t.p)
+        _TPL_CACHE.clear()
+        _TPL_CACHE[key] = out
+    return _TPL_CACHE[key].reshape(*shape, 4)

@@ -439,11 +439,64 @@ def _weightwatcher_metrics() -> list[Metric]:
 
 METRICS.update({m.name: m for m in _weightwatcher_metrics()})
 
+
+def _tail_fit_metrics() -> list[Metric]:
+    """WeightWatcher's other tail fits (dynlab.analysis.heavytail): α with x_min searched near
+    the ESD's peak (`fix_fingers='xmin_peak'`) and the truncated power law (`fit='TPL'`) at
+    the plain fit's x_min, from the eigenvalues `alpha` fits."""
+    from dynlab.analysis import heavytail as H
+
+    nan_when = (f"NaN for fewer than {H.MIN_EIGENVALUES} eigenvalues above tol (zero or "
+                "rank-deficient matrix, a 1 x n matrix), fewer than 2 distinct ones (all "
+                "equal), a matrix holding NaN/Inf")
+
+    def peak(i):
+        return lambda s, d, eps=None, **kw: torch.from_numpy(np.ascontiguousarray(
+            H.peak_fits(s, zero_tolerance(s, d, eps, **kw))[..., i]))
+
+    def tpl(i):
+        return lambda s, d, eps=None, **kw: torch.from_numpy(np.ascontiguousarray(
+            H.tpl_fits(s, zero_tolerance(s, d, eps, **kw))[..., i]))
+
+    rule = ("x_min rule xmin_peak: the KS-minimal x_min among the eigenvalues in "
+            "[log10(0.95 p), 1.5 p], p = the peak of a 100-bin histogram of log10 sigma^2 "
+            "(WeightWatcher's fix_fingers='xmin_peak'); ")
+    tpl_def = ("truncated power law p(x) ~ x^-alpha exp(-Lambda x) on x >= xmin of alpha's fit, "
+               "maximum likelihood as powerlaw's Fit(...).truncated_power_law (Nelder-Mead, "
+               "tol 1e-4, alpha in (0, inf)); ")
+    return [
+        Metric("alpha_peak", "heavy-tail exponent, x_min near the ESD peak",
+               rule + "alpha = 1 + n/sum ln(x/xmin); " + nan_when + " or no x_min candidate "
+               "in the range", peak(0)),
+        Metric("alpha_peak_ks", "KS distance of the xmin_peak fit",
+               rule + "max |F(x) - C(x)| over the tail; " + nan_when, peak(1)),
+        Metric("alpha_peak_n_tail", "eigenvalues in the xmin_peak fit",
+               rule + "#{sigma^2 >= xmin}; " + nan_when, peak(2)),
+        Metric("tpl_alpha", "truncated power-law exponent alpha",
+               tpl_def + "WeightWatcher's alpha with fit='TPL'; " + nan_when, tpl(0)),
+        Metric("tpl_lambda", "truncated power-law cut-off rate Lambda",
+               tpl_def + "powerlaw's and WeightWatcher's Lambda (units 1/sigma^2); " + nan_when,
+               tpl(1)),
+        Metric("tpl_llr", "log-likelihood ratio power law / truncated power law",
+               "R = sum ln p_PL(x) - ln p_TPL(x) over alpha's tail (powerlaw's "
+               "distribution_compare('power_law', 'truncated_power_law')); R < 0: the TPL fits "
+               "better; " + nan_when, tpl(2)),
+        Metric("tpl_p", "significance of tpl_llr",
+               "p = 1 - chi2_1(|2R|) (nested models, Wilks; Clauset et al. 2009 appendix C); "
+               + nan_when, tpl(3)),
+    ]
+
+
+METRICS.update({m.name: m for m in _tail_fit_metrics()})
+
 #: Metrics computed only when named (or with 'all'): the Marchenko–Pastur fit (a density fit
 #: per spectrum) and the correlation traps (six SVDs and an MP fit per matrix).
 OPT_IN_METRICS: tuple[str, ...] = ("mp_sigma", "mp_sigma2", "mp_bulk_max", "num_spikes",
                                    "mp_softrank", "rand_distance", "max_rand_eval",
-                                   "num_rand_spikes")
+                                   "num_rand_spikes") + (
+    # the other tail fits: one more fit per spectrum each (the TPL a numerical optimisation)
+    "alpha_peak", "alpha_peak_ks", "alpha_peak_n_tail", "tpl_alpha", "tpl_lambda", "tpl_llr",
+    "tpl_p")
 
 DEFAULT_METRICS: tuple[str, ...] = tuple(m for m in METRICS if m not in OPT_IN_METRICS)
 

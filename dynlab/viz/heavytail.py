@@ -18,7 +18,7 @@ import xarray as xr
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-from dynlab.analysis.heavytail import OVER_TRAINED_ALPHA, UNDER_TRAINED_ALPHA
+from dynlab.analysis.heavytail import OVER_TRAINED_ALPHA, UNDER_TRAINED_ALPHA, tpl_normaliser
 from dynlab.viz.figures import PANEL_HEIGHT
 
 #: The trajectories drawn by default: the tail exponent, the MP spikes, the correlation traps.
@@ -56,6 +56,15 @@ def power_law_density(lam: np.ndarray, alpha: float, xmin: float, frac: float) -
     return frac * (alpha - 1) / xmin * (lam / xmin) ** (-alpha)
 
 
+def tpl_density(lam: np.ndarray, alpha: float, lam_: float, xmin: float,
+                frac: float) -> np.ndarray:
+    """The fitted truncated power law's share of the ESD density: frac·C·λ^(−α)·e^(−Λλ) for
+    λ ≥ x_min, C = Λ^(1−α)/Γ(1−α, Λ·x_min) (Clauset et al. 2009, table 1;
+    `heavytail.tpl_normaliser`), frac = n_tail/n."""
+    with np.errstate(all="ignore"):
+        return frac * tpl_normaliser(alpha, lam_, xmin) * lam ** (-alpha) * np.exp(-lam_ * lam)
+
+
 def mp_density_lambda(lam: np.ndarray, q: float, sigma: float, scale2: float) -> np.ndarray:
     """The MP density in the eigenvalues' own units: the fit was made on x = s²·λ (mean 1),
     ρ_x(x) = Q·√((λ₊ − x)(x − λ₋))/(2π σ² x), λ± = σ²(1 ± 1/√Q)², so ρ_λ(λ) = s²·ρ_x(s²·λ)."""
@@ -71,7 +80,8 @@ def esd(ds: xr.Dataset, kind: str = "weights", matrix: str = "swiglu.w_2", layer
     """The empirical spectral density of one matrix's eigenvalues λ = σ² at `steps` (default:
     up to four, first and last included), one panel per step, log-log: the histogram on
     log-spaced bins, the fitted power-law tail from x_min (dashed), the MP bulk fitted by
-    `mp_fit` (solid) and its edge λ₊ (dotted)."""
+    `mp_fit` (solid) and its edge λ₊ (dotted), and the truncated power law from the same x_min
+    (dash-dot) when the store holds `tpl_alpha` and `tpl_lambda`."""
     run_ = _run(ds, run)
     title = f"ESD of {kind} · {matrix}, layer {layer}" + (f" ({run_})" if run_ else "")
     notes: list[str] = []
@@ -111,7 +121,8 @@ def esd(ds: xr.Dataset, kind: str = "weights", matrix: str = "swiglu.w_2", layer
             hovertemplate="λ %{x:.3g}<br>density %{y:.3g}<extra></extra>"), row=1, col=j + 1)
         grid = np.logspace(math.log10(lam.min()), math.log10(lam.max()), 200)
         v = {m: float(cell[m].sel(step=step)) if m in cell.data_vars else math.nan
-             for m in ("alpha", "alpha_n_tail", "mp_sigma", "mp_bulk_max", "num_spikes")}
+             for m in ("alpha", "alpha_n_tail", "mp_sigma", "mp_bulk_max", "num_spikes",
+                       "tpl_alpha", "tpl_lambda")}
         if np.isfinite(v["alpha"]) and np.isfinite(v["alpha_n_tail"]) and v["alpha_n_tail"] > 0:
             n_tail = int(v["alpha_n_tail"])
             xmin = float(lam[-n_tail]) if n_tail <= lam.size else float(lam[0])
@@ -125,6 +136,17 @@ def esd(ds: xr.Dataset, kind: str = "weights", matrix: str = "swiglu.w_2", layer
                       "alpha": v["alpha"], "xmin": xmin}), row=1, col=j + 1)
             fig.add_vline(x=xmin, line={"color": "#d62728", "dash": "dot", "width": 1},
                           row=1, col=j + 1)
+            if np.isfinite(v["tpl_alpha"]) and np.isfinite(v["tpl_lambda"]):
+                fig.add_trace(go.Scatter(
+                    x=g, y=tpl_density(g, v["tpl_alpha"], v["tpl_lambda"], xmin,
+                                       n_tail / lam_all.size),
+                    mode="lines", line={"color": "#ff7f0e", "dash": "dashdot"},
+                    name=f"truncated power law (α = {v['tpl_alpha']:.2f}, "
+                         f"Λ = {v['tpl_lambda']:.3g})" if j == 0 else "truncated power law",
+                    showlegend=True, legendgroup=f"tpl{j}",
+                    meta={"run": run_, "role": "fit", "fit": "truncated_power_law",
+                          "step": step, "alpha": v["tpl_alpha"], "Lambda": v["tpl_lambda"],
+                          "xmin": xmin}), row=1, col=j + 1)
         else:
             notes.append(f"step {step}: no power-law fit (alpha not in store or NaN)")
         if np.isfinite(v["mp_sigma"]) and np.isfinite(v["mp_bulk_max"]):
@@ -258,7 +280,10 @@ def htsr_sections(ds: xr.Dataset) -> list[tuple[str, str, Callable[[], go.Figure
             "axes: the histogram, the power-law tail fitted from x_min (dashed, α as "
             "WeightWatcher's), and the Marchenko–Pastur bulk fitted to the ESD (solid) with its "
             "edge λ₊ (dotted; with -m num_spikes,mp_sigma,mp_bulk_max or -m all); eigenvalues "
-            "right of λ₊ are spikes (learned correlations).",
+            "right of λ₊ are spikes (learned correlations). With -m tpl_alpha,tpl_lambda (or "
+            "-m all) the truncated power law λ^(−α)·e^(−Λλ) fitted from the same x_min is drawn "
+            "dash-dot: an exponential cut-off bends the tail down at large λ (tpl_llr < 0 when "
+            "it fits better than the plain power law).",
             lambda: esd(ds, "weights", matrix, last)))
     out.append((
         "Heavy tails over steps",
