@@ -8,11 +8,13 @@ alternating the order, the analysis of both runs with
   before   the default metrics without the family (what `dynlab analyze` computed before it)
   after    the default metrics (the family's spectral metrics included)
   + rand   the defaults plus the opt-in correlation traps (-m all)
+  + tails  the defaults plus the other tail fits (--tails: xmin_peak's alpha_peak* and the
+           truncated power law tpl_*)
 
 Prints seconds (median of --repeats) and the ratios after/before and +rand/before; record them
 in bench/RESULTS.md with the machine and its load (`uptime`).
 
-    python bench/heavytail_bench.py [--checkpoints 13] [--repeats 2] [--no-rand]
+    python bench/heavytail_bench.py [--checkpoints 13] [--repeats 2] [--no-rand] [--tails]
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pathlib import Path
 FAMILY = ("log_norm", "log_spectral_norm", "alpha_weighted", "log_alpha_norm", "mp_sigma",
           "mp_sigma2", "mp_bulk_max", "num_spikes", "mp_softrank", "over_trained",
           "under_trained")
+TAILS = ("alpha_peak", "alpha_peak_ks", "alpha_peak_n_tail", "tpl_alpha", "tpl_lambda",
+         "tpl_llr", "tpl_p")
 
 
 def main() -> None:
@@ -34,6 +38,7 @@ def main() -> None:
     ap.add_argument("--checkpoints", type=int, default=13)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-rand", action="store_true", help="skip the +rand timing")
+    ap.add_argument("--tails", action="store_true", help="add the +tails timing")
     args = ap.parse_args()
 
     import dynlab
@@ -47,7 +52,9 @@ def main() -> None:
     before = [m for m in DEFAULT_METRICS if m not in FAMILY]
     routes = {"before": before, "after": list(DEFAULT_METRICS)}
     if not args.no_rand:
-        routes["+rand"] = list(METRICS)
+        routes["+rand"] = [m for m in METRICS if m not in TAILS]
+    if args.tails:
+        routes["+tails"] = list(DEFAULT_METRICS) + list(TAILS)
     root = Path(tempfile.mkdtemp(prefix="dynlab-htsr-bench-"))
     try:
         runs = [make_run(root / "decoder", spec, steps, seed=1),
