@@ -209,6 +209,19 @@ def test_peak_edges(lam, reason):
     assert math.isnan(got.fit.alpha) and reason in got.reason
 
 
+def test_huge_condition_number():
+    """Eigenvalues over 24 decades: the TPL still equals powerlaw's; the ESD's peak is its
+    first bin (a flat log-histogram), which leaves no candidate but 1e-12 itself: NaN."""
+    lam = np.logspace(-12, 12, 60)
+    plain = H.fit_power_law(lam)
+    ours = H.fit_truncated_power_law(lam, plain.xmin)
+    _, tpl, _, _ = reference_tpl(lam, plain.xmin)
+    assert ours.alpha == pytest.approx(tpl.alpha, rel=1e-6)
+    assert ours.Lambda == pytest.approx(tpl.Lambda, rel=1e-6)
+    peak = H.fit_power_law_peak(lam)
+    assert peak.peak == pytest.approx(1e-12) and "no candidate" in peak.reason
+
+
 def test_tpl_edges():
     assert "alpha is NaN" in H.fit_truncated_power_law(np.ones(20), math.nan).reason
     assert "fewer than 2" in H.fit_truncated_power_law(np.arange(1.0, 20.0), 19.0).reason
