@@ -25,7 +25,10 @@ with fewer than `MIN_EIGENVALUES` remaining eigenvalues gives NaN for every outp
 The second part of the module holds the rest of WeightWatcher's heavy-tailed
 self-regularisation family (weightwatcher 0.7.7's `analyze()` columns): the norms of the
 eigenvalues, `alpha_weighted`, the Marchenko–Pastur bulk fit (`mp_fit`), the under-/over-trained
-flags and the correlation traps of the element-wise randomised matrix (`randomised_esd`). Where
+flags and the correlation traps of the element-wise randomised matrix (`randomised_esd`). The
+third part holds WeightWatcher's other tail fits: x_min searched near the ESD's peak
+(`fix_fingers='xmin_peak'`, `fit_power_law_peak`) and the truncated power law (`fit='TPL'`,
+`fit_truncated_power_law`, as the `powerlaw` package's `Truncated_Power_Law`). Where
 dynlab's α differs from WeightWatcher's (its small-N rule, its absolute 1e-5 eigenvalue floor)
 is said in docs/concepts/heavy-tails.md.
 """
