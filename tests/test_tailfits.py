@@ -102,9 +102,12 @@ def test_tpl_density_integrates_to_one(alpha, lam_, xmin):
                                  np.inf, epsrel=1e-12, limit=200)[0]
     assert total == pytest.approx(1.0, rel=1e-9)
     tail = np.array([xmin, 2 * xmin, 7.5 * xmin])
-    np.testing.assert_allclose(H.tpl_loglikelihoods(tail, xmin, alpha, lam_),
-                               np.log(c) - alpha * np.log(tail) - lam_ * tail, rtol=1e-12)
-    # outside the ranges: powerlaw's floor
+    ll = H.tpl_loglikelihoods(tail, xmin, alpha, lam_)
+    if alpha > 1:  # inside TPL_RANGES
+        np.testing.assert_allclose(ll, np.log(c) - alpha * np.log(tail) - lam_ * tail,
+                                   rtol=1e-12)
+    else:  # outside the ranges: powerlaw's floor
+        assert (ll == math.log(H.TINY_LIKELIHOOD)).all()
     assert (H.tpl_loglikelihoods(tail, xmin, alpha, -1.0) == math.log(H.TINY_LIKELIHOOD)).all()
 
 
@@ -371,24 +374,28 @@ with torch.no_grad():
     for lin, m in zip(model, mats):
         lin.weight.copy_(m)
 d = ww.WeightWatcher(model=model).analyze(fix_fingers="xmin_peak", pl_package="powerlaw")
-print(json.dumps(d[["alpha", "xmin", "D", "num_pl_spikes"]].to_dict("records")))
+t = ww.WeightWatcher(model=model).analyze(fit="TPL", pl_package="powerlaw")
+print(json.dumps({"peak": d[["alpha", "xmin", "D", "num_pl_spikes"]].to_dict("records"),
+                  "tpl": t[["alpha", "xmin", "Lambda"]].to_dict("records")}))
 """
 
 
 @pytest.mark.slow
 def test_real_weights(tmp_path):
-    """A trained run's weights: the TPL equals powerlaw's, the xmin_peak fit powerlaw's
-    Fit(xmin=range); and, where DYNLAB_POWERLAW1_PATH names a directory holding powerlaw 1.x
-    (weightwatcher 0.7.7's xmin_peak route fails with powerlaw 2.0.0), weightwatcher's own
-    analyze(fix_fingers='xmin_peak') rows."""
+    """A trained run's weights (and a Gaussian and a heavy-tailed matrix): the TPL equals
+    powerlaw's, the xmin_peak fit powerlaw's Fit(xmin=range); and, where DYNLAB_POWERLAW1_PATH
+    names a directory holding powerlaw 1.x (weightwatcher 0.7.7's xmin_peak and TPL routes
+    fail with powerlaw 2.0.0), weightwatcher's own analyze(fix_fingers='xmin_peak') rows and
+    its analyze(fit='TPL') α and Λ at the x_min it reports."""
     spec = ModelSpec(**TINY_SPEC_ARGS)
     run = make_run(tmp_path / "dec", spec, [0, 10])
     w = load_file(str(run / "checkpoints" / "step_10" / "weights.safetensors"))
     names = ["layers.0.swiglu.w_2.weight", "layers.0.attention.q_proj.weight"]
     rng = np.random.default_rng(11)
+    gauss = rng.standard_normal((128, 64)).astype(np.float32)
     heavy = matrix_with_spectrum(100, 60, torch.tensor(np.sort(rng.pareto(1.2, 60))[::-1] + 1.0),
                                  torch.Generator().manual_seed(0)).float()
-    mats = [w[n].float().numpy() for n in names] + [heavy.numpy()]
+    mats = [w[n].float().numpy() for n in names] + [gauss, heavy.numpy()]
     ours = []
     for m in mats:
         lam = evals(m)
@@ -413,8 +420,14 @@ def test_real_weights(tmp_path):
     out = subprocess.run([sys.executable, "-c", WW_SCRIPT, *files], env=env, check=True,
                          capture_output=True, text=True).stdout
     rows = json.loads(out.strip().splitlines()[-1])
-    for row, got in zip(rows, ours, strict=True):
+    for row, got in zip(rows["peak"], ours, strict=True):
         assert got.fit.xmin == pytest.approx(row["xmin"], rel=1e-12)
         assert got.fit.alpha == pytest.approx(row["alpha"], rel=1e-6)
         assert got.fit.ks == pytest.approx(row["D"], rel=1e-6)
         assert got.fit.n_tail == row["num_pl_spikes"]
+    # its fit='TPL' chooses x_min by the TPL's KS distance; at that x_min, the same fit
+    for row, m in zip(rows["tpl"], mats, strict=True):
+        lam = evals(m)
+        got = H.fit_truncated_power_law(lam[lam > 1e-5], row["xmin"])
+        assert got.alpha == pytest.approx(row["alpha"], rel=1e-6)
+        assert got.Lambda == pytest.approx(row["Lambda"], rel=1e-6)

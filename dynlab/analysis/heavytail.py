@@ -544,9 +544,10 @@ def fit_power_law_peak(lam: np.ndarray) -> PeakFit:
 # table 1; WeightWatcher's `fit='TPL'`), fitted as the `powerlaw` package's
 # `Fit(λ, xmin=x_min).truncated_power_law` (2.0.0) at the x_min of the plain power-law fit.
 
-#: Parameter ranges of the TPL fit: powerlaw's `DEFAULT_PARAMETER_RANGES` with α's upper
-#: bound (3) lifted, as `powerlaw` 1.x had none (weight matrices reach α of 2–6).
-TPL_RANGES = {"alpha": (0.0, None), "Lambda": (0.0, None)}
+#: Parameter ranges of the TPL fit: `powerlaw` 1.x's (α > 1, Λ > 0: its
+#: `_in_standard_parameter_range`, the one weightwatcher's fit='TPL' ran with) instead of
+#: 2.0.0's default α ∈ (0, 3) (weight matrices reach α of 2–6).
+TPL_RANGES = {"alpha": (1.0, None), "Lambda": (0.0, None)}
 #: powerlaw's floor for a zero likelihood (and the likelihood of out-of-range parameters).
 TINY_LIKELIHOOD = 10.0 ** sys.float_info.min_10_exp
 

@@ -463,7 +463,7 @@ def _tail_fit_metrics() -> list[Metric]:
             "(WeightWatcher's fix_fingers='xmin_peak'); ")
     tpl_def = ("truncated power law p(x) ~ x^-alpha exp(-Lambda x) on x >= xmin of alpha's fit, "
                "maximum likelihood as powerlaw's Fit(...).truncated_power_law (Nelder-Mead, "
-               "tol 1e-4, alpha in (0, inf)); ")
+               "tol 1e-4, alpha > 1, Lambda > 0); ")
     return [
         Metric("alpha_peak", "heavy-tail exponent, x_min near the ESD peak",
                rule + "alpha = 1 + n/sum ln(x/xmin); " + nan_when + " or no x_min candidate "
