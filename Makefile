@@ -14,6 +14,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev]'
+	# weightwatcher's own xmin_peak and TPL routes need powerlaw 1.x; the dev extra pins 2.0.0,
+	# so 1.5 goes beside the venv (no deps) and only the test's weightwatcher subprocess sees it
+	$(BIN)/pip install -q --no-deps --target $(VENV)/powerlaw1 powerlaw==1.5
 	touch $(STAMP)
 
 install: $(STAMP)

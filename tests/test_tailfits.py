@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -408,10 +409,12 @@ def test_real_weights(tmp_path):
         ref = pl_fit(lam[lam > 1e-5], xmin=H.peak_xmin_range(ours[-1].peak))
         assert ours[-1].fit.xmin == ref.xmin
         assert ours[-1].fit.alpha == pytest.approx(ref.alpha, rel=1e-6)
-    pl1 = os.environ.get("DYNLAB_POWERLAW1_PATH")
+    beside = Path(sys.prefix) / "powerlaw1"  # where `make install` puts powerlaw 1.5
+    pl1 = os.environ.get("DYNLAB_POWERLAW1_PATH") or (str(beside) if beside.is_dir() else "")
     if not pl1:
         pytest.skip("weightwatcher's xmin_peak needs powerlaw 1.x: set DYNLAB_POWERLAW1_PATH "
-                    "to a directory holding it (pip install powerlaw==1.5 --target DIR)")
+                    "to a directory holding it (pip install powerlaw==1.5 --target DIR; "
+                    "`make install` puts one in .venv/powerlaw1)")
     files = []
     for i, m in enumerate(mats):
         np.save(tmp_path / f"m{i}.npy", m)
