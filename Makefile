@@ -18,9 +18,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
-# the suite CI runs: every test but the soak lane (the longest real-process proofs)
+# the suite CI runs: every test but the soak lane (the longest real-process proofs), on two
+# pytest-xdist workers (one per core of CI's 2; --dist loadfile keeps a file's module fixtures
+# in one worker)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not soak" tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not soak" tests
 
 # everything, the soak lane included (about twice as long)
 test-all: $(STAMP)
@@ -29,7 +31,7 @@ test-all: $(STAMP)
 # the edit loop: every test not marked slow (no spawned processes, no training beyond a few
 # steps, no Chromium, Dask or Jupyter kernel, no whole HTML report); `make test` runs them all
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check dynlab cli tests bench
