@@ -94,16 +94,26 @@ def two_runs(tmp_path_factory):
     return root, dec, rel
 
 
+@pytest.fixture(scope="module")
+def acts_store(two_runs):
+    """Both runs analysed once (per, cn, alpha; targets final, previous, dec@4): the tests that
+    only read a store share it, a test that grows it works on a copy."""
+    root, dec, rel = two_runs
+    return dynlab.analyze([dec, rel], root / "shared.zarr", metrics="per,cn,alpha",
+                          progress=False, device="cpu", target="final,previous,dec@4")
+
+
 def acts_of(run, step):
     return {k: v.double().numpy() for k, v in load_file(
         str(run / "checkpoints" / f"step_{step}" / "activations.safetensors")).items()}
 
 
 @pytest.mark.slow
-def test_store_activation_metrics(two_runs):
+def test_store_activation_metrics(two_runs, acts_store, tmp_path):
+    import shutil
+
     root, dec, rel = two_runs
-    out = dynlab.analyze([dec, rel], root / "a.zarr", metrics="per,cn", progress=False,
-                         device="cpu", target="final,previous,dec@4")
+    out = shutil.copytree(acts_store, tmp_path / "a.zarr")  # grown below
     ds = xr.open_zarr(out)
     assert list(ds.target.values) == ["final", "previous", "dec@4"]
     assert list(ds.act_site.values)[:2] == ["residual", "attention.q_proj"]
@@ -209,14 +219,12 @@ def test_representation_figures_and_report(two_runs):
 
 
 @pytest.mark.slow
-def test_export_activation_metrics(two_runs, tmp_path):
+def test_export_activation_metrics(acts_store, tmp_path):
     import json
 
     from dynlab.analysis.export import export
 
-    root, dec, rel = two_runs
-    store = dynlab.analyze([dec, rel], root / "e.zarr", metrics="per", progress=False,
-                           device="cpu", target="final,dec@4")
+    store = acts_store
     export(store, tmp_path / "pico", run="rel")
     step = tmp_path / "pico" / "step_2"
     ds = xr.open_zarr(store).sel(run="rel", step=2)
@@ -283,16 +291,14 @@ def test_activations_computed_at_analysis_time(two_runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_recompute_activation_metrics(two_runs, tmp_path):
+def test_recompute_activation_metrics(two_runs, acts_store, tmp_path):
     from dynlab.analysis.recompute import recompute
 
     root, dec, rel = two_runs
-    full = dynlab.analyze([dec], tmp_path / "f.zarr", metrics="per,cn,alpha", progress=False,
-                          device="cpu")
     part = dynlab.analyze([dec], tmp_path / "p.zarr", metrics="per", progress=False,
                           device="cpu")
     assert "act_cn" in recompute(part, "cn,alpha")
-    a, b = xr.open_zarr(full), xr.open_zarr(part)
+    a, b = xr.open_zarr(acts_store).sel(run=["dec"]), xr.open_zarr(part)  # full: per,cn,alpha
     for name in ("act_cn", "act_alpha", "act_per"):
         xr.testing.assert_identical(a[name].load(), b[name].load())
     assert np.isfinite(b.act_cn.sel(act_site="residual").values).all()

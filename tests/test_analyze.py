@@ -360,6 +360,12 @@ def run_cli(*args):
                           capture_output=True, text=True)
 
 
+def cli(*args):
+    """`dynlab analyze ARGS --no-progress` in this process (typer's CliRunner): the message
+    and exit status of the console path without a new Python."""
+    return CliRunner().invoke(app, ["analyze", *map(str, args), "--no-progress"])
+
+
 @pytest.mark.slow  # runs `dynlab analyze` as a process
 def test_nan_weights_give_nan_metrics_and_a_warning(tmp_path):
     def poison(step, w, g):
@@ -384,16 +390,18 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     weights = run / "checkpoints" / "step_5" / "weights.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])  # truncated
-    res = run_cli(run, "-o", tmp_path / "s.zarr")
+    res = run_cli(run, "-o", tmp_path / "s.zarr")  # a real process: its exit status
     assert res.returncode == 2
     assert "step_5/weights.safetensors" in res.stderr and "truncated or corrupt" in res.stderr
     weights.write_bytes(b"\x00garbage" * 10)
-    res = run_cli(run, "-o", tmp_path / "s2.zarr")
-    assert res.returncode == 2 and "weights.safetensors" in res.stderr
+    res = cli(run, "-o", tmp_path / "s2.zarr")
+    assert res.exit_code == 2 and "weights.safetensors" in res.stderr
 
-    assert "no such directory" in run_cli(tmp_path / "nope").stderr
+    res = cli(tmp_path / "nope")
+    assert res.exit_code == 2 and "no such directory" in res.stderr
     (tmp_path / "empty").mkdir()
-    assert "no run.json" in run_cli(tmp_path / "empty").stderr.replace("\n", " ")
+    res = cli(tmp_path / "empty")
+    assert res.exit_code == 2 and "no run.json" in res.stderr.replace("\n", " ")
     norun = make_run(tmp_path / "norun", SPEC, [0], grads=False)
     (norun / "run.json").unlink()
     with pytest.raises(CheckpointError, match="run.json"):

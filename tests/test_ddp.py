@@ -98,6 +98,7 @@ def test_decoder_two_processes_match_one_and_resume_with_one(tmp_path):
     assert "world_size" not in json.loads((two / "checkpoints/step_12/meta.json").read_text())
 
 
+@pytest.mark.soak  # four torchrun launches; make test keeps the decoder's two processes
 def test_relora_torchrun_matches_one_process_through_resets_and_resume(tmp_path):
     """`torchrun --nproc-per-node 2 -m dynlab train relora`, stopped after step 8 and resumed
     under torchrun from checkpoint 5: resets after steps 3, 6 and 9 (the latter two replayed

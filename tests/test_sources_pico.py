@@ -294,6 +294,7 @@ def test_source_runs_pickle_for_dask(pico):
                        run.reader.weights(run.checkpoints[1])["layers.0.attention.q_proj.weight"])
 
 
+@pytest.mark.soak  # a second LocalCluster; make test keeps test_distributed_analyze's
 @pytest.mark.slow
 def test_dask_cluster_equals_serial_for_sources(tmp_path):
     """pico-train and relora-pico runs on a real 2-process LocalCluster give the serial store."""

@@ -213,7 +213,9 @@ def exchange_works(root: Path) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["store.rebuild:kill@3", "store.swap:kill"])
+@pytest.mark.parametrize("fault", [
+    "store.rebuild:kill@3",
+    pytest.param("store.swap:kill", marks=pytest.mark.soak)])  # a third kill in a rebuild
 def test_kill_while_a_late_checkpoint_is_sorted_in(work, reference, fault):
     """Step 5 completes after 10 and 20 were analysed: the store is rebuilt with sorted
     steps (and the new domain label 'a' first) and swapped in."""
@@ -230,6 +232,7 @@ def test_kill_while_a_late_checkpoint_is_sorted_in(work, reference, fault):
     assert_same_store(work.complete(), reference)
 
 
+@pytest.mark.soak  # make test kills creation, growth and a rebuild
 @pytest.mark.slow
 def test_kill_while_writing_training_variables_keeps_other_runs(work, reference):
     work.stage("a", [0, 10])
@@ -248,7 +251,8 @@ def test_kill_while_writing_training_variables_keeps_other_runs(work, reference)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGKILL, marks=pytest.mark.soak),
+                                 signal.SIGINT])  # SIGKILL: the kill tests above
 def test_signal_in_the_middle_of_the_analysis(work, reference, sig, tmp_path):
     work.stage("a", [0, 10, 20])
     mark = tmp_path / "paused"
@@ -313,6 +317,7 @@ def test_second_writer_waits_with_wait_then_writes_its_run(work, reference, tmp_
     assert_same_store(work.complete(), reference)
 
 
+@pytest.mark.soak  # three processes; make test keeps a refused and a waiting second writer
 @pytest.mark.slow
 def test_three_concurrent_writers_same_run_different_steps_different_runs(work, reference):
     """Three real processes started together on one store (--wait): two on run a from

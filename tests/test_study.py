@@ -85,11 +85,22 @@ def write_arrow(path: Path, rows: np.ndarray, stream: bool) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def dataset_source(tmp_path_factory):
+    """The tokenizer directory and token rows of `dataset`, trained and cut once per module."""
+    tok_dir, tok = tokenizer_dir(tmp_path_factory.mktemp("study-tokenizer"))
+    return tok_dir, tok, token_rows(tok, 60, SMALL["seq_len"] + 1)
+
+
 @pytest.fixture
-def dataset(tmp_path):
-    """A parquet dataset directory of 2 shards (small row groups) and a tokenizer directory."""
-    tok_dir, tok = tokenizer_dir(tmp_path)
-    rows = token_rows(tok, 60, SMALL["seq_len"] + 1)
+def dataset(tmp_path, dataset_source):
+    """A parquet dataset directory of 2 shards (small row groups) and a tokenizer directory,
+    each test's own (the tokenizer and rows come from `dataset_source`)."""
+    import shutil
+
+    source_dir, tok, rows = dataset_source
+    tok_dir = Path(shutil.copytree(source_dir, tmp_path / "tokenizer"))
+    rows = rows.copy()
     data = tmp_path / "dolma" / "data"
     data.mkdir(parents=True)
     write_parquet(data / "train-00000-of-00002.parquet", rows[:25], row_group_size=7)

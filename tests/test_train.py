@@ -207,6 +207,7 @@ def test_relora_interrupted_and_resumed_reproduces_loss_curve(tmp_path):
     assert json.loads((part / "checkpoints/step_14/meta.json").read_text())["relora_cycle"] == 3
 
 
+@pytest.mark.soak  # 60 steps three times; test_train_safety kills real trainers in make test
 @pytest.mark.slow
 def test_decoder_killed_subprocess_resumes_exactly(tmp_path):
     """A real `dynlab train decoder` process killed with SIGKILL mid-run, then --resume."""

@@ -188,6 +188,7 @@ def test_ctrl_c_exits_130_and_the_same_command_continues_relora_exactly(referenc
     assert_same_run(reference["relora"], out)
 
 
+@pytest.mark.soak  # three processes; make test kills at a checkpoint's rename
 @pytest.mark.slow
 def test_kill_while_resume_replaces_the_metrics_log(reference, tmp_path):
     """Killed mid-run, then killed again while the resume replaces metrics.jsonl: the log is

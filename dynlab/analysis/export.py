@@ -91,15 +91,16 @@ def parameter_entries(ds: xr.Dataset, metric: str, kind: str, run: str, step: in
 def parameter_key(table: str, idx: tuple[int, ...], ds: xr.Dataset, dt: str,
                   prefix: str = DEFAULT_PREFIX) -> str:
     """pico-analyze's key of one cell of a parameter table (module docstring)."""
+    coord = ds.indexes  # pandas indexes: a cell's label without building a DataArray
     if table == "emb_":
-        return f"{ds['embedding'].values[idx[0]]}.{dt}"
-    layer = f"{prefix}{int(ds['layer'][idx[0]])}"
+        return f"{coord['embedding'][idx[0]]}.{dt}"
+    layer = f"{prefix}{int(coord['layer'][idx[0]])}"
     if table == "":
-        return f"{layer}.{ds['matrix'].values[idx[1]]}.{dt}"
+        return f"{layer}.{coord['matrix'][idx[1]]}.{dt}"
     circuit = "ov_circuit" if table == "head_" else "qk_circuit"
     if table == "qk_":
         return f"{layer}.{circuit}.{dt}"
-    return f"{layer}.{circuit}.{dt}.heads.{int(ds['head'][idx[1]])}"
+    return f"{layer}.{circuit}.{dt}.heads.{int(coord['head'][idx[1]])}"
 
 
 def activation_entries(da: xr.DataArray, prefix: str = DEFAULT_PREFIX) -> dict[str, float]:
@@ -196,10 +197,11 @@ def export(store: str | Path, out: str | Path, *, fmt: str = "pico-analyze",
             warnings.warn(f"run {quoted(r)} is not a plain folder name; it is exported to "
                           f"{out / folder}", stacklevel=2)
         root = out / folder if len(chosen) > 1 else out
+        one = ds.sel(run=[r]).load()  # one run in memory: cell reads without dask
         for step in (int(s) for s in ds["step"].values):
             if analyzed is not None and not int(analyzed.sel(run=r, step=step)):
                 continue
-            files = step_files(ds, r, step, split, prefix)
+            files = step_files(one, r, step, split, prefix)
             if not files:
                 continue
             folder = root / f"step_{step}"
