@@ -44,7 +44,7 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m dynlab.demo
 
-# the study's grid at CPU scale (configs/study/mini.yaml: micro decoder and relora × 5 seeds) on
+# the study's grid at CPU scale (configs/study/mini.yaml: nano and micro decoder and relora × 5 seeds) on
 # 2 processes, then its claims table and report; rerun to resume after an interruption
 study-mini: $(STAMP)
 	$(BIN)/dynlab study run configs/study/mini.yaml --out study_mini --jobs 2 --no-progress

@@ -164,8 +164,10 @@ def report(
 
     out = Path("report.html") if out is None else out
     with guarded("report"):
+        claims = study_claims(stores)
         try:
-            path, ds, sections = R.write_report(stores, out, title)
+            path, ds, sections = R.write_report(stores, out, title,
+                                                claims=[c.as_dict() for c in claims] or None)
         except RuntimeError as e:  # zarr's codecs on a damaged chunk file
             from dynlab.errors import DynlabFailure
 
@@ -190,3 +192,39 @@ def report(
                 stdout.print(f"wrote {plain(R.screenshot(path, screenshot))}")
             except RuntimeError as e:
                 warn(f"no screenshot: {e}")
+
+
+def study_claims(stores: list[Path]) -> list:
+    """The claims of every store that holds a study (dynlab.experiment.design: OUT/study.json
+    beside OUT/analysis.zarr, or sibling seeds of a decoder and a relora condition), printed
+    as `dynlab study report` prints them; with several stores each scale is prefixed with its
+    store's name. A store that cannot be read is left to the report to complain about."""
+    from dataclasses import replace
+
+    from dynlab.errors import InputError
+    from dynlab.experiment.design import store_claims
+    from dynlab.viz.report import open_store
+    from dynlab_cli.console import note, warn
+    from dynlab_cli.study import print_claims
+
+    out = []
+    for store in stores:
+        try:
+            ds = open_store(store)
+        except Exception:  # noqa: BLE001 (write_report raises the clear message)
+            continue
+        try:
+            found = store_claims(store, ds)
+        except InputError as err:  # a damaged study.json: the report without claims
+            warn(f"no Claims section: {err}")
+            continue
+        if found is None:
+            continue
+        design, results, source = found
+        note(f"{store} holds study {design.get('name')} (from its {source}): the report "
+             "starts with its claims")
+        print_claims(results, design)
+        if len(stores) > 1:
+            results = [replace(r, scale=f"{Path(store).name}: {r.scale}") for r in results]
+        out.extend(results)
+    return out

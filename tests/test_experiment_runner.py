@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import xarray as xr
 import yaml
 from builders import tiny_train_options
@@ -165,3 +166,61 @@ def test_diverging_condition_is_a_failure_exit_1(tmp_path):
     res = CliRunner().invoke(app, ["study", "run", str(path), "-o", str(tmp_path / "out"),
                                    "--no-progress"])
     assert res.exit_code == 1 and "hot-s0" in res.output
+
+
+def test_a_torchrun_run_of_the_study_is_the_run_dynlab_train_writes(tmp_path):
+    """`nproc: 2` in the study's `common`: `dynlab study run` trains its run with 2 gloo
+    processes under torchrun, and that run is the one `dynlab train relora --nproc 2` writes
+    with the same options and seed: the same loss at every step, bitwise the same weights,
+    and gradients at every checkpoint (LoRA dropout on: each rank's masks are drawn
+    from its own seeded stream, so equal only if the study launched the same processes),
+    the same run.json but for --out."""
+    from safetensors.torch import load_file
+
+    from dynlab.runs.layout import complete_checkpoints
+
+    opts = tiny_train_options(steps=4, checkpoint_every=2, warmup_steps=1, batch_size=4,
+                              threads=1)
+    opts.pop("progress")
+    relora = dict(reset_every=2, restart_warmup_steps=1, lora_rank=2, lora_dropout=0.1)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"seeds": [3], "common": {**opts, "nproc": 2},
+                                    "conditions": {"rel": {"kind": "relora",
+                                                           "overrides": relora}},
+                                    "analyze": {"metrics": "per"}}))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    study = subprocess.run([sys.executable, "-m", "dynlab", "study", "run", str(path), "-o",
+                            str(tmp_path / "out"), "--no-progress", "--no-report"],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert study.returncode == 0, study.stdout[-2000:] + study.stderr[-4000:]
+    flags = [f"--{k.replace('_', '-')}={v}".replace("activation-hidden-dim", "hidden-dim")
+             for k, v in {**opts, **relora, "seed": 3}.items()]
+    ref = tmp_path / "ref"
+    train = subprocess.run([sys.executable, "-m", "dynlab", "train", "relora", "--nproc", "2",
+                            "--out", str(ref), "--no-progress", *flags],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-4000:]
+    got = tmp_path / "out" / "runs" / "rel-s3"
+    a, b = json.loads((got / "run.json").read_text()), json.loads((ref / "run.json").read_text())
+    assert a["distributed"] == {"world_size": 2, "backend": "gloo", "batch_size_per_process": 2}
+    assert a["train"].pop("out") == str(got) and b["train"].pop("out") == str(ref)
+    assert a == b
+    records = [[{k: v for k, v in r.items() if k not in (*TIMING, "tokens_per_second")}
+                for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+               for d in (got, ref)]
+    assert records[0] == records[1] and [r["step"] for r in records[0]] == [0, 1, 2, 3, 4]
+    steps = [s for s, _ in complete_checkpoints(got)]
+    assert steps == [s for s, _ in complete_checkpoints(ref)] == [0, 2, 4]
+    for s in steps:
+        meta = json.loads((got / f"checkpoints/step_{s}/meta.json").read_text())
+        assert (meta["world_size"], meta["ranks_in_step"]) == (2, True)
+        files = sorted(p.name for p in (got / f"checkpoints/step_{s}").glob("*.safetensors"))
+        assert {"weights.safetensors", "grads.safetensors"} <= set(files)
+        for name in files:
+            x = load_file(str(got / f"checkpoints/step_{s}/{name}"))
+            y = load_file(str(ref / f"checkpoints/step_{s}/{name}"))
+            assert x.keys() == y.keys()
+            for k in x:
+                assert torch.equal(x[k], y[k]), (s, name, k)
+    ds = xr.open_zarr(tmp_path / "out" / "analysis.zarr")
+    assert [str(r) for r in ds.run.values] == ["rel-s3"] and int(ds.analyzed.sum()) == 3

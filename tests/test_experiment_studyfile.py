@@ -37,7 +37,13 @@ def test_units_options_and_design(tmp_path):
 
 def test_the_repository_study_files_load():
     mini = load_study(ROOT / "configs/study/mini.yaml")
-    assert len(mini.units()) == 10 and {c.kind for c in mini.conditions} == {"decoder", "relora"}
+    assert len(mini.units()) == 20 and {(c.kind, c.scale) for c in mini.conditions} == {
+        ("decoder", "nano"), ("relora", "nano"), ("decoder", "micro"), ("relora", "micro")}
+    from dynlab.experiment.claims import scales_of
+
+    # two sizes, smallest first: the loss gap's growth with size is a claim of the table
+    assert [s for s, _, _ in scales_of(mini.design())] == ["nano", "micro"]
+    assert mini.condition("relora-nano").options["d_model"] == 32
     full = load_study(ROOT / "configs/study/study.yaml")
     assert {(c.kind, c.scale) for c in full.conditions} == {
         ("decoder", "tiny"), ("relora", "tiny"), ("decoder", "small"), ("relora", "small")}
@@ -111,3 +117,26 @@ def test_nproc_runs_are_the_train_command_line(tmp_path):
     res = CliRunner().invoke(train_app, [*argv, "--dry-run"])
     assert res.exit_code == 0, res.output
     assert res.output.startswith("relora (preset micro)") and "4 steps" in res.output
+
+
+def test_nproc_is_in_every_executors_spec_and_divides_the_threads(tmp_path):
+    """Every executor (this process, --jobs, Dask, submitit) runs `run_unit(spec)` on the
+    specs of `unit_specs`: a unit's `nproc` is in its spec's options, and with T threads for
+    the unit each of its N torchrun processes gets T / N (at least 1)."""
+    import pickle
+
+    from dynlab.experiment.runner import thread_share, unit_specs
+
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data["common"].update({"nproc": 2, "preset": "tiny", "global-batch-size": 4,
+                           "seq-len": 16})
+    study = load_study(write(tmp_path, data))
+    for threads, want in ((None, None), (8, 4), (3, 1), (1, 1)):
+        specs = pickle.loads(pickle.dumps(unit_specs(study, tmp_path / "out", threads)))
+        assert [s["unit"].options["nproc"] for s in specs] == [2] * 4
+        assert [s["threads"] for s in specs] == [want] * 4
+        assert all(s["unit"].options.get("threads") == want for s in specs)
+    one = yaml.safe_load(yaml.safe_dump(BASE))  # micro asks for 1 thread; no nproc
+    unit = load_study(write(tmp_path, one, "one.yaml")).units()[0]
+    assert thread_share(unit.options, unit.kind, None, 8) == 1
+    assert thread_share({**unit.options, "threads": 6, "nproc": 3}, unit.kind, None, 8) == 2

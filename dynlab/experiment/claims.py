@@ -56,7 +56,7 @@ import numpy as np
 from dynlab.experiment import stats as S
 
 CONFIDENCE = 0.95
-SCALE_ORDER = ("micro", "tiny", "small", "medium", "large")
+SCALE_ORDER = ("nano", "micro", "tiny", "small", "medium", "large")
 OBSERVATIONS = ("final_loss", "ppl", "blimp", "per_weights", "per_updates", "per_grads",
                 "digits_lost", "rank_deficient", "worst_at", "anisotropy", "jump", "recovery")
 

@@ -87,10 +87,12 @@ def finished(run_dir: Path, steps: int) -> bool:
 
 
 def thread_share(options: dict[str, Any], kind: str, config: Path | None, cap: int) -> int:
-    """CPU threads of one unit when `cap` threads are its share of the machine: the
-    unit's own (the preset's, e.g. micro's 1) when it is below the share, else the share."""
+    """CPU threads of each process of one unit when `cap` threads are the unit's share of
+    the machine: the share divided among the unit's `nproc` torchrun processes, or the
+    unit's own (the preset's, e.g. micro's 1) when that is below it."""
     from dynlab.training.config import make_config
 
+    cap = max(1, cap // max(1, int(options.get("nproc") or 1)))
     own = make_config(kind, training_options(options), config).resolved().threads
     return max(1, min(int(own), cap) if own else cap)
 
@@ -124,11 +126,13 @@ def train_unit(unit: Unit, run_dir: Path, steps: int) -> str:
     options = training_options(unit.options)
     nproc = unit.options.get("nproc")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    if nproc and nproc > 1:
+    if nproc and nproc > 1:  # exactly `dynlab train --nproc N` (cli/train.py's launch)
         from dynlab.training.ddp import launch
+        from dynlab.training.trainer import check_launch
 
+        cfg = check_launch(unit.kind, nproc, config=unit.config, out=str(run_dir), **options)
         code = launch(nproc, ["-m", "dynlab", "train", *train_argv(unit, run_dir)],
-                      threads=options.get("threads"))
+                      threads=cfg.threads)
         if code:
             raise DynlabFailure(f"{unit.run}: `dynlab train --nproc {nproc}` exited {code}")
         return "trained"
