@@ -81,10 +81,11 @@ def pico_ov_grads(o, v, do, dv, spec: ModelSpec) -> tuple[torch.Tensor, torch.Te
 
 
 def apply(convention: str, kind: str, comps: dict[C.Site, C.Component], spec: ModelSpec,
-          weights, grads=None, prev=None) -> dict[C.Site, C.Component]:
+          weights, grads=None, prev=None, select: C.Select = None) -> dict[C.Site, C.Component]:
     """The components of `kind` under `convention`: for `pico`, the OV entries (table "head"
     and the layer's `ov_circuit` cell) are replaced as the module docstring says. `grads`:
-    the gradients of `kind` (for a gradient kind, `GRADIENT_KINDS`)."""
+    the gradients of `kind` (for a gradient kind, `GRADIENT_KINDS`). `select`: only the
+    layers of which it keeps the OV cell or a head are computed (None: every layer)."""
     if (convention == "dynlab" or kind not in ("weights", "updates", *GRADIENT_KINDS)
             or not comps):
         return comps
@@ -96,6 +97,9 @@ def apply(convention: str, kind: str, comps: dict[C.Site, C.Component], spec: Mo
         if not (C.has(weights, layer, *ov_keys) and other is not None
                 and C.has(other, layer, *ov_keys)):
             continue  # a source without these matrices: no OV cell, as in the default
+        if select is not None and not (select(C.Site("layer", (layer, ov))) or any(
+                select(C.Site("head", (layer, h))) for h in range(spec.n_heads))):
+            continue  # left out of this selection (the caller keeps only what it selects)
         o, v = C.weight(weights, layer, "attention.o_proj"), C.weight(weights, layer,
                                                                       "attention.v_proj")
         stored = C.coarsest(o.dtype, v.dtype)
