@@ -86,8 +86,7 @@ def apply(convention: str, kind: str, comps: dict[C.Site, C.Component], spec: Mo
     and the layer's `ov_circuit` cell) are replaced as the module docstring says. `grads`:
     the gradients of `kind` (for a gradient kind, `GRADIENT_KINDS`). `select`: only the
     layers of which it keeps the OV cell or a head are computed (None: every layer)."""
-    if (convention == "dynlab" or kind not in ("weights", "updates", *GRADIENT_KINDS)
-            or not comps):
+    if convention == "dynlab" or kind not in ("weights", "updates", *GRADIENT_KINDS):
         return comps
     out = dict(comps)
     ov = C.MATRICES.index("ov_circuit")
@@ -117,6 +116,16 @@ def apply(convention: str, kind: str, comps: dict[C.Site, C.Component], spec: Mo
         for h in range(spec.n_heads):
             out[C.Site("head", (layer, h))] = C.dense(heads[h], stored)
     return out
+
+
+def replaces(convention: str, kind: str, site: C.Site) -> bool:
+    """Whether `apply` puts its own component at `site` of `kind` under `convention` (the
+    pico convention's OV entries: every head and the layer's `ov_circuit` cell), so that the
+    default one need not be built first."""
+    if convention == "dynlab" or kind not in ("weights", "updates", *GRADIENT_KINDS):
+        return False
+    return site.table == "head" or (site.table == "layer"
+                                    and site.index[1] == C.MATRICES.index("ov_circuit"))
 
 
 def head_sv_size(convention: str, spec: ModelSpec) -> int:

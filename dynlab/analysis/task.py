@@ -22,6 +22,7 @@ from dynlab.analysis import components as C
 from dynlab.analysis import metrics as metrics_mod
 from dynlab.analysis import spectra
 from dynlab.analysis.conventions import apply as apply_convention
+from dynlab.analysis.conventions import replaces as replaces_component
 from dynlab.analysis.plan import Options, Task
 from dynlab.analysis.recompute import spectrum_metric
 from dynlab.analysis.selection import Cells
@@ -171,7 +172,10 @@ def checkpoint_region(
     parts = site_parts(ckpt.weights, run.spec.n_layers)
     for k_index, kind, select in ((k, kind, part_select(part, selected)) for k, kind
                                   in enumerate(layout.kinds) for part in parts):
-        comps = kind_components(kind, run, ckpt, prev_weights, select)
+        built = select if options.convention == "dynlab" else (
+            lambda site, kind=kind, select=select: select(site) and not replaces_component(
+                options.convention, kind, site))  # built by apply_convention instead
+        comps = kind_components(kind, run, ckpt, prev_weights, built)
         comps = apply_convention(options.convention, kind, comps, run.spec, ckpt.weights,
                                  ckpt.train_grads if kind == "train_grads" else ckpt.grads,
                                  prev_weights, select)
