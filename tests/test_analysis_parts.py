@@ -129,3 +129,27 @@ def test_a_failing_batch_starts_no_write(tmp_path):
     with pytest.raises(ValueError, match="no dim"):
         writer.write({"run": 0, "step": 1, "other": 0}, {"a": np.float64(1.0)})
     assert np.isnan(writer.read("a")).all()
+
+
+def test_direct_svd_of_deficient_matrices_equals_the_auto_route():
+    """svdvals_of(direct=...) sends rank-deficient matrices straight to the SVD: the same
+    values as the Gram route with its fallback (which would redo them), bit for bit, and
+    numpy's float64 SVD to 1e-12 of σ_1; zero and NaN matrices as before."""
+    from dynlab.analysis import spectra
+
+    g = torch.Generator().manual_seed(0)
+    low = [torch.randn(24, 3, generator=g, dtype=torch.float64)
+           @ torch.randn(3, 24, generator=g, dtype=torch.float64) for _ in range(3)]
+    full = torch.randn(24, 24, generator=g, dtype=torch.float64)
+    nan = low[0].clone()
+    nan[2, 5] = float("nan")
+    xs = [*low, torch.zeros(24, 24, dtype=torch.float64), nan, full]
+    direct = [True, True, True, True, True, False]
+    auto = spectra.svdvals_of(xs)
+    fast = spectra.svdvals_of(xs, direct=direct)
+    torch.testing.assert_close(fast, auto, rtol=0, atol=0, equal_nan=True)
+    for x, s in zip(low + [full], [*fast[:3], fast[5]], strict=True):
+        ref = np.linalg.svd(x.numpy(), compute_uv=False)
+        np.testing.assert_allclose(s.numpy(), ref, rtol=0, atol=1e-12 * ref[0])
+    assert (fast[3] == 0).all() and torch.isnan(fast[4]).all()
+    assert (fast[0, 3:] < 1e-12 * fast[0, 0]).all()  # the zero singular values stay zero-ish

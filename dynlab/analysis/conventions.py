@@ -26,6 +26,7 @@ metric) is computed as in the default convention.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -113,8 +114,11 @@ def apply(convention: str, kind: str, comps: dict[C.Site, C.Component], spec: Mo
                                                C.weight(prev, layer, "attention.v_proj"), spec)
             heads, whole = heads - p_heads, whole - p_whole
         out[C.Site("layer", (layer, ov))] = C.dense(whole, stored)
+        # a gradient head O_h·dV_g + dO_h·V_g has rank ≤ 2·hd: below d when 2·hd < d
+        deficient = kind in GRADIENT_KINDS and 2 * spec.head_dim < spec.d_model
         for h in range(spec.n_heads):
-            out[C.Site("head", (layer, h))] = C.dense(heads[h], stored)
+            out[C.Site("head", (layer, h))] = dataclasses.replace(
+                C.dense(heads[h], stored), deficient=deficient)
     return out
 
 

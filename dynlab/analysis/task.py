@@ -58,7 +58,7 @@ def component_spectra(
             sig = spectra.lowrank_svdvals(left, right, dtype=dtype)
         else:
             sig = spectra.svdvals_of([c.x for _, c in items], [c.minus for _, c in items],
-                                     dtype=dtype)
+                                     dtype=dtype, direct=[c.deficient for _, c in items])
         sig = sig.cpu()
         for (site, comp), s in zip(items, sig, strict=True):
             k = comp.rank_bound
