@@ -137,10 +137,24 @@ def tree_environment(env: dict, tree: Path) -> dict:
     return {**env, "PYTHONPATH": os.pathsep.join(paths)}
 
 
-def timed(cmd: list[str], env: dict, cwd: Path | None = None) -> float:
-    t = time.perf_counter()
+#: CPU seconds (user + system) of each timed command, by command name, in order
+CPU: dict[str, list[float]] = {}
+
+
+def timed(cmd: list[str], env: dict, cwd: Path | None = None, name: str = "") -> float:
+    """Wall seconds of a whole process; its CPU seconds (user + system, from the children's
+    rusage) are appended to CPU[name]: on a shared machine the CPU time is the steadier
+    figure."""
+    import resource
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    t, c = time.perf_counter(), cpu()
     p = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     dt = time.perf_counter() - t
+    CPU.setdefault(name, []).append(cpu() - c)
     if p.returncode != 0:
         sys.exit(f"{' '.join(cmd[:4])} ... failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return dt
@@ -213,30 +227,40 @@ def main() -> None:
             for tool in tools:
                 if tool == "dynlab":
                     shutil.rmtree(store, ignore_errors=True)
-                    times[tool].append(timed(dynlab_args(job, run, store, args.threads), env))
+                    times[tool].append(timed(dynlab_args(job, run, store, args.threads), env,
+                                             name=tool))
                 elif tool == "dynlab-baseline":
                     base_store = args.workdir / f"dynlab-baseline-{job}.zarr"
                     shutil.rmtree(base_store, ignore_errors=True)
                     times[tool].append(timed(dynlab_args(job, run, base_store, args.threads),
-                                             tree_environment(env, args.baseline)))
+                                             tree_environment(env, args.baseline), name=tool))
                 else:
                     shutil.rmtree(pico_out, ignore_errors=True)
                     cmd = [str(args.pico_python), "-m", "scripts.analyze", "--config_path",
                            str(cfg_path), "--run_path", str(run)]
-                    times[tool].append(timed(cmd, env, cwd=args.pico_analyze))
+                    times[tool].append(timed(cmd, env, cwd=args.pico_analyze, name=tool))
         t_d = statistics.median(times["dynlab"])
-        summary = f"SUMMARY job={job} checkpoints={len(steps)} dynlab={t_d:.1f}s"
+        c = {tool: statistics.median(CPU[tool][-args.rounds:]) for tool in tools}
+        summary = (f"SUMMARY job={job} checkpoints={len(steps)} dynlab={t_d:.1f}s "
+                   f"(cpu {c['dynlab']:.1f}s)")
         if args.baseline is not None:
             t_b = statistics.median(times["dynlab-baseline"])
             print(f"\n[{job}] dynlab now {t_d:.1f} s {[round(t, 1) for t in times['dynlab']]}, "
                   f"baseline {t_b:.1f} s {[round(t, 1) for t in times['dynlab-baseline']]}: "
-                  f"baseline / now = {t_b / t_d:.2f}x")
-            summary += f" baseline={t_b:.1f}s baseline/now={t_b / t_d:.2f}x"
+                  f"baseline / now = {t_b / t_d:.2f}x; CPU seconds now "
+                  f"{[round(t, 1) for t in CPU['dynlab'][-args.rounds:]]}, baseline "
+                  f"{[round(t, 1) for t in CPU['dynlab-baseline'][-args.rounds:]]}: "
+                  f"{c['dynlab-baseline'] / c['dynlab']:.2f}x")
+            summary += (f" baseline={t_b:.1f}s (cpu {c['dynlab-baseline']:.1f}s) "
+                        f"baseline/now={t_b / t_d:.2f}x "
+                        f"(cpu {c['dynlab-baseline'] / c['dynlab']:.2f}x)")
         if args.no_pico:
             print(f"{summary} load={os.getloadavg()[0]:.1f}")
             continue
         t_p = statistics.median(times["pico-analyze"])
-        summary += f" pico-analyze={t_p:.1f}s pico-analyze/dynlab={t_p / t_d:.2f}x"
+        summary += (f" pico-analyze={t_p:.1f}s (cpu {c['pico-analyze']:.1f}s) "
+                    f"pico-analyze/dynlab={t_p / t_d:.2f}x "
+                    f"(cpu {c['pico-analyze'] / c['dynlab']:.2f}x)")
         from dynlab.analysis.export import export
 
         dyn_out = args.workdir / f"dynlab-export-{job}"
