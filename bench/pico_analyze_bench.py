@@ -42,7 +42,11 @@ computes in float32). Condition numbers above 1e5 are rank-deficient matrices (e
 gradient, of rank <= 2·hd, is one) whose smallest singular value is rounding noise in either
 tool: they are counted, and only checked to be large in both.
 
-Prints seconds, ratios pico-analyze / dynlab (above 1: dynlab faster) and the machine's load.
+Prints seconds, ratios pico-analyze / dynlab (above 1: dynlab faster) and the machine's load,
+and one line per job starting with `SUMMARY`. `--baseline TREE` also times another dynlab
+source tree (an earlier commit, e.g. `git archive OLD | tar -x -C TREE`; PYTHONPATH=TREE and
+TREE/.shim), alternately with the others, for before/after ratios; `--no-pico` leaves
+pico-analyze out (dynlab and the baseline only).
 """
 
 from __future__ import annotations
@@ -126,10 +130,31 @@ def environment(threads: int) -> dict:
     return env
 
 
-def timed(cmd: list[str], env: dict, cwd: Path | None = None) -> float:
-    t = time.perf_counter()
+def tree_environment(env: dict, tree: Path) -> dict:
+    """`env` with another dynlab source tree first on PYTHONPATH (its `.shim` too, where the
+    tree has one: the folder that makes its `cli/` importable as `dynlab_cli`)."""
+    paths = [str(tree)] + [str(tree / ".shim")] * (tree / ".shim").is_dir()
+    return {**env, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+#: CPU seconds (user + system) of each timed command, by command name, in order
+CPU: dict[str, list[float]] = {}
+
+
+def timed(cmd: list[str], env: dict, cwd: Path | None = None, name: str = "") -> float:
+    """Wall seconds of a whole process; its CPU seconds (user + system, from the children's
+    rusage) are appended to CPU[name]: on a shared machine the CPU time is the steadier
+    figure."""
+    import resource
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    t, c = time.perf_counter(), cpu()
     p = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     dt = time.perf_counter() - t
+    CPU.setdefault(name, []).append(cpu() - c)
     if p.returncode != 0:
         sys.exit(f"{' '.join(cmd[:4])} ... failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return dt
@@ -163,17 +188,24 @@ def compare(pico_out: Path, dyn_out: Path) -> dict[str, tuple[int, float, int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pico-analyze", type=Path, required=True,
+    ap.add_argument("--pico-analyze", type=Path, default=Path("/work/pico-analyze-src"),
                     help="pico-analyze's source folder (its scripts/analyze.py)")
-    ap.add_argument("--pico-python", type=Path, required=True,
+    ap.add_argument("--pico-python", type=Path, default=Path("/work/pa-venv/bin/python"),
                     help="the Python of pico-analyze's own virtual environment")
     ap.add_argument("--checkpoints", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--jobs", default="simple+OV,everything")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/dynlab-pico-bench"))
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another dynlab source tree (e.g. `git archive` of an earlier commit), "
+                         "timed alternately with this one: before/after ratios")
+    ap.add_argument("--no-pico", action="store_true",
+                    help="time dynlab (and --baseline) only, without pico-analyze")
     args = ap.parse_args()
-    if not (args.pico_analyze / "scripts" / "analyze.py").is_file():
+    if args.no_pico:
+        args.pico_analyze = args.pico_python = None
+    elif not (args.pico_analyze / "scripts" / "analyze.py").is_file():
         sys.exit(f"{args.pico_analyze}: no scripts/analyze.py (see this script's docstring)")
     args.workdir.mkdir(parents=True, exist_ok=True)
     run = args.workdir / "pico-tiny"
@@ -188,24 +220,53 @@ def main() -> None:
 
         cfg_path.write_text(yaml.safe_dump(pico_config(job, steps, pico_out)))
         store = args.workdir / f"dynlab-{job}.zarr"
-        times: dict[str, list[float]] = {"dynlab": [], "pico-analyze": []}
+        tools = ["dynlab"] + ["dynlab-baseline"] * (args.baseline is not None) + \
+            ["pico-analyze"] * (not args.no_pico)
+        times: dict[str, list[float]] = {tool: [] for tool in tools}
         for _ in range(args.rounds):
-            for tool in ("dynlab", "pico-analyze"):
+            for tool in tools:
                 if tool == "dynlab":
                     shutil.rmtree(store, ignore_errors=True)
-                    times[tool].append(timed(dynlab_args(job, run, store, args.threads), env))
+                    times[tool].append(timed(dynlab_args(job, run, store, args.threads), env,
+                                             name=tool))
+                elif tool == "dynlab-baseline":
+                    base_store = args.workdir / f"dynlab-baseline-{job}.zarr"
+                    shutil.rmtree(base_store, ignore_errors=True)
+                    times[tool].append(timed(dynlab_args(job, run, base_store, args.threads),
+                                             tree_environment(env, args.baseline), name=tool))
                 else:
                     shutil.rmtree(pico_out, ignore_errors=True)
                     cmd = [str(args.pico_python), "-m", "scripts.analyze", "--config_path",
                            str(cfg_path), "--run_path", str(run)]
-                    times[tool].append(timed(cmd, env, cwd=args.pico_analyze))
+                    times[tool].append(timed(cmd, env, cwd=args.pico_analyze, name=tool))
+        t_d = statistics.median(times["dynlab"])
+        c = {tool: statistics.median(CPU[tool][-args.rounds:]) for tool in tools}
+        summary = (f"SUMMARY job={job} checkpoints={len(steps)} dynlab={t_d:.1f}s "
+                   f"(cpu {c['dynlab']:.1f}s)")
+        if args.baseline is not None:
+            t_b = statistics.median(times["dynlab-baseline"])
+            print(f"\n[{job}] dynlab now {t_d:.1f} s {[round(t, 1) for t in times['dynlab']]}, "
+                  f"baseline {t_b:.1f} s {[round(t, 1) for t in times['dynlab-baseline']]}: "
+                  f"baseline / now = {t_b / t_d:.2f}x; CPU seconds now "
+                  f"{[round(t, 1) for t in CPU['dynlab'][-args.rounds:]]}, baseline "
+                  f"{[round(t, 1) for t in CPU['dynlab-baseline'][-args.rounds:]]}: "
+                  f"{c['dynlab-baseline'] / c['dynlab']:.2f}x")
+            summary += (f" baseline={t_b:.1f}s (cpu {c['dynlab-baseline']:.1f}s) "
+                        f"baseline/now={t_b / t_d:.2f}x "
+                        f"(cpu {c['dynlab-baseline'] / c['dynlab']:.2f}x)")
+        if args.no_pico:
+            print(f"{summary} load={os.getloadavg()[0]:.1f}")
+            continue
+        t_p = statistics.median(times["pico-analyze"])
+        summary += (f" pico-analyze={t_p:.1f}s (cpu {c['pico-analyze']:.1f}s) "
+                    f"pico-analyze/dynlab={t_p / t_d:.2f}x "
+                    f"(cpu {c['pico-analyze'] / c['dynlab']:.2f}x)")
         from dynlab.analysis.export import export
 
         dyn_out = args.workdir / f"dynlab-export-{job}"
         shutil.rmtree(dyn_out, ignore_errors=True)
         export(store, dyn_out, prefix=PREFIX)
         agree = compare(pico_out / job, dyn_out)
-        t_d, t_p = statistics.median(times["dynlab"]), statistics.median(times["pico-analyze"])
         print(f"\n[{job}] {len(steps)} checkpoints, medians of {args.rounds} alternating rounds")
         print(f"  dynlab        {t_d:7.1f} s   {[round(t, 1) for t in times['dynlab']]}")
         print(f"  pico-analyze  {t_p:7.1f} s   {[round(t, 1) for t in times['pico-analyze']]}")
@@ -214,6 +275,7 @@ def main() -> None:
             extra = f", {deficient} rank-deficient cn (> {RANK_DEFICIENT_CN:g} in both)" \
                 if deficient else ""
             print(f"  {metric:17s} {n:5d} values, max relative difference {worst:.1e}{extra}")
+        print(f"{summary} load={os.getloadavg()[0]:.1f}")
     print(f"\nload after: {os.getloadavg()}")
 
 

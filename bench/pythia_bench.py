@@ -262,6 +262,13 @@ def main() -> None:
               f"{r['floor_s'] / n:13.2f} {r['analysis_s'] / r['floor_s']:15.2f} "
               f"{r['peak_bytes'] / r['file_bytes']:17.2f} {above:14.2f}")
     print(f"threads {next(iter(rows.values()))['threads']}; load after: {os.getloadavg()}")
+    for size, r in rows.items():
+        n, above = r["checkpoints"], r["peak_bytes"] - r.get("base_bytes", 0)
+        print(f"SUMMARY size={size} s_per_checkpoint={r['analysis_s'] / n:.2f} "
+              f"analysis/floor={r['analysis_s'] / r['floor_s']:.2f} "
+              f"peak_files={r['peak_bytes'] / r['file_bytes']:.2f} "
+              f"above_imports_files={above / r['file_bytes']:.2f} "
+              f"load={os.getloadavg()[0]:.1f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

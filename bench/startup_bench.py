@@ -122,6 +122,10 @@ def main() -> None:
     for pkg, sec in importtime(run, work / "it.zarr", env):
         print(f"  {pkg:18s} {sec:6.2f}")
     print(f"\nload after: {os.getloadavg()}")
+    med = {k: statistics.median(v) for k, v in figures.items()}
+    print(f"SUMMARY whole_process={med['whole process']:.2f}s "
+          f"torch_floor={med['torch floor']:.2f}s python={med['python']:.2f}s "
+          f"optional_imports={','.join(modules) or 'none'} load={os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -111,6 +111,9 @@ class Dense:
     stored: torch.dtype | None = None
     norm: float | None = None
     minus: torch.Tensor | None = None
+    #: rank below min(shape) by construction (a dense product of thin factors): its singular
+    #: values go straight to the SVD (`spectra.svdvals_of(direct=...)`)
+    deficient: bool = False
 
     @property
     def rank_bound(self) -> int:

@@ -26,6 +26,7 @@ metric) is computed as in the default convention.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -81,12 +82,12 @@ def pico_ov_grads(o, v, do, dv, spec: ModelSpec) -> tuple[torch.Tensor, torch.Te
 
 
 def apply(convention: str, kind: str, comps: dict[C.Site, C.Component], spec: ModelSpec,
-          weights, grads=None, prev=None) -> dict[C.Site, C.Component]:
+          weights, grads=None, prev=None, select: C.Select = None) -> dict[C.Site, C.Component]:
     """The components of `kind` under `convention`: for `pico`, the OV entries (table "head"
     and the layer's `ov_circuit` cell) are replaced as the module docstring says. `grads`:
-    the gradients of `kind` (for a gradient kind, `GRADIENT_KINDS`)."""
-    if (convention == "dynlab" or kind not in ("weights", "updates", *GRADIENT_KINDS)
-            or not comps):
+    the gradients of `kind` (for a gradient kind, `GRADIENT_KINDS`). `select`: only the
+    layers of which it keeps the OV cell or a head are computed (None: every layer)."""
+    if convention == "dynlab" or kind not in ("weights", "updates", *GRADIENT_KINDS):
         return comps
     out = dict(comps)
     ov = C.MATRICES.index("ov_circuit")
@@ -96,6 +97,9 @@ def apply(convention: str, kind: str, comps: dict[C.Site, C.Component], spec: Mo
         if not (C.has(weights, layer, *ov_keys) and other is not None
                 and C.has(other, layer, *ov_keys)):
             continue  # a source without these matrices: no OV cell, as in the default
+        if select is not None and not (select(C.Site("layer", (layer, ov))) or any(
+                select(C.Site("head", (layer, h))) for h in range(spec.n_heads))):
+            continue  # left out of this selection (the caller keeps only what it selects)
         o, v = C.weight(weights, layer, "attention.o_proj"), C.weight(weights, layer,
                                                                       "attention.v_proj")
         stored = C.coarsest(o.dtype, v.dtype)
@@ -110,9 +114,22 @@ def apply(convention: str, kind: str, comps: dict[C.Site, C.Component], spec: Mo
                                                C.weight(prev, layer, "attention.v_proj"), spec)
             heads, whole = heads - p_heads, whole - p_whole
         out[C.Site("layer", (layer, ov))] = C.dense(whole, stored)
+        # a gradient head O_h·dV_g + dO_h·V_g has rank ≤ 2·hd: below d when 2·hd < d
+        deficient = kind in GRADIENT_KINDS and 2 * spec.head_dim < spec.d_model
         for h in range(spec.n_heads):
-            out[C.Site("head", (layer, h))] = C.dense(heads[h], stored)
+            out[C.Site("head", (layer, h))] = dataclasses.replace(
+                C.dense(heads[h], stored), deficient=deficient)
     return out
+
+
+def replaces(convention: str, kind: str, site: C.Site) -> bool:
+    """Whether `apply` puts its own component at `site` of `kind` under `convention` (the
+    pico convention's OV entries: every head and the layer's `ov_circuit` cell), so that the
+    default one need not be built first."""
+    if convention == "dynlab" or kind not in ("weights", "updates", *GRADIENT_KINDS):
+        return False
+    return site.table == "head" or (site.table == "layer"
+                                    and site.index[1] == C.MATRICES.index("ov_circuit"))
 
 
 def head_sv_size(convention: str, spec: ModelSpec) -> int:

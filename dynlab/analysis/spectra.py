@@ -91,9 +91,15 @@ def svdvals_of(
     dtype: torch.dtype = torch.float64,
     gram_max_cond: float | None = None,
     fallback: bool = True,
+    direct: Sequence[bool] | None = None,
 ) -> torch.Tensor:
     """Singular values of equal-shaped matrices X_i (or X_i − minus_i), (B, k) in `dtype`:
     `svdvals`'s "auto" route (its "gram" route with fallback=False) without a stacked copy.
+
+    direct[i] (with the fallback): X_i's rank is below k by construction, so the Gram route's
+    answer would never be kept (its κ estimate is the rounding noise of its zero singular
+    values, far above `gram_max_cond`; a zero matrix gives zeros on either route): X_i goes
+    straight to the SVD, with the same result and without the Gram work.
 
     Each Gram matrix is accumulated from blocks of ≈ GRAM_BLOCK entries along the long side,
     each converted to `dtype` (and the difference formed) only as it is used: no matrix is
@@ -103,17 +109,26 @@ def svdvals_of(
     if gram_max_cond is None:
         gram_max_cond = GRAM_MAX_COND_BY_DTYPE.get(dtype, 1.0)
     m, n = xs[0].shape
-    gram = _grams(xs, minus, dtype)
-    # A NaN/Inf entry in row i makes G_ii non-finite, so the Gram diagonal tells which
-    # matrices to check (no extra pass over the entries).
-    suspect = ~torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all(-1)
-    if bool(suspect.any()):
-        gram = torch.where(suspect[:, None, None], 0.0, gram)
-    lam = _batched(eigvalsh, gram)
-    del gram
-    s = lam.clamp_min(0).sqrt().flip(-1)  # eigvalsh is ascending
+    to_svd = torch.zeros(len(xs), dtype=torch.bool)
+    if direct is not None and fallback:
+        to_svd = torch.tensor([bool(d) for d in direct], dtype=torch.bool)
+    via_gram = (~to_svd).nonzero().flatten().tolist()
+    s = torch.zeros((len(xs), min(m, n)), dtype=dtype, device=xs[0].device)
+    suspect = torch.zeros(len(xs), dtype=torch.bool, device=xs[0].device)
+    if via_gram:
+        gram = _grams([xs[i] for i in via_gram],
+                      None if minus is None else [minus[i] for i in via_gram], dtype)
+        # A NaN/Inf entry in row i makes G_ii non-finite, so the Gram diagonal tells which
+        # matrices to check (no extra pass over the entries).
+        bad_gram = ~torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all(-1)
+        if bool(bad_gram.any()):
+            gram = torch.where(bad_gram[:, None, None], 0.0, gram)
+        lam = _batched(eigvalsh, gram)
+        del gram
+        s[via_gram] = lam.clamp_min(0).sqrt().flip(-1).to(s.device)  # eigvalsh is ascending
+        suspect[via_gram] = bad_gram.to(suspect.device)
     finite = torch.ones(len(xs), dtype=torch.bool)
-    for i in suspect.nonzero().flatten().tolist():
+    for i in (suspect.cpu() | to_svd).nonzero().flatten().tolist():
         finite[i] = bool(torch.isfinite(xs[i]).all()) and (
             minus is None or minus[i] is None or bool(torch.isfinite(minus[i]).all()))
     redo = torch.zeros(len(xs), dtype=torch.bool)
@@ -121,6 +136,7 @@ def svdvals_of(
         # κ estimate from the Gram route itself; a zero matrix (all σ = 0) is exact as it is
         redo = ~(s[:, -1].cpu() * gram_max_cond >= s[:, 0].cpu())
         redo |= suspect.cpu() & finite  # an overflowed Gram of finite entries
+        redo |= to_svd
     redo &= finite
     index = redo.nonzero().flatten().tolist()
     per_call = max(1, SVD_BLOCK // (m * n))  # bounds the float64 copies held at once

@@ -22,6 +22,7 @@ from dynlab.analysis import components as C
 from dynlab.analysis import metrics as metrics_mod
 from dynlab.analysis import spectra
 from dynlab.analysis.conventions import apply as apply_convention
+from dynlab.analysis.conventions import replaces as replaces_component
 from dynlab.analysis.plan import Options, Task
 from dynlab.analysis.recompute import spectrum_metric
 from dynlab.analysis.selection import Cells
@@ -57,7 +58,7 @@ def component_spectra(
             sig = spectra.lowrank_svdvals(left, right, dtype=dtype)
         else:
             sig = spectra.svdvals_of([c.x for _, c in items], [c.minus for _, c in items],
-                                     dtype=dtype)
+                                     dtype=dtype, direct=[c.deficient for _, c in items])
         sig = sig.cpu()
         for (site, comp), s in zip(items, sig, strict=True):
             k = comp.rank_bound
@@ -164,39 +165,45 @@ def checkpoint_region(
     # the previous weights were resident as the last checkpoint's: out until `updates` needs
     # them, so that at most two checkpoint files (weights and grads, or weights and previous
     # weights) are resident at once
+    views = [{t: x.numpy() for t, x in table.items()}
+             for table in (sigma, max_dim, min_dim, norm, eps, max_rank)]
+    sigma_id, max_id, min_id, norm_id, eps_id, rank_id = range(len(views))
     release_pages(prev_weights)
-    for k_index, kind in enumerate(layout.kinds):
-        select = None if selected is None else selected.wants
-        comps = kind_components(kind, run, ckpt, prev_weights, select)
+    parts = site_parts(ckpt.weights, run.spec.n_layers)
+    for k_index, kind, select in ((k, kind, part_select(part, selected)) for k, kind
+                                  in enumerate(layout.kinds) for part in parts):
+        built = select if options.convention == "dynlab" else (
+            lambda site, kind=kind, select=select: select(site) and not replaces_component(
+                options.convention, kind, site))  # built by apply_convention instead
+        comps = kind_components(kind, run, ckpt, prev_weights, built)
         comps = apply_convention(options.convention, kind, comps, run.spec, ckpt.weights,
                                  ckpt.train_grads if kind == "train_grads" else ckpt.grads,
-                                 prev_weights)
-        if selected is not None:  # the pico convention adds OV entries of its own
-            comps = {site: c for site, c in comps.items() if selected.wants(site)}
+                                 prev_weights, select)
+        # the pico convention adds OV entries of its own
+        comps = {site: c for site, c in comps.items() if select(site)}
         if not comps:
             continue
         sigmas = component_spectra(comps, device=options.device, dtype=options.dtype)
-        for site, s in sigmas.items():
-            cell = (k_index, *site.index)
-            sigma[site.table][cell][: s.shape[0]] = s.to(torch.float64)
-            max_dim[site.table][cell] = comps[site].max_dim
-            min_dim[site.table][cell] = comps[site].min_dim
-            norm[site.table][cell] = storage_norm(comps[site], s)
-            eps[site.table][cell] = comps[site].eps
-            max_rank[site.table][cell] = comps[site].max_rank
-            if torch.isnan(s).all() and site.table not in ("qk", "qk_head"):  # q/k report it
+        for site, s in sigmas.items():  # through numpy views of the tables (same memory)
+            cell, t, comp = (k_index, *site.index), site.table, comps[site]
+            s64 = s.to(torch.float64).numpy()
+            views[sigma_id][t][cell][: s64.shape[0]] = s64
+            views[max_id][t][cell] = comp.max_dim
+            views[min_id][t][cell] = comp.min_dim
+            views[norm_id][t][cell] = storage_norm(comp, s)
+            views[eps_id][t][cell] = comp.eps
+            views[rank_id][t][cell] = comp.max_rank
+            if np.isnan(s64).all() and t not in ("qk", "qk_head"):  # q/k report it
                 bad.append(f"{kind}:{site_name(site)}")
         for m in entrywise:
             fn = metrics_mod.METRICS[m].from_entries
             for site, comp in comps.items():
                 entry_values[(site.table, m)][(k_index, *site.index)] = fn(comp.entries()).cpu()
         del comps, sigmas
-        if kind == "grads":  # their pages are not needed again: out of the resident set
-            release_pages(ckpt.grads)
-        elif kind == "train_grads":
-            release_pages(ckpt.train_grads)
-        elif kind == "updates":
-            release_pages(prev_weights)
+        # this part's pages out of the resident set (a later part or kind that reads a tensor
+        # again faults it back in from the page cache, unchanged)
+        for tensors in (ckpt.weights, ckpt.grads, ckpt.train_grads, prev_weights):
+            release_pages(tensors)
         trim_heap()
     out: dict[str, np.ndarray] = {}
     for table, var in tables.items():
@@ -216,6 +223,53 @@ def checkpoint_region(
                                          eps[table], **tol_args)
             out[prefix + m] = values.numpy()
     return out, bad
+
+
+#: bytes of stored matrices per part of a checkpoint (`site_parts`)
+PART_BYTES = 16 << 20
+
+
+def site_parts(weights: Tensors, n_layers: int, part_bytes: int | None = None
+               ) -> list[tuple[str, frozenset[int]]]:
+    """The parts a checkpoint is analysed in, one after the other, so that only one part's
+    components (their float64 factors) and stored pages are resident at once: runs of
+    consecutive layers whose stored matrices hold at most `part_bytes` (default `PART_BYTES`)
+    together (at least one layer each), as ("layers", {layer, ...}), then each embedding
+    alone, as ("emb", {e}).
+    Every component depends only on its own matrices, so the values do not depend on the
+    parts (the same property that lets a selection equal the full analysis)."""
+    part_bytes = PART_BYTES if part_bytes is None else part_bytes
+    size = [0] * n_layers
+    for name, t in weights.items():
+        head, _, rest = name.partition(".")
+        if head == "layers":
+            layer = rest.partition(".")[0]
+            if layer.isdigit() and int(layer) < n_layers:
+                size[int(layer)] += t.numel() * t.element_size()
+    parts: list[tuple[str, frozenset[int]]] = []
+    chunk: list[int] = []
+    for layer in range(n_layers):
+        if chunk and sum(size[i] for i in chunk) + size[layer] > part_bytes:
+            parts.append(("layers", frozenset(chunk)))
+            chunk = []
+        chunk.append(layer)
+    if chunk:
+        parts.append(("layers", frozenset(chunk)))
+    return parts + [("emb", frozenset({e})) for e in range(len(C.EMBEDDINGS))]
+
+
+def part_select(part: tuple[str, frozenset[int]], selected: Cells | None
+                ) -> Callable[[C.Site], bool]:
+    """The sites of one part (`site_parts`) that `selected` keeps (all of the part's when
+    None)."""
+    table, index = part
+
+    def wants(site: C.Site) -> bool:
+        if (site.table == "emb") != (table == "emb") or site.index[0] not in index:
+            return False
+        return selected is None or selected.wants(site)
+
+    return wants
 
 
 def _libc_trim() -> Callable[[int], int] | None:

@@ -1,0 +1,155 @@
+"""A checkpoint analysed in parts (`task.site_parts`: runs of layers, then each embedding) and
+a region written in one batch (`RegionWriter.write`) give exactly the store of one part and of
+one write per variable; the parts cover every site once and keep to their byte budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import dynlab
+from dynlab.analysis import task
+from dynlab.analysis.components import EMBEDDINGS, Site
+from dynlab.analysis.store import RegionWriter
+from dynlab.runs.checkpoints import ModelSpec
+from dynlab.testing import make_run
+
+SPEC = ModelSpec(d_model=16, n_layers=3, n_heads=4, n_kv_heads=2, activation_hidden_dim=24,
+                 vocab_size=40)
+
+
+def layer_weights(n_layers: int, sizes: list[int]) -> dict[str, torch.Tensor]:
+    """Float32 matrices of `sizes[i]` entries in layer i (bytes = 4·size), an embedding."""
+    w = {f"layers.{i}.attention.q_proj.weight": torch.zeros(n) for i, n in enumerate(sizes)}
+    w["embedding_proj.weight"] = torch.zeros(1000)
+    return w
+
+
+def test_parts_cover_every_layer_once_within_the_budget():
+    sizes = [10, 10, 30, 5, 5, 5, 100]  # bytes: 40 40 120 20 20 20 400
+    parts = task.site_parts(layer_weights(7, sizes), 7, part_bytes=80)
+    layer_parts = [sorted(p) for t, p in parts if t == "layers"]
+    # consecutive runs, greedy: 40+40 | 120 alone (over budget) | 20+20+20 | 400 alone
+    assert layer_parts == [[0, 1], [2], [3, 4, 5], [6]]
+    assert [(t, sorted(p)) for t, p in parts if t == "emb"] == [
+        ("emb", [e]) for e in range(len(EMBEDDINGS))]
+    one = task.site_parts(layer_weights(7, sizes), 7, part_bytes=10 ** 9)
+    assert [sorted(p) for t, p in one if t == "layers"] == [list(range(7))]
+
+
+def test_part_select_keeps_a_part_and_the_selection():
+    wants = task.part_select(("layers", frozenset({1})), None)
+    assert wants(Site("layer", (1, 0))) and wants(Site("head", (1, 3)))
+    assert wants(Site("qk", (1,))) and not wants(Site("qk_head", (0, 1)))
+    assert not wants(Site("emb", (1,)))
+    emb = task.part_select(("emb", frozenset({1})), None)
+    assert emb(Site("emb", (1,))) and not emb(Site("emb", (0,)))
+    assert not emb(Site("layer", (1, 0)))
+
+
+def store_values(path) -> dict[str, np.ndarray]:
+    g = zarr.open_group(str(path), mode="r")
+    return {name: np.asarray(a[...]) for name, a in g.arrays()}
+
+
+@pytest.mark.parametrize("convention", ["dynlab", "pico"])
+def test_one_layer_per_part_gives_the_same_store(tmp_path, monkeypatch, convention):
+    """Every layer in a part of its own (and each embedding) against the whole checkpoint
+    in one part: identical stores, bit for bit (weights, grads and updates)."""
+    run = make_run(tmp_path / "r", SPEC, [0, 5])
+    kw = dict(metrics="per,cn,gini", device="cpu", progress=False, convention=convention,
+              activations=False)
+    monkeypatch.setattr(task, "PART_BYTES", 1 << 40)
+    whole = dynlab.analyze([run], tmp_path / "whole.zarr", **kw)
+    monkeypatch.setattr(task, "PART_BYTES", 1)
+    assert len(task.site_parts(dict(load_weights(run)), SPEC.n_layers)) == SPEC.n_layers + 2
+    parts = dynlab.analyze([run], tmp_path / "parts.zarr", **kw)
+    a, b = store_values(whole), store_values(parts)
+    assert a.keys() == b.keys()
+    assert np.isfinite(a["per"]).any()
+    for name in a:
+        if np.issubdtype(a[name].dtype, np.number):
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def load_weights(run):
+    from dynlab.sources import load_source_weights, open_sources
+
+    (src,) = open_sources([run])
+    return load_source_weights(src, src.checkpoints[0])
+
+
+def test_batched_region_write_equals_one_write_per_variable(tmp_path):
+    """RegionWriter.write (all variables in one batch) against zarr's own per-variable
+    writes: the same arrays and the same chunk files, for whole-chunk, partial-chunk,
+    scalar and orthogonal (index array) regions."""
+    rng = np.random.default_rng(0)
+    shapes = {"a": ((3, 4, 5), ("run", "step", "x")), "b": ((3, 4), ("run", "step")),
+              "c": ((3, 4, 6, 2), ("run", "step", "y", "z"))}
+    stores = []
+    for name in ("batched", "plain"):
+        g = zarr.open_group(str(tmp_path / name), mode="w")
+        for var, (shape, dims) in shapes.items():
+            g.create_array(var, shape=shape, dtype="float64", fill_value=np.nan,
+                           chunks=(1, 2) + shape[2:], dimension_names=dims)
+        stores.append(g)
+    writes = [({"run": 1, "step": 2}, {"a": rng.normal(size=5), "b": np.float64(7.0),
+                                      "c": rng.normal(size=(6, 2))}),
+              ({"run": 0, "step": 3}, {"a": rng.normal(size=5), "c": rng.normal(size=(6, 2))}),
+              ({"run": 2, "step": np.array([0, 3])}, {"a": rng.normal(size=(2, 5)),
+                                                      "b": rng.normal(size=2)})]
+    writer = RegionWriter(tmp_path / "batched")
+    plain = stores[1]
+    for region, values in writes:
+        writer.write(region, values)
+        for var, arr in values.items():
+            sel = tuple(region.get(d, slice(None)) for d in shapes[var][1])
+            if any(isinstance(k, np.ndarray) for k in sel):
+                plain[var].set_orthogonal_selection(sel, arr)
+            else:
+                plain[var][sel] = arr
+    got, want = store_values(tmp_path / "batched"), store_values(tmp_path / "plain")
+    for var in shapes:
+        np.testing.assert_array_equal(got[var], want[var], err_msg=var)
+        assert np.isfinite(got[var]).sum() > 0
+    chunk_files = sorted(p.relative_to(tmp_path / "plain")
+                         for p in (tmp_path / "plain").rglob("*") if p.is_file())
+    for rel in chunk_files:
+        assert (tmp_path / "batched" / rel).read_bytes() == (tmp_path / "plain" / rel).read_bytes()
+    assert writer.read("b", {"run": 1, "step": 2}) == 7.0
+
+
+def test_a_failing_batch_starts_no_write(tmp_path):
+    g = zarr.open_group(str(tmp_path / "s"), mode="w")
+    g.create_array("a", shape=(2, 2), dtype="float64", fill_value=np.nan,
+                   dimension_names=("run", "step"))
+    writer = RegionWriter(tmp_path / "s")
+    with pytest.raises(ValueError, match="no dim"):
+        writer.write({"run": 0, "step": 1, "other": 0}, {"a": np.float64(1.0)})
+    assert np.isnan(writer.read("a")).all()
+
+
+def test_direct_svd_of_deficient_matrices_equals_the_auto_route():
+    """svdvals_of(direct=...) sends rank-deficient matrices straight to the SVD: the same
+    values as the Gram route with its fallback (which would redo them), bit for bit, and
+    numpy's float64 SVD to 1e-12 of σ_1; zero and NaN matrices as before."""
+    from dynlab.analysis import spectra
+
+    g = torch.Generator().manual_seed(0)
+    low = [torch.randn(24, 3, generator=g, dtype=torch.float64)
+           @ torch.randn(3, 24, generator=g, dtype=torch.float64) for _ in range(3)]
+    full = torch.randn(24, 24, generator=g, dtype=torch.float64)
+    nan = low[0].clone()
+    nan[2, 5] = float("nan")
+    xs = [*low, torch.zeros(24, 24, dtype=torch.float64), nan, full]
+    direct = [True, True, True, True, True, False]
+    auto = spectra.svdvals_of(xs)
+    fast = spectra.svdvals_of(xs, direct=direct)
+    torch.testing.assert_close(fast, auto, rtol=0, atol=0, equal_nan=True)
+    for x, s in zip(low + [full], [*fast[:3], fast[5]], strict=True):
+        ref = np.linalg.svd(x.numpy(), compute_uv=False)
+        np.testing.assert_allclose(s.numpy(), ref, rtol=0, atol=1e-12 * ref[0])
+    assert (fast[3] == 0).all() and torch.isnan(fast[4]).all()
+    assert (fast[0, 3:] < 1e-12 * fast[0, 0]).all()  # the zero singular values stay zero-ish
