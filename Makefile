@@ -23,8 +23,8 @@ install: $(STAMP)
 
 # the suite CI runs: every test but the soak lane (the longest real-process proofs), on two
 # pytest-xdist workers (one per core of CI's 2; --dist loadfile keeps a file's module fixtures
-# in one worker). Measured on 2 shared cores at load 7-13: 612 tests, 31 min (3 325 s of
-# summed test time); docs/development.md has the lanes' figures
+# in one worker). Measured from a fresh clone on the 2-core machine at load 2-3: 649 tests in
+# 11 min (14 min with the install); docs/development.md has the lanes' figures
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not soak" tests
 
