@@ -24,7 +24,7 @@ install: $(STAMP)
 # the suite CI runs: every test but the soak lane (the longest real-process proofs), on two
 # pytest-xdist workers (one per core of CI's 2; --dist loadfile keeps a file's module fixtures
 # in one worker). Measured from a fresh clone on the 2-core machine at load 2-3: 649 tests in
-# 11 min (14 min with the install); docs/development.md has the lanes' figures
+# 9.8-11 min (12.5-14 min with the install); docs/development.md has the lanes' figures
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not soak" tests
 
