@@ -28,3 +28,24 @@ def tiny_model_config(**overrides: Any):
 
     return ModelConfig(**(dict(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2,
                                activation_hidden_dim=24) | overrides))
+
+
+def heavy_tailed_run(out, steps=(0, 10)):
+    """A synthetic dynlab run (dynlab.testing.make_run) of one layer of d 24 whose layer-0
+    q_proj has a planted heavy-tailed spectrum (24 Pareto(1.5) singular values + 1, scaled by
+    0.05; one seeded basis per step): the heavy-tail tests' store has tails to fit."""
+    import numpy as np
+    import torch
+
+    from dynlab.runs.checkpoints import ModelSpec
+    from dynlab.testing import make_run, matrix_with_spectrum
+
+    spec = ModelSpec(d_model=24, n_layers=1, n_heads=4, n_kv_heads=2, activation_hidden_dim=32,
+                     vocab_size=40)
+    tail = torch.tensor(np.random.default_rng(5).pareto(1.5, 24) + 1.0).sort(descending=True)
+
+    def plant(step, w, g):
+        w["layers.0.attention.q_proj.weight"] = 0.05 * matrix_with_spectrum(
+            24, 24, tail.values, torch.Generator().manual_seed(step)).float()
+
+    return make_run(out, spec, list(steps), edit=plant)

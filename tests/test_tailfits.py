@@ -22,7 +22,7 @@ import scipy.integrate
 import scipy.linalg
 import torch
 import xarray as xr
-from builders import TINY_SPEC_ARGS
+from builders import TINY_SPEC_ARGS, heavy_tailed_run
 from safetensors.torch import load_file
 
 import dynlab
@@ -34,8 +34,6 @@ from dynlab.testing import make_run, matrix_with_spectrum
 powerlaw = pytest.importorskip("powerlaw", reason="powerlaw==2.0.0 is a dev dependency")
 mpmath = pytest.importorskip("mpmath")
 
-SMALL = ModelSpec(d_model=24, n_layers=1, n_heads=4, n_kv_heads=2, activation_hidden_dim=32,
-                  vocab_size=40)
 PEAK = ("alpha_peak", "alpha_peak_ks", "alpha_peak_n_tail")
 TPL = ("tpl_alpha", "tpl_lambda", "tpl_llr", "tpl_p")
 
@@ -284,13 +282,7 @@ def test_registry_opt_in():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("tails")
-    tail = torch.tensor(np.random.default_rng(5).pareto(1.5, 24) + 1.0).sort(descending=True)
-
-    def plant(step, w, g):  # a heavy-tailed q_proj
-        w["layers.0.attention.q_proj.weight"] = 0.05 * matrix_with_spectrum(
-            24, 24, tail.values, torch.Generator().manual_seed(step)).float()
-
-    run = make_run(root / "dec", SMALL, [0, 10], edit=plant)
+    run = heavy_tailed_run(root / "dec")
     metrics = "alpha,alpha_n_tail," + ",".join(PEAK + TPL)
     path = dynlab.analyze([run], root / "a.zarr", metrics=metrics, progress=False, device="cpu")
     return run, path

@@ -15,7 +15,7 @@ import scipy.linalg
 import scipy.stats
 import torch
 import xarray as xr
-from builders import TINY_SPEC_ARGS
+from builders import TINY_SPEC_ARGS, heavy_tailed_run
 from safetensors.torch import load_file
 
 import dynlab
@@ -26,8 +26,6 @@ from dynlab.testing import make_run, matrix_with_spectrum
 
 SPEC = ModelSpec(**TINY_SPEC_ARGS)
 #: one layer, d 24: a store of every kind small enough for the fast lane
-SMALL = ModelSpec(d_model=24, n_layers=1, n_heads=4, n_kv_heads=2, activation_hidden_dim=32,
-                  vocab_size=40)
 WW_SPECTRAL = ("log_norm", "log_spectral_norm", "alpha_weighted", "log_alpha_norm", "mp_sigma",
                "mp_sigma2", "mp_bulk_max", "num_spikes", "mp_softrank", "over_trained",
                "under_trained")
@@ -153,13 +151,7 @@ def test_registry_defaults_and_opt_in():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("ww")
-    tail = torch.tensor(np.random.default_rng(5).pareto(1.5, 24) + 1.0).sort(descending=True)
-
-    def plant(step, w, g):  # a heavy-tailed q_proj
-        w["layers.0.attention.q_proj.weight"] = 0.05 * matrix_with_spectrum(
-            24, 24, tail.values, torch.Generator().manual_seed(step)).float()
-
-    run = make_run(root / "dec", SMALL, [0, 10], edit=plant)
+    run = heavy_tailed_run(root / "dec")
     metrics = "alpha,alpha_n_tail," + ",".join(WW_SPECTRAL + WW_RAND)
     path = dynlab.analyze([run], root / "a.zarr", metrics=metrics, progress=False, device="cpu")
     return run, root, path
