@@ -13,8 +13,6 @@ from dynlab_cli.options import (
     Device,
     Precision,
     Progress,
-    SourceFormat,
-    choices,
     follow_option,
     hub_cache_option,
     keep_downloads_option,
@@ -25,6 +23,7 @@ from dynlab_cli.options import (
     poll_option,
     resolve,
     revisions_option,
+    source_format_option,
     steps_option,
     until_option,
     value,
@@ -91,10 +90,7 @@ def analyze(
         "also latest), "
         "first, previous, STEP or RUN@STEP; a comma list for several.")] = None,
     # ---- sources (dynlab.sources)
-    fmt: Annotated[str | None, typer.Option(
-        "--format", show_default=False, metavar=choices(SourceFormat),
-        help="Force the source format (default: detected per path; checked by "
-        "dynlab.sources).")] = None,
+    fmt: Annotated[str | None, source_format_option()] = None,
     revisions: Annotated[str | None, revisions_option()] = None,
     keep_downloads: Annotated[bool, keep_downloads_option("analysed")] = False,
     hub_cache: Annotated[Path | None, hub_cache_option()] = None,

@@ -11,14 +11,13 @@ from dynlab_cli.options import (
     Device,
     OnError,
     Progress,
-    SourceFormat,
-    choices,
     follow_option,
     hub_cache_option,
     keep_downloads_option,
     metrics_option,
     poll_option,
     revisions_option,
+    source_format_option,
     until_option,
 )
 
@@ -85,9 +84,7 @@ def evaluate(
         "--autocast", help="none, bf16 or fp16: autocast the forward passes on CUDA.")] = "none",
     dtype: Annotated[str, typer.Option(
         "--dtype", help="Model parameters: float32, bfloat16 or float16.")] = "float32",
-    fmt: Annotated[str | None, typer.Option(
-        "--format", show_default=False, metavar=choices(SourceFormat),
-        help="Force the source format (default: detected per path).")] = None,
+    fmt: Annotated[str | None, source_format_option()] = None,
     revisions: Annotated[str | None, revisions_option()] = None,
     keep_downloads: Annotated[bool, keep_downloads_option("loaded")] = False,
     hub_cache: Annotated[Path | None, hub_cache_option()] = None,

@@ -216,6 +216,13 @@ def matrices_option(help: str = MATRICES_HELP) -> Any:
 # `done` is the command's past participle ("analysed", "evaluated").
 
 
+def source_format_option() -> Any:
+    """--format (typer.Option) of the commands that read sources: one of SourceFormat."""
+    return typer.Option("--format", show_default=False, metavar=choices(SourceFormat),
+                        help="Force the source format (default: detected per path; checked "
+                        "by dynlab.sources).")
+
+
 def revisions_option() -> Any:
     """--revisions (typer.Option): hf:// revisions, a comma list and/or ranges."""
     return typer.Option("--revisions", show_default=False,
