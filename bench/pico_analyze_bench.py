@@ -188,10 +188,12 @@ def compare(pico_out: Path, dyn_out: Path) -> dict[str, tuple[int, float, int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pico-analyze", type=Path, default=Path("/work/pico-analyze-src"),
-                    help="pico-analyze's source folder (its scripts/analyze.py)")
-    ap.add_argument("--pico-python", type=Path, default=Path("/work/pa-venv/bin/python"),
-                    help="the Python of pico-analyze's own virtual environment")
+    ap.add_argument("--pico-analyze", type=Path, default=os.environ.get("PICO_ANALYZE"),
+                    help="pico-analyze's source folder (its scripts/analyze.py; default: "
+                    "$PICO_ANALYZE)")
+    ap.add_argument("--pico-python", type=Path, default=os.environ.get("PICO_ANALYZE_PYTHON"),
+                    help="the Python of pico-analyze's own virtual environment (default: "
+                    "$PICO_ANALYZE_PYTHON)")
     ap.add_argument("--checkpoints", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
@@ -205,8 +207,15 @@ def main() -> None:
     args = ap.parse_args()
     if args.no_pico:
         args.pico_analyze = args.pico_python = None
-    elif not (args.pico_analyze / "scripts" / "analyze.py").is_file():
+    elif args.pico_analyze is None or args.pico_python is None:
+        sys.exit("--pico-analyze and --pico-python (or $PICO_ANALYZE, $PICO_ANALYZE_PYTHON) are "
+                 "needed, or --no-pico (see this script's docstring)")
+    elif not (Path(args.pico_analyze) / "scripts" / "analyze.py").is_file():
         sys.exit(f"{args.pico_analyze}: no scripts/analyze.py (see this script's docstring)")
+    elif not Path(args.pico_python).is_file():
+        sys.exit(f"{args.pico_python}: no such Python (see this script's docstring)")
+    else:
+        args.pico_analyze, args.pico_python = Path(args.pico_analyze), Path(args.pico_python)
     args.workdir.mkdir(parents=True, exist_ok=True)
     run = args.workdir / "pico-tiny"
     steps = write_run(run, args.checkpoints)
