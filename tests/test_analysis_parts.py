@@ -131,25 +131,68 @@ def test_a_failing_batch_starts_no_write(tmp_path):
     assert np.isnan(writer.read("a")).all()
 
 
-def test_direct_svd_of_deficient_matrices_equals_the_auto_route():
-    """svdvals_of(direct=...) sends rank-deficient matrices straight to the SVD: the same
-    values as the Gram route with its fallback (which would redo them), bit for bit, and
-    numpy's float64 SVD to 1e-12 of σ_1; zero and NaN matrices as before."""
-    from dynlab.analysis import spectra
+def test_entry_metrics_see_the_whole_matrix_when_rows_were_dropped():
+    """An embedding gradient's zero rows and an update's unchanged rows are left out of the
+    spectral work (components.drop_zero_rows, components.difference), but the entry-wise
+    metrics are of the whole matrix: hoyer and gini over all m·n entries, against numpy
+    (Hurley & Rickard's Gini, hand-written), the same stacked or one at a time."""
+    from dynlab.analysis import components as C
+    from dynlab.analysis.task import entry_metrics
 
-    g = torch.Generator().manual_seed(0)
-    low = [torch.randn(24, 3, generator=g, dtype=torch.float64)
-           @ torch.randn(3, 24, generator=g, dtype=torch.float64) for _ in range(3)]
-    full = torch.randn(24, 24, generator=g, dtype=torch.float64)
-    nan = low[0].clone()
-    nan[2, 5] = float("nan")
-    xs = [*low, torch.zeros(24, 24, dtype=torch.float64), nan, full]
-    direct = [True, True, True, True, True, False]
-    auto = spectra.svdvals_of(xs)
-    fast = spectra.svdvals_of(xs, direct=direct)
-    torch.testing.assert_close(fast, auto, rtol=0, atol=0, equal_nan=True)
-    for x, s in zip(low + [full], [*fast[:3], fast[5]], strict=True):
-        ref = np.linalg.svd(x.numpy(), compute_uv=False)
-        np.testing.assert_allclose(s.numpy(), ref, rtol=0, atol=1e-12 * ref[0])
-    assert (fast[3] == 0).all() and torch.isnan(fast[4]).all()
-    assert (fast[0, 3:] < 1e-12 * fast[0, 0]).all()  # the zero singular values stay zero-ish
+    g = torch.Generator().manual_seed(3)
+    grad = torch.randn(40, 6, generator=g)
+    grad[::3] = 0.0  # tokens absent from the batch
+    cur = torch.randn(40, 6, generator=g)
+    prev = cur.clone()
+    prev[5:9] += torch.randn(4, 6, generator=g)  # only four rows changed
+    comps = {C.Site("emb", (0,)): C.drop_zero_rows(grad),
+             C.Site("emb", (1,)): C.difference(cur, prev)}
+    assert comps[C.Site("emb", (0,))].x.shape[0] < 40  # rows were dropped
+    got = entry_metrics(comps, ["hoyer", "gini"])
+
+    def gini(w):
+        c = np.sort(np.abs(w).ravel())
+        n = c.size
+        return 1 - 2 * np.sum(c / c.sum() * (n - np.arange(1, n + 1) + 0.5) / n)
+
+    def hoyer(w):
+        w = np.abs(w).ravel()
+        return (np.sqrt(w.size) - w.sum() / np.sqrt((w * w).sum())) / (np.sqrt(w.size) - 1)
+
+    for site, full in ((C.Site("emb", (0,)), grad.double().numpy()),
+                       (C.Site("emb", (1,)), (cur.double() - prev.double()).numpy())):
+        np.testing.assert_array_equal(comps[site].entries().numpy(), full)
+        assert got[site]["gini"] == pytest.approx(gini(full), rel=1e-12)
+        assert got[site]["hoyer"] == pytest.approx(hoyer(full), rel=1e-12)
+        alone = entry_metrics({site: comps[site]}, ["gini"])[site]["gini"]
+        assert alone == got[site]["gini"]
+
+
+def test_remembered_by_content_and_spectral_norms_reused():
+    """memo.remembered computes fn once per content of its input (equal bytes in another
+    tensor hit; one changed entry, another dtype or shape miss), and the spectral norms it
+    remembers equal numpy's 2-norm (σ_1) to 1e-12."""
+    from dynlab.analysis import components as C
+    from dynlab.analysis.memo import remembered
+
+    calls = []
+
+    def twice(x):
+        calls.append(1)
+        return x.sum() * 2
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(200, 150, generator=g, dtype=torch.float64)
+    assert remembered(twice, x) == remembered(twice, x.clone()) == x.sum() * 2
+    assert len(calls) == 1
+    y = x.clone()
+    y[7, 3] += 1e-12
+    remembered(twice, y)
+    remembered(twice, x.float())
+    remembered(twice, x.reshape(150, 200))
+    assert len(calls) == 4
+    batch = torch.randn(3, 200, 150, generator=g, dtype=torch.float64)
+    first = C.spectral_norms(batch)
+    np.testing.assert_allclose(first.numpy(), np.linalg.norm(batch.numpy(), 2, axis=(-2, -1)),
+                               rtol=1e-12)
+    assert torch.equal(C.spectral_norms(batch.clone()), first)

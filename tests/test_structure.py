@@ -103,7 +103,7 @@ LAYERS = [
     ("base", ["dynlab.errors", "dynlab.atomic", "dynlab.faults", "dynlab.devices",
               "dynlab.version", "dynlab.locking"]),
     ("maths", ["dynlab.analysis.metrics", "dynlab.analysis.spectra", "dynlab.analysis.heavytail",
-               "dynlab.analysis.representations"]),
+               "dynlab.analysis.representations", "dynlab.analysis.memo"]),
     ("data", ["dynlab.data", "dynlab.model", "dynlab.runs"]),
     # maths on a runnable model (Hessian, loss line, gradient noise, attention)
     ("function space", ["dynlab.function_space"]),

@@ -104,16 +104,15 @@ class Dense:
     zeros up to min(shape)). `stored`: the precision its entries (or the tensors they were
     formed from) were stored in; None means x's own dtype. `norm`: S, the Frobenius norm of
     the stored inputs it was formed from (√(‖W_t‖_F² + ‖W_prev‖_F²) for a difference); None
-    means ‖x‖_F."""
+    means ‖x‖_F. `rows`: where x holds only some rows, which (a boolean mask over the
+    true rows; the others are zero, or equal in both terms of a difference)."""
 
     x: torch.Tensor
     shape: tuple[int, int]
     stored: torch.dtype | None = None
     norm: float | None = None
     minus: torch.Tensor | None = None
-    #: rank below min(shape) by construction (a dense product of thin factors): its singular
-    #: values go straight to the SVD (`spectra.svdvals_of(direct=...)`)
-    deficient: bool = False
+    rows: torch.Tensor | None = None
 
     @property
     def rank_bound(self) -> int:
@@ -141,9 +140,13 @@ class Dense:
         return frobenius(self.x) if self.norm is None else self.norm
 
     def entries(self) -> torch.Tensor:
-        if self.minus is None:
-            return self.x
-        return self.x.double() - self.minus.double()
+        """The matrix of `shape` (the dropped rows as zeros); a difference in float64."""
+        x = self.x if self.minus is None else self.x.double() - self.minus.double()
+        if self.rows is None:
+            return x
+        out = x.new_zeros(self.shape)
+        out[self.rows] = x
+        return out
 
 
 @dataclass(frozen=True)
@@ -251,7 +254,7 @@ def drop_zero_rows(
     nonzero = rows_where(x, 0.0)
     if bool(nonzero.all()):
         return dense(x, stored, norm)
-    return Dense(x[nonzero], (x.shape[0], x.shape[1]), stored, norm)
+    return Dense(x[nonzero], (x.shape[0], x.shape[1]), stored, norm, rows=nonzero)
 
 
 def difference(cur: torch.Tensor, prev: torch.Tensor) -> Dense:
@@ -263,7 +266,8 @@ def difference(cur: torch.Tensor, prev: torch.Tensor) -> Dense:
     changed[0] = True  # at least one row: an unchanged matrix is the zero matrix, σ = 0
     if bool(changed.all()):
         return Dense(cur, (cur.shape[0], cur.shape[1]), stored, norm, prev)
-    return Dense(cur[changed], (cur.shape[0], cur.shape[1]), stored, norm, prev[changed])
+    return Dense(cur[changed], (cur.shape[0], cur.shape[1]), stored, norm, prev[changed],
+                 rows=changed)
 
 
 def weight(tensors: Tensors, layer: int, matrix: str) -> torch.Tensor:
@@ -428,10 +432,24 @@ def sum_of_products_norm(*terms: tuple[torch.Tensor, torch.Tensor]) -> torch.Ten
     return total
 
 
+#: shorter side from which `spectral_norms` are remembered
+MEMO_MIN_SIDE = 128
+
+
 def spectral_norms(x: torch.Tensor) -> torch.Tensor:
     """‖x‖_2 of each matrix of a batch (…, a, b), in float64 on the CPU: √λ_max of the Gram
     matrix of the shorter side (σ_1 is accurate on the Gram route whatever κ). NaN for a
-    matrix holding NaN/Inf (its metrics are NaN)."""
+    matrix holding NaN/Inf (its metrics are NaN). Remembered by content (`memo.remembered`):
+    the factors of the weights' circuits come back in the updates of this checkpoint and the
+    next one."""
+    from dynlab.analysis.memo import remembered
+
+    if min(x.shape[-2:]) <= MEMO_MIN_SIDE:  # cheaper to compute than to hash
+        return _spectral_norms(x)
+    return remembered(_spectral_norms, x)
+
+
+def _spectral_norms(x: torch.Tensor) -> torch.Tensor:
     from dynlab.analysis.spectra import eigvalsh, finite_matrices
 
     x = x.to(torch.float64)

@@ -9,12 +9,15 @@ OV figures) can be put beside dynlab's:
 
 * OV of weights, per head: V_g(h)·O_h (hd × hd, in that order); the layer: the heads'
   products concatenated along columns, [V_g(0)·O_0 | … | V_g(H−1)·O_{H−1}] (hd × H·hd).
-* OV of gradients, per head: O_h·dV_g + dO_h·V_g as a dense d × d matrix, so PER is
+* OV of gradients, per head: O_h·dV_g + dO_h·V_g as the d × d matrix it is, so PER is
   normalised by d and CN runs over all d singular values; the layer: the heads' gradient
-  products concatenated along columns (d × H·d). Every gradient kind (`GRADIENT_KINDS`: the
-  fixed batch's `grads`, pico-train's `val_gradients`, and the training batch's
+  products concatenated along columns (d × H·d). Every gradient kind (`GRADIENT_KINDS`:
+  the fixed batch's `grads`, pico-train's `val_gradients`, and the training batch's
   `train_grads`, its `train_gradients`) is built so: pico-analyze's OV component reads both
-  splits with one code path.
+  splits with one code path. A head is the product [O_h | dO_h]·[dV_g ; V_g] of rank
+  ≤ 2·hd: where 2·hd < d its singular values come from those factors (`components.LowRank`,
+  padded with exact zeros to d), so its CN is +inf — the matrix is singular — where an SVD
+  of the dense matrix reports rounding noise as σ_min (≈ 1e7 in pico-analyze's float32).
 * OV of updates (pico-analyze has none): the weights' convention at both steps,
   V^t_g·O^t_h − V^p_g·O^p_h per head and the concatenation of those for the layer.
 * condition number: σ_max / σ_min over all min(m, n) singular values, with no tolerance
@@ -26,12 +29,13 @@ metric) is computed as in the default convention.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
+import numpy as np
 import torch
 
 from dynlab.analysis import components as C
+from dynlab.analysis.spectra import matmul
 from dynlab.errors import InputError
 from dynlab.runs.checkpoints import ModelSpec
 
@@ -62,23 +66,42 @@ def condition_number_pico(sigma: torch.Tensor) -> torch.Tensor:
 
 def _heads(o: torch.Tensor, v: torch.Tensor, spec: ModelSpec
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    return C.ov_head_factors(o.double(), v.double(), spec)
+    """(O_h (..., H, d, hd), V_g(h) (..., H, hd, d)) in float64 of o_proj (..., d, H·hd) and
+    v_proj (..., kv·hd, d): `components.ov_head_factors` over leading (layer) dims."""
+    h, kv, hd, d = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_model
+    o_h = o.double().reshape(*o.shape[:-2], d, h, hd).movedim(-2, -3)
+    v_h = v.double().reshape(*v.shape[:-2], kv, hd, d).repeat_interleave(h // kv, dim=-3)
+    return o_h, v_h
+
+
+def _columns(heads: torch.Tensor) -> torch.Tensor:
+    """The heads (..., H, m, n) side by side, [head_0 | … | head_{H−1}] (..., m, H·n)."""
+    *lead, h, m, n = heads.shape
+    return heads.movedim(-3, -2).reshape(*lead, m, h * n)
 
 
 def pico_ov_weights(o: torch.Tensor, v: torch.Tensor, spec: ModelSpec
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-head V_g·O_h (H, hd, hd), the layer's concatenation (hd, H·hd))."""
+    """(per-head V_g·O_h (..., H, hd, hd), the layer's concatenation (..., hd, H·hd)) of
+    o_proj, v_proj (..., of one layer or stacked layers)."""
     o_h, v_h = _heads(o, v, spec)
-    heads = v_h @ o_h
-    return heads, torch.cat(list(heads), dim=1)
+    heads = matmul(v_h, o_h)
+    return heads, _columns(heads)
+
+
+def pico_ov_grad_factors(o, v, do, dv, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The product rule's factors of every head's OV gradient, O_h·dV_g + dO_h·V_g =
+    [O_h | dO_h]·[dV_g ; V_g]: (left (..., H, d, 2·hd), right (..., H, 2·hd, d)), float64."""
+    o_h, v_h = _heads(o, v, spec)
+    do_h, dv_h = _heads(do, dv, spec)
+    return torch.cat([o_h, do_h], dim=-1), torch.cat([dv_h, v_h], dim=-2)
 
 
 def pico_ov_grads(o, v, do, dv, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-head O_h·dV_g + dO_h·V_g (H, d, d), the layer's concatenation (d, H·d))."""
-    o_h, v_h = _heads(o, v, spec)
-    do_h, dv_h = _heads(do, dv, spec)
-    heads = o_h @ dv_h + do_h @ v_h
-    return heads, torch.cat(list(heads), dim=1)
+    """(per-head O_h·dV_g + dO_h·V_g (..., H, d, d), the layer's concatenation (..., d, H·d))."""
+    left, right = pico_ov_grad_factors(o, v, do, dv, spec)
+    heads = matmul(left, right)
+    return heads, _columns(heads)
 
 
 def apply(convention: str, kind: str, comps: dict[C.Site, C.Component], spec: ModelSpec,
@@ -86,39 +109,60 @@ def apply(convention: str, kind: str, comps: dict[C.Site, C.Component], spec: Mo
     """The components of `kind` under `convention`: for `pico`, the OV entries (table "head"
     and the layer's `ov_circuit` cell) are replaced as the module docstring says. `grads`:
     the gradients of `kind` (for a gradient kind, `GRADIENT_KINDS`). `select`: only the
-    layers of which it keeps the OV cell or a head are computed (None: every layer)."""
+    layers of which it keeps the OV cell or a head are computed (None: every layer). The
+    layers are computed together (stacked), each matrix product on its own, so a value does
+    not depend on which other layers are computed."""
     if convention == "dynlab" or kind not in ("weights", "updates", *GRADIENT_KINDS):
         return comps
     out = dict(comps)
     ov = C.MATRICES.index("ov_circuit")
     ov_keys = ("attention.o_proj", "attention.v_proj")
+    other = grads if kind in GRADIENT_KINDS else prev if kind == "updates" else weights
+    layers = []
     for layer in range(spec.n_layers):
-        other = grads if kind in GRADIENT_KINDS else prev if kind == "updates" else weights
         if not (C.has(weights, layer, *ov_keys) and other is not None
                 and C.has(other, layer, *ov_keys)):
             continue  # a source without these matrices: no OV cell, as in the default
         if select is not None and not (select(C.Site("layer", (layer, ov))) or any(
                 select(C.Site("head", (layer, h))) for h in range(spec.n_heads))):
             continue  # left out of this selection (the caller keeps only what it selects)
-        o, v = C.weight(weights, layer, "attention.o_proj"), C.weight(weights, layer,
-                                                                      "attention.v_proj")
-        stored = C.coarsest(o.dtype, v.dtype)
-        if kind == "weights":
-            heads, whole = pico_ov_weights(o, v, spec)
-        elif kind in GRADIENT_KINDS:
-            heads, whole = pico_ov_grads(o, v, C.weight(grads, layer, "attention.o_proj"),
-                                         C.weight(grads, layer, "attention.v_proj"), spec)
-        else:
-            heads, whole = pico_ov_weights(o, v, spec)
-            p_heads, p_whole = pico_ov_weights(C.weight(prev, layer, "attention.o_proj"),
-                                               C.weight(prev, layer, "attention.v_proj"), spec)
-            heads, whole = heads - p_heads, whole - p_whole
-        out[C.Site("layer", (layer, ov))] = C.dense(whole, stored)
-        # a gradient head O_h·dV_g + dO_h·V_g has rank ≤ 2·hd: below d when 2·hd < d
-        deficient = kind in GRADIENT_KINDS and 2 * spec.head_dim < spec.d_model
+        layers.append(layer)
+    if not layers:
+        return out
+
+    def stacked(tensors, name: str) -> torch.Tensor:
+        return torch.stack([C.weight(tensors, layer, name).double() for layer in layers])
+
+    stored = [C.coarsest(C.weight(weights, layer, "attention.o_proj").dtype,
+                         C.weight(weights, layer, "attention.v_proj").dtype) for layer in layers]
+    o, v = stacked(weights, "attention.o_proj"), stacked(weights, "attention.v_proj")
+    # a gradient head O_h·dV_g + dO_h·V_g has rank ≤ 2·hd: below d when 2·hd < d
+    if kind in GRADIENT_KINDS and 2 * spec.head_dim < spec.d_model:
+        left, right = pico_ov_grad_factors(o, v, stacked(grads, "attention.o_proj"),
+                                           stacked(grads, "attention.v_proj"), spec)
+        heads = matmul(left, right)
+        norms = torch.from_numpy(np.linalg.norm(heads.numpy(), axis=(-2, -1))).tolist()
+        whole = _columns(heads)
+        for i, layer in enumerate(layers):  # S of a head's tolerance: its ‖x‖_F
+            out[C.Site("layer", (layer, ov))] = C.dense(whole[i], stored[i])
+            for h in range(spec.n_heads):
+                out[C.Site("head", (layer, h))] = C.LowRank(left[i, h], right[i, h], stored[i],
+                                                            full=True, norm=norms[i][h])
+        return out
+    if kind == "weights":
+        heads, whole = pico_ov_weights(o, v, spec)
+    elif kind in GRADIENT_KINDS:
+        heads, whole = pico_ov_grads(o, v, stacked(grads, "attention.o_proj"),
+                                     stacked(grads, "attention.v_proj"), spec)
+    else:
+        heads, whole = pico_ov_weights(o, v, spec)
+        p_heads, p_whole = pico_ov_weights(stacked(prev, "attention.o_proj"),
+                                           stacked(prev, "attention.v_proj"), spec)
+        heads, whole = heads - p_heads, whole - p_whole
+    for i, layer in enumerate(layers):
+        out[C.Site("layer", (layer, ov))] = C.dense(whole[i], stored[i])
         for h in range(spec.n_heads):
-            out[C.Site("head", (layer, h))] = dataclasses.replace(
-                C.dense(heads[h], stored), deficient=deficient)
+            out[C.Site("head", (layer, h))] = C.dense(heads[i, h], stored[i])
     return out
 
 

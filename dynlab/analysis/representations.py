@@ -32,6 +32,8 @@ import math
 import numpy as np
 import torch
 
+from dynlab.analysis.memo import remembered
+
 #: SVCCA keeps the leading singular directions that explain this fraction of the variance
 #: (Raghu et al. 2017 keep 99 %).
 SVCCA_VARIANCE = 0.99
@@ -246,7 +248,7 @@ def svcca(x, y, keep: float | int = SVCCA_VARIANCE) -> float:
     if pair is None:
         return math.nan
     rx = _leading_directions(centre(pair[0]), keep)
-    ry = _leading_directions(centre(pair[1]), keep)
+    ry = remembered(_leading_directions, centre(pair[1]), keep)  # the target's: once per target
     rho = canonical_correlations(rx, ry)
     return float(np.mean(rho))
 
@@ -419,7 +421,7 @@ def pico_pwcca(x, y) -> float:
             return math.nan
         sxx, syy = cov[:p, :p] / xmax, cov[p:, p:] / ymax
         sxy = cov[:p, p:] / math.sqrt(xmax * ymax)
-        m = pico_inverse_sqrt(sxx) @ sxy @ pico_inverse_sqrt(syy)
+        m = pico_inverse_sqrt(sxx) @ sxy @ remembered(pico_inverse_sqrt, syy)  # target: once
         if not bool(torch.isfinite(m).all()):
             return math.nan
         u, rho, _ = torch.linalg.svd(m)

@@ -1,17 +1,19 @@
 """The serial executor: tasks in order in this process, checkpoint t+1 read on a background
-thread (`dynlab.runs.checkpoints.prefetch`) while t is computed. Each task runs the same
-code as on a Dask worker (`dynlab.analysis.task`)."""
+thread (`dynlab.runs.checkpoints.prefetch`) while t is computed, and t−1's region written on
+another (one write at a time, in order) while t is computed. Each task runs the same code as
+on a Dask worker (`dynlab.analysis.task`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from dynlab.analysis.plan import Options, Task
 from dynlab.analysis.progress import Progress, warn_nonfinite
 from dynlab.analysis.store import Layout, RegionWriter
-from dynlab.analysis.task import load_task, run_task
+from dynlab.analysis.task import compute_task, load_task, write_task
 from dynlab.faults import fault_point
 from dynlab.runs.checkpoints import LoadedCheckpoint, prefetch
 
@@ -43,16 +45,29 @@ def run_tasks_serial(
             ckpt, prev = pinned(ckpt), pinned_tensors(prev)
         return ckpt, prev
 
-    with Progress(progress, len(tasks)) as advance:
-        for task, (ckpt, prev) in prefetch(tasks, load):
-            bad = run_task(task, ckpt, prev, writer, layout, options)
-            del ckpt, prev
+    with Progress(progress, len(tasks)) as advance, \
+            ThreadPoolExecutor(1, thread_name_prefix="dynlab-write") as writes:
+        pending: tuple[Task, Future] | None = None
+
+        def written(task: Task, write: Future) -> None:
+            write.result()  # the write's error, if any, is raised here
             fault_point("analyze.checkpoint")
-            if bad:
-                warn_nonfinite(task.checkpoint.path, bad)
             if on_checkpoint is not None:
                 on_checkpoint(task)
             advance(task.label)
+
+        for task, (ckpt, prev) in prefetch(tasks, load):
+            values, bad = compute_task(task, ckpt, prev, layout, options)
+            del ckpt, prev
+            if bad:
+                warn_nonfinite(task.checkpoint.path, bad)
+            if pending is not None:
+                written(*pending)
+            # the store's region is written while the next checkpoint is computed; a kill
+            # before its `analyzed` flag leaves the checkpoint to be analysed again
+            pending = task, writes.submit(write_task, writer, task, values)
+        if pending is not None:
+            written(*pending)
 
 
 def pinned_tensors(tensors: Mapping[str, torch.Tensor] | None) -> dict | None:

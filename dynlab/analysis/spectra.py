@@ -91,15 +91,9 @@ def svdvals_of(
     dtype: torch.dtype = torch.float64,
     gram_max_cond: float | None = None,
     fallback: bool = True,
-    direct: Sequence[bool] | None = None,
 ) -> torch.Tensor:
     """Singular values of equal-shaped matrices X_i (or X_i − minus_i), (B, k) in `dtype`:
     `svdvals`'s "auto" route (its "gram" route with fallback=False) without a stacked copy.
-
-    direct[i] (with the fallback): X_i's rank is below k by construction, so the Gram route's
-    answer would never be kept (its κ estimate is the rounding noise of its zero singular
-    values, far above `gram_max_cond`; a zero matrix gives zeros on either route): X_i goes
-    straight to the SVD, with the same result and without the Gram work.
 
     Each Gram matrix is accumulated from blocks of ≈ GRAM_BLOCK entries along the long side,
     each converted to `dtype` (and the difference formed) only as it is used: no matrix is
@@ -109,34 +103,24 @@ def svdvals_of(
     if gram_max_cond is None:
         gram_max_cond = GRAM_MAX_COND_BY_DTYPE.get(dtype, 1.0)
     m, n = xs[0].shape
-    to_svd = torch.zeros(len(xs), dtype=torch.bool)
-    if direct is not None and fallback:
-        to_svd = torch.tensor([bool(d) for d in direct], dtype=torch.bool)
-    via_gram = (~to_svd).nonzero().flatten().tolist()
-    s = torch.zeros((len(xs), min(m, n)), dtype=dtype, device=xs[0].device)
-    suspect = torch.zeros(len(xs), dtype=torch.bool, device=xs[0].device)
-    if via_gram:
-        gram = _grams([xs[i] for i in via_gram],
-                      None if minus is None else [minus[i] for i in via_gram], dtype)
-        # A NaN/Inf entry in row i makes G_ii non-finite, so the Gram diagonal tells which
-        # matrices to check (no extra pass over the entries).
-        bad_gram = ~torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all(-1)
-        if bool(bad_gram.any()):
-            gram = torch.where(bad_gram[:, None, None], 0.0, gram)
-        lam = _batched(eigvalsh, gram)
-        del gram
-        s[via_gram] = lam.clamp_min(0).sqrt().flip(-1).to(s.device)  # eigvalsh is ascending
-        suspect[via_gram] = bad_gram.to(suspect.device)
+    gram = _grams(xs, minus, dtype)
+    # A NaN/Inf entry in row i makes G_ii non-finite, so the Gram diagonal tells which
+    # matrices to check (no extra pass over the entries).
+    suspect = ~torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all(-1).cpu()
+    if bool(suspect.any()):
+        gram = torch.where(suspect.to(gram.device)[:, None, None], 0.0, gram)
+    lam = _batched(eigvalsh, gram)
+    del gram
+    s = lam.clamp_min(0).sqrt().flip(-1).to(xs[0].device)  # eigvalsh is ascending
     finite = torch.ones(len(xs), dtype=torch.bool)
-    for i in (suspect.cpu() | to_svd).nonzero().flatten().tolist():
+    for i in suspect.nonzero().flatten().tolist():
         finite[i] = bool(torch.isfinite(xs[i]).all()) and (
             minus is None or minus[i] is None or bool(torch.isfinite(minus[i]).all()))
     redo = torch.zeros(len(xs), dtype=torch.bool)
     if fallback:
         # κ estimate from the Gram route itself; a zero matrix (all σ = 0) is exact as it is
         redo = ~(s[:, -1].cpu() * gram_max_cond >= s[:, 0].cpu())
-        redo |= suspect.cpu() & finite  # an overflowed Gram of finite entries
-        redo |= to_svd
+        redo |= suspect & finite  # an overflowed Gram of finite entries
     redo &= finite
     index = redo.nonzero().flatten().tolist()
     per_call = max(1, SVD_BLOCK // (m * n))  # bounds the float64 copies held at once
@@ -190,6 +174,8 @@ def _grams(xs: Sequence[torch.Tensor], minus: Sequence[torch.Tensor | None] | No
     tall = m > n
     k, wide = min(m, n), max(m, n)
     step = max(1, GRAM_BLOCK // k) if xs[0].device.type == "cpu" else wide
+    if wide <= step and xs[0].device.type == "cpu" and dtype in (torch.float32, torch.float64):
+        return _small_grams(xs, minus, dtype)
     blocks = [(i, a, min(a + step, wide)) for i in range(len(xs)) for a in range(0, wide, step)]
 
     def part(job: tuple[int, int, int]) -> torch.Tensor:
@@ -206,6 +192,29 @@ def _grams(xs: Sequence[torch.Tensor], minus: Sequence[torch.Tensor | None] | No
     return out
 
 
+def _small_grams(xs: Sequence[torch.Tensor], minus: Sequence[torch.Tensor | None] | None,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """`_grams` of matrices that are each one block (on the CPU): stacked in `dtype` a few at a
+    time (≈ 4·GRAM_BLOCK entries) and multiplied by numpy's batched matmul (one BLAS gemm per
+    matrix, single-threaded, spread over the pool): the same bits for a matrix whatever the
+    batch it is in, without a Python call per matrix."""
+    m, n = xs[0].shape
+    tall = m > n
+    per_chunk = max(1, 4 * GRAM_BLOCK // (m * n))
+    chunks = [range(a, min(a + per_chunk, len(xs))) for a in range(0, len(xs), per_chunk)]
+
+    def grams(idx: range) -> torch.Tensor:
+        e = torch.empty((len(idx), m, n), dtype=dtype)
+        for j, i in enumerate(idx):  # one copy, bitwise _entries(xs[i], minus[i], dtype)
+            e[j].copy_(xs[i])
+            if minus is not None and minus[i] is not None:
+                e[j].sub_(minus[i])
+        e = e.numpy().transpose(0, 2, 1) if tall else e.numpy()
+        return torch.from_numpy(np.matmul(e, e.transpose(0, 2, 1)))
+
+    return torch.cat(list(_parallel(grams, chunks)))
+
+
 def _syrk(a: torch.Tensor) -> torch.Tensor:
     """a·aᵀ of one matrix. On the CPU through numpy, whose `a @ a.T` calls BLAS syrk (half the
     flops of a general product); in float32/float64 only (others through torch)."""
@@ -217,7 +226,7 @@ def _syrk(a: torch.Tensor) -> torch.Tensor:
 
 def _core(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """R_L·R_Rᵀ of left = Q_L·R_L and rightᵀ = Q_R·R_R (thin QR): the r × r core of the
-    product left·right, which has its singular values."""
+    product left·right, which has its singular values (of each pair of a batch)."""
     left, right = pair
     r_left = torch.linalg.qr(left, mode="r").R
     r_right = torch.linalg.qr(right.mT, mode="r").R
@@ -360,8 +369,10 @@ def lowrank_svdvals(
     if not bool(finite.all()):
         safe_l = torch.where(finite[..., None, None], left, torch.zeros((), dtype=dtype))
         safe_r = torch.where(finite[..., None, None], right, torch.zeros((), dtype=dtype))
-    if left.device.type == "cpu":
-        core = torch.stack(list(_parallel(_core, list(zip(safe_l, safe_r, strict=True)))))
+    if left.device.type == "cpu":  # batched calls, the batch split over the pool's threads
+        parts = max(1, min(_POOL_THREADS or torch.get_num_threads(), left.shape[0]))
+        pairs = list(zip(safe_l.tensor_split(parts), safe_r.tensor_split(parts), strict=True))
+        core = torch.cat(list(_parallel(_core, pairs)))
     else:  # one batched call per step on a GPU
         core = _core((safe_l, safe_r))
     s = svdvals(core, dtype=dtype, gram_max_cond=gram_max_cond)

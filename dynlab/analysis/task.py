@@ -9,6 +9,7 @@ the padded spectra.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import math
 import os
@@ -58,13 +59,41 @@ def component_spectra(
             sig = spectra.lowrank_svdvals(left, right, dtype=dtype)
         else:
             sig = spectra.svdvals_of([c.x for _, c in items], [c.minus for _, c in items],
-                                     dtype=dtype, direct=[c.deficient for _, c in items])
+                                     dtype=dtype)
         sig = sig.cpu()
         for (site, comp), s in zip(items, sig, strict=True):
             k = comp.rank_bound
             if s.shape[0] < k:  # rows dropped because they were zero: σ = 0 there
                 s = torch.cat([s, s.new_zeros(k - s.shape[0])])
             out[site] = s[:k]
+    return out
+
+
+#: entries stacked at once for the entry-wise metrics (64 MiB in float64)
+ENTRY_BLOCK = 1 << 23
+
+
+def entry_metrics(comps: Mapping[C.Site, C.Component], names: Sequence[str]
+                  ) -> dict[C.Site, dict[str, float]]:
+    """The entry-wise metrics `names` (metrics.METRICS[...].from_entries) of every component:
+    each component's entries formed once, in float64, and equal-shaped ones stacked (at most
+    `ENTRY_BLOCK` entries at a time) into one call per metric."""
+    out: dict[C.Site, dict[str, float]] = {}
+    if not names:
+        return out
+    groups: dict[tuple[int, int], list[C.Site]] = defaultdict(list)
+    for site, comp in comps.items():
+        groups[tuple(comp.shape)].append(site)
+    for (m, n), sites in groups.items():
+        per_stack = max(1, ENTRY_BLOCK // max(1, m * n))
+        for start in range(0, len(sites), per_stack):
+            part = sites[start:start + per_stack]
+            x = torch.stack([comps[site].entries().to(torch.float64) for site in part])
+            values = {name: metrics_mod.METRICS[name].from_entries(x).cpu().tolist()
+                      for name in names}
+            del x
+            for i, site in enumerate(part):
+                out[site] = {name: v[i] for name, v in values.items()}
     return out
 
 
@@ -168,7 +197,12 @@ def checkpoint_region(
     views = [{t: x.numpy() for t, x in table.items()}
              for table in (sigma, max_dim, min_dim, norm, eps, max_rank)]
     sigma_id, max_id, min_id, norm_id, eps_id, rank_id = range(len(views))
-    release_pages(prev_weights)
+    held = (ckpt.weights, ckpt.grads, ckpt.train_grads, prev_weights)
+    # below RELEASE_MIN_BYTES the pages are not worth a system call per part
+    release = sum(tensor_bytes(t) for t in held) > RELEASE_MIN_BYTES
+    maps = file_mappings() if release else []  # the files are mapped at load: read once
+    if release:
+        release_pages(prev_weights, maps)
     parts = site_parts(ckpt.weights, run.spec.n_layers)
     for k_index, kind, select in ((k, kind, part_select(part, selected)) for k, kind
                                   in enumerate(layout.kinds) for part in parts):
@@ -190,25 +224,27 @@ def checkpoint_region(
             views[sigma_id][t][cell][: s64.shape[0]] = s64
             views[max_id][t][cell] = comp.max_dim
             views[min_id][t][cell] = comp.min_dim
-            views[norm_id][t][cell] = storage_norm(comp, s)
+            views[norm_id][t][cell] = stated_norm(comp)  # NaN: ‖x‖_F, from σ below
             views[eps_id][t][cell] = comp.eps
             views[rank_id][t][cell] = comp.max_rank
             if np.isnan(s64).all() and t not in ("qk", "qk_head"):  # q/k report it
                 bad.append(f"{kind}:{site_name(site)}")
-        for m in entrywise:
-            fn = metrics_mod.METRICS[m].from_entries
-            for site, comp in comps.items():
-                entry_values[(site.table, m)][(k_index, *site.index)] = fn(comp.entries()).cpu()
+        for site, values in entry_metrics(comps, entrywise).items():
+            for m, value in values.items():
+                entry_values[(site.table, m)][(k_index, *site.index)] = value
         del comps, sigmas
         # this part's pages out of the resident set (a later part or kind that reads a tensor
         # again faults it back in from the page cache, unchanged)
-        for tensors in (ckpt.weights, ckpt.grads, ckpt.train_grads, prev_weights):
-            release_pages(tensors)
-        trim_heap()
+        if release:
+            for tensors in held:
+                release_pages(tensors, maps)
+            trim_heap()
     out: dict[str, np.ndarray] = {}
     for table, var in tables.items():
         prefix = C.TABLES[table][1]
         s = sigma[table]
+        from_sigma = norm[table].isnan() & ~s.isnan().all(-1)
+        norm[table][from_sigma] = metrics_mod.frobenius_norm(s[from_sigma])
         out[var] = s.numpy()
         tol_args = dict(min_dim=min_dim[table], norm=norm[table], compute_eps=compute_eps)
         out[prefix + "tol"] = metrics_mod.zero_tolerance(s, max_dim[table], eps[table],
@@ -227,6 +263,14 @@ def checkpoint_region(
 
 #: bytes of stored matrices per part of a checkpoint (`site_parts`)
 PART_BYTES = 16 << 20
+#: bytes of a checkpoint's tensors (weights, gradients, previous weights) above which its
+#: mapped pages are released after each part and the heap trimmed (`release_pages`)
+RELEASE_MIN_BYTES = 4 * PART_BYTES
+
+
+def tensor_bytes(tensors: Tensors | None) -> int:
+    """Bytes of a dict of tensors (0 for None)."""
+    return sum(t.numel() * t.element_size() for t in (tensors or {}).values())
 
 
 def site_parts(weights: Tensors, n_layers: int, part_bytes: int | None = None
@@ -289,12 +333,14 @@ def trim_heap() -> None:
         _MALLOC_TRIM(0)
 
 
+_LIBC = ctypes.CDLL("libc.so.6") if _MALLOC_TRIM is not None else None
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MADV_DONTNEED = 4
 
 
-def _file_mappings() -> list[tuple[int, int]]:
-    """(start, end) of this process's memory mappings of regular files (/proc/self/maps)."""
+def file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's memory mappings of regular files (/proc/self/maps),
+    sorted."""
     out = []
     try:
         with open("/proc/self/maps") as f:
@@ -305,39 +351,42 @@ def _file_mappings() -> list[tuple[int, int]]:
                     out.append((start, end))
     except OSError:
         return []
-    return out
+    return sorted(out)
 
 
-def release_pages(tensors: Tensors | None) -> int:
+def release_pages(tensors: Tensors | None, maps: list[tuple[int, int]] | None = None) -> int:
     """Take the pages of tensors that are mapped from checkpoint files (safetensors maps the
     file) out of this process's resident set: madvise(MADV_DONTNEED) on the whole pages
     inside each such tensor. The pages stay in the page cache and a later read faults them
     back in unchanged (the tensors are never written: a private file mapping then reads as
-    the file). Tensors in anonymous memory are left alone. Returns the bytes released."""
-    if not tensors or _MALLOC_TRIM is None:  # glibc/Linux only
+    the file). Tensors in anonymous memory are left alone. `maps`: `file_mappings()` (read
+    here when not given). Returns the bytes released."""
+    if not tensors or _LIBC is None:  # glibc/Linux only
         return 0
-    maps = _file_mappings()
-    libc = ctypes.CDLL("libc.so.6")
+    maps = file_mappings() if maps is None else maps
+    starts = [start for start, _ in maps]
     released = 0
     for t in tensors.values():
         if t.device.type != "cpu" or t.numel() == 0:
             continue
         a = t.data_ptr()
         b = a + t.numel() * t.element_size()
-        if not any(start <= a and b <= end for start, end in maps):
+        i = bisect.bisect_right(starts, a) - 1  # the last mapping that starts at or before a
+        if i < 0 or b > maps[i][1]:
             continue
         lo, hi = -(-a // _PAGE) * _PAGE, b // _PAGE * _PAGE
-        if hi > lo and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo),
-                                    _MADV_DONTNEED) == 0:
+        if hi > lo and _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo),
+                                     _MADV_DONTNEED) == 0:
             released += hi - lo
     return released
 
 
-def storage_norm(comp: C.Component, sigma: torch.Tensor) -> float:
-    """S of a component's zero tolerance: its `storage_norm`, where that is ‖x‖_F of a stored
-    matrix taken from its spectrum (‖x‖_F = √Σσ_i², no pass over the entries)."""
+def stated_norm(comp: C.Component) -> float:
+    """S of a component's zero tolerance, or NaN where S is ‖x‖_F of the stored matrix itself,
+    which `checkpoint_region` takes from the spectra of a whole table at once (‖x‖_F =
+    √Σσ_i², no pass over the entries)."""
     if isinstance(comp, C.Dense) and comp.norm is None and comp.minus is None:
-        return float(metrics_mod.frobenius_norm(sigma.to(torch.float64)))
+        return math.nan
     return comp.storage_norm
 
 
@@ -415,6 +464,19 @@ def owner_table(name: str) -> str:
                else -1)
 
 
+def compute_task(
+    task: Task,
+    loaded: LoadedCheckpoint,
+    prev_weights: Tensors | None,
+    layout: Layout,
+    options: Options,
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """One checkpoint's region (`checkpoint_region`, the heavy calls on the pool's threads)
+    and the matrices that held NaN/Inf."""
+    with spectra.pooled_threads():
+        return checkpoint_region(task.run, loaded, prev_weights, layout, options, task.cells)
+
+
 def run_task(
     task: Task,
     loaded: LoadedCheckpoint,
@@ -424,8 +486,6 @@ def run_task(
     options: Options,
 ) -> list[str]:
     """Compute and write one checkpoint; returns the matrices that held NaN/Inf."""
-    with spectra.pooled_threads():
-        values, bad = checkpoint_region(task.run, loaded, prev_weights, layout, options,
-                                        task.cells)
+    values, bad = compute_task(task, loaded, prev_weights, layout, options)
     write_task(writer, task, values)
     return bad

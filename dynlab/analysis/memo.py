@@ -1,0 +1,51 @@
+"""Results of pure functions remembered by the content of their input.
+
+An analysis meets the same matrices again: the target checkpoint's activations in every
+comparison (`analysis.representations`), the factors of a checkpoint's circuits in its own
+updates and the next checkpoint's (`analysis.components.spectral_norms`). `remembered(fn, x)`
+computes fn(x) once per content of x (its dtype, shape and bytes, hashed with SHA-1), for the
+`MEMO_SIZE` most recent inputs.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+R = TypeVar("R")
+
+#: results kept (the most recently used)
+MEMO_SIZE = 512
+_MEMO: collections.OrderedDict = collections.OrderedDict()
+_LOCK = threading.Lock()
+
+
+def content_key(x: np.ndarray | torch.Tensor) -> tuple:
+    """(dtype, shape, SHA-1 of the bytes) of an array or a CPU tensor."""
+    t = x.detach().cpu() if isinstance(x, torch.Tensor) else x
+    a = np.ascontiguousarray(t.numpy() if isinstance(t, torch.Tensor) else t)
+    return a.dtype.str, a.shape, hashlib.sha1(a.reshape(-1).view(np.uint8)).digest()
+
+
+def remembered(fn: Callable[..., R], x: np.ndarray | torch.Tensor, *args) -> R:
+    """fn(x, *args), computed once per (fn, args, content of x); fn must be pure and its result
+    is shared: callers must not modify it."""
+    if isinstance(x, torch.Tensor) and (x.device.type != "cpu" or x.dtype == torch.bfloat16):
+        return fn(x, *args)  # hashed through numpy: CPU tensors of numpy's dtypes only
+    key = (fn.__module__, fn.__qualname__, args, content_key(x))
+    with _LOCK:
+        if key in _MEMO:
+            _MEMO.move_to_end(key)
+            return _MEMO[key]
+    value = fn(x, *args)
+    with _LOCK:
+        _MEMO[key] = value
+        while len(_MEMO) > MEMO_SIZE:
+            _MEMO.popitem(last=False)
+    return value
