@@ -88,7 +88,9 @@ def entry_metrics(comps: Mapping[C.Site, C.Component], names: Sequence[str]
         per_stack = max(1, ENTRY_BLOCK // max(1, m * n))
         for start in range(0, len(sites), per_stack):
             part = sites[start:start + per_stack]
-            x = torch.stack([comps[site].entries().to(torch.float64) for site in part])
+            mats = [comps[site].entries().to(torch.float64) for site in part]
+            x = mats[0].unsqueeze(0) if len(mats) == 1 else torch.stack(mats)  # no 2nd copy
+            del mats
             values = {name: metrics_mod.METRICS[name].from_entries(x).cpu().tolist()
                       for name in names}
             del x
