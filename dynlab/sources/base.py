@@ -67,8 +67,10 @@ class Reader:
         """Weights under dynlab's names (relora: the effective weight, plus lora_A/lora_B)."""
         raise NotImplementedError
 
-    def grads(self, ckpt: SourceCheckpoint, weights: Tensors) -> Grads:
-        """Gradients under dynlab's names (only the matrices the source holds)."""
+    def grads(self, ckpt: SourceCheckpoint, weights: Tensors,
+              kinds: tuple[str, ...] = ("grads", "train_grads")) -> Grads:
+        """Gradients under dynlab's names (only the matrices the source holds), of the
+        gradient `kinds` asked for (the others may be left None)."""
         return Grads()
 
     def grad_kinds(self) -> tuple[str, ...]:
@@ -125,7 +127,8 @@ def load_source_checkpoint(run: Run, ckpt: Checkpoint, *, grads: bool = True,
     if not isinstance(run, SourceRun):
         return load_checkpoint(ckpt, run.spec, grads=grads)
     weights = run.reader.weights(ckpt)
-    g = run.reader.grads(ckpt, weights) if grads else Grads()
+    wanted = ("grads",) + ("train_grads",) * ("train_grads" in kinds)
+    g = run.reader.grads(ckpt, weights, wanted) if grads else Grads()
     loaded = LoadedCheckpoint(ckpt, weights, g.grads, ckpt.meta())
     loaded.train_grads = g.train_grads if "train_grads" in kinds else None
     return loaded

@@ -151,7 +151,8 @@ class RecomputedGrads(Reader):
         inner = self.inner.reader.grad_kinds() if isinstance(self.inner, SourceRun) else ()
         return ("grads",) + tuple(k for k in inner if k == "train_grads")
 
-    def grads(self, ckpt: SourceCheckpoint, weights: Tensors) -> Grads:
+    def grads(self, ckpt: SourceCheckpoint, weights: Tensors,
+              kinds: tuple[str, ...] = ("grads", "train_grads")) -> Grads:
         inner_ckpt = self._inner_ckpt(ckpt)
         reader = self.inner.reader if isinstance(self.inner, SourceRun) else None
         seq_len = self.batch.shape[1] - 1
@@ -165,8 +166,8 @@ class RecomputedGrads(Reader):
         else:
             g = gradients(pico_model(weights, self.inner, seq_len), self.batch)
         train = None
-        if reader is not None and "train_grads" in reader.grad_kinds():
-            train = reader.grads(inner_ckpt, weights).train_grads
+        if reader is not None and "train_grads" in kinds and "train_grads" in reader.grad_kinds():
+            train = reader.grads(inner_ckpt, weights, ("train_grads",)).train_grads
         return Grads(dict(g), train)
 
     def meta(self, ckpt: SourceCheckpoint) -> dict:

@@ -327,7 +327,8 @@ class HubReader(Reader):
     def grad_kinds(self) -> tuple[str, ...]:
         return ("grads", "train_grads") if self.ld_revisions else ()
 
-    def grads(self, ckpt: SourceCheckpoint, weights: Tensors) -> Grads:
+    def grads(self, ckpt: SourceCheckpoint, weights: Tensors,
+              kinds: tuple[str, ...] = ("grads", "train_grads")) -> Grads:
         """A pico run's learning-dynamics gradients, from the step's "(val)" commit (which
         holds the step's learning_dynamics/ folder); deleted again unless kept."""
         commit = dict(self.ld_revisions).get(ckpt.step)
@@ -341,7 +342,7 @@ class HubReader(Reader):
         try:
             for kind, name in GRAD_FILES.items():
                 f = path / "learning_dynamics" / name
-                if f.is_file():
+                if kind in kinds and f.is_file():
                     g = {module_key(k): v.clone() for k, v in load_torch_tensor_dict(f).items()}
                     found[kind] = {k: v for k, v in g.items() if k in weights
                                    and tuple(v.shape) == tuple(weights[k].shape)}

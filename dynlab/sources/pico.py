@@ -221,11 +221,12 @@ class PicoTrainReader(Reader):
         dirs = [d / LD_DIR for _, d in self.step_dirs()]
         return tuple(k for k, name in GRAD_FILES.items() if any((d / name).is_file() for d in dirs))
 
-    def grads(self, ckpt: SourceCheckpoint, weights: Tensors) -> Grads:
+    def grads(self, ckpt: SourceCheckpoint, weights: Tensors,
+              kinds: tuple[str, ...] = ("grads", "train_grads")) -> Grads:
         found = {}
         for kind, name in GRAD_FILES.items():
             f = ckpt.path / LD_DIR / name
-            if f.is_file():
+            if kind in kinds and f.is_file():
                 g = {module_key(k): v for k, v in load_torch_tensor_dict(f).items()}
                 found[kind] = {k: v for k, v in g.items()
                                if k in weights and tuple(v.shape) == tuple(weights[k].shape)}
