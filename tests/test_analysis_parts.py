@@ -196,3 +196,22 @@ def test_remembered_by_content_and_spectral_norms_reused():
     np.testing.assert_allclose(first.numpy(), np.linalg.norm(batch.numpy(), 2, axis=(-2, -1)),
                                rtol=1e-12)
     assert torch.equal(C.spectral_norms(batch.clone()), first)
+
+
+def test_a_write_of_fill_values_into_an_unwritten_chunk_is_skipped(tmp_path):
+    """RegionWriter.write leaves out a variable whose values are all fill (NaN) for a whole
+    chunk that holds nothing yet — the store reads the same — and writes it where the chunk
+    holds data (which the fill values then replace)."""
+    g = zarr.open_group(str(tmp_path / "s"), mode="w")
+    g.create_array("a", shape=(2, 3, 4), chunks=(1, 1, 4), dtype="float64", fill_value=np.nan,
+                   dimension_names=("run", "step", "x"))
+    writer = RegionWriter(tmp_path / "s")
+    chunk = tmp_path / "s" / "a" / "c" / "1" / "2" / "0"
+    writer.write({"run": 1, "step": 2}, {"a": np.full(4, np.nan)})
+    assert not chunk.exists() and np.isnan(writer.read("a")).all()
+    writer.write({"run": 1, "step": 2}, {"a": np.arange(4.0)})
+    assert chunk.exists() and writer.read("a", {"run": 1, "step": 2}).tolist() == [0, 1, 2, 3]
+    writer.write({"run": 1, "step": 2}, {"a": np.full(4, np.nan)})
+    assert np.isnan(writer.read("a")).all()
+    writer.write({"run": 0, "step": 1}, {"a": np.array([np.nan, 5.0, np.nan, np.nan])})
+    assert writer.read("a", {"run": 0, "step": 1})[1] == 5.0

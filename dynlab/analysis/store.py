@@ -900,6 +900,8 @@ class RegionWriter:
         try:
             for name, arr in values.items():
                 sel = self.selection(name, region)
+                if self.leaves_as_is(name, sel, arr):
+                    continue
                 array = self.array(name)
                 if (any(isinstance(k, np.ndarray) for k in sel)
                         or not hasattr(array, "async_array")):
@@ -917,6 +919,27 @@ class RegionWriter:
                 array.set_orthogonal_selection(sel, arr)
             else:
                 array[sel] = arr
+
+    def leaves_as_is(self, name: str, sel: tuple, arr) -> bool:
+        """Whether writing `arr` at `sel` would leave variable `name` as it is, so the write
+        can be skipped: `sel` is one whole chunk, that chunk holds nothing yet (it reads as
+        the fill value) and `arr` is all fill (e.g. the NaN cells of the tables a selection
+        leaves out)."""
+        array = self.array(name)
+        index = []
+        for k, chunk, size in zip(sel, array.chunks, array.shape, strict=True):
+            if isinstance(k, (int, np.integer)) and chunk == 1:
+                index.append(int(k))
+            elif isinstance(k, slice) and k == slice(None) and chunk >= size:
+                index.append(0)
+            else:
+                return False
+        a = np.asarray(arr)
+        fill = array.metadata.fill_value
+        if not index or a.dtype.kind not in "fiub":
+            return False
+        same = np.isnan(a).all() if a.dtype.kind == "f" and np.isnan(fill) else (a == fill).all()
+        return bool(same) and not (self.path / name / "c").joinpath(*map(str, index)).exists()
 
     def read(self, name: str, region: Region | None = None) -> np.ndarray:
         """The values of variable `name` in `region` (all of it by default)."""

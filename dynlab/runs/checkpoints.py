@@ -130,8 +130,10 @@ def load_tensors(path: Path, names: Sequence[str] | None = None) -> dict[str, to
         raise CheckpointError(f"{path}: missing")
     try:
         with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys()) if names is None else list(names)
-            missing = [k for k in keys if k not in f.keys()]
+            available = list(f.keys())
+            keys = available if names is None else list(names)
+            present = set(available)
+            missing = [k for k in keys if k not in present]
             if missing:
                 raise CheckpointError(f"{path}: missing tensors {', '.join(missing[:5])}")
             tensors = {k: f.get_tensor(k) for k in keys}
