@@ -191,6 +191,17 @@ def test_remembered_by_content_and_spectral_norms_reused():
     remembered(twice, x.float())
     remembered(twice, x.reshape(150, 200))
     assert len(calls) == 4
+    # results are kept up to MEMO_BYTES together: the oldest leave first
+    from dynlab.analysis import memo
+
+    before = memo.MEMO_BYTES
+    try:
+        memo.MEMO_BYTES = 2 * x.numel() * 8
+        big = [remembered(lambda a: a * 2, x + i) for i in range(3)]
+        assert memo.result_bytes(big[0]) == x.numel() * 8
+        assert 0 < memo.held_bytes() <= memo.MEMO_BYTES
+    finally:
+        memo.MEMO_BYTES = before
     batch = torch.randn(3, 200, 150, generator=g, dtype=torch.float64)
     first = C.spectral_norms(batch)
     np.testing.assert_allclose(first.numpy(), np.linalg.norm(batch.numpy(), 2, axis=(-2, -1)),
@@ -207,9 +218,11 @@ def test_a_write_of_fill_values_into_an_unwritten_chunk_is_skipped(tmp_path):
                    dimension_names=("run", "step", "x"))
     writer = RegionWriter(tmp_path / "s")
     chunk = tmp_path / "s" / "a" / "c" / "1" / "2" / "0"
+    assert writer.leaves_as_is("a", (1, 2, slice(None)), np.full(4, np.nan))
     writer.write({"run": 1, "step": 2}, {"a": np.full(4, np.nan)})
     assert not chunk.exists() and np.isnan(writer.read("a")).all()
     writer.write({"run": 1, "step": 2}, {"a": np.arange(4.0)})
+    assert not writer.leaves_as_is("a", (1, 2, slice(None)), np.full(4, np.nan))
     assert chunk.exists() and writer.read("a", {"run": 1, "step": 2}).tolist() == [0, 1, 2, 3]
     writer.write({"run": 1, "step": 2}, {"a": np.full(4, np.nan)})
     assert np.isnan(writer.read("a")).all()

@@ -284,11 +284,12 @@ def has(tensors: Tensors, layer: int, *matrices: str) -> bool:
 def ov_head_factors(
     o_proj: torch.Tensor, v_proj: torch.Tensor, spec: ModelSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(O_h for all heads (H, d, hd), V_g(h) for all heads (H, hd, d))."""
+    """(O_h for all heads (..., H, d, hd), V_g(h) for all heads (..., H, hd, d)) of o_proj
+    (..., d, H·hd) and v_proj (..., kv·hd, d), with any leading (layer) dims."""
     h, kv, hd, d = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_model
-    o_heads = o_proj.reshape(d, h, hd).permute(1, 0, 2)
-    v_groups = v_proj.reshape(kv, hd, d)
-    v_heads = v_groups.repeat_interleave(h // kv, dim=0)
+    o_heads = o_proj.reshape(*o_proj.shape[:-2], d, h, hd).movedim(-2, -3)
+    v_groups = v_proj.reshape(*v_proj.shape[:-2], kv, hd, d)
+    v_heads = v_groups.repeat_interleave(h // kv, dim=-3)
     return o_heads, v_heads
 
 

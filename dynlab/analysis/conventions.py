@@ -66,12 +66,7 @@ def condition_number_pico(sigma: torch.Tensor) -> torch.Tensor:
 
 def _heads(o: torch.Tensor, v: torch.Tensor, spec: ModelSpec
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(O_h (..., H, d, hd), V_g(h) (..., H, hd, d)) in float64 of o_proj (..., d, H·hd) and
-    v_proj (..., kv·hd, d): `components.ov_head_factors` over leading (layer) dims."""
-    h, kv, hd, d = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.d_model
-    o_h = o.double().reshape(*o.shape[:-2], d, h, hd).movedim(-2, -3)
-    v_h = v.double().reshape(*v.shape[:-2], kv, hd, d).repeat_interleave(h // kv, dim=-3)
-    return o_h, v_h
+    return C.ov_head_factors(o.double(), v.double(), spec)
 
 
 def _columns(heads: torch.Tensor) -> torch.Tensor:
@@ -141,7 +136,7 @@ def apply(convention: str, kind: str, comps: dict[C.Site, C.Component], spec: Mo
         left, right = pico_ov_grad_factors(o, v, stacked(grads, "attention.o_proj"),
                                            stacked(grads, "attention.v_proj"), spec)
         heads = matmul(left, right)
-        norms = torch.from_numpy(np.linalg.norm(heads.numpy(), axis=(-2, -1))).tolist()
+        norms = np.linalg.norm(heads.numpy(), axis=(-2, -1)).tolist()
         whole = _columns(heads)
         for i, layer in enumerate(layers):  # S of a head's tolerance: its ‖x‖_F
             out[C.Site("layer", (layer, ov))] = C.dense(whole[i], stored[i])

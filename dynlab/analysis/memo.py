@@ -4,7 +4,7 @@ An analysis meets the same matrices again: the target checkpoint's activations i
 comparison (`analysis.representations`), the factors of a checkpoint's circuits in its own
 updates and the next checkpoint's (`analysis.components.spectral_norms`). `remembered(fn, x)`
 computes fn(x) once per content of x (its dtype, shape and bytes, hashed with SHA-1), for the
-`MEMO_SIZE` most recent inputs.
+most recent inputs whose results hold at most `MEMO_BYTES` together.
 """
 
 from __future__ import annotations
@@ -20,10 +20,22 @@ import torch
 
 R = TypeVar("R")
 
-#: results kept (the most recently used)
-MEMO_SIZE = 512
-_MEMO: collections.OrderedDict = collections.OrderedDict()
+#: bytes of the arrays in the results kept (the most recently used first)
+MEMO_BYTES = 256 << 20
+_MEMO: collections.OrderedDict = collections.OrderedDict()  # key -> (result, bytes)
+_HELD = [0]
 _LOCK = threading.Lock()
+
+
+def result_bytes(value) -> int:
+    """Bytes of the arrays and tensors in a result (nested in tuples and lists)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (tuple, list)):
+        return sum(result_bytes(v) for v in value)
+    return 0
 
 
 def content_key(x: np.ndarray | torch.Tensor) -> tuple:
@@ -31,6 +43,12 @@ def content_key(x: np.ndarray | torch.Tensor) -> tuple:
     t = x.detach().cpu() if isinstance(x, torch.Tensor) else x
     a = np.ascontiguousarray(t.numpy() if isinstance(t, torch.Tensor) else t)
     return a.dtype.str, a.shape, hashlib.sha1(a.reshape(-1).view(np.uint8)).digest()
+
+
+def held_bytes() -> int:
+    """Bytes of the results kept now."""
+    with _LOCK:
+        return _HELD[0]
 
 
 def remembered(fn: Callable[..., R], x: np.ndarray | torch.Tensor, *args) -> R:
@@ -42,10 +60,13 @@ def remembered(fn: Callable[..., R], x: np.ndarray | torch.Tensor, *args) -> R:
     with _LOCK:
         if key in _MEMO:
             _MEMO.move_to_end(key)
-            return _MEMO[key]
+            return _MEMO[key][0]
     value = fn(x, *args)
+    size = result_bytes(value)
     with _LOCK:
-        _MEMO[key] = value
-        while len(_MEMO) > MEMO_SIZE:
-            _MEMO.popitem(last=False)
+        if key not in _MEMO and size <= MEMO_BYTES:
+            _MEMO[key] = (value, size)
+            _HELD[0] += size
+            while _HELD[0] > MEMO_BYTES:
+                _HELD[0] -= _MEMO.popitem(last=False)[1][1]
     return value

@@ -935,9 +935,12 @@ class RegionWriter:
             else:
                 return False
         a = np.asarray(arr)
-        fill = array.metadata.fill_value
-        if not index or a.dtype.kind not in "fiub":
-            return False
+        meta = array.metadata
+        fill, keys = meta.fill_value, getattr(meta, "chunk_key_encoding", None)
+        if (not index or a.dtype.kind not in "fiub"
+                or getattr(keys, "name", None) != "default"
+                or getattr(keys, "separator", None) != "/"):
+            return False  # the chunk's file name is known only for the default "c/i/j" keys
         same = np.isnan(a).all() if a.dtype.kind == "f" and np.isnan(fill) else (a == fill).all()
         return bool(same) and not (self.path / name / "c").joinpath(*map(str, index)).exists()
 
