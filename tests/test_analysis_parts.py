@@ -228,3 +228,21 @@ def test_a_write_of_fill_values_into_an_unwritten_chunk_is_skipped(tmp_path):
     assert np.isnan(writer.read("a")).all()
     writer.write({"run": 0, "step": 1}, {"a": np.array([np.nan, 5.0, np.nan, np.nan])})
     assert writer.read("a", {"run": 0, "step": 1})[1] == 5.0
+
+
+def test_stack_as_views_consecutive_slices_and_copies_the_rest():
+    """task.stack_as: consecutive equally spaced slices of one tensor (a stacked factor's
+    heads) come back as a view of it, anything else as a copy; both equal torch.stack."""
+    base = torch.randn(4, 6, 5, 3, dtype=torch.float64)
+    heads = [base[1, h] for h in range(6)]
+    got = task.stack_as(heads, torch.float64, "cpu")
+    assert torch.equal(got, torch.stack(heads)) and got.data_ptr() == base[1, 0].data_ptr()
+    for mats in ([base[1, h] for h in (0, 2, 1)],  # not in order
+                 [base[0, 0], base[1, 0]] + [torch.randn(5, 3, dtype=torch.float64)],
+                 [base[1, h].float() for h in range(3)]):  # another dtype: converted
+        got = task.stack_as(mats, torch.float64, "cpu")
+        assert torch.equal(got, torch.stack([m.double() for m in mats]))
+        assert got.data_ptr() not in {m.data_ptr() for m in mats}
+    transposed = [base[2, h].mT for h in range(6)]  # strided views are viewed as they are
+    got = task.stack_as(transposed, torch.float64, "cpu")
+    assert torch.equal(got, torch.stack(transposed))

@@ -101,6 +101,56 @@ def test_lowrank_svdvals_equals_svd_of_product():
     assert np.all(np.isnan(got[2])) and not np.any(np.isnan(got[3]))
 
 
+def gradient_factors(heads: int, d: int, hd: int, tilt: float = 0.0):
+    """[O_h | dO_h], [dV_h ; V_h] of a pico-convention OV gradient: weights of norm ≈ 1,
+    gradients ≈ 1e-3 (mixed scales inside each factor). `tilt` > 0 confines every head's
+    columns to d − 1 directions up to `tilt` (a nearly rank-deficient concatenation)."""
+    o = torch.randn(heads, d, hd, generator=GEN, dtype=torch.float64)
+    do = 1e-3 * torch.randn(heads, d, hd, generator=GEN, dtype=torch.float64)
+    if tilt:
+        o[:, -1] *= tilt
+        do[:, -1] *= tilt
+    v = torch.randn(heads, hd, d, generator=GEN, dtype=torch.float64) / d ** 0.5
+    dv = 1e-3 * torch.randn(heads, hd, d, generator=GEN, dtype=torch.float64)
+    return torch.cat([o, do], dim=-1), torch.cat([dv, v], dim=-2)
+
+
+def formed_columns(left, right) -> np.ndarray:
+    return np.concatenate([(left[h] @ right[h]).numpy() for h in range(left.shape[0])], axis=1)
+
+
+def test_columns_spectra_equal_scipy_of_the_formed_matrix():
+    """components.Columns: the Gram matrix from the factors gives scipy's σ of the formed
+    concatenation, through the Gram route (κ small) and the SVD fallback (κ ≈ 1e5); a
+    NaN in one factor makes that matrix's σ NaN only."""
+    from dynlab.analysis import components as C
+    from dynlab.analysis.task import columns_spectra
+
+    cases = [gradient_factors(6, 24, 3), gradient_factors(6, 24, 3, tilt=1e-5),
+             gradient_factors(6, 24, 3)]
+    cols = [C.Columns(left, right, torch.float32) for left, right in cases]
+    assert cols[0].shape == (24, 144) and cols[0].max_rank == 24 == cols[0].rank_bound
+    np.testing.assert_array_equal(cols[0].entries().numpy(), formed_columns(*cases[0]))
+    refs = [ref_svdvals(formed_columns(left, right)) for left, right in cases]
+    assert refs[1][0] / refs[1][-1] > 1e4 > refs[0][0] / refs[0][-1]  # both routes taken
+    got = columns_spectra(cols, torch.float64, "cpu").numpy()
+    for i in range(3):
+        np.testing.assert_allclose(got[i], refs[i], rtol=1e-6)
+    left, right = cases[2][0].clone(), cases[2][1]
+    left[1, 0, 0] = math.nan
+    got = columns_spectra(cols[:2] + [C.Columns(left, right, torch.float32)], torch.float64,
+                          "cpu").numpy()
+    assert np.isnan(got[2]).all() and not np.isnan(got[:2]).any()
+
+
+def test_product_frobenius_equals_norm_of_the_product():
+    from dynlab.analysis.conventions import product_frobenius
+
+    left, right = gradient_factors(5, 20, 4)
+    want = [np.linalg.norm((left[h] @ right[h]).numpy()) for h in range(5)]
+    np.testing.assert_allclose(product_frobenius(left, right).numpy(), want, rtol=1e-12)
+
+
 # ---- metrics: hand-computed cases -------------------------------------------------------
 
 

@@ -204,7 +204,57 @@ class LowRank:
         return matmul(self.left.double(), self.right.double())
 
 
-Component = Dense | LowRank
+@dataclass(frozen=True)
+class Columns:
+    """Products side by side, X = [L_0·R_0 | … | L_{H−1}·R_{H−1}] (m × H·n), with left
+    (H, m, r) and right (H, r, n) and m ≤ H·n: judged as the dense matrix it is (rank bound
+    and `max_rank` min(m, H·n)), but never formed for its spectrum — its Gram matrix
+    X·Xᵀ = Σ_h L_h·(R_h·R_hᵀ)·L_hᵀ comes from the factors (`spectra.columns_grams`).
+    `stored`: the coarsest precision of the stored tensors the factors come from. `norm`: S of
+    the zero tolerance; None means ‖X‖_F, taken from the spectrum (as for a `Dense` matrix)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+    stored: torch.dtype
+    norm: float | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.left.shape[-2], self.right.shape[0] * self.right.shape[-1])
+
+    @property
+    def rank_bound(self) -> int:
+        return min(self.shape)
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.shape)
+
+    @property
+    def eps(self) -> float:
+        return torch.finfo(self.stored).eps
+
+    @property
+    def max_dim(self) -> int:
+        return max(self.shape)
+
+    @property
+    def min_dim(self) -> int:
+        return min(self.shape)
+
+    @property
+    def storage_norm(self) -> float:
+        return frobenius(self.entries()) if self.norm is None else self.norm
+
+    def entries(self) -> torch.Tensor:
+        from dynlab.analysis.spectra import matmul
+
+        products = matmul(self.left.double(), self.right.double())  # (H, m, n)
+        h, m, n = products.shape
+        return products.movedim(0, 1).reshape(m, h * n)
+
+
+Component = Dense | LowRank | Columns
 
 
 #: elements per block of `frobenius` (converted to float64 one block at a time, in the cache)

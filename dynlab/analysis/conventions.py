@@ -17,7 +17,9 @@ OV figures) can be put beside dynlab's:
   splits with one code path. A head is the product [O_h | dO_h]·[dV_g ; V_g] of rank
   ≤ 2·hd: where 2·hd < d its singular values come from those factors (`components.LowRank`,
   padded with exact zeros to d), so its CN is +inf — the matrix is singular — where an SVD
-  of the dense matrix reports rounding noise as σ_min (≈ 1e7 in pico-analyze's float32).
+  of the dense matrix reports rounding noise as σ_min (≈ 1e7 in pico-analyze's float32);
+  and the layer's concatenation is then not formed for its spectrum either: its Gram matrix
+  Σ_h L_h·(R_h·R_hᵀ)·L_hᵀ comes from the same factors (`components.Columns`).
 * OV of updates (pico-analyze has none): the weights' convention at both steps,
   V^t_g·O^t_h − V^p_g·O^p_h per head and the concatenation of those for the layer.
 * condition number: σ_max / σ_min over all min(m, n) singular values, with no tolerance
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from dynlab.analysis import components as C
@@ -92,6 +93,14 @@ def pico_ov_grad_factors(o, v, do, dv, spec: ModelSpec) -> tuple[torch.Tensor, t
     return torch.cat([o_h, do_h], dim=-1), torch.cat([dv_h, v_h], dim=-2)
 
 
+def product_frobenius(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """‖L·R‖_F of each product of a batch (..., m, r)·(..., r, n), float64, without forming
+    it: ‖L·R‖_F² = tr(Lᵀ·L·R·Rᵀ) = Σ_ij (Lᵀ·L)_ij·(R·Rᵀ)_ij (both r × r and symmetric)."""
+    ll = matmul(left.mT, left)
+    rr = matmul(right, right.mT)
+    return (ll * rr).sum(dim=(-2, -1)).clamp_min(0).sqrt()
+
+
 def pico_ov_grads(o, v, do, dv, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-head O_h·dV_g + dO_h·V_g (..., H, d, d), the layer's concatenation (..., d, H·d))."""
     left, right = pico_ov_grad_factors(o, v, do, dv, spec)
@@ -135,11 +144,10 @@ def apply(convention: str, kind: str, comps: dict[C.Site, C.Component], spec: Mo
     if kind in GRADIENT_KINDS and 2 * spec.head_dim < spec.d_model:
         left, right = pico_ov_grad_factors(o, v, stacked(grads, "attention.o_proj"),
                                            stacked(grads, "attention.v_proj"), spec)
-        heads = matmul(left, right)
-        norms = np.linalg.norm(heads.numpy(), axis=(-2, -1)).tolist()
-        whole = _columns(heads)
+        norms = product_frobenius(left, right).tolist()
         for i, layer in enumerate(layers):  # S of a head's tolerance: its ‖x‖_F
-            out[C.Site("layer", (layer, ov))] = C.dense(whole[i], stored[i])
+            # the layer's concatenation, its Gram matrix from these factors
+            out[C.Site("layer", (layer, ov))] = C.Columns(left[i], right[i], stored[i])
             for h in range(spec.n_heads):
                 out[C.Site("head", (layer, h))] = C.LowRank(left[i, h], right[i, h], stored[i],
                                                             full=True, norm=norms[i][h])

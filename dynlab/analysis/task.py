@@ -44,7 +44,9 @@ def component_spectra(
     """Singular values (length = rank bound) of every component, one batched call per shape."""
     groups: dict[tuple, list[tuple[C.Site, C.Component]]] = defaultdict(list)
     for site, comp in comps.items():
-        if isinstance(comp, C.LowRank) and comp.left.shape[1] < min(comp.shape):
+        if isinstance(comp, C.Columns):
+            key = ("columns", tuple(comp.left.shape), tuple(comp.right.shape))
+        elif isinstance(comp, C.LowRank) and comp.left.shape[1] < min(comp.shape):
             key = ("lowrank", tuple(comp.left.shape), tuple(comp.right.shape))
         else:
             x = comp.entries() if isinstance(comp, C.LowRank) else comp.x
@@ -57,16 +59,40 @@ def component_spectra(
             left = stack_as([c.left for _, c in items], dtype, device)
             right = stack_as([c.right for _, c in items], dtype, device)
             sig = spectra.lowrank_svdvals(left, right, dtype=dtype)
+        elif key[0] == "columns":
+            sig = columns_spectra([c for _, c in items], dtype, device)
         else:
             sig = spectra.svdvals_of([c.x for _, c in items], [c.minus for _, c in items],
                                      dtype=dtype)
         sig = sig.cpu()
-        for (site, comp), s in zip(items, sig, strict=True):
-            k = comp.rank_bound
-            if s.shape[0] < k:  # rows dropped because they were zero: σ = 0 there
+        bounds = [comp.rank_bound for _, comp in items]
+        if min(bounds) == max(bounds):  # the whole group padded (or cut) at once
+            k = bounds[0]
+            if sig.shape[1] < k:  # rows dropped because they were zero, or a product
+                # judged as the full matrix: σ = 0 there
+                sig = torch.cat([sig, sig.new_zeros(sig.shape[0], k - sig.shape[1])], dim=1)
+            out.update(zip((site for site, _ in items), sig[:, :k].unbind(0), strict=True))
+            continue
+        for (site, _), s, k in zip(items, sig, bounds, strict=True):
+            if s.shape[0] < k:
                 s = torch.cat([s, s.new_zeros(k - s.shape[0])])
             out[site] = s[:k]
     return out
+
+
+def columns_spectra(cols: Sequence[C.Columns], dtype: torch.dtype, device: str
+                    ) -> torch.Tensor:
+    """Singular values (B, k) of equal-shaped `components.Columns`: from Gram matrices formed
+    from their factors, the SVD of the formed matrix for those the Gram route cannot resolve
+    (`spectra.gram_svdvals`)."""
+    gram = spectra.columns_grams(stack_as([c.left for c in cols], dtype, device),
+                                 stack_as([c.right for c in cols], dtype, device))
+
+    def finite(i: int) -> bool:
+        return bool(torch.isfinite(cols[i].left).all() and torch.isfinite(cols[i].right).all())
+
+    return spectra.gram_svdvals(gram, cols[0].shape, lambda i: cols[i].entries().to(dtype),
+                                finite, dtype=dtype)
 
 
 #: entries stacked at once for the entry-wise metrics (64 MiB in float64)
@@ -100,8 +126,19 @@ def entry_metrics(comps: Mapping[C.Site, C.Component], names: Sequence[str]
 
 
 def stack_as(mats: Sequence[torch.Tensor], dtype: torch.dtype, device: str) -> torch.Tensor:
-    """Stack equal-shaped matrices into one contiguous batch of `dtype` on `device`, in a
-    single copy (conversion and transposition included)."""
+    """Stack equal-shaped matrices into one batch of `dtype` on `device`, in a single copy
+    (conversion and transposition included) — or none, when they already are consecutive
+    equally spaced slices of one tensor (the heads or layers of a stacked factor): a view of
+    it then (not to be written to)."""
+    first = mats[0]
+    if first.dtype == dtype and first.device.type == torch.device(device).type:
+        step = mats[1].data_ptr() - first.data_ptr() if len(mats) > 1 else 0
+        size = first.element_size()
+        if step > 0 and step % size == 0 and all(
+                m.data_ptr() == first.data_ptr() + i * step and m.stride() == first.stride()
+                and m.shape == first.shape and m.untyped_storage().data_ptr()
+                == first.untyped_storage().data_ptr() for i, m in enumerate(mats)):
+            return first.as_strided((len(mats), *first.shape), (step // size, *first.stride()))
     out = torch.empty((len(mats), *mats[0].shape), dtype=dtype, device=device)
     for i, m in enumerate(mats):
         out[i].copy_(m)
@@ -220,17 +257,23 @@ def checkpoint_region(
         if not comps:
             continue
         sigmas = component_spectra(comps, device=options.device, dtype=options.dtype)
-        for site, s in sigmas.items():  # through numpy views of the tables (same memory)
-            cell, t, comp = (k_index, *site.index), site.table, comps[site]
-            s64 = s.to(torch.float64).numpy()
-            views[sigma_id][t][cell][: s64.shape[0]] = s64
-            views[max_id][t][cell] = comp.max_dim
-            views[min_id][t][cell] = comp.min_dim
-            views[norm_id][t][cell] = stated_norm(comp)  # NaN: ‖x‖_F, from σ below
-            views[eps_id][t][cell] = comp.eps
-            views[rank_id][t][cell] = comp.max_rank
-            if np.isnan(s64).all() and t not in ("qk", "qk_head"):  # q/k report it
-                bad.append(f"{kind}:{site_name(site)}")
+        # into numpy views of the tables (same memory), one assignment per table and length
+        groups: dict[tuple[str, int], list[C.Site]] = defaultdict(list)
+        for site, s in sigmas.items():
+            groups[(site.table, s.shape[0])].append(site)
+        for (t, k), sites in groups.items():
+            cells_at = tuple(np.asarray(ix) for ix in zip(*((k_index, *site.index)
+                                                           for site in sites), strict=True))
+            s64 = torch.stack([sigmas[site] for site in sites]).to(torch.float64).numpy()
+            views[sigma_id][t][cells_at + (slice(0, k),)] = s64
+            attrs = np.asarray([(c.max_dim, c.min_dim, stated_norm(c), c.eps, c.max_rank)
+                                for c in (comps[site] for site in sites)], dtype=np.float64)
+            for j, table_id in enumerate((max_id, min_id, norm_id, eps_id, rank_id)):
+                views[table_id][t][cells_at] = attrs[:, j]  # norm NaN: ‖x‖_F, from σ below
+            if t not in ("qk", "qk_head"):  # q/k report it
+                bad.extend(f"{kind}:{site_name(site)}"
+                           for site, nan in zip(sites, np.isnan(s64).all(axis=1), strict=True)
+                           if nan)
         for site, values in entry_metrics(comps, entrywise).items():
             for m, value in values.items():
                 entry_values[(site.table, m)][(k_index, *site.index)] = value
@@ -387,7 +430,8 @@ def stated_norm(comp: C.Component) -> float:
     """S of a component's zero tolerance, or NaN where S is ‖x‖_F of the stored matrix itself,
     which `checkpoint_region` takes from the spectra of a whole table at once (‖x‖_F =
     √Σσ_i², no pass over the entries)."""
-    if isinstance(comp, C.Dense) and comp.norm is None and comp.minus is None:
+    if isinstance(comp, (C.Dense, C.Columns)) and comp.norm is None \
+            and getattr(comp, "minus", None) is None:
         return math.nan
     return comp.storage_norm
 
