@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import dynlab
 from dynlab.analysis import selection as S
@@ -87,6 +88,54 @@ def test_cells_cover_sites():
     assert not (cells - every).any() and (every - cells).any()
     # a 2-layer model in a 3-layer store: its cells are those of its layers
     assert S.Cells.every(2, 3).layer[2].sum() == 0
+
+
+def test_tensor_keep_names_the_tensors_of_the_cells():
+    cells = S.Cells.of([1], ["swiglu.w_2", "ov_circuit", "qk_circuit", "de_embedding_proj"], 3)
+    keep = S.tensor_keep(cells)
+    assert S.tensor_keep(None) is None
+    kept = {"layers.1.swiglu.w_2.weight", "layers.1.attention.o_proj.weight",
+            "layers.1.attention.v_proj.weight", "layers.1.attention.q_proj.weight",
+            "layers.1.attention.k_proj.weight", "layers.1.swiglu.w_2.lora_A",
+            "de_embedding_proj.weight", "layers.1.attention_norm.weight", "output_norm.weight"}
+    left = {"layers.0.swiglu.w_2.weight", "layers.2.attention.o_proj.weight",
+            "layers.1.swiglu.w_0.weight", "layers.1.swiglu.w_1.lora_B",
+            "embedding_proj.weight", "layers.7.swiglu.w_2.weight"}
+    assert all(keep(n) for n in kept) and not any(keep(n) for n in left)
+
+
+@pytest.mark.parametrize("source", ["dynlab", "pico-train", "relora"])
+def test_a_selection_reads_only_its_tensors(tmp_path, source):
+    """load_source_checkpoint(keep=...) of a dynlab run and of a pico-train run returns the
+    tensors the cells are built from (and the layers' other tensors), bit for bit those of a
+    whole read; the layer-less tensors of left-out matrices are not read."""
+    from dynlab.sources import load_source_checkpoint, open_sources
+
+    if source == "pico-train":
+        from test_sources_pico import write_pico_run
+
+        root = tmp_path / "pico-run"
+        write_pico_run(root)
+    else:
+        root = make_run(tmp_path / "r", SPEC, [0, 5],
+                        relora={"r": 2, "alpha": 4} if source == "relora" else None)
+    run = open_sources([root])[0]
+    ckpt = run.checkpoints[-1]
+    cells = S.Cells.of([1], ["attention.v_proj", "ov_circuit"], run.spec.n_layers)
+    keep = S.tensor_keep(cells)
+    full = load_source_checkpoint(run, ckpt, grads=True)
+    part = load_source_checkpoint(run, ckpt, grads=True, keep=keep)
+    assert set(part.weights) == {k for k in full.weights if keep(k)}
+    assert {"layers.1.attention.v_proj.weight", "layers.1.attention.o_proj.weight"} <= set(
+        part.weights)
+    assert "embedding_proj.weight" not in part.weights
+    assert "layers.0.attention.v_proj.weight" not in part.weights
+    for k, v in part.weights.items():
+        assert torch.equal(v, full.weights[k]), k
+    if full.grads:
+        assert set(part.grads) == {k for k in full.grads if keep(k)}
+        for k, v in part.grads.items():
+            assert torch.equal(v, full.grads[k]), k
 
 
 # ---------------------------------------------------------------------------- analyses

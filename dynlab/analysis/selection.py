@@ -21,7 +21,7 @@ grads, updates, ...) of a selected cell is computed. Nothing here reads tensors 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -214,6 +214,11 @@ class Cells:
     def any(self) -> bool:
         return bool(self.layer.any() or self.qk.any() or self.emb.any())
 
+    def key(self) -> bytes:
+        """The cells as bytes (equal for equal cells): a dictionary key."""
+        return b"|".join(a.astype(np.int8).tobytes() + bytes(str(a.shape), "ascii")
+                         for a in (self.layer, self.qk, self.emb))
+
     def covers(self, other: Cells) -> bool:
         """Whether every cell of `other` is in this one."""
         return not (other - self).any()
@@ -250,6 +255,46 @@ class Cells:
     @classmethod
     def from_flags(cls, done: np.ndarray, qk_done: np.ndarray, emb_done: np.ndarray) -> Cells:
         return cls(np.asarray(done) != 0, np.asarray(qk_done) != 0, np.asarray(emb_done) != 0)
+
+
+#: the projections each circuit column is built from
+CIRCUIT_MATRICES: dict[str, tuple[str, str]] = {
+    "ov_circuit": ("attention.o_proj", "attention.v_proj"),
+    "qk_circuit": ("attention.q_proj", "attention.k_proj"),
+}
+
+
+def tensor_keep(cells: Cells | None) -> Callable[[str], bool] | None:
+    """Which of a checkpoint's tensors (by dynlab name) the components of `cells` are built
+    from: `layers.<i>.<matrix>.*` (the weight and, in relora runs, its LoRA factors) where
+    cell (i, matrix) is selected or a selected circuit of layer i is built from the matrix,
+    and `<embedding>.*` where the embedding is selected; every other tensor (norms, biases)
+    is kept. None (read everything) for `cells` None."""
+    if cells is None:
+        return None
+    wanted: list[set[str]] = []
+    for layer in range(cells.layer.shape[0]):
+        names = {m for j, m in enumerate(LAYER_MATRICES) if cells.layer[layer, j]}
+        if cells.layer[layer, OV_COLUMN]:
+            names.update(CIRCUIT_MATRICES["ov_circuit"])
+        if cells.qk[layer]:
+            names.update(CIRCUIT_MATRICES["qk_circuit"])
+        wanted.append(names)
+    embeddings = {name for e, name in enumerate(EMBEDDINGS) if cells.emb[e]}
+
+    def keep(name: str) -> bool:
+        head, _, rest = name.partition(".")
+        if head == "layers":
+            layer, _, module = rest.partition(".")
+            matrix = next((m for m in LAYER_MATRICES if module.startswith(m + ".")), None)
+            if matrix is None or not layer.isdigit():
+                return True
+            return int(layer) < len(wanted) and matrix in wanted[int(layer)]
+        if head in EMBEDDINGS:
+            return head in embeddings
+        return True
+
+    return keep
 
 
 #: the per-cell record of a store: variable -> (dims after (run, step), long name)

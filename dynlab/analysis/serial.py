@@ -35,12 +35,13 @@ def run_tasks_serial(
 
     def load(task: Task) -> tuple[LoadedCheckpoint, Mapping[str, torch.Tensor] | None]:
         cached = None
+        selection = None if task.cells is None else task.cells.key()  # what was read
         if task.previous is not None:  # usually the loader's last checkpoint: reuse it
-            cached = last.get((task.run.name, task.previous.step))
+            cached = last.get((task.run.name, task.previous.step, selection))
         ckpt, prev = load_task(task, options, cached)
         last.clear()
         if options.wants_updates:
-            last[(task.run.name, task.checkpoint.step)] = ckpt.weights
+            last[(task.run.name, task.checkpoint.step, selection)] = ckpt.weights
         if pin:
             ckpt, prev = pinned(ckpt), pinned_tensors(prev)
         return ckpt, prev

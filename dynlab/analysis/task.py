@@ -26,7 +26,7 @@ from dynlab.analysis.conventions import apply as apply_convention
 from dynlab.analysis.conventions import replaces as replaces_component
 from dynlab.analysis.plan import Options, Task
 from dynlab.analysis.recompute import spectrum_metric
-from dynlab.analysis.selection import Cells
+from dynlab.analysis.selection import Cells, tensor_keep
 from dynlab.analysis.store import Layout, RegionWriter, spectral_variables
 from dynlab.faults import fault_point
 from dynlab.runs.checkpoints import LoadedCheckpoint, Run
@@ -457,14 +457,17 @@ def load_task(
     task: Task, options: Options, previous_weights: Tensors | None = None
 ) -> tuple[LoadedCheckpoint, Tensors | None]:
     """Read a task's checkpoint, and its predecessor's weights when updates are wanted
-    (`previous_weights` where the caller still holds them, else read)."""
+    (`previous_weights` where the caller still holds them, read with the same selection,
+    else read): only the tensors its cells are built from (`selection.tensor_keep`), where
+    the source can read its files in part."""
+    keep = tensor_keep(task.cells)
     ckpt = load_source_checkpoint(task.run, task.checkpoint, grads=options.wants_grads,
-                                  kinds=options.kinds)
+                                  kinds=options.kinds, keep=keep)
     prev = None
     if options.wants_updates and task.previous is not None:
         prev = previous_weights
         if prev is None:
-            prev = load_source_weights(task.run, task.previous)
+            prev = load_source_weights(task.run, task.previous, keep)
     return ckpt, prev
 
 

@@ -7,9 +7,11 @@ once its `meta.json` exists (the trainer writes it last). Tensors are read with 
 
 from __future__ import annotations
 
+import ctypes
+import os
 import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +23,12 @@ from dynlab.runs.layout import CheckpointError, complete_checkpoints
 
 __all__ = ["Checkpoint", "CheckpointError", "LoadedCheckpoint", "ModelSpec", "Run", "check_shapes",
            "check_floating",
-           "find_runs", "load_checkpoint", "load_run", "load_tensors", "prefetch", "read_ahead",
-           "read_json"]
+           "Keep", "advise_willneed", "find_runs", "load_checkpoint", "load_run", "load_tensors",
+           "prefetch", "read_ahead", "read_json"]
+
+#: which tensors (by name) a reader is asked for: those `keep(name)` is true for; a reader
+#: may leave the others out (None: every one)
+Keep = Callable[[str], bool] | None
 
 #: the model shape the analysis reads from run.json["model"]: the same class as the one the
 #: pico-decoder is built from (one key list, one validation), under the name the analysis uses
@@ -117,13 +123,16 @@ def load_run(root: Path, name: str | None = None) -> Run:
     return Run(name, root, config, spec, tuple(found))
 
 
-def load_tensors(path: Path, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """Read tensors from a safetensors file (all, or `names`), with errors naming the file.
+def load_tensors(path: Path, names: Sequence[str] | None = None, keep: Keep = None
+                 ) -> dict[str, torch.Tensor]:
+    """Read tensors from a safetensors file (all, or `names`; of those, the ones `keep`
+    keeps), with errors naming the file.
 
     safetensors maps the file and hands out tensors over the mapping (no copy), so bytes are
-    only read when first touched. The file is read through once first (`read_ahead`), so the
-    disk read happens in the caller — the background prefetch thread — and not during the
-    computation that first touches the tensors."""
+    only read when first touched. A file read whole is read through once first
+    (`read_ahead`), so the disk read happens in the caller — the background prefetch thread —
+    and not during the computation that first touches the tensors; of a file read in part,
+    only the pages of the tensors read are asked for ahead (`advise_willneed`)."""
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
@@ -136,8 +145,13 @@ def load_tensors(path: Path, names: Sequence[str] | None = None) -> dict[str, to
             missing = [k for k in keys if k not in present]
             if missing:
                 raise CheckpointError(f"{path}: missing tensors {', '.join(missing[:5])}")
+            if keep is not None:
+                keys = [k for k in keys if keep(k)]
             tensors = {k: f.get_tensor(k) for k in keys}
-        read_ahead(path)
+        if len(keys) == len(available):
+            read_ahead(path)
+        else:
+            advise_willneed(tensors)
         return tensors
     except SafetensorError as e:
         raise CheckpointError(
@@ -161,6 +175,34 @@ def read_ahead(path: Path, chunk: int = 16 << 20) -> int:
     return total
 
 
+def _libc_madvise() -> Callable | None:
+    try:
+        fn = ctypes.CDLL("libc.so.6").madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_MADVISE = _libc_madvise()
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_WILLNEED = 3
+
+
+def advise_willneed(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Ask the kernel to read ahead the pages of these tensors (madvise MADV_WILLNEED on each
+    one's page-aligned range: asynchronous, nothing copied, nothing added to the resident
+    set). For tensors mapped from a file this starts their disk reads now; anywhere else, or
+    without glibc, it does nothing."""
+    if _MADVISE is None:
+        return
+    for t in tensors.values():
+        if t.device.type != "cpu" or t.numel() == 0:
+            continue
+        start = t.data_ptr() // _PAGE * _PAGE
+        _MADVISE(start, t.data_ptr() + t.numel() * t.element_size() - start, _MADV_WILLNEED)
+
+
 def check_floating(name: str, tensor: torch.Tensor, path: object) -> None:
     """CheckpointError naming `path` and `name` unless the tensor holds floating-point
     numbers (fp32, fp16, bf16, fp64, ...): weights stored as integers or booleans are not a
@@ -170,10 +212,13 @@ def check_floating(name: str, tensor: torch.Tensor, path: object) -> None:
                               "expected floating-point weights (float32, float16 or bfloat16)")
 
 
-def check_shapes(tensors: Mapping[str, torch.Tensor], spec: ModelSpec, path: Path) -> None:
-    """Every expected parameter is present, floating point, with the shape run.json
-    implies."""
+def check_shapes(tensors: Mapping[str, torch.Tensor], spec: ModelSpec, path: Path,
+                 keep: Keep = None) -> None:
+    """Every expected parameter (that `keep` keeps) is present, floating point, with the
+    shape run.json implies."""
     for name, shape in spec.expected_shapes().items():
+        if keep is not None and not keep(name):
+            continue
         if name not in tensors:
             raise CheckpointError(f"{path}: missing parameter {name} (run.json implies it)")
         check_floating(name, tensors[name], path)
@@ -194,13 +239,15 @@ class LoadedCheckpoint:
     train_grads: dict[str, torch.Tensor] | None = None
 
 
-def load_checkpoint(ckpt: Checkpoint, spec: ModelSpec, *, grads: bool = True) -> LoadedCheckpoint:
-    weights = load_tensors(ckpt.file("weights.safetensors"))
-    check_shapes(weights, spec, ckpt.file("weights.safetensors"))
+def load_checkpoint(ckpt: Checkpoint, spec: ModelSpec, *, grads: bool = True,
+                    keep: Keep = None) -> LoadedCheckpoint:
+    """A dynlab checkpoint's weights (and gradients): only the tensors `keep` keeps."""
+    weights = load_tensors(ckpt.file("weights.safetensors"), keep=keep)
+    check_shapes(weights, spec, ckpt.file("weights.safetensors"), keep)
     g = None
     if grads and ckpt.has("grads.safetensors"):
-        g = load_tensors(ckpt.file("grads.safetensors"))
-        check_shapes(g, spec, ckpt.file("grads.safetensors"))
+        g = load_tensors(ckpt.file("grads.safetensors"), keep=keep)
+        check_shapes(g, spec, ckpt.file("grads.safetensors"), keep)
     return LoadedCheckpoint(ckpt, weights, g, ckpt.meta())
 
 

@@ -100,9 +100,39 @@ def pico_spec(config: Mapping, path: Path) -> ModelSpec:
 
 
 def pico_convert(tensors: Mapping[str, torch.Tensor], spec: ModelSpec, path: Path) -> Tensors:
-    """Drop the HF wrapper's prefix (`pico_decoder.` or `pico.`); names are otherwise dynlab's."""
-    prefix = _prefix(tensors, "layers.0.attention.q_proj.weight", path, "pico")
+    """Drop the HF wrapper's prefix (`pico_decoder.` or `pico.`); names are otherwise dynlab's.
+    The prefix is what precedes `layers.0.attention.q_proj.weight` — or, in a file read in
+    part (`pico_keep`), any layer's or embedding's name."""
+    try:
+        prefix = _prefix(tensors, "layers.0.attention.q_proj.weight", path, "pico")
+    except SourceError:
+        found = {k[: len(k) - len(pico_name(k))] for k in tensors if pico_name(k) != k
+                 or k.startswith(PICO_ROOTS)}
+        if len(found) != 1:
+            raise
+        prefix = found.pop()
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+#: where dynlab's part of a pico checkpoint's name starts
+PICO_ROOTS = ("layers.", "embedding_proj.", "de_embedding_proj.")
+
+
+def pico_name(name: str) -> str:
+    """A pico checkpoint name without the wrapper's prefix: from its first `layers.` or
+    embedding segment on (the name itself where it has none)."""
+    if name.startswith(PICO_ROOTS):
+        return name
+    for root in PICO_ROOTS:
+        at = name.find("." + root)
+        if at >= 0:
+            return name[at + 1:]
+    return name
+
+
+def pico_keep(keep: Callable[[str], bool]) -> Callable[[str], bool]:
+    """`keep` (on dynlab's names) for the names of a pico model.safetensors."""
+    return lambda name: keep(pico_name(name))
 
 
 # ---- Llama family --------------------------------------------------------------------------

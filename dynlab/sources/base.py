@@ -23,6 +23,7 @@ from dynlab.errors import InputError
 from dynlab.runs.checkpoints import (
     Checkpoint,
     CheckpointError,
+    Keep,
     LoadedCheckpoint,
     ModelSpec,
     Run,
@@ -63,8 +64,10 @@ class Reader:
         """Every complete checkpoint, sorted by step."""
         raise NotImplementedError
 
-    def weights(self, ckpt: SourceCheckpoint) -> Tensors:
-        """Weights under dynlab's names (relora: the effective weight, plus lora_A/lora_B)."""
+    def weights(self, ckpt: SourceCheckpoint, keep: Keep = None) -> Tensors:
+        """Weights under dynlab's names (relora: the effective weight, plus lora_A/lora_B).
+        Tensors whose name `keep` rejects may be left out (a reader that reads its files in
+        part does; one that must convert the whole model returns every tensor)."""
         raise NotImplementedError
 
     def grads(self, ckpt: SourceCheckpoint, weights: Tensors,
@@ -119,14 +122,15 @@ class SourceRun(Run):
 
 
 def load_source_checkpoint(run: Run, ckpt: Checkpoint, *, grads: bool = True,
-                           kinds: tuple[str, ...] = ("grads",)) -> LoadedCheckpoint:
+                           kinds: tuple[str, ...] = ("grads",), keep: Keep = None
+                           ) -> LoadedCheckpoint:
     """A checkpoint's tensors under dynlab's names, for any run (dynlab runs through
-    `dynlab.runs.checkpoints.load_checkpoint`)."""
+    `dynlab.runs.checkpoints.load_checkpoint`); those `keep` rejects may be left out."""
     from dynlab.runs.checkpoints import load_checkpoint
 
     if not isinstance(run, SourceRun):
-        return load_checkpoint(ckpt, run.spec, grads=grads)
-    weights = run.reader.weights(ckpt)
+        return load_checkpoint(ckpt, run.spec, grads=grads, keep=keep)
+    weights = run.reader.weights(ckpt, keep)
     wanted = ("grads",) + ("train_grads",) * ("train_grads" in kinds)
     g = run.reader.grads(ckpt, weights, wanted) if grads else Grads()
     loaded = LoadedCheckpoint(ckpt, weights, g.grads, ckpt.meta())
@@ -134,13 +138,14 @@ def load_source_checkpoint(run: Run, ckpt: Checkpoint, *, grads: bool = True,
     return loaded
 
 
-def load_source_weights(run: Run, ckpt: Checkpoint) -> Tensors:
-    """A checkpoint's weights under dynlab's names (the previous checkpoint, for updates)."""
+def load_source_weights(run: Run, ckpt: Checkpoint, keep: Keep = None) -> Tensors:
+    """A checkpoint's weights under dynlab's names (the previous checkpoint, for updates);
+    those `keep` rejects may be left out."""
     from dynlab.runs.checkpoints import load_tensors
 
     if not isinstance(run, SourceRun):
-        return load_tensors(ckpt.file("weights.safetensors"))
-    return run.reader.weights(ckpt)
+        return load_tensors(ckpt.file("weights.safetensors"), keep=keep)
+    return run.reader.weights(ckpt, keep)
 
 
 def run_grad_kinds(run: Run) -> tuple[str, ...]:
@@ -157,11 +162,12 @@ def release(run: Run, ckpt: Checkpoint) -> None:
 
 
 def check_named_shapes(tensors: Tensors, spec: ModelSpec, path: object, *,
-                       gated: bool = True, what: str = "config.json") -> None:
-    """Every matrix dynlab analyses is present with the shape the config implies (the gate
-    `swiglu.w_0` only for gated MLPs)."""
+                       gated: bool = True, what: str = "config.json", keep: Keep = None
+                       ) -> None:
+    """Every matrix dynlab analyses (of those `keep` keeps) is present with the shape the
+    config implies (the gate `swiglu.w_0` only for gated MLPs)."""
     expected = {k: v for k, v in spec.expected_shapes().items()
-                if k.endswith(".weight") and len(v) == 2}
+                if k.endswith(".weight") and len(v) == 2 and (keep is None or keep(k))}
     for name, shape in expected.items():
         if not gated and ".swiglu.w_0." in name:
             continue

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dynlab.runs.checkpoints import Run
+from dynlab.runs.checkpoints import Keep, Run
 from dynlab.sources.base import (
     Grads,
     Reader,
@@ -144,7 +144,9 @@ class RecomputedGrads(Reader):
                 return c
         raise SourceError(f"{ckpt.path}: not a checkpoint of {self.inner.name}")
 
-    def weights(self, ckpt: SourceCheckpoint) -> Tensors:
+    def weights(self, ckpt: SourceCheckpoint, keep: Keep = None) -> Tensors:
+        """Every weight, whatever `keep` says: the gradients are computed through the whole
+        model."""
         return load_source_weights(self.inner, self._inner_ckpt(ckpt))
 
     def grad_kinds(self) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynlab.errors import printable
-from dynlab.runs.checkpoints import ModelSpec, read_json
+from dynlab.runs.checkpoints import Keep, ModelSpec, read_json
 from dynlab.runs.layout import CheckpointError, unique_steps
 from dynlab.sources.arch import Adapter, adapter_for
 from dynlab.sources.base import (
@@ -161,7 +161,9 @@ class HFDirReader(Reader):
         return [SourceCheckpoint(run_name, s, d, reader=self) for s, d in self.dirs()
                 if (d / "config.json").is_file() and weights_complete(d)]
 
-    def weights(self, ckpt: SourceCheckpoint) -> Tensors:
+    def weights(self, ckpt: SourceCheckpoint, keep: Keep = None) -> Tensors:
+        """Every tensor, whatever `keep` says: the model directory is converted whole (fused
+        and renamed matrices)."""
         config, adapter, spec = model_spec(ckpt.path)
         if adapter.family != self.adapter.family or spec != self.spec:
             raise SourceError(f"{ckpt.path}: config.json describes another model than the "

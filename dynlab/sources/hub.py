@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dynlab.runs.checkpoints import ModelSpec, read_json
+from dynlab.runs.checkpoints import Keep, ModelSpec, read_json
 from dynlab.sources.arch import ADAPTERS, adapter_for
 from dynlab.sources.base import (
     Grads,
@@ -375,7 +375,8 @@ class HubReader(Reader):
         """The revision's snapshot folder with its tokenizer files added (those it has)."""
         return snapshot(self.repo_id, revision, self.cache_dir, TOKENIZER)
 
-    def weights(self, ckpt: SourceCheckpoint) -> Tensors:
+    def weights(self, ckpt: SourceCheckpoint, keep: Keep = None) -> Tensors:
+        """Every tensor, whatever `keep` says: the revision is converted whole."""
         path = self.fetch(ckpt.revision)
         config = read_json(path / "config.json")
         adapter = adapter_for(config, path / "config.json")

@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 
 from dynlab.errors import quoted
-from dynlab.runs.checkpoints import ModelSpec, load_tensors, read_json
+from dynlab.runs.checkpoints import Keep, ModelSpec, load_tensors, read_json
 from dynlab.runs.layout import step_of, unique_steps
-from dynlab.sources.arch import pico_convert, pico_spec
+from dynlab.sources.arch import pico_convert, pico_keep, pico_spec
 from dynlab.sources.base import (
     FOLLOWING,
     Grads,
@@ -209,12 +209,15 @@ class PicoTrainReader(Reader):
             out.append(SourceCheckpoint(run_name, step, d, reader=self))
         return out
 
-    def weights(self, ckpt: SourceCheckpoint) -> Tensors:
+    def weights(self, ckpt: SourceCheckpoint, keep: Keep = None) -> Tensors:
+        """model.safetensors under dynlab's names: only the tensors `keep` keeps are read
+        (its names are dynlab's behind the HF wrapper's prefix)."""
         f = ckpt.path / "model.safetensors"
-        w = pico_convert(load_tensors(f), self.spec, f)
+        w = pico_convert(load_tensors(f, keep=None if keep is None else pico_keep(keep)),
+                         self.spec, f)
         if self.relora is not None:
             w = compose_relora(w, self.relora, f)
-        check_named_shapes(w, self.spec, f)
+        check_named_shapes(w, self.spec, f, keep=keep)
         return w
 
     def grad_kinds(self) -> tuple[str, ...]:
