@@ -150,10 +150,11 @@ def analyze(
     """Spectral metrics (effective rank, PER, condition number, ...) of every weight matrix,
     gradient, update and LoRA product of each checkpoint, into a Zarr store. Rerunning skips
     what the store already holds, so an interrupted analysis resumes."""
-    from dynlab_cli.console import guarded
+    from dynlab_cli.console import guarded, settled_imports
 
     with guarded("analyze"):
-        from dynlab.analysis import analyze as run_analysis
+        with settled_imports():
+            from dynlab.analysis import analyze as run_analysis
 
         dev = resolve(device)
         if threads:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import warnings
 from collections.abc import Iterator
 
@@ -131,3 +132,20 @@ def checkpoint_error(where: object, err: BaseException) -> DynlabError:
 __all__ = ["console", "error", "warn", "note", "plain", "guarded", "exit_code", "show_warnings",
            "message", "checkpoint_error", "stdout",
            "EXIT_BAD_INPUT", "EXIT_FAILURE", "EXIT_INTERRUPTED", "INTERRUPTED_MESSAGE"]
+
+
+@contextlib.contextmanager
+def settled_imports() -> Iterator[None]:
+    """Around a command's heavy imports (torch, zarr: about a million objects that live as
+    long as the process): the garbage collector paused while they run, and what they created
+    moved out of its sight afterwards (`gc.freeze`), so that the collections of the
+    command's own work do not walk them again and again. Only the collector's bookkeeping
+    changes: objects are freed as before."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()

@@ -63,5 +63,18 @@ def version() -> None:
     print(dynlab.__version__)
 
 
+def run() -> None:
+    """The `dynlab` program (the console script and `python -m dynlab`): `app`, then every
+    object still alive moved out of the garbage collector's sight (`gc.freeze`) before the
+    interpreter shuts down, so that its final collection does not walk torch's million
+    objects (≈ 0.4 s of every command's exit); nothing is skipped of the shutdown itself."""
+    import gc
+
+    try:
+        app(prog_name="dynlab")
+    finally:
+        gc.freeze()
+
+
 if __name__ == "__main__":
-    app()
+    run()

@@ -3,7 +3,7 @@
 An entry point only: nothing in the library imports it.
 """
 
-from dynlab_cli.main import app
+from dynlab_cli.main import run
 
 if __name__ == "__main__":
-    app(prog_name="dynlab")
+    run()

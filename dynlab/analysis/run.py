@@ -27,6 +27,7 @@ from dynlab.analysis.selection import (
     select_layers,
     select_matrices,
     select_steps,
+    tensor_keep,
 )
 from dynlab.analysis.serial import run_tasks_serial
 from dynlab.analysis.store import (
@@ -38,7 +39,7 @@ from dynlab.analysis.store import (
 )
 from dynlab.analysis.storelock import StoreAccess, holder_text
 from dynlab.devices import resolve_device
-from dynlab.runs.checkpoints import Run
+from dynlab.runs.checkpoints import Keep, Run
 from dynlab.sources import load_source_checkpoint, open_sources, release
 
 
@@ -145,7 +146,9 @@ def analyze(
         layout = ensure_store(path, wanted, metrics_given=metrics is not None,
                               kinds_given=kinds is not None, access=access,
                               validate=lambda names: validate_first(
-                                  [r for r in found if r.name in names], kind_names, chosen))
+                                  [r for r in found if r.name in names], kind_names, chosen,
+                                  tensor_keep(Cells.of(chosen_layers, chosen_matrices,
+                                                       n_layers))))
         options = Options(tuple(layout.metrics), tuple(layout.kinds), options.device, precision,
                           convention)
         write_meta_regions(path, layout, metas, access)
@@ -245,11 +248,12 @@ def analyze_activation_hook(runs: Sequence[Run], path: Path, layout: Layout,
 
 
 def validate_first(runs: Sequence[Run], kinds: Sequence[str],
-                   steps: Mapping[str, Sequence[int]] | None = None) -> None:
-    """Read the first (selected) checkpoint of each run (shapes against run.json), so that a
-    store is created, or a run added to it, only for runs that can be analysed."""
+                   steps: Mapping[str, Sequence[int]] | None = None, keep: Keep = None) -> None:
+    """Read the first (selected) checkpoint of each run (shapes against run.json; of the
+    tensors `keep` keeps, those of the selected matrices), so that a store is created, or a
+    run added to it, only for runs that can be analysed."""
     for run in runs:
         chosen = set(steps.get(run.name, ())) if steps is not None else None
         first = next((c for c in run.checkpoints if chosen is None or c.step in chosen),
                      run.checkpoints[0])
-        load_source_checkpoint(run, first, grads="grads" in kinds, kinds=kinds)
+        load_source_checkpoint(run, first, grads="grads" in kinds, kinds=kinds, keep=keep)
