@@ -237,26 +237,3 @@ def test_parse_metrics():
         metrics_mod.OPT_IN_METRICS)
     with pytest.raises(ValueError, match="unknown metric.*bogus.*valid: er, per, cn"):
         metrics_mod.parse_metrics("per,bogus")
-
-
-def test_largest_singular_value_by_lanczos_and_its_fallback():
-    """spectra.largest_singular_value: σ_1 of a spiked matrix (a trained weight's shape) to
-    1e-12 of scipy, tall or wide; None for a Gaussian one (no gap at the top), whose norm
-    `components.spectral_norms` then takes from the eigenvalues — equal to scipy's too."""
-    from dynlab.analysis.components import LANCZOS_MIN_SIDE, spectral_norms
-
-    rng = np.random.default_rng(7)
-    m, n = LANCZOS_MIN_SIDE, 3 * LANCZOS_MIN_SIDE // 2
-    spikes = geometric_spectrum(16, 100.0).numpy() * 8.0
-    spiked = 0.02 * rng.standard_normal((m, n)) + (
-        np.linalg.qr(rng.standard_normal((m, 16)))[0] * spikes
-    ) @ np.linalg.qr(rng.standard_normal((n, 16)))[0].T
-    gaussian = rng.standard_normal((n, m))
-    for x in (spiked, spiked.T):
-        got = spectra.largest_singular_value(x)
-        assert got == pytest.approx(ref_svdvals(x)[0], rel=1e-12)
-    assert spectra.largest_singular_value(gaussian) is None
-    assert spectra.largest_singular_value(np.zeros((m, n))) == 0.0
-    batch = torch.from_numpy(np.stack([spiked, gaussian.T]))
-    np.testing.assert_allclose(spectral_norms(batch).numpy(),
-                               [ref_svdvals(spiked)[0], ref_svdvals(gaussian)[0]], rtol=1e-12)

@@ -500,33 +500,16 @@ def spectral_norms(x: torch.Tensor) -> torch.Tensor:
     return remembered(_spectral_norms, x)
 
 
-#: shorter side from which `spectral_norms` tries Lanczos (`spectra.largest_singular_value`)
-LANCZOS_MIN_SIDE = 256
-
-
 def _spectral_norms(x: torch.Tensor) -> torch.Tensor:
-    """σ_1 of each matrix of a batch: by Lanczos where the shorter side is at least
-    `LANCZOS_MIN_SIDE` (and it converges), else √λ_max of the Gram matrix's eigenvalues."""
-    from dynlab.analysis.spectra import eigvalsh, finite_matrices, largest_singular_value
+    from dynlab.analysis.spectra import eigvalsh, finite_matrices
 
     x = x.to(torch.float64)
     finite = finite_matrices(x)
     if not bool(finite.all()):
         x = torch.where(finite[..., None, None], x, torch.zeros((), dtype=x.dtype))
-    batch = x.shape[:-2]
-    flat = x.reshape(-1, *x.shape[-2:])
-    norms = torch.full((flat.shape[0],), math.nan, dtype=torch.float64)
-    if min(x.shape[-2:]) >= LANCZOS_MIN_SIDE and x.device.type == "cpu":
-        for i, matrix in enumerate(flat):
-            value = largest_singular_value(matrix.numpy())
-            norms[i] = math.nan if value is None else value
-    rest = norms.isnan().nonzero().flatten()
-    if len(rest):
-        part = flat[rest]
-        gram = part @ part.mT if part.shape[-2] <= part.shape[-1] else part.mT @ part
-        norms[rest] = eigvalsh(gram)[..., -1].clamp_min(0).sqrt().cpu()
-    norms = norms.reshape(batch)
-    return torch.where(finite.cpu(), norms, torch.full((), math.nan, dtype=norms.dtype))
+    gram = x @ x.mT if x.shape[-2] <= x.shape[-1] else x.mT @ x
+    norms = eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
+    return torch.where(finite, norms, torch.full((), math.nan, dtype=norms.dtype)).cpu()
 
 
 def weight_components(w: Tensors, spec: ModelSpec, select: Select = None

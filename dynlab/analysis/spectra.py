@@ -179,60 +179,6 @@ GRAM_BLOCK = 1 << 18
 SVD_BLOCK = 1 << 23
 
 
-#: steps of `largest_singular_value`'s Lanczos before it gives up
-LANCZOS_STEPS = 20
-#: residual bound, relative to the Ritz value, at which it stops
-LANCZOS_RTOL = 1e-12
-#: (step, bound): it gives up early where the relative residual bound is still above the
-#: bound after that many steps. Measured on 1024 × 1024 matrices: a spiked spectrum (trained
-#: weights' shape) is at 3e-8 after 7 steps and below 1e-14 after 10; a Gaussian one (an
-#: initialisation's, no gap at the top) still at 1e-2 after 10 and 2e-3 after 40.
-LANCZOS_GIVE_UP = (8, 1e-5)
-#: seed of its start vector (fixed: the same bits on every run)
-LANCZOS_SEED = 20261206
-
-
-def largest_singular_value(x: np.ndarray) -> float | None:
-    """σ_1 of a finite float64 matrix by Lanczos on the Gram matrix of its shorter side,
-    G = X·Xᵀ (applied as X·(Xᵀ·v), never formed), with full reorthogonalisation from a fixed
-    random start vector; None where it does not converge within `LANCZOS_STEPS` steps, or
-    is too far from it after `LANCZOS_GIVE_UP` (a spectrum without a gap at its top: the
-    caller then takes the eigenvalues of G).
-
-    The largest eigenvalue θ of the Lanczos tridiagonal T_k is a Rayleigh quotient of G
-    (θ ≤ λ_max), and its Ritz pair's residual is ‖G·y − θ·y‖ = β_k·|s_k|, s_k the last
-    entry of T_k's eigenvector: an eigenvalue of G lies within that of θ (Parlett, The
-    Symmetric Eigenvalue Problem, §13.2; Golub & Van Loan §10.1.4). √θ is returned once the
-    bound is ≤ LANCZOS_RTOL·θ. Each step costs two matrix–vector products (4·m·n flops)
-    where the eigenvalues of G cost (4/3)·k³ after a k²·max(m, n) product."""
-    a = x if x.shape[0] <= x.shape[1] else x.T
-    d = a.shape[0]
-    q = np.random.default_rng(LANCZOS_SEED).standard_normal(d)
-    q /= np.linalg.norm(q)
-    basis = np.empty((LANCZOS_STEPS, d))
-    t = np.zeros((LANCZOS_STEPS, LANCZOS_STEPS))
-    for k in range(LANCZOS_STEPS):
-        basis[k] = q
-        w = a @ (a.T @ q)
-        t[k, k] = q @ w
-        for _ in range(2):  # twice is enough (Kahan–Parlett)
-            w -= basis[: k + 1].T @ (basis[: k + 1] @ w)
-        beta = float(np.linalg.norm(w))
-        lam, vec = np.linalg.eigh(t[: k + 1, : k + 1])
-        theta = float(lam[-1])
-        if theta <= 0.0:  # G·q = 0 for a generic q: the zero matrix
-            return 0.0 if beta == 0.0 else None
-        bound = beta * abs(vec[-1, -1])
-        if bound <= LANCZOS_RTOL * theta:
-            return math.sqrt(theta)
-        if k + 1 == LANCZOS_GIVE_UP[0] and bound > LANCZOS_GIVE_UP[1] * theta:
-            return None  # no gap at the top: slow convergence, the eigenvalues are cheaper
-        if k + 1 < LANCZOS_STEPS:
-            t[k, k + 1] = t[k + 1, k] = beta
-            q = w / beta
-    return None
-
-
 def finite_matrices(x: torch.Tensor) -> torch.Tensor:
     """Whether each matrix of a batch (…, m, n) holds only finite entries, (…) bool (on the
     CPU through numpy: a single pass without temporaries of x's size)."""
