@@ -94,8 +94,35 @@ def coarsest(*dtypes: torch.dtype) -> torch.dtype:
     return max(dtypes, key=lambda d: torch.finfo(d).eps)
 
 
+class Sides:
+    """The sides of a component's m × n `shape`; with `DenseBound`, the bounds of a matrix
+    judged as dense."""
+
+    shape: tuple[int, int]
+
+    @property
+    def max_dim(self) -> int:
+        return max(self.shape)
+
+    @property
+    def min_dim(self) -> int:
+        return min(self.shape)
+
+
+class DenseBound(Sides):
+    """Rank bound and `max_rank` min(m, n): nothing known of the matrix beyond its shape."""
+
+    @property
+    def rank_bound(self) -> int:
+        return min(self.shape)
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.shape)
+
+
 @dataclass(frozen=True)
-class Dense:
+class Dense(DenseBound):
     """A matrix given by its entries: x, or x − minus when `minus` is given (a difference of
     two stored tensors, formed in float64 only where it is used: `entries`, or block by block
     for its spectrum (`spectra.svdvals_of`), so an analysis never holds every update at
@@ -115,24 +142,8 @@ class Dense:
     rows: torch.Tensor | None = None
 
     @property
-    def rank_bound(self) -> int:
-        return min(self.shape)
-
-    @property
-    def max_rank(self) -> int:
-        return min(self.shape)
-
-    @property
     def eps(self) -> float:
         return torch.finfo(self.stored or self.x.dtype).eps
-
-    @property
-    def max_dim(self) -> int:
-        return max(self.shape)
-
-    @property
-    def min_dim(self) -> int:
-        return min(self.shape)
 
     @property
     def storage_norm(self) -> float:
@@ -150,7 +161,7 @@ class Dense:
 
 
 @dataclass(frozen=True)
-class LowRank:
+class LowRank(Sides):
     """The product left·right, left (m × r), right (r × n); rank ≤ max_rank = min(m, r, n).
 
     rank_bound, the length k of its spectrum, is max_rank, or min(m, n) when `full`: the
@@ -184,14 +195,6 @@ class LowRank:
         return torch.finfo(self.stored or coarsest(self.left.dtype, self.right.dtype)).eps
 
     @property
-    def max_dim(self) -> int:
-        return max(self.shape)
-
-    @property
-    def min_dim(self) -> int:
-        return min(self.shape)
-
-    @property
     def storage_norm(self) -> float:
         """S of the zero tolerance (see the class docstring)."""
         if self.norm is not None:
@@ -205,7 +208,7 @@ class LowRank:
 
 
 @dataclass(frozen=True)
-class Columns:
+class Columns(DenseBound):
     """Products side by side, X = [L_0·R_0 | … | L_{H−1}·R_{H−1}] (m × H·n), with left
     (H, m, r) and right (H, r, n) and m ≤ H·n: judged as the dense matrix it is (rank bound
     and `max_rank` min(m, H·n)), but never formed for its spectrum — its Gram matrix
@@ -223,24 +226,8 @@ class Columns:
         return (self.left.shape[-2], self.right.shape[0] * self.right.shape[-1])
 
     @property
-    def rank_bound(self) -> int:
-        return min(self.shape)
-
-    @property
-    def max_rank(self) -> int:
-        return min(self.shape)
-
-    @property
     def eps(self) -> float:
         return torch.finfo(self.stored).eps
-
-    @property
-    def max_dim(self) -> int:
-        return max(self.shape)
-
-    @property
-    def min_dim(self) -> int:
-        return min(self.shape)
 
     @property
     def storage_norm(self) -> float:
