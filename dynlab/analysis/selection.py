@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dynlab.analysis.components import EMBEDDINGS, LAYER_MATRICES, MATRICES, Site
+from dynlab.analysis.components import EMBEDDINGS, LAYER_MATRICES, MATRICES, OV, QK, Site
 from dynlab.errors import InputError
 
 #: every name --matrices accepts, in store order
@@ -257,13 +257,6 @@ class Cells:
         return cls(np.asarray(done) != 0, np.asarray(qk_done) != 0, np.asarray(emb_done) != 0)
 
 
-#: the projections each circuit column is built from
-CIRCUIT_MATRICES: dict[str, tuple[str, str]] = {
-    "ov_circuit": ("attention.o_proj", "attention.v_proj"),
-    "qk_circuit": ("attention.q_proj", "attention.k_proj"),
-}
-
-
 def tensor_keep(cells: Cells | None) -> Callable[[str], bool] | None:
     """Which of a checkpoint's tensors (by dynlab name) the components of `cells` are built
     from: `layers.<i>.<matrix>.*` (the weight and, in relora runs, its LoRA factors) where
@@ -276,9 +269,9 @@ def tensor_keep(cells: Cells | None) -> Callable[[str], bool] | None:
     for layer in range(cells.layer.shape[0]):
         names = {m for j, m in enumerate(LAYER_MATRICES) if cells.layer[layer, j]}
         if cells.layer[layer, OV_COLUMN]:
-            names.update(CIRCUIT_MATRICES["ov_circuit"])
+            names.update((OV.first, OV.second))
         if cells.qk[layer]:
-            names.update(CIRCUIT_MATRICES["qk_circuit"])
+            names.update((QK.first, QK.second))
         wanted.append(names)
     embeddings = {name for e, name in enumerate(EMBEDDINGS) if cells.emb[e]}
 

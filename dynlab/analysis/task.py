@@ -12,7 +12,6 @@ from __future__ import annotations
 import bisect
 import ctypes
 import math
-import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 
@@ -29,7 +28,7 @@ from dynlab.analysis.recompute import spectrum_metric
 from dynlab.analysis.selection import Cells, tensor_keep
 from dynlab.analysis.store import Layout, RegionWriter, spectral_variables
 from dynlab.faults import fault_point
-from dynlab.runs.checkpoints import LoadedCheckpoint, Run
+from dynlab.runs.checkpoints import MADV_DONTNEED, PAGE, LoadedCheckpoint, Run, madvise
 from dynlab.sources import load_source_checkpoint, load_source_weights
 
 Tensors = Mapping[str, torch.Tensor]
@@ -378,9 +377,6 @@ def trim_heap() -> None:
         _MALLOC_TRIM(0)
 
 
-_LIBC = ctypes.CDLL("libc.so.6") if _MALLOC_TRIM is not None else None
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_MADV_DONTNEED = 4
 
 
 def file_mappings() -> list[tuple[int, int]]:
@@ -406,7 +402,7 @@ def release_pages(tensors: Tensors | None, maps: list[tuple[int, int]] | None = 
     back in unchanged (the tensors are never written: a private file mapping then reads as
     the file). Tensors in anonymous memory are left alone. `maps`: `file_mappings()` (read
     here when not given). Returns the bytes released."""
-    if not tensors or _LIBC is None:  # glibc/Linux only
+    if not tensors:
         return 0
     maps = file_mappings() if maps is None else maps
     starts = [start for start, _ in maps]
@@ -419,9 +415,8 @@ def release_pages(tensors: Tensors | None, maps: list[tuple[int, int]] | None = 
         i = bisect.bisect_right(starts, a) - 1  # the last mapping that starts at or before a
         if i < 0 or b > maps[i][1]:
             continue
-        lo, hi = -(-a // _PAGE) * _PAGE, b // _PAGE * _PAGE
-        if hi > lo and _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo),
-                                     _MADV_DONTNEED) == 0:
+        lo, hi = -(-a // PAGE) * PAGE, b // PAGE * PAGE
+        if madvise(lo, hi, MADV_DONTNEED):  # glibc/Linux only
             released += hi - lo
     return released
 
@@ -430,8 +425,9 @@ def stated_norm(comp: C.Component) -> float:
     """S of a component's zero tolerance, or NaN where S is ‖x‖_F of the stored matrix itself,
     which `checkpoint_region` takes from the spectra of a whole table at once (‖x‖_F =
     √Σσ_i², no pass over the entries)."""
-    if isinstance(comp, (C.Dense, C.Columns)) and comp.norm is None \
-            and getattr(comp, "minus", None) is None:
+    if isinstance(comp, C.Columns) and comp.norm is None:
+        return math.nan
+    if isinstance(comp, C.Dense) and comp.norm is None and comp.minus is None:
         return math.nan
     return comp.storage_norm
 

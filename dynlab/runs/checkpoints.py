@@ -21,9 +21,9 @@ from dynlab.runs.config import ModelConfig
 from dynlab.runs.files import read_json, read_meta, read_run_json
 from dynlab.runs.layout import CheckpointError, complete_checkpoints
 
-__all__ = ["Checkpoint", "CheckpointError", "LoadedCheckpoint", "ModelSpec", "Run", "check_shapes",
-           "check_floating",
-           "Keep", "advise_willneed", "find_runs", "load_checkpoint", "load_run", "load_tensors",
+__all__ = ["Checkpoint", "CheckpointError", "Keep", "LoadedCheckpoint", "MADV_DONTNEED",
+           "MADV_WILLNEED", "ModelSpec", "PAGE", "Run", "advise_willneed", "check_floating",
+           "check_shapes", "find_runs", "load_checkpoint", "load_run", "load_tensors", "madvise",
            "prefetch", "read_ahead", "read_json"]
 
 #: which tensors (by name) a reader is asked for: those `keep(name)` is true for; a reader
@@ -185,22 +185,26 @@ def _libc_madvise() -> Callable | None:
 
 
 _MADVISE = _libc_madvise()
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_MADV_WILLNEED = 3
+#: the memory page size, and madvise(2)'s advice values (Linux)
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+MADV_WILLNEED, MADV_DONTNEED = 3, 4
+
+
+def madvise(start: int, end: int, advice: int) -> bool:
+    """madvise(2) on the addresses [start, end) (`start` page-aligned); whether it was taken
+    (False without glibc, or where the kernel refuses)."""
+    return _MADVISE is not None and end > start and _MADVISE(start, end - start, advice) == 0
 
 
 def advise_willneed(tensors: Mapping[str, torch.Tensor]) -> None:
-    """Ask the kernel to read ahead the pages of these tensors (madvise MADV_WILLNEED on each
-    one's page-aligned range: asynchronous, nothing copied, nothing added to the resident
-    set). For tensors mapped from a file this starts their disk reads now; anywhere else, or
-    without glibc, it does nothing."""
-    if _MADVISE is None:
-        return
+    """Ask the kernel to read ahead the pages of these tensors (MADV_WILLNEED on each one's
+    pages: asynchronous, nothing copied, nothing added to the resident set). For tensors
+    mapped from a file this starts their disk reads now; anywhere else, or without glibc, it
+    does nothing."""
     for t in tensors.values():
-        if t.device.type != "cpu" or t.numel() == 0:
-            continue
-        start = t.data_ptr() // _PAGE * _PAGE
-        _MADVISE(start, t.data_ptr() + t.numel() * t.element_size() - start, _MADV_WILLNEED)
+        if t.device.type == "cpu" and t.numel():
+            start = t.data_ptr() // PAGE * PAGE
+            madvise(start, t.data_ptr() + t.numel() * t.element_size(), MADV_WILLNEED)
 
 
 def check_floating(name: str, tensor: torch.Tensor, path: object) -> None:

@@ -106,8 +106,8 @@ def pico_convert(tensors: Mapping[str, torch.Tensor], spec: ModelSpec, path: Pat
     try:
         prefix = _prefix(tensors, "layers.0.attention.q_proj.weight", path, "pico")
     except SourceError:
-        found = {k[: len(k) - len(pico_name(k))] for k in tensors if pico_name(k) != k
-                 or k.startswith(PICO_ROOTS)}
+        found = {k[: len(k) - len(pico_name(k))] for k in tensors
+                 if pico_name(k).startswith(PICO_ROOTS)}
         if len(found) != 1:
             raise
         prefix = found.pop()
