@@ -4,6 +4,8 @@ one write per variable; the parts cover every site once and keep to their byte b
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -121,6 +123,45 @@ def test_batched_region_write_equals_one_write_per_variable(tmp_path):
     assert writer.read("b", {"run": 1, "step": 2}) == 7.0
 
 
+def test_whole_chunks_written_directly_are_zarrs_own_bytes(tmp_path):
+    """A region that is one whole chunk of an array with the template's codecs (bytes, zstd)
+    is encoded and written by RegionWriter itself (`put_chunk`): the chunk file holds the
+    bytes zarr's own write gives (float64 with NaN, int8, int64, float32), and zarr and xarray
+    read it back; arrays with other codecs, partial chunks and all-fill values go through
+    zarr."""
+    import xarray as xr
+
+    rng = np.random.default_rng(3)
+    dtypes = {"f": "float64", "i": "int8", "j": "int64", "s": "float32", "raw": "float64"}
+    stores = []
+    for name in ("direct", "zarr"):
+        g = zarr.open_group(str(tmp_path / name), mode="w")
+        for var, dtype in dtypes.items():
+            fill = np.nan if dtype.startswith("float") else -1
+            extra = {"compressors": None} if var == "raw" else {}
+            g.create_array(var, shape=(2, 3, 4, 5), chunks=(1, 1, 4, 5), dtype=dtype,
+                           fill_value=fill, dimension_names=("run", "step", "x", "y"), **extra)
+        stores.append(g)
+    writer = RegionWriter(tmp_path / "direct")
+    values = {var: (rng.normal(size=(4, 5)) * 50).astype(dtype) for var, dtype in dtypes.items()}
+    values["f"][1, 2] = np.nan
+    sel = (1, 2, slice(None), slice(None))
+    assert [writer.put_chunk(v, sel, values[v]) for v in dtypes] == [True] * 4 + [False]
+    assert not writer.put_chunk("f", (1, slice(0, 2), slice(None), slice(None)),
+                                values["f"][None].repeat(2, 0))
+    assert not writer.put_chunk("f", (0, 0, slice(None), slice(None)), np.full((4, 5), np.nan))
+    writer.write({"run": 1, "step": 2}, {"raw": values["raw"]})
+    for var in dtypes:
+        stores[1][var][sel] = values[var]
+        rel = Path(var, "c", "1", "2", "0", "0")
+        assert (tmp_path / "direct" / rel).read_bytes() == (tmp_path / "zarr" / rel).read_bytes()
+        got = np.asarray(zarr.open_group(str(tmp_path / "direct"), mode="r")[var][sel])
+        np.testing.assert_array_equal(got, values[var], err_msg=var)
+    ds = xr.open_zarr(str(tmp_path / "direct"), consolidated=False)
+    np.testing.assert_array_equal(ds["j"].isel(run=1, step=2).values, values["j"])
+    assert int(ds["j"].isel(run=0, step=0, x=0, y=0)) == -1
+
+
 def test_a_failing_batch_starts_no_write(tmp_path):
     g = zarr.open_group(str(tmp_path / "s"), mode="w")
     g.create_array("a", shape=(2, 2), dtype="float64", fill_value=np.nan,
@@ -191,6 +232,15 @@ def test_remembered_by_content_and_spectral_norms_reused():
     remembered(twice, x.float())
     remembered(twice, x.reshape(150, 200))
     assert len(calls) == 4
+    half = x.bfloat16()  # hashed through its bits
+    remembered(twice, half)
+    remembered(twice, half.clone())
+    assert len(calls) == 5
+    other = half.clone()
+    other[0, 0] = -other[0, 0]
+    remembered(twice, other)
+    remembered(twice, half.view(torch.int16))  # the same bits, another dtype
+    assert len(calls) == 7
     # results are kept up to MEMO_BYTES together: the oldest leave first
     from dynlab.analysis import memo
 
@@ -246,3 +296,50 @@ def test_stack_as_views_consecutive_slices_and_copies_the_rest():
     transposed = [base[2, h].mT for h in range(6)]  # strided views are viewed as they are
     got = task.stack_as(transposed, torch.float64, "cpu")
     assert torch.equal(got, torch.stack(transposed))
+
+
+MHA = ModelSpec(d_model=144, n_layers=2, n_heads=4, n_kv_heads=4, activation_hidden_dim=32,
+                vocab_size=40)
+
+
+def test_circuit_norms_from_the_projections_spectra(tmp_path, monkeypatch):
+    """Multi-head attention with projections above MEMO_MIN_SIDE: the whole-layer circuits' S
+    takes σ_1 of the factors from the projections' own spectra (`record_spectral_norms`). S by
+    hand (numpy float64) for the weights' OV and QK; a σ_1 offered is the one used; and the
+    store (weights, grads, updates) equals, to 1e-12, the store whose S computes every
+    factor's spectral norm apart."""
+    from dynlab.analysis import components as C
+    from dynlab.analysis.metrics import product_noise_norm
+
+    run = make_run(tmp_path / "r", MHA, [0, 5])
+    w = {k: v.clone() for k, v in load_weights(run).items()}
+    comps = C.weight_components(w, MHA)
+    for site, (first, second) in ((Site("layer", (1, C.MATRICES.index("ov_circuit"))),
+                                   ("o_proj", "v_proj")), (Site("qk", (1,)), ("q_proj", "k_proj"))):
+        norm = comps[site].norm
+        assert isinstance(norm, C.StoredProductNorm)
+        a = w[f"layers.1.attention.{first}.weight"].double().numpy()
+        b = w[f"layers.1.attention.{second}.weight"].double().numpy()
+        a = a.T if first == "q_proj" else a
+        hand = product_noise_norm(np.linalg.norm(a), np.linalg.norm(b), 144, 144, 144,
+                                  np.linalg.norm(a, 2), np.linalg.norm(b, 2))
+        assert norm.value() == pytest.approx(hand, rel=1e-12)
+    # grouped-query attention keeps the factors' own norms (O_sum is no stored matrix)
+    assert not C.whole_factors_stored(SPEC)
+    # an offered σ_1 is the one a later spectral norm returns
+    x = torch.randn(144, 160, generator=torch.Generator().manual_seed(9))
+    site = Site("layer", (0, C.MATRICES.index("attention.v_proj")))
+    C.record_spectral_norms({site: C.dense(x)}, {site: torch.tensor([7.0, 1.0])})
+    assert float(C.spectral_norms(x)) == 7.0
+
+    kw = dict(metrics="per,cn,numerical_rank", device="cpu", progress=False, activations=False)
+    shared = store_values(dynlab.analyze([run], tmp_path / "shared.zarr", **kw))
+    monkeypatch.setattr(C, "whole_factors_stored", lambda spec: False)
+    apart = store_values(dynlab.analyze([run], tmp_path / "apart.zarr", **kw))
+    assert shared.keys() == apart.keys()
+    assert np.isfinite(shared["tol"]).sum() > 0
+    for name in shared:
+        if np.issubdtype(shared[name].dtype, np.floating):
+            np.testing.assert_allclose(shared[name], apart[name], rtol=1e-12, err_msg=name)
+        elif np.issubdtype(shared[name].dtype, np.number):
+            np.testing.assert_array_equal(shared[name], apart[name], err_msg=name)

@@ -170,13 +170,14 @@ class LowRank(Sides):
     stored tensors the factors come from; None means that of left and right. `norm`: S of the
     zero tolerance; None means `analysis.metrics.product_noise_norm` of the factors' Frobenius
     and spectral norms (each factor a stored tensor, a concatenation of stored tensors or, for the
-    whole-layer OV circuit, a sum of stored head blocks)."""
+    whole-layer OV circuit, a sum of stored head blocks); a `StoredProductNorm` is S taken when
+    first asked."""
 
     left: torch.Tensor
     right: torch.Tensor
     stored: torch.dtype | None = None
     full: bool = False
-    norm: float | None = None
+    norm: float | StoredProductNorm | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -197,6 +198,8 @@ class LowRank(Sides):
     @property
     def storage_norm(self) -> float:
         """S of the zero tolerance (see the class docstring)."""
+        if isinstance(self.norm, StoredProductNorm):
+            return self.norm.value()
         if self.norm is not None:
             return self.norm
         return float(sum_of_products_norm((self.left, self.right)))
@@ -427,7 +430,12 @@ def circuit_components(circuit: Circuit, spec: ModelSpec, terms: Terms,
                    for f, s in zip(firsts, seconds, strict=True)]
         whole.append((torch.stack([p[0] for p in w_pairs]), torch.stack([p[1] for p in w_pairs])))
         heads.append((torch.stack([p[0] for p in h_pairs]), torch.stack([p[1] for p in h_pairs])))
-    whole_norms = sum_of_products_norm(*whole)  # (layers,)
+    if whole_factors_stored(spec):  # S when asked: σ_1 from the layer's own spectra
+        whole_norms = [stored_product_norm(whole, li, [
+            (weight(lt, layer, circuit.first), weight(rt, layer, circuit.second))
+            for lt, rt, _ in terms]) for li, layer in enumerate(layers)]
+    else:
+        whole_norms = [float(s) for s in sum_of_products_norm(*whole)]  # (layers,)
     head_norms = sum_of_products_norm(*heads)  # (layers, H)
     signs = [sign for _, _, sign in terms]
     w_left = torch.cat([_signed(lw, sign) for (lw, _), sign in zip(whole, signs, strict=True)],
@@ -440,7 +448,7 @@ def circuit_components(circuit: Circuit, spec: ModelSpec, terms: Terms,
         stored = coarsest(*(weight(t, layer, name).dtype for lt, rt, _ in terms
                             for t, name in ((lt, circuit.first), (rt, circuit.second))))
         out[circuit.layer_site(layer)] = LowRank(w_left[li], w_right[li], stored,
-                                                 norm=float(whole_norms[li]))
+                                                 norm=whole_norms[li])
         for head in range(h_left.shape[1]):
             out[Site(circuit.head_table, (layer, head))] = LowRank(
                 h_left[li, head], h_right[li, head], stored, norm=float(head_norms[li, head]))
@@ -485,6 +493,73 @@ def spectral_norms(x: torch.Tensor) -> torch.Tensor:
     if min(x.shape[-2:]) <= MEMO_MIN_SIDE:  # cheaper to compute than to hash
         return _spectral_norms(x)
     return remembered(_spectral_norms, x)
+
+
+#: the projections whose stored matrices are the whole-layer circuits' factors
+CIRCUIT_PROJECTIONS = ("attention.o_proj", "attention.v_proj", "attention.q_proj",
+                       "attention.k_proj")
+
+
+def whole_factors_stored(spec: ModelSpec) -> bool:
+    """Whether the whole-layer circuits' factors are the stored projections themselves (up to a
+    float64 copy and, for QK, a transposition): multi-head attention, where each key/value
+    group holds one head and O_sum = o_proj, Q_sum = q_proj (`ov_whole_factors`,
+    `qk_whole_factors`), and the factors are large enough for `spectral_norms` to remember
+    them."""
+    return (spec.n_kv_heads == spec.n_heads
+            and min(spec.d_model, spec.n_heads * spec.head_dim) > MEMO_MIN_SIDE)
+
+
+@dataclass(frozen=True)
+class StoredProductNorm:
+    """S of a sum of products Σ_j L_j·R_j (`sum_of_products_norm`) whose factors are stored
+    matrices up to a float64 copy or a transposition, with the factors' spectral norms taken
+    when `value()` is first asked: by then the checkpoint's spectra have recorded the σ_1 of
+    its stored projections (`record_spectral_norms`), so none is computed twice.
+    terms: per term (‖L_j‖_F, ‖R_j‖_F, (m, k, n), the stored matrix of L_j, that of R_j)."""
+
+    terms: tuple[tuple[float, float, tuple[int, int, int], torch.Tensor, torch.Tensor], ...]
+
+    def value(self) -> float:
+        from dynlab.analysis.metrics import product_noise_norm
+
+        total = 0.0
+        for ln, rn, (m, k, n), left, right in self.terms:
+            total += product_noise_norm(ln, rn, m, k, n, float(spectral_norms(left)),
+                                        float(spectral_norms(right)))
+        return total
+
+
+def stored_product_norm(terms: Sequence[tuple[torch.Tensor, torch.Tensor]], index: int,
+                        stored: Sequence[tuple[torch.Tensor, torch.Tensor]]
+                        ) -> StoredProductNorm:
+    """The `StoredProductNorm` of matrix `index` of stacked factors `terms` (per term
+    (L (…, m, k), R (…, k, n))), whose stored matrices are `stored` (per term (of L, of R))."""
+    parts = []
+    for (left, right), (sl, sr) in zip(terms, stored, strict=True):
+        (m, k), n = left.shape[-2:], right.shape[-1]
+        ln = torch.linalg.vector_norm(left[index], dtype=torch.float64)
+        rn = torch.linalg.vector_norm(right[index], dtype=torch.float64)
+        parts.append((float(ln), float(rn), (m, k, n), sl, sr))
+    return StoredProductNorm(tuple(parts))
+
+
+def record_spectral_norms(comps: Mapping[Site, Component], sigmas: Mapping[Site, torch.Tensor]
+                          ) -> None:
+    """Offer to `spectral_norms`' memory σ_1 of each whole stored circuit projection among
+    `comps` (a `Dense` of the stored tensor itself, large enough to be remembered), taken from
+    its singular values `sigmas[site]` (computed in float64): the whole-layer circuits of this
+    checkpoint, its gradients' and the next checkpoint's updates then find it
+    (`StoredProductNorm`)."""
+    from dynlab.analysis.memo import offer
+
+    wanted = {MATRICES.index(name) for name in CIRCUIT_PROJECTIONS}
+    for site, comp in comps.items():
+        if (site.table == "layer" and site.index[1] in wanted and isinstance(comp, Dense)
+                and comp.minus is None and comp.rows is None
+                and min(comp.x.shape) > MEMO_MIN_SIDE and site in sigmas):
+            s = sigmas[site]
+            offer(_spectral_norms, comp.x, s[0].to(device="cpu", dtype=torch.float64).clone())
 
 
 def _spectral_norms(x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ one writer and parallel writers never share a chunk; data chunks are filled by r
 (unwritten chunks read as NaN / 0 / -1) and `analyzed` is set last.
 
 How the store survives interruption and concurrency (every file write of zarr-python's
-LocalStore is itself atomic: a temporary file renamed over the target):
+LocalStore is itself atomic: a temporary file renamed over the target; so is every chunk
+file `RegionWriter` writes itself, encoded as zarr would):
 
 * One writer at a time: `dynlab.analysis.storelock.StoreAccess` (the `<store>.lock` file beside it).
 * The store's structure changes only in two ways, both recoverable from any point:
@@ -65,7 +66,7 @@ import numpy as np
 from dynlab.analysis.components import EMBEDDINGS, MATRICES, TABLES
 from dynlab.analysis.selection import CELL_VARIABLES
 from dynlab.analysis.storelock import StoreAccess
-from dynlab.atomic import write_text_atomically
+from dynlab.atomic import replace_atomically, write_text_atomically
 from dynlab.errors import InputError
 from dynlab.faults import fault_point
 from dynlab.version import __version__
@@ -388,9 +389,10 @@ def read_state(path: Path) -> StoreState:
 
 
 def has_results(path: Path) -> bool:
-    """Whether any checkpoint result was ever written (any chunk of `analyzed` on disk)."""
+    """Whether any checkpoint result was ever written (any chunk of `analyzed` on disk; not
+    the temporary file of a write that was interrupted)."""
     chunks = path / "analyzed" / "c"
-    return chunks.is_dir() and any(p.is_file() for p in chunks.rglob("*"))
+    return chunks.is_dir() and any(p.is_file() and p.name.isdigit() for p in chunks.rglob("*"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -872,6 +874,7 @@ class RegionWriter:
         self.path = path
         self.group = _open_group(path)
         self._arrays: dict = {}
+        self._encoders: dict[str, Callable[[np.ndarray], bytes] | None] = {}
 
     def array(self, name: str):
         if name not in self._arrays:
@@ -900,7 +903,7 @@ class RegionWriter:
         try:
             for name, arr in values.items():
                 sel = self.selection(name, region)
-                if self.leaves_as_is(name, sel, arr):
+                if self.leaves_as_is(name, sel, arr) or self.put_chunk(name, sel, arr):
                     continue
                 array = self.array(name)
                 if (any(isinstance(k, np.ndarray) for k in sel)
@@ -920,11 +923,10 @@ class RegionWriter:
             else:
                 array[sel] = arr
 
-    def leaves_as_is(self, name: str, sel: tuple, arr) -> bool:
-        """Whether writing `arr` at `sel` would leave variable `name` as it is, so the write
-        can be skipped: `sel` is one whole chunk, that chunk holds nothing yet (it reads as
-        the fill value) and `arr` is all fill (e.g. the NaN cells of the tables a selection
-        leaves out)."""
+    def chunk_file(self, name: str, sel: tuple) -> Path | None:
+        """The file of the one whole chunk of variable `name` that `sel` covers, or None where
+        `sel` is not one whole chunk or the chunk's file name is not known (only the default
+        "c/i/j" chunk keys)."""
         array = self.array(name)
         index = []
         for k, chunk, size in zip(sel, array.chunks, array.shape, strict=True):
@@ -933,16 +935,58 @@ class RegionWriter:
             elif isinstance(k, slice) and k == slice(None) and chunk >= size:
                 index.append(0)
             else:
-                return False
-        a = np.asarray(arr)
-        meta = array.metadata
-        fill, keys = meta.fill_value, getattr(meta, "chunk_key_encoding", None)
-        if (not index or a.dtype.kind not in "fiub"
-                or getattr(keys, "name", None) != "default"
+                return None
+        keys = getattr(array.metadata, "chunk_key_encoding", None)
+        if (not index or getattr(keys, "name", None) != "default"
                 or getattr(keys, "separator", None) != "/"):
-            return False  # the chunk's file name is known only for the default "c/i/j" keys
-        same = np.isnan(a).all() if a.dtype.kind == "f" and np.isnan(fill) else (a == fill).all()
-        return bool(same) and not (self.path / name / "c").joinpath(*map(str, index)).exists()
+            return None
+        return (self.path / name / "c").joinpath(*map(str, index))
+
+    def is_fill(self, name: str, a: np.ndarray) -> bool:
+        """Whether every value of `a` is variable `name`'s fill value (NaN counting as NaN)."""
+        fill = self.array(name).metadata.fill_value
+        if a.dtype.kind == "f" and np.isnan(fill):
+            return bool(np.isnan(a).all())
+        return bool((a == fill).all())
+
+    def leaves_as_is(self, name: str, sel: tuple, arr) -> bool:
+        """Whether writing `arr` at `sel` would leave variable `name` as it is, so the write
+        can be skipped: `sel` is one whole chunk, that chunk holds nothing yet (it reads as
+        the fill value) and `arr` is all fill (e.g. the NaN cells of the tables a selection
+        leaves out)."""
+        file = self.chunk_file(name, sel)
+        a = np.asarray(arr)
+        if file is None or a.dtype.kind not in "fiub":
+            return False
+        return self.is_fill(name, a) and not file.exists()
+
+    def put_chunk(self, name: str, sel: tuple, arr) -> bool:
+        """Write `arr` as the one whole chunk `sel` of variable `name` here, without zarr's
+        event loop: encoded as zarr encodes it (the `bytes` codec, then `zstd`, the codecs
+        every array of the template has: `chunk_encoder`) and written as zarr's LocalStore
+        writes a chunk (a temporary file renamed over the chunk's file). False, and nothing
+        written, where `sel` is not one whole chunk, the array has other codecs or `arr` is
+        all fill (zarr then deletes the chunk's file rather than writing it)."""
+        file = self.chunk_file(name, sel)
+        encode = self.chunk_encoder(name) if file is not None else None
+        array = self.array(name)
+        a = np.asarray(arr)
+        if (encode is None or a.size != math.prod(array.chunks) or a.dtype.kind not in "fiub"
+                or self.is_fill(name, a)):
+            return False
+        payload = encode(np.ascontiguousarray(a, dtype=array.dtype).reshape(-1))
+        file.parent.mkdir(parents=True, exist_ok=True)
+        replace_atomically(file, lambda tmp: tmp.write_bytes(payload))
+        return True
+
+    def chunk_encoder(self, name: str) -> Callable[[np.ndarray], bytes] | None:
+        """The encoding of a chunk of variable `name` (its values in C order → the chunk
+        file's bytes) where its codecs are exactly `bytes` (little-endian or, for one-byte
+        types, none) then `zstd`, as zarr-python writes them; None for any other codecs."""
+        if name not in self._encoders:
+            array = self.array(name)
+            self._encoders[name] = _bytes_zstd_encoder(array.metadata, np.dtype(array.dtype))
+        return self._encoders[name]
 
     def read(self, name: str, region: Region | None = None) -> np.ndarray:
         """The values of variable `name` in `region` (all of it by default)."""
@@ -956,6 +1000,31 @@ class RegionWriter:
 
     def prev_steps(self) -> np.ndarray:
         return self.read("prev_step")
+
+
+def _bytes_zstd_encoder(meta, dtype: np.dtype) -> Callable[[np.ndarray], bytes] | None:
+    """Encoder of a chunk of an array of `dtype` with zarr metadata `meta` whose codecs are
+    `bytes` (little-endian) then `zstd`: the values' little-endian bytes compressed by
+    numcodecs' Zstd with the array's level and checksum setting (what zarr's ZstdCodec calls).
+    None for any other codec chain, sharding or storage transformers."""
+    codecs = [c.to_dict() for c in getattr(meta, "codecs", ())]
+    if len(codecs) != 2 or getattr(meta, "storage_transformers", ()) or dtype.kind not in "fiub":
+        return None
+    (b, z) = codecs
+    endian = (b.get("configuration") or {}).get("endian")
+    if (b.get("name") != "bytes" or z.get("name") != "zstd"
+            or not (endian == "little" or (endian is None and dtype.itemsize == 1))):
+        return None
+    from numcodecs.zstd import Zstd
+
+    config = z.get("configuration") or {}
+    zstd = Zstd(level=config.get("level", 0), checksum=config.get("checksum", False))
+    little = dtype.newbyteorder("<")
+
+    def encode(values: np.ndarray) -> bytes:
+        return bytes(zstd.encode(values.astype(little, copy=False).view(np.uint8)))
+
+    return encode
 
 
 def _write_together(writes: list) -> None:

@@ -256,6 +256,8 @@ def checkpoint_region(
         if not comps:
             continue
         sigmas = component_spectra(comps, device=options.device, dtype=options.dtype)
+        if options.dtype == torch.float64:  # σ_1 of the projections for their circuits' S
+            C.record_spectral_norms(comps, sigmas)
         # into numpy views of the tables (same memory), one assignment per table and length
         groups: dict[tuple[str, int], list[C.Site]] = defaultdict(list)
         for site, s in sigmas.items():
