@@ -166,28 +166,25 @@ def analyze(
         if grads_data is not None:
             source_options["grads_data"] = dict(path=grads_data, batch_size=grads_batch_size,
                                                 seq_len=grads_seq_len, tokenizer=grads_tokenizer)
+        # the same analysis either way; --follow repeats it as checkpoints complete
+        analysis = dict(
+            metrics=metrics, kinds=kinds, device=dev, precision=value(precision),
+            scheduler=scheduler, progress=progress, activations=activations, target=target,
+            convention=value(convention), activations_data=activations_data,
+            activation_positions=activation_positions, activations_batch=activations_batch,
+            wait=wait, steps=steps, layers=layers, matrices=matrices,
+            **dynamics_arguments(dynamics, dynamics_data, dynamics_batch, dynamics_seq_len,
+                                 dynamics_k, dynamics_probes, dynamics_alphas, dynamics_seed,
+                                 between, dynamics_layers),
+        )
         if follow:
             from dynlab.analysis.follow import follow as follow_runs
 
             source_options.pop("fmt")
-            path = follow_runs(
-                runs, out, until=until, poll=poll, fmt=fmt, metrics=metrics,
-                kinds=kinds, device=dev, precision=value(precision), scheduler=scheduler,
-                progress=progress, wait=wait, steps=steps, layers=layers,
-                matrices=matrices, **source_options,
-            )
+            path = follow_runs(runs, out, until=until, poll=poll, fmt=fmt, **analysis,
+                               **source_options)
         else:
-            path = run_analysis(
-                runs, out, metrics=metrics, kinds=kinds, device=dev,
-                precision=value(precision), scheduler=scheduler, progress=progress,
-                activations=activations, target=target, convention=value(convention),
-                activations_data=activations_data, activation_positions=activation_positions,
-                activations_batch=activations_batch, wait=wait, steps=steps, layers=layers,
-                matrices=matrices, **source_options,
-                **dynamics_arguments(dynamics, dynamics_data, dynamics_batch, dynamics_seq_len,
-                                     dynamics_k, dynamics_probes, dynamics_alphas,
-                                     dynamics_seed, between, dynamics_layers),
-            )
+            path = run_analysis(runs, out, **analysis, **source_options)
     print(path)
 
 

@@ -159,3 +159,30 @@ def test_live_pico_step_needs_whole_files(tmp_path):
     assert [c.step for c in run.checkpoints] == [0, 10]
     (run,) = open_sources([root])
     assert [c.step for c in run.checkpoints] == [0, 5, 10]
+
+
+def test_follow_runs_the_same_analysis_options(tmp_path):
+    """`--follow` hands every option of the analysis to each pass: a finished pico-train run
+    followed with `--convention pico` and a step selection gives the store of one
+    `dynlab.analyze` with the same options (the pico OV matrices, the selected steps)."""
+    from test_sources_pico import write_pico_run
+
+    root = tmp_path / "pico"
+    write_pico_run(root, steps=(0, 5, 10))
+    store = tmp_path / "f.zarr"
+    p = subprocess.run(
+        [PY, "-m", "dynlab_cli.main", "analyze", str(root), "--follow", "--poll", "0.1",
+         "-o", str(store), "--metrics", "per,cn", "--convention", "pico", "--steps", "5,10",
+         "--no-activations", "--device", "cpu", "--no-progress", "--threads", "1"],
+        env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    followed = dynlab.open_store(store)
+    once = dynlab.open_store(dynlab.analyze(
+        [root], tmp_path / "once.zarr", metrics="per,cn", convention="pico", steps="5,10",
+        activations=False, device="cpu", progress=False))
+    assert followed.attrs["convention"] == once.attrs["convention"] == "pico"
+    assert list(followed.step.values) == list(once.step.values)
+    assert int(followed.analyzed.sum()) == int(once.analyzed.sum()) > 0
+    for name in ("per", "cn", "head_per", "head_cn"):
+        np.testing.assert_array_equal(followed[name].values, once[name].values, err_msg=name)
+    assert np.isfinite(followed.head_cn.values).any()
