@@ -1,6 +1,7 @@
 """A small analysis imports only what it needs: no Dask without --scheduler, no transformers
 or huggingface_hub for dynlab runs, no plotly, xarray, scipy or pandas (figures and store
-readers) — checked in a fresh interpreter, as bench/startup_bench.py measures it."""
+readers), no function-space dynamics without --dynamics — checked in a fresh interpreter, as
+bench/startup_bench.py measures it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from dynlab.runs.checkpoints import ModelSpec
 from dynlab.testing import make_run
 
 HEAVY = ("dask", "distributed", "transformers", "huggingface_hub", "plotly", "xarray",
-         "scipy", "pandas")
+         "scipy", "pandas",
+         # function-space dynamics only with --dynamics (or an update ratio to write)
+         "dynlab.analysis.dynamics", "dynlab.function_space")
 
 
 @pytest.mark.slow

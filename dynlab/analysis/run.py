@@ -104,9 +104,11 @@ def analyze(
     computes only what is missing, and the values equal those of a full analysis (updates
     are always taken against the previous checkpoint on disk).
     """
-    from dynlab.analysis.activations import check_targets, parse_targets
+    targets = None  # the activation analysis' default
+    if target is not None:  # checked before anything is read or written
+        from dynlab.analysis.activations import parse_targets
 
-    targets = parse_targets(target)
+        targets = parse_targets(target)
     check_convention(convention)
     metric_names = metrics_mod.parse_metrics(metrics)
     if precision not in PRECISIONS:
@@ -117,6 +119,8 @@ def analyze(
     found = open_sources(runs, fmt, revisions=revisions, keep_downloads=keep_downloads,
                          cache_dir=cache_dir)
     if target is not None:
+        from dynlab.analysis.activations import check_targets
+
         check_targets(targets, found)
     if grads_data is not None:
         from dynlab.sources.grads import GradsData, with_recomputed_grads
@@ -125,7 +129,7 @@ def analyze(
         found = [with_recomputed_grads(r, data) for r in found]
     kind_names = parse_kinds(kinds, found)
     dyn_batches = None
-    if dyn_options.items or dyn_options.extra.get("between"):
+    if dyn_options is not None and (dyn_options.items or dyn_options.extra.get("between")):
         from dynlab.analysis.dynamics import prepare_dynamics
 
         dyn_batches = prepare_dynamics(found, dyn_options)  # refused before any write
@@ -171,7 +175,7 @@ def analyze(
                                     data=activations_data, positions=activation_positions,
                                     n_seq=activations_batch,
                                     steps=None if steps is None else chosen)
-        analyze_dynamics_hook(found, path, access, dyn_options, device=options.device,
+        analyze_dynamics_hook(found, path, access, layout, dyn_options, device=options.device,
                               progress=progress, batches=dyn_batches,
                               steps=None if steps is None else chosen)
     return path
@@ -179,7 +183,10 @@ def analyze(
 
 def dynamics_settings(dynamics: str | Sequence[str] | None, options: Mapping | None):
     """The DynamicsOptions of `analyze(dynamics=..., dynamics_options=...)`, checked before
-    anything is read or written."""
+    anything is read or written; None when neither is given (and the dynamics module is not
+    imported)."""
+    if dynamics is None and not options:
+        return None
     from dynlab.analysis.dynamics import DynamicsOptions, parse_dynamics
     from dynlab.errors import InputError
 
@@ -197,15 +204,22 @@ def dynamics_settings(dynamics: str | Sequence[str] | None, options: Mapping | N
     return opt.check() if opt.items or between else opt
 
 
-def analyze_dynamics_hook(runs: Sequence[Run], path: Path, access: StoreAccess, opt,
-                          *, device: str, progress: bool, batches: Mapping | None = None,
+def analyze_dynamics_hook(runs: Sequence[Run], path: Path, access: StoreAccess,
+                          layout: Layout, opt, *, device: str, progress: bool,
+                          batches: Mapping | None = None,
                           steps: Mapping[str, Sequence[int]] | None = None) -> None:
     """After the other analyses: the update-to-weight ratio from the store (when it can be
-    written) and the requested function-space dynamics (dynlab.analysis.dynamics)."""
-    from dynlab.analysis.dynamics import analyze_dynamics, write_update_ratio
+    written: the store's `layout` holds frobenius_norm of weights and updates) and the
+    requested function-space dynamics (dynlab.analysis.dynamics; `opt` None: none)."""
+    ratio = "frobenius_norm" in layout.metrics and {"weights", "updates"} <= set(layout.kinds)
+    if access.writable and ratio:
+        from dynlab.analysis.dynamics import write_update_ratio
 
-    if access.writable:
         write_update_ratio(path, [r.name for r in runs])
+    if opt is None:
+        return
+    from dynlab.analysis.dynamics import analyze_dynamics
+
     if opt.items:
         analyze_dynamics(runs, path, opt, device=device, progress=progress, need=access.need,
                          batches=batches, steps=steps)
@@ -231,16 +245,18 @@ def releasing(on_checkpoint: Callable[[Task], None] | None) -> Callable[[Task], 
 
 
 def analyze_activation_hook(runs: Sequence[Run], path: Path, layout: Layout,
-                            targets: Sequence[str], *, required: bool, data: str | None = None,
+                            targets: Sequence[str] | None, *, required: bool,
+                            data: str | None = None,
                             positions: str = "sample:16", n_seq: int = 16,
                             steps: Mapping[str, Sequence[int]] | None = None) -> None:
     """The activation analysis (dynlab.analysis.activations) after the parameter analysis
     (of the selected `steps` only, when given: run -> steps)."""
-    from dynlab.analysis.activations import activation_steps, analyze_activations
+    from dynlab.analysis.activations import activation_steps, analyze_activations, parse_targets
     from dynlab.errors import InputError
 
     if data is not None or activation_steps(runs):
-        analyze_activations(runs, path, layout.metrics, targets, data=data,
+        analyze_activations(runs, path, layout.metrics,
+                            parse_targets(None) if targets is None else targets, data=data,
                             positions=positions, n_seq=n_seq, steps=steps)
     elif required:
         raise InputError("--activations: no checkpoint of these runs has "

@@ -30,7 +30,6 @@ FORMATS = ("dynlab", "pico-train", "relora-pico", "hf")
 def detect_format(path: Path) -> str | None:
     """The format of a local path, or None when it is none of them (it may be a folder of
     runs)."""
-    from dynlab.sources.hf import is_hf_run, looks_like_model_dir
     from dynlab.sources.pico import is_pico_run
 
     if (path / "run.json").is_file() or (
@@ -39,21 +38,24 @@ def detect_format(path: Path) -> str | None:
         return "dynlab"
     if is_pico_run(path):
         return "pico-train"
+    from dynlab.sources.hf import is_hf_run, looks_like_model_dir  # only when needed
+
     if looks_like_model_dir(path) or is_hf_run(path):
         return "hf"
     return None
 
 
 def open_source(path: Path, fmt: str, name: str | None = None) -> Run:
-    from dynlab.sources.hf import open_hf_run
-    from dynlab.sources.pico import open_pico_run
-
     if fmt in ("pico-train", "relora-pico"):
+        from dynlab.sources.pico import open_pico_run
+
         if not (path / "training_config.yaml").is_file():
             raise SourceError(f"{path}: --format {fmt} needs training_config.yaml and "
                               "checkpoints/step_<N>/")
         return open_pico_run(path, name, fmt=None if fmt == "pico-train" else fmt)
     if fmt == "hf":
+        from dynlab.sources.hf import open_hf_run
+
         return open_hf_run(path, name)
     raise SourceError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
 
