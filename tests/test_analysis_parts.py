@@ -127,8 +127,8 @@ def test_whole_chunks_written_directly_are_zarrs_own_bytes(tmp_path):
     """A region that is one whole chunk of an array with the template's codecs (bytes, zstd)
     is encoded and written by RegionWriter itself (`put_chunk`): the chunk file holds the
     bytes zarr's own write gives (float64 with NaN, int8, int64, float32), and zarr and xarray
-    read it back; arrays with other codecs, partial chunks and all-fill values go through
-    zarr."""
+    read it back; arrays with other codecs, partial chunks, all-fill values and values of
+    another shape go through zarr."""
     import xarray as xr
 
     rng = np.random.default_rng(3)
@@ -150,6 +150,7 @@ def test_whole_chunks_written_directly_are_zarrs_own_bytes(tmp_path):
     assert not writer.put_chunk("f", (1, slice(0, 2), slice(None), slice(None)),
                                 values["f"][None].repeat(2, 0))
     assert not writer.put_chunk("f", (0, 0, slice(None), slice(None)), np.full((4, 5), np.nan))
+    assert not writer.put_chunk("f", (0, 1, slice(None), slice(None)), values["f"].T.copy())
     writer.write({"run": 1, "step": 2}, {"raw": values["raw"]})
     for var in dtypes:
         stores[1][var][sel] = values[var]

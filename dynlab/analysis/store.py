@@ -971,7 +971,9 @@ class RegionWriter:
         encode = self.chunk_encoder(name) if file is not None else None
         array = self.array(name)
         a = np.asarray(arr)
-        if (encode is None or a.size != math.prod(array.chunks) or a.dtype.kind not in "fiub"
+        shape = tuple(c for k, c in zip(sel, array.chunks, strict=True)
+                      if not isinstance(k, (int, np.integer)))  # the chunk without its cell dims
+        if (encode is None or a.shape != shape or a.dtype.kind not in "fiub"
                 or self.is_fill(name, a)):
             return False
         payload = encode(np.ascontiguousarray(a, dtype=array.dtype).reshape(-1))
