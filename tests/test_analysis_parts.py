@@ -251,6 +251,14 @@ def test_remembered_by_content_and_spectral_norms_reused():
         big = [remembered(lambda a: a * 2, x + i) for i in range(3)]
         assert memo.result_bytes(big[0]) == x.numel() * 8
         assert 0 < memo.held_bytes() <= memo.MEMO_BYTES
+        # many small results (offered scalars) are bounded too: each counts ENTRY_BYTES more
+        memo.MEMO_BYTES = 10 * (8 + memo.ENTRY_BYTES)
+        for i in range(100):
+            memo.offer(twice, torch.tensor([float(i)]), torch.tensor(2.0 * i, dtype=torch.float64))
+        assert memo.held_bytes() == memo.MEMO_BYTES
+        assert remembered(twice, torch.tensor([99.0])) == 198.0  # the most recent: kept
+        remembered(twice, torch.tensor([0.0]))  # the oldest: dropped, so computed
+        assert len(calls) == 8
     finally:
         memo.MEMO_BYTES = before
     batch = torch.randn(3, 200, 150, generator=g, dtype=torch.float64)

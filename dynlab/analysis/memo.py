@@ -21,8 +21,12 @@ import torch
 
 R = TypeVar("R")
 
-#: bytes of the arrays in the results kept (the most recently used first)
+#: bytes of the results kept, each counted with `ENTRY_BYTES` (the most recently used first)
 MEMO_BYTES = 256 << 20
+#: what an entry holds beside its result's arrays (its key, its digest, the dict's slot): so
+#: that many small results, such as the spectral norms offered by every checkpoint of a long
+#: run, are bounded too
+ENTRY_BYTES = 256
 _MEMO: collections.OrderedDict = collections.OrderedDict()  # key -> (result, bytes)
 _HELD = [0]
 _LOCK = threading.Lock()
@@ -51,7 +55,7 @@ def content_key(x: np.ndarray | torch.Tensor) -> tuple:
 
 
 def held_bytes() -> int:
-    """Bytes of the results kept now."""
+    """Bytes of the results kept now (`ENTRY_BYTES` each beside their arrays)."""
     with _LOCK:
         return _HELD[0]
 
@@ -66,7 +70,7 @@ def memo_key(fn: Callable, x: np.ndarray | torch.Tensor, args: tuple) -> tuple |
 def keep(key: tuple, value) -> None:
     """Keep `value` under `key`, dropping the least recently used results beyond
     `MEMO_BYTES`."""
-    size = result_bytes(value)
+    size = result_bytes(value) + ENTRY_BYTES
     with _LOCK:
         if key not in _MEMO and size <= MEMO_BYTES:
             _MEMO[key] = (value, size)
