@@ -23,7 +23,8 @@ The script writes a pico-train-layout run of pico-tiny's shapes (d 96, 12 layers
 and learning_dynamics/{train,val}_{gradients,weights,activations}.pt at every checkpoint,
 the last with val only, as pico-train writes them; laid out as a 2-device run, whose
 activations both tools read as stored). Two jobs, each run by both tools, alternating
-(ABAB...), fresh outputs each time, OMP/MKL threads and torch threads set alike:
+(ABAB...) after an untimed warm-up round (`--warmup`), fresh outputs each time, OMP/MKL threads
+and torch threads set alike, Python's bytecode caching on for both:
 
   simple+OV   per and condition_number of the weights and the (val) gradients of
               attention.v_proj, attention.o_proj, swiglu.w_2 (pico-train's layer_suffixes)
@@ -44,8 +45,8 @@ tool: they are counted, and only checked to be large in both.
 
 Prints seconds, ratios pico-analyze / dynlab (above 1: dynlab faster) and the machine's load,
 and one line per job starting with `SUMMARY`. `--baseline TREE` also times another dynlab
-source tree (an earlier commit, e.g. `git archive OLD | tar -x -C TREE`; PYTHONPATH=TREE and
-TREE/.shim), alternately with the others, for before/after ratios; `--no-pico` leaves
+source tree (an earlier commit, e.g. `git archive OLD | tar -x -C TREE`: its dynlab/ and cli/
+come first on PYTHONPATH), alternately with the others, for before/after ratios; `--no-pico` leaves
 pico-analyze out (dynlab and the baseline only).
 """
 
@@ -123,18 +124,30 @@ def dynlab_args(job: str, run: Path, store: Path, threads: int) -> list[str]:
 
 
 def environment(threads: int) -> dict:
+    """The timed processes' environment: this one with the thread counts set, offline, and
+    Python's default bytecode caching (PYTHONDONTWRITEBYTECODE removed: where it is set, as
+    in some sandboxes, each tool would compile its own sources on every run)."""
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 
 
-def tree_environment(env: dict, tree: Path) -> dict:
-    """`env` with another dynlab source tree first on PYTHONPATH (its `.shim` too, where the
-    tree has one: the folder that makes its `cli/` importable as `dynlab_cli`)."""
-    paths = [str(tree)] + [str(tree / ".shim")] * (tree / ".shim").is_dir()
-    return {**env, "PYTHONPATH": os.pathsep.join(paths)}
+def tree_environment(env: dict, tree: Path, workdir: Path) -> dict:
+    """`env` with another dynlab source tree first on PYTHONPATH, and its `cli/` importable
+    as `dynlab_cli` (through a link in `workdir`, the tree left as it is). The dynlab
+    processes run in the work folder: `python -m` puts the current folder before PYTHONPATH,
+    so run from a dynlab checkout they would import that checkout's dynlab instead."""
+    shim = workdir / "baseline-shim"
+    shim.mkdir(exist_ok=True)
+    link = shim / "dynlab_cli"
+    if link.is_symlink() and link.resolve() != (tree / "cli").resolve():
+        link.unlink()
+    if not link.is_symlink():
+        link.symlink_to((tree / "cli").resolve(), target_is_directory=True)
+    return {**env, "PYTHONPATH": os.pathsep.join([str(tree), str(shim)])}
 
 
 #: CPU seconds (user + system) of each timed command, by command name, in order
@@ -196,6 +209,8 @@ def main() -> None:
                     "$PICO_ANALYZE_PYTHON)")
     ap.add_argument("--checkpoints", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed rounds first (each tool's bytecode caches, the page cache)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--jobs", default="simple+OV,everything")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/dynlab-pico-bench"))
@@ -232,17 +247,22 @@ def main() -> None:
         tools = ["dynlab"] + ["dynlab-baseline"] * (args.baseline is not None) + \
             ["pico-analyze"] * (not args.no_pico)
         times: dict[str, list[float]] = {tool: [] for tool in tools}
-        for _ in range(args.rounds):
+        for round_ in range(-args.warmup, args.rounds):
+            if round_ == 0:  # the warm-up rounds (bytecode caches, page cache) are not kept
+                times = {tool: [] for tool in tools}
+                for tool in tools:
+                    CPU.pop(tool, None)
             for tool in tools:
                 if tool == "dynlab":
                     shutil.rmtree(store, ignore_errors=True)
                     times[tool].append(timed(dynlab_args(job, run, store, args.threads), env,
-                                             name=tool))
+                                             cwd=args.workdir, name=tool))
                 elif tool == "dynlab-baseline":
                     base_store = args.workdir / f"dynlab-baseline-{job}.zarr"
                     shutil.rmtree(base_store, ignore_errors=True)
                     times[tool].append(timed(dynlab_args(job, run, base_store, args.threads),
-                                             tree_environment(env, args.baseline), name=tool))
+                                             tree_environment(env, args.baseline, args.workdir),
+                                             cwd=args.workdir, name=tool))
                 else:
                     shutil.rmtree(pico_out, ignore_errors=True)
                     cmd = [str(args.pico_python), "-m", "scripts.analyze", "--config_path",

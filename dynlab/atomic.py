@@ -22,13 +22,37 @@ def replace_atomically(path: str | Path, write: Callable[[Path], object],
     try:
         write(tmp)
         os.replace(tmp, path)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename in (None, str(tmp)):
-            raise OSError(e.errno, e.strerror, str(path)) from None
+    except BaseException as e:
+        _discard(tmp, path, e)
         raise
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
+
+
+def write_bytes_atomically(path: str | Path, data: bytes) -> None:
+    """`path` holds `data`, replaced atomically as `replace_atomically` does (the same
+    temporary name), in plain os calls: for the many small chunk files of a store."""
+    path = os.fspath(path)
+    head, name = os.path.split(path)
+    tmp = os.path.join(head, f".{name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        _discard(tmp, path, e)
+        raise
+
+
+def _discard(tmp: str | Path, path: str | Path, error: BaseException) -> None:
+    """Remove the temporary file of a failed replacement; a full disk raises OSError(ENOSPC)
+    naming `path`."""
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) \
+            and error.filename in (None, str(tmp)):
+        raise OSError(error.errno, error.strerror, str(path)) from None
 
 
 def write_text_atomically(path: str | Path, text: str, tmp_name: str | None = None) -> Path:

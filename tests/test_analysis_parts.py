@@ -268,6 +268,46 @@ def test_remembered_by_content_and_spectral_norms_reused():
     assert torch.equal(C.spectral_norms(batch.clone()), first)
 
 
+def test_reads_chunk_by_chunk_equal_zarrs_own(tmp_path):
+    """RegionWriter reads a region whose cells are each one whole chunk (the template's
+    (run, step) chunks) file by file (`read_chunks`): an unwritten chunk reads as the fill
+    value, a written one decoded, a label dim shorter than its chunk cut to its length — the
+    values zarr's own reads give, for every dtype of the template, a single cell, index
+    arrays and whole arrays, through `read` and `read_many`; an array with other codecs is
+    read by zarr."""
+    rng = np.random.default_rng(5)
+    g = zarr.open_group(str(tmp_path / "s"), mode="w")
+    specs = {"f": ("float64", np.nan, (4,), (4,)), "i": ("int8", 0, (), ()),
+             "j": ("int64", -1, (), ()), "s": ("float32", np.nan, (3, 2), (3, 2)),
+             "label": ("float64", np.nan, (5,), (128,)),
+             "raw": ("float64", np.nan, (4,), (4,))}
+    for var, (dtype, fill, shape, chunks) in specs.items():
+        extra = {"compressors": None} if var == "raw" else {}
+        g.create_array(var, shape=(2, 3, *shape), chunks=(1, 1, *chunks), dtype=dtype,
+                       fill_value=fill, dimension_names=("run", "step", *"xy"[:len(shape)]),
+                       **extra)
+        for run, step in ((0, 1), (1, 0), (1, 2)):  # the other cells stay unwritten
+            g[var][run, step] = (rng.normal(size=shape) * 50).astype(dtype)
+    g["f"][1, 2, 1] = np.nan
+    writer = RegionWriter(tmp_path / "s")
+    regions = [{}, {"run": 1}, {"run": 0, "step": 1}, {"run": 0, "step": 2},
+               {"run": 1, "step": np.array([2, 0])}, {"step": np.array([1])}]
+    for region in regions:
+        for var in specs:
+            sel = writer.selection(var, region)
+            want = np.asarray(g[var].get_orthogonal_selection(sel))
+            direct = writer.read_chunks(var, sel)
+            assert (direct is None) == (var == "raw"), (var, region)
+            got = writer.read(var, region)
+            assert got.dtype == want.dtype and got.shape == want.shape, (var, region)
+            np.testing.assert_array_equal(got, want, err_msg=f"{var} {region}")
+        many = writer.read_many(list(specs), region)
+        for var in specs:
+            np.testing.assert_array_equal(many[var], writer.read(var, region))
+    with pytest.raises(KeyError, match="nope"):
+        writer.read_many(["f", "nope"])
+
+
 def test_a_write_of_fill_values_into_an_unwritten_chunk_is_skipped(tmp_path):
     """RegionWriter.write leaves out a variable whose values are all fill (NaN) for a whole
     chunk that holds nothing yet — the store reads the same — and writes it where the chunk

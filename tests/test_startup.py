@@ -39,3 +39,32 @@ def test_analysis_of_a_dynlab_run_imports_no_optional_package(tmp_path):
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1]) == []
     assert (tmp_path / "s.zarr" / "analyzed").is_dir()
+
+
+@pytest.mark.slow
+def test_the_program_builds_only_the_command_it_runs(tmp_path):
+    """The `dynlab` program (`dynlab_cli.main.run`, what the console script and `python -m
+    dynlab` call) given `analyze ...` imports the analyze command's module and not the other
+    commands' (train, eval, plot, study ...), nor any optional package."""
+    spec = ModelSpec(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=24,
+                     vocab_size=40)
+    run = make_run(tmp_path / "run", spec, [0, 5])
+    others = tuple(f"dynlab_cli.{m}" for m in ("train", "evaluate", "viz", "recompute",
+                                               "export", "study"))
+    argv = ["dynlab", "analyze", str(run), "-o", str(tmp_path / "s.zarr"), "--metrics", "per",
+            "--device", "cpu", "--no-progress"]
+    code = (
+        "import json, sys\n"
+        f"sys.argv = {argv!r}\n"
+        "from dynlab_cli.main import run\n"
+        "try:\n"
+        "    run()\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        f"print(json.dumps([m for m in {others + HEAVY + ('dynlab_cli.analyze',)!r} "
+        "if m in sys.modules]))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == ["dynlab_cli.analyze"]
+    assert (tmp_path / "s.zarr" / "analyzed").is_dir()

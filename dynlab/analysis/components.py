@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -79,11 +80,11 @@ TABLES: dict[str, tuple[str, str, tuple[str, ...], str]] = {
 Tensors = Mapping[str, torch.Tensor]
 
 
-@dataclass(frozen=True)
-class Site:
+class Site(NamedTuple):
     """Where a component's results go: table "layer" (index (layer, matrix)), "head"
     (index (layer, head)), "emb" (index (embedding,)), "qk" (index (layer,)) or "qk_head"
-    (index (layer, head))."""
+    (index (layer, head)). A named tuple: a dict key hashed by the interpreter itself, for
+    the thousands of sites of every checkpoint."""
 
     table: str
     index: tuple[int, ...]

@@ -155,10 +155,11 @@ def analyze(
                                                        n_layers))))
         options = Options(tuple(layout.metrics), tuple(layout.kinds), options.device, precision,
                           convention)
-        write_meta_regions(path, layout, metas, access)
         writer = RegionWriter(path)
-        flags = tuple(writer.read(name) for name in CELL_VARIABLES)
-        tasks = plan_tasks(found, layout, writer.analyzed(), writer.prev_steps(),
+        write_meta_regions(path, layout, metas, access, writer)
+        stored = writer.read_many([*CELL_VARIABLES, "analyzed", "prev_step"])
+        flags = tuple(stored[name] for name in CELL_VARIABLES)
+        tasks = plan_tasks(found, layout, stored["analyzed"], stored["prev_step"],
                            steps=chosen, flags=flags,
                            select=Cells.of(chosen_layers, chosen_matrices, layout.n_layers))
         if tasks:

@@ -257,14 +257,29 @@ class Cells:
         return cls(np.asarray(done) != 0, np.asarray(qk_done) != 0, np.asarray(emb_done) != 0)
 
 
+#: `tensor_keep` of the cells of the last few selections (every checkpoint of an analysis
+#: asks for the same one)
+_KEEPS: dict[bytes, Callable[[str], bool]] = {}
+
+
 def tensor_keep(cells: Cells | None) -> Callable[[str], bool] | None:
     """Which of a checkpoint's tensors (by dynlab name) the components of `cells` are built
     from: `layers.<i>.<matrix>.*` (the weight and, in relora runs, its LoRA factors) where
     cell (i, matrix) is selected or a selected circuit of layer i is built from the matrix,
     and `<embedding>.*` where the embedding is selected; every other tensor (norms, biases)
-    is kept. None (read everything) for `cells` None."""
+    is kept. None (read everything) for `cells` None. Each name's answer is worked out
+    once."""
     if cells is None:
         return None
+    key = cells.key()
+    if key not in _KEEPS:
+        if len(_KEEPS) >= 16:
+            _KEEPS.clear()
+        _KEEPS[key] = _tensor_keep(cells)
+    return _KEEPS[key]
+
+
+def _tensor_keep(cells: Cells) -> Callable[[str], bool]:
     wanted: list[set[str]] = []
     for layer in range(cells.layer.shape[0]):
         names = {m for j, m in enumerate(LAYER_MATRICES) if cells.layer[layer, j]}
@@ -275,7 +290,14 @@ def tensor_keep(cells: Cells | None) -> Callable[[str], bool] | None:
         wanted.append(names)
     embeddings = {name for e, name in enumerate(EMBEDDINGS) if cells.emb[e]}
 
+    answers: dict[str, bool] = {}
+
     def keep(name: str) -> bool:
+        if name not in answers:
+            answers[name] = decide(name)
+        return answers[name]
+
+    def decide(name: str) -> bool:
         head, _, rest = name.partition(".")
         if head == "layers":
             layer, _, module = rest.partition(".")

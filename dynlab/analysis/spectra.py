@@ -252,8 +252,8 @@ def _small_grams(xs: Sequence[torch.Tensor], minus: Sequence[torch.Tensor | None
 
     def grams(idx: range) -> torch.Tensor:
         e = torch.empty((len(idx), m, n), dtype=dtype)
-        for j, i in enumerate(idx):  # one copy, bitwise _entries(xs[i], minus[i], dtype)
-            e[j].copy_(xs[i])
+        torch.stack([xs[i] for i in idx], out=e)  # one copy, bitwise _entries(xs[i], …)
+        for j, i in enumerate(idx):
             if minus is not None and minus[i] is not None:
                 e[j].sub_(minus[i])
         e = e.numpy().transpose(0, 2, 1) if tall else e.numpy()

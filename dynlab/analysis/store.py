@@ -66,7 +66,7 @@ import numpy as np
 from dynlab.analysis.components import EMBEDDINGS, MATRICES, TABLES
 from dynlab.analysis.selection import CELL_VARIABLES
 from dynlab.analysis.storelock import StoreAccess
-from dynlab.atomic import replace_atomically, write_text_atomically
+from dynlab.atomic import write_bytes_atomically, write_text_atomically
 from dynlab.errors import InputError
 from dynlab.faults import fault_point
 from dynlab.version import __version__
@@ -317,23 +317,45 @@ def _consolidate(path: Path) -> None:
         zarr.consolidate_metadata(str(path))
 
 
+def _array_args(spec: ArraySpec, sizes: Mapping[str, int]) -> dict:
+    """zarr's `create_array` arguments of a template array (chunks of one (run, step) cell)."""
+    return dict(shape=tuple(sizes[d] for d in spec.dims),
+                chunks=tuple(_chunk(d, sizes[d]) for d in spec.dims), dtype=spec.dtype,
+                fill_value=spec.fill, dimension_names=spec.dims, attributes=dict(spec.attrs),
+                overwrite=True)
+
+
+def _coordinate_args(dim: str, values: np.ndarray, growing: bool) -> dict:
+    """zarr's `create_array` arguments of a coordinate (a growing one in chunks of
+    COORD_CHUNK)."""
+    return dict(shape=values.shape, chunks=(COORD_CHUNK if growing else max(len(values), 1),),
+                dtype=values.dtype, fill_value="" if values.dtype.kind == "U" else 0,
+                dimension_names=(dim,), overwrite=True)
+
+
 def _create_array(group, name: str, spec: ArraySpec, sizes: Mapping[str, int]):
-    shape = tuple(sizes[d] for d in spec.dims)
-    chunks = tuple(_chunk(d, sizes[d]) for d in spec.dims)
     with quiet_zarr():
-        return group.create_array(name, shape=shape, chunks=chunks, dtype=spec.dtype,
-                                  fill_value=spec.fill, dimension_names=spec.dims,
-                                  attributes=dict(spec.attrs), overwrite=True)
+        return group.create_array(name, **_array_args(spec, sizes))
 
 
 def _create_coordinate(group, dim: str, values: np.ndarray, growing: bool):
-    fill = "" if values.dtype.kind == "U" else 0
-    chunk = COORD_CHUNK if growing else max(len(values), 1)
     with quiet_zarr():
-        arr = group.create_array(dim, shape=values.shape, chunks=(chunk,), dtype=values.dtype,
-                                 fill_value=fill, dimension_names=(dim,), overwrite=True)
+        arr = group.create_array(dim, **_coordinate_args(dim, values, growing))
         if values.size:
             arr[...] = values
+    return arr
+
+
+async def _create_array_async(group, name: str, spec: ArraySpec, sizes: Mapping[str, int]):
+    """`_create_array` in a zarr AsyncGroup."""
+    return await group.create_array(name, **_array_args(spec, sizes))
+
+
+async def _create_coordinate_async(group, dim: str, values: np.ndarray, growing: bool):
+    """`_create_coordinate` in a zarr AsyncGroup."""
+    arr = await group.create_array(dim, **_coordinate_args(dim, values, growing))
+    if values.size:
+        await arr.setitem(slice(None), values)
     return arr
 
 
@@ -546,25 +568,35 @@ def build_store(dest: Path, layout: Layout, source: Path | None = None,
     With `source`, every array and attribute of the source store is carried over (arrays to
     their new indices: data chunk files hard-linked; arrays with a reordered label dim
     re-encoded)."""
-    import zarr
+    import asyncio
+
+    import zarr.api.asynchronous as zarr_async
+    from zarr.core.sync import sync
 
     dest.mkdir(parents=True)
     (dest / BUILDING_MARK).write_text("dynlab is writing this store; it is removed when done\n")
     coords = growing_coordinates(layout)
     sizes = {**layout.dims(), **{d: len(v) for d, v in coords.items()}}
     attrs = {**(source_state.attrs if source_state is not None else {}), **_attrs(layout)}
+    specs = list(template(layout.metrics, layout.labels).items())
+    columns = [(dim, values, False) for dim, values in fixed_coordinates(layout).items()] + \
+        [(dim, _coordinate_array(dim, values), True) for dim, values in coords.items()]
+
+    async def create(names: Sequence[tuple[str, ArraySpec]], with_coordinates: bool) -> None:
+        # the arrays created together on zarr's event loop: one round of writes, not one each
+        group = await zarr_async.open_group(str(dest), mode="a", zarr_format=3,
+                                            attributes=attrs)
+        jobs = [_create_coordinate_async(group, *c) for c in columns] if with_coordinates \
+            else []
+        jobs += [_create_array_async(group, name, spec, sizes) for name, spec in names]
+        await asyncio.gather(*jobs)
+
     with quiet_zarr():
-        group = zarr.open_group(str(dest), mode="a", zarr_format=3, attributes=attrs)
-        for dim, values in fixed_coordinates(layout).items():
-            _create_coordinate(group, dim, values, growing=False)
-        for dim, values in coords.items():
-            _create_coordinate(group, dim, _coordinate_array(dim, values), growing=True)
-        specs = template(layout.metrics, layout.labels)
-        for n, (name, spec) in enumerate(specs.items()):
-            _create_array(group, name, spec, sizes)
-            if n == 1:
-                fault_point("store.create")
+        sync(create(specs[:2], with_coordinates=True))
+        fault_point("store.create")  # the coordinates and two arrays created
+        sync(create(specs[2:], with_coordinates=False))
         if source is not None and source_state is not None:
+            group = _open_group(dest)
             _carry_over(source, source_state, dest, group, coords, sizes)
     _consolidate(dest)
     (dest / BUILT_MARK).write_text("complete; swapped in by dynlab\n")
@@ -874,12 +906,45 @@ class RegionWriter:
         self.path = path
         self.group = _open_group(path)
         self._arrays: dict = {}
-        self._encoders: dict[str, Callable[[np.ndarray], bytes] | None] = {}
+        self._codecs: dict[str, ChunkCodec | None] = {}
+        self._chunk_roots: dict[str, tuple[str | None, tuple, tuple]] = {}
+        self._folders: set[str] = set()  # chunk folders known to exist
 
     def array(self, name: str):
         if name not in self._arrays:
             self._arrays[name] = self.group[name]
         return self._arrays[name]
+
+    def arrays(self, names: Sequence[str]) -> dict:
+        """The arrays of `names` that the store has (name -> zarr array), those not yet open
+        opened together: one round of reads on zarr's event loop, not one per array."""
+        import asyncio
+
+        import zarr
+        import zarr.api.asynchronous as zarr_async
+        from zarr.core.sync import sync
+
+        wanted = [n for n in dict.fromkeys(names) if n not in self._arrays]
+
+        async def open_all() -> list:
+            group = await zarr_async.open_group(str(self.path), mode="r+",
+                                                use_consolidated=False)
+
+            async def get(name: str):
+                try:
+                    node = await group.getitem(name)
+                except KeyError:
+                    return None
+                return node if isinstance(node, zarr.AsyncArray) else None
+
+            return await asyncio.gather(*(get(n) for n in wanted))
+
+        if wanted:
+            with quiet_zarr():
+                for name, node in zip(wanted, sync(open_all()), strict=True):
+                    if node is not None:
+                        self._arrays[name] = zarr.Array(node)
+        return {n: self._arrays[n] for n in names if n in self._arrays}
 
     def selection(self, name: str, region: Region) -> tuple:
         """The index of `region` in variable `name` (its other dims whole)."""
@@ -893,12 +958,13 @@ class RegionWriter:
         """values: variable -> array of the variable's shape without the region's integer
         dims (a dim given as an index array keeps its place: orthogonal indexing).
 
-        The variables' region writes (each a whole-chunk or read-modify-write of its own
-        arrays' chunks) are issued together, in one batch on zarr's event loop, and the call
-        returns when every one is on disk: one round of I/O per call rather than one per
-        variable. What a call writes is thus complete, or (killed midway) partial in any
-        order, as before; callers that need an order (the `analyzed` flag after the values)
-        make separate calls."""
+        A region that is one whole chunk, or whose cells are each one (`cells`), is written
+        here chunk by chunk (`put_chunk`); the rest of the variables' region writes (each a
+        whole-chunk or read-modify-write of its own arrays' chunks) are issued together, in
+        one batch on zarr's event loop, and the call returns when every one is on disk: one
+        round of I/O per call rather than one per variable. What a call writes is thus
+        complete, or (killed midway) partial in any order; callers that need an order (the
+        `analyzed` flag after the values) make separate calls."""
         basic, orthogonal = [], []
         try:
             for name, arr in values.items():
@@ -906,6 +972,16 @@ class RegionWriter:
                 if self.leaves_as_is(name, sel, arr) or self.put_chunk(name, sel, arr):
                     continue
                 array = self.array(name)
+                a = np.asarray(arr)
+                cells = self.cells(name, sel)
+                if cells is not None and hasattr(array, "async_array") \
+                        and a.shape == self.value_shape(name, sel):
+                    for cell, at in cells:  # each cell one whole chunk
+                        part = a[at]
+                        if not (self.leaves_as_is(name, cell, part)
+                                or self.put_chunk(name, cell, part)):
+                            basic.append(array.async_array.setitem(cell, part))
+                    continue
                 if (any(isinstance(k, np.ndarray) for k in sel)
                         or not hasattr(array, "async_array")):
                     orthogonal.append((array, sel, arr))
@@ -923,24 +999,84 @@ class RegionWriter:
             else:
                 array[sel] = arr
 
+    def value_shape(self, name: str, sel: tuple) -> tuple[int, ...]:
+        """The shape of variable `name`'s values at `sel` (orthogonal indexing: an index drops
+        its dim, an index array keeps it with its length; only indices, index arrays and
+        whole dims)."""
+        shape = self.array(name).shape
+        return tuple(len(k) if isinstance(k, np.ndarray) else shape[d]
+                     for d, k in enumerate(sel) if not isinstance(k, (int, np.integer)))
+
+    def cells(self, name: str, sel: tuple) -> list[tuple[tuple, tuple]] | None:
+        """`sel` split into cells that are each one whole chunk of variable `name`: (the
+        cell's selection, its place in the values of `sel`) each, where `sel` holds only
+        indices, index arrays (each index once) and whole dims, the dims indexed by several
+        values have chunks of length 1 and the other whole dims one chunk. None for any other
+        selection, or one that is a single chunk itself."""
+        array = self.array(name)
+        split = []
+        for d, k in enumerate(sel):
+            if isinstance(k, (int, np.integer)):
+                continue
+            if isinstance(k, np.ndarray):
+                if (array.chunks[d] != 1 or k.ndim != 1 or k.dtype.kind not in "iu"
+                        or len(np.unique(k)) != len(k)):
+                    return None
+                split.append((d, k))
+            elif not (isinstance(k, slice) and k == slice(None)):
+                return None
+            elif array.chunks[d] == 1 and array.shape[d] > 1:
+                split.append((d, np.arange(array.shape[d])))
+            elif array.chunks[d] < array.shape[d]:
+                return None
+        if not split:
+            return None
+        axes = [d for d, k in enumerate(sel) if not isinstance(k, (int, np.integer))]
+        out = []
+        for positions in np.ndindex(*(len(k) for _, k in split)):
+            at = dict(zip((d for d, _ in split), positions, strict=True))
+            values = dict(zip((d for d, _ in split), (int(k[p]) for (_, k), p
+                                                       in zip(split, positions, strict=True)),
+                              strict=True))
+            cell = tuple(values.get(d, k) for d, k in enumerate(sel))
+            out.append((cell, tuple(at.get(d, slice(None)) for d in axes)))
+        return out
+
     def chunk_file(self, name: str, sel: tuple) -> Path | None:
         """The file of the one whole chunk of variable `name` that `sel` covers, or None where
         `sel` is not one whole chunk or the chunk's file name is not known (only the default
         "c/i/j" chunk keys)."""
-        array = self.array(name)
+        key = self.chunk_path(name, sel)
+        return None if key is None else Path(key)
+
+    def chunk_path(self, name: str, sel: tuple) -> str | None:
+        """`chunk_file` as a string (built without Path objects: it is asked for every
+        variable of every checkpoint)."""
+        if name not in self._chunk_roots:
+            array = self.array(name)
+            keys = getattr(array.metadata, "chunk_key_encoding", None)
+            known = getattr(keys, "name", None) == "default" and \
+                getattr(keys, "separator", None) == "/"
+            self._chunk_roots[name] = (os.path.join(self.path, name, "c") if known else None,
+                                       tuple(array.chunks), tuple(array.shape))
+        root, chunks, shape = self._chunk_roots[name]
+        if root is None or not sel:
+            return None
         index = []
-        for k, chunk, size in zip(sel, array.chunks, array.shape, strict=True):
+        for k, chunk, size in zip(sel, chunks, shape, strict=True):
             if isinstance(k, (int, np.integer)) and chunk == 1:
-                index.append(int(k))
+                index.append(str(int(k)))
             elif isinstance(k, slice) and k == slice(None) and chunk >= size:
-                index.append(0)
+                index.append("0")
             else:
                 return None
-        keys = getattr(array.metadata, "chunk_key_encoding", None)
-        if (not index or getattr(keys, "name", None) != "default"
-                or getattr(keys, "separator", None) != "/"):
-            return None
-        return (self.path / name / "c").joinpath(*map(str, index))
+        return root + "/" + "/".join(index)
+
+    def chunk_shape(self, name: str, sel: tuple) -> tuple[int, ...]:
+        """The shape of the values of the whole chunk `sel` (the chunk without its cell
+        dims)."""
+        return tuple(c for k, c in zip(sel, self.array(name).chunks, strict=True)
+                     if not isinstance(k, (int, np.integer)))
 
     def is_fill(self, name: str, a: np.ndarray) -> bool:
         """Whether every value of `a` is variable `name`'s fill value (NaN counting as NaN)."""
@@ -954,48 +1090,129 @@ class RegionWriter:
         can be skipped: `sel` is one whole chunk, that chunk holds nothing yet (it reads as
         the fill value) and `arr` is all fill (e.g. the NaN cells of the tables a selection
         leaves out)."""
-        file = self.chunk_file(name, sel)
+        file = self.chunk_path(name, sel)
         a = np.asarray(arr)
         if file is None or a.dtype.kind not in "fiub":
             return False
-        return self.is_fill(name, a) and not file.exists()
+        return self.is_fill(name, a) and not os.path.exists(file)
 
     def put_chunk(self, name: str, sel: tuple, arr) -> bool:
         """Write `arr` as the one whole chunk `sel` of variable `name` here, without zarr's
         event loop: encoded as zarr encodes it (the `bytes` codec, then `zstd`, the codecs
-        every array of the template has: `chunk_encoder`) and written as zarr's LocalStore
+        every array of the template has: `chunk_codec`) and written as zarr's LocalStore
         writes a chunk (a temporary file renamed over the chunk's file). False, and nothing
         written, where `sel` is not one whole chunk, the array has other codecs or `arr` is
         all fill (zarr then deletes the chunk's file rather than writing it)."""
-        file = self.chunk_file(name, sel)
-        encode = self.chunk_encoder(name) if file is not None else None
+        file = self.chunk_path(name, sel)
+        codec = self.chunk_codec(name) if file is not None else None
         array = self.array(name)
         a = np.asarray(arr)
-        shape = tuple(c for k, c in zip(sel, array.chunks, strict=True)
-                      if not isinstance(k, (int, np.integer)))  # the chunk without its cell dims
-        if (encode is None or a.shape != shape or a.dtype.kind not in "fiub"
+        if (codec is None or a.shape != self.chunk_shape(name, sel) or a.dtype.kind not in "fiub"
                 or self.is_fill(name, a)):
             return False
-        payload = encode(np.ascontiguousarray(a, dtype=array.dtype).reshape(-1))
-        file.parent.mkdir(parents=True, exist_ok=True)
-        replace_atomically(file, lambda tmp: tmp.write_bytes(payload))
+        payload = codec.encode(np.ascontiguousarray(a, dtype=array.dtype).reshape(-1))
+        folder = os.path.dirname(file)
+        if folder not in self._folders:  # made once per writer (zarr makes them as it writes)
+            os.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
+        try:
+            write_bytes_atomically(file, payload)
+        except FileNotFoundError:  # the folder went (the store was rebuilt since): again
+            os.makedirs(folder, exist_ok=True)
+            write_bytes_atomically(file, payload)
         return True
 
-    def chunk_encoder(self, name: str) -> Callable[[np.ndarray], bytes] | None:
-        """The encoding of a chunk of variable `name` (its values in C order → the chunk
+    def get_chunk(self, name: str, sel: tuple) -> np.ndarray | None:
+        """The values of the one whole chunk `sel` of variable `name`, read here without
+        zarr's event loop: the fill value where the chunk has no file (as zarr reads it),
+        else the file decoded (`chunk_codec`). None where `sel` is not one whole chunk or
+        the array has other codecs."""
+        file = self.chunk_path(name, sel)
+        codec = self.chunk_codec(name) if file is not None else None
+        if codec is None:
+            return None
+        array = self.array(name)
+        try:
+            with open(file, "rb") as f:
+                payload = f.read()
+        except FileNotFoundError:
+            return np.full(self.value_shape(name, sel), array.metadata.fill_value,
+                           dtype=np.dtype(array.dtype))
+        values = codec.decode(payload).reshape(self.chunk_shape(name, sel))
+        # a chunk past the array's end (a label dim shorter than its chunk) holds fill there
+        return values[tuple(slice(0, n) for n in self.value_shape(name, sel))]
+
+    def chunk_codec(self, name: str) -> ChunkCodec | None:
+        """The encoding of a chunk of variable `name` (its values in C order <-> the chunk
         file's bytes) where its codecs are exactly `bytes` (little-endian or, for one-byte
         types, none) then `zstd`, as zarr-python writes them; None for any other codecs."""
-        if name not in self._encoders:
+        if name not in self._codecs:
             array = self.array(name)
-            self._encoders[name] = _bytes_zstd_encoder(array.metadata, np.dtype(array.dtype))
-        return self._encoders[name]
+            self._codecs[name] = bytes_zstd_codec(array.metadata, np.dtype(array.dtype))
+        return self._codecs[name]
 
     def read(self, name: str, region: Region | None = None) -> np.ndarray:
         """The values of variable `name` in `region` (all of it by default)."""
         sel = self.selection(name, region or {})
+        direct = self.read_chunks(name, sel)
+        if direct is not None:
+            return direct
         if any(isinstance(k, np.ndarray) for k in sel):
             return np.asarray(self.array(name).get_orthogonal_selection(sel))
         return np.asarray(self.array(name)[sel])
+
+    def read_chunks(self, name: str, sel: tuple) -> np.ndarray | None:
+        """The values of `sel` read here chunk by chunk (`get_chunk`) where `sel` is one whole
+        chunk or its cells are (`cells`); None otherwise (zarr reads it)."""
+        whole = self.get_chunk(name, sel)
+        if whole is not None or self.chunk_codec(name) is None:
+            return whole
+        cells = self.cells(name, sel)
+        if cells is None:
+            return None
+        out = np.empty(self.value_shape(name, sel), dtype=np.dtype(self.array(name).dtype))
+        for cell, at in cells:
+            values = self.get_chunk(name, cell)
+            if values is None:
+                return None
+            out[at] = values
+        return out
+
+    def read_many(self, names: Sequence[str], region: Region | None = None
+                  ) -> dict[str, np.ndarray]:
+        """`read(name, region)` of every variable of `names`; those zarr reads are read
+        together (one round of reads on zarr's event loop). A name the store lacks raises
+        KeyError."""
+        import asyncio
+
+        from zarr.core.sync import sync
+
+        arrays = self.arrays(names)
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise KeyError(f"{self.path}: no variable {', '.join(missing)}")
+        out = {}
+        for name in names:
+            direct = self.read_chunks(name, self.selection(name, region or {}))
+            if direct is not None:
+                out[name] = direct
+        rest = [n for n in names if n not in out]
+
+        async def read(name: str):
+            sel = self.selection(name, region or {})
+            array = arrays[name].async_array
+            if any(isinstance(k, np.ndarray) for k in sel):
+                return await array.get_orthogonal_selection(sel)
+            return await array.getitem(sel)
+
+        async def read_all() -> list:
+            return await asyncio.gather(*(read(n) for n in rest))
+
+        if rest:
+            with quiet_zarr():
+                out.update((n, np.asarray(v)) for n, v in zip(rest, sync(read_all()),
+                                                               strict=True))
+        return {n: out[n] for n in names}
 
     def analyzed(self) -> np.ndarray:
         return self.read("analyzed")
@@ -1004,11 +1221,19 @@ class RegionWriter:
         return self.read("prev_step")
 
 
-def _bytes_zstd_encoder(meta, dtype: np.dtype) -> Callable[[np.ndarray], bytes] | None:
-    """Encoder of a chunk of an array of `dtype` with zarr metadata `meta` whose codecs are
+@dataclass(frozen=True)
+class ChunkCodec:
+    """A chunk's values (C order, flat) <-> its file's bytes."""
+
+    encode: Callable[[np.ndarray], bytes]
+    decode: Callable[[bytes], np.ndarray]
+
+
+def bytes_zstd_codec(meta, dtype: np.dtype) -> ChunkCodec | None:
+    """The codec of a chunk of an array of `dtype` with zarr metadata `meta` whose codecs are
     `bytes` (little-endian) then `zstd`: the values' little-endian bytes compressed by
-    numcodecs' Zstd with the array's level and checksum setting (what zarr's ZstdCodec calls).
-    None for any other codec chain, sharding or storage transformers."""
+    numcodecs' Zstd with the array's level and checksum setting (what zarr's ZstdCodec calls),
+    and back. None for any other codec chain, sharding or storage transformers."""
     codecs = [c.to_dict() for c in getattr(meta, "codecs", ())]
     if len(codecs) != 2 or getattr(meta, "storage_transformers", ()) or dtype.kind not in "fiub":
         return None
@@ -1026,7 +1251,10 @@ def _bytes_zstd_encoder(meta, dtype: np.dtype) -> Callable[[np.ndarray], bytes] 
     def encode(values: np.ndarray) -> bytes:
         return bytes(zstd.encode(values.astype(little, copy=False).view(np.uint8)))
 
-    return encode
+    def decode(payload: bytes) -> np.ndarray:
+        return np.frombuffer(zstd.decode(payload), dtype=little).astype(dtype)
+
+    return ChunkCodec(encode, decode)
 
 
 def _write_together(writes: list) -> None:
@@ -1095,37 +1323,41 @@ def meta_labels(metas: Mapping[tuple[str, int], Mapping]) -> dict[str, list[str]
 
 
 def write_meta_regions(path: Path, layout: Layout, metas: Mapping[tuple[str, int], Mapping],
-                       access: StoreAccess) -> int:
+                       access: StoreAccess, writer: RegionWriter | None = None) -> int:
     """Write the training/evaluation variables of the checkpoints in `metas` as region writes
     (run i, the steps of its checkpoints); other runs' cells are never touched. A region is
-    read first and only the checkpoints whose values differ from the stored ones are written
-    (an eval.json added since the last analysis updates its checkpoint; an unchanged store
-    is not written at all). Returns the number of cells written."""
+    read first (every variable's together) and only the checkpoints whose values differ from
+    the stored ones are written (an eval.json added since the last analysis updates its
+    checkpoint; an unchanged store is not written at all). `writer`: a RegionWriter of the
+    store to use (default a new one). Returns the number of cells written."""
     r_index = {r: i for i, r in enumerate(layout.runs)}
     s_index = {s: j for j, s in enumerate(layout.steps)}
     by_run: dict[int, list[tuple[int, Mapping]]] = {}
     for (run, step), meta in metas.items():
         by_run.setdefault(r_index[run], []).append((s_index[step], meta))
-    writer = RegionWriter(path)
+    writer = RegionWriter(path) if writer is None else writer
+    present = writer.arrays([*META_VARIABLES, *EVAL_VARIABLES]) if by_run else {}
     written = 0
     with quiet_zarr():
         for i, cells in sorted(by_run.items()):
             cols = np.asarray([j for j, _ in cells], dtype=np.int64)
             values = [meta_values(meta) for _, meta in cells]
             parts = [eval_parts(meta) for _, meta in cells]
+            stored = writer.read_many(list(present), {"run": i, "step": cols})
 
             def kept(name: str, parts: list[set[str]] = parts) -> np.ndarray | None:
                 part = EVAL_PARTS.get(name)
                 return None if part is None else np.asarray([part not in p for p in parts])
 
             for name in META_VARIABLES:
-                if name not in writer.group:
+                if name not in present:
                     continue
                 new = np.asarray([v[0][name] for v in values])
-                written += _write_changed(writer, name, i, cols, new, access, kept(name))
+                written += _write_changed(writer, name, i, cols, stored[name], new, access,
+                                          kept(name))
                 fault_point("store.meta")  # acts after the first (or N-th) variable
             for var, (dim, _) in EVAL_VARIABLES.items():
-                if var not in writer.group:
+                if var not in present:
                     continue
                 col = {k: c for c, k in enumerate(layout.labels.get(dim, []))}
                 new = np.full((len(cells), len(col)), np.nan)
@@ -1133,15 +1365,15 @@ def write_meta_regions(path: Path, layout: Layout, metas: Mapping[tuple[str, int
                 for row, (_, tables) in enumerate(values):
                     for k, v in (tables.get(table_key) or {}).items():
                         new[row, col[str(k)]] = _number(v)
-                written += _write_changed(writer, var, i, cols, new, access, kept(var))
+                written += _write_changed(writer, var, i, cols, stored[var], new, access,
+                                          kept(var))
     return written
 
 
-def _write_changed(writer: RegionWriter, name: str, i: int, cols: np.ndarray, new: np.ndarray,
-                   access: StoreAccess, keep: np.ndarray | None = None) -> int:
-    """Write the rows of `new` that differ from the stored ones; rows where `keep` is True
-    keep their stored values."""
-    old = writer.read(name, {"run": i, "step": cols})
+def _write_changed(writer: RegionWriter, name: str, i: int, cols: np.ndarray, old: np.ndarray,
+                   new: np.ndarray, access: StoreAccess, keep: np.ndarray | None = None) -> int:
+    """Write the rows of `new` that differ from `old` (the stored ones); rows where `keep` is
+    True keep their stored values."""
     if keep is not None and keep.any():
         new = np.where(keep.reshape((-1,) + (1,) * (new.ndim - 1)), old, new)
     differ = ~((old == new) | (np.isnan(old) & np.isnan(new)))

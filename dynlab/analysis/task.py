@@ -139,6 +139,8 @@ def stack_as(mats: Sequence[torch.Tensor], dtype: torch.dtype, device: str) -> t
                 == first.untyped_storage().data_ptr() for i, m in enumerate(mats)):
             return first.as_strided((len(mats), *first.shape), (step // size, *first.stride()))
     out = torch.empty((len(mats), *mats[0].shape), dtype=dtype, device=device)
+    if all(m.device == out.device for m in mats):
+        return torch.stack(list(mats), out=out)  # converted as it is copied
     for i, m in enumerate(mats):
         out[i].copy_(m)
     return out
@@ -242,13 +244,16 @@ def checkpoint_region(
     if release:
         release_pages(prev_weights, maps)
     parts = site_parts(ckpt.weights, run.spec.n_layers)
-    for k_index, kind, select in ((k, kind, part_select(part, selected)) for k, kind
-                                  in enumerate(layout.kinds) for part in parts):
-        built = select if options.convention == "dynlab" else (
-            lambda site, kind=kind, select=select: select(site) and not replaces_component(
-                options.convention, kind, site))  # built by apply_convention instead
+    for k_index, kind, part in ((k, kind, part) for k, kind in enumerate(layout.kinds)
+                                for part in parts):
+        select = part_select(part, selected)
+        # the convention's own entries (the OV circuits) are in the layers' parts only
+        convention = options.convention if part[0] == "layers" else "dynlab"
+        built = select if convention == "dynlab" else (
+            lambda site, kind=kind, select=select, convention=convention: select(site)
+            and not replaces_component(convention, kind, site))  # built by apply_convention
         comps = kind_components(kind, run, ckpt, prev_weights, built)
-        comps = apply_convention(options.convention, kind, comps, run.spec, ckpt.weights,
+        comps = apply_convention(convention, kind, comps, run.spec, ckpt.weights,
                                  ckpt.train_grads if kind == "train_grads" else ckpt.grads,
                                  prev_weights, select)
         # the pico convention adds OV entries of its own
