@@ -17,10 +17,9 @@ import errno
 import gc
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from dynlab.errors import (
     EXIT_BAD_INPUT,
@@ -32,10 +31,26 @@ from dynlab.errors import (
     printable,
 )
 
-#: progress, warnings, notes and errors (stderr)
-console = Console(stderr=True, soft_wrap=True, highlight=False)
-#: results: tables and the paths written (stdout)
-stdout = Console()
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+def __getattr__(name: str) -> Console:
+    """`console` (progress, warnings, notes and errors: stderr) and `stdout` (results: tables
+    and the paths written), rich consoles made when first asked for: a command that prints
+    nothing does not import rich (≈ 0.04 s of its start)."""
+    if name in ("console", "stdout"):
+        from rich.console import Console
+
+        globals().setdefault("console", Console(stderr=True, soft_wrap=True, highlight=False))
+        globals().setdefault("stdout", Console())
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def stderr_console() -> Console:
+    """`console`, made if need be (for this module's own printing)."""
+    return globals()["console"] if "console" in globals() else __getattr__("console")
 
 #: exception types that mean "bad input" (exit 2) when they escape a command
 BAD_INPUT: tuple[type[BaseException], ...] = (
@@ -52,22 +67,24 @@ def plain(text: object) -> str:
     """Text for a rich console that prints as it is: control characters escaped
     (dynlab.errors.printable) and rich markup escaped, so file content, run names and paths
     (`[/x]`, ESC sequences) can neither break nor drive the terminal."""
+    from rich.markup import escape
+
     return escape(printable(text))
 
 
 def error(message: object, where: str = "") -> None:
     """One red line on stderr: '<where>error: <message>'."""
-    console.print(f"[red]{plain(where)}error:[/] {plain(message)}")
+    stderr_console().print(f"[red]{plain(where)}error:[/] {plain(message)}")
 
 
 def warn(message: object) -> None:
     """One yellow line on stderr: 'warning: <message>'."""
-    console.print(f"[yellow]warning:[/] {plain(message)}")
+    stderr_console().print(f"[yellow]warning:[/] {plain(message)}")
 
 
 def note(message: object) -> None:
     """One line on stderr: 'note: <message>'."""
-    console.print(f"note: {plain(message)}")
+    stderr_console().print(f"note: {plain(message)}")
 
 
 def show_warnings() -> None:
@@ -103,7 +120,7 @@ def guarded(where: str = "") -> Iterator[None]:
     except (typer.Exit, typer.Abort, typer.BadParameter, SystemExit):
         raise
     except KeyboardInterrupt:
-        console.print(INTERRUPTED_MESSAGE)
+        stderr_console().print(INTERRUPTED_MESSAGE)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except (DynlabError, *BAD_INPUT, *FAILURE) as err:
         prefix = f"{where} " if where else ""
@@ -129,8 +146,9 @@ def checkpoint_error(where: object, err: BaseException) -> DynlabError:
     return InputError(text) if exit_code(err) == EXIT_BAD_INPUT else DynlabFailure(text)
 
 
-__all__ = ["console", "error", "warn", "note", "plain", "guarded", "exit_code", "show_warnings",
-           "message", "checkpoint_error", "stdout",
+# `console` and `stdout` are made when first imported (module `__getattr__`)
+__all__ = ["error", "warn", "note", "plain", "guarded", "exit_code", "show_warnings",
+           "message", "checkpoint_error", "stderr_console",
            "EXIT_BAD_INPUT", "EXIT_FAILURE", "EXIT_INTERRUPTED", "INTERRUPTED_MESSAGE"]
 
 

@@ -4,6 +4,7 @@ one write per variable; the parts cover every site once and keep to their byte b
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -306,6 +307,101 @@ def test_reads_chunk_by_chunk_equal_zarrs_own(tmp_path):
             np.testing.assert_array_equal(many[var], writer.read(var, region))
     with pytest.raises(KeyError, match="nope"):
         writer.read_many(["f", "nope"])
+
+
+def _zarrs_own_template(dest, layout):
+    """The store of `layout` created by zarr-python itself (its create_array for every array
+    with the template's arguments, then zarr.consolidate_metadata): the reference for
+    `build_store`, which writes these files itself."""
+    from dynlab.analysis import store as S
+
+    coords = S.growing_coordinates(layout)
+    sizes = {**layout.dims(), **{d: len(v) for d, v in coords.items()}}
+    with S.quiet_zarr():
+        group = zarr.open_group(str(dest), mode="w", zarr_format=3,
+                                attributes=S._attrs(layout))
+        for dim, values in S.fixed_coordinates(layout).items():
+            S._create_coordinate(group, dim, values, growing=False)
+        for dim, values in coords.items():
+            S._create_coordinate(group, dim, S._coordinate_array(dim, values), growing=True)
+        for name, spec in S.template(layout.metrics, layout.labels).items():
+            S._create_array(group, name, spec, sizes)
+        zarr.consolidate_metadata(str(dest))
+
+
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_a_store_template_is_zarrs_own_files(tmp_path, n_layers):
+    """build_store writes the template's metadata and coordinates itself, without zarr: every
+    file (each array's zarr.json, the coordinates' chunks, the root zarr.json with the
+    consolidated metadata) is byte for byte the one zarr-python writes for the same arrays —
+    with evaluation labels (string coordinates, label dims shorter than their chunk), a
+    coordinate whose only chunk is all fill (one layer: [0]) and so left unwritten; zarr and
+    xarray open it; and the RegionWriter's metadata read from those files (`read_array_info`)
+    is zarr's own."""
+    import xarray as xr
+
+    from dynlab.analysis import store as S
+
+    layout = S.Layout(["run-b", "a"], [0, 10, 250], ["weights", "grads"], ["per", "cn"],
+                      n_layers, 4, 6, 2, 5, {"a": {"kind": "decoder"}},
+                      {"domain": ["c4", "wiki"], "uid": ["u1", "u2", "u3"],
+                       "field": ["syntax"]}, "pico")
+    S.build_store(tmp_path / "direct", layout)
+    _zarrs_own_template(tmp_path / "zarr", layout)
+    files = sorted(p.relative_to(tmp_path / "zarr") for p in (tmp_path / "zarr").rglob("*")
+                   if p.is_file())
+    direct = sorted(p.relative_to(tmp_path / "direct") for p in (tmp_path / "direct").rglob("*")
+                    if p.is_file() and not p.name.startswith(".dynlab"))
+    assert direct == files and len(files) > 60
+    assert (Path("layer", "c", "0") in files) == (n_layers > 1)
+    for rel in files:
+        ours, theirs = (tmp_path / "direct" / rel).read_bytes(), (tmp_path / "zarr" / rel)
+        assert ours == theirs.read_bytes(), rel
+    ds = xr.open_zarr(tmp_path / "direct")
+    assert ds["run"].values.tolist() == ["run-b", "a"] and ds["uid"].values.tolist() == \
+        ["u1", "u2", "u3"]
+    group = zarr.open_group(str(tmp_path / "direct"), mode="r")
+    for name in S.template(layout.metrics, layout.labels):
+        info = S.read_array_info(tmp_path / "direct" / name)
+        array = group[name]
+        assert info is not None, name
+        assert (info.dims, info.shape, info.chunks, info.dtype) == (
+            tuple(array.metadata.dimension_names), array.shape, array.chunks,
+            np.dtype(array.dtype)), name
+        fill = array.metadata.fill_value
+        assert info.fill == fill or (np.isnan(info.fill) and np.isnan(fill)), name
+        assert info.codec is not None, name
+
+
+def test_array_info_refuses_what_it_does_not_read(tmp_path):
+    """read_array_info reads only what it knows; anything else (no file, a group, another
+    chunk grid, an unknown dtype or fill encoding) is None, and the RegionWriter then asks
+    zarr: the values it reads and writes are zarr's."""
+    from dynlab.analysis import store as S
+
+    g = zarr.open_group(str(tmp_path / "s"), mode="w")
+    g.create_array("a", shape=(2, 3), chunks=(1, 1), dtype="float64", fill_value=np.nan,
+                   dimension_names=("run", "step"))
+    g.create_array("b", shape=(2, 3), chunks=(1, 1), dtype="bool", fill_value=False,
+                   dimension_names=("run", "step"))
+    g.create_group("sub")
+    assert S.read_array_info(tmp_path / "s" / "a") is not None
+    assert S.read_array_info(tmp_path / "s" / "b") is None  # bool: not named here
+    assert S.read_array_info(tmp_path / "s" / "sub") is None
+    assert S.read_array_info(tmp_path / "s" / "nope") is None
+    meta = tmp_path / "s" / "a" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    for key, value in (("fill_value", "0x7ff8000000000000"), ("data_type", "complex64"),
+                       ("chunk_grid", {"name": "rectilinear"})):
+        meta.write_text(json.dumps({**doc, key: value}))
+        assert S.read_array_info(tmp_path / "s" / "a") is None, key
+    meta.write_text(json.dumps(doc))
+    writer = RegionWriter(tmp_path / "s")
+    assert writer.has("a") and writer.has("b") and not writer.has("sub") \
+        and not writer.has("nope")
+    writer.write({"run": 1, "step": np.array([0, 2])}, {"b": np.array([True, True])})
+    assert writer.read("b").tolist() == [[False] * 3, [True, False, True]]
+    assert np.asarray(g["b"][...]).tolist() == [[False] * 3, [True, False, True]]
 
 
 def test_a_write_of_fill_values_into_an_unwritten_chunk_is_skipped(tmp_path):

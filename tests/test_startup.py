@@ -45,12 +45,13 @@ def test_analysis_of_a_dynlab_run_imports_no_optional_package(tmp_path):
 def test_the_program_builds_only_the_command_it_runs(tmp_path):
     """The `dynlab` program (`dynlab_cli.main.run`, what the console script and `python -m
     dynlab` call) given `analyze ...` imports the analyze command's module and not the other
-    commands' (train, eval, plot, study ...), nor any optional package."""
+    commands' (train, eval, plot, study ...), nor any optional package, nor rich when it
+    prints nothing (`--no-progress`, no warning)."""
     spec = ModelSpec(d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, activation_hidden_dim=24,
                      vocab_size=40)
     run = make_run(tmp_path / "run", spec, [0, 5])
     others = tuple(f"dynlab_cli.{m}" for m in ("train", "evaluate", "viz", "recompute",
-                                               "export", "study"))
+                                               "export", "study")) + ("rich",)
     argv = ["dynlab", "analyze", str(run), "-o", str(tmp_path / "s.zarr"), "--metrics", "per",
             "--device", "cpu", "--no-progress"]
     code = (

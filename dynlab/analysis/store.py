@@ -20,9 +20,16 @@ Every variable has chunks of one (run, step) cell, so a checkpoint's results are
 one writer and parallel writers never share a chunk; data chunks are filled by region writes
 (unwritten chunks read as NaN / 0 / -1) and `analyzed` is set last.
 
+Who writes what: a new store's template (every array's zarr.json, the coordinates' chunks,
+the root zarr.json with the consolidated metadata) is written by `build_store` itself, and
+the cells of a checkpoint are read and written by `RegionWriter` chunk by chunk from each
+array's zarr.json — the files zarr-python 3.1 writes, byte for byte (tested against it), so
+a plain analysis never imports zarr; zarr reads and writes everything else (growth, partial
+chunks, other codecs, stores it made itself).
+
 How the store survives interruption and concurrency (every file write of zarr-python's
-LocalStore is itself atomic: a temporary file renamed over the target; so is every chunk
-file `RegionWriter` writes itself, encoded as zarr would):
+LocalStore is itself atomic: a temporary file renamed over the target; so is every file
+dynlab writes itself):
 
 * One writer at a time: `dynlab.analysis.storelock.StoreAccess` (the `<store>.lock` file beside it).
 * The store's structure changes only in two ways, both recoverable from any point:
@@ -346,19 +353,6 @@ def _create_coordinate(group, dim: str, values: np.ndarray, growing: bool):
     return arr
 
 
-async def _create_array_async(group, name: str, spec: ArraySpec, sizes: Mapping[str, int]):
-    """`_create_array` in a zarr AsyncGroup."""
-    return await group.create_array(name, **_array_args(spec, sizes))
-
-
-async def _create_coordinate_async(group, dim: str, values: np.ndarray, growing: bool):
-    """`_create_coordinate` in a zarr AsyncGroup."""
-    arr = await group.create_array(dim, **_coordinate_args(dim, values, growing))
-    if values.size:
-        await arr.setitem(slice(None), values)
-    return arr
-
-
 # ----------------------------------------------------------------------------------------
 # Reading a store's structure
 
@@ -567,40 +561,139 @@ def build_store(dest: Path, layout: Layout, source: Path | None = None,
     """Write the complete store of `layout` at `dest` (which must not exist), marked built.
     With `source`, every array and attribute of the source store is carried over (arrays to
     their new indices: data chunk files hard-linked; arrays with a reordered label dim
-    re-encoded)."""
-    import asyncio
+    re-encoded).
 
-    import zarr.api.asynchronous as zarr_async
-    from zarr.core.sync import sync
-
+    The template's arrays are written here (`array_document`, `write_coordinate`: the files
+    zarr-python writes for them), with the consolidated metadata last; an array of a dtype
+    not written here, and the carry-over, go through zarr."""
     dest.mkdir(parents=True)
     (dest / BUILDING_MARK).write_text("dynlab is writing this store; it is removed when done\n")
     coords = growing_coordinates(layout)
     sizes = {**layout.dims(), **{d: len(v) for d, v in coords.items()}}
     attrs = {**(source_state.attrs if source_state is not None else {}), **_attrs(layout)}
-    specs = list(template(layout.metrics, layout.labels).items())
     columns = [(dim, values, False) for dim, values in fixed_coordinates(layout).items()] + \
         [(dim, _coordinate_array(dim, values), True) for dim, values in coords.items()]
+    documents: dict[str, dict] = {}
+    group = None  # zarr's, for what is not written here
 
-    async def create(names: Sequence[tuple[str, ArraySpec]], with_coordinates: bool) -> None:
-        # the arrays created together on zarr's event loop: one round of writes, not one each
-        group = await zarr_async.open_group(str(dest), mode="a", zarr_format=3,
-                                            attributes=attrs)
-        jobs = [_create_coordinate_async(group, *c) for c in columns] if with_coordinates \
-            else []
-        jobs += [_create_array_async(group, name, spec, sizes) for name, spec in names]
-        await asyncio.gather(*jobs)
+    def zarr_group():
+        nonlocal group
+        if group is None:
+            import zarr
 
-    with quiet_zarr():
-        sync(create(specs[:2], with_coordinates=True))
-        fault_point("store.create")  # the coordinates and two arrays created
-        sync(create(specs[2:], with_coordinates=False))
-        if source is not None and source_state is not None:
-            group = _open_group(dest)
-            _carry_over(source, source_state, dest, group, coords, sizes)
-    _consolidate(dest)
+            with quiet_zarr():
+                group = zarr.open_group(str(dest), mode="a", zarr_format=3, attributes=attrs)
+        return group
+
+    for dim, values, growing in columns:
+        args = _coordinate_args(dim, values, growing)
+        doc = array_document(args["shape"], args["chunks"], np.dtype(values.dtype),
+                             args["fill_value"], (dim,), {})
+        if doc is None:
+            _create_coordinate(zarr_group(), dim, values, growing)
+            continue
+        _write_array(dest / dim, doc)
+        write_coordinate(dest / dim, values, args["chunks"][0], args["fill_value"])
+        documents[dim] = doc
+    for n, (name, spec) in enumerate(template(layout.metrics, layout.labels).items()):
+        args = _array_args(spec, sizes)
+        doc = array_document(args["shape"], args["chunks"], np.dtype(spec.dtype), spec.fill,
+                             spec.dims, spec.attrs)
+        if doc is None:
+            _create_array(zarr_group(), name, spec, sizes)
+        else:
+            _write_array(dest / name, doc)
+            documents[name] = doc
+        if n == 1:
+            fault_point("store.create")
+    if source is not None and source_state is not None:
+        with quiet_zarr():
+            _carry_over(source, source_state, dest, zarr_group(), coords, sizes)
+    if group is None:  # every array written here: their metadata is known, none is read
+        write_zarr_json(dest / "zarr.json", group_document(attrs, documents))
+    else:
+        _consolidate(dest)
     (dest / BUILT_MARK).write_text("complete; swapped in by dynlab\n")
     (dest / BUILDING_MARK).unlink()
+
+
+#: the codecs zarr-python 3 gives an array by default: its values' little-endian bytes (no
+#: configuration for one-byte types), then zstd at level 0 without checksum
+def _default_codecs(dtype: np.dtype) -> list[dict]:
+    first = {"name": "bytes"} if dtype.itemsize == 1 and dtype.kind != "U" else \
+        {"name": "bytes", "configuration": {"endian": "little"}}
+    return [first, {"name": "zstd", "configuration": {"level": 0, "checksum": False}}]
+
+
+def _data_type_json(dtype: np.dtype) -> str | dict | None:
+    """A dtype as zarr-python 3.1 names it in zarr.json (None for a dtype not named here)."""
+    if dtype.kind in "fiu" and dtype.byteorder in "=<|" and dtype.name in (
+            "float32", "float64", "int8", "int16", "int32", "int64", "uint8"):
+        return dtype.name
+    if dtype.kind == "U" and dtype.byteorder in "=<|":
+        return {"name": "fixed_length_utf32", "configuration": {"length_bytes": dtype.itemsize}}
+    return None
+
+
+def _fill_json(value, dtype: np.dtype):
+    """A fill value as zarr.json holds it (NaN and the infinities as strings)."""
+    if dtype.kind == "f":
+        v = float(value)
+        if math.isnan(v):
+            return "NaN"
+        return ("Infinity" if v > 0 else "-Infinity") if math.isinf(v) else v
+    return str(value) if dtype.kind == "U" else int(value)
+
+
+def array_document(shape: Sequence[int], chunks: Sequence[int], dtype: np.dtype, fill,
+                   dims: Sequence[str], attrs: Mapping) -> dict | None:
+    """The zarr.json of an array as zarr-python 3 writes it for `create_array` with these
+    arguments and its default codecs (regular chunks, "/"-separated chunk keys); None for a
+    dtype whose name is not known here (zarr then creates the array)."""
+    name = _data_type_json(dtype)
+    if name is None:
+        return None
+    return {"shape": list(shape), "data_type": name,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "fill_value": _fill_json(fill, dtype), "codecs": _default_codecs(dtype),
+            "attributes": dict(attrs), "dimension_names": list(dims), "zarr_format": 3,
+            "node_type": "array", "storage_transformers": []}
+
+
+def group_document(attrs: Mapping, arrays: Mapping[str, dict]) -> dict:
+    """The root zarr.json of a group holding `arrays` (name -> its zarr.json), with their
+    metadata consolidated into it as `zarr.consolidate_metadata` writes it."""
+    return {"attributes": dict(attrs), "zarr_format": 3,
+            "consolidated_metadata": {"kind": "inline", "must_understand": False,
+                                      "metadata": {n: arrays[n] for n in sorted(arrays)}},
+            "node_type": "group"}
+
+
+def _write_array(folder: Path, document: dict) -> None:
+    folder.mkdir()
+    write_zarr_json(folder / "zarr.json", document)
+
+
+def write_zarr_json(path: Path, document: dict) -> None:
+    """A zarr.json written as zarr-python writes it (indented by 2, NaN allowed), replaced
+    atomically."""
+    write_text_atomically(path, json.dumps(document, indent=2, allow_nan=True),
+                          path.name + f".{os.getpid()}.partial")
+
+
+def write_coordinate(folder: Path, values: np.ndarray, chunk: int, fill) -> None:
+    """The chunk files of a 1-D coordinate `values` in chunks of `chunk` (the last padded
+    with `fill`, as zarr stores an edge chunk whole; a chunk of fill values only is not
+    written), encoded with the default codecs (`_default_codecs`)."""
+    codec = bytes_zstd_codec(_default_codecs(values.dtype), values.dtype)
+    for i, start in enumerate(range(0, len(values), chunk)):
+        part = np.full(chunk, fill, dtype=values.dtype)
+        part[:min(chunk, len(values) - start)] = values[start:start + chunk]
+        if (part == np.asarray(fill, dtype=values.dtype)).all():
+            continue
+        (folder / "c").mkdir(exist_ok=True)
+        write_bytes_atomically(folder / "c" / str(i), codec.encode(part))
 
 
 def _index_maps(old: Mapping[str, list], new: Mapping[str, list]) -> dict[str, np.ndarray]:
@@ -895,22 +988,106 @@ def consolidate(path: Path) -> None:
 Region = Mapping[str, "int | slice | np.ndarray"]
 
 
+@dataclass(frozen=True)
+class ArrayInfo:
+    """What a RegionWriter needs of an array: its dims, shape, chunk shape, dtype, fill value,
+    its chunks' codec (`bytes_zstd_codec`, None: only zarr can encode them) and the folder of
+    its chunk files (None where the chunk keys are not zarr's default "c/i/j")."""
+
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: np.dtype
+    fill: object
+    codec: ChunkCodec | None
+    chunk_root: str | None
+
+
+def _dtype_from_json(data_type) -> np.dtype | None:
+    """The numpy dtype of a zarr.json `data_type` this module names (`_data_type_json`)."""
+    if isinstance(data_type, str):
+        try:
+            dtype = np.dtype(data_type)
+        except TypeError:
+            return None
+        return dtype if _data_type_json(dtype) == data_type else None
+    if isinstance(data_type, Mapping) and data_type.get("name") == "fixed_length_utf32":
+        length = (data_type.get("configuration") or {}).get("length_bytes")
+        return np.dtype(f"<U{length // 4}") if isinstance(length, int) and length % 4 == 0 \
+            else None
+    return None
+
+
+def _fill_from_json(value, dtype: np.dtype):
+    """A zarr.json fill value (`_fill_json`) as a value of `dtype`; None where it is written
+    otherwise (zarr reads it then)."""
+    if dtype.kind == "f":
+        named = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+        if isinstance(value, str):
+            return dtype.type(named[value]) if value in named else None
+        return dtype.type(value) if isinstance(value, (int, float)) else None
+    if dtype.kind == "U":
+        return value if isinstance(value, str) else None
+    return dtype.type(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def read_array_info(folder: Path) -> ArrayInfo | None:
+    """The ArrayInfo of the array in `folder` from its zarr.json alone (without zarr); None
+    where the file is missing or holds what is not read here (another chunk grid, dtype or
+    fill value encoding: zarr reads the array then)."""
+    try:
+        doc = json.loads((folder / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        if doc.get("node_type") != "array" or doc.get("zarr_format") != 3:
+            return None
+        grid, keys = doc["chunk_grid"], doc["chunk_key_encoding"]
+        dtype = _dtype_from_json(doc["data_type"])
+        if grid.get("name") != "regular" or dtype is None:
+            return None
+        fill = _fill_from_json(doc["fill_value"], dtype)
+        shape = tuple(int(n) for n in doc["shape"])
+        chunks = tuple(int(n) for n in grid["configuration"]["chunk_shape"])
+        dims = tuple(doc.get("dimension_names") or ())
+        if fill is None or len(chunks) != len(shape) or (dims and len(dims) != len(shape)):
+            return None
+        default = keys.get("name") == "default" and \
+            (keys.get("configuration") or {}).get("separator") == "/"
+        codec = bytes_zstd_codec(doc.get("codecs") or [], dtype,
+                                 doc.get("storage_transformers") or ())
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return ArrayInfo(dims, shape, chunks, dtype, fill, codec,
+                     os.path.join(folder, "c") if default else None)
+
+
 class RegionWriter:
     """Region writes into an existing store, by dimension name (xarray's
     `to_zarr(region=...)` pattern for parallel writers): `write({"run": i, "step": j},
     {name: array})` writes each array into the cells of its variable where run = i and
     step = j, the array holding the variable's other dims in order. The store's template
-    (every array and its metadata) exists already; only data chunks are written."""
+    (every array and its metadata) exists already; only data chunks are written.
+
+    Each array's metadata is read from its zarr.json (`read_array_info`); zarr is imported
+    and its arrays opened only for what is not done here (partial chunks, other codecs)."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.group = _open_group(path)
+        self._group = None
         self._arrays: dict = {}
-        self._codecs: dict[str, ChunkCodec | None] = {}
-        self._chunk_roots: dict[str, tuple[str | None, tuple, tuple]] = {}
+        self._infos: dict[str, ArrayInfo | None] = {}
         self._folders: set[str] = set()  # chunk folders known to exist
 
+    @property
+    def group(self):
+        """The store's zarr group (opened when first asked for)."""
+        if self._group is None:
+            self._group = _open_group(self.path)
+        return self._group
+
     def array(self, name: str):
+        """Variable `name` as a zarr array."""
         if name not in self._arrays:
             self._arrays[name] = self.group[name]
         return self._arrays[name]
@@ -946,9 +1123,45 @@ class RegionWriter:
                         self._arrays[name] = zarr.Array(node)
         return {n: self._arrays[n] for n in names if n in self._arrays}
 
+    def info(self, name: str) -> ArrayInfo:
+        """The ArrayInfo of variable `name` (from its zarr.json, else from zarr's array);
+        KeyError for a name the store lacks."""
+        if name not in self._infos:
+            self._infos[name] = read_array_info(self.path / name)
+        found = self._infos[name]
+        if found is not None:
+            return found
+        array = self.array(name)
+        meta = array.metadata
+        keys = getattr(meta, "chunk_key_encoding", None)
+        default = getattr(keys, "name", None) == "default" and \
+            getattr(keys, "separator", None) == "/"
+        dtype = np.dtype(array.dtype)
+        codec = bytes_zstd_codec([c.to_dict() for c in getattr(meta, "codecs", ())], dtype,
+                                 getattr(meta, "storage_transformers", ()))
+        found = ArrayInfo(tuple(meta.dimension_names or ()), tuple(array.shape),
+                          tuple(array.chunks), dtype, meta.fill_value, codec,
+                          os.path.join(self.path, name, "c") if default else None)
+        self._infos[name] = found
+        return found
+
+    def has(self, name: str) -> bool:
+        """Whether the store has variable `name` (an array)."""
+        if name in self._arrays or self._infos.get(name) is not None:
+            return True
+        if not (self.path / name / "zarr.json").is_file():
+            return False
+        self._infos[name] = read_array_info(self.path / name)
+        if self._infos[name] is not None:
+            return True
+        import zarr
+
+        with quiet_zarr():
+            return name in self.group and isinstance(self.group[name], zarr.Array)
+
     def selection(self, name: str, region: Region) -> tuple:
         """The index of `region` in variable `name` (its other dims whole)."""
-        dims = self.array(name).metadata.dimension_names or ()
+        dims = self.info(name).dims
         unknown = set(region) - set(dims)
         if unknown:
             raise ValueError(f"{self.path}: {name} has no dim {', '.join(sorted(unknown))}")
@@ -971,17 +1184,16 @@ class RegionWriter:
                 sel = self.selection(name, region)
                 if self.leaves_as_is(name, sel, arr) or self.put_chunk(name, sel, arr):
                     continue
-                array = self.array(name)
                 a = np.asarray(arr)
                 cells = self.cells(name, sel)
-                if cells is not None and hasattr(array, "async_array") \
-                        and a.shape == self.value_shape(name, sel):
+                if cells is not None and a.shape == self.value_shape(name, sel):
                     for cell, at in cells:  # each cell one whole chunk
                         part = a[at]
                         if not (self.leaves_as_is(name, cell, part)
                                 or self.put_chunk(name, cell, part)):
-                            basic.append(array.async_array.setitem(cell, part))
+                            basic.append(self.array(name).async_array.setitem(cell, part))
                     continue
+                array = self.array(name)
                 if (any(isinstance(k, np.ndarray) for k in sel)
                         or not hasattr(array, "async_array")):
                     orthogonal.append((array, sel, arr))
@@ -1003,7 +1215,7 @@ class RegionWriter:
         """The shape of variable `name`'s values at `sel` (orthogonal indexing: an index drops
         its dim, an index array keeps it with its length; only indices, index arrays and
         whole dims)."""
-        shape = self.array(name).shape
+        shape = self.info(name).shape
         return tuple(len(k) if isinstance(k, np.ndarray) else shape[d]
                      for d, k in enumerate(sel) if not isinstance(k, (int, np.integer)))
 
@@ -1013,7 +1225,7 @@ class RegionWriter:
         indices, index arrays (each index once) and whole dims, the dims indexed by several
         values have chunks of length 1 and the other whole dims one chunk. None for any other
         selection, or one that is a single chunk itself."""
-        array = self.array(name)
+        array = self.info(name)
         split = []
         for d, k in enumerate(sel):
             if isinstance(k, (int, np.integer)):
@@ -1052,14 +1264,8 @@ class RegionWriter:
     def chunk_path(self, name: str, sel: tuple) -> str | None:
         """`chunk_file` as a string (built without Path objects: it is asked for every
         variable of every checkpoint)."""
-        if name not in self._chunk_roots:
-            array = self.array(name)
-            keys = getattr(array.metadata, "chunk_key_encoding", None)
-            known = getattr(keys, "name", None) == "default" and \
-                getattr(keys, "separator", None) == "/"
-            self._chunk_roots[name] = (os.path.join(self.path, name, "c") if known else None,
-                                       tuple(array.chunks), tuple(array.shape))
-        root, chunks, shape = self._chunk_roots[name]
+        info = self.info(name)
+        root, chunks, shape = info.chunk_root, info.chunks, info.shape
         if root is None or not sel:
             return None
         index = []
@@ -1075,12 +1281,12 @@ class RegionWriter:
     def chunk_shape(self, name: str, sel: tuple) -> tuple[int, ...]:
         """The shape of the values of the whole chunk `sel` (the chunk without its cell
         dims)."""
-        return tuple(c for k, c in zip(sel, self.array(name).chunks, strict=True)
+        return tuple(c for k, c in zip(sel, self.info(name).chunks, strict=True)
                      if not isinstance(k, (int, np.integer)))
 
     def is_fill(self, name: str, a: np.ndarray) -> bool:
         """Whether every value of `a` is variable `name`'s fill value (NaN counting as NaN)."""
-        fill = self.array(name).metadata.fill_value
+        fill = self.info(name).fill
         if a.dtype.kind == "f" and np.isnan(fill):
             return bool(np.isnan(a).all())
         return bool((a == fill).all())
@@ -1105,12 +1311,11 @@ class RegionWriter:
         all fill (zarr then deletes the chunk's file rather than writing it)."""
         file = self.chunk_path(name, sel)
         codec = self.chunk_codec(name) if file is not None else None
-        array = self.array(name)
         a = np.asarray(arr)
         if (codec is None or a.shape != self.chunk_shape(name, sel) or a.dtype.kind not in "fiub"
                 or self.is_fill(name, a)):
             return False
-        payload = codec.encode(np.ascontiguousarray(a, dtype=array.dtype).reshape(-1))
+        payload = codec.encode(np.ascontiguousarray(a, dtype=self.info(name).dtype).reshape(-1))
         folder = os.path.dirname(file)
         if folder not in self._folders:  # made once per writer (zarr makes them as it writes)
             os.makedirs(folder, exist_ok=True)
@@ -1131,13 +1336,12 @@ class RegionWriter:
         codec = self.chunk_codec(name) if file is not None else None
         if codec is None:
             return None
-        array = self.array(name)
+        info = self.info(name)
         try:
             with open(file, "rb") as f:
                 payload = f.read()
         except FileNotFoundError:
-            return np.full(self.value_shape(name, sel), array.metadata.fill_value,
-                           dtype=np.dtype(array.dtype))
+            return np.full(self.value_shape(name, sel), info.fill, dtype=info.dtype)
         values = codec.decode(payload).reshape(self.chunk_shape(name, sel))
         # a chunk past the array's end (a label dim shorter than its chunk) holds fill there
         return values[tuple(slice(0, n) for n in self.value_shape(name, sel))]
@@ -1146,10 +1350,7 @@ class RegionWriter:
         """The encoding of a chunk of variable `name` (its values in C order <-> the chunk
         file's bytes) where its codecs are exactly `bytes` (little-endian or, for one-byte
         types, none) then `zstd`, as zarr-python writes them; None for any other codecs."""
-        if name not in self._codecs:
-            array = self.array(name)
-            self._codecs[name] = bytes_zstd_codec(array.metadata, np.dtype(array.dtype))
-        return self._codecs[name]
+        return self.info(name).codec
 
     def read(self, name: str, region: Region | None = None) -> np.ndarray:
         """The values of variable `name` in `region` (all of it by default)."""
@@ -1170,7 +1371,7 @@ class RegionWriter:
         cells = self.cells(name, sel)
         if cells is None:
             return None
-        out = np.empty(self.value_shape(name, sel), dtype=np.dtype(self.array(name).dtype))
+        out = np.empty(self.value_shape(name, sel), dtype=self.info(name).dtype)
         for cell, at in cells:
             values = self.get_chunk(name, cell)
             if values is None:
@@ -1183,12 +1384,7 @@ class RegionWriter:
         """`read(name, region)` of every variable of `names`; those zarr reads are read
         together (one round of reads on zarr's event loop). A name the store lacks raises
         KeyError."""
-        import asyncio
-
-        from zarr.core.sync import sync
-
-        arrays = self.arrays(names)
-        missing = [n for n in names if n not in arrays]
+        missing = [n for n in names if not self.has(n)]
         if missing:
             raise KeyError(f"{self.path}: no variable {', '.join(missing)}")
         out = {}
@@ -1197,6 +1393,13 @@ class RegionWriter:
             if direct is not None:
                 out[name] = direct
         rest = [n for n in names if n not in out]
+        if not rest:
+            return out
+        import asyncio
+
+        from zarr.core.sync import sync
+
+        arrays = self.arrays(rest)
 
         async def read(name: str):
             sel = self.selection(name, region or {})
@@ -1229,13 +1432,13 @@ class ChunkCodec:
     decode: Callable[[bytes], np.ndarray]
 
 
-def bytes_zstd_codec(meta, dtype: np.dtype) -> ChunkCodec | None:
-    """The codec of a chunk of an array of `dtype` with zarr metadata `meta` whose codecs are
-    `bytes` (little-endian) then `zstd`: the values' little-endian bytes compressed by
+def bytes_zstd_codec(codecs: Sequence[Mapping], dtype: np.dtype,
+                     storage_transformers: Sequence = ()) -> ChunkCodec | None:
+    """The codec of a chunk of an array of `dtype` whose zarr codecs (their JSON, `codecs`)
+    are `bytes` (little-endian) then `zstd`: the values' little-endian bytes compressed by
     numcodecs' Zstd with the array's level and checksum setting (what zarr's ZstdCodec calls),
     and back. None for any other codec chain, sharding or storage transformers."""
-    codecs = [c.to_dict() for c in getattr(meta, "codecs", ())]
-    if len(codecs) != 2 or getattr(meta, "storage_transformers", ()) or dtype.kind not in "fiub":
+    if len(codecs) != 2 or storage_transformers or dtype.kind not in "fiubU":
         return None
     (b, z) = codecs
     endian = (b.get("configuration") or {}).get("endian")
@@ -1336,7 +1539,7 @@ def write_meta_regions(path: Path, layout: Layout, metas: Mapping[tuple[str, int
     for (run, step), meta in metas.items():
         by_run.setdefault(r_index[run], []).append((s_index[step], meta))
     writer = RegionWriter(path) if writer is None else writer
-    present = writer.arrays([*META_VARIABLES, *EVAL_VARIABLES]) if by_run else {}
+    present = [n for n in (*META_VARIABLES, *EVAL_VARIABLES) if writer.has(n)] if by_run else []
     written = 0
     with quiet_zarr():
         for i, cells in sorted(by_run.items()):

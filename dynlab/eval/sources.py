@@ -419,7 +419,7 @@ def write_result(path: Path, layout, run: Run, ckpt: Checkpoint, result: dict,
     i, j = layout.runs.index(run.name), layout.steps.index(ckpt.step)
     with S.quiet_zarr():
         for part in S.eval_parts(meta):
-            if FLAGS[part] in writer.group:
+            if writer.has(FLAGS[part]):
                 writer.write({"run": i, "step": j}, {FLAGS[part]: np.int8(1)})
     return layout
 
