@@ -617,9 +617,10 @@ def build_store(dest: Path, layout: Layout, source: Path | None = None,
     (dest / BUILDING_MARK).unlink()
 
 
-#: the codecs zarr-python 3 gives an array by default: its values' little-endian bytes (no
-#: configuration for one-byte types), then zstd at level 0 without checksum
 def _default_codecs(dtype: np.dtype) -> list[dict]:
+    """The codecs zarr-python 3 gives an array of `dtype` by default (their zarr.json): its
+    values' little-endian bytes (no configuration for one-byte types), then zstd at level 0
+    without checksum."""
     first = {"name": "bytes"} if dtype.itemsize == 1 and dtype.kind != "U" else \
         {"name": "bytes", "configuration": {"endian": "little"}}
     return [first, {"name": "zstd", "configuration": {"level": 0, "checksum": False}}]
